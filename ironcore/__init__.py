@@ -1,0 +1,3 @@
+"""IronCore: a readable LLM training framework."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,214 @@
+"""Load a training config: YAML file -> model reference resolved -> KEY=VALUE overrides -> validated Config.
+
+Relative paths inside a config (``data.config_path``, a model YAML or HF
+folder) are taken relative to the current working directory, as the README's
+commands run from the repository root. A model *name* is looked up as
+``model/NAME.yaml`` beside the training config, then ``configs/model/`` in the
+working directory, then in the IronCore checkout itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ironcore.config.base import did_you_mean, from_dict, to_dict
+from ironcore.config.model import ModelConfig
+from ironcore.config.training import Config
+from ironcore.errors import ConfigError
+
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``; ConfigError naming the file (and line) otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def _model_dirs(config_dir: Path | None) -> list[Path]:
+    dirs = [config_dir / "model"] if config_dir else []
+    return dirs + [Path.cwd() / "configs" / "model", PACKAGE_CONFIGS / "model"]
+
+
+def known_models(config_dir: Path | None = None) -> list[str]:
+    """Names of the model YAMLs reachable by name."""
+    names = {p.stem for d in _model_dirs(config_dir) if d.is_dir() for p in d.glob("*.yaml")}
+    return sorted(names)
+
+
+def load_model_config(spec: str | Path | Mapping[str, Any], config_dir: Path | None = None) -> ModelConfig:
+    """A validated ModelConfig from a name, a model YAML, an HF checkpoint folder or a mapping."""
+    if isinstance(spec, Mapping):
+        return from_dict(ModelConfig, spec, "model").validate()
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model: {path} is a folder without config.json (expected an HF checkpoint)")
+        from ironcore.hf import model_config_from_hf
+
+        return model_config_from_hf(path)
+    if path.is_file():
+        return _model_from_yaml(path)
+    for directory in _model_dirs(config_dir):
+        candidate = directory / f"{spec}.yaml"
+        if candidate.is_file():
+            return _model_from_yaml(candidate)
+    raise ConfigError(
+        f"model: '{spec}' is neither a file, an HF checkpoint folder nor a known model name"
+        + (did_you_mean(str(spec), known_models(config_dir)) or f" (known: {', '.join(known_models(config_dir))})")
+    )
+
+
+def _model_from_yaml(path: Path) -> ModelConfig:
+    data = read_yaml(path)
+    try:
+        return from_dict(ModelConfig, data, "model").validate()
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[list[str], Any]]:
+    """'a.b=value' -> (['a', 'b'], value parsed as YAML: numbers, booleans, null, lists)."""
+    parsed = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{item}': expected KEY=VALUE with a dotted key, e.g. optim.max_lr=3e-4")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def _set(raw: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = raw
+    for depth, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{'.'.join(keys)}': '{'.'.join(keys[: depth + 1])}' is not a group")
+        node = child
+    node[keys[-1]] = value
+
+
+def build_config(
+    raw: Mapping[str, Any],
+    overrides: Iterable[str] = (),
+    config_dir: Path | None = None,
+    world_size: int | None = None,
+) -> Config:
+    """Resolve the model reference, apply overrides, type-check and validate."""
+    raw = dict(raw)
+    parsed = parse_overrides(overrides)
+    for keys, value in parsed:
+        if keys == ["model"]:
+            raw["model"] = value
+    model = raw.get("model", {})
+    if not isinstance(model, Mapping):
+        model = to_dict(load_model_config(model, config_dir))
+    raw["model"] = dict(model)
+    for keys, value in parsed:
+        if keys != ["model"]:
+            _set(raw, keys, value)
+    cfg = from_dict(Config, raw)
+    return validate_config(cfg, world_size)
+
+
+def load_config(
+    path: str | Path,
+    overrides: Iterable[str] = (),
+    tensor_model_parallel_size: int | None = None,
+    world_size: int | None = None,
+) -> Config:
+    """Read a training config file; ConfigError messages name the file."""
+    path = Path(path)
+    overrides = list(overrides)
+    if tensor_model_parallel_size is not None:
+        overrides.append(f"trainer.tensor_model_parallel_size={tensor_model_parallel_size}")
+    try:
+        return build_config(read_yaml(path), overrides, path.parent, world_size)
+    except ConfigError as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+
+
+def validate_config(cfg: Config, world_size: int | None = None) -> Config:
+    """Cross-field checks; fills in whichever of the three batch sizes was left null."""
+    cfg.model.validate()
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tr = cfg.trainer
+    tp = tr.tensor_model_parallel_size
+    if tp < 1:
+        raise ConfigError(f"trainer.tensor_model_parallel_size must be >= 1, got {tp}")
+    if tp > world_size:
+        raise ConfigError(f"trainer.tensor_model_parallel_size {tp} is larger than the world size {world_size}")
+    if world_size % tp:
+        raise ConfigError(f"world size {world_size} is not a multiple of trainer.tensor_model_parallel_size {tp}")
+    m = cfg.model
+    if m.num_attention_heads % tp:
+        raise ConfigError(
+            f"model.num_attention_heads {m.num_attention_heads} is not divisible by "
+            f"trainer.tensor_model_parallel_size {tp}"
+        )
+    if m.kv_heads % tp and tp % m.kv_heads:
+        raise ConfigError(
+            f"model.num_key_value_heads {m.kv_heads} must divide or be divisible by "
+            f"trainer.tensor_model_parallel_size {tp}"
+        )
+    dp = world_size // tp
+    if tr.micro_batch_size < 1:
+        raise ConfigError(f"trainer.micro_batch_size must be >= 1, got {tr.micro_batch_size}")
+    per_step = tr.micro_batch_size * dp
+    if tr.gradient_accumulation_steps is None:
+        if tr.train_batch_size is None:
+            tr.gradient_accumulation_steps = 1
+        elif tr.train_batch_size % per_step:
+            raise ConfigError(
+                f"trainer.train_batch_size {tr.train_batch_size} is not a multiple of "
+                f"micro_batch_size {tr.micro_batch_size} x data-parallel size {dp}"
+            )
+        else:
+            tr.gradient_accumulation_steps = tr.train_batch_size // per_step
+    if tr.gradient_accumulation_steps < 1:
+        raise ConfigError(f"trainer.gradient_accumulation_steps must be >= 1, got {tr.gradient_accumulation_steps}")
+    expected = per_step * tr.gradient_accumulation_steps
+    if tr.train_batch_size is None:
+        tr.train_batch_size = expected
+    elif tr.train_batch_size != expected:
+        raise ConfigError(
+            f"trainer.train_batch_size {tr.train_batch_size} != micro_batch_size {tr.micro_batch_size} x "
+            f"gradient_accumulation_steps {tr.gradient_accumulation_steps} x data-parallel size {dp} (= {expected})"
+        )
+    op = cfg.operation
+    if op.train_steps is None and op.train_tokens is None:
+        raise ConfigError("operation: set train_steps or train_tokens")
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """The fully resolved config as YAML; ``build_config(yaml.safe_load(text))`` gives it back."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

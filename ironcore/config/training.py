@@ -1,0 +1,100 @@
+"""The training config groups: trainer, optim, operation, init, utils, data, and the whole Config."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from ironcore.config.base import field
+from ironcore.config.model import ModelConfig
+
+
+@dataclasses.dataclass
+class DataGroup:
+    """Which preprocessed data set(s) to train on."""
+
+    config_path: str | None = field(None, help="Path to a data config (configs/data/*.yaml) whose shards to train on.")
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """Batch geometry, parallel layout, precision and checkpointing."""
+
+    micro_batch_size: int = field(4, help="Sequences per forward/backward pass on one data-parallel rank.")
+    train_batch_size: int | None = field(
+        None, help="Global batch in sequences = micro_batch_size x gradient_accumulation_steps x DP size."
+    )
+    gradient_accumulation_steps: int | None = field(
+        None, help="Micro-batches per optimizer step (null: derived from train_batch_size, else 1)."
+    )
+    tensor_model_parallel_size: int = field(1, help="Ranks a layer is split across (Megatron-style TP).")
+    output_dir: str = field("runs/default", help="Where config.yaml, metrics.jsonl and checkpoints/ go.")
+    save_interval: int = field(100, help="Save a checkpoint every this many optimizer steps (0: only at the end).")
+    keep_last_checkpoints: int = field(3, help="How many step_* checkpoints to keep (older ones are deleted).")
+    precision: Literal["fp32", "bf16"] = field("fp32", help="bf16 runs matmuls under bf16 autocast; weights stay fp32.")
+    device: str = field("auto", help="auto (cuda if available, else cpu), cpu or cuda.")
+    compile: bool = field(False, help="Wrap the model in torch.compile.")
+    activation_checkpointing: bool = field(False, help="Recompute each block's activations in the backward pass.")
+    grad_clip: float = field(1.0, help="Clip the global gradient norm to this (0: no clipping).")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    optimizer: Literal["adamw", "adam", "sgd"] = field(
+        "adamw", help="adamw (adam is an alias: decoupled weight decay either way) or sgd."
+    )
+    max_lr: float = field(6e-4, help="Peak learning rate, reached after warmup.")
+    min_lr: float = field(0.0, help="Floor of the decay schedule.")
+    warmup_steps: int = field(0, help="Linear warmup from 0 to max_lr over this many steps.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = field("cosine", help="Decay from max_lr to min_lr.")
+    weight_decay: float = field(0.1, help="Decoupled weight decay (never on norms, biases and embeddings).")
+    beta1: float = field(0.9, help="Adam beta1.")
+    beta2: float = field(0.95, help="Adam beta2.")
+    eps: float = field(1e-8, help="Adam epsilon.")
+    momentum: float = field(0.9, help="SGD momentum.")
+
+
+@dataclasses.dataclass
+class OperationConfig:
+    """How long to train and how often to evaluate and log."""
+
+    train_steps: int | None = field(100, help="Optimizer steps to run (null: use train_tokens).")
+    train_tokens: int | None = field(None, help="Token budget; converted to steps when train_steps is null.")
+    eval_interval: int = field(100, help="Evaluate on the validation split every this many steps (0: only at the end).")
+    eval_steps: int = field(10, help="Validation batches per evaluation.")
+    log_interval: int = field(1, help="Log (stdout, metrics.jsonl, MLflow) every this many steps.")
+
+
+@dataclasses.dataclass
+class InitConfig:
+    """Where the starting weights come from."""
+
+    seed: int = field(1234, help="Seed of weight init, dropout and data order.")
+    init_from: str | None = field(None, help="HF checkpoint folder or IronCore checkpoint to start from (null: random).")
+
+
+@dataclasses.dataclass
+class UtilsConfig:
+    """Logging and experiment tracking."""
+
+    experiment_name: str = field("ironcore", help="MLflow experiment.")
+    run_name: str | None = field(None, help="MLflow run name (null: derived from the output dir).")
+    tracking: bool = field(True, help="Record the run in MLflow.")
+    log_level: Literal["debug", "info", "warning", "error"] = field("info", help="Python logging level.")
+
+
+@dataclasses.dataclass
+class Config:
+    """A whole training run. ``model`` is resolved to a full ModelConfig when loaded."""
+
+    model: ModelConfig = field(
+        ModelConfig(), help="Model name (configs/model/NAME.yaml), path to a model YAML or HF folder, or a mapping."
+    )
+    data: DataGroup = field(DataGroup(), help="Training data.")
+    trainer: TrainerConfig = field(TrainerConfig(), help="Batches, parallelism, checkpoints.")
+    optim: OptimConfig = field(OptimConfig(), help="Optimizer and schedule.")
+    operation: OperationConfig = field(OperationConfig(), help="Steps and intervals.")
+    init: InitConfig = field(InitConfig(), help="Seed and starting weights.")
+    utils: UtilsConfig = field(UtilsConfig(), help="Logging and tracking.")

@@ -1,0 +1,17 @@
+"""Errors that mean "the user's input is wrong": the CLI prints them as one line."""
+
+
+class UserError(Exception):
+    """Base of all expected, user-facing failures (bad config, bad files)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem; the message names the key or file."""
+
+
+class DataError(UserError, ValueError):
+    """Bad input data: the message names the file (and line) at fault."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that is missing, incomplete or does not fit the model."""

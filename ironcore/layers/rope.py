@@ -1,0 +1,66 @@
+"""Rotary position embeddings (RoPE): full or partial rotation, optional Llama-3 scaling.
+
+We use the "rotate half" layout of GPT-NeoX and HF Transformers (the first
+and second halves of the rotated dimensions form the pairs), so imported HF
+weights need no permutation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ironcore.config.model import ModelConfig, RopeScaling
+
+
+def inverse_frequencies(dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
+    """theta^(-2i/dim) for i < dim/2, adjusted per wavelength when Llama-3 scaling is set."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated.
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Produces (cos, sin) of shape [B, 1, T, rotary_dim] for the given positions."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.rotary_dim = cfg.rotary_dim
+        self.theta, self.scaling = cfg.rope_theta, cfg.rope_scaling
+        self.register_buffer("inv_freq", inverse_frequencies(self.rotary_dim, self.theta, self.scaling), persistent=False)
+
+    def reset_parameters(self, device: torch.device | str | None = None) -> None:
+        """Recompute the (non-persistent) frequencies, e.g. when weights were loaded onto a meta-built model."""
+        device = device or self.inv_freq.device
+        self.inv_freq = inverse_frequencies(self.rotary_dim, self.theta, self.scaling).to(device)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids.unsqueeze(-1).float() * self.inv_freq  # [B, T, rot/2]
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, T, rot]
+        return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` features of each head of x [B, H, T, D]; pass the rest through."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return (x * cos + _rotate_half(x) * sin).type_as(x)
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat(((x_rot * cos + _rotate_half(x_rot) * sin).type_as(x), x_pass), dim=-1)

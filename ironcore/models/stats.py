@@ -1,0 +1,46 @@
+"""Parameter counts and FLOPs per token, computed on the meta device (no memory, instant for 70B)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ironcore.config.model import ModelConfig
+from ironcore.models.transformer import TransformerModel
+
+
+@dataclasses.dataclass
+class ModelStats:
+    params: int  # unique parameters (tied weights once)
+    embedding_params: int  # token + position embedding tables
+    matmul_params: int  # weights that multiply activations, incl. the output projection
+    attention_flops_per_token: int  # forward QK^T and AV at the given sequence length
+    forward_flops_per_token: int
+    train_flops_per_token: int  # forward + backward = 3 x forward
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Unique parameters of the model ``cfg`` describes (tied embeddings counted once)."""
+    return model_stats(cfg).params
+
+
+def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> ModelStats:
+    """Sizes and FLOPs per token, the PaLM / nanoGPT convention.
+
+    Forward FLOPs per token = 2 x (weights used in matmuls, output projection
+    included) + attention 2 x 2 x layers x heads x head_dim x seq_len (scores and
+    weighted sum over the full sequence, as PaLM counts it). Training = 3 x forward.
+    """
+    seq_len = seq_len or cfg.max_position_embeddings
+    with torch.device("meta"):
+        model = TransformerModel(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    embedding = model.embed.weight.numel() + (model.pos_embed.weight.numel() if model.pos_embed is not None else 0)
+    matmul = sum(
+        module.weight.numel() for name, module in model.named_modules() if name.endswith(("qkv", "out", "up", "down"))
+    )
+    matmul += cfg.vocab_size * cfg.hidden_size  # the output projection, tied or not
+    attention = 4 * cfg.num_layers * cfg.num_attention_heads * cfg.head_size * seq_len
+    forward = 2 * matmul + attention
+    return ModelStats(params, embedding, matmul, attention, forward, 3 * forward)

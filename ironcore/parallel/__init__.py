@@ -1,0 +1,1 @@
+"""Tensor- and data-parallel building blocks; every layer also works in one process."""
