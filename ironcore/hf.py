@@ -26,10 +26,11 @@ from ironcore.config.model import ModelConfig, RopeScaling
 from ironcore.errors import CheckpointError, ConfigError
 from ironcore.models.transformer import TransformerModel
 
-SUPPORTED_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi")
+SUPPORTED_FAMILIES = ("gpt2", "openai-gpt", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi")
 
 _ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
+    "openai-gpt": "OpenAIGPTLMHeadModel",
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
@@ -46,6 +47,7 @@ _ACTIVATIONS = {
     "relu": "relu",
 }
 _HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu", "relu": "relu"}
+_OPENAI_GPT_ACTIVATION = {"gelu_tanh": "gelu", "relu": "relu", "silu": "silu"}  # its "gelu" is the tanh form
 _GEMMA_ACTIVATION = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "silu": "silu", "relu": "relu"}
 # HF keys that hold no weights of their own (old GPT-2 mask buffers, cached RoPE frequencies).
 _IGNORED = re.compile(r"(\.attn\.(masked_)?bias|rotary_emb\.inv_freq)$")
@@ -88,7 +90,13 @@ _PHI_TABLE = {
     "final_norm": (["model.final_layernorm"], "copy"),
     "lm_head": (["lm_head"], "copy"),
 }
-_TABLES = {"gpt2": _GPT2_TABLE, "phi": _PHI_TABLE}
+# GPT-1 (post-norm, no final norm): GPT-2's layout under other names.
+_OPENAI_GPT_TABLE = {
+    **_GPT2_TABLE,
+    "embed": (["transformer.tokens_embed"], "copy"),
+    "pos_embed": (["transformer.positions_embed"], "copy"),
+}
+_TABLES = {"gpt2": _GPT2_TABLE, "openai-gpt": _OPENAI_GPT_TABLE, "phi": _PHI_TABLE}
 
 
 def _table(family: str) -> dict[str, tuple[list[str], str]]:
@@ -185,6 +193,28 @@ def _config_from_hf(hf: Mapping[str, Any], where: str) -> ModelConfig:
                 tie_word_embeddings=hf.get("tie_word_embeddings", True),
                 init_std=hf.get("initializer_range", 0.02),
             ).validate()
+        if family == "openai-gpt":
+            afn = hf.get("afn", "gelu")
+            return ModelConfig(
+                name=name,
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["n_embd"],
+                num_layers=hf["n_layer"],
+                num_attention_heads=hf["n_head"],
+                ffn_hidden_size=4 * hf["n_embd"],
+                max_position_embeddings=hf["n_positions"],
+                norm_type="layernorm",
+                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                norm_position="post",
+                final_norm=False,
+                position_embedding="learned",
+                activation=_activation("gelu_new" if afn == "gelu" else afn, where),
+                attention_bias=True,
+                attention_out_bias=True,
+                mlp_bias=True,
+                tie_word_embeddings=hf.get("tie_word_embeddings", True),
+                init_std=hf.get("initializer_range", 0.02),
+            ).validate()
         theta, scaling = _rope(hf, where)
         common = dict(
             name=name,
@@ -244,7 +274,7 @@ def _config_from_hf(hf: Mapping[str, Any], where: str) -> ModelConfig:
 
 def _pick_family(cfg: ModelConfig) -> str:
     if cfg.position_embedding == "learned":
-        return "gpt2"
+        return "openai-gpt" if cfg.norm_position == "post" else "gpt2"
     if cfg.parallel_attn_mlp:
         return "phi"
     if cfg.norm_unit_offset:
@@ -279,6 +309,18 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
             n_ctx=cfg.max_position_embeddings,
             layer_norm_epsilon=cfg.norm_eps,
             activation_function=_HF_ACTIVATION[cfg.activation],
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+        )
+    elif family == "openai-gpt":
+        hf.update(
+            n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_attention_heads,
+            n_positions=cfg.max_position_embeddings,
+            layer_norm_epsilon=cfg.norm_eps,
+            afn=_OPENAI_GPT_ACTIVATION.get(cfg.activation, cfg.activation),
             resid_pdrop=cfg.dropout,
             embd_pdrop=cfg.dropout,
             attn_pdrop=cfg.dropout,

@@ -24,6 +24,8 @@ BASE = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_he
 CASES = {
     "gpt2": dict(model_type="gpt2", vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=64,
                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "openai_gpt_post_norm": dict(model_type="openai-gpt", vocab_size=97, n_embd=32, n_layer=2, n_head=4,
+                                 n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
     "llama": dict(model_type="llama", **BASE, num_key_value_heads=2, tie_word_embeddings=False,
                   rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
     # Llama-3 scaling with a short "original" context so that all three frequency bands occur.

@@ -39,8 +39,16 @@ def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
 
 
 def _type_name(tp: Any) -> str:
+    """Readable type for messages and the reference: 'int or null', 'pre / post'."""
     if isinstance(tp, type):
-        return tp.__name__
+        return "null" if tp is type(None) else tp.__name__
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Literal:
+        return " / ".join(map(str, args))
+    if _is_union(tp):
+        return " or ".join(_type_name(a) for a in args)
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(args[0])}" if args else "list"
     return str(tp).replace("typing.", "")
 
 

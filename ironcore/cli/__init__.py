@@ -1,0 +1,38 @@
+"""The ``ironcore`` command: one sub-command per module in this package.
+
+Each module exposes ``register(subparsers)``, which adds its parser and sets
+``func(args) -> int``. Expected failures (bad config, bad input files) raise
+:class:`ironcore.errors.UserError` subclasses and are printed as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ironcore import __version__
+from ironcore.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ironcore.cli import convert, evaluate, generate, model_info, preprocess, reference, train
+
+    parser = argparse.ArgumentParser(prog="ironcore", description="IronCore LLM training framework")
+    parser.add_argument("--version", action="version", version=f"ironcore {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (preprocess, train, evaluate, generate, convert, model_info, reference):
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"ironcore {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ironcore {args.command}: interrupted", file=sys.stderr)
+        return 130

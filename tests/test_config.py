@@ -1,0 +1,131 @@
+"""The hierarchical config: model references, overrides with type coercion, validation, round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ironcore.config import ConfigError, build_config, dump_config, load_config, load_model_config
+from ironcore.hf import save_hf_model
+from ironcore.models import TransformerModel
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "configs" / "example.yaml"
+
+
+def write(tmp_path: Path, text: str, name: str = "train.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_example_config_resolves_model_by_name() -> None:
+    cfg = load_config(EXAMPLE, world_size=1)
+    assert cfg.model.name == "gpt2-tiny"
+    assert cfg.model == load_model_config(ROOT / "configs" / "model" / "gpt2-tiny.yaml")
+    assert cfg.trainer.train_batch_size == cfg.trainer.micro_batch_size * cfg.trainer.gradient_accumulation_steps
+
+
+def test_overrides_are_coerced_to_the_field_types() -> None:
+    cfg = load_config(
+        EXAMPLE,
+        ["optim.max_lr=3e-4", "trainer.micro_batch_size=2", "trainer.compile=true", "model.num_layers=1",
+         "init.init_from=null", "operation.train_steps=20"],
+        world_size=1,
+    )
+    assert cfg.optim.max_lr == pytest.approx(3e-4) and isinstance(cfg.optim.max_lr, float)
+    assert cfg.trainer.micro_batch_size == 2
+    assert cfg.trainer.compile is True
+    assert cfg.model.num_layers == 1 and cfg.model.name == "gpt2-tiny"
+    assert cfg.init.init_from is None
+    assert cfg.operation.train_steps == 20
+
+
+def test_model_can_be_swapped_by_override_and_inline_mapping(tmp_path: Path) -> None:
+    assert load_config(EXAMPLE, ["model=llama-tiny"], world_size=1).model.name == "llama-tiny"
+    inline = write(tmp_path, "model:\n  name: mine\n  vocab_size: 64\n  hidden_size: 16\n  num_layers: 1\n"
+                   "  num_attention_heads: 2\n")
+    assert load_config(inline, world_size=1).model.hidden_size == 16
+    by_path = write(tmp_path, f"model: {ROOT / 'configs/model/qwen3-tiny.yaml'}\n", "by_path.yaml")
+    assert load_config(by_path, world_size=1).model.qk_norm is True
+
+
+def test_model_from_hf_folder(tmp_path: Path) -> None:
+    tiny = load_model_config("llama-tiny")
+    save_hf_model(TransformerModel(tiny), tmp_path / "hf")
+    cfg = load_config(write(tmp_path, f"model: {tmp_path / 'hf'}\n"), world_size=1)
+    assert cfg.model.hidden_size == tiny.hidden_size
+    assert cfg.model.kv_heads == tiny.kv_heads
+    assert cfg.model.gated_mlp and cfg.model.norm_type == "rmsnorm"
+
+
+def test_tensor_parallel_flag_sets_the_trainer_key() -> None:
+    cfg = load_config(EXAMPLE, tensor_model_parallel_size=2, world_size=2)
+    assert cfg.trainer.tensor_model_parallel_size == 2
+    assert cfg.trainer.train_batch_size == cfg.trainer.micro_batch_size * cfg.trainer.gradient_accumulation_steps
+
+
+def test_batch_sizes_are_derived_per_data_parallel_size() -> None:
+    cfg = load_config(EXAMPLE, ["trainer.gradient_accumulation_steps=null", "trainer.train_batch_size=32",
+                                "trainer.micro_batch_size=4"], world_size=2)
+    assert cfg.trainer.gradient_accumulation_steps == 4  # 32 = 4 x 4 x DP 2
+
+
+def test_dump_and_load_back_is_identical(tmp_path: Path) -> None:
+    cfg = load_config(EXAMPLE, ["model=llama3.1-8b", "optim.max_lr=1e-5"], world_size=1)
+    dumped = write(tmp_path, dump_config(cfg), "resolved.yaml")
+    again = load_config(dumped, world_size=1)
+    assert again == cfg
+    assert dump_config(again) == dump_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "message"),
+    [
+        (["trainer.micro_batch_sise=2"], 1, "unknown config key 'trainer.micro_batch_sise' (did you mean 'micro_batch_size'?)"),
+        (["optimm.max_lr=1"], 1, "unknown config key 'optimm' (did you mean 'optim'?)"),
+        (["trainer.micro_batch_size=abc"], 1, "config key 'trainer.micro_batch_size': expected an integer, got 'abc'"),
+        (["optim.max_lr=fast"], 1, "config key 'optim.max_lr': expected a number, got 'fast'"),
+        (["optim.optimizer=sgdd"], 1, "'sgdd' is not one of adamw, adam, sgd (did you mean 'sgd'?)"),
+        (["trainer.train_batch_size=10"], 1,
+         "trainer.train_batch_size 10 != micro_batch_size 8 x gradient_accumulation_steps 1 x data-parallel size 1"),
+        (["trainer.tensor_model_parallel_size=3"], 3,
+         "model.num_attention_heads 4 is not divisible by trainer.tensor_model_parallel_size 3"),
+        (["trainer.tensor_model_parallel_size=2"], 3, "world size 3 is not a multiple of trainer.tensor_model_parallel_size 2"),
+        (["trainer.tensor_model_parallel_size=4"], 2, "trainer.tensor_model_parallel_size 4 is larger than the world size 2"),
+        (["model.hidden_size=130"], 1, "model.num_attention_heads: hidden_size 130 is not divisible by 4 heads"),
+        (["model=llama-tinyy"], 1, "'llama-tinyy' is neither a file, an HF checkpoint folder nor a known model name (did you mean 'llama-tiny'?)"),
+        (["optim.max_lr"], 1, "expected KEY=VALUE"),
+    ],
+)
+def test_bad_config_gives_one_line_error_naming_the_key(overrides, world_size, message) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(EXAMPLE, overrides, world_size=world_size)
+    text = str(info.value)
+    assert message in text
+    assert str(EXAMPLE) in text and "\n" not in text
+
+
+def test_inconsistent_model_yaml_names_file_and_field(tmp_path: Path) -> None:
+    bad = write(tmp_path, "name: bad\nhidden_size: 64\nnum_attention_heads: 4\nnum_key_value_heads: 3\n", "bad.yaml")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: model\.num_key_value_heads: 4 query heads are not divisible"):
+        load_model_config(bad)
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
+    bad = write(tmp_path, "trainer:\n  micro_batch_size: 2\n bad indent: [\n")
+    with pytest.raises(ConfigError, match=r"train\.yaml:3: invalid YAML"):
+        load_config(bad)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config("does/not/exist.yaml")
+
+
+def test_build_config_without_a_file() -> None:
+    cfg = build_config({"model": "phi-tiny", "operation": {"train_steps": 3}}, world_size=1)
+    assert cfg.model.parallel_attn_mlp and cfg.operation.train_steps == 3
+    assert yaml.safe_load(dump_config(cfg))["model"]["name"] == "phi-tiny"
