@@ -4,9 +4,14 @@ Layout of a checkpoint folder::
 
     model.safetensors    # full (TP-gathered) weights under IronCore's parameter names
     model_config.yaml    # the ModelConfig, so the folder is self-describing
+    optimizer.pt         # training checkpoints: optimizer state keyed by parameter name
+    trainer_state.json   # step, consumed samples, tokens, skipped steps
+    rng.pt               # RNG states (python, numpy, torch, cuda) of every rank
 
-Folders are written to a temporary sibling and renamed into place, so a
-crash never leaves something that looks like a complete checkpoint.
+A training run keeps them as ``checkpoints/step_NNNNNNN/`` plus a ``latest``
+file naming the newest; the folder is written to a temporary sibling and
+renamed into place, and ``latest`` is replaced atomically after that, so a
+crash at any moment leaves ``latest`` on a complete checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -22,11 +28,16 @@ from safetensors.torch import load_file, save_file
 
 from ironcore.config.base import to_dict
 from ironcore.config.loader import load_model_config
+from ironcore.config.model import ModelConfig
 from ironcore.errors import CheckpointError
 from ironcore.models.transformer import TransformerModel
 
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.yaml"
+OPTIMIZER = "optimizer.pt"
+TRAINER_STATE = "trainer_state.json"
+RNG = "rng.pt"
+LATEST = "latest"
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -34,15 +45,13 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / WEIGHTS).is_file() and (Path(path) / MODEL_CONFIG).is_file()
 
 
-def save_model(model: TransformerModel, path: str | Path) -> Path:
-    """Write ``model`` atomically as an IronCore checkpoint folder at ``path`` (replacing one there)."""
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)``, then rename the folder to ``path`` (replacing one there)."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, tmp / WEIGHTS, metadata={"format": "ironcore"})
-        (tmp / MODEL_CONFIG).write_text(yaml.safe_dump(to_dict(model.config), sort_keys=False))
+        write(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -52,20 +61,68 @@ def save_model(model: TransformerModel, path: str | Path) -> Path:
     return final
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> TransformerModel:
-    """The TransformerModel stored in the IronCore checkpoint folder ``path``."""
+def write_model_files(folder: Path, state: Mapping[str, torch.Tensor], config: ModelConfig) -> None:
+    """The two files that make ``folder`` a loadable model (full, TP=1 tensors)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, folder / WEIGHTS, metadata={"format": "ironcore"})
+    (folder / MODEL_CONFIG).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def save_model(model: TransformerModel, path: str | Path) -> Path:
+    """Write ``model`` atomically as an IronCore checkpoint folder at ``path``."""
+    return write_atomically(path, lambda tmp: write_model_files(tmp, model.state_dict(), model.config))
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder from itself, a ``checkpoints/`` folder or a run folder (via ``latest``)."""
     folder = Path(path)
+    for candidate in (folder, folder / "checkpoints"):
+        pointer = candidate / LATEST
+        if pointer.is_file():
+            return candidate / pointer.read_text().strip()
     if not is_checkpoint(folder):
         raise CheckpointError(f"{folder}: not an IronCore checkpoint (expected {WEIGHTS} and {MODEL_CONFIG})")
-    cfg = load_model_config(folder / MODEL_CONFIG)
+    return folder
+
+
+def load_model_state(path: str | Path, device: str | torch.device = "cpu") -> tuple[ModelConfig, dict]:
+    """(ModelConfig, full state dict) of a checkpoint folder, run folder or ``checkpoints/`` folder."""
+    folder = resolve(path)
+    return load_model_config(folder / MODEL_CONFIG), load_file(folder / WEIGHTS, device=str(device))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> TransformerModel:
+    """The (TP=1) TransformerModel stored in an IronCore checkpoint."""
+    cfg, state = load_model_state(path, device)
     with torch.device("meta"):
         model = TransformerModel(cfg)
-    state = load_file(folder / WEIGHTS, device=str(device))
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise CheckpointError(f"{folder / WEIGHTS}: missing tensors {missing}, unexpected tensors {unexpected}")
+        raise CheckpointError(f"{resolve(path) / WEIGHTS}: missing tensors {missing}, unexpected tensors {unexpected}")
     model.load_state_dict(state, strict=True, assign=True)
     if model.rope is not None:
         model.rope.reset_parameters(device)
     return model
+
+
+def step_dir(checkpoints: Path, step: int) -> Path:
+    return checkpoints / f"step_{step:07d}"
+
+
+def update_latest(checkpoints: Path, folder: Path) -> None:
+    """Point ``latest`` at ``folder``: written to a temporary file, then renamed (atomic)."""
+    tmp = checkpoints / f".{LATEST}.tmp"
+    tmp.write_text(folder.name + "\n")
+    os.replace(tmp, checkpoints / LATEST)
+
+
+def prune(checkpoints: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step folders (never the one ``latest`` names)."""
+    if keep <= 0:
+        return
+    latest = (checkpoints / LATEST).read_text().strip() if (checkpoints / LATEST).is_file() else None
+    steps = sorted(p for p in checkpoints.glob("step_*") if p.is_dir())
+    for old in steps[:-keep]:
+        if old.name != latest:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,24 +1,25 @@
-"""``ironcore train``: validate the config; the training loop arrives with issue #4."""
+"""``ironcore train``: pretraining or SFT (the task type comes from the data config)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 
 from ironcore.cli.common import add_config_arguments, config_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="train a model (pretraining, SFT, DPO)")
+    parser = subparsers.add_parser(
+        "train", help="train a model; resumes from OUTPUT_DIR/checkpoints/latest when present"
+    )
     add_config_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ironcore.trainer import Trainer
+
     cfg = config_from_args(args)
-    print(
-        f"ironcore train: config {args.config} is valid (model {cfg.model.name}), but the training loop "
-        "is not implemented yet: it arrives with issue #4",
-        file=sys.stderr,
-    )
-    return 1
+    logging.basicConfig(level=cfg.utils.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    Trainer(cfg).train()
+    return 0

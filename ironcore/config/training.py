@@ -14,6 +14,9 @@ class DataGroup:
     """Which preprocessed data set(s) to train on."""
 
     config_path: str | None = field(None, help="Path to a data config (configs/data/*.yaml) whose shards to train on.")
+    packing: bool = field(
+        False, help="SFT: pack several examples into each sequence (positions restart, no cross-attention)."
+    )
 
 
 @dataclasses.dataclass
@@ -36,6 +39,12 @@ class TrainerConfig:
     compile: bool = field(False, help="Wrap the model in torch.compile.")
     activation_checkpointing: bool = field(False, help="Recompute each block's activations in the backward pass.")
     grad_clip: float = field(1.0, help="Clip the global gradient norm to this (0: no clipping).")
+    max_consecutive_skips: int = field(
+        5, help="Stop (after saving a checkpoint) when this many steps in a row had a non-finite loss or gradient."
+    )
+    peak_tflops: float | None = field(
+        None, help="Peak TFLOP/s of one device for MFU (null: GPU data-sheet table, or measured on CPU)."
+    )
 
 
 @dataclasses.dataclass

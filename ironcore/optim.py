@@ -1,0 +1,64 @@
+"""Optimizer construction and the learning-rate schedule.
+
+Weight decay is decoupled (AdamW) and applies only to matrices of linear
+layers: norms, biases and embeddings (tokens and positions) are not decayed,
+as in GPT-3/Megatron practice, since shrinking them towards zero only removes
+capacity without regularising anything useful. ``optimizer: adam`` is an
+alias of adamw.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ironcore.config.training import OperationConfig, OptimConfig
+from ironcore.parallel.layers import VocabParallelEmbedding
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed linear weights, and everything else (norms, biases, embeddings)."""
+    decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, VocabParallelEmbedding))}
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        if param.dim() < 2 or id(param) in embeddings:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.max_lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """LR for optimizer step ``step`` (0-based): linear warmup to max_lr, then decay to min_lr."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.max_lr
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    if cfg.lr_schedule == "linear":
+        factor = 1.0 - progress
+    else:
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr + (cfg.max_lr - cfg.min_lr) * factor
+
+
+def total_steps(op: OperationConfig, tokens_per_step: int) -> int:
+    """Optimizer steps of the run: train_steps, or the token budget rounded up to whole steps."""
+    if op.train_steps is not None:
+        return op.train_steps
+    return math.ceil(op.train_tokens / tokens_per_step)

@@ -1,0 +1,135 @@
+"""MLflow tracking that can never take training down.
+
+Only rank 0 tracks. The tracking URI comes from ``MLFLOW_TRACKING_URI``, else
+``sqlite:///mlflow.db`` in the working directory. Metrics are buffered and
+sent with one ``log_batch`` call per log interval. Any tracking failure (a
+server that is down, a locked database) prints one warning and turns tracking
+off for the rest of the run; training goes on. HTTP retries are kept short
+(unless the user set them) so a dead server costs seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+_MAX_PARAMS_PER_CALL = 100
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: MLflow params are flat."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def git_tags(cwd: str | Path = ".") -> dict[str, str]:
+    """Commit and dirty flag of the working directory's git checkout, if it is one."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if commit.returncode:
+        return {}
+    return {"git_commit": commit.stdout.strip(), "git_dirty": str(bool(status.stdout.strip())).lower()}
+
+
+class Tracker:
+    """One MLflow run; every method is a no-op when disabled or after a failure."""
+
+    def __init__(
+        self,
+        enabled: bool,
+        experiment: str,
+        run_name: str | None,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+    ) -> None:
+        self.client = None
+        self.run_id: str | None = None
+        self._pending: list[Any] = []
+        if not enabled:
+            return
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        self._guard("start the MLflow run", self._start, experiment, run_name, params, tags)
+
+    def _start(self, experiment: str, run_name: str | None, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri())
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        all_tags = dict(tags)
+        parent = os.environ.get("MLFLOW_PARENT_RUN_ID")
+        if parent:
+            all_tags["mlflow.parentRunId"] = parent
+        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        self.client, self.run_id = client, run.info.run_id
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for start in range(0, len(items), _MAX_PARAMS_PER_CALL):
+            client.log_batch(self.run_id, params=items[start : start + _MAX_PARAMS_PER_CALL])
+
+    def _guard(self, what: str, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as err:  # noqa: BLE001 - tracking must never be fatal
+            log.warning("MLflow tracking disabled: could not %s at %s: %s", what, tracking_uri(), _one_line(err))
+            self.client = None
+
+    @property
+    def active(self) -> bool:
+        return self.client is not None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Buffer metrics; they are sent by the next :meth:`flush`."""
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+
+    def flush(self) -> None:
+        if self.active and self._pending:
+            pending, self._pending = self._pending, []
+            self._guard("log metrics", self.client.log_batch, self.run_id, pending)
+
+    def log_artifact(self, path: str | Path) -> None:
+        if self.active and Path(path).exists():
+            self._guard(f"upload {path}", self.client.log_artifact, self.run_id, str(path))
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.active:
+            self._guard("set a tag", self.client.set_tag, self.run_id, key, value)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Flush and close the run as FINISHED, FAILED or KILLED."""
+        self.flush()
+        if self.active:
+            self._guard("end the run", self.client.set_terminated, self.run_id, status)
+            self.client = None
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]

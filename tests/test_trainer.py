@@ -1,0 +1,298 @@
+"""The trainer: learning, exact resume, accumulation equivalence, SFT loss, signals, tracking, guards."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ironcore import checkpoint
+from ironcore.config import ConfigError, build_config
+from ironcore.config.data import load_data_config
+from ironcore.data.batches import StepBatches, build_dataset
+from ironcore.data.metadata import load_metadata
+from ironcore.data.preprocess import preprocess
+from ironcore.models import TransformerModel
+from ironcore.trainer import Trainer, TrainingStopped
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "data"
+TINY_MODEL = {
+    "name": "tiny", "vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4,
+    "max_position_embeddings": 64, "position_embedding": "rope", "norm_type": "rmsnorm", "gated_mlp": True,
+    "activation": "silu", "ffn_hidden_size": 128, "num_key_value_heads": 2,
+}
+
+
+def _write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrain_data(tmp_path_factory) -> Path:
+    """A preprocessed 60 KB slice of tinyshakespeare with a 512-token BPE; returns its data config path."""
+    root = tmp_path_factory.mktemp("pretrain")
+    (root / "corpus.txt").write_text((EXAMPLES / "tinyshakespeare.txt").read_text()[:60_000])
+    path = _write_yaml(root / "data.yaml", {
+        "name": "shakespeare-slice", "task_type": "pretrain",
+        "source": {"path": str(root / "corpus.txt"), "document_split": "paragraph"},
+        "tokenizer": {"train": {"vocab_size": 512}}, "max_seq_length": 32, "valid_fraction": 0.1,
+        "output_dir": str(root / "out"), "num_workers": 0,
+    })
+    preprocess(load_data_config(path), progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sft")
+    path = _write_yaml(root / "data.yaml", {
+        "name": "gsm8k-slice", "task_type": "sft", "source": {"path": str(EXAMPLES / "gsm8k" / "gsm8k_train_300.jsonl")},
+        "fields": {"prompt": "question", "response": "answer"}, "prompt_template": "Question: {prompt}\nAnswer:\n",
+        "tokenizer": {"path": str(EXAMPLES / "gpt2")}, "max_seq_length": 64, "valid_fraction": 0.1,
+        "output_dir": str(root / "out"), "num_workers": 0,
+    })
+    preprocess(load_data_config(path), progress=False)
+    return path
+
+
+def make_config(data_config: Path, out: Path, **overrides):
+    model = dict(TINY_MODEL)
+    if "sft" in str(data_config):
+        model.update(vocab_size=50257, hidden_size=32, ffn_hidden_size=64)
+    raw = {
+        "model": model,
+        "data": {"config_path": str(data_config)},
+        "trainer": {"micro_batch_size": 4, "gradient_accumulation_steps": 1, "output_dir": str(out),
+                    "save_interval": 0},
+        "operation": {"train_steps": 8, "eval_interval": 0, "eval_steps": 2, "log_interval": 1},
+        "optim": {"max_lr": 3e-3, "warmup_steps": 2, "min_lr": 3e-4},
+        "init": {"seed": 3},
+        "utils": {"tracking": False},
+    }
+    for key, value in overrides.items():
+        group, name = key.split("__")
+        raw.setdefault(group, {})[name] = value
+    return build_config(raw, world_size=1)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
+
+
+def test_loss_falls_on_real_text(pretrain_data, tmp_path) -> None:
+    cfg = make_config(pretrain_data, tmp_path, operation__train_steps=60, operation__eval_interval=30)
+    final = Trainer(cfg).train()
+    losses = train_losses(tmp_path)
+    assert losses[1] > math.log(512) - 0.5  # starts near uniform over the vocabulary
+    assert losses[60] < losses[1] - 1.0
+    assert final["val_loss"] < losses[1] - 0.8 and final["val_ppl"] == pytest.approx(math.exp(final["val_loss"]))
+    evals = [m for m in read_metrics(tmp_path) if "val_loss" in m]
+    assert [m["step"] for m in evals] == [30, 60]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(read_metrics(tmp_path)[0])
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "final_eval.json").is_file()
+    assert checkpoint.resolve(tmp_path).name == "step_0000060"
+
+
+def test_resume_is_exact(pretrain_data, tmp_path) -> None:
+    """2N steps in one go == N steps, a restart from the step-N checkpoint, N more steps."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cfg = make_config(pretrain_data, straight, operation__train_steps=8, trainer__save_interval=4,
+                      model__dropout=0.1)
+    Trainer(cfg).train()
+    # A run that "crashed" right after saving step 4: its checkpoint folder and pointer, nothing else.
+    (resumed / "checkpoints").mkdir(parents=True)
+    os.system(f"cp -r {straight}/checkpoints/step_0000004 {resumed}/checkpoints/")
+    checkpoint.update_latest(resumed / "checkpoints", resumed / "checkpoints" / "step_0000004")
+    cfg2 = make_config(pretrain_data, resumed, operation__train_steps=8, trainer__save_interval=4,
+                       model__dropout=0.1)
+    trainer = Trainer(cfg2)
+    trainer.train()
+    a, b = train_losses(straight), train_losses(resumed)
+    assert sorted(b) == [5, 6, 7, 8]
+    for step in b:
+        assert abs(a[step] - b[step]) <= 1e-6
+    final_a = checkpoint.load_model_state(straight)[1]
+    final_b = checkpoint.load_model_state(resumed)[1]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_accumulation_equals_larger_micro_batch(pretrain_data, tmp_path) -> None:
+    big = make_config(pretrain_data, tmp_path / "a", trainer__micro_batch_size=4, trainer__gradient_accumulation_steps=1)
+    small = make_config(pretrain_data, tmp_path / "b", trainer__micro_batch_size=1, trainer__gradient_accumulation_steps=4)
+    Trainer(big).train()
+    Trainer(small).train()
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5
+
+
+def test_sft_loss_is_the_masked_token_average(sft_data, tmp_path) -> None:
+    cfg = make_config(sft_data, tmp_path, operation__train_steps=1, trainer__micro_batch_size=2,
+                      trainer__gradient_accumulation_steps=2)
+    Trainer(cfg).train()
+    logged = train_losses(tmp_path)[1]
+    # By hand: same seed -> same initial weights; the first global batch; mean CE over trained tokens only.
+    torch.manual_seed(cfg.init.seed)
+    model = TransformerModel(cfg.model)
+    data_cfg = load_data_config(sft_data)
+    meta = load_metadata(data_cfg.output_dir)
+    dataset = build_dataset(data_cfg.output_dir, meta, "train", data_cfg.max_seq_length, cfg.init.seed)
+    batches = StepBatches(dataset, 4, 4, 0, 1, cfg.init.seed, True, torch.device("cpu")).step(0)
+    (batch,) = batches
+    with torch.no_grad():
+        logits = model(batch["input_ids"])
+    total, count = 0.0, 0
+    for b in range(4):
+        for t in range(batch["input_ids"].shape[1]):
+            if batch["loss_mask"][b, t]:
+                total += -torch.log_softmax(logits[b, t], -1)[batch["labels"][b, t]].item()
+                count += 1
+    assert 0 < count < batch["loss_mask"].numel()  # prompts are masked out, answers are trained
+    assert logged == pytest.approx(total / count, abs=1e-4)
+
+
+def test_sft_packing_trains(sft_data, tmp_path) -> None:
+    cfg = make_config(sft_data, tmp_path, data__packing=True, operation__train_steps=3)
+    Trainer(cfg).train()
+    assert len(train_losses(tmp_path)) == 3
+
+
+def test_interrupted_checkpoint_write_keeps_latest(pretrain_data, tmp_path, monkeypatch) -> None:
+    cfg = make_config(pretrain_data, tmp_path, operation__train_steps=4, trainer__save_interval=2)
+    trainer = Trainer(cfg)
+    real = checkpoint.write_model_files
+    calls = []
+
+    def crash_on_second(folder, state, config):
+        calls.append(folder)
+        if len(calls) == 2:
+            real(folder, state, config)
+            raise OSError("disk full")
+        real(folder, state, config)
+
+    monkeypatch.setattr(checkpoint, "write_model_files", crash_on_second)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    ckpts = tmp_path / "checkpoints"
+    assert checkpoint.resolve(tmp_path).name == "step_0000002"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000002"]  # no half-written step_4
+
+
+def test_sigterm_saves_a_resumable_checkpoint(pretrain_data, tmp_path) -> None:
+    cfg_path = _write_yaml(tmp_path / "train.yaml", {
+        "model": TINY_MODEL, "data": {"config_path": str(pretrain_data)},
+        "trainer": {"micro_batch_size": 4, "output_dir": str(tmp_path / "run"), "save_interval": 0},
+        "operation": {"train_steps": 100000, "eval_interval": 0, "log_interval": 1},
+        "utils": {"tracking": False},
+    })
+    cmd = [sys.executable, "-m", "ironcore", "train", "--config", str(cfg_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "stopped by signal SIGTERM" in err
+    saved = checkpoint.resolve(tmp_path / "run")
+    step = json.loads((saved / checkpoint.TRAINER_STATE).read_text())["step"]
+    assert step >= 3
+    # Rerun with a finite budget: it resumes after the saved step.
+    done = subprocess.run(cmd + [f"operation.train_steps={step + 2}"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(m["step"] for m in read_metrics(tmp_path / "run") if "loss" in m)[-2:] == [step + 1, step + 2]
+
+
+def test_mlflow_records_params_metrics_and_tags(pretrain_data, tmp_path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = make_config(pretrain_data, tmp_path / "run", utils__tracking=True, utils__experiment_name="trk",
+                      operation__train_steps=4, operation__log_interval=2, operation__eval_interval=2)
+    Trainer(cfg).train()
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("trk").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.max_lr"] == "0.003" and run.data.params["model.hidden_size"] == "64"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4]
+    for name in ("train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu", "val/loss", "val/ppl"):
+        assert client.get_metric_history(run.info.run_id, name), name
+    tags = run.data.tags
+    assert tags["task_type"] == "pretrain" and tags["model_name"] == "tiny"
+    assert tags["tensor_parallel_size"] == "1" and "ironcore_version" in tags
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "final_eval.json"} <= artifacts
+
+
+def test_dead_tracking_server_does_not_stop_training(pretrain_data, tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = make_config(pretrain_data, tmp_path, utils__tracking=True, operation__train_steps=2)
+    Trainer(cfg).train()
+    assert len(train_losses(tmp_path)) == 2
+    assert "MLflow tracking disabled" in caplog.text
+
+
+def test_non_finite_steps_are_skipped_then_stop(pretrain_data, tmp_path, monkeypatch) -> None:
+    import ironcore.trainer as trainer_module
+
+    real = trainer_module.token_losses
+    calls = {"n": 0}
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        loss = real(logits, labels)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(trainer_module, "token_losses", poisoned)
+    cfg = make_config(pretrain_data, tmp_path, operation__train_steps=20, trainer__max_consecutive_skips=3)
+    with pytest.raises(TrainingStopped, match="3 steps in a row had a non-finite loss"):
+        Trainer(cfg).train()
+    saved = checkpoint.resolve(tmp_path)
+    state = json.loads((saved / checkpoint.TRAINER_STATE).read_text())
+    assert state["skipped_steps"] == 3 and state["step"] == 5
+    weights = checkpoint.load_model_state(saved)[1]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.parametrize(
+    ("model_override", "message"),
+    [({"vocab_size": 100}, "tokenizer vocabulary 512 is larger than model.vocab_size 100"),
+     ({"max_position_embeddings": 16}, "max_seq_length 32 exceeds model.max_position_embeddings 16")],
+)
+def test_data_model_mismatch_fails_at_start(pretrain_data, tmp_path, model_override, message) -> None:
+    cfg = make_config(pretrain_data, tmp_path)
+    for key, value in model_override.items():
+        setattr(cfg.model, key, value)
+    with pytest.raises(ConfigError, match=message):
+        Trainer(cfg)
+
+
+def test_init_from_hf_folder_fine_tunes_those_weights(pretrain_data, tmp_path) -> None:
+    from ironcore.hf import save_hf_model
+
+    cfg = make_config(pretrain_data, tmp_path / "run", operation__train_steps=1)
+    torch.manual_seed(99)
+    source = TransformerModel(cfg.model)
+    hf_dir = save_hf_model(source, tmp_path / "hf")
+    cfg = make_config(pretrain_data, tmp_path / "run", operation__train_steps=1, init__init_from=str(hf_dir))
+    trainer = Trainer(cfg)
+    assert all(torch.equal(a, b) for a, b in zip(trainer.model.state_dict().values(), source.state_dict().values()))
