@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ironcore import __version__, checkpoint
 from ironcore.config import Config, dump_config, to_dict
@@ -35,6 +34,7 @@ from ironcore.config.data import load_data_config
 from ironcore.data.batches import StepBatches, build_dataset
 from ironcore.data.metadata import load_metadata
 from ironcore.errors import ConfigError, UserError
+from ironcore.evaluate import loss_sums, summarize, token_losses
 from ironcore.hf import load_hf_model
 from ironcore.models import TransformerModel
 from ironcore.models.stats import model_stats
@@ -63,11 +63,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device: cuda requested but no CUDA device is available")
     return torch.device(name)
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy [B, T] in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
 
 
 class Trainer:
@@ -265,20 +260,12 @@ class Trainer:
         self.state.tokens += int(n_tokens)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Token-weighted validation loss over ``operation.eval_steps`` global batches, and its perplexity."""
         self.model.eval()
-        loss_sum, n_tokens = 0.0, 0.0
-        for micro_batches in self.valid_data.eval_steps(self.cfg.operation.eval_steps):
-            for mb in micro_batches:
-                with self.autocast:
-                    logits = self.forward(mb["input_ids"], mb.get("position_ids"), mb.get("attention_mask"))
-                loss_sum += float((token_losses(logits, mb["labels"]) * mb["loss_mask"]).sum())
-                n_tokens += float(mb["loss_mask"].sum())
+        total, count = loss_sums(self.forward, self.valid_data.eval_steps(self.cfg.operation.eval_steps), self.autocast)
         self.model.train()
-        val_loss = loss_sum / max(n_tokens, 1.0)
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        return summarize(total, count)
 
     # ---- output -----------------------------------------------------------------------------------------
     def _log_line(self, m: dict[str, float], elapsed: float, steps_done: int) -> None:

@@ -296,3 +296,18 @@ def test_init_from_hf_folder_fine_tunes_those_weights(pretrain_data, tmp_path) -
     cfg = make_config(pretrain_data, tmp_path / "run", operation__train_steps=1, init__init_from=str(hf_dir))
     trainer = Trainer(cfg)
     assert all(torch.equal(a, b) for a, b in zip(trainer.model.state_dict().values(), source.state_dict().values()))
+
+
+def test_eval_command_reproduces_the_final_validation_loss(pretrain_data, tmp_path) -> None:
+    from ironcore.cli import main
+
+    cfg = make_config(pretrain_data, tmp_path / "run", operation__train_steps=3)
+    final = Trainer(cfg).train()
+    out = tmp_path / "eval.json"
+    # The trainer evaluated eval_steps=2 global batches of 4 samples: the same 8 samples here.
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--output", str(out), "--micro-batch-size", "4",
+                 "--max-batches", "2"]) == 0
+    result = json.loads(out.read_text())
+    assert result["step"] == 3
+    assert result["val_loss"] == pytest.approx(final["val_loss"], abs=1e-5)
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data-config", str(pretrain_data)]) == 0

@@ -53,7 +53,7 @@ class StepBatches:
         self.dataset, self.device = dataset, device
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.per_rank = global_batch_size // dp_size
-        self.dp_rank = dp_rank
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.sampler = ResumableDistributedSampler(
             len(dataset), global_batch_size, micro_batch_size, dp_rank, dp_size, seed, shuffle
         )
@@ -67,11 +67,20 @@ class StepBatches:
             for start in range(0, self.per_rank, self.micro_batch_size)
         ]
 
-    def eval_steps(self, limit: int) -> Iterator[list[MicroBatch]]:
-        """The first ``limit`` global batches in order (fewer when the split is smaller)."""
-        steps = max(1, min(limit, math.ceil(len(self.dataset) / self.global_batch_size)))
-        for step in range(steps):
-            yield self.step(step * self.global_batch_size)
+    def eval_steps(self, limit: int | None = None) -> Iterator[list[MicroBatch]]:
+        """The first ``limit`` global batches (all when None) in data set order, never wrapping around.
+
+        The last batch may be short; each rank takes its share of every batch.
+        """
+        steps = math.ceil(len(self.dataset) / self.global_batch_size)
+        for step in range(steps if limit is None else min(limit, steps)):
+            start = step * self.global_batch_size
+            batch = list(range(start, min(start + self.global_batch_size, len(self.dataset))))
+            share = math.ceil(len(batch) / self.dp_size)
+            mine = batch[self.dp_rank * share : (self.dp_rank + 1) * share]
+            yield [
+                self._collate(mine[i : i + self.micro_batch_size]) for i in range(0, len(mine), self.micro_batch_size)
+            ]
 
     def _collate(self, indices: list[int]) -> MicroBatch:
         samples = [self.dataset[i] for i in indices]

@@ -1,0 +1,193 @@
+"""End-to-end training throughput: IronCore's trainer vs a plain HF Transformers training loop.
+
+Both train the same architecture from the same initial weights (ours is
+exported with ``save_hf_model`` and loaded by ``AutoModelForCausalLM``) on the
+same batches of the same preprocessed corpus (tinyshakespeare, GPT-2
+tokenizer), fp32, AdamW + cosine schedule + gradient clipping, on the same
+threads; each configuration runs in its own process so peak RSS is its own.
+IronCore is measured through ``ironcore.trainer.Trainer`` (data loading,
+logging and metrics included); the HF side is the loop people write around
+``model(input_ids).logits``. Reported: median tokens/s over the timed steps,
+MFU against the fp32 matmul peak measured in the same run, peak RSS, and the
+loss of step 1 (equal weights and data must give equal losses).
+
+    python benchmarks/train_throughput.py                        # gpt2-small, eager and compiled
+    python benchmarks/train_throughput.py --model llama-tiny --steps 6 --modes eager
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def prepare_data(workdir: Path, seq_len: int) -> Path:
+    """tinyshakespeare tokenized with the GPT-2 tokenizer; returns the data config path."""
+    import yaml
+
+    from ironcore.config.data import load_data_config
+    from ironcore.data.preprocess import preprocess
+
+    path = workdir / "data.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tinyshakespeare-gpt2", "task_type": "pretrain",
+        "source": {"path": str(ROOT / "examples/data/tinyshakespeare.txt"), "document_split": "paragraph"},
+        "tokenizer": {"path": str(ROOT / "examples/data/gpt2")}, "max_seq_length": seq_len,
+        "valid_fraction": 0.0, "output_dir": str(workdir / "data"), "num_workers": 2,
+    }))
+    preprocess(load_data_config(path), progress=False)
+    return path
+
+
+def model_for_gpt2_tokens(name: str) -> dict:
+    """The named model with (at least) the GPT-2 vocabulary, so tiny configs can run on the same data."""
+    from ironcore.config import load_model_config, to_dict
+
+    model = to_dict(load_model_config(name))
+    model["vocab_size"] = max(model["vocab_size"], 50257)
+    return model
+
+
+def training_config(args: argparse.Namespace, data_config: Path, out: Path):
+    from ironcore.config import build_config
+
+    return build_config({
+        "model": model_for_gpt2_tokens(args.model),
+        "data": {"config_path": str(data_config)},
+        "trainer": {"micro_batch_size": args.micro_batch, "gradient_accumulation_steps": 1,
+                    "output_dir": str(out), "save_interval": 0, "compile": args.compile},
+        "operation": {"train_steps": args.warmup + args.steps, "eval_interval": 0, "log_interval": 1},
+        "optim": {"max_lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 2},
+        "utils": {"tracking": False},
+    }, world_size=1)
+
+
+def run_ironcore(args: argparse.Namespace, data_config: Path, workdir: Path) -> dict:
+    from ironcore.trainer import Trainer
+
+    cfg = training_config(args, data_config, workdir / "run")
+    trainer = Trainer(cfg)
+    times, losses = [], []
+    for _ in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        metrics = trainer.train_step()
+        times.append(time.perf_counter() - start)
+        losses.append(metrics["loss"])
+    return {"step_times": times[args.warmup:], "first_loss": losses[0], "tokens_per_step": trainer.tokens_per_step}
+
+
+def run_hf(args: argparse.Namespace, data_config: Path, workdir: Path) -> dict:
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from ironcore.hf import save_hf_model
+    from ironcore.optim import learning_rate
+    from ironcore.trainer import Trainer
+
+    cfg = training_config(args, data_config, workdir / "run")
+    reference = Trainer(cfg)  # same seed -> the same initial weights and the same batches as the IronCore run
+    save_hf_model(reference.model, workdir / "hf")
+    batches, total = reference.train_data, reference.total_steps
+    del reference
+    model = AutoModelForCausalLM.from_pretrained(workdir / "hf", attn_implementation="sdpa").float().train()
+    if args.compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.max_lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  weight_decay=cfg.optim.weight_decay)
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, total, cfg.optim)
+        (mb,) = batches.step(step * cfg.trainer.train_batch_size)
+        logits = model(mb["input_ids"]).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), mb["labels"].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        times.append(time.perf_counter() - start)
+    tokens = cfg.trainer.train_batch_size * args.seq_len
+    return {"step_times": times[args.warmup:], "first_loss": losses[0], "tokens_per_step": tokens}
+
+
+def worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir)
+    run = run_ironcore if args.impl == "ironcore" else run_hf
+    result = run(args, Path(args.data_config), Path(tempfile.mkdtemp(dir=workdir)))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="gpt2-small")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--impl", choices=["ironcore", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--data-config", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.impl:
+        worker(args)
+        return
+
+    from ironcore.models.stats import model_stats
+    from ironcore.config import load_model_config
+    from ironcore.perf import measured_cpu_peak
+
+    torch.set_num_threads(args.threads)
+    peak = measured_cpu_peak(2048)
+    flops_per_token = model_stats(load_model_config(model_for_gpt2_tokens(args.model)), args.seq_len).train_flops_per_token
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        data_config = prepare_data(workdir, args.seq_len)
+        results = {}
+        for mode in args.modes:
+            for impl in ("ironcore", "hf"):
+                cmd = [sys.executable, __file__, "--impl", impl, "--workdir", tmp, "--data-config", str(data_config),
+                       "--model", args.model, "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
+                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+                if mode == "compiled":
+                    cmd.append("--compile")
+                out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+                if out.returncode or not line:
+                    sys.exit(f"{impl} {mode} failed:\n{out.stderr[-3000:]}")
+                r = json.loads(line[0][7:])
+                r["tokens_per_sec"] = r["tokens_per_step"] / statistics.median(r["step_times"])
+                r["mfu"] = r["tokens_per_sec"] * flops_per_token / peak
+                results[(impl, mode)] = r
+    print(f"torch {torch.__version__}, {args.threads} threads, fp32; model {args.model}; batch {args.micro_batch} x "
+          f"{args.seq_len}; {args.steps} timed steps after {args.warmup}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    header = f"{'mode':<9} {'impl':<9} {'tok/s':>8} {'vs HF eager':>12} {'vs HF same mode':>16} {'MFU':>6} " \
+             f"{'peak RSS':>9} {'step-1 loss':>11}"
+    print(header)
+    print("-" * len(header))
+    base = results[("hf", "eager")]["tokens_per_sec"] if ("hf", "eager") in results else float("nan")
+    for (impl, mode), r in results.items():
+        same = r["tokens_per_sec"] / results[("hf", mode)]["tokens_per_sec"]
+        print(f"{mode:<9} {impl:<9} {r['tokens_per_sec']:>8.0f} {r['tokens_per_sec'] / base:>11.2f}x {same:>15.2f}x "
+              f"{r['mfu']:>6.1%} {r['peak_rss_mb']:>7.0f}MB {r['first_loss']:>11.5f}")
+
+
+if __name__ == "__main__":
+    main()
