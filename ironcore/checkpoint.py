@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save_file
 
@@ -31,6 +32,7 @@ from ironcore.config.loader import load_model_config
 from ironcore.config.model import ModelConfig
 from ironcore.errors import CheckpointError
 from ironcore.models.transformer import TransformerModel
+from ironcore.parallel.sharding import full_state_dict, load_full_state_dict
 
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.yaml"
@@ -69,8 +71,11 @@ def write_model_files(folder: Path, state: Mapping[str, torch.Tensor], config: M
 
 
 def save_model(model: TransformerModel, path: str | Path) -> Path:
-    """Write ``model`` atomically as an IronCore checkpoint folder at ``path``."""
-    return write_atomically(path, lambda tmp: write_model_files(tmp, model.state_dict(), model.config))
+    """Write ``model`` (at any TP size: every rank calls, rank 0 writes) as an IronCore checkpoint folder."""
+    state = full_state_dict(model)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return Path(path)
+    return write_atomically(path, lambda tmp: write_model_files(tmp, state, model.config))
 
 
 def resolve(path: str | Path) -> Path:
@@ -92,15 +97,14 @@ def load_model_state(path: str | Path, device: str | torch.device = "cpu") -> tu
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> TransformerModel:
-    """The (TP=1) TransformerModel stored in an IronCore checkpoint."""
+    """The TransformerModel stored in an IronCore checkpoint, built for the current TP layout."""
     cfg, state = load_model_state(path, device)
     with torch.device("meta"):
         model = TransformerModel(cfg)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{resolve(path) / WEIGHTS}: missing tensors {missing}, unexpected tensors {unexpected}")
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        load_full_state_dict(model, state)
+    except CheckpointError as err:
+        raise CheckpointError(f"{resolve(path) / WEIGHTS}: {err}") from None
     if model.rope is not None:
         model.rope.reset_parameters(device)
     return model

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ironcore import checkpoint
 from ironcore.config.data import load_data_config
@@ -18,11 +17,12 @@ from ironcore.config.loader import read_yaml
 from ironcore.data.batches import MicroBatch, StepBatches, build_dataset
 from ironcore.data.metadata import load_metadata
 from ironcore.errors import ConfigError, DataError
+from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy [B, T] in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+    """Per-token cross-entropy [B, T] in fp32 from (vocab-parallel) logits, never gathering the vocabulary."""
+    return vocab_parallel_cross_entropy(logits, labels)
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def loss_sums(
     for micro_batches in batches:
         for mb in micro_batches:
             with autocast or nullcontext():
-                logits = forward(mb["input_ids"], mb.get("position_ids"), mb.get("attention_mask"))
+                logits = forward(mb["input_ids"], mb.get("position_ids"), mb.get("attention_mask"), parallel_output=True)
             total += float((token_losses(logits, mb["labels"]) * mb["loss_mask"]).sum())
             count += float(mb["loss_mask"].sum())
     return total, count

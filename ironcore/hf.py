@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ironcore.config.model import ModelConfig, RopeScaling
 from ironcore.errors import CheckpointError, ConfigError
 from ironcore.models.transformer import TransformerModel
+from ironcore.parallel.sharding import full_shapes, full_state_dict, load_full_state_dict
 
 SUPPORTED_FAMILIES = ("gpt2", "openai-gpt", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi")
 
@@ -438,7 +440,8 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     """A TransformerModel with the weights of the HF checkpoint folder ``path``.
 
     A folder that does not exist locally is tried as a hub name (needs network).
-    Missing or unexpected tensors raise CheckpointError naming them.
+    Missing or unexpected tensors raise CheckpointError naming them. Under
+    tensor parallelism each rank builds its shard (vocab padding included).
     """
     folder = _local_folder(path)
     hf = read_hf_config(folder)
@@ -448,7 +451,7 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     with torch.device("meta"):
         model = TransformerModel(cfg)
     state, used, missing = {}, set(), []
-    for name, param in model.state_dict().items():
+    for name, shape in full_shapes(model).items():
         sources, how = _hf_sources(family, name)
         absent = [s for s in sources if s not in files.location]
         if absent:
@@ -457,8 +460,8 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32, device: 
         tensors = [files.get(s) for s in sources]
         used.update(sources)
         tensor = tensors[0].t() if how == "conv1d" else torch.cat(tensors, dim=0)
-        if tensor.shape != param.shape:
-            raise CheckpointError(f"{folder}: tensor {sources} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+        if tensor.shape != shape:
+            raise CheckpointError(f"{folder}: tensor {sources} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
         state[name] = tensor.to(dtype=dtype, device=device).contiguous()
     unexpected = [
         k for k in files.location
@@ -471,7 +474,7 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32, device: 
         if unexpected:
             problems.append(f"unexpected tensors: {_preview(unexpected)}")
         raise CheckpointError(f"{folder}: {'; '.join(problems)}")
-    model.load_state_dict(state, strict=True, assign=True)
+    load_full_state_dict(model, state)
     if model.rope is not None:
         model.rope.reset_parameters(device)
     return model.eval()
@@ -499,14 +502,16 @@ def save_hf_model(
     """Write ``model`` as an HF checkpoint folder that ``AutoModelForCausalLM.from_pretrained`` loads.
 
     Tensors larger in total than ``max_shard_bytes`` are split into several
-    files with a ``model.safetensors.index.json``, as HF does.
+    files with a ``model.safetensors.index.json``, as HF does. Under tensor
+    parallelism the full tensors are gathered first: every rank must call it,
+    and global rank 0 writes.
     """
     cfg = model.config
     hf_config = hf_config_from_model(cfg)
     family = hf_config["model_type"]
     modules = dict(model.named_modules())
     tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in full_state_dict(model).items():
         sources, how = _hf_sources(family, name)
         tensor = tensor.detach().to("cpu", dtype or tensor.dtype)
         if how == "conv1d":
@@ -517,6 +522,8 @@ def save_hf_model(
             pieces = [tensor]
         tensors.update({s: p.contiguous() for s, p in zip(sources, pieces, strict=True)})
     folder = Path(path)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     if dtype is not None:
         hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")

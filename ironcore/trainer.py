@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ironcore import __version__, checkpoint
 from ironcore.config import Config, dump_config, to_dict
@@ -39,6 +40,15 @@ from ironcore.hf import load_hf_model
 from ironcore.models import TransformerModel
 from ironcore.models.stats import model_stats
 from ironcore.optim import build_optimizer, learning_rate, total_steps
+from ironcore.parallel import comm, state
+from ironcore.parallel.grad import clip_grad_norm, finalize_grads
+from ironcore.parallel.setup import init_parallel
+from ironcore.parallel.sharding import (
+    full_optimizer_state,
+    full_state_dict,
+    load_full_optimizer_state,
+    load_full_state_dict,
+)
 from ironcore.perf import peak_flops
 from ironcore.tracking import Tracker, git_tags
 
@@ -57,22 +67,17 @@ class TrainState:
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device: cuda requested but no CUDA device is available")
-    return torch.device(name)
-
-
 class Trainer:
     """Builds model, optimizer, data and tracking from a Config, then :meth:`train` runs the loop."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.device = pick_device(cfg.trainer.device)
-        self.rank, self.world_size, self.dp_rank, self.dp_size = 0, 1, 0, 1
-        self.is_main = self.rank == 0
+        # Process groups first: the layers read the TP layout when they are built.
+        self.ctx = init_parallel(cfg.trainer.tensor_model_parallel_size, cfg.model, cfg.trainer.device)
+        self.device = self.ctx.device
+        self.rank, self.world_size = self.ctx.rank, self.ctx.world_size
+        self.dp_rank, self.dp_size = self.ctx.dp_rank, self.ctx.dp_size
+        self.is_main = self.ctx.is_main
         self.out_dir = Path(cfg.trainer.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.state = TrainState()
@@ -108,11 +113,10 @@ class Trainer:
         model = TransformerModel(self.cfg.model)
         init_from = self.cfg.init.init_from
         if init_from and not self._latest_exists():
-            state = load_initial_weights(init_from)
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise UserError(f"init.init_from {init_from}: tensors do not fit the model "
-                                f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+            try:
+                load_full_state_dict(model, load_initial_weights(init_from))
+            except UserError as err:
+                raise UserError(f"init.init_from {init_from}: {err}") from None
         if self.cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(model)
         return model.to(self.device)
@@ -220,30 +224,43 @@ class Trainer:
                 window_start = time.perf_counter()
             if cfg.trainer.save_interval and step % cfg.trainer.save_interval == 0 and step < self.total_steps:
                 self.save()
-            if self._stop_signal is not None:
+            if self._stop_requested():
                 self.save()
                 raise TrainingStopped(
-                    f"stopped by signal {signal.Signals(self._stop_signal).name} at step {step}; "
+                    f"stopped by signal {signal.Signals(self._stop_signal or signal.SIGTERM).name} at step {step}; "
                     f"checkpoint saved in {self.ckpt_dir}, rerun to resume"
                 )
+
+    def _stop_requested(self) -> bool:
+        """Did any rank get SIGTERM/SIGINT? All ranks must agree, since saving is collective."""
+        if not dist.is_initialized():
+            return self._stop_signal is not None
+        flag = torch.tensor([self._stop_signal or 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self._stop_signal is None:
+            self._stop_signal = int(flag.item())
+        return bool(flag.item())
 
     def train_step(self) -> dict[str, float] | None:
         """One optimizer step; returns its metrics, or None when it was skipped (non-finite)."""
         cfg = self.cfg
         self.model.train()
         micro_batches = self.train_data.step(self.state.consumed_samples)
-        n_tokens = sum(float(mb["loss_mask"].sum()) for mb in micro_batches)
+        # The trained tokens of the whole global batch (all micro-batches, all DP ranks) normalise the loss.
+        n_tokens = comm.all_reduce(sum(mb["loss_mask"].sum() for mb in micro_batches).float(), state.dp_group())
+        n_tokens = n_tokens.clamp(min=1.0)
         loss_sum = torch.zeros((), device=self.device)
         for mb in micro_batches:
             with self.autocast:
-                logits = self.forward(mb["input_ids"], mb.get("position_ids"), mb.get("attention_mask"))
+                logits = self.forward(
+                    mb["input_ids"], mb.get("position_ids"), mb.get("attention_mask"), parallel_output=True
+                )
             micro = (token_losses(logits, mb["labels"]) * mb["loss_mask"]).sum()
-            (micro / max(n_tokens, 1.0)).backward()
+            (micro / n_tokens).backward()
             loss_sum += micro.detach()
-        loss = (loss_sum / max(n_tokens, 1.0)).item()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        finalize_grads(self.model, dp_reduction="sum")  # the only gradient communication of the step
+        loss = (comm.all_reduce(loss_sum, state.dp_group()) / n_tokens).item()
+        grad_norm = clip_grad_norm(self.model, cfg.trainer.grad_clip).item()
         lr = learning_rate(self.state.step, self.total_steps, cfg.optim)
         self.state.step += 1
         self.state.consumed_samples += cfg.trainer.train_batch_size
@@ -257,7 +274,7 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state.tokens += int(n_tokens)
+        self.state.tokens += int(n_tokens.item())
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
 
     def evaluate(self) -> dict[str, float]:
@@ -265,7 +282,8 @@ class Trainer:
         self.model.eval()
         total, count = loss_sums(self.forward, self.valid_data.eval_steps(self.cfg.operation.eval_steps), self.autocast)
         self.model.train()
-        return summarize(total, count)
+        sums = comm.all_reduce(torch.tensor([total, count], dtype=torch.float64, device=self.device), state.dp_group())
+        return summarize(*sums.tolist())
 
     # ---- output -----------------------------------------------------------------------------------------
     def _log_line(self, m: dict[str, float], elapsed: float, steps_done: int) -> None:
@@ -293,41 +311,43 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def save(self) -> Path | None:
-        """Write checkpoints/step_NNNNNNN atomically, then move ``latest`` to it, then prune old ones."""
-        if not self.is_main:
-            return None
+        """Write checkpoints/step_NNNNNNN atomically, then move ``latest`` to it, then prune old ones.
+
+        Collective: every rank takes part in gathering the full (TP=1) tensors
+        and its RNG state; rank 0 writes.
+        """
         folder = checkpoint.step_dir(self.ckpt_dir, self.state.step)
-        if (self.ckpt_dir / checkpoint.LATEST).is_file() and checkpoint.resolve(self.ckpt_dir) == folder:
+        if self._latest_exists() and checkpoint.resolve(self.ckpt_dir) == folder:
             return folder  # this step is already saved
-        checkpoint.write_atomically(folder, self._write_checkpoint)
-        checkpoint.update_latest(self.ckpt_dir, folder)
-        checkpoint.prune(self.ckpt_dir, self.cfg.trainer.keep_last_checkpoints)
+        weights = full_state_dict(self.model)
+        optimizer = full_optimizer_state(self.model, self.optimizer)
+        rngs = gather_objects(rng_states())
+        if self.is_main:
+
+            def write(tmp: Path) -> None:
+                checkpoint.write_model_files(tmp, weights, self.cfg.model)
+                torch.save(optimizer, tmp / checkpoint.OPTIMIZER)
+                torch.save(rngs, tmp / checkpoint.RNG)
+                (tmp / checkpoint.TRAINER_STATE).write_text(json.dumps(dataclasses.asdict(self.state), indent=2) + "\n")
+                (tmp / "config.yaml").write_text(dump_config(self.cfg))
+
+            checkpoint.write_atomically(folder, write)
+            checkpoint.update_latest(self.ckpt_dir, folder)
+            checkpoint.prune(self.ckpt_dir, self.cfg.trainer.keep_last_checkpoints)
+        barrier()
         return folder
 
-    def _write_checkpoint(self, folder: Path) -> None:
-        checkpoint.write_model_files(folder, self.model.state_dict(), self.cfg.model)
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        optim_state = {
-            names[id(p)]: self.optimizer.state[p] for group in self.optimizer.param_groups for p in group["params"]
-            if p in self.optimizer.state
-        }
-        torch.save({"state": optim_state}, folder / checkpoint.OPTIMIZER)
-        (folder / checkpoint.TRAINER_STATE).write_text(json.dumps(dataclasses.asdict(self.state), indent=2) + "\n")
-        torch.save(rng_states(), folder / checkpoint.RNG)
-        (folder / "config.yaml").write_text(dump_config(self.cfg))
-
     def _resume(self) -> Path | None:
+        """Load the ``latest`` checkpoint, whatever TP/DP layout wrote it (tensors are stored full)."""
         if not self._latest_exists():
             return None
         folder = checkpoint.resolve(self.ckpt_dir)
-        _, weights = checkpoint.load_model_state(folder, self.device)
-        self.model.load_state_dict(weights, strict=True)
-        optim_state = torch.load(folder / checkpoint.OPTIMIZER, map_location=self.device, weights_only=True)["state"]
-        for name, param in self.model.named_parameters():
-            if name in optim_state:
-                self.optimizer.state[param] = optim_state[name]
+        load_full_state_dict(self.model, checkpoint.load_model_state(folder, self.device)[1])
+        optimizer = torch.load(folder / checkpoint.OPTIMIZER, map_location=self.device, weights_only=True)
+        load_full_optimizer_state(self.model, self.optimizer, optimizer)
         self.state = TrainState(**json.loads((folder / checkpoint.TRAINER_STATE).read_text()))
-        set_rng_states(torch.load(folder / checkpoint.RNG, weights_only=False))
+        rngs = torch.load(folder / checkpoint.RNG, weights_only=False)
+        set_rng_states(rngs[self.rank % len(rngs)])  # a resized world reuses the saved states cyclically
         self._truncate_metrics(self.state.step)
         return folder
 
@@ -346,6 +366,20 @@ def rng_states() -> dict[str, Any]:
     return states
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (just ``[obj]`` in a single process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
@@ -358,7 +392,7 @@ def load_initial_weights(source: str) -> dict[str, torch.Tensor]:
     """Full state dict from an HF checkpoint folder or an IronCore checkpoint / run folder."""
     path = Path(source)
     if (path / "config.json").is_file():
-        return load_hf_model(path).state_dict()
+        return full_state_dict(load_hf_model(path))
     return checkpoint.load_model_state(path)[1]
 
 

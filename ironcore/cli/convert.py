@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ironcore.checkpoint import load_model, save_model
-from ironcore.hf import load_hf_model, save_hf_model
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("convert", help="convert between HF and IronCore checkpoints")
@@ -19,6 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ironcore.checkpoint import load_model, save_model
+    from ironcore.hf import load_hf_model, save_hf_model
+
     if args.to_hf:
         if not args.checkpoint:
             raise SystemExit("ironcore convert: error: --to-hf needs --checkpoint CKPT_DIR")

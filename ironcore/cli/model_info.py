@@ -8,7 +8,6 @@ from pathlib import Path
 
 from ironcore.config import load_config, load_model_config
 from ironcore.config.loader import read_yaml
-from ironcore.models.stats import model_stats
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ironcore.models.stats import model_stats
+
     if args.model:
         cfg = load_model_config(args.model)
     elif Path(args.config).is_file() and "model" in read_yaml(args.config):

@@ -179,6 +179,10 @@ def validate_config(cfg: Config, world_size: int | None = None) -> Config:
             f"model.num_key_value_heads {m.kv_heads} must divide or be divisible by "
             f"trainer.tensor_model_parallel_size {tp}"
         )
+    if m.ffn_size % tp:
+        raise ConfigError(
+            f"model.ffn_hidden_size {m.ffn_size} is not divisible by trainer.tensor_model_parallel_size {tp}"
+        )
     dp = world_size // tp
     if tr.micro_batch_size < 1:
         raise ConfigError(f"trainer.micro_batch_size must be >= 1, got {tr.micro_batch_size}")

@@ -4,6 +4,14 @@ One fused column-parallel projection produces q, k and v (each split over
 tensor-parallel ranks by heads), the scores go through PyTorch's
 ``scaled_dot_product_attention`` (flash / memory-efficient kernels where the
 device has them), and a row-parallel projection brings the heads back.
+
+With fewer key/value heads than tensor-parallel ranks (MQA, small GQA) the
+key/value heads are *replicated*: each rank holds the one key/value head its
+query heads read, shared by ``tp / kv_heads`` neighbouring ranks. Each copy
+only sees the gradient of its rank's queries, so
+``ironcore.parallel.grad.sync_tensor_parallel_grads`` sums the copies'
+gradients, as it sums those of the q/k norms, which every rank applies to
+its own heads only.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from ironcore.config.model import ModelConfig
 from ironcore.layers.norm import RMSNorm
 from ironcore.layers.rope import apply_rotary
 from ironcore.parallel import state
+from ironcore.parallel.grad import mark_partial_grads
 from ironcore.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
@@ -23,14 +32,17 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         tp = state.tp_size()
+        kv_replicas = max(1, tp // cfg.kv_heads)  # ranks sharing one key/value head
         self.head_dim = cfg.head_size
         self.num_heads = cfg.num_attention_heads // tp
-        self.num_kv_heads = cfg.kv_heads // tp
+        self.num_kv_heads = cfg.kv_heads * kv_replicas // tp
         self.dropout = cfg.dropout
         q_size, kv_size = cfg.num_attention_heads * self.head_dim, cfg.kv_heads * self.head_dim
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, [q_size, kv_size, kv_size], bias=cfg.attention_bias)
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden_size, [q_size, kv_size, kv_size], bias=cfg.attention_bias, replicas=[1, kv_replicas, kv_replicas]
+        )
+        self.q_norm = mark_partial_grads(RMSNorm(self.head_dim, cfg.norm_eps)) if cfg.qk_norm else None
+        self.k_norm = mark_partial_grads(RMSNorm(self.head_dim, cfg.norm_eps)) if cfg.qk_norm else None
         self.out = RowParallelLinear(q_size, cfg.hidden_size, bias=cfg.attention_out_bias)
 
     def forward(

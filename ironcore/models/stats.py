@@ -8,6 +8,7 @@ import torch
 
 from ironcore.config.model import ModelConfig
 from ironcore.models.transformer import TransformerModel
+from ironcore.parallel.sharding import full_shapes
 
 
 @dataclasses.dataclass
@@ -35,11 +36,11 @@ def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> ModelStats:
     seq_len = seq_len or cfg.max_position_embeddings
     with torch.device("meta"):
         model = TransformerModel(cfg)
-    params = sum(p.numel() for p in model.parameters())
-    embedding = model.embed.weight.numel() + (model.pos_embed.weight.numel() if model.pos_embed is not None else 0)
-    matmul = sum(
-        module.weight.numel() for name, module in model.named_modules() if name.endswith(("qkv", "out", "up", "down"))
-    )
+    shapes = full_shapes(model)  # the model's own sizes, without the vocabulary padding parallelism adds
+    params = sum(s.numel() for s in shapes.values())
+    embedding = sum(s.numel() for name, s in shapes.items() if name in ("embed.weight", "pos_embed.weight"))
+    matmul = sum(s.numel() for name, s in shapes.items() if name.endswith(("qkv.weight", "out.weight", "up.weight",
+                                                                        "down.weight")))
     matmul += cfg.vocab_size * cfg.hidden_size  # the output projection, tied or not
     attention = 4 * cfg.num_layers * cfg.num_attention_heads * cfg.head_size * seq_len
     forward = 2 * matmul + attention

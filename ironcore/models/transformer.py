@@ -10,7 +10,12 @@ from ironcore.layers.attention import Attention
 from ironcore.layers.mlp import MLP
 from ironcore.layers.norm import RMSNorm, build_norm
 from ironcore.layers.rope import RotaryEmbedding
-from ironcore.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, residual_std
+from ironcore.parallel.layers import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    mask_vocab_padding,
+    residual_std,
+)
 from ironcore.parallel.mappings import copy_to_tp, gather_from_tp
 
 
@@ -45,6 +50,9 @@ class TransformerModel(nn.Module):
     Built under tensor parallelism, every layer holds its shard and the
     forward pass is unchanged; ``parallel_output=True`` keeps the logits
     vocab-sharded for the vocab-parallel loss instead of gathering them.
+    The embedding and output projection hold a vocabulary padded to a
+    multiple of 128 x tp; the padding never leaves the model: gathered logits
+    have exactly ``vocab_size`` columns, sharded ones show it as -inf.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -61,7 +69,7 @@ class TransformerModel(nn.Module):
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
-            else ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+            else ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias, pad_vocab=True)
         )
         self._mask_cache: tuple[int, torch.device, torch.Tensor] | None = None
         self.reset_parameters()
@@ -135,4 +143,6 @@ class TransformerModel(nn.Module):
             logits = self.lm_head(x)
         else:
             logits = torch.nn.functional.linear(copy_to_tp(x), self.embed.weight)
-        return logits if parallel_output else gather_from_tp(logits)
+        if parallel_output:
+            return mask_vocab_padding(logits, self.config.vocab_size)
+        return gather_from_tp(logits)[..., : self.config.vocab_size]

@@ -10,17 +10,12 @@ With one rank every function is the identity.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from ironcore.parallel import state
+from ironcore.parallel import comm, state
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if state.tp_size() == 1:
-        return x
-    x = x.contiguous()
-    dist.all_reduce(x, group=state.tp_group())
-    return x
+    return comm.all_reduce(x.contiguous(), state.tp_group())
 
 
 def _split_last(x: torch.Tensor) -> torch.Tensor:
@@ -31,12 +26,7 @@ def _split_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_last(x: torch.Tensor) -> torch.Tensor:
-    size = state.tp_size()
-    if size == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous(), group=state.tp_group())
-    return torch.cat(parts, dim=-1)
+    return torch.cat(comm.all_gather(x, state.tp_group()), dim=-1)
 
 
 class _CopyToTP(torch.autograd.Function):

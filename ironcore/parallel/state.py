@@ -1,7 +1,8 @@
-"""Who am I in the tensor-parallel group? Defaults describe a single process.
+"""Who am I in the tensor- and data-parallel groups? Defaults describe a single process.
 
-The trainer sets the groups once (``set_tensor_parallel_group``); layers only
-ask for the size, rank and group, so model code never branches on TP.
+``ironcore.parallel.setup.init_parallel`` sets the groups once; layers only
+ask for the tensor-parallel size, rank and group, so model code never
+branches on TP. ``None`` stands for "a group of one" (no communication).
 """
 
 from __future__ import annotations
@@ -9,12 +10,19 @@ from __future__ import annotations
 import torch.distributed as dist
 
 _TP_GROUP: dist.ProcessGroup | None = None
+_DP_GROUP: dist.ProcessGroup | None = None
 
 
 def set_tensor_parallel_group(group: dist.ProcessGroup | None) -> None:
     """Install the tensor-parallel process group (None: single process)."""
     global _TP_GROUP
     _TP_GROUP = group
+
+
+def set_data_parallel_group(group: dist.ProcessGroup | None) -> None:
+    """Install the data-parallel process group (None: no data parallelism)."""
+    global _DP_GROUP
+    _DP_GROUP = group
 
 
 def tp_group() -> dist.ProcessGroup | None:
@@ -27,3 +35,15 @@ def tp_size() -> int:
 
 def tp_rank() -> int:
     return 0 if _TP_GROUP is None else dist.get_rank(_TP_GROUP)
+
+
+def dp_group() -> dist.ProcessGroup | None:
+    return _DP_GROUP
+
+
+def dp_size() -> int:
+    return 1 if _DP_GROUP is None else dist.get_world_size(_DP_GROUP)
+
+
+def dp_rank() -> int:
+    return 0 if _DP_GROUP is None else dist.get_rank(_DP_GROUP)

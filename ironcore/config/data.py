@@ -1,0 +1,190 @@
+"""The data config (``configs/data/*.yaml``): what to tokenize, how, and where to put it.
+
+One file describes one preprocessed data set for any task type (pretrain, SFT,
+DPO); ``ironcore preprocess --config FILE`` builds it and training reads the
+result. Relative paths in a data config are resolved against the current
+working directory (run ``ironcore`` from the project root), like every other
+IronCore path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from ironcore.config.base import field, from_dict
+from ironcore.errors import ConfigError
+
+TaskType = Literal["pretrain", "sft", "dpo"]
+
+# The record fields each task reads, and the column names they default to.
+DEFAULT_FIELDS: dict[str, dict[str, str]] = {
+    "pretrain": {"text": "text"},
+    "sft": {"prompt": "prompt", "response": "response"},
+    "dpo": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"},
+}
+
+
+@dataclass
+class SourceConfig:
+    """Where the raw records come from: local files or a Hugging Face hub data set."""
+
+    path: str | None = field(
+        None,
+        help="local file, folder (all files below it) or glob; .jsonl/.json/.parquet/.csv are records, "
+        "any other extension is UTF-8 text",
+    )
+    hf_name: str | None = field(None, help="hub data set name (needs network), e.g. Skylion007/openwebtext")
+    split: str = field("train", help="split of a hub (or parquet/csv) data set")
+    subset: str | None = field(None, help="configuration (subset) name of a hub data set")
+    document_split: Literal["file", "paragraph", "line"] = field(
+        "paragraph",
+        help="how a text file is cut into documents: the whole file, blank-line paragraphs or lines",
+    )
+
+    def validate(self, key: str) -> None:
+        if (self.path is None) == (self.hf_name is None):
+            raise ConfigError(f"config key '{key}': give exactly one of 'path' or 'hf_name'")
+
+    def describe(self) -> str:
+        return self.path if self.path is not None else f"hf:{self.hf_name}[{self.split}]"
+
+
+@dataclass
+class TrainTokenizerConfig:
+    """Train a byte-level BPE on the source itself (saved beside the shards)."""
+
+    vocab_size: int = field(8192, help="vocabulary size of the trained BPE, special tokens included")
+    min_frequency: int = field(2, help="merges seen fewer times than this are not learned")
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer to use: a file/folder, a hub name, or one trained on the source."""
+
+    path: str | None = field(
+        None, help="tokenizer.json, or a folder with tokenizer.json (+ tokenizer_config.json)"
+    )
+    hf_name: str | None = field(None, help="hub tokenizer name (needs network), e.g. gpt2")
+    train: TrainTokenizerConfig | None = field(None, help="train a byte-level BPE on the source instead")
+    eod_token: str | None = field(
+        None, help="end-of-document token; default: <|endoftext|>-style special token, else eos_token"
+    )
+
+    def validate(self) -> None:
+        given = [name for name in ("path", "hf_name", "train") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ConfigError("config key 'tokenizer': give exactly one of 'path', 'hf_name' or 'train'")
+        if self.train is not None and self.train.vocab_size < 257:
+            raise ConfigError(
+                "config key 'tokenizer.train.vocab_size': must be at least 257 (256 bytes + EOD)"
+            )
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """One data set: source records -> tokenizer -> Megatron shards in ``output_dir``."""
+
+    name: str = field(help="name of the data set (used in reports and metadata)")
+    task_type: TaskType = field("pretrain", help="pretrain | sft | dpo")
+    source: SourceConfig = field(help="the training records")
+    fields: dict[str, str] = field(
+        {},
+        help="record field -> column: pretrain {text}; sft {prompt, response} or {messages}; "
+        "dpo {prompt, chosen, rejected}",
+    )
+    tokenizer: TokenizerConfig = field(help="the tokenizer")
+    max_seq_length: int = field(
+        1024,
+        help="training sequence length; pretrain documents are concatenated and cut into samples of it, "
+        "sft/dpo records longer than it are truncated or dropped",
+    )
+    append_eod: bool = field(True, help="append the end-of-document token to every document / example")
+    prompt_template: str = field(
+        "{prompt}",
+        help="sft/dpo prompt/response records: the text before the response, '{prompt}' standing for the "
+        "prompt field (e.g. 'Question: {prompt}\\nAnswer:\\n')",
+    )
+    valid_fraction: float = field(0.0, help="share of records held out for validation (deterministic)")
+    valid_source: SourceConfig | None = field(
+        None, help="a separate validation source instead of valid_fraction"
+    )
+    output_dir: str = field(help="where the shards, metadata.json and reports are written")
+    num_workers: int = field(2, help="tokenizer processes (0 = tokenize in this process)")
+    on_bad_record: Literal["error", "skip"] = field(
+        "error", help="malformed / non-UTF-8 records or missing fields: stop with an error, or skip and count"
+    )
+    on_long_record: Literal["truncate", "drop"] = field(
+        "truncate", help="sft/dpo records longer than max_seq_length: cut at the end, or drop (both counted)"
+    )
+
+    def __post_init__(self) -> None:
+        self.source.validate("source")
+        if self.valid_source is not None:
+            self.valid_source.validate("valid_source")
+            if self.valid_fraction:
+                raise ConfigError("give either 'valid_fraction' or 'valid_source', not both")
+        self.tokenizer.validate()
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ConfigError(f"config key 'valid_fraction': must be in [0, 1), got {self.valid_fraction}")
+        if self.max_seq_length < 1:
+            raise ConfigError(f"config key 'max_seq_length': must be positive, got {self.max_seq_length}")
+        if self.num_workers < 0:
+            raise ConfigError(f"config key 'num_workers': must be >= 0, got {self.num_workers}")
+        if "{prompt}" not in self.prompt_template:
+            raise ConfigError("config key 'prompt_template': must contain '{prompt}'")
+        self.fields = self._resolve_fields()
+
+    def _resolve_fields(self) -> dict[str, str]:
+        """Fill the task's default column names and reject fields the task does not read."""
+        if self.task_type == "sft" and "messages" in self.fields:
+            allowed = {"messages": "messages"}
+        else:
+            allowed = DEFAULT_FIELDS[self.task_type]
+        for key in self.fields:
+            if key not in allowed:
+                options = ", ".join(allowed) + (" (or messages)" if self.task_type == "sft" else "")
+                raise ConfigError(f"config key 'fields.{key}': a {self.task_type} data set reads {options}")
+        return {**allowed, **self.fields}
+
+    @property
+    def is_chat(self) -> bool:
+        return "messages" in self.fields
+
+
+def load_data_config(path: str | Path, overrides: Sequence[str] = ()) -> DataConfig:
+    """Read and validate a data config file; every problem is a ConfigError naming the file.
+
+    ``overrides`` are ``dotted.key=value`` strings applied on top of the file
+    (``num_workers=4``, ``tokenizer.train.vocab_size=4096``).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read data config ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a data config must be a mapping of keys to values")
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r}: expected KEY=VALUE")
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    try:
+        return from_dict(DataConfig, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

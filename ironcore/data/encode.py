@@ -1,0 +1,331 @@
+"""Worker side of preprocessing: a chunk of raw records -> token (and loss-mask) arrays.
+
+One :class:`Encoder` per task type. Each returns an :class:`Encoded` batch of
+flat numpy arrays (all examples concatenated, plus lengths) so the main process
+writes a whole chunk with one ``write`` per shard.
+
+Loss masks are aligned with the tokens: ``mask[i] == 1`` means token ``i`` is
+a training target (the trainer uses ``mask[1:]`` for the shifted labels).
+
+* prompt/response (SFT, DPO): the text is ``prompt_template`` with the prompt
+  filled in, followed by the response; the tokens after the prompt's tokens
+  (and the appended EOD) are trained. The prompt is tokenized on its own and
+  checked to be a prefix of the full tokenization; when a BPE merge crosses the
+  boundary it is not, and the trained part starts at the first differing token
+  (counted as ``prompt_not_prefix`` and warned about).
+* messages (SFT): rendered with the tokenizer's chat template. For assistant
+  turn ``k`` the trained tokens start where ``messages[:k]`` rendered with the
+  generation prompt ends, and end where ``messages[:k+1]`` ends — or, for
+  templates that render the last assistant turn differently (Qwen3 adds an
+  empty think block, so that prefix is not a prefix of the whole), at the next
+  turn's prompt. Either way the span stops after the first special token in it
+  (the end-of-turn token, e.g. ``<|im_end|>``), so template whitespace after
+  it is not trained. This needs no ``{% generation %}`` markers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ironcore.config.data import DataConfig
+from ironcore.data.sources import Chunk, Records, read_records
+from ironcore.errors import DataError
+from ironcore.tokenizer import Tokenizer
+
+# The shards each task writes per split; the first is the token stream.
+STREAMS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("tokens",),
+    "sft": ("tokens", "loss_mask"),
+    "dpo": ("chosen", "chosen_loss_mask", "rejected", "rejected_loss_mask"),
+}
+MAX_WARNINGS_PER_CHUNK = 3
+
+
+@dataclass
+class Encoded:
+    """A chunk's kept examples as flat arrays, and what happened to the others."""
+
+    num_records: int  # records in the chunk, kept or not
+    positions: np.ndarray  # ordinal (within the chunk) of each kept example
+    arrays: dict[str, np.ndarray]  # stream -> all examples concatenated
+    lengths: dict[str, np.ndarray]  # stream -> length of each example
+    counts: Counter = field(default_factory=Counter)
+    warnings: list[str] = field(default_factory=list)
+
+
+def make_encoder(tokenizer: Tokenizer, config: DataConfig) -> Encoder:
+    if config.task_type == "pretrain":
+        return PretrainEncoder(tokenizer, config)
+    if config.task_type == "sft":
+        return ChatEncoder(tokenizer, config) if config.is_chat else SFTEncoder(tokenizer, config)
+    return DPOEncoder(tokenizer, config)
+
+
+class Encoder:
+    """Common plumbing: reading the chunk, pulling fields out of records, bad-record policy."""
+
+    def __init__(self, tokenizer: Tokenizer, config: DataConfig) -> None:
+        self.tokenizer = tokenizer
+        self.fields = config.fields
+        self.append_eod = config.append_eod
+        self.skip_bad = config.on_bad_record == "skip"
+        self.drop_long = config.on_long_record == "drop"
+        self.max_tokens = config.max_seq_length + 1  # inputs and shifted labels of max_seq_length positions
+        self.prompt_template = config.prompt_template
+
+    def __call__(self, chunk: Chunk) -> Encoded:
+        records = read_records(chunk, self.skip_bad)
+        counts: Counter = Counter(records=records.num_records, bad_records=records.bad)
+        warnings = records.errors[:MAX_WARNINGS_PER_CHUNK]
+        encoded = self.encode(records, counts, warnings)
+        encoded.num_records = records.num_records
+        encoded.counts.update(counts)
+        encoded.warnings = warnings
+        return encoded
+
+    def encode(self, records: Records, counts: Counter, warnings: list[str]) -> Encoded:
+        raise NotImplementedError
+
+    def strings(self, records: Records, names: Sequence[str], counts: Counter, warnings: list[str]):
+        """``(positions, locations, columns)`` of the records whose fields are all strings."""
+        keep_positions, keep_locations = [], []
+        columns: list[list[str]] = [[] for _ in names]
+        for value, location, position in zip(
+            records.values, records.locations, records.positions, strict=True
+        ):
+            row = []
+            for name in names:
+                column = self.fields[name]
+                item = value.get(column)
+                if not isinstance(item, str):
+                    problem = "is missing" if item is None else f"is a {type(item).__name__}, not text"
+                    self.bad(f"{location}: field '{column}' (fields.{name}) {problem}", counts, warnings)
+                    break
+                row.append(item)
+            else:
+                keep_positions.append(position)
+                keep_locations.append(location)
+                for column_values, item in zip(columns, row, strict=True):
+                    column_values.append(item)
+        return keep_positions, keep_locations, columns
+
+    def bad(self, message: str, counts: Counter, warnings: list[str]) -> None:
+        if not self.skip_bad:
+            raise DataError(message)
+        counts["bad_records"] += 1
+        if len(warnings) < MAX_WARNINGS_PER_CHUNK:
+            warnings.append(message)
+
+    def fill_prompt(self, prompt: str) -> str:
+        return self.prompt_template.replace("{prompt}", prompt)
+
+
+class PretrainEncoder(Encoder):
+    """Documents -> tokens (+ EOD). The hot path: one batched encode, numpy for the rest."""
+
+    def encode(self, records: Records, counts: Counter, warnings: list[str]) -> Encoded:
+        if records.values and isinstance(records.values[0], str):
+            texts, positions = records.values, records.positions
+        else:
+            positions, _, (texts,) = self.strings(records, ["text"], counts, warnings)
+        nonempty = [i for i, text in enumerate(texts) if text.strip()]
+        counts["empty"] += len(texts) - len(nonempty)
+        if len(nonempty) < len(texts):
+            texts = [texts[i] for i in nonempty]
+            positions = [positions[i] for i in nonempty]
+        ids, lengths = self.tokenizer.encode_batch_flat(texts)
+        if self.append_eod:
+            ids = np.insert(ids, np.cumsum(lengths), self.tokenizer.eod_id)
+            lengths = lengths + 1
+        return Encoded(0, np.asarray(positions, dtype=np.int64), {"tokens": ids}, {"tokens": lengths})
+
+
+class _MaskedEncoder(Encoder):
+    """Shared by SFT and DPO: prompt/response splitting, truncation, flattening."""
+
+    def prompt_split(
+        self, prompt_ids: list[int], full_ids: list[int], location: str, counts: Counter, warnings: list[str]
+    ) -> tuple[list[int], list[int]]:
+        """Tokens and loss mask of one prompt+response (+ EOD), response tokens trained."""
+        boundary = len(prompt_ids)
+        if full_ids[:boundary] != prompt_ids:
+            boundary = _common_prefix(prompt_ids, full_ids)
+            counts["prompt_not_prefix"] += 1
+            if len(warnings) < MAX_WARNINGS_PER_CHUNK:
+                warnings.append(
+                    f"{location}: the prompt's tokens are not a prefix of prompt+response's (a merge across "
+                    f"the boundary); training from token {boundary}"
+                )
+        mask = [0] * boundary + [1] * (len(full_ids) - boundary)
+        return self.with_eod(full_ids, mask)
+
+    def with_eod(self, tokens: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
+        if self.append_eod:
+            return [*tokens, self.tokenizer.eod_id], [*mask, 1]
+        return tokens, mask
+
+    def fit(self, tokens: list[int], mask: list[int], counts: Counter) -> tuple[list[int], list[int]] | None:
+        """Apply the length limit; None when the example must be dropped (counted)."""
+        if len(tokens) > self.max_tokens:
+            if self.drop_long:
+                counts["dropped_too_long"] += 1
+                return None
+            counts["truncated"] += 1
+            tokens, mask = tokens[: self.max_tokens], mask[: self.max_tokens]
+        if not any(mask):
+            counts["no_trained_tokens"] += 1
+            return None
+        return tokens, mask
+
+
+class SFTEncoder(_MaskedEncoder):
+    """prompt/response records -> tokens + loss mask (response and EOD trained)."""
+
+    def encode(self, records: Records, counts: Counter, warnings: list[str]) -> Encoded:
+        positions, locations, (prompts, responses) = self.strings(
+            records, ["prompt", "response"], counts, warnings
+        )
+        kept, tokens, masks = [], [], []
+        prompt_texts = [self.fill_prompt(prompt) for prompt in prompts]
+        full_texts = [p + r for p, r in zip(prompt_texts, responses, strict=True)]
+        encoded = self.tokenizer.encode_batch(prompt_texts + full_texts)
+        n = len(prompts)
+        for i in range(n):
+            if not responses[i].strip():
+                counts["empty"] += 1
+                continue
+            example = self.fit(
+                *self.prompt_split(encoded[i], encoded[n + i], locations[i], counts, warnings), counts
+            )
+            if example is not None:
+                kept.append(positions[i])
+                tokens.append(example[0])
+                masks.append(example[1])
+        return _flatten(kept, {"tokens": tokens, "loss_mask": masks})
+
+
+class ChatEncoder(_MaskedEncoder):
+    """``messages`` records -> tokens + loss mask over the assistant turns (see the module doc)."""
+
+    def encode(self, records: Records, counts: Counter, warnings: list[str]) -> Encoded:
+        column = self.fields["messages"]
+        kept, tokens, masks = [], [], []
+        for value, location, position in zip(
+            records.values, records.locations, records.positions, strict=True
+        ):
+            messages = value.get(column)
+            problem = _check_messages(messages)
+            if problem:
+                self.bad(f"{location}: field '{column}' (fields.messages) {problem}", counts, warnings)
+                continue
+            example = self.fit(*self.mask_turns(messages, location, counts, warnings), counts)
+            if example is not None:
+                kept.append(position)
+                tokens.append(example[0])
+                masks.append(example[1])
+        return _flatten(kept, {"tokens": tokens, "loss_mask": masks})
+
+    def mask_turns(
+        self, messages: list[dict[str, Any]], location: str, counts: Counter, warnings: list[str]
+    ) -> tuple[list[int], list[int]]:
+        render = self.tokenizer.apply_chat_template
+        turns = [k for k, message in enumerate(messages) if message["role"] == "assistant"]
+        texts = [render(messages)]
+        for k in turns:
+            texts += [render(messages[:k], add_generation_prompt=True), render(messages[: k + 1])]
+        full, *prefixes = self.tokenizer.encode_batch(texts)
+        mask = [0] * len(full)
+        starts = []
+        for j in range(len(turns)):
+            start_ids = prefixes[2 * j]
+            start = len(start_ids)
+            if full[:start] != start_ids:
+                start = _common_prefix(start_ids, full)
+                counts["prompt_not_prefix"] += 1
+                if len(warnings) < MAX_WARNINGS_PER_CHUNK:
+                    warnings.append(
+                        f"{location}: the chat prompt before assistant turn {j + 1} does not tokenize to a "
+                        f"prefix of the conversation; training from token {start}"
+                    )
+            starts.append(start)
+        for j, start in enumerate(starts):
+            end_ids = prefixes[2 * j + 1]
+            if full[: len(end_ids)] == end_ids:
+                end = len(end_ids)
+            else:  # the template renders a final assistant turn differently: stop at the next turn
+                end = starts[j + 1] if j + 1 < len(starts) else len(full)
+            for i in range(start, end):
+                mask[i] = 1
+                if full[i] in self.tokenizer.special_ids:
+                    break
+        return self.with_eod(full, mask)
+
+
+class DPOEncoder(_MaskedEncoder):
+    """prompt/chosen/rejected records -> two token streams with their loss masks."""
+
+    def encode(self, records: Records, counts: Counter, warnings: list[str]) -> Encoded:
+        positions, locations, (prompts, chosen, rejected) = self.strings(
+            records, ["prompt", "chosen", "rejected"], counts, warnings
+        )
+        prompt_texts = [self.fill_prompt(prompt) for prompt in prompts]
+        texts = prompt_texts + [p + c for p, c in zip(prompt_texts, chosen, strict=True)]
+        texts += [p + r for p, r in zip(prompt_texts, rejected, strict=True)]
+        encoded = self.tokenizer.encode_batch(texts)
+        n = len(prompts)
+        kept: list[int] = []
+        streams: dict[str, list[list[int]]] = {name: [] for name in STREAMS["dpo"]}
+        for i in range(n):
+            if not chosen[i].strip() or not rejected[i].strip():
+                counts["empty"] += 1
+                continue
+            pair = []
+            for offset in (n, 2 * n):
+                example = self.prompt_split(encoded[i], encoded[offset + i], locations[i], counts, warnings)
+                pair.append(self.fit(*example, counts))
+            if None in pair:
+                continue
+            kept.append(positions[i])
+            for name, values in zip(STREAMS["dpo"], (*pair[0], *pair[1]), strict=True):
+                streams[name].append(values)
+        return _flatten(kept, streams)
+
+
+def _check_messages(messages: Any) -> str:
+    """'' when ``messages`` is a usable conversation, else what is wrong with it."""
+    if messages is None:
+        return "is missing"
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    ):
+        return "must be a list of {role, content} objects"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "has no assistant turn to train on"
+    return ""
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _flatten(positions: list[int], streams: dict[str, list[list[int]]]) -> Encoded:
+    arrays, lengths = {}, {}
+    for name, sequences in streams.items():
+        lengths[name] = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+        dtype = np.uint8 if name.endswith("loss_mask") else np.int32
+        arrays[name] = np.fromiter(
+            itertools.chain.from_iterable(sequences), dtype=dtype, count=int(lengths[name].sum())
+        )
+    return Encoded(0, np.asarray(positions, dtype=np.int64), arrays, lengths)

@@ -1,0 +1,200 @@
+"""Statistics and a human report for a preprocessed data set (``--inspect`` / ``--only-inspect``).
+
+Reads only the output folder (shards, ``metadata.json``, the tokenizer copy
+beside them), so it works on any finished build. Writes ``inspect/`` there:
+
+* ``report.json`` — counts, token-length percentiles, truncated/dropped
+  records, share of trained tokens (SFT/DPO), vocabulary coverage;
+* ``lengths.png`` — histogram of example lengths per split;
+* ``report.html`` — decoded samples with the trained tokens highlighted, the
+  view needed to trust an SFT mask.
+
+Everything streams over the memory-mapped shards in chunks, so inspecting a
+large corpus needs little memory.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ironcore.data.indexed import IndexedDataset
+from ironcore.data.metadata import load_metadata, shard_prefix
+from ironcore.tokenizer import Tokenizer
+
+PERCENTILES = (0, 10, 50, 90, 99, 100)
+SAMPLE_TOKENS = 400  # tokens shown per sample in the HTML report
+
+
+def inspect_dataset(output_dir: str | Path, num_samples: int = 6, seed: int = 0) -> dict[str, Any]:
+    """Compute the report of ``output_dir`` and write ``output_dir/inspect/``; return the report."""
+    output_dir = Path(output_dir)
+    metadata = load_metadata(output_dir)
+    tokenizer = Tokenizer.from_path(output_dir, metadata["tokenizer"]["eod_token"])
+    vocab_size = metadata["tokenizer"]["vocab_size"]
+    limit = metadata["max_seq_length"] + 1
+    report: dict[str, Any] = {
+        "name": metadata["name"],
+        "task_type": metadata["task_type"],
+        "tokenizer": metadata["tokenizer"],
+        "counts": metadata["counts"],
+        "splits": {},
+    }
+    lengths_by_split = {}
+    for split, info in metadata["splits"].items():
+        streams = {name: IndexedDataset(output_dir / prefix) for name, prefix in info["shards"].items()}
+        token_streams = [name for name in streams if not name.endswith("loss_mask")]
+        entry: dict[str, Any] = {"documents": len(streams[token_streams[0]])}
+        seen = np.zeros(vocab_size, dtype=bool)
+        tokens = trained = 0
+        for name in token_streams:
+            data = streams[name]
+            lengths = data.sequence_lengths
+            lengths_by_split[f"{split} {name}" if len(token_streams) > 1 else split] = lengths
+            entry[f"{name}_length"] = _length_stats(lengths)
+            entry[f"{name}_at_length_limit"] = int((lengths >= limit).sum())
+            for chunk in data.iter_chunks():
+                seen |= np.bincount(chunk, minlength=vocab_size)[:vocab_size] > 0
+            tokens += data.num_tokens
+            mask_name = f"{name}_loss_mask" if name != "tokens" else "loss_mask"
+            if mask_name in streams:
+                trained += sum(int(chunk.sum(dtype=np.int64)) for chunk in streams[mask_name].iter_chunks())
+        entry["tokens"] = tokens
+        if metadata["task_type"] != "pretrain":
+            entry["trained_tokens"] = trained
+            entry["trained_share"] = round(trained / max(tokens, 1), 4)
+        entry["vocab_coverage"] = round(float(seen.mean()), 4)
+        report["splits"][split] = entry
+    folder = output_dir / "inspect"
+    folder.mkdir(exist_ok=True)
+    _plot_lengths(lengths_by_split, limit, folder / "lengths.png")
+    samples = _samples(output_dir, metadata, tokenizer, num_samples, seed)
+    (folder / "report.html").write_text(_html(report, samples), encoding="utf-8")
+    report["files"] = {name: str(folder / name) for name in ("report.json", "report.html", "lengths.png")}
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """A few human lines for the terminal."""
+    lines = [f"{report['name']} ({report['task_type']}), counts: {report['counts']}"]
+    for split, entry in report["splits"].items():
+        length_keys = [key for key in entry if key.endswith("_length")]
+        parts = [f"{entry['documents']:,} examples", f"{entry['tokens']:,} tokens"]
+        for key in length_keys:
+            stats = entry[key]
+            parts.append(f"{key} p50/p90/max {stats['p50']}/{stats['p90']}/{stats['p100']}")
+        if "trained_share" in entry:
+            parts.append(f"trained {entry['trained_share']:.1%}")
+        parts.append(f"vocab coverage {entry['vocab_coverage']:.1%}")
+        lines.append(f"  {split}: " + ", ".join(parts))
+    lines.append(f"  report: {report['files']['report.html']}")
+    return lines
+
+
+def _length_stats(lengths: np.ndarray) -> dict[str, float]:
+    if not len(lengths):
+        return {}
+    values = np.percentile(lengths, PERCENTILES)
+    stats = {f"p{p}": int(v) for p, v in zip(PERCENTILES, values, strict=True)}
+    stats["mean"] = round(float(lengths.mean()), 2)
+    return stats
+
+
+def _plot_lengths(lengths_by_split: dict[str, np.ndarray], limit: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, lengths in lengths_by_split.items():
+        if len(lengths):
+            ax.hist(lengths, bins=60, alpha=0.6, label=f"{label} ({len(lengths):,})")
+    ax.axvline(limit, color="black", linestyle="--", linewidth=1, label=f"max_seq_length + 1 = {limit}")
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel("examples")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _samples(
+    output_dir: Path, metadata: dict[str, Any], tokenizer: Tokenizer, count: int, seed: int
+) -> list[dict[str, Any]]:
+    """Decoded examples of the train split as (text, trained) segments, picked by seed."""
+    shards = metadata["splits"]["train"]["shards"]
+    token_streams = [name for name in shards if not name.endswith("loss_mask")]
+    first = IndexedDataset(shard_prefix(output_dir, "train", token_streams[0]))
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(len(first), size=min(count, len(first)), replace=False))
+    samples = []
+    for index in picks:
+        for name in token_streams:
+            tokens = IndexedDataset(shard_prefix(output_dir, "train", name)).get(int(index))
+            mask_name = "loss_mask" if name == "tokens" else f"{name}_loss_mask"
+            if mask_name in shards:
+                mask = IndexedDataset(shard_prefix(output_dir, "train", mask_name)).get(int(index))
+            else:
+                mask = None
+            shown = tokens[:SAMPLE_TOKENS]
+            samples.append(
+                {
+                    "title": f"train #{index} {name if name != 'tokens' else ''} ({len(tokens)} tokens)",
+                    "segments": _segments(tokenizer, shown, None if mask is None else mask[:SAMPLE_TOKENS]),
+                    "cut": len(tokens) > SAMPLE_TOKENS,
+                }
+            )
+    return samples
+
+
+def _segments(tokenizer: Tokenizer, tokens: np.ndarray, mask: np.ndarray | None) -> list[tuple[str, str]]:
+    """Runs of tokens decoded together, tagged 'trained' / 'prompt' / 'eod' / 'text'."""
+    if mask is None:
+        tags = ["eod" if t == tokenizer.eod_id else "text" for t in tokens]
+    else:
+        tags = ["trained" if m else "prompt" for m in mask]
+    segments = []
+    start = 0
+    for i in range(1, len(tokens) + 1):
+        if i == len(tokens) or tags[i] != tags[start]:
+            segments.append((tags[start], tokenizer.decode(tokens[start:i])))
+            start = i
+    return segments
+
+
+def _html(report: dict[str, Any], samples: list[dict[str, Any]]) -> str:
+    rows = "".join(
+        f"<tr><th>{html.escape(split)}</th><td><pre>{html.escape(json.dumps(entry, indent=1))}</pre></td></tr>"
+        for split, entry in report["splits"].items()
+    )
+    blocks = []
+    for sample in samples:
+        body = "".join(f'<span class="{tag}">{html.escape(text)}</span>' for tag, text in sample["segments"])
+        more = '<span class="cut"> … (cut for display)</span>' if sample["cut"] else ""
+        blocks.append(f"<h3>{html.escape(sample['title'])}</h3><div class=sample>{body}{more}</div>")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(report["name"])}: data inspection</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; }}
+.sample {{ white-space: pre-wrap; font-family: monospace; border: 1px solid #ccc; padding: .6em; }}
+.trained {{ background: #c8f7c5; }} .prompt {{ color: #666; }} .eod {{ background: #ffd27f; }}
+.cut {{ color: #a00; }} pre {{ margin: 0; }} th {{ text-align: left; vertical-align: top; padding-right: 1em; }}
+</style></head><body>
+<h1>{html.escape(report["name"])} ({html.escape(report["task_type"])})</h1>
+<p>Tokenizer {html.escape(report["tokenizer"]["identity"][:16])}…, vocabulary {report["tokenizer"]["vocab_size"]:,},
+EOD id {report["tokenizer"]["eod_id"]}. Counts: {html.escape(json.dumps(report["counts"]))}</p>
+<p><img src="lengths.png" alt="token length histogram"></p>
+<table>{rows}</table>
+<h2>Samples</h2>
+<p><span class="trained">green: trained tokens</span>, <span class="prompt">grey: not trained</span>,
+<span class="eod">orange: end of document</span>.</p>
+{"".join(blocks)}
+</body></html>
+"""

@@ -1,0 +1,115 @@
+"""The collectives IronCore uses, each counting the bytes it moves.
+
+Every all-reduce and all-gather of the parallel code goes through here, so
+``traffic()`` can tell a benchmark (or a curious user) how many bytes one
+training step hands to the network. We count the *payload*: the tensor a rank
+puts into an all-reduce, and the full output an all-gather fills. A ring
+all-reduce of n ranks actually sends about 2(n-1)/n times its payload per
+rank; multiply by that when you want wire bytes.
+
+A collective over a group of one rank (or ``None``, our spelling of "no
+parallelism here") returns at once and counts nothing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+_BYTES: Counter[str] = Counter()
+_CALLS: Counter[str] = Counter()
+_NAMES: dict[int, str] = {}
+
+DEFAULT_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
+
+
+def name_group(group: dist.ProcessGroup, name: str) -> None:
+    """Label ``group`` ("tp", "dp") in the traffic counts."""
+    _NAMES[id(group)] = name
+
+
+def _count(kind: str, group: dist.ProcessGroup | None, nbytes: int) -> None:
+    tag = f"{kind}/{_NAMES.get(id(group), 'other')}"
+    _BYTES[tag] += nbytes
+    _CALLS[tag] += 1
+
+
+def traffic() -> dict[str, tuple[int, int]]:
+    """{"all_reduce/tp": (bytes, calls), ...} since the last ``reset_traffic()``."""
+    return {k: (_BYTES[k], _CALLS[k]) for k in sorted(_BYTES)}
+
+
+def reset_traffic() -> None:
+    _BYTES.clear()
+    _CALLS.clear()
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce of a contiguous tensor; ``op`` is "sum" or "max". Returns ``x``."""
+    if group_size(group) == 1:
+        return x
+    _count("all_reduce", group, x.numel() * x.element_size())
+    dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    return x
+
+
+def all_gather(x: torch.Tensor, group: dist.ProcessGroup | None) -> list[torch.Tensor]:
+    """Every rank's ``x`` (same shape on all ranks), in group-rank order."""
+    size = group_size(group)
+    if size == 1:
+        return [x]
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(size)]
+    _count("all_gather", group, size * x.numel() * x.element_size())
+    dist.all_gather(parts, x, group=group)
+    return parts
+
+
+def all_reduce_coalesced(
+    tensors: Sequence[torch.Tensor],
+    group: dist.ProcessGroup | None,
+    scale: float = 1.0,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> None:
+    """Sum ``tensors`` over ``group`` in place (then multiply by ``scale``), a few large calls instead of many.
+
+    Tensors are packed by dtype into flat buckets of about ``bucket_bytes``;
+    one all-reduce per bucket amortises the per-call latency that dominates
+    for the many small tensors (norms, biases) of a transformer. Every rank
+    must pass the same list of shapes in the same order.
+    """
+    if group_size(group) == 1:
+        if scale != 1.0:
+            torch._foreach_mul_(list(tensors), scale)
+        return
+    for bucket in _buckets(tensors, bucket_bytes):
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        all_reduce(flat, group)
+        if scale != 1.0:
+            flat.mul_(scale)
+        for t, piece in zip(bucket, flat.split([t.numel() for t in bucket])):
+            t.copy_(piece.view_as(t))
+
+
+def _buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
+    """Groups of same-dtype, same-device tensors of at most ``bucket_bytes`` each (or one larger tensor)."""
+    buckets: list[list[torch.Tensor]] = []
+    sizes: list[int] = []
+    open_bucket: dict[tuple[torch.dtype, torch.device], int] = {}
+    for t in tensors:
+        key, nbytes = (t.dtype, t.device), t.numel() * t.element_size()
+        i = open_bucket.get(key)
+        if i is None or sizes[i] + nbytes > bucket_bytes:
+            i = open_bucket[key] = len(buckets)
+            buckets.append([])
+            sizes.append(0)
+        buckets[i].append(t)
+        sizes[i] += nbytes
+    return buckets

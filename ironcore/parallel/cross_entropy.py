@@ -1,0 +1,70 @@
+"""Cross-entropy over vocab-parallel logits, without ever gathering the full logits (Megatron's algorithm).
+
+Each rank holds the logits of its slice of the vocabulary. The loss of a
+token is ``log(sum_v exp(z_v)) - z_target``; both terms are sums over the
+vocabulary, so each rank computes its share and one all-reduce adds them:
+
+1. all-reduce MAX of the per-token max logit (for a stable exp),
+2. all-reduce SUM of [sum of exp(z - max), z_target - max] (the target
+   logit is contributed by the one rank whose slice holds the target).
+
+The backward pass is local: ``softmax - one_hot(target)`` on this rank's
+slice. Communication per token: three floats, versus the vocabulary size
+for gathering the logits. Vocabulary padding columns arrive as -inf (see
+``mask_vocab_padding``) and drop out of both sums.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ironcore.parallel import comm, state
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:  # noqa: D102
+        group, vocab_local = state.tp_group(), logits.shape[-1]
+        z = logits.float()
+        z_max = z.max(dim=-1).values
+        comm.all_reduce(z_max, group, op="max")
+        z = z - z_max.unsqueeze(-1)
+
+        local_target = targets - state.tp_rank() * vocab_local
+        mine = (local_target >= 0) & (local_target < vocab_local)
+        local_target = local_target.masked_fill(~mine, 0)
+        target_z = z.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
+
+        exp = z.exp_()  # z is ours (a fresh tensor); reuse its memory for the softmax
+        sums = torch.stack([exp.sum(dim=-1), target_z])
+        comm.all_reduce(sums, group)
+        sum_exp, target_z = sums
+        ignored = targets == ignore_index
+        loss = (sum_exp.log() - target_z).masked_fill(ignored, 0.0)
+
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local_target, mine, ignored)
+        ctx.input_dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):  # noqa: D102
+        softmax, local_target, mine, ignored = ctx.saved_tensors
+        grad = softmax  # modified in place: the saved softmax is not needed again
+        grad.scatter_add_(-1, local_target.unsqueeze(-1), -mine.unsqueeze(-1).to(grad.dtype))
+        grad.mul_(grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1))
+        return grad.to(ctx.input_dtype), None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Per-token losses [...] (fp32) from this rank's vocab slice of the logits [..., V/tp] and targets [...].
+
+    The caller applies loss masks and the normalisation (token-weighted over
+    the global batch in IronCore's trainer). Tokens whose target is
+    ``ignore_index`` get loss 0 and no gradient. With one rank this is
+    ``F.cross_entropy(logits, targets, reduction="none")``. Call it on the
+    model's ``parallel_output=True`` logits.
+    """
+    return _VocabParallelCrossEntropy.apply(logits, targets, ignore_index)

@@ -1,0 +1,226 @@
+"""How a tensor-parallel tensor's full form maps onto ranks, and moving between the two.
+
+A TP-split layer records a :class:`TPSplit` for each split tensor in its
+``tp_splits`` dict (parameter name -> split). Everything else is replicated:
+every rank holds the whole tensor. The split knows
+
+* the dimension that is split and the *logical parts* along it (fused q/k/v,
+  fused gate/up): each part is split on its own, so a rank holds matching
+  slices of every part;
+* per part, how many neighbouring ranks share one slice (``replicas``): 1 for
+  a plain split, ``tp / kv_heads`` for the key/value heads of GQA/MQA when
+  there are fewer of them than ranks;
+* for vocabulary tensors, the padded size (a multiple of 128 x tp): padding
+  rows are zeros, exist only in the sharded form and never in the full form.
+
+The full form is exactly the TP=1 tensor *without* vocab padding, so a full
+state dict is independent of the layout that wrote it: saved at TP=2, it
+loads at TP=1 or TP=4, and HF export needs nothing else. Optimizer states
+(``exp_avg``, ``exp_avg_sq``) have their parameter's shape and go through the
+same functions.
+
+``gather_tensor`` and everything built on it is a collective: every rank of
+the tensor-parallel group must call it, in the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ironcore.errors import CheckpointError
+from ironcore.parallel import comm, state
+
+
+@dataclasses.dataclass(frozen=True)
+class TPSplit:
+    """Layout of one TP-split tensor: split along ``dim`` into ``parts`` (full sizes), see the module doc."""
+
+    dim: int
+    parts: tuple[int, ...]
+    replicas: tuple[int, ...] | None = None  # ranks sharing one slice of each part (None: all 1)
+    padded: int | None = None  # full size along dim after vocab padding (single part only)
+
+    def __post_init__(self) -> None:
+        if self.replicas is None:
+            object.__setattr__(self, "replicas", (1,) * len(self.parts))
+        if self.padded is not None and len(self.parts) != 1:
+            raise ValueError("only a single-part (vocabulary) split can be padded")
+
+    def _padded_parts(self) -> tuple[int, ...]:
+        return self.parts if self.padded is None else (self.padded,)
+
+    def local_sizes(self, tp: int) -> list[int]:
+        """Size along ``dim`` of this rank's slice of each part; ValueError when a part does not split evenly."""
+        sizes = []
+        for full, reps in zip(self._padded_parts(), self.replicas):
+            if tp % reps or full % (tp // reps):
+                raise ValueError(
+                    f"a tensor part of size {full} cannot be split over the tensor-parallel size {tp}"
+                    + (f" with {reps} ranks sharing each slice" if reps > 1 else "")
+                )
+            sizes.append(full // (tp // reps))
+        return sizes
+
+    def local_shape(self, full_shape: torch.Size | tuple[int, ...], tp: int) -> torch.Size:
+        shape = list(full_shape)
+        shape[self.dim] = sum(self.local_sizes(tp))
+        return torch.Size(shape)
+
+    def full_shape(self, local_shape: torch.Size | tuple[int, ...]) -> torch.Size:
+        shape = list(local_shape)
+        shape[self.dim] = sum(self.parts)
+        return torch.Size(shape)
+
+    def shard(self, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s slice of the full tensor (vocab padding appended as zeros)."""
+        if self.padded is not None and self.padded > full.shape[self.dim]:
+            pad_shape = list(full.shape)
+            pad_shape[self.dim] = self.padded - full.shape[self.dim]
+            full = torch.cat([full, full.new_zeros(pad_shape)], dim=self.dim)
+        pieces = [
+            part.chunk(tp // reps, dim=self.dim)[rank // reps]
+            for part, reps in zip(full.split(list(self._padded_parts()), dim=self.dim), self.replicas)
+        ]
+        return torch.cat(pieces, dim=self.dim) if len(pieces) > 1 else pieces[0]
+
+    def assemble(self, locals_by_rank: list[torch.Tensor]) -> torch.Tensor:
+        """The full tensor from every rank's slice (the inverse of ``shard``), padding dropped."""
+        tp = len(locals_by_rank)
+        by_rank = [t.split(self.local_sizes(tp), dim=self.dim) for t in locals_by_rank]
+        full = torch.cat(
+            [
+                torch.cat([by_rank[owner][i] for owner in range(0, tp, reps)], dim=self.dim)
+                for i, reps in enumerate(self.replicas)
+            ],
+            dim=self.dim,
+        )
+        return full.narrow(self.dim, 0, sum(self.parts))
+
+    def owned_pieces(self, local: torch.Tensor, tp: int, rank: int) -> list[torch.Tensor]:
+        """The pieces of ``local`` this rank is the one owner of (first of the ranks sharing a slice)."""
+        pieces = local.split(self.local_sizes(tp), dim=self.dim)
+        return [p for p, reps in zip(pieces, self.replicas) if rank % reps == 0]
+
+
+def shard_tensor(full: torch.Tensor, split: TPSplit | None) -> torch.Tensor:
+    """This rank's form of a full tensor (replicated tensors are returned as they are)."""
+    return full if split is None else split.shard(full, state.tp_size(), state.tp_rank())
+
+
+def gather_tensor(local: torch.Tensor, split: TPSplit | None) -> torch.Tensor:
+    """The full form of this rank's tensor (a replicated one is returned as it is). Collective over TP."""
+    if split is None:
+        return local
+    return split.assemble(comm.all_gather(local.detach(), state.tp_group()))
+
+
+def named_splits(model: nn.Module) -> dict[str, TPSplit]:
+    """State-dict name -> TPSplit for every TP-split tensor of ``model``; absent names are replicated."""
+    splits = {}
+    for prefix, module in model.named_modules():
+        for name, split in getattr(module, "tp_splits", {}).items():
+            splits[f"{prefix}.{name}" if prefix else name] = split
+    return splits
+
+
+def full_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """Shape of every state-dict entry in its full (TP=1, unpadded) form; works on the meta device."""
+    splits = named_splits(model)
+    return {
+        name: splits[name].full_shape(t.shape) if name in splits else t.shape
+        for name, t in model.state_dict().items()
+    }
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as a TP=1 model without vocab padding would have it. Collective over TP.
+
+    Every rank receives the full tensors (an all-gather, simple and symmetric);
+    the caller decides which rank writes them.
+    """
+    splits = named_splits(model)
+    return {name: gather_tensor(t.detach(), splits.get(name)) for name, t in model.state_dict().items()}
+
+
+def load_full_state_dict(model: nn.Module, full: Mapping[str, torch.Tensor]) -> None:
+    """Load a full (TP=1, unpadded) state dict into ``model`` built at any TP size.
+
+    A model built on the meta device gets the shards assigned as its
+    parameters; otherwise they are copied in place (an optimizer holding the
+    parameters stays valid). Missing, unexpected or misshapen tensors raise
+    CheckpointError naming them.
+    """
+    expected = full_shapes(model)
+    missing, unexpected = sorted(set(expected) - set(full)), sorted(set(full) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+    wrong = [f"{n} {tuple(full[n].shape)} != {tuple(s)}" for n, s in expected.items() if full[n].shape != s]
+    if wrong:
+        raise CheckpointError(f"state dict does not fit the model: shapes {', '.join(wrong)}")
+    splits = named_splits(model)
+    local = {name: shard_tensor(t, splits.get(name)) for name, t in full.items()}
+    on_meta = any(t.is_meta for t in model.state_dict().values())
+    model.load_state_dict(local, strict=True, assign=on_meta)
+
+
+def _named_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the optimizer's parameters in its own order (the order of its state dict's indices)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    try:
+        return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    except KeyError:
+        raise ValueError("the optimizer holds a parameter that is not the model's") from None
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict with per-parameter tensors in full form, keyed by parameter name.
+
+    ``{"state": {param_name: {key: value}}, "param_groups": [... "params": [param_name, ...]]}``;
+    tensors with their parameter's shape (``exp_avg``, ``exp_avg_sq``,
+    momentum) are gathered, scalars (``step``) kept. Collective over TP.
+    """
+    names = _named_optimizer_params(model, optimizer)
+    params = dict(model.named_parameters())
+    splits = named_splits(model)
+    sd = optimizer.state_dict()
+    out_state = {}
+    for index, values in sd["state"].items():
+        name = names[index]
+        out_state[name] = {
+            k: gather_tensor(v, splits.get(name)) if _param_shaped(v, params[name]) else v for k, v in values.items()
+        }
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return {"state": out_state, "param_groups": groups}
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: Mapping) -> None:
+    """Load what ``full_optimizer_state`` produced (at any TP size) into ``optimizer``."""
+    names = _named_optimizer_params(model, optimizer)
+    index = {n: i for i, n in enumerate(names)}
+    params = dict(model.named_parameters())
+    splits = named_splits(model)
+    unknown = sorted(set(full["state"]) - set(index))
+    if unknown:
+        raise CheckpointError(f"optimizer state names parameters the model does not have: {unknown}")
+    local_state = {}
+    for name, values in full["state"].items():
+        param, split = params[name], splits.get(name)
+        local_state[index[name]] = {
+            k: shard_tensor(v, split) if _full_param_shaped(v, param, split) else v
+            for k, v in values.items()
+        }
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]
+    optimizer.load_state_dict({"state": local_state, "param_groups": groups})
+
+
+def _param_shaped(value: object, param: torch.Tensor) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == param.shape
+
+
+def _full_param_shaped(value: object, param: torch.Tensor, split: TPSplit | None) -> bool:
+    full = param.shape if split is None else split.full_shape(param.shape)
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == full

@@ -1,0 +1,214 @@
+"""A self-contained training step under TP x DP, for the parallel tests.
+
+``train`` is the whole recipe a trainer follows: vocab-parallel logits ->
+vocab-parallel cross-entropy -> loss token-weighted over the *global* batch
+-> backward per micro-batch -> ``finalize_grads`` (TP sums, DP sum) -> global
+grad-norm clipping -> AdamW. The tests run it in one process for the
+reference and under torchrun for the parallel layouts::
+
+    torchrun --nnodes 1 --nproc_per_node 2 --rdzv-backend c10d --rdzv-endpoint localhost:0 \
+        tests/parallel_worker.py two OUT_DIR
+
+Rank 0 writes what it measured to ``OUT_DIR/<scenario>.pt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ironcore.config import load_model_config
+from ironcore.config.model import ModelConfig
+from ironcore.hf import load_hf_model, save_hf_model
+from ironcore.models import TransformerModel
+from ironcore.parallel import comm, state
+from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
+from ironcore.parallel.grad import clip_grad_norm, finalize_grads
+from ironcore.parallel.setup import init_parallel
+from ironcore.parallel.sharding import (
+    full_optimizer_state,
+    full_state_dict,
+    gather_tensor,
+    load_full_optimizer_state,
+    load_full_state_dict,
+    named_splits,
+)
+
+# name -> (model config, overrides). Vocab sizes that are not multiples of 128 x tp exercise the padding:
+# 1000 pads to 1024 at every TP size; 300 pads to 384 at TP=1 and 512 at TP=2/4 (at TP=4 the last rank
+# holds nothing but padding).
+CASES = {
+    "gpt2": ("gpt2-tiny", {"num_layers": 2, "vocab_size": 1000}),  # learned positions, biases, tied
+    "llama": ("llama-tiny", {"num_layers": 2, "vocab_size": 300}),  # GQA: 2 kv heads, untied
+    "gemma": ("gemma-tiny", {"num_layers": 2}),  # MQA: 1 kv head, replicated when tp > 1
+    # q/k norms (partial gradients) on a replicated KV head with a q/k/v bias: the hardest gradient sync
+    "qwen3": ("qwen3-tiny", {"num_layers": 2, "vocab_size": 1000, "num_key_value_heads": 1, "attention_bias": True}),
+}
+SEQ = 16
+SEED = 1234
+
+
+def model_config(case: str) -> ModelConfig:
+    name, overrides = CASES[case]
+    return dataclasses.replace(load_model_config(name), **overrides).validate()
+
+
+def batch(step: int, sequences: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The global batch of ``step``: inputs, targets and a loss mask (about 1 in 8 tokens masked out).
+
+    Sequences cycle through 16 token ids spread over the whole vocabulary (so every vocab-parallel
+    rank owns some targets), from a random start: something to learn in a few steps.
+    """
+    g = torch.Generator().manual_seed(1000 + step)
+    cycle = torch.arange(16) * (vocab // 16)
+    start = torch.randint(0, 16, (sequences, 1), generator=g)
+    tokens = cycle[(start + torch.arange(SEQ + 1)) % 16]
+    mask = (torch.rand(sequences, SEQ, generator=g) > 0.125).float()
+    return tokens[:, :-1], tokens[:, 1:], mask
+
+
+@dataclasses.dataclass
+class Run:
+    model: TransformerModel
+    optimizer: torch.optim.Optimizer
+    losses: list[float] = dataclasses.field(default_factory=list)
+    grad_norms: list[float] = dataclasses.field(default_factory=list)
+    first_grads: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # full form, step 0
+
+
+def build(case: str) -> tuple[TransformerModel, torch.optim.Optimizer]:
+    torch.manual_seed(SEED)
+    model = TransformerModel(model_config(case))
+    return model, torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def train(
+    case: str, steps: int, micro_batch: int, accumulation: int, run: Run | None = None, start: int = 0
+) -> Run:
+    """``steps`` optimizer steps on the global batches ``start``, ``start + 1``, ...; returns the Run."""
+    run = run or Run(*build(case))
+    model, optimizer = run.model, run.optimizer
+    dp, dp_rank = state.dp_size(), state.dp_rank()
+    per_rank = micro_batch * accumulation
+    splits = named_splits(model)
+    for step in range(start, start + steps):
+        inputs, targets, mask = batch(step, per_rank * dp, model.config.vocab_size)
+        global_tokens = mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros(())
+        for micro in range(accumulation):
+            rows = slice(dp_rank * per_rank + micro * micro_batch, dp_rank * per_rank + (micro + 1) * micro_batch)
+            logits = model(inputs[rows], parallel_output=True)
+            loss = (vocab_parallel_cross_entropy(logits, targets[rows]) * mask[rows]).sum() / global_tokens
+            loss.backward()
+            loss_sum += loss.detach()
+        finalize_grads(model, dp_reduction="sum")
+        if step == 0:
+            run.first_grads = {n: gather_tensor(p.grad, splits.get(n)).clone() for n, p in model.named_parameters()}
+        run.grad_norms.append(clip_grad_norm(model, max_norm=1.0).item())
+        optimizer.step()
+        run.losses.append(comm.all_reduce(loss_sum, state.dp_group()).item())
+    return run
+
+
+def replicated_grad_spread(model: TransformerModel) -> float:
+    """Largest difference between TP ranks' gradients of a replicated parameter (should be 0)."""
+    splits = named_splits(model)
+    spread = 0.0
+    for name, p in model.named_parameters():
+        if name not in splits and p.grad is not None:
+            copies = comm.all_gather(p.grad, state.tp_group())
+            spread = max(spread, max((c - copies[0]).abs().max().item() for c in copies))
+    return spread
+
+
+def cross_entropy_check(case: str) -> dict[str, float]:
+    """Vocab-parallel CE on sharded logits vs F.cross_entropy on the gathered ones: losses and logit grads."""
+    model, _ = build(case)
+    inputs, targets, _ = batch(99, 2, model.config.vocab_size)
+    targets[0, :3] = -100
+    with torch.no_grad():
+        local = model(inputs, parallel_output=True)
+        full = model(inputs)
+    local.requires_grad_(True)
+    full.requires_grad_(True)
+    ours = vocab_parallel_cross_entropy(local, targets)
+    ref = F.cross_entropy(full.transpose(1, 2), targets, reduction="none")
+    ours.sum().backward()
+    ref.sum().backward()
+    vocab = model.config.vocab_size
+    our_grad = torch.cat(comm.all_gather(local.grad, state.tp_group()), dim=-1)
+    return {
+        "loss": (ours - ref).abs().max().item(),
+        "grad": (our_grad[..., :vocab] - full.grad).abs().max().item(),
+        "padding_grad": our_grad[..., vocab:].abs().max().item() if our_grad.shape[-1] > vocab else 0.0,
+    }
+
+
+def checkpoint_probe(model: TransformerModel) -> torch.Tensor:
+    """Full logits of a fixed batch, to compare a model before and after resharding."""
+    with torch.no_grad():
+        return model(batch(77, 2, model.config.vocab_size)[0])
+
+
+def scenario_two(out: Path) -> dict:
+    """2 processes: TP=2 (training, gradients, CE, checkpoint), then DP=2."""
+    results: dict = {}
+    init_parallel(2, model_config("gemma"))
+    for case in ("gpt2", "llama", "gemma", "qwen3"):
+        first = train(case, steps=1, micro_batch=2, accumulation=1)
+        results[f"tp2/{case}/spread"] = replicated_grad_spread(first.model)
+        run = train(case, steps=10, micro_batch=2, accumulation=1)
+        results[f"tp2/{case}"] = (run.losses, run.grad_norms, run.first_grads)
+        results[f"tp2/{case}/ce"] = cross_entropy_check(case)
+    # Checkpoint after 3 steps (full tensors, written by rank 0), then one more step.
+    run = train("llama", steps=3, micro_batch=2, accumulation=1)
+    ckpt = {"model": full_state_dict(run.model), "optimizer": full_optimizer_state(run.model, run.optimizer)}
+    if torch.distributed.get_rank() == 0:
+        torch.save(ckpt, out / "llama_tp2_step3.pt")
+    results["tp2/ckpt/probe"] = checkpoint_probe(run.model)
+    # HF export from TP=2 (rank 0 writes) and import into a TP=2 model.
+    save_hf_model(run.model, out / "llama_tp2_hf")
+    torch.distributed.barrier()
+    results["tp2/hf/probe"] = checkpoint_probe(load_hf_model(out / "llama_tp2_hf"))
+    results["tp2/ckpt/next_loss"] = train("llama", 1, 2, 1, run=run, start=3).losses[-1]
+
+    init_parallel(1, model_config("gemma"))  # same processes, now data parallel: TP groups of one
+    for case in ("gpt2", "llama"):
+        results[f"dp2/{case}"] = train(case, steps=4, micro_batch=2, accumulation=1).losses
+    return results
+
+
+def scenario_four(out: Path) -> dict:
+    """4 processes: TP=2 x DP=2 with accumulation, then TP=4 (MQA/GQA replicated) and the TP=2 checkpoint."""
+    results: dict = {}
+    init_parallel(2, model_config("gemma"))
+    for case in ("llama", "gemma"):
+        results[f"tp2dp2/{case}"] = train(case, steps=4, micro_batch=2, accumulation=2).losses
+    init_parallel(4, model_config("gemma"))
+    for case in ("llama", "gemma", "qwen3"):
+        results[f"tp4/{case}"] = train(case, steps=4, micro_batch=2, accumulation=1).losses
+    model, optimizer = build("llama")
+    ckpt = torch.load(out / "llama_tp2_step3.pt")
+    load_full_state_dict(model, ckpt["model"])
+    load_full_optimizer_state(model, optimizer, ckpt["optimizer"])
+    results["tp4/ckpt/probe"] = checkpoint_probe(model)
+    results["tp4/ckpt/next_loss"] = train("llama", 1, 2, 1, run=Run(model, optimizer), start=3).losses[-1]
+    return results
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    results = {"two": scenario_two, "four": scenario_four}[scenario](out)
+    if torch.distributed.get_rank() == 0:
+        torch.save(results, out / f"{scenario}.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
