@@ -4,6 +4,7 @@ Layout of a checkpoint folder::
 
     model.safetensors    # full (TP-gathered) weights under IronCore's parameter names
     model_config.yaml    # the ModelConfig, so the folder is self-describing
+    tokenizer.json       # the tokenizer of the training data (+ tokenizer_config.json), for generation
     optimizer.pt         # training checkpoints: optimizer state keyed by parameter name
     trainer_state.json   # step, consumed samples, tokens, skipped steps
     rng.pt               # RNG states (python, numpy, torch, cuda) of every rank
@@ -40,6 +41,7 @@ OPTIMIZER = "optimizer.pt"
 TRAINER_STATE = "trainer_state.json"
 RNG = "rng.pt"
 LATEST = "latest"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -68,6 +70,13 @@ def write_model_files(folder: Path, state: Mapping[str, torch.Tensor], config: M
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(tensors, folder / WEIGHTS, metadata={"format": "ironcore"})
     (folder / MODEL_CONFIG).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def copy_tokenizer(source: str | Path, folder: Path) -> None:
+    """Copy tokenizer.json (and tokenizer_config.json) from ``source`` into ``folder``, when present."""
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, folder / name)
 
 
 def save_model(model: TransformerModel, path: str | Path) -> Path:

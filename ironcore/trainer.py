@@ -330,6 +330,7 @@ class Trainer:
                 torch.save(rngs, tmp / checkpoint.RNG)
                 (tmp / checkpoint.TRAINER_STATE).write_text(json.dumps(dataclasses.asdict(self.state), indent=2) + "\n")
                 (tmp / "config.yaml").write_text(dump_config(self.cfg))
+                checkpoint.copy_tokenizer(self.data_cfg.output_dir, tmp)
 
             checkpoint.write_atomically(folder, write)
             checkpoint.update_latest(self.ckpt_dir, folder)

@@ -75,3 +75,11 @@ def test_convert_of_missing_folder_is_one_line(tmp_path: Path, capsys) -> None:
 def test_committed_config_reference_is_up_to_date() -> None:
     committed = (ROOT / "docs" / "config-reference.md").read_text()
     assert committed == render(), "regenerate with: ironcore config-reference > docs/config-reference.md"
+
+
+def test_convert_carries_the_tokenizer(tmp_path: Path) -> None:
+    model = TransformerModel(load_model_config("gpt2-tiny"))
+    save_model(model, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "tokenizer.json").write_text((ROOT / "examples/data/gpt2/tokenizer.json").read_text())
+    assert main(["convert", "--to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()

@@ -105,6 +105,7 @@ def test_loss_falls_on_real_text(pretrain_data, tmp_path) -> None:
     assert [m["step"] for m in evals] == [30, 60]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(read_metrics(tmp_path)[0])
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "final_eval.json").is_file()
+    assert (checkpoint.resolve(tmp_path) / "tokenizer.json").is_file()
     assert checkpoint.resolve(tmp_path).name == "step_0000060"
 
 

@@ -16,14 +16,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ironcore.checkpoint import load_model, save_model
+    from ironcore.checkpoint import copy_tokenizer, load_model, resolve, save_model
     from ironcore.hf import load_hf_model, save_hf_model
 
     if args.to_hf:
         if not args.checkpoint:
             raise SystemExit("ironcore convert: error: --to-hf needs --checkpoint CKPT_DIR")
-        out = save_hf_model(load_model(args.checkpoint), args.output)
+        source = resolve(args.checkpoint)
+        out = save_hf_model(load_model(source), args.output)
     else:
-        out = save_model(load_hf_model(args.from_hf), args.output)
+        source = args.from_hf
+        out = save_model(load_hf_model(source), args.output)
+    copy_tokenizer(source, out)  # so the converted folder can generate text on its own
     print(f"wrote {out}")
     return 0
