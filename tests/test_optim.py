@@ -1,0 +1,47 @@
+"""Optimizer groups and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ironcore.config import load_model_config
+from ironcore.config.training import OperationConfig, OptimConfig
+from ironcore.models import TransformerModel
+from ironcore.optim import build_optimizer, learning_rate, parameter_groups, total_steps
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings() -> None:
+    model = TransformerModel(load_model_config("gpt2-tiny"))
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "layers.0.attn.qkv.weight" in decayed and "layers.1.mlp.down.weight" in decayed
+    assert not any(n.endswith("bias") or "norm" in n or "embed" in n for n in decayed)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
+def test_optimizers(name: str) -> None:
+    model = TransformerModel(load_model_config("gpt2-tiny"))
+    optimizer = build_optimizer(model, OptimConfig(optimizer=name))
+    assert type(optimizer).__name__ == ("SGD" if name == "sgd" else "AdamW")
+
+
+def test_schedules() -> None:
+    cfg = OptimConfig(max_lr=1.0, min_lr=0.1, warmup_steps=10, lr_schedule="cosine")
+    assert learning_rate(0, 110, cfg) == pytest.approx(0.1)  # warmup: step 0 already moves
+    assert learning_rate(9, 110, cfg) == pytest.approx(1.0)
+    assert learning_rate(60, 110, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert learning_rate(110, 110, cfg) == pytest.approx(0.1)
+    cfg.lr_schedule = "linear"
+    assert learning_rate(60, 110, cfg) == pytest.approx(0.55)
+    cfg.lr_schedule = "constant"
+    assert learning_rate(100, 110, cfg) == 1.0
+
+
+def test_token_budget_becomes_steps() -> None:
+    assert total_steps(OperationConfig(train_steps=None, train_tokens=10_000), tokens_per_step=1024) == 10
+    assert total_steps(OperationConfig(train_steps=7, train_tokens=10_000), tokens_per_step=1024) == 7
