@@ -150,8 +150,8 @@ def main() -> None:
         worker(args)
         return
 
-    from ironcore.models.stats import model_stats
     from ironcore.config import load_model_config
+    from ironcore.models.stats import model_stats
     from ironcore.perf import measured_cpu_peak
 
     torch.set_num_threads(args.threads)
