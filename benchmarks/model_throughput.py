@@ -26,6 +26,7 @@ from ironcore.config import load_model_config
 from ironcore.hf import save_hf_model
 from ironcore.models import TransformerModel
 from ironcore.models.stats import model_stats
+from ironcore.perf import measured_cpu_peak
 
 # A LLaMA-architecture model of GPT-2-small's compute (GQA, SwiGLU, RMSNorm, RoPE, untied).
 LLAMA_125M = dict(
@@ -33,18 +34,6 @@ LLAMA_125M = dict(
     num_key_value_heads=4, ffn_hidden_size=2048, max_position_embeddings=2048, norm_type="rmsnorm",
     norm_eps=1e-5, position_embedding="rope", activation="silu", gated_mlp=True, tie_word_embeddings=False,
 )
-
-
-def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
-    """Best observed fp32 FLOP/s of an n x n matmul: the machine's practical peak."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
 
 
 def make_step(model: torch.nn.Module, hf: bool):
@@ -103,7 +92,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    peak = matmul_peak_flops()
+    peak = measured_cpu_peak(2048)
     print(f"torch {torch.__version__}, {args.threads} threads, fp32, eager; "
           f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; batch {args.batch} x {args.seq_len} tokens")
     header = (f"{'model':<12} {'params':>8} {'IronCore tok/s':>15} {'HF tok/s':>10} {'ratio':>6} "
