@@ -1,11 +1,13 @@
-"""The training loop for pretraining and SFT (DPO arrives with its own objective).
+"""The training loop for pretraining, SFT and DPO.
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches on every
 data-parallel rank. The loss of a step is token-weighted over the whole global
 batch: each micro-batch contributes ``sum(token losses * mask) / N`` where N
 is the number of trained tokens in the global batch (all micro-batches, all DP
 ranks), and DP gradients are summed. So gradient accumulation and the DP
-layout change neither the gradients nor the logged loss.
+layout change neither the gradients nor the logged loss. DPO data (task type
+``dpo``) swaps in :class:`~ironcore.dpo.DPOObjective`, which normalises the
+same way by the pairs of the global batch; the rest of the step is shared.
 
 A run writes into ``trainer.output_dir``: ``config.yaml`` (resolved),
 ``metrics.jsonl`` and ``checkpoints/step_NNNNNNN/`` with a ``latest`` pointer;
@@ -34,6 +36,7 @@ from ironcore.config import Config, dump_config, to_dict
 from ironcore.config.data import load_data_config
 from ironcore.data.batches import StepBatches, build_dataset
 from ironcore.data.metadata import load_metadata
+from ironcore.dpo import CACHE_DIR, DPOObjective, reference_cache_key, with_reference_logps
 from ironcore.errors import ConfigError, UserError
 from ironcore.evaluate import loss_sums, summarize, token_losses
 from ironcore.hf import load_hf_model
@@ -94,17 +97,25 @@ class Trainer:
         torch.manual_seed(cfg.init.seed)
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.train_data = self._batches("train", shuffle=True)
-        self.valid_data = self._batches("valid", shuffle=False) if self.metadata["splits"].get("valid") else None
-        self.tokens_per_step = cfg.trainer.train_batch_size * self.seq_len
-        self.total_steps = total_steps(cfg.operation, self.tokens_per_step)
-        self.flops_per_token = model_stats(cfg.model, self.seq_len).train_flops_per_token
-        self.peak = peak_flops(self.device, cfg.trainer.precision, cfg.trainer.peak_tflops)
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if cfg.trainer.precision == "bf16"
             else nullcontext()
         )
+        reference = self._build_reference() if self.task_type == "dpo" else None
+        self.train_data = self._batches("train", shuffle=True, reference=reference)
+        self.valid_data = (
+            self._batches("valid", shuffle=False, reference=reference) if self.metadata["splits"].get("valid") else None
+        )
+        self.dpo: DPOObjective | None = None
+        if self.task_type == "dpo":
+            live = reference if cfg.dpo.reference == "live" else None  # precomputed: the model is dropped here
+            self.dpo = DPOObjective(cfg.dpo, live, self.device)
+        sequences_per_sample = 2 if self.dpo is not None else 1  # a DPO sample is a (chosen, rejected) pair
+        self.tokens_per_step = cfg.trainer.train_batch_size * self.seq_len * sequences_per_sample
+        self.total_steps = total_steps(cfg.operation, self.tokens_per_step)
+        self.flops_per_token = model_stats(cfg.model, self.seq_len).train_flops_per_token
+        self.peak = peak_flops(self.device, cfg.trainer.precision, cfg.trainer.peak_tflops)
         self.forward = torch.compile(self.model) if cfg.trainer.compile else self.model
         self.tracker: Tracker | None = None
 
@@ -121,11 +132,35 @@ class Trainer:
             apply_activation_checkpointing(model)
         return model.to(self.device)
 
-    def _batches(self, split: str, shuffle: bool) -> StepBatches:
+    def _build_reference(self) -> TransformerModel:
+        """DPO's frozen reference: the run's starting weights, also when the policy resumes from a checkpoint.
+
+        That is ``init.init_from`` when set, else the seed's initialisation
+        (rebuilt under a forked RNG so the policy's random streams are untouched).
+        """
+        cfg = self.cfg
+        if not cfg.init.init_from:
+            log.warning("DPO without init.init_from: policy and reference start from random weights")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init.seed)
+            reference = TransformerModel(cfg.model)
+        if cfg.init.init_from:
+            try:
+                load_full_state_dict(reference, load_initial_weights(cfg.init.init_from))
+            except UserError as err:
+                raise UserError(f"init.init_from {cfg.init.init_from}: {err}") from None
+        return reference.requires_grad_(False).eval().to(self.device)
+
+    def _batches(self, split: str, shuffle: bool, reference: TransformerModel | None = None) -> StepBatches:
         cfg = self.cfg
         dataset = build_dataset(
             self.data_cfg.output_dir, self.metadata, split, self.seq_len, cfg.init.seed, cfg.data.packing
         )
+        if reference is not None and cfg.dpo.reference == "precomputed":
+            key = reference_cache_key(self.metadata, self.seq_len, cfg.model, cfg.trainer.precision,
+                                      cfg.init.init_from, cfg.init.seed)
+            cache = Path(self.data_cfg.output_dir) / CACHE_DIR / f"{split}-{key}.npy"
+            dataset = with_reference_logps(dataset, reference, cache, cfg.trainer.micro_batch_size, self.autocast)
         return StepBatches(
             dataset, cfg.trainer.train_batch_size, cfg.trainer.micro_batch_size, self.dp_rank, self.dp_size,
             cfg.init.seed, shuffle, self.device,
@@ -246,20 +281,12 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         micro_batches = self.train_data.step(self.state.consumed_samples)
-        # The trained tokens of the whole global batch (all micro-batches, all DP ranks) normalise the loss.
-        n_tokens = comm.all_reduce(sum(mb["loss_mask"].sum() for mb in micro_batches).float(), state.dp_group())
-        n_tokens = n_tokens.clamp(min=1.0)
-        loss_sum = torch.zeros((), device=self.device)
-        for mb in micro_batches:
-            with self.autocast:
-                logits = self.forward(
-                    mb["input_ids"], mb.get("position_ids"), mb.get("attention_mask"), parallel_output=True
-                )
-            micro = (token_losses(logits, mb["labels"]) * mb["loss_mask"]).sum()
-            (micro / n_tokens).backward()
-            loss_sum += micro.detach()
+        if self.dpo is not None:
+            metrics, n_tokens = self.dpo.backward(self.forward, micro_batches, self.autocast)
+        else:
+            metrics, n_tokens = self._lm_backward(micro_batches)
         finalize_grads(self.model, dp_reduction="sum")  # the only gradient communication of the step
-        loss = (comm.all_reduce(loss_sum, state.dp_group()) / n_tokens).item()
+        loss = metrics["loss"]
         grad_norm = clip_grad_norm(self.model, cfg.trainer.grad_clip).item()
         lr = learning_rate(self.state.step, self.total_steps, cfg.optim)
         self.state.step += 1
@@ -274,12 +301,39 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state.tokens += int(n_tokens.item())
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+        self.state.tokens += n_tokens
+        return {**metrics, "lr": lr, "grad_norm": grad_norm}
+
+    def _lm_backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, float], int]:
+        """Pretrain/SFT: backpropagate the token-weighted loss of the global batch; its loss and trained tokens."""
+        # The trained tokens of the whole global batch (all micro-batches, all DP ranks) normalise the loss.
+        n_tokens = comm.all_reduce(sum(mb["loss_mask"].sum() for mb in micro_batches).float(), state.dp_group())
+        n_tokens = n_tokens.clamp(min=1.0)
+        loss_sum = torch.zeros((), device=self.device)
+        for mb in micro_batches:
+            with self.autocast:
+                logits = self.forward(
+                    mb["input_ids"], mb.get("position_ids"), mb.get("attention_mask"), parallel_output=True
+                )
+            micro = (token_losses(logits, mb["labels"]) * mb["loss_mask"]).sum()
+            (micro / n_tokens).backward()
+            loss_sum += micro.detach()
+        loss = (comm.all_reduce(loss_sum, state.dp_group()) / n_tokens).item()
+        return {"loss": loss}, int(n_tokens.item())
 
     def evaluate(self) -> dict[str, float]:
-        """Token-weighted validation loss over ``operation.eval_steps`` global batches, and its perplexity."""
+        """Validation metrics over ``operation.eval_steps`` global batches.
+
+        Pretrain/SFT: the token-weighted loss and its perplexity; DPO: the
+        loss and reward metrics, ``val_``-prefixed.
+        """
         self.model.eval()
+        if self.dpo is not None:
+            result = self.dpo.evaluate(
+                self.forward, self.valid_data.eval_steps(self.cfg.operation.eval_steps), self.autocast
+            )
+            self.model.train()
+            return result
         total, count = loss_sums(self.forward, self.valid_data.eval_steps(self.cfg.operation.eval_steps), self.autocast)
         self.model.train()
         sums = comm.all_reduce(torch.tensor([total, count], dtype=torch.float64, device=self.device), state.dp_group())
@@ -293,7 +347,9 @@ class Trainer:
         print(
             f"step {self.state.step:>{len(str(self.total_steps))}}/{self.total_steps} | loss {m['loss']:.4f} | "
             f"lr {m['lr']:.2e} | grad {m['grad_norm']:.3f} | {m['tokens_per_sec']:,.0f} tok/s | "
-            f"MFU {m['mfu']:.1%} | {_clock(elapsed)} elapsed | ETA {_clock(remaining)}",
+            f"MFU {m['mfu']:.1%} | {_clock(elapsed)} elapsed | ETA {_clock(remaining)}"
+            + (f" | acc {m['rewards/accuracies']:.2f} | margin {m['rewards/margins']:.3f}"
+               if "rewards/margins" in m else ""),
             flush=True,
         )
 
@@ -305,8 +361,12 @@ class Trainer:
     def _track(self, metrics: dict[str, float], step: int) -> None:
         names = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
                  "tokens_per_sec": "train/tokens_per_sec", "mfu": "train/mfu", "val_loss": "val/loss",
-                 "val_ppl": "val/ppl"}
-        self.tracker.log_metrics({names[k]: v for k, v in metrics.items() if k in names}, step)
+                 "val_ppl": "val/ppl", "nll_loss": "train/nll_loss", "val_nll_loss": "val/nll_loss"}
+        tracked = {names[k]: v for k, v in metrics.items() if k in names}
+        for key, value in metrics.items():
+            if "/" in key:  # DPO metrics keep TRL's names (rewards/chosen, …); validation ones go under val/
+                tracked[f"val/{key.removeprefix('val_')}" if key.startswith("val_") else key] = value
+        self.tracker.log_metrics(tracked, step)
         self.tracker.flush()
 
     # ---- checkpoints ------------------------------------------------------------------------------------

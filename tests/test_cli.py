@@ -49,9 +49,10 @@ def test_bad_config_is_one_line_on_stderr_with_exit_2(capsys) -> None:
     assert "did you mean 'micro_batch_size'" in err
 
 
-def test_unimplemented_commands_say_so(capsys) -> None:
-    assert main(["generate", "--checkpoint", "x", "--prompt", "hi"]) == 1
-    assert "not implemented yet" in capsys.readouterr().err
+def test_generate_from_missing_checkpoint_is_one_line(capsys) -> None:
+    assert main(["generate", "--checkpoint", "does-not-exist", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ironcore generate: error:") and "\n" not in err
 
 
 def test_convert_round_trip(tmp_path: Path) -> None:

@@ -15,12 +15,22 @@ from ironcore.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ironcore.cli import convert, evaluate, generate, model_info, preprocess, reference, train
+    from ironcore.cli import (
+        convert,
+        corpus,
+        evaluate,
+        generate,
+        model_info,
+        preprocess,
+        reference,
+        tokenizer,
+        train,
+    )
 
     parser = argparse.ArgumentParser(prog="ironcore", description="IronCore LLM training framework")
     parser.add_argument("--version", action="version", version=f"ironcore {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (preprocess, train, evaluate, generate, convert, model_info, reference):
+    for module in (corpus, tokenizer, preprocess, train, evaluate, generate, convert, model_info, reference):
         module.register(subparsers)
     return parser
 

@@ -1,22 +1,204 @@
-"""``ironcore generate``: KV-cache generation arrives with the inference engine (issue #8)."""
+"""``ironcore generate``: continue prompts with a checkpoint's model (KV-cache decoding, ironcore.inference).
+
+One ``--prompt`` is streamed to the terminal token by token; ``--prompts-file``
+runs batches of prompts (ragged lengths are fine) and prints each completion;
+``--json`` prints one JSON object per prompt instead. The tokenizer is the one
+saved with the model (``tokenizer.json`` in the checkpoint or HF folder) unless
+``--tokenizer`` names another. Decoding stops at the tokenizer's end-of-text
+token unless ``--ignore-eos``. Temperature 0 (the default) is greedy, as in
+``ironcore.inference.generate``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ironcore.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from ironcore.models.transformer import TransformerModel
+    from ironcore.tokenizer import Tokenizer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("generate", help="generate text from a checkpoint")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder")
-    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser = subparsers.add_parser("generate", help="generate text from a checkpoint or an HF model folder")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint folder, or a run folder (uses its latest)")
+    source.add_argument("--from-hf", metavar="HF_DIR", help="HF checkpoint folder (config.json + *.safetensors)")
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="text to continue (streamed to the terminal)")
+    prompts.add_argument(
+        "--prompts-file", help='one prompt per line, or .jsonl: a string or {"prompt": ...} per line'
+    )
+    parser.add_argument("--tokenizer", help="tokenizer.json or its folder (default: the one saved with the model)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts of --prompts-file decoded together")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    print("ironcore generate: not implemented yet: generation arrives with issue #8", file=sys.stderr)
-    return 1
+    from ironcore import inference
+
+    try:
+        inference.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    texts = [args.prompt] if args.prompt is not None else read_prompts(Path(args.prompts_file))
+    tokenizer = load_tokenizer(args)
+    model = load(args)
+    prompts = [prompt_ids(tokenizer, text) for text in texts]
+    limit = model.config.max_position_embeddings
+    for number, ids in enumerate(prompts, start=1):
+        if len(ids) + args.max_new_tokens - 1 > limit:
+            raise DataError(
+                f"prompt {number}: {len(ids)} tokens + --max-new-tokens {args.max_new_tokens} exceed the model's "
+                f"{limit} positions"
+            )
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_token_id=None if args.ignore_eos else stop_ids(tokenizer),
+        seed=args.seed,
+    )
+    if args.prompt is not None and not args.json:
+        _stream(model, tokenizer, args.prompt, prompts[0], options)
+        return 0
+    for start in range(0, len(texts), args.batch_size):
+        batch = slice(start, start + args.batch_size)
+        outputs = inference.generate(model, prompts[batch], **options)
+        for text, ids in zip(texts[batch], outputs):
+            completion = tokenizer.decode(ids, skip_special_tokens=True)
+            if args.json:
+                stopped = bool(ids) and ids[-1] in (options["eos_token_id"] or ())
+                record = {"prompt": text, "completion": completion, "token_ids": ids,
+                          "finish_reason": "stop" if stopped else "length"}  # fmt: skip
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+            else:
+                print(f"{text}{completion}\n", flush=True)
+    return 0
+
+
+def _stream(model: TransformerModel, tokenizer: Tokenizer, text: str, ids: list[int], options: dict) -> None:
+    """Print ``text``, then its continuation as it is generated; a speed line on stderr."""
+    from ironcore.inference import stream
+
+    print(text, end="", flush=True)
+    started, count = time.perf_counter(), 0
+    tokens = (int(step[0]) for step in stream(model, [ids], **options))
+    for piece in _pieces(tokenizer, tokens):
+        count += 1
+        print(piece, end="", flush=True)
+    print(flush=True)
+    seconds = time.perf_counter() - started
+    print(f"[{count} tokens in {seconds:.2f} s, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+
+
+def _pieces(tokenizer: Tokenizer, tokens: Iterator[int]) -> Iterator[str]:
+    """The new text after each token (one piece per token, possibly empty).
+
+    Decoding the whole completion each time (not token by token) keeps
+    multi-byte characters and merged spaces right; a piece is held back while
+    the text ends in an incomplete UTF-8 character.
+    """
+    ids: list[int] = []
+    shown = ""
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(shown):
+            yield ""
+            continue
+        yield text[len(shown) :]
+        shown = text
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts of a text file (one per non-empty line) or a .jsonl file (a string or {"prompt": ...} per line)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read prompts: {err.strerror}") from None
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            prompts.append(line)
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: invalid JSON: {err.msg}") from None
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str):
+            raise DataError(f'{path}:{number}: expected a string or an object with a "prompt" string')
+        prompts.append(prompt)
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts
+
+
+def load(args: argparse.Namespace) -> TransformerModel:
+    """The model of ``--checkpoint`` or ``--from-hf``, in eval mode on the chosen device."""
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.checkpoint is not None:
+        from ironcore.checkpoint import load_model
+
+        return load_model(args.checkpoint, device).eval()
+    from ironcore.hf import load_hf_model
+
+    return load_hf_model(args.from_hf, device=device)
+
+
+def load_tokenizer(args: argparse.Namespace) -> Tokenizer:
+    """``--tokenizer``, else the tokenizer saved in the (resolved) checkpoint folder or the HF folder."""
+    from ironcore.checkpoint import resolve
+    from ironcore.tokenizer import Tokenizer
+
+    if args.tokenizer is not None:
+        return Tokenizer.from_path(args.tokenizer)
+    folder = resolve(args.checkpoint) if args.checkpoint is not None else Path(args.from_hf)
+    if not (folder / "tokenizer.json").is_file():
+        raise ConfigError(f"{folder}: no tokenizer.json saved with the model; pass --tokenizer PATH")
+    return Tokenizer.from_path(folder)
+
+
+def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt, with the special tokens the tokenizer adds itself (e.g. Llama's BOS).
+
+    An empty prompt becomes the end-of-document token: generation from scratch
+    starts where a new document would.
+    """
+    return tokenizer.backend.encode(text, add_special_tokens=True).ids or [tokenizer.eod_id]
+
+
+def stop_ids(tokenizer: Tokenizer) -> list[int]:
+    """The end-of-document token, and the tokenizer's declared EOS when that is another one (chat models)."""
+    ids = [tokenizer.eod_id]
+    eos = tokenizer.config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    eos_id = tokenizer.backend.token_to_id(eos) if eos else None
+    if eos_id is not None and eos_id not in ids:
+        ids.append(eos_id)
+    return ids

@@ -1,4 +1,4 @@
-"""The training config groups: trainer, optim, operation, init, utils, data, and the whole Config."""
+"""The training config groups: trainer, optim, operation, init, utils, data, dpo, and the whole Config."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Literal
 
 from ironcore.config.base import field
 from ironcore.config.model import ModelConfig
+from ironcore.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -95,6 +96,39 @@ class UtilsConfig:
 
 
 @dataclasses.dataclass
+class DPOConfig:
+    """Preference training, used when the data set's task_type is dpo (see docs/dpo.md)."""
+
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = field(
+        "sigmoid",
+        help="sigmoid (DPO; conservative DPO with label_smoothing), ipo (on length-normalised log-probs) "
+        "or hinge (RSO); TRL's formulas.",
+    )
+    beta: float = field(0.1, help="Temperature: how far the policy may move from the reference (IPO's tau).")
+    label_smoothing: float = field(
+        0.0, help="sigmoid only: probability that a preference label is flipped (conservative DPO), in [0, 0.5)."
+    )
+    sft_weight: float = field(
+        0.0, help="Weight of an added SFT term: the mean NLL of the chosen responses' tokens (TRL's rpo_alpha)."
+    )
+    reference: Literal["live", "precomputed"] = field(
+        "live",
+        help="live: a frozen copy of the starting weights runs beside the policy; precomputed: its log-probs "
+        "are computed once and cached beside the shards (same numbers, no second model while training).",
+    )
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"config key 'dpo.beta': must be positive, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"config key 'dpo.label_smoothing': must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigError(f"config key 'dpo.label_smoothing': only the sigmoid loss uses it, not {self.loss_type}")
+        if self.sft_weight < 0:
+            raise ConfigError(f"config key 'dpo.sft_weight': must be >= 0, got {self.sft_weight}")
+
+
+@dataclasses.dataclass
 class Config:
     """A whole training run. ``model`` is resolved to a full ModelConfig when loaded."""
 
@@ -107,3 +141,4 @@ class Config:
     operation: OperationConfig = field(OperationConfig(), help="Steps and intervals.")
     init: InitConfig = field(InitConfig(), help="Seed and starting weights.")
     utils: UtilsConfig = field(UtilsConfig(), help="Logging and tracking.")
+    dpo: DPOConfig = field(DPOConfig(), help="Preference training (data task_type dpo).")

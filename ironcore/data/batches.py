@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ironcore.data.dpo import DPODataset
 from ironcore.data.metadata import shard_prefix
 from ironcore.data.pretrain import PretrainDataset
 from ironcore.data.sampler import ResumableDistributedSampler
@@ -33,6 +34,10 @@ def build_dataset(
         return PretrainDataset(prefix, seq_len, seed=seed, shuffle=split == "train")
     if task == "sft":
         return SFTDataset(prefix, seq_len, pad_id=metadata["tokenizer"]["eod_id"], packing=packing, seed=seed)
+    if task == "dpo":
+        if packing:
+            raise ConfigError("data.packing: DPO pairs are not packed (each pair is compared as a whole)")
+        return DPODataset(output_dir, split, seq_len, pad_id=metadata["tokenizer"]["eod_id"])
     raise ConfigError(f"{output_dir}: task_type '{task}' cannot be trained by this trainer yet")
 
 

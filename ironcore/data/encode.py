@@ -13,6 +13,11 @@ a training target (the trainer uses ``mask[1:]`` for the shifted labels).
   checked to be a prefix of the full tokenization; when a BPE merge crosses the
   boundary it is not, and the trained part starts at the first differing token
   (counted as ``prompt_not_prefix`` and warned about).
+* DPO pairs are skipped, counted and warned about when a response is empty
+  (``empty``), chosen equals rejected (``identical_pair``, also after
+  truncation) or the prompt alone fills ``max_seq_length``
+  (``prompt_too_long``); the counts land in ``metadata.json`` and the
+  inspect report.
 * messages (SFT): rendered with the tokenizer's chat template. For assistant
   turn ``k`` the trained tokens start where ``messages[:k]`` rendered with the
   generation prompt ends, and end where ``messages[:k+1]`` ends — or, for
@@ -282,8 +287,10 @@ class DPOEncoder(_MaskedEncoder):
         kept: list[int] = []
         streams: dict[str, list[list[int]]] = {name: [] for name in STREAMS["dpo"]}
         for i in range(n):
-            if not chosen[i].strip() or not rejected[i].strip():
-                counts["empty"] += 1
+            problem = self.pair_problem(chosen[i], rejected[i], len(encoded[i]), counts)
+            if problem:
+                if len(warnings) < MAX_WARNINGS_PER_CHUNK:
+                    warnings.append(f"{locations[i]}: {problem}; pair skipped")
                 continue
             pair = []
             for offset in (n, 2 * n):
@@ -291,10 +298,34 @@ class DPOEncoder(_MaskedEncoder):
                 pair.append(self.fit(*example, counts))
             if None in pair:
                 continue
+            if pair[0] == pair[1]:  # truncation cut both responses down to the same tokens
+                counts["identical_pair"] += 1
+                if len(warnings) < MAX_WARNINGS_PER_CHUNK:
+                    warnings.append(f"{locations[i]}: chosen and rejected are identical after truncation; skipped")
+                continue
             kept.append(positions[i])
             for name, values in zip(STREAMS["dpo"], (*pair[0], *pair[1]), strict=True):
                 streams[name].append(values)
         return _flatten(kept, streams)
+
+    def pair_problem(self, chosen: str, rejected: str, prompt_tokens: int, counts: Counter) -> str:
+        """Why a pair must not be trained on (counted under its reason), or ''.
+
+        A pair teaches nothing — or the wrong thing — when a response is empty,
+        when both responses are the same (zero margin, pure noise in the
+        gradient), or when the prompt alone fills the sequence so no response
+        token would be scored.
+        """
+        if not chosen.strip() or not rejected.strip():
+            counts["empty"] += 1
+            return f"empty {'chosen' if not chosen.strip() else 'rejected'} response"
+        if chosen == rejected:
+            counts["identical_pair"] += 1
+            return "chosen and rejected are identical"
+        if prompt_tokens >= self.max_tokens:
+            counts["prompt_too_long"] += 1
+            return f"the prompt ({prompt_tokens} tokens) leaves no room for a response in max_seq_length"
+        return ""
 
 
 def _check_messages(messages: Any) -> str:

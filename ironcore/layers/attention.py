@@ -12,6 +12,11 @@ only sees the gradient of its rank's queries, so
 ``ironcore.parallel.grad.sync_tensor_parallel_grads`` sums the copies'
 gradients, as it sums those of the q/k norms, which every rank applies to
 its own heads only.
+
+For generation, a :class:`KVCache` keeps every layer's keys and values so
+that each new token attends to the stored prefix instead of recomputing it.
+The cache holds what this rank computed (its shard of the key/value heads),
+so it works unchanged under tensor parallelism.
 """
 
 from __future__ import annotations
@@ -26,6 +31,47 @@ from ironcore.layers.rope import apply_rotary
 from ironcore.parallel import state
 from ironcore.parallel.grad import mark_partial_grads
 from ironcore.parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+
+class LayerKVCache:
+    """One layer's keys and values, in buffers of ``capacity`` positions filled left to right.
+
+    The buffers are allocated at the first write, from that write's batch size,
+    heads, dtype and device (so autocast and TP shards need no configuration);
+    after that a decode step copies its one position in place instead of
+    concatenating the whole history into a new tensor.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.length = 0
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v [B, H, T, D]; return the keys and values of every position so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} positions do not fit its capacity of {self.capacity}")
+        if self.keys is None:
+            shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
+            self.keys, self.values = k.new_empty(shape), v.new_empty(shape)
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class KVCache:
+    """The keys and values of every layer, for prefill + incremental decoding of up to ``capacity`` positions."""
+
+    def __init__(self, num_layers: int, capacity: int) -> None:
+        self.layers = [LayerKVCache(capacity) for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        """Positions stored so far (the same in every layer)."""
+        return self.layers[0].length
 
 
 class Attention(nn.Module):
@@ -50,8 +96,15 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
+        kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        """x [B, T, C] -> [B, T, C]; ``mask`` is a bool [.., T, T] (True = may attend) or None for causal."""
+        """x [B, T, C] -> [B, T, C]; ``mask`` is a bool [.., T, S] (True = may attend) over the S keys.
+
+        Without a cache S = T. With ``kv_cache`` this call's keys and values are
+        appended to it and the queries attend to all S stored positions. A
+        ``mask`` of None means causal when S = T, and every key for a single
+        query (a decode step).
+        """
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
@@ -65,13 +118,15 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = (t.to(q.dtype) for t in rope)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None,
+            is_causal=mask is None and T == k.shape[2],
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.out(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

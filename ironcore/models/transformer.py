@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ironcore.config.model import ModelConfig
-from ironcore.layers.attention import Attention
+from ironcore.layers.attention import Attention, KVCache, LayerKVCache
 from ironcore.layers.mlp import MLP
 from ironcore.layers.norm import RMSNorm, build_norm
 from ironcore.layers.rope import RotaryEmbedding
@@ -32,15 +32,19 @@ class TransformerBlock(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
         if self.parallel:
             h = self.attn_norm(x)
-            return x + self.drop(self.attn(h, rope, mask)) + self.drop(self.mlp(h))
+            return x + self.drop(self.attn(h, rope, mask, kv_cache)) + self.drop(self.mlp(h))
         if self.norm_position == "post":
-            x = self.attn_norm(x + self.drop(self.attn(x, rope, mask)))
+            x = self.attn_norm(x + self.drop(self.attn(x, rope, mask, kv_cache)))
             return self.mlp_norm(x + self.drop(self.mlp(x)))
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask))
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, kv_cache))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -71,7 +75,7 @@ class TransformerModel(nn.Module):
             if cfg.tie_word_embeddings
             else ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias, pad_vocab=True)
         )
-        self._mask_cache: tuple[int, torch.device, torch.Tensor] | None = None
+        self._mask_cache: tuple[int, int, torch.device, torch.Tensor] | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -95,18 +99,28 @@ class TransformerModel(nn.Module):
         if self.lm_head is not None:
             self.lm_head.reset_parameters(std)
 
-    def _mask(self, T: int, device: torch.device, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """None (plain causal, the fast path) or a bool mask [.., T, T] with True where attention is allowed."""
+    def _mask(
+        self, T: int, device: torch.device, attention_mask: torch.Tensor | None, past: int = 0
+    ) -> torch.Tensor | None:
+        """Bool mask [.., T, past + T], True where T queries after ``past`` cached positions may attend.
+
+        None on the fast paths that attention handles without a mask: plain
+        causal (nothing cached) and a single query that may see every key.
+        """
         window = self.config.sliding_window
-        if attention_mask is None and (window is None or window >= T):
+        windowed = window is not None and window < past + T
+        if T == 1 and not windowed:
+            return attention_mask  # a decode step: the causal part allows every key
+        if attention_mask is None and past == 0 and not windowed:
             return None
-        if self._mask_cache is None or self._mask_cache[:2] != (T, device):
-            i = torch.arange(T, device=device)
-            allowed = i[None, :] <= i[:, None]
+        if self._mask_cache is None or self._mask_cache[:3] != (T, past, device):
+            query = torch.arange(past, past + T, device=device)[:, None]
+            key = torch.arange(past + T, device=device)
+            allowed = key <= query
             if window is not None:
-                allowed &= i[None, :] > i[:, None] - window
-            self._mask_cache = (T, device, allowed)  # one entry: the length rarely changes within a run
-        mask = self._mask_cache[2]
+                allowed &= key > query - window
+            self._mask_cache = (T, past, device, allowed)  # one entry: the length rarely changes within a run
+        mask = self._mask_cache[3]
         return mask if attention_mask is None else mask & attention_mask
 
     def forward(
@@ -115,18 +129,28 @@ class TransformerModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         parallel_output: bool = False,
+        kv_cache: KVCache | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        """Logits for every position.
+        """Logits for every position (for the last ``logits_to_keep`` ones when that is not 0).
 
         ``position_ids`` [B, T] restart per document when sequences are packed;
         ``attention_mask`` bool [B, 1, T, T] further restricts the causal
         (and sliding-window) mask, e.g. to keep packed documents apart.
+
+        With ``kv_cache`` (generation) the tokens continue the ``kv_cache.length``
+        positions stored there, their keys and values are added to it, and
+        ``attention_mask`` spans all keys: [B, 1, T or 1, kv_cache.length + T]
+        (e.g. False on left padding); positions default to continuing the cache.
+        Generation keeps the logits of the last position only: the output
+        projection of a whole prompt would cost more than its last layer.
         """
         B, T = input_ids.shape
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings {self.config.max_position_embeddings}")
+        past = 0 if kv_cache is None else kv_cache.length
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)
+            position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
         x = self.embed(input_ids)
         if self.config.embedding_multiplier is not None:
             x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
@@ -134,9 +158,12 @@ class TransformerModel(nn.Module):
             x = x + self.pos_embed(position_ids)
         x = self.drop(x)
         rope = self.rope(position_ids) if self.rope is not None else None
-        mask = self._mask(T, input_ids.device, attention_mask)
-        for block in self.layers:
-            x = block(x, rope, mask)
+        mask = self._mask(T, input_ids.device, attention_mask, past)
+        caches = [None] * len(self.layers) if kv_cache is None else kv_cache.layers
+        for block, cache in zip(self.layers, caches):
+            x = block(x, rope, mask, cache)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.lm_head is not None:

@@ -1,0 +1,40 @@
+"""``ironcore tokenizer``: train a byte-level BPE on a text or JSONL source and save it."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "tokenizer",
+        help="train a byte-level BPE tokenizer on a source and save tokenizer.json",
+        description="Train a GPT-2-style byte-level BPE (EOD <|endoftext|>) on a local source, read the way "
+        "a data config's source is read, and save OUTPUT_DIR/tokenizer.json (+ tokenizer_config.json). "
+        "A data config uses it with `tokenizer: {path: OUTPUT_DIR}`.",
+    )
+    parser.add_argument("--source", required=True, help="text/JSONL file, folder or glob (like source.path)")
+    parser.add_argument("--field", action="append", help="record field(s) with text (default: text)")
+    parser.add_argument(
+        "--document-split", choices=("file", "paragraph", "line"), default="paragraph",
+        help="how a text file is cut into documents",
+    )
+    parser.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
+    parser.add_argument("--min-frequency", type=int, default=2, help="merges seen fewer times are not learned")
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ironcore.config.data import SourceConfig, TokenizerConfig, TrainTokenizerConfig
+    from ironcore.data.sources import read_all_texts
+    from ironcore.tokenizer import Tokenizer
+
+    source = SourceConfig(path=args.source, document_split=args.document_split)
+    source.validate("--source")
+    TokenizerConfig(train=TrainTokenizerConfig(args.vocab_size, args.min_frequency)).validate()
+    texts = read_all_texts(source, args.field or ["text"], skip_bad=False)
+    tokenizer = Tokenizer.train_bpe(texts, args.vocab_size, args.min_frequency)
+    folder = tokenizer.save(args.output)
+    print(f"{folder}/tokenizer.json: byte-level BPE, {tokenizer.vocab_size:,} tokens, EOD {tokenizer.eod_token}")
+    return 0

@@ -1,0 +1,335 @@
+"""Direct preference optimisation: the losses, response log-probs, and the frozen reference's log-probs.
+
+Notation and formulas follow TRL's ``DPOTrainer.dpo_loss``. For a pair
+(prompt x, chosen y_w, rejected y_l), ``log π(y | x)`` is the *sum* of the
+response tokens' log-probabilities: the data pipeline's loss masks select
+them, so the prompt (and padding) is never scored. With
+
+    logits = (log π(y_w) - log π(y_l)) - (log π_ref(y_w) - log π_ref(y_l))
+
+* ``sigmoid``: ``-(1 - ε) log σ(β·logits) - ε log σ(-β·logits)`` — DPO; ε =
+  ``label_smoothing`` > 0 is conservative DPO (labels flipped with prob. ε);
+* ``ipo``: ``(logits - 1/(2β))²`` where every log-prob (policy and reference)
+  is first divided by its response length, as TRL does — IPO's square would
+  otherwise grow with the response length;
+* ``hinge``: ``max(0, 1 - β·logits)`` (RSO).
+
+``rewards/chosen = β (log π(y_w) - log π_ref(y_w))`` and ``rewards/rejected``
+likewise; ``rewards/accuracies`` is the share of pairs whose chosen reward is
+the larger, ``rewards/margins`` the mean difference, ``logps/*`` the policy's
+mean log-probs (length-normalised for ipo, like the loss sees them). The
+optional SFT term (``dpo.sft_weight``, TRL's ``rpo_alpha``) adds the mean NLL
+of the chosen responses' tokens.
+
+Normalisation follows the trainer's rule that the step loss belongs to the
+whole global batch: each micro-batch backpropagates ``sum(pair losses) /
+N_pairs`` (N_pairs over all micro-batches and DP ranks) and the SFT term
+``sum(chosen NLL) / N_chosen_tokens``; DP gradients are summed. So gradient
+accumulation and the DP layout change neither gradients nor logged metrics.
+
+The reference is the policy's *starting* weights (``init.init_from``, else the
+seed's initialisation — also on resume). ``dpo.reference: live`` keeps a
+frozen copy and runs it on every micro-batch; ``precomputed`` runs it once per
+split before training and caches the log-probs beside the shards in
+``reference_logps/SPLIT-KEY.npy``, where KEY hashes the data set's
+fingerprint, the sequence length, the model config, the precision and the
+reference weights (the bytes of the init_from files, or the seed). Pairs are
+padded to the same length either way, so both give the same numbers; the
+precomputed one saves a forward pass per step and the reference's memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ironcore import checkpoint
+from ironcore.config.base import to_dict
+from ironcore.config.model import ModelConfig
+from ironcore.config.training import DPOConfig
+from ironcore.data.batches import MicroBatch
+from ironcore.evaluate import token_losses
+from ironcore.parallel import comm, state
+
+log = logging.getLogger("ironcore.dpo")
+
+REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
+CACHE_DIR = "reference_logps"
+Forward = Callable[..., torch.Tensor]
+
+
+# ---- log-probs and losses --------------------------------------------------------------------------------
+
+
+def response_logps(
+    forward: Forward, mb: MicroBatch, autocast: AbstractContextManager
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs ``[B]`` of the chosen and the rejected responses of a pair micro-batch.
+
+    Both sides go through one forward pass (``[2B, T]``), like TRL's
+    concatenated forward: one launch of every kernel instead of two.
+    """
+    def both(key: str) -> torch.Tensor:
+        return torch.cat([mb[f"chosen_{key}"], mb[f"rejected_{key}"]])
+
+    with autocast:
+        logits = forward(both("input_ids"), both("position_ids"), None, parallel_output=True)
+    logps = -(token_losses(logits, both("labels")) * both("loss_mask")).sum(-1)
+    chosen, rejected = logps.chunk(2)
+    return chosen, rejected
+
+
+def preference_losses(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    loss_type: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair losses ``[B]`` from the four log-probs (already length-normalised for ipo)."""
+    logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    if loss_type == "ipo":
+        return (logits - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * logits)
+    raise ValueError(f"unknown DPO loss type {loss_type!r}")
+
+
+@dataclass
+class PairTerms:
+    """Per-pair quantities ``[B]`` of one micro-batch."""
+
+    losses: torch.Tensor  # preference loss (carries the gradient)
+    chosen_nll: torch.Tensor  # summed NLL of the chosen response's tokens (carries the gradient)
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_logps: torch.Tensor  # as the loss sees them (length-normalised for ipo)
+    rejected_logps: torch.Tensor
+
+    def sums(self) -> torch.Tensor:
+        """The sums the metrics are built from, detached, in :data:`_SUMS` order."""
+        return torch.stack([
+            self.losses.sum(), self.chosen_nll.sum(), self.chosen_rewards.sum(), self.rejected_rewards.sum(),
+            (self.chosen_rewards > self.rejected_rewards).float().sum(), self.chosen_logps.sum(),
+            self.rejected_logps.sum(),
+        ]).detach().double()
+
+
+class DPOObjective:
+    """The DPO step of the trainer: per-pair terms, global-batch normalisation, metrics.
+
+    ``reference`` is the frozen reference model (``dpo.reference: live``), or
+    None when each micro-batch carries precomputed reference log-probs
+    (:class:`WithReferenceLogps`).
+    """
+
+    def __init__(self, cfg: DPOConfig, reference: torch.nn.Module | None, device: torch.device) -> None:
+        self.cfg = cfg
+        self.reference = reference
+        self.device = device
+
+    def terms(self, forward: Forward, mb: MicroBatch, autocast: AbstractContextManager) -> PairTerms:
+        cfg = self.cfg
+        chosen, rejected = response_logps(forward, mb, autocast)
+        if self.reference is None:
+            ref_chosen, ref_rejected = (mb[key] for key in REFERENCE_KEYS)
+        else:
+            with torch.no_grad():
+                ref_chosen, ref_rejected = response_logps(self.reference, mb, autocast)
+        chosen_nll = -chosen
+        if cfg.loss_type == "ipo":
+            chosen_len, rejected_len = mb["chosen_loss_mask"].sum(-1), mb["rejected_loss_mask"].sum(-1)
+            chosen, ref_chosen = chosen / chosen_len, ref_chosen / chosen_len
+            rejected, ref_rejected = rejected / rejected_len, ref_rejected / rejected_len
+        losses = preference_losses(
+            chosen, rejected, ref_chosen, ref_rejected, cfg.loss_type, cfg.beta, cfg.label_smoothing
+        )
+        return PairTerms(
+            losses=losses,
+            chosen_nll=chosen_nll,
+            chosen_rewards=cfg.beta * (chosen - ref_chosen).detach(),
+            rejected_rewards=cfg.beta * (rejected - ref_rejected).detach(),
+            chosen_logps=chosen.detach(),
+            rejected_logps=rejected.detach(),
+        )
+
+    def backward(
+        self, forward: Forward, micro_batches: list[MicroBatch], autocast: AbstractContextManager
+    ) -> tuple[dict[str, float], int]:
+        """Backpropagate one global batch (this rank's micro-batches); its metrics and trained tokens."""
+        n_pairs, n_chosen, n_tokens = self._counts(micro_batches)
+        sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=self.device)
+        for mb in micro_batches:
+            terms = self.terms(forward, mb, autocast)
+            loss = terms.losses.sum() / n_pairs
+            if self.cfg.sft_weight:
+                loss = loss + self.cfg.sft_weight * terms.chosen_nll.sum() / n_chosen
+            loss.backward()
+            sums += terms.sums()
+        sums = comm.all_reduce(sums, state.dp_group())
+        return self._metrics(sums, n_pairs.item(), n_chosen.item()), int(n_tokens.item())
+
+    @torch.no_grad()
+    def evaluate(
+        self, forward: Forward, batches: Iterable[list[MicroBatch]], autocast: AbstractContextManager
+    ) -> dict[str, float]:
+        """Validation metrics over ``batches``, each name prefixed with ``val_`` (``val_loss``, …)."""
+        sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=self.device)
+        counts = torch.zeros(2, dtype=torch.float64, device=self.device)  # pairs, chosen tokens
+        for micro_batches in batches:
+            for mb in micro_batches:
+                sums += self.terms(forward, mb, autocast).sums()
+                counts += torch.stack([self._pairs(mb), mb["chosen_loss_mask"].sum()]).double()
+        sums, counts = comm.all_reduce(torch.cat([sums, counts]), state.dp_group()).split([len(_SUMS), 2])
+        metrics = self._metrics(sums, max(counts[0].item(), 1.0), max(counts[1].item(), 1.0))
+        return {f"val_{name}": value for name, value in metrics.items()}
+
+    def _counts(self, micro_batches: list[MicroBatch]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pairs, chosen response tokens and all response tokens of the global batch (over DP)."""
+        counts = torch.zeros(3, device=self.device)
+        for mb in micro_batches:
+            chosen, rejected = mb["chosen_loss_mask"].sum(), mb["rejected_loss_mask"].sum()
+            counts += torch.stack([self._pairs(mb), chosen, chosen + rejected])
+        counts = comm.all_reduce(counts, state.dp_group()).clamp(min=1.0)
+        return counts[0], counts[1], counts[2]
+
+    def _metrics(self, sums: torch.Tensor, n_pairs: float, n_chosen: float) -> dict[str, float]:
+        s = dict(zip(_SUMS, sums.tolist(), strict=True))
+        nll = s["chosen_nll"] / n_chosen
+        metrics = {"loss": s["losses"] / n_pairs + self.cfg.sft_weight * nll}
+        if self.cfg.sft_weight:
+            metrics["nll_loss"] = nll
+        return metrics | {
+            "rewards/chosen": s["chosen_rewards"] / n_pairs,
+            "rewards/rejected": s["rejected_rewards"] / n_pairs,
+            "rewards/accuracies": s["correct"] / n_pairs,
+            "rewards/margins": (s["chosen_rewards"] - s["rejected_rewards"]) / n_pairs,
+            "logps/chosen": s["chosen_logps"] / n_pairs,
+            "logps/rejected": s["rejected_logps"] / n_pairs,
+        }
+
+    def _pairs(self, mb: MicroBatch) -> torch.Tensor:
+        return torch.tensor(float(len(mb["chosen_loss_mask"])), device=self.device)
+
+
+_SUMS = ("losses", "chosen_nll", "chosen_rewards", "rejected_rewards", "correct", "chosen_logps", "rejected_logps")
+
+
+# ---- precomputed reference log-probs ---------------------------------------------------------------------
+
+
+class WithReferenceLogps(torch.utils.data.Dataset):
+    """A pair data set whose samples also carry the reference's summed log-probs (``REFERENCE_KEYS``)."""
+
+    def __init__(self, pairs: torch.utils.data.Dataset, logps: np.ndarray) -> None:
+        if logps.shape != (len(pairs), 2):
+            raise ValueError(f"reference log-probs of shape {logps.shape} for {len(pairs)} pairs")
+        self.pairs, self.logps = pairs, torch.from_numpy(logps)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        chosen, rejected = self.logps[index]
+        return {**self.pairs[index], REFERENCE_KEYS[0]: chosen, REFERENCE_KEYS[1]: rejected}
+
+
+def reference_cache_key(
+    metadata: dict[str, Any],
+    seq_len: int,
+    model: ModelConfig,
+    precision: str,
+    init_from: str | None,
+    seed: int,
+) -> str:
+    """What the cached log-probs depend on: data, sequence length, architecture, precision, reference weights."""
+    weights = {"checkpoint": _weights_digest(init_from)} if init_from else {"seed": seed}
+    parts = {"data": metadata.get("fingerprint"), "seq_len": seq_len, "model": to_dict(model),
+             "precision": precision, "reference": weights}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _weights_digest(source: str) -> str:
+    """Hash of the bytes of an HF folder's or IronCore checkpoint's weight and config files."""
+    path = Path(source)
+    if (path / "config.json").is_file():
+        files = [path / "config.json", *sorted(path.glob("*.safetensors")), *sorted(path.glob("*.bin"))]
+    else:
+        folder = checkpoint.resolve(path)
+        files = [folder / checkpoint.MODEL_CONFIG, folder / checkpoint.WEIGHTS]
+    digest = hashlib.blake2b()
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def with_reference_logps(
+    pairs: torch.utils.data.Dataset,
+    reference: torch.nn.Module,
+    cache_file: Path,
+    batch_size: int,
+    autocast: AbstractContextManager,
+) -> WithReferenceLogps:
+    """``pairs`` with their reference log-probs: read from ``cache_file``, else computed and written there.
+
+    Collective: every rank calls it. The pairs are spread over the DP ranks
+    (the TP ranks of a group compute the same ones together), gathered, and
+    rank 0 writes the cache atomically.
+    """
+    if cache_file.is_file():
+        logps = np.load(cache_file)
+        if logps.shape == (len(pairs), 2):
+            return WithReferenceLogps(pairs, logps)
+    logps = compute_reference_logps(pairs, reference, batch_size, autocast)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.save(f, logps)
+        os.replace(tmp, cache_file)
+        log.info("cached reference log-probs of %d pairs in %s", len(pairs), cache_file)
+    return WithReferenceLogps(pairs, logps)
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    pairs: torch.utils.data.Dataset, reference: torch.nn.Module, batch_size: int, autocast: AbstractContextManager
+) -> np.ndarray:
+    """Summed reference log-probs ``[N, 2]`` (chosen, rejected) of every pair, float32 like the live path."""
+    device = next(reference.parameters()).device
+    share = -(-len(pairs) // state.dp_size())
+    start = state.dp_rank() * share
+    mine = range(start, min(start + share, len(pairs)))
+    values = []
+    for first in range(mine.start, mine.stop, batch_size):
+        samples = [pairs[i] for i in range(first, min(first + batch_size, mine.stop))]
+        mb = {key: torch.stack([s[key] for s in samples]).to(device) for key in samples[0]}
+        values.append(torch.stack(response_logps(reference, mb, autocast), dim=-1).float().cpu())
+    local = torch.cat(values).numpy() if values else np.zeros((0, 2), np.float32)
+    if not dist.is_initialized():
+        return local
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (start, local))
+    logps = np.zeros((len(pairs), 2), np.float32)
+    for offset, block in gathered:  # the TP ranks of a DP group send the same block
+        logps[offset : offset + len(block)] = block
+    return logps

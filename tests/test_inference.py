@@ -1,0 +1,284 @@
+"""KV-cache generation is exact: the same logits as a full forward pass, the same tokens as HF ``generate``.
+
+The models are test_hf_parity's small random HF models with wide weights (so
+that a wrongly cached key or position changes the logits), imported with
+``load_hf_model``. Mistral's window (5) is shorter than the prompts and the
+generated sequences. The TP test runs this file as a torchrun script::
+
+    torchrun --nproc_per_node 2 tests/test_inference.py HF_MODELS_DIR
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_hf_parity import CASES, _hf_model
+
+from ironcore.cli import main
+from ironcore.hf import load_hf_model, model_config_from_hf, save_hf_model
+from ironcore.inference import generate, sample_next
+from ironcore.layers.attention import KVCache
+from ironcore.models import TransformerModel
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-4
+NEW = 16
+# Ragged prompts: the first two are longer than Mistral's window of 5.
+PROMPTS = [
+    torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(10 + n)).tolist() for n in (12, 9, 3)
+]
+TP_CASES = ["gpt2", "llama", "gemma_mqa", "qwen3_qk_norm", "mistral_sliding_window"]
+
+
+@functools.cache
+def _saved(case: str, root: Path) -> tuple[torch.nn.Module, Path]:
+    hf_model = _hf_model(CASES[case])
+    hf_model.generation_config.eos_token_id = None  # stop only where a test says so
+    hf_model.save_pretrained(root / case)
+    return hf_model, root / case
+
+
+@pytest.fixture(scope="module")
+def hf_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("hf")
+
+
+@pytest.fixture
+def imported(hf_root):
+    """case -> (HF model, our model loaded from its checkpoint folder)."""
+
+    def get(case: str) -> tuple[torch.nn.Module, TransformerModel]:
+        hf_model, folder = _saved(case, hf_root)
+        return hf_model, load_hf_model(folder)
+
+    return get
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cached_logits_match_full_forward(case: str, imported) -> None:
+    """Prefill 7 tokens, a 3-token chunk after them, then one token at a time: every position as the full pass."""
+    _, model = imported(case)
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(len(model.layers), 24)
+        pieces = [model(ids[:, :7], kv_cache=cache), model(ids[:, 7:10], kv_cache=cache)]
+        pieces += [model(ids[:, t : t + 1], kv_cache=cache) for t in range(10, 24)]
+    assert cache.length == 24
+    assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= TOL
+    assert full.std() > 0.5
+
+
+def test_cache_overflow_is_an_error(imported) -> None:
+    _, model = imported("llama")
+    cache = KVCache(len(model.layers), 4)
+    with torch.no_grad(), pytest.raises(ValueError, match="capacity of 4"):
+        model(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_matches_hf_generate(case: str, imported) -> None:
+    hf_model, model = imported(case)
+    ours = generate(model, PROMPTS, NEW)
+    for prompt, got in zip(PROMPTS, ours):
+        ids = torch.tensor([prompt])
+        out = hf_model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+            output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip (an explicit mask: HF would otherwise take prompt tokens equal to pad_token_id for padding)
+        top2 = torch.stack(out.scores).topk(2, dim=-1).values
+        margin = (top2[..., 0] - top2[..., 1]).min().item()
+        assert got == out.sequences[0, len(prompt) :].tolist(), f"smallest top-2 logit margin {margin:.1e}"
+        assert margin > 1e-5  # ten times our logit error: the argmax is not a coin toss
+
+
+def test_ragged_batch_equals_each_prompt_alone(imported) -> None:
+    for case in ("gpt2", "mistral_sliding_window", "gemma_mqa"):
+        _, model = imported(case)
+        batched = generate(model, PROMPTS, NEW)
+        assert batched == [generate(model, [p], NEW)[0] for p in PROMPTS]
+
+
+def test_tensor_input_and_stop_tokens(imported) -> None:
+    _, model = imported("llama")
+    free = generate(model, torch.tensor([PROMPTS[0], PROMPTS[0]]), NEW)
+    assert free[0] == free[1] and len(free[0]) == NEW
+    full = generate(model, PROMPTS, NEW)
+    stop = full[0][4]
+    stopped = generate(model, PROMPTS, NEW, eos_token_id=stop)
+    for row, got in zip(full, stopped):
+        end = row.index(stop) + 1 if stop in row else NEW
+        assert got == row[:end]  # each row stops at its own first stop token, which is included
+    assert generate(model, PROMPTS, NEW, eos_token_id=[full[0][0], full[1][0], full[2][0]]) == [
+        [r[0]] for r in full
+    ]
+    assert generate(model, PROMPTS, 0) == [[], [], []]
+
+
+def test_sampling_is_reproducible_with_a_seed(imported) -> None:
+    _, model = imported("qwen3_qk_norm")
+    first = generate(model, PROMPTS, NEW, temperature=1.0, seed=7)
+    assert generate(model, PROMPTS, NEW, temperature=1.0, seed=7) == first
+    assert generate(model, PROMPTS, NEW, temperature=1.0, seed=8) != first
+    assert generate(model, PROMPTS, NEW, temperature=1.0, top_k=5, top_p=0.9, seed=7) == generate(
+        model, PROMPTS, NEW, temperature=1.0, top_k=5, top_p=0.9, seed=7
+    )
+    greedy = generate(model, PROMPTS, NEW)
+    assert generate(model, PROMPTS, NEW, temperature=1.0, top_k=1, seed=1) == greedy
+    assert generate(model, PROMPTS, NEW, temperature=0.7, top_p=1e-6, seed=1) == greedy
+
+
+def test_top_k_and_top_p_filter_the_distribution() -> None:
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1.0, top_k=2, generator=gen).tolist()) == {0, 1}
+    probs = logits[0].softmax(-1)  # 0.64, 0.23, 0.09, ...: the two most likely hold 0.87 < 0.9
+    assert set(sample_next(logits, 1.0, top_p=0.9, generator=gen).tolist()) == {0, 1, 2}
+    assert probs[:2].sum() < 0.9 < probs[:3].sum()
+    drawn = sample_next(logits, 1.0, generator=gen)
+    assert abs((drawn == 0).float().mean().item() - probs[0].item()) < 0.05
+
+
+def test_bad_arguments_are_errors(imported) -> None:
+    _, model = imported("llama")
+    for kwargs, message in [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(max_new_tokens=60), "max_position_embeddings"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            generate(model, PROMPTS, **{"max_new_tokens": 4, **kwargs})
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[1, 2], []], 4)
+
+
+def test_tp2_generates_the_same_tokens_as_one_process(hf_root) -> None:
+    folders = {case: _saved(case, hf_root)[1] for case in TP_CASES}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", __file__, str(hf_root),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    results = json.loads((hf_root / "tp2.json").read_text())
+    for case, folder in folders.items():
+        assert results[case]["greedy"] == generate(load_hf_model(folder), PROMPTS, NEW), case
+        assert results[case]["ranks_agree"], case
+
+
+def _tp_worker(root: Path) -> None:
+    """TP=2 generation of every TP case; rank 0 writes ``root/tp2.json``."""
+    import torch.distributed as dist
+
+    from ironcore.parallel.setup import destroy_parallel, init_parallel
+
+    torch.set_num_threads(1)
+    results = {}
+    for case in TP_CASES:
+        init_parallel(2, model_config_from_hf(root / case), device="cpu")
+        model = load_hf_model(root / case)
+        greedy = generate(model, PROMPTS, NEW)
+        sampled = generate(model, PROMPTS, NEW, temperature=1.0, top_p=0.95)  # no seed: the ranks must agree
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (greedy, sampled))
+        results[case] = {"greedy": greedy, "ranks_agree": all(e == everyone[0] for e in everyone)}
+    if dist.get_rank() == 0:
+        (root / "tp2.json").write_text(json.dumps(results))
+    destroy_parallel()
+
+
+# ---- the command line ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_folder_with_tokenizer(tmp_path_factory) -> Path:
+    """A small Llama-style model exported to an HF folder, with a BPE tokenizer trained for it."""
+    from ironcore.config.model import ModelConfig
+    from ironcore.tokenizer import Tokenizer
+
+    texts = ["the quick brown fox jumps over the lazy dog", "hello world, hello there"] * 20
+    tokenizer = Tokenizer.train_bpe(texts, vocab_size=300)
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        name="tiny", vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, ffn_hidden_size=64, max_position_embeddings=128, position_embedding="rope",
+        norm_type="rmsnorm", gated_mlp=True, activation="silu",
+    )  # fmt: skip
+    folder = save_hf_model(TransformerModel(cfg), tmp_path_factory.mktemp("cli") / "hf")
+    tokenizer.save(folder)
+    return folder
+
+
+def test_cli_streams_one_prompt(hf_folder_with_tokenizer, capsys) -> None:
+    assert main(["generate", "--from-hf", str(hf_folder_with_tokenizer), "--prompt", "hello",
+                 "--max-new-tokens", "8", "--ignore-eos"]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    assert captured.out.startswith("hello") and len(captured.out) > len("hello\n")
+    assert "8 tokens" in captured.err
+
+
+def test_cli_checkpoint_folder_gives_the_same_text(hf_folder_with_tokenizer, tmp_path, capsys) -> None:
+    from ironcore.checkpoint import save_model
+    from ironcore.tokenizer import Tokenizer
+
+    ckpt = save_model(load_hf_model(hf_folder_with_tokenizer), tmp_path / "ckpt")
+    Tokenizer.from_path(hf_folder_with_tokenizer).save(ckpt)
+    outputs = []
+    for source in (["--checkpoint", str(ckpt)], ["--from-hf", str(hf_folder_with_tokenizer)]):
+        assert main(["generate", *source, "--prompt", "the lazy", "--max-new-tokens", "5", "--json"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1] and len(outputs[0]["token_ids"]) >= 1
+
+
+def test_cli_batch_json_matches_the_python_api(hf_folder_with_tokenizer, tmp_path, capsys) -> None:
+    from ironcore.tokenizer import Tokenizer
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"hello world"\n{"prompt": "the quick"}\n\n"fox"\n')
+    args = ["generate", "--from-hf", str(hf_folder_with_tokenizer), "--prompts-file", str(prompts),
+            "--max-new-tokens", "6", "--temperature", "0.8", "--seed", "3", "--json", "--batch-size", "2"]  # fmt: skip
+    assert main(args) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in records] == ["hello world", "the quick", "fox"]
+    tokenizer = Tokenizer.from_path(hf_folder_with_tokenizer)
+    model = load_hf_model(hf_folder_with_tokenizer)
+    expected = generate(model, [tokenizer.encode(p) for p in ("hello world", "the quick")], 6, temperature=0.8,
+                        eos_token_id=tokenizer.eod_id, seed=3)  # fmt: skip
+    assert [r["token_ids"] for r in records[:2]] == expected
+    assert all(r["finish_reason"] in ("stop", "length") for r in records)
+
+
+def test_cli_without_a_tokenizer_is_one_line(hf_folder_with_tokenizer, tmp_path, capsys) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((hf_folder_with_tokenizer / name).read_bytes())
+    assert main(["generate", "--from-hf", str(bare), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no tokenizer.json" in err and "--tokenizer" in err and "\n" not in err
+    assert main(["generate", "--from-hf", str(bare), "--tokenizer", str(hf_folder_with_tokenizer),
+                 "--prompt", "hi", "--max-new-tokens", "2", "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["prompt"] == "hi"
+    assert main(["generate", "--from-hf", str(bare), "--prompt", "hi", "--top-p", "2"]) == 2
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_cli_prompt_limits(hf_folder_with_tokenizer, capsys) -> None:
+    folder = str(hf_folder_with_tokenizer)
+    assert main(["generate", "--from-hf", folder, "--prompt", "hello", "--max-new-tokens", "200"]) == 2
+    assert "exceed the model's 128 positions" in capsys.readouterr().err
+    assert main(["generate", "--from-hf", folder, "--prompt", "", "--max-new-tokens", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == ""  # an empty prompt starts a new document
+
+
+if __name__ == "__main__":
+    _tp_worker(Path(sys.argv[1]))
