@@ -1,0 +1,51 @@
+# IronCore pipeline (docs/pipeline.md):
+#
+#   corpus -> tokenizer -> preprocess -> inspect -> train -> eval -> summary
+#
+#   snakemake --cores 2                    everything (the default target `all`)
+#   snakemake --cores 2 data               corpus, tokenizer, shards and inspection reports
+#   snakemake --cores 2 train_all          ... and every experiment trained
+#   snakemake --cores 2 eval_all           ... and evaluated
+#   snakemake --cores 2 --forcerun train   retrain (and re-evaluate, re-summarize)
+#
+# Settings: configs/pipeline.yaml (schema: workflow/schemas/pipeline.schema.yaml). Rules only call
+# the `ironcore` command line (and two small reporting scripts in workflow/scripts/).
+
+from snakemake.utils import min_version
+
+min_version("8.0")
+
+
+configfile: "configs/pipeline.yaml"
+
+
+include: "workflow/rules/common.smk"
+
+
+rule all:
+    """Default target: the summary comparing every experiment."""
+    input:
+        "results/summary/summary.md",
+
+
+rule data:
+    """Corpus, tokenizer, token shards and inspection reports of every data set."""
+    input:
+        [inspect_outputs(dataset)["report"] for dataset in DATASETS],
+
+
+rule train_all:
+    """Every experiment trained (the `train` rule is one experiment's job)."""
+    input:
+        expand("results/train/{exp}/final_eval.json", exp=EXPERIMENTS),
+
+
+rule eval_all:
+    """Every experiment evaluated (the `eval` rule is one experiment's job)."""
+    input:
+        expand("results/eval/{exp}/eval.json", exp=EXPERIMENTS),
+
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/eval.smk"

@@ -1,0 +1,211 @@
+"""The Snakemake pipeline end to end on a tiny configuration, its caching semantics, and resume.
+
+One temporary working directory holds a tiny pipeline config (300 kB corpus, 512-token BPE, two
+43k-parameter models, 20 steps). The full pipeline runs there once; dry runs then check exactly
+which jobs a change reruns; finally a training job is killed and rerun, and must resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEFILE = ROOT / "Snakefile"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("ironcore") is None or shutil.which("torchrun") is None,
+        reason="the pipeline's rules call the `ironcore` and `torchrun` commands (pip install -e .)",
+    ),
+]
+
+DATA_CONFIG = {
+    "name": "tiny",
+    "source": {"path": "results/corpus/train.jsonl"},
+    "valid_source": {"path": "results/corpus/valid.jsonl"},
+    "fields": {"text": "text"},
+    "tokenizer": {"path": "results/tokenizer"},
+    "max_seq_length": 64,
+    "output_dir": "results/data/tiny",
+    "num_workers": 0,
+}
+
+
+def training_config(name: str, norm: str) -> dict:
+    model = {"name": name, "vocab_size": 512, "hidden_size": 32, "num_layers": 2, "num_attention_heads": 2,
+             "max_position_embeddings": 64, "norm_type": norm}
+    return {
+        "model": model,
+        "data": {"config_path": "cfg/data.yaml"},
+        "trainer": {"micro_batch_size": 4, "save_interval": 10},
+        "operation": {"train_steps": 20, "eval_interval": 10, "eval_steps": 2, "log_interval": 5},
+        "optim": {"max_lr": 3.0e-3, "warmup_steps": 2},
+    }
+
+
+PIPELINE = {
+    "corpus": {"max_bytes": 300_000},
+    "tokenizer": {"vocab_size": 512},
+    "eval": {"max_batches": 4, "max_new_tokens": 8, "prompts": ["def "]},
+    "experiments": {"a": {"config": "cfg/a.yaml"}, "b": {"config": "cfg/b.yaml"}},
+}
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def snakemake_command(workdir: Path, *args: str, configfile: str = "pipeline.yaml") -> list[str]:
+    return [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir),
+            "--configfile", str(workdir / configfile), "--cores", "2", *args]
+
+
+def environment(workdir: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key != "IRONCORE_PIPELINE_INVOCATION"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    return env
+
+
+def snakemake(workdir: Path, *args: str, configfile: str = "pipeline.yaml", check: bool = True):
+    done = subprocess.run(snakemake_command(workdir, *args, configfile=configfile), env=environment(workdir),
+                          capture_output=True, text=True, timeout=300)
+    if check and done.returncode != 0:
+        pytest.fail(f"snakemake {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return done
+
+
+def planned_jobs(workdir: Path, *args: str, configfile: str = "pipeline.yaml") -> Counter:
+    """Jobs a dry run would run, from its 'Job stats' table (empty when there is nothing to do)."""
+    done = snakemake(workdir, "--dry-run", *args, configfile=configfile)
+    output = done.stdout + done.stderr
+    if "Nothing to be done" in output:
+        return Counter()
+    table = output.split("Job stats:", 1)[1].split("total", 1)[0]
+    return Counter({m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.MULTILINE)})
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A working directory where the tiny pipeline has run to the end."""
+    workdir = tmp_path_factory.mktemp("pipeline")
+    write_yaml(workdir / "cfg" / "data.yaml", DATA_CONFIG)
+    write_yaml(workdir / "cfg" / "a.yaml", training_config("tiny-gpt", "layernorm"))
+    write_yaml(workdir / "cfg" / "b.yaml", training_config("tiny-rms", "rmsnorm"))
+    write_yaml(workdir / "pipeline.yaml", PIPELINE)
+    snakemake(workdir)
+    return workdir
+
+
+def test_end_to_end(workdir):
+    summary = json.loads((workdir / "results" / "summary" / "summary.json").read_text())
+    (data,) = summary["datasets"].values()
+    assert data["vocab_size"] == 512 and data["train_tokens"] > 50_000
+    assert 3.0 < data["unigram_entropy"] < 6.3  # ln(512) = 6.24
+    rows = {row["experiment"]: row for row in summary["experiments"]}
+    assert set(rows) == {"a", "b"}
+    for name, row in rows.items():
+        result = json.loads((workdir / "results" / "eval" / name / "eval.json").read_text())
+        assert result["step"] == 20 and result["val_loss"] == row["val_loss"]
+        assert row["val_loss"] < 6.3  # below a uniform guess after 20 steps
+        samples = json.loads((workdir / "results" / "eval" / name / "samples.json").read_text())
+        assert len(samples["samples"]) >= 1 and samples["note"] is None
+    assert (workdir / "results" / "summary" / "loss_curves.png").stat().st_size > 10_000
+    assert "| a | tiny-gpt |" in (workdir / "results" / "summary" / "summary.md").read_text()
+    for report in ("report.json", "report.html", "lengths.png"):
+        assert (workdir / "results" / "data" / "tiny" / "inspect" / report).is_file()
+    for rule in ("corpus", "tokenizer", "preprocess/tiny", "inspect/tiny", "train/a", "eval/b", "summary"):
+        assert (workdir / "benchmarks" / "pipeline" / f"{rule}.tsv").is_file()
+        assert (workdir / "logs" / f"{rule}.log").is_file()
+
+
+def test_mlflow_parent_run_per_experiment_with_training_as_child(workdir):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ironcore-pipeline")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = {run.info.run_name: run for run in runs if "mlflow.parentRunId" not in run.data.tags}
+    children = {run.info.run_name: run for run in runs if "mlflow.parentRunId" in run.data.tags}
+    assert set(parents) == {"a", "b"} and set(children) == {"a/train", "b/train"}
+    for name, parent in parents.items():
+        assert parent.info.status == "FINISHED"
+        assert children[f"{name}/train"].data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert "val/loss" in parent.data.metrics and parent.data.params["optim.max_lr"] == "0.003"
+        folders = {item.path for item in client.list_artifacts(parent.info.run_id)}
+        assert folders == {"config", "data", "eval", "summary", "train"}
+
+
+def test_nothing_changed_means_no_job(workdir):
+    assert planned_jobs(workdir) == Counter()
+
+
+def test_training_param_change_reruns_train_and_eval_only(workdir):
+    changed = json.loads(json.dumps(PIPELINE))
+    changed["experiments"]["a"]["overrides"] = {"optim.max_lr": 1.0e-3}
+    write_yaml(workdir / "pipeline_lr.yaml", changed)
+    assert planned_jobs(workdir, configfile="pipeline_lr.yaml") == Counter(train=1, eval=1, summary=1, all=1)
+
+
+def test_data_config_change_reruns_from_preprocess(workdir):
+    path = workdir / "cfg" / "data.yaml"
+    original, stat = path.read_text(), path.stat()
+    try:
+        write_yaml(path, {**DATA_CONFIG, "max_seq_length": 32})
+        expected = Counter(preprocess=1, inspect=1, train=2, eval=2, summary=1, all=1)
+        assert planned_jobs(workdir) == expected
+    finally:
+        path.write_text(original)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert planned_jobs(workdir) == Counter()
+
+
+def test_forcerun_train_reruns_train_and_what_follows(workdir):
+    assert planned_jobs(workdir, "--forcerun", "train") == Counter(train=2, eval=2, summary=1, all=1)
+
+
+def test_killed_training_resumes_from_its_checkpoint(workdir):
+    """A long run of experiment a is killed after its first checkpoint, then completed by a rerun."""
+    long_run = json.loads(json.dumps(PIPELINE))
+    long_run["experiments"]["a"]["overrides"] = {
+        "operation.train_steps": 3000, "operation.eval_interval": 0, "operation.log_interval": 100,
+    }
+    write_yaml(workdir / "pipeline_long.yaml", long_run)
+    target = "results/train/a/final_eval.json"
+    latest = workdir / "results" / "runs" / "a" / "checkpoints" / "latest"
+    latest.unlink()  # the finished 20-step run is cleared when the job starts: wait for a new checkpoint
+    command = snakemake_command(workdir, target, configfile="pipeline_long.yaml")
+    process = subprocess.Popen(command, env=environment(workdir), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Kill the training job the way a cluster does (SIGTERM to the launcher); Snakemake sees it fail.
+    launcher = subprocess.run(["pgrep", "-s", str(process.pid), "-f", "torchrun"], capture_output=True, text=True)
+    assert process.poll() is None and launcher.stdout.split(), "training ended before it could be killed"
+    for pid in launcher.stdout.split():
+        os.kill(int(pid), signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0, output
+    assert not (workdir / target).exists()  # Snakemake removed the failed job's outputs ...
+    stopped_at = int(latest.read_text().strip().rsplit("_", 1)[-1])
+    assert 0 < stopped_at < 3000  # ... but not its checkpoints, outside them
+
+    snakemake(workdir, target, configfile="pipeline_long.yaml")
+    log = (workdir / "logs" / "train" / "a.log").read_text()
+    assert re.search(rf"resumed from \S+ at step {stopped_at}\b", log), log[-2000:]
+    assert json.loads((workdir / target).read_text())["step"] == 3000

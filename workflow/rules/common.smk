@@ -1,0 +1,208 @@
+# Shared by all rules: the validated pipeline config, the experiments and data sets it names,
+# code fingerprints, the torchrun launch line and the MLflow hooks. No rules live here.
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shlex
+import time
+from functools import cache
+from importlib.util import find_spec
+from pathlib import Path
+
+from snakemake.utils import validate
+
+from ironcore.config import load_config, to_dict
+from ironcore.config.data import load_data_config
+
+validate(config, "../schemas/pipeline.schema.yaml")  # also fills in the schema's defaults
+
+EXPERIMENTS = config["experiments"]
+REPO = Path(workflow.current_basedir).parents[1]  # the checkout holding this workflow
+SCRIPTS = REPO / "workflow" / "scripts"  # the pipeline's own reporting helpers (run with `python`)
+
+# With --software-deployment-method conda every rule runs in this environment; it installs
+# IronCore from ${IRONCORE_ROOT}, which is this checkout.
+CONDA_ENV = str(REPO / "envs" / "ironcore.yaml")
+os.environ.setdefault("IRONCORE_ROOT", str(REPO))
+
+# One id per `snakemake` invocation: it groups the MLflow runs of this invocation. Jobs inherit it
+# through the environment (local jobs and SLURM jobs alike), so it is never a param or an input.
+os.environ.setdefault("IRONCORE_PIPELINE_INVOCATION", time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
+
+wildcard_constraints:
+    exp="|".join(map(re.escape, EXPERIMENTS)),
+
+
+# ---- experiments and data sets ------------------------------------------------------------------
+
+def run_dir(exp):
+    """The training run folder (checkpoints, metrics): deliberately not a declared output, so
+    Snakemake never deletes it and a killed or failed training job resumes on the next run."""
+    return f"results/runs/{exp}"
+
+
+def train_overrides(exp):
+    """`ironcore train` KEY=VALUE overrides: the run folder, then the experiment's own overrides."""
+    items = {"trainer.output_dir": run_dir(exp), **EXPERIMENTS[exp]["overrides"]}
+    return [f"{key}={json.dumps(value)}" for key, value in items.items()]
+
+
+@cache
+def training_config(exp):
+    """The experiment's fully resolved ironcore training Config (errors surface at parse time)."""
+    e = EXPERIMENTS[exp]
+    return load_config(e["config"], train_overrides(exp), e["tensor_parallel"], world_size=e["nproc"] * e["nodes"])
+
+
+def hyperparameters(exp):
+    """Everything that changes what training computes, as canonical JSON (a rule param).
+    `utils` (logging, MLflow names) is left out: it does not change the model."""
+    settings = to_dict(training_config(exp))
+    settings.pop("utils")
+    return json.dumps(settings, sort_keys=True)
+
+
+@cache
+def data_config(path):
+    return load_data_config(path)
+
+
+def dataset_of(exp):
+    """Name of the data set the experiment trains on (its data config's output folder name)."""
+    return Path(data_config(training_config(exp).data.config_path).output_dir).name
+
+
+def _datasets():
+    """Data set name -> data config path, for every experiment; pipeline data sets live in results/data/."""
+    found = {}
+    for exp in EXPERIMENTS:
+        path = training_config(exp).data.config_path
+        if path is None:
+            raise ValueError(f"experiment {exp}: its training config has no data.config_path")
+        output_dir = Path(data_config(path).output_dir)
+        if output_dir != Path("results/data") / output_dir.name:
+            raise ValueError(f"{path}: output_dir must be results/data/<name> in the pipeline, not {output_dir}")
+        if found.setdefault(output_dir.name, path) != path:
+            raise ValueError(f"{path} and {found[output_dir.name]} both write {output_dir}")
+    return found
+
+
+DATASETS = _datasets()
+
+wildcard_constraints:
+    dataset="|".join(map(re.escape, DATASETS)),
+
+
+def data_dir(dataset):
+    return f"results/data/{dataset}"
+
+
+def inspect_outputs(dataset):
+    folder = f"{data_dir(dataset)}/inspect"
+    return {"report": f"{folder}/report.json", "html": f"{folder}/report.html", "lengths": f"{folder}/lengths.png"}
+
+
+def preprocess_inputs(wildcards):
+    """The data config and the local files it reads: the corpus and tokenizer when they come from
+    the `corpus` and `tokenizer` rules, or any other local file or folder (globs are not tracked)."""
+    path = DATASETS[wildcards.dataset]
+    cfg = data_config(path)
+    inputs = {"config": path, "code": code_fingerprint("preprocess")}
+    for key, source in (("source", cfg.source), ("valid_source", cfg.valid_source)):
+        if source is not None and source.path is not None and not any(c in source.path for c in "*?["):
+            inputs[key] = source.path
+    if cfg.tokenizer.path is not None:
+        tokenizer = Path(cfg.tokenizer.path)
+        is_folder = tokenizer.is_dir() or tokenizer.suffix != ".json"
+        inputs["tokenizer"] = str(tokenizer / "tokenizer.json" if is_folder else tokenizer)
+    return inputs
+
+
+# ---- code fingerprints --------------------------------------------------------------------------
+# Snakemake reruns a job when its rule's own code changes, but it cannot see the ironcore modules
+# the job imports. Each stage therefore takes results/code/<stage>.sha256 as an input: a digest of
+# the package files the stage runs, rewritten (new mtime -> rerun) only when that digest changes.
+
+PACKAGE = Path(find_spec("ironcore").origin).parent  # the installed package the `ironcore` command runs
+# Glob patterns relative to the package; "!pattern" removes files again.
+_CORE = ["*.py", "config/*.py", "data/*.py", "layers/*.py", "models/*.py", "parallel/*.py", "cli/__init__.py",
+         "!corpus.py", "!data/inspect.py"]
+STAGE_CODE = {
+    "corpus": ["corpus.py", "errors.py", "cli/corpus.py"],
+    "tokenizer": ["tokenizer.py", "errors.py", "config/base.py", "config/data.py", "data/sources.py", "cli/tokenizer.py"],
+    "preprocess": ["tokenizer.py", "errors.py", "config/base.py", "config/data.py", "data/*.py", "cli/preprocess.py",
+                   "!data/inspect.py"],
+    "inspect": ["tokenizer.py", "data/inspect.py", "data/indexed.py", "data/metadata.py", "cli/preprocess.py"],
+    "train": [*_CORE, "cli/common.py", "cli/train.py", "!inference.py"],
+    "eval": [*_CORE, "cli/evaluate.py", "cli/generate.py"],
+}
+
+
+@cache
+def code_fingerprint(stage):
+    files = set()
+    for pattern in STAGE_CODE[stage]:
+        matches = set(PACKAGE.glob(pattern.lstrip("!")))
+        files = files - matches if pattern.startswith("!") else files | matches
+    lines = [f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.relative_to(PACKAGE)}" for path in sorted(files)]
+    text = f"{hashlib.sha256(chr(10).join(lines).encode()).hexdigest()}  ironcore {stage}\n" + "\n".join(lines) + "\n"
+    target = Path(f"results/code/{stage}.sha256")
+    if not target.is_file() or target.read_text() != text:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    return str(target)
+
+
+# ---- launching ----------------------------------------------------------------------------------
+
+def torchrun(exp):
+    """The launcher of an experiment's training processes.
+
+    One node: `torchrun --standalone`. Several nodes (under SLURM): one torchrun per node started by
+    srun, meeting at the first node of the allocation through the c10d rendezvous."""
+    e = EXPERIMENTS[exp]
+    if e["nodes"] == 1:
+        return f"torchrun --standalone --nnodes 1 --nproc_per_node {e['nproc']}"
+    head = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
+    return (
+        f"srun --nodes {e['nodes']} --ntasks-per-node 1 torchrun --nnodes {e['nodes']} --nproc_per_node {e['nproc']} "
+        f'--rdzv-backend c10d --rdzv-endpoint "{head}:29500" --rdzv-id "$SLURM_JOB_ID"'
+    )
+
+
+def train_command(exp):
+    """The full training command line (shell-quoted)."""
+    e = EXPERIMENTS[exp]
+    args = ["-m", "ironcore", "train", "--config", e["config"], "--tensor-model-parallel-size", str(e["tensor_parallel"])]
+    return f"{torchrun(exp)} {shlex.join(args + train_overrides(exp))}"
+
+
+# ---- MLflow -------------------------------------------------------------------------------------
+# One parent run per experiment and invocation, created by the first job of the experiment that
+# runs (train, or eval when only eval reruns); the training run is its child (MLFLOW_PARENT_RUN_ID),
+# the eval job logs val metrics, configs, reports and samples to it and closes it.
+#
+# Rules use MLFLOW and TRACKING_OVERRIDES in their shell commands, not in params: switching MLflow
+# off or renaming its experiment changes no result, so it must not rerun anything.
+
+if config["mlflow"]["enabled"]:
+    MLFLOW = " ".join([
+        "python", shlex.quote(str(SCRIPTS / "mlflow_runs.py")), "--experiment", shlex.quote(config["mlflow"]["experiment"]),
+        '--invocation "$IRONCORE_PIPELINE_INVOCATION"',
+    ])
+    TRACKING_OVERRIDES = shlex.join(["utils.tracking=true", f"utils.experiment_name={json.dumps(config['mlflow']['experiment'])}"])
+else:
+    MLFLOW = "true"  # `true parent ...` does nothing and prints nothing
+    TRACKING_OVERRIDES = "utils.tracking=false"
+
+
+onstart:
+    # Create the sqlite store and the experiment once, before jobs race to do it.
+    shell(f"{MLFLOW} init")
+
+onerror:
+    # Parent runs of this invocation still open belong to experiments whose jobs failed.
+    shell(f"{MLFLOW} close --status FAILED")

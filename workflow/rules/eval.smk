@@ -1,0 +1,84 @@
+# Evaluation of each trained experiment, then one summary comparing them all.
+# MLFLOW (common.smk) is used in the shell commands, not passed as a param, on purpose: MLflow
+# settings change no result and must not rerun anything (`snakemake --lint` flags it).
+
+
+rule eval:
+    """Validation loss/perplexity of the final checkpoint and a few generated samples; logs them,
+    the configs and the data report to the experiment's MLflow parent run and closes it."""
+    input:
+        final=rules.train.output.final,
+        config=rules.train.output.config,
+        metrics=rules.train.output.metrics,
+        data_config=lambda wildcards: DATASETS[dataset_of(wildcards.exp)],
+        inspect=lambda wildcards: list(inspect_outputs(dataset_of(wildcards.exp)).values()),
+        code=code_fingerprint("eval"),
+        samples_script=SCRIPTS / "samples.py",
+    output:
+        eval="results/eval/{exp}/eval.json",
+        samples="results/eval/{exp}/samples.md",
+        samples_json="results/eval/{exp}/samples.json",
+    params:
+        run=lambda wildcards: run_dir(wildcards.exp),
+        eval_args=shlex.join(
+            ["--device", config["eval"]["device"], "--micro-batch-size", str(config["eval"]["micro_batch_size"])]
+            + (["--max-batches", str(config["eval"]["max_batches"])] if config["eval"]["max_batches"] else [])
+        ),
+        sample_args=shlex.join(
+            (["--enabled"] if config["eval"]["samples"] else [])
+            + [arg for prompt in config["eval"]["prompts"] for arg in ("--prompt", prompt)]
+            + ["--max-new-tokens", str(config["eval"]["max_new_tokens"])]
+            + ["--temperature", str(config["eval"]["temperature"])]
+            + (["--top-k", str(config["eval"]["top_k"])] if config["eval"]["top_k"] else [])
+        ),
+    threads: config["threads_per_process"]
+    conda:
+        CONDA_ENV
+    log:
+        "logs/eval/{exp}.log",
+    benchmark:
+        "benchmarks/pipeline/eval/{exp}.tsv"
+    shell:
+        """
+        export OMP_NUM_THREADS={threads}
+        ironcore eval --checkpoint {params.run} --output {output.eval} {params.eval_args} > {log} 2>&1
+        python {input.samples_script} --checkpoint {params.run} --output {output.samples} \\
+            --output-json {output.samples_json} {params.sample_args} >> {log} 2>&1
+        {MLFLOW} finish --run {wildcards.exp} --eval {output.eval} --config {input.config} \\
+            --artifacts eval {output.eval} {output.samples} {output.samples_json} \\
+            --artifacts config {input.config} {input.data_config} \\
+            --artifacts train {input.metrics} \\
+            --artifacts data {input.inspect} >> {log} 2>&1
+        """
+
+
+rule summary:
+    """One table (Markdown + HTML) and one loss-curve plot comparing the experiments, with the
+    corpus' unigram entropy as the baseline a model must beat to have learned anything."""
+    input:
+        evals=expand(rules.eval.output.eval, exp=EXPERIMENTS),
+        samples=expand(rules.eval.output.samples_json, exp=EXPERIMENTS),
+        metrics=expand(rules.train.output.metrics, exp=EXPERIMENTS),
+        configs=expand(rules.train.output.config, exp=EXPERIMENTS),
+        data=[rules.preprocess.output.metadata.format(dataset=dataset_of(exp)) for exp in EXPERIMENTS],
+        script=SCRIPTS / "summary.py",
+    output:
+        markdown="results/summary/summary.md",
+        html="results/summary/summary.html",
+        json="results/summary/summary.json",
+        plot="results/summary/loss_curves.png",
+    params:
+        experiments=list(EXPERIMENTS),
+    conda:
+        CONDA_ENV
+    log:
+        "logs/summary.log",
+    benchmark:
+        "benchmarks/pipeline/summary.tsv"
+    shell:
+        """
+        python {input.script} --experiments {params.experiments} --evals {input.evals} \\
+            --samples {input.samples} --metrics {input.metrics} --configs {input.configs} --data {input.data} \\
+            --output-dir results/summary > {log} 2>&1
+        {MLFLOW} attach --artifacts summary {output.markdown} {output.html} {output.plot} >> {log} 2>&1
+        """

@@ -1,0 +1,137 @@
+"""MLflow bookkeeping of the pipeline: one parent run per experiment and `snakemake` invocation.
+
+The rules call it (see workflow/rules/common.smk):
+
+* ``init`` (onstart): create the sqlite store and the MLflow experiment once, before jobs race.
+* ``parent --run EXP`` (train): print the id of EXP's parent run in this invocation, creating it;
+  the train job exports it as MLFLOW_PARENT_RUN_ID, so the training run becomes its child.
+* ``finish --run EXP`` (eval): log the resolved training config as params, val/loss and val/ppl,
+  and artifacts (eval JSON, samples, configs, metrics, data report) to the parent; close it.
+* ``attach`` (summary): add the summary artifacts to every parent run of this invocation.
+* ``close --status FAILED`` (onerror): close the parent runs this invocation left open.
+
+Parent runs are found by their tags (``pipeline_invocation``, ``pipeline_experiment``), so jobs
+need no shared state but the invocation id. Like ``ironcore.tracking``, a tracking failure is
+never fatal: it prints one warning and exits 0 (``parent`` then prints nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from ironcore.tracking import flatten, tracking_uri
+
+INVOCATION_TAG = "pipeline_invocation"
+EXPERIMENT_TAG = "pipeline_experiment"
+PARAMS_PER_CALL = 100
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", required=True, help="MLflow experiment name")
+    parser.add_argument("--invocation", required=True, help="id of this snakemake invocation")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("init")
+    commands.add_parser("parent").add_argument("--run", required=True, help="pipeline experiment")
+    finish = commands.add_parser("finish")
+    finish.add_argument("--run", required=True, help="pipeline experiment")
+    finish.add_argument("--eval", required=True, help="eval JSON (val_loss, val_ppl, step)")
+    finish.add_argument("--config", required=True, help="resolved training config.yaml")
+    for command in (finish, commands.add_parser("attach")):
+        command.add_argument(
+            "--artifacts", nargs="+", action="append", default=[], metavar=("FOLDER", "PATH"),
+            help="artifact folder followed by the files to log into it",
+        )
+    commands.add_parser("close").add_argument("--status", default="FAILED")
+    args = parser.parse_args()
+    if not args.invocation:
+        print("mlflow_runs: no invocation id (IRONCORE_PIPELINE_INVOCATION); nothing logged", file=sys.stderr)
+        return 0
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri())
+        experiment_id = _experiment_id(client, args.experiment)
+        COMMANDS[args.command](client, experiment_id, args)
+    except Exception as err:  # noqa: BLE001 - tracking must never fail the pipeline
+        first = (str(err).strip().splitlines() or [""])[0]
+        print(f"mlflow_runs {args.command}: MLflow tracking skipped ({type(err).__name__}: {first})", file=sys.stderr)
+    return 0
+
+
+def _experiment_id(client, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found else client.create_experiment(name)
+
+
+def _parents(client, experiment_id: str, invocation: str, run: str | None = None) -> list:
+    query = f"tags.{INVOCATION_TAG} = '{invocation}'"
+    if run is not None:
+        query += f" and tags.{EXPERIMENT_TAG} = '{run}'"
+    return client.search_runs([experiment_id], filter_string=query)
+
+
+def _parent_id(client, experiment_id: str, invocation: str, run: str) -> str:
+    """The parent run of ``run`` in this invocation, created on first use."""
+    found = _parents(client, experiment_id, invocation, run)
+    if found:
+        return found[0].info.run_id
+    tags = {INVOCATION_TAG: invocation, EXPERIMENT_TAG: run, "mlflow.note.content": f"pipeline run {invocation}"}
+    return client.create_run(experiment_id, run_name=run, tags=tags).info.run_id
+
+
+def _log_artifacts(client, run_id: str, groups: list[list[str]]) -> None:
+    for folder, *paths in groups:
+        for path in paths:
+            if Path(path).is_file():
+                client.log_artifact(run_id, path, artifact_path=folder)
+
+
+def init(client, experiment_id: str, args: argparse.Namespace) -> None:
+    print(f"MLflow: experiment {args.experiment} ({experiment_id}) at {tracking_uri()}")
+
+
+def parent(client, experiment_id: str, args: argparse.Namespace) -> None:
+    print(_parent_id(client, experiment_id, args.invocation, args.run))
+
+
+def finish(client, experiment_id: str, args: argparse.Namespace) -> None:
+    from mlflow.entities import Metric, Param
+
+    run_id = _parent_id(client, experiment_id, args.invocation, args.run)
+    settings = flatten(yaml.safe_load(Path(args.config).read_text()))
+    params = [Param(key, str(value)[:6000]) for key, value in settings.items()]
+    for start in range(0, len(params), PARAMS_PER_CALL):
+        client.log_batch(run_id, params=params[start : start + PARAMS_PER_CALL])
+    result = json.loads(Path(args.eval).read_text())
+    step, now = int(result.get("step") or 0), int(time.time() * 1000)
+    metrics = [Metric("val/loss", result["val_loss"], now, step), Metric("val/ppl", result["val_ppl"], now, step)]
+    client.log_batch(run_id, metrics=metrics)
+    _log_artifacts(client, run_id, args.artifacts)
+    client.set_terminated(run_id, "FINISHED")
+    print(f"MLflow: parent run {args.run} ({run_id}): val/loss {result['val_loss']:.4f}, closed")
+
+
+def attach(client, experiment_id: str, args: argparse.Namespace) -> None:
+    runs = _parents(client, experiment_id, args.invocation)
+    for run in runs:
+        _log_artifacts(client, run.info.run_id, args.artifacts)
+    print(f"MLflow: artifacts attached to {len(runs)} parent run(s) of invocation {args.invocation}")
+
+
+def close(client, experiment_id: str, args: argparse.Namespace) -> None:
+    for run in _parents(client, experiment_id, args.invocation):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, args.status)
+
+
+COMMANDS = {"init": init, "parent": parent, "finish": finish, "attach": attach, "close": close}
+
+if __name__ == "__main__":
+    sys.exit(main())
