@@ -17,9 +17,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ironcore.parallel.setup import destroy_parallel
     from ironcore.trainer import Trainer
 
     cfg = config_from_args(args)
     logging.basicConfig(level=cfg.utils.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    Trainer(cfg).train()
+    try:
+        Trainer(cfg).train()
+    finally:
+        destroy_parallel()
     return 0
