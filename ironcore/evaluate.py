@@ -66,6 +66,11 @@ def evaluate_checkpoint(
             raise ConfigError(f"{folder}: no training config.yaml with data.config_path; pass --data-config")
     data_cfg = load_data_config(data_config)
     metadata = load_metadata(data_cfg.output_dir)
+    if metadata["task_type"] == "dpo":
+        raise ConfigError(
+            f"{data_cfg.output_dir}: ironcore eval scores pretrain and sft data; DPO runs report their validation "
+            "rewards during training (val_rewards/* in metrics.jsonl)"
+        )
     if not metadata["splits"].get("valid"):
         raise DataError(f"{data_cfg.output_dir}: no validation split (set valid_fraction or valid_source)")
     model = checkpoint.load_model(folder, device).eval()
