@@ -28,6 +28,12 @@ from ironcore.data.indexed import IndexedDataset  # noqa: E402
 from ironcore.data.metadata import load_metadata  # noqa: E402
 from ironcore.models.stats import model_stats  # noqa: E402
 
+NOTE = (
+    "Losses are cross-entropies in nats per token. The val loss column is ironcore eval over the whole "
+    "validation split; the curves' validation points are the trainer's periodic evaluations on its first "
+    "operation.eval_steps batches, so the two differ."
+)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -141,7 +147,7 @@ def markdown(rows: list[dict[str, Any]], datasets: dict[str, dict[str, Any]]) ->
     lines += ["", "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"]
     lines += ["|" + "|".join("---" for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-    lines += ["", "Losses are cross-entropies in nats per token.", "", "![loss curves](loss_curves.png)", ""]
+    lines += ["", NOTE, "", "![loss curves](loss_curves.png)", ""]
     for row in rows:
         lines += [f"## Samples: {row['experiment']}", ""]
         if row["samples"]["note"]:
@@ -161,7 +167,7 @@ def html_page(rows: list[dict[str, Any]], datasets: dict[str, dict[str, Any]]) -
     parts += [f"<p>{esc(_baseline_line(data)).replace('**', '')}</p>" for data in datasets.values()]
     parts.append("<table><tr>" + "".join(f"<th>{esc(title)}</th>" for _, title, _ in COLUMNS) + "</tr>")
     parts += ["<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in _cells(row)) + "</tr>" for row in rows]
-    parts += ["</table><p>Losses are cross-entropies in nats per token.</p>",
+    parts += [f"</table><p>{NOTE}</p>",
               "<img src='loss_curves.png' alt='loss curves' style='max-width:100%'>"]
     for row in rows:
         parts.append(f"<h2>Samples: {esc(row['experiment'])}</h2>")
@@ -180,7 +186,7 @@ def plot_losses(rows: list[dict[str, Any]], datasets: dict[str, dict[str, Any]],
                           label=f"{row['experiment']} train", alpha=0.8)
         if curve["valid"]:
             ax.plot([s * scale for s, _ in curve["valid"]], [v for _, v in curve["valid"]], "o--",
-                    color=line.get_color(), label=f"{row['experiment']} validation")
+                    color=line.get_color(), label=f"{row['experiment']} validation (periodic, subset)")
     for data in datasets.values():
         ax.axhline(data["unigram_entropy"], color="gray", linestyle=":",
                    label=f"unigram entropy ({data['name']}) {data['unigram_entropy']:.2f}")
