@@ -7,6 +7,7 @@
 #   snakemake --cores 2 train_all          ... and every experiment trained
 #   snakemake --cores 2 eval_all           ... and evaluated
 #   snakemake --cores 2 --forcerun train   retrain (and re-evaluate, re-summarize)
+#   snakemake --cores 2 chain              the optional experiments: pretrain -> SFT -> DPO
 #
 # Settings: configs/pipeline.yaml (schema: workflow/schemas/pipeline.schema.yaml). Rules only call
 # the `ironcore` command line (and two small reporting scripts in workflow/scripts/).
@@ -31,19 +32,26 @@ rule all:
 rule data:
     """Corpus, tokenizer, token shards and inspection reports of every data set."""
     input:
-        [inspect_outputs(dataset)["report"] for dataset in DATASETS],
+        [inspect_outputs(dataset)["report"] for dataset in DEFAULT_DATASETS],
 
 
 rule train_all:
     """Every experiment trained (the `train` rule is one experiment's job)."""
     input:
-        expand("results/train/{exp}/final_eval.json", exp=EXPERIMENTS),
+        expand("results/train/{exp}/final_eval.json", exp=DEFAULT_EXPERIMENTS),
 
 
 rule eval_all:
     """Every experiment evaluated (the `eval` rule is one experiment's job)."""
     input:
-        expand("results/eval/{exp}/eval.json", exp=EXPERIMENTS),
+        expand("results/eval/{exp}/eval.json", exp=DEFAULT_EXPERIMENTS),
+
+
+rule chain:
+    """The optional experiments (configs/pipeline.yaml: optional: true), each started from the final
+    weights of its init_from_experiment: the pretrain -> SFT -> DPO chain."""
+    input:
+        expand("results/train/{exp}/final_eval.json", exp=CHAIN_EXPERIMENTS),
 
 
 include: "workflow/rules/data.smk"

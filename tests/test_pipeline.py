@@ -209,3 +209,37 @@ def test_killed_training_resumes_from_its_checkpoint(workdir):
     log = (workdir / "logs" / "train" / "a.log").read_text()
     assert re.search(rf"resumed from \S+ at step {stopped_at}\b", log), log[-2000:]
     assert json.loads((workdir / target).read_text())["step"] == 3000
+
+
+def test_optional_chain_pretrain_sft_dpo(workdir):
+    """`snakemake chain`: SFT from experiment a's final weights, then DPO from the SFT weights;
+    the default target does not include them."""
+    # Short records, so that they fit the tiny models' 64 positions.
+    records = [{"prompt": f"def f{i}(x):", "chosen": f" return x + {i}", "rejected": f" pass  # {i}"} for i in range(60)]
+    (workdir / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for stage, fields in (("sft", {"prompt": "prompt", "response": "chosen"}),
+                          ("dpo", {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"})):
+        write_yaml(workdir / "cfg" / f"{stage}_data.yaml", {
+            "name": stage, "task_type": stage, "source": {"path": str(workdir / "pairs.jsonl")}, "fields": fields,
+            "tokenizer": {"path": "results/tokenizer"}, "max_seq_length": 64, "valid_fraction": 0.1,
+            "output_dir": f"results/data/{stage}", "num_workers": 0})
+    for stage in ("sft", "dpo"):
+        cfg = training_config("tiny-gpt", "layernorm")  # the model of experiment a
+        cfg["data"]["config_path"] = f"cfg/{stage}_data.yaml"
+        cfg["operation"].update(train_steps=6, eval_interval=0)
+        write_yaml(workdir / "cfg" / f"{stage}.yaml", cfg)
+    pipeline = {**PIPELINE, "experiments": {
+        **PIPELINE["experiments"],
+        "sft": {"config": "cfg/sft.yaml", "init_from_experiment": "a", "optional": True},
+        "dpo": {"config": "cfg/dpo.yaml", "init_from_experiment": "sft", "optional": True},
+    }}
+    write_yaml(workdir / "chain.yaml", pipeline)
+    assert planned_jobs(workdir, configfile="chain.yaml") == Counter()  # the default target is unchanged
+    assert planned_jobs(workdir, "chain", configfile="chain.yaml") == Counter(
+        {"preprocess": 2, "train": 2, "chain": 1})
+    snakemake(workdir, "chain", configfile="chain.yaml")
+    sft = yaml.safe_load((workdir / "results" / "train" / "sft" / "config.yaml").read_text())
+    dpo = yaml.safe_load((workdir / "results" / "train" / "dpo" / "config.yaml").read_text())
+    assert sft["init"]["init_from"] == "results/runs/a" and dpo["init"]["init_from"] == "results/runs/sft"
+    final = json.loads((workdir / "results" / "train" / "dpo" / "final_eval.json").read_text())
+    assert "val_rewards/accuracies" in final

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.only_inspect:
         metadata = preprocess(config, force=args.force, progress=not args.no_progress)
         for split, info in metadata["splits"].items():
-            print(f"{config.output_dir}: {split}: {info['documents']:,} examples, {info['tokens']:,} tokens")
+            print(f"{config.output_dir}: {split}: {info.get('documents', 0):,} examples, {info.get('tokens', 0):,} tokens")
         counts = {key: value for key, value in metadata["counts"].items() if value and key != "records"}
         if counts:
             print(f"{config.output_dir}: {counts}")

@@ -20,6 +20,13 @@ from ironcore.config.data import load_data_config
 validate(config, "../schemas/pipeline.schema.yaml")  # also fills in the schema's defaults
 
 EXPERIMENTS = config["experiments"]
+# The default target trains and compares these; optional ones (a pretrain -> SFT -> DPO chain) are
+# built by the `chain` target.
+DEFAULT_EXPERIMENTS = [exp for exp, e in EXPERIMENTS.items() if not e["optional"]]
+CHAIN_EXPERIMENTS = [exp for exp, e in EXPERIMENTS.items() if e["optional"]]
+for _exp, _e in EXPERIMENTS.items():
+    if _e["init_from_experiment"] not in (None, *EXPERIMENTS):
+        raise ValueError(f"experiment {_exp}: init_from_experiment {_e['init_from_experiment']!r} is not an experiment")
 REPO = Path(workflow.current_basedir).parents[1]  # the checkout holding this workflow
 SCRIPTS = REPO / "workflow" / "scripts"  # the pipeline's own reporting helpers (run with `python`)
 
@@ -45,8 +52,11 @@ def run_dir(exp):
 
 
 def train_overrides(exp):
-    """`ironcore train` KEY=VALUE overrides: the run folder, then the experiment's own overrides."""
-    items = {"trainer.output_dir": run_dir(exp), **EXPERIMENTS[exp]["overrides"]}
+    """`ironcore train` KEY=VALUE overrides: the run folder, the starting weights of a chained
+    experiment (its base's run folder), then the experiment's own overrides."""
+    base = EXPERIMENTS[exp]["init_from_experiment"]
+    items = {"trainer.output_dir": run_dir(exp), **({"init.init_from": run_dir(base)} if base else {}),
+             **EXPERIMENTS[exp]["overrides"]}
     return [f"{key}={json.dumps(value)}" for key, value in items.items()]
 
 
@@ -75,10 +85,16 @@ def dataset_of(exp):
     return Path(data_config(training_config(exp).data.config_path).output_dir).name
 
 
-def _datasets():
-    """Data set name -> data config path, for every experiment; pipeline data sets live in results/data/."""
+def base_run(exp):
+    """The base experiment's finished training (an input of a chained experiment's train job), or nothing."""
+    base = EXPERIMENTS[exp]["init_from_experiment"]
+    return [f"results/train/{base}/final_eval.json"] if base else []
+
+
+def _datasets(experiments):
+    """Data set name -> data config path, for the experiments; pipeline data sets live in results/data/."""
     found = {}
-    for exp in EXPERIMENTS:
+    for exp in experiments:
         path = training_config(exp).data.config_path
         if path is None:
             raise ValueError(f"experiment {exp}: its training config has no data.config_path")
@@ -90,7 +106,8 @@ def _datasets():
     return found
 
 
-DATASETS = _datasets()
+DATASETS = _datasets(EXPERIMENTS)
+DEFAULT_DATASETS = _datasets(DEFAULT_EXPERIMENTS)  # what `data` (and so the default target) builds
 
 wildcard_constraints:
     dataset="|".join(map(re.escape, DATASETS)),

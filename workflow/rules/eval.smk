@@ -56,11 +56,11 @@ rule summary:
     """One table (Markdown + HTML) and one loss-curve plot comparing the experiments, with the
     corpus' unigram entropy as the baseline a model must beat to have learned anything."""
     input:
-        evals=expand(rules.eval.output.eval, exp=EXPERIMENTS),
-        samples=expand(rules.eval.output.samples_json, exp=EXPERIMENTS),
-        metrics=expand(rules.train.output.metrics, exp=EXPERIMENTS),
-        configs=expand(rules.train.output.config, exp=EXPERIMENTS),
-        data=[rules.preprocess.output.metadata.format(dataset=dataset_of(exp)) for exp in EXPERIMENTS],
+        evals=expand(rules.eval.output.eval, exp=DEFAULT_EXPERIMENTS),
+        samples=expand(rules.eval.output.samples_json, exp=DEFAULT_EXPERIMENTS),
+        metrics=expand(rules.train.output.metrics, exp=DEFAULT_EXPERIMENTS),
+        configs=expand(rules.train.output.config, exp=DEFAULT_EXPERIMENTS),
+        data=[rules.preprocess.output.metadata.format(dataset=dataset_of(exp)) for exp in DEFAULT_EXPERIMENTS],
         script=SCRIPTS / "summary.py",
     output:
         markdown="results/summary/summary.md",
@@ -68,7 +68,7 @@ rule summary:
         json="results/summary/summary.json",
         plot="results/summary/loss_curves.png",
     params:
-        experiments=list(EXPERIMENTS),
+        experiments=DEFAULT_EXPERIMENTS,
     conda:
         CONDA_ENV
     log:

@@ -21,6 +21,7 @@ rule train:
         data=lambda wildcards: rules.preprocess.output.metadata.format(dataset=dataset_of(wildcards.exp)),
         config=lambda wildcards: EXPERIMENTS[wildcards.exp]["config"],
         code=code_fingerprint("train"),
+        base=lambda wildcards: base_run(wildcards.exp),  # a chained experiment starts from its base's weights
     output:
         final="results/train/{exp}/final_eval.json",
         metrics="results/train/{exp}/metrics.jsonl",
