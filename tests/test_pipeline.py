@@ -234,7 +234,8 @@ def test_optional_chain_pretrain_sft_dpo(workdir):
         "dpo": {"config": "cfg/dpo.yaml", "init_from_experiment": "sft", "optional": True},
     }}
     write_yaml(workdir / "chain.yaml", pipeline)
-    assert planned_jobs(workdir, configfile="chain.yaml") == Counter()  # the default target is unchanged
+    snakemake(workdir)  # bring the default target up to date (earlier tests changed things)
+    assert planned_jobs(workdir, configfile="chain.yaml") == Counter()  # optional experiments add nothing to it
     assert planned_jobs(workdir, "chain", configfile="chain.yaml") == Counter(
         {"preprocess": 2, "train": 2, "chain": 1})
     snakemake(workdir, "chain", configfile="chain.yaml")
