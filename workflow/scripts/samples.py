@@ -19,7 +19,7 @@ def main() -> int:
     parser.add_argument("--checkpoint", required=True, help="run or checkpoint folder")
     parser.add_argument("--output", required=True, help="Markdown file")
     parser.add_argument("--output-json", required=True, help="JSON file")
-    parser.add_argument("--enabled", action="store_true", help="generate (otherwise write the placeholder)")
+    parser.add_argument("--enabled", action="store_true", help="generate (otherwise write a note that samples are off)")
     parser.add_argument("--prompt", action="append", default=[])
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8)
