@@ -20,7 +20,7 @@ def stdlib(tmp_path):
         "json/__init__.py": "import json.decoder\n",
         "json/decoder.py": "def decode(s):\n    return s\n",
         "abc.py": "class ABC:\n    pass\n",
-        "test/test_abc.py": "assert True\n",  # test suites are left out
+        "test/test_abc.py": "import unittest\n",  # test suites are left out
         "site-packages/pkg.py": "x = 1\n",  # so are installed packages
         "huge.py": "x = 1\n" * 50,
         "empty.py": "\n",
