@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from run_helpers import read_metrics, small_run_config
 
 from ironcore import checkpoint
 from ironcore.config import ConfigError, build_config
@@ -78,24 +79,7 @@ def start_checkpoint(tmp_path_factory, dpo_data) -> Path:
 
 
 def make_config(data_config: Path, out: Path, **overrides):
-    raw = {
-        "model": dict(TINY_MODEL),
-        "data": {"config_path": str(data_config)},
-        "trainer": {"micro_batch_size": 4, "gradient_accumulation_steps": 1, "output_dir": str(out),
-                    "save_interval": 0},
-        "operation": {"train_steps": 3, "eval_interval": 0, "eval_steps": 2, "log_interval": 1},
-        "optim": {"max_lr": 3e-3, "warmup_steps": 2, "min_lr": 3e-4},
-        "init": {"seed": 3},
-        "utils": {"tracking": False},
-    }
-    for key, value in overrides.items():
-        group, name = key.split("__")
-        raw.setdefault(group, {})[name] = value
-    return build_config(raw, world_size=1)
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return small_run_config(TINY_MODEL, data_config, out, 3, **overrides)
 
 
 def train_lines(out: Path) -> dict[int, dict]:

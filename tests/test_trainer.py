@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from run_helpers import read_metrics, small_run_config
 
 from ironcore import checkpoint
-from ironcore.config import ConfigError, build_config
+from ironcore.config import ConfigError
 from ironcore.config.data import load_data_config
 from ironcore.data.batches import StepBatches, build_dataset
 from ironcore.data.metadata import load_metadata
@@ -70,24 +71,7 @@ def make_config(data_config: Path, out: Path, **overrides):
     model = dict(TINY_MODEL)
     if "sft" in str(data_config):
         model.update(vocab_size=50257, hidden_size=32, ffn_hidden_size=64)
-    raw = {
-        "model": model,
-        "data": {"config_path": str(data_config)},
-        "trainer": {"micro_batch_size": 4, "gradient_accumulation_steps": 1, "output_dir": str(out),
-                    "save_interval": 0},
-        "operation": {"train_steps": 8, "eval_interval": 0, "eval_steps": 2, "log_interval": 1},
-        "optim": {"max_lr": 3e-3, "warmup_steps": 2, "min_lr": 3e-4},
-        "init": {"seed": 3},
-        "utils": {"tracking": False},
-    }
-    for key, value in overrides.items():
-        group, name = key.split("__")
-        raw.setdefault(group, {})[name] = value
-    return build_config(raw, world_size=1)
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return small_run_config(model, data_config, out, 8, **overrides)
 
 
 def train_losses(out: Path) -> dict[int, float]:

@@ -1,0 +1,32 @@
+"""Small training runs for the trainer and DPO tests: a config built from a mapping, and its metric lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ironcore.config import Config, build_config
+
+
+def small_run_config(model: dict[str, Any], data_config: Path, out: Path, train_steps: int, **overrides: Any) -> Config:
+    """A single-process run of ``train_steps`` steps, no tracking; ``group__key=value`` overrides."""
+    raw: dict[str, Any] = {
+        "model": dict(model),
+        "data": {"config_path": str(data_config)},
+        "trainer": {"micro_batch_size": 4, "gradient_accumulation_steps": 1, "output_dir": str(out),
+                    "save_interval": 0},
+        "operation": {"train_steps": train_steps, "eval_interval": 0, "eval_steps": 2, "log_interval": 1},
+        "optim": {"max_lr": 3e-3, "warmup_steps": 2, "min_lr": 3e-4},
+        "init": {"seed": 3},
+        "utils": {"tracking": False},
+    }
+    for key, value in overrides.items():
+        group, name = key.split("__")
+        raw.setdefault(group, {})[name] = value
+    return build_config(raw, world_size=1)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
