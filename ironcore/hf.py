@@ -176,41 +176,25 @@ def _config_from_hf(hf: Mapping[str, Any], where: str) -> ModelConfig:
     family = _family(hf, where)
     name = Path(str(hf.get("_name_or_path") or family)).name or family
     try:
-        if family == "gpt2":
+        if family in ("gpt2", "openai-gpt"):
+            # GPT-1 is GPT-2's layout, post-norm without a final norm; its "gelu" is the tanh form.
+            gpt1 = family == "openai-gpt"
+            act = ("gelu_new" if hf.get("afn", "gelu") == "gelu" else hf["afn"]) if gpt1 else hf.get(
+                "activation_function", "gelu_new")
             return ModelConfig(
                 name=name,
                 vocab_size=hf["vocab_size"],
                 hidden_size=hf["n_embd"],
                 num_layers=hf["n_layer"],
                 num_attention_heads=hf["n_head"],
-                ffn_hidden_size=hf.get("n_inner") or 4 * hf["n_embd"],
+                ffn_hidden_size=(None if gpt1 else hf.get("n_inner")) or 4 * hf["n_embd"],
                 max_position_embeddings=hf["n_positions"],
                 norm_type="layernorm",
                 norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                norm_position="post" if gpt1 else "pre",
+                final_norm=not gpt1,
                 position_embedding="learned",
-                activation=_activation(hf.get("activation_function", "gelu_new"), where),
-                attention_bias=True,
-                attention_out_bias=True,
-                mlp_bias=True,
-                tie_word_embeddings=hf.get("tie_word_embeddings", True),
-                init_std=hf.get("initializer_range", 0.02),
-            ).validate()
-        if family == "openai-gpt":
-            afn = hf.get("afn", "gelu")
-            return ModelConfig(
-                name=name,
-                vocab_size=hf["vocab_size"],
-                hidden_size=hf["n_embd"],
-                num_layers=hf["n_layer"],
-                num_attention_heads=hf["n_head"],
-                ffn_hidden_size=4 * hf["n_embd"],
-                max_position_embeddings=hf["n_positions"],
-                norm_type="layernorm",
-                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                norm_position="post",
-                final_norm=False,
-                position_embedding="learned",
-                activation=_activation("gelu_new" if afn == "gelu" else afn, where),
+                activation=_activation(act, where),
                 attention_bias=True,
                 attention_out_bias=True,
                 mlp_bias=True,
@@ -301,32 +285,22 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         "initializer_range": cfg.init_std,
         "torch_dtype": "float32",
     }
-    if family == "gpt2":
-        hf.update(
-            n_embd=cfg.hidden_size,
-            n_layer=cfg.num_layers,
-            n_head=cfg.num_attention_heads,
-            n_inner=cfg.ffn_size,
-            n_positions=cfg.max_position_embeddings,
-            n_ctx=cfg.max_position_embeddings,
-            layer_norm_epsilon=cfg.norm_eps,
-            activation_function=_HF_ACTIVATION[cfg.activation],
-            resid_pdrop=cfg.dropout,
-            embd_pdrop=cfg.dropout,
-            attn_pdrop=cfg.dropout,
-        )
-    elif family == "openai-gpt":
+    if family in ("gpt2", "openai-gpt"):
         hf.update(
             n_embd=cfg.hidden_size,
             n_layer=cfg.num_layers,
             n_head=cfg.num_attention_heads,
             n_positions=cfg.max_position_embeddings,
             layer_norm_epsilon=cfg.norm_eps,
-            afn=_OPENAI_GPT_ACTIVATION.get(cfg.activation, cfg.activation),
             resid_pdrop=cfg.dropout,
             embd_pdrop=cfg.dropout,
             attn_pdrop=cfg.dropout,
         )
+        if family == "gpt2":
+            hf.update(n_inner=cfg.ffn_size, n_ctx=cfg.max_position_embeddings,
+                      activation_function=_HF_ACTIVATION[cfg.activation])
+        else:
+            hf["afn"] = _OPENAI_GPT_ACTIVATION.get(cfg.activation, cfg.activation)
     else:
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
         if cfg.rope_scaling is not None:
