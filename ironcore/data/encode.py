@@ -158,15 +158,10 @@ class _MaskedEncoder(Encoder):
         self, prompt_ids: list[int], full_ids: list[int], location: str, counts: Counter, warnings: list[str]
     ) -> tuple[list[int], list[int]]:
         """Tokens and loss mask of one prompt+response (+ EOD), response tokens trained."""
-        boundary = len(prompt_ids)
-        if full_ids[:boundary] != prompt_ids:
-            boundary = _common_prefix(prompt_ids, full_ids)
-            counts["prompt_not_prefix"] += 1
-            if len(warnings) < MAX_WARNINGS_PER_CHUNK:
-                warnings.append(
-                    f"{location}: the prompt's tokens are not a prefix of prompt+response's (a merge across "
-                    f"the boundary); training from token {boundary}"
-                )
+        boundary = _trained_from(
+            prompt_ids, full_ids, counts, warnings,
+            f"{location}: the prompt's tokens are not a prefix of prompt+response's (a merge across the boundary)",
+        )
         mask = [0] * boundary + [1] * (len(full_ids) - boundary)
         return self.with_eod(full_ids, mask)
 
@@ -248,16 +243,11 @@ class ChatEncoder(_MaskedEncoder):
         mask = [0] * len(full)
         starts = []
         for j in range(len(turns)):
-            start_ids = prefixes[2 * j]
-            start = len(start_ids)
-            if full[:start] != start_ids:
-                start = _common_prefix(start_ids, full)
-                counts["prompt_not_prefix"] += 1
-                if len(warnings) < MAX_WARNINGS_PER_CHUNK:
-                    warnings.append(
-                        f"{location}: the chat prompt before assistant turn {j + 1} does not tokenize to a "
-                        f"prefix of the conversation; training from token {start}"
-                    )
+            start = _trained_from(
+                prefixes[2 * j], full, counts, warnings,
+                f"{location}: the chat prompt before assistant turn {j + 1} does not tokenize to a prefix "
+                "of the conversation",
+            )
             starts.append(start)
         for j, start in enumerate(starts):
             end_ids = prefixes[2 * j + 1]
@@ -340,6 +330,18 @@ def _check_messages(messages: Any) -> str:
     if not any(m["role"] == "assistant" for m in messages):
         return "has no assistant turn to train on"
     return ""
+
+
+def _trained_from(prefix: list[int], full: list[int], counts: Counter, warnings: list[str], problem: str) -> int:
+    """Where training starts: after ``prefix`` when ``full`` begins with it, else where they first differ
+    (counted as prompt_not_prefix, with a warning saying ``problem``)."""
+    if full[: len(prefix)] == prefix:
+        return len(prefix)
+    start = _common_prefix(prefix, full)
+    counts["prompt_not_prefix"] += 1
+    if len(warnings) < MAX_WARNINGS_PER_CHUNK:
+        warnings.append(f"{problem}; training from token {start}")
+    return start
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
