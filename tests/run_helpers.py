@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +33,14 @@ def small_run_config(model: dict[str, Any], data_config: Path, out: Path, train_
 def read_metrics(out: Path) -> list[dict]:
     """The lines of a run's metrics.jsonl."""
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def launch_train(config: Path, nproc: int, *overrides: str) -> None:
+    """``ironcore train`` in a subprocess: torchrun (single-node c10d rendezvous) when nproc > 1."""
+    root = Path(__file__).resolve().parents[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"] if nproc > 1 else [sys.executable]
+    cmd = [*launcher, "-m", "ironcore", "train", "--config", str(config), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]

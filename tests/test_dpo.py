@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from run_helpers import read_metrics, small_run_config
+from run_helpers import launch_train, read_metrics, small_run_config
 
 from ironcore import checkpoint
 from ironcore.config import ConfigError, build_config
@@ -275,12 +273,7 @@ def test_bad_pairs_are_counted_and_skipped(tmp_path, data_config, caplog) -> Non
 
 
 def _torchrun(config: Path, nproc: int, *overrides: str) -> dict[int, dict]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"] if nproc > 1 else [sys.executable]
-    cmd = [*launcher, "-m", "ironcore", "train", "--config", str(config), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch_train(config, nproc, *overrides)
     out = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("trainer.output_dir=")))
     return train_lines(out)
 

@@ -7,14 +7,11 @@ and a checkpoint written at TP=2 resumes at TP=1.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from run_helpers import launch_train, read_metrics
 
 from ironcore import checkpoint
 from ironcore.config.data import load_data_config
@@ -52,13 +49,8 @@ def train(data_config: Path, out: Path, nproc: int, *overrides: str) -> list[dic
         "operation": {"train_steps": 10, "eval_interval": 5, "eval_steps": 2, "log_interval": 1},
         "optim": {"max_lr": 3e-3, "warmup_steps": 2}, "utils": {"tracking": False},
     }))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"] if nproc > 1 else [sys.executable]
-    cmd = [*launcher, "-m", "ironcore", "train", "--config", str(config), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    launch_train(config, nproc, *overrides)
+    return read_metrics(out)
 
 
 def losses(lines: list[dict], key: str = "loss") -> dict[int, float]:
