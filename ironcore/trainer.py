@@ -52,7 +52,7 @@ from ironcore.parallel.sharding import (
     load_full_optimizer_state,
     load_full_state_dict,
 )
-from ironcore.perf import peak_flops
+from ironcore.perf import peak_flops, retain_freed_host_memory
 from ironcore.tracking import Tracker, git_tags
 
 log = logging.getLogger("ironcore.train")
@@ -78,6 +78,8 @@ class Trainer:
         # Process groups first: the layers read the TP layout when they are built.
         self.ctx = init_parallel(cfg.trainer.tensor_model_parallel_size, cfg.model, cfg.trainer.device)
         self.device = self.ctx.device
+        if cfg.trainer.retain_host_memory and self.device.type == "cpu":
+            retain_freed_host_memory()  # before the model exists, so its first allocations already follow it
         self.rank, self.world_size = self.ctx.rank, self.ctx.world_size
         self.dp_rank, self.dp_size = self.ctx.dp_rank, self.ctx.dp_size
         self.is_main = self.ctx.is_main

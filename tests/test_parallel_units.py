@@ -84,6 +84,31 @@ def test_padding_never_leaves_the_model(tied):
     loss = vocab_parallel_cross_entropy(sharded, torch.randint(0, 300, (2, 8))).mean()
     loss.backward()
     assert model.embed.weight.grad[300:].abs().sum() == 0
+    # Even a loss that does send gradient to the -inf columns leaves the padding rows without one.
+    model.zero_grad()
+    model(ids, parallel_output=True).sum().backward()
+    head = model.embed.weight if tied else model.lm_head.weight
+    assert head.grad[300:].abs().sum() == 0 and head.grad[:300].abs().sum() > 0
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_tied_projection_matches_linear(autocast):
+    """The tied output projection's own autograd gives what F.linear's does, under bf16 autocast too."""
+    model = small("llama-tiny", vocab_size=300, tie_word_embeddings=True)
+    x = torch.randn(2, 5, model.config.hidden_size, requires_grad=True)
+    results = []
+    for project in (model.embed.project, lambda h: F.linear(h, model.embed.weight)):
+        model.zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = project(x)
+        out.float().square().sum().backward()
+        results.append((out, x.grad, model.embed.weight.grad))
+    (out, gx, gw), (ref, ref_gx, ref_gw) = results
+    assert out.dtype == ref.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert gx.dtype == gw.dtype == torch.float32 and gw.is_contiguous()
+    for a, b in zip((out, gx, gw), (ref, ref_gx, ref_gw)):
+        torch.testing.assert_close(a, b)
 
 
 def test_same_seed_same_network_whatever_the_padding():

@@ -16,6 +16,7 @@ import torch
 import yaml
 from run_helpers import read_metrics, small_run_config
 
+import ironcore.trainer as trainer_module
 from ironcore import checkpoint
 from ironcore.config import ConfigError
 from ironcore.config.data import load_data_config
@@ -237,7 +238,6 @@ def test_dead_tracking_server_does_not_stop_training(pretrain_data, tmp_path, mo
 
 
 def test_non_finite_steps_are_skipped_then_stop(pretrain_data, tmp_path, monkeypatch) -> None:
-    import ironcore.trainer as trainer_module
 
     real = trainer_module.token_losses
     calls = {"n": 0}
@@ -310,3 +310,11 @@ def test_recompute_and_bf16_train(pretrain_data, tmp_path, option) -> None:
         assert all(abs(a[s] - b[s]) < 1e-6 for s in a)
     else:  # bf16 autocast: close to fp32, not equal
         assert all(abs(a[s] - b[s]) < 0.05 for s in a) and a != b
+
+
+@pytest.mark.parametrize("retain", [True, False])
+def test_cpu_trainer_keeps_freed_host_memory_unless_told_not_to(pretrain_data, tmp_path, monkeypatch, retain):
+    calls = []
+    monkeypatch.setattr(trainer_module, "retain_freed_host_memory", lambda: calls.append(True))
+    Trainer(make_config(pretrain_data, tmp_path / "run", trainer__retain_host_memory=retain))
+    assert calls == ([True] if retain else [])

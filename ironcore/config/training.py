@@ -46,6 +46,11 @@ class TrainerConfig:
     peak_tflops: float | None = field(
         None, help="Peak TFLOP/s of one device for MFU (null: GPU data-sheet table, or measured on CPU)."
     )
+    retain_host_memory: bool = field(
+        True,
+        help="CPU training: keep freed host memory for reuse (Linux/glibc) instead of page-faulting it back "
+        "every step; the process then holds its peak host memory until it exits.",
+    )
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ from ironcore.parallel.layers import (
     mask_vocab_padding,
     residual_std,
 )
-from ironcore.parallel.mappings import copy_to_tp, gather_from_tp
+from ironcore.parallel.mappings import gather_from_tp
 
 
 class TransformerBlock(nn.Module):
@@ -169,7 +169,7 @@ class TransformerModel(nn.Module):
         if self.lm_head is not None:
             logits = self.lm_head(x)
         else:
-            logits = torch.nn.functional.linear(copy_to_tp(x), self.embed.weight)
+            logits = self.embed.project(x)
         if parallel_output:
             return mask_vocab_padding(logits, self.config.vocab_size)
         return gather_from_tp(logits)[..., : self.config.vocab_size]

@@ -11,7 +11,8 @@ vocabulary, so each rank computes its share and one all-reduce adds them:
 The backward pass is local: ``softmax - one_hot(target)`` on this rank's
 slice. Communication per token: three floats, versus the vocabulary size
 for gathering the logits. Vocabulary padding columns arrive as -inf (see
-``mask_vocab_padding``) and drop out of both sums.
+``mask_vocab_padding``) and drop out of both sums. With one rank the
+vocabulary is whole and a fused ``log_softmax`` does the same in one pass.
 """
 
 from __future__ import annotations
@@ -24,36 +25,52 @@ from ironcore.parallel import comm, state
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:  # noqa: D102
-        group, vocab_local = state.tp_group(), logits.shape[-1]
-        z = logits.float()
-        z_max = z.max(dim=-1).values
-        comm.all_reduce(z_max, group, op="max")
-        z = z - z_max.unsqueeze(-1)
-
-        local_target = targets - state.tp_rank() * vocab_local
-        mine = (local_target >= 0) & (local_target < vocab_local)
-        local_target = local_target.masked_fill(~mine, 0)
-        target_z = z.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
-
-        exp = z.exp_()  # z is ours (a fresh tensor); reuse its memory for the softmax
-        sums = torch.stack([exp.sum(dim=-1), target_z])
-        comm.all_reduce(sums, group)
-        sum_exp, target_z = sums
         ignored = targets == ignore_index
-        loss = (sum_exp.log() - target_z).masked_fill(ignored, 0.0)
-
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_target, mine, ignored)
+        if state.tp_size() == 1:
+            # The whole vocabulary is here: one fused log-softmax kernel instead of five passes over the logits.
+            mine = ~ignored
+            local_target = targets.masked_fill(ignored, 0)
+            log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            loss = -log_probs.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+            saved, ctx.saved_log_probs = log_probs, True
+        else:
+            loss, saved, local_target, mine = _partial_sums_loss(logits, targets)
+            ctx.saved_log_probs = False
+        ctx.save_for_backward(saved, local_target, mine, ignored)
         ctx.input_dtype = logits.dtype
-        return loss
+        return loss.masked_fill(ignored, 0.0)
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):  # noqa: D102
-        softmax, local_target, mine, ignored = ctx.saved_tensors
-        grad = softmax  # modified in place: the saved softmax is not needed again
+        saved, local_target, mine, ignored = ctx.saved_tensors
+        # softmax - one_hot(target), in place: the saved tensor is not needed again
+        grad = saved.exp_() if ctx.saved_log_probs else saved
         grad.scatter_add_(-1, local_target.unsqueeze(-1), -mine.unsqueeze(-1).to(grad.dtype))
         grad.mul_(grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1))
         return grad.to(ctx.input_dtype), None, None
+
+
+def _partial_sums_loss(
+    logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Losses from this rank's vocab slice (steps 1-2 of the module doc); also the softmax for the backward,
+    the local target indices and whether each target is in this rank's slice."""
+    group, vocab_local = state.tp_group(), logits.shape[-1]
+    z = logits.float()
+    z_max = z.max(dim=-1).values
+    comm.all_reduce(z_max, group, op="max")
+    z = z - z_max.unsqueeze(-1)
+
+    local_target = targets - state.tp_rank() * vocab_local
+    mine = (local_target >= 0) & (local_target < vocab_local)
+    local_target = local_target.masked_fill(~mine, 0)
+    target_z = z.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
+
+    exp = z.exp_()  # z is ours (a fresh tensor); reuse its memory for the softmax
+    sums = torch.stack([exp.sum(dim=-1), target_z])
+    comm.all_reduce(sums, group)
+    sum_exp, target_z = sums
+    return sum_exp.log() - target_z, exp.div_(sum_exp.unsqueeze(-1)), local_target, mine
 
 
 def vocab_parallel_cross_entropy(

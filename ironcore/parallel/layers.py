@@ -42,14 +42,35 @@ def padded_vocab_size(vocab_size: int, tp: int | None = None) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+class _MaskPadding(torch.autograd.Function):
+    """In place, forward and backward: autograd's own in-place slice write would copy the whole
+    gradient of the logits (a vocabulary-wide tensor) in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, real: int) -> torch.Tensor:  # noqa: D102
+        ctx.real = real
+        ctx.mark_dirty(logits)
+        logits[..., real:] = float("-inf")
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        grad = grad.contiguous()  # a fresh tensor from the loss's backward; a copy only if it was expanded
+        grad[..., ctx.real :] = 0.0
+        return grad, None
+
+
 def mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Set the padding columns of this rank's vocab-parallel ``logits`` to -inf (a no-op without any)."""
+    """Set the padding columns of this rank's vocab-parallel ``logits`` to -inf in place (a no-op without any).
+
+    In place because the projection's backward does not need its output; the
+    padding columns pass no gradient back.
+    """
     local = logits.shape[-1]
     real = min(max(vocab_size - state.tp_rank() * local, 0), local)
     if real == local:
         return logits
-    logits[..., real:] = float("-inf")  # in place: the projection's backward does not need its output
-    return logits
+    return _MaskPadding.apply(logits, real)
 
 
 def _local_size(split: TPSplit, what: str) -> int:
@@ -148,6 +169,40 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local_ids < 0) | (local_ids >= self.weight.shape[0])
         out = F.embedding(local_ids.masked_fill(outside, 0), self.weight)
         return reduce_from_tp(out.masked_fill(outside.unsqueeze(-1), 0.0))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Output projection with this (tied) weight: this rank's vocab-parallel logits."""
+        return _TiedProjection.apply(copy_to_tp(x), self.weight)
+
+
+class _TiedProjection(torch.autograd.Function):
+    """``x @ weight.T`` whose weight gradient comes back as one fresh contiguous tensor.
+
+    Autograd's own linear returns a transposed view, and a view cannot take the
+    embedding lookup's gradient in place: with tied weights every step would
+    allocate a third vocabulary x hidden tensor just to add the two. Casts like
+    autocast's own linear when autocast is on.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        x_c, w_c = x.to(dtype), weight.to(dtype)
+        ctx.save_for_backward(x_c, w_c)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return F.linear(x_c, w_c)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        x, weight = ctx.saved_tensors
+        grad = grad.to(x.dtype)
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])).to(ctx.dtypes[1])
+        return grad_x, grad_weight
 
 
 def residual_std(std: float, num_layers: int) -> float:
