@@ -42,35 +42,14 @@ def padded_vocab_size(vocab_size: int, tp: int | None = None) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-class _MaskPadding(torch.autograd.Function):
-    """In place, forward and backward: autograd's own in-place slice write would copy the whole
-    gradient of the logits (a vocabulary-wide tensor) in the backward pass."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, real: int) -> torch.Tensor:  # noqa: D102
-        ctx.real = real
-        ctx.mark_dirty(logits)
-        logits[..., real:] = float("-inf")
-        return logits
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: D102
-        grad = grad.contiguous()  # a fresh tensor from the loss's backward; a copy only if it was expanded
-        grad[..., ctx.real :] = 0.0
-        return grad, None
-
-
 def mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Set the padding columns of this rank's vocab-parallel ``logits`` to -inf in place (a no-op without any).
-
-    In place because the projection's backward does not need its output; the
-    padding columns pass no gradient back.
-    """
+    """Set the padding columns of this rank's vocab-parallel ``logits`` to -inf (a no-op without any)."""
     local = logits.shape[-1]
     real = min(max(vocab_size - state.tp_rank() * local, 0), local)
     if real == local:
         return logits
-    return _MaskPadding.apply(logits, real)
+    logits[..., real:] = float("-inf")  # in place: the projection's backward does not need its output
+    return logits
 
 
 def _local_size(split: TPSplit, what: str) -> int:
