@@ -208,6 +208,10 @@ def main() -> None:
               f"{r['mfu']:>6.1%} {r['peak_rss_mb']:>7.0f}MB {r['first_loss']:>11.5f}  "
               + " ".join(f"{x:.0f}" for x in runs[(impl, mode)]))
     print("hf-retain: the HF loop with IronCore's host-allocator setting (trainer.retain_host_memory)")
+    for mode in args.modes:  # each pair ran back to back, so its ratio is the least noisy summary
+        pairs = [a / b for a, b in zip(runs[("ironcore", mode)], runs[("hf", mode)])]
+        print(f"IronCore / HF {mode}, per interleaved run: " + " ".join(f"{x:.2f}" for x in pairs)
+              + f" (median {statistics.median(pairs):.2f})")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ import torch
 
 from ironcore.perf import peak_flops
 
-# Page faults per cycle of a training-step-like pattern: a 64 MiB and a 21 MiB tensor (both above
-# glibc's mmap threshold) allocated, filled and freed, ten times over.
+# Page faults per cycle of a training-step-like pattern: a 64 MiB tensor (above the 32 MiB that glibc always
+# serves with mmap) and a 21 MiB one allocated, filled and freed, ten times over.
 _CYCLE_FAULTS = """
 import resource, sys, torch
 from ironcore.perf import retain_freed_host_memory
