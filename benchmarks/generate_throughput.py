@@ -18,15 +18,12 @@ speed-up is the ratio of the two decode rates. Prints; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from collections.abc import Callable
 
 import torch
-from model_throughput import LLAMA_125M
+from model_throughput import twin_models
 
-from ironcore.config import load_model_config
-from ironcore.hf import save_hf_model
 from ironcore.inference import generate
 from ironcore.models import TransformerModel
 
@@ -60,14 +57,9 @@ def timed(fn: Generate, n: int) -> tuple[float, list[list[int]]]:
 
 
 def bench(name: str, batch: int, prompt_len: int, new_tokens: int, rounds: int, no_cache_rounds: int) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    cfg = load_model_config(LLAMA_125M if name == "llama-125m" else name)
-    torch.manual_seed(0)
-    model = TransformerModel(cfg).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        save_hf_model(model, tmp)
-        hf_model = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").float().eval()
+    cfg, model, hf_model = twin_models(name)
+    model.eval()
+    hf_model.eval()
     hf_model.generation_config.eos_token_id = None
     ids = torch.randint(1, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
     runs = decoders(model, hf_model, ids)

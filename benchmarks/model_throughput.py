@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ironcore.config import load_model_config
+from ironcore.config.model import ModelConfig
 from ironcore.hf import save_hf_model
 from ironcore.models import TransformerModel
 from ironcore.models.stats import model_stats
@@ -34,6 +35,19 @@ LLAMA_125M = dict(
     num_key_value_heads=4, ffn_hidden_size=2048, max_position_embeddings=2048, norm_type="rmsnorm",
     norm_eps=1e-5, position_embedding="rope", activation="silu", gated_mlp=True, tie_word_embeddings=False,
 )
+
+
+def twin_models(name: str) -> tuple[ModelConfig, TransformerModel, torch.nn.Module]:
+    """The named model (seed 0) and the HF model loaded from its exported weights: one network, twice."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_model_config(LLAMA_125M if name == "llama-125m" else name)
+    torch.manual_seed(0)
+    ours = TransformerModel(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_model(ours, tmp)
+        theirs = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").float()
+    return cfg, ours, theirs
 
 
 def make_step(model: torch.nn.Module, hf: bool):
@@ -51,14 +65,9 @@ def make_step(model: torch.nn.Module, hf: bool):
 
 
 def bench(name: str, batch: int, seq_len: int, rounds: int, steps_per_round: int, peak: float) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    cfg = load_model_config(LLAMA_125M if name == "llama-125m" else name)
-    torch.manual_seed(0)
-    ours = TransformerModel(cfg).train()
-    with tempfile.TemporaryDirectory() as tmp:
-        save_hf_model(ours, tmp)
-        theirs = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").float().train()
+    cfg, ours, theirs = twin_models(name)
+    ours.train()
+    theirs.train()
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(1))
     x, y = ids[:, :-1], ids[:, 1:]
     steps = {"ironcore": make_step(ours, hf=False), "hf": make_step(theirs, hf=True)}

@@ -18,6 +18,13 @@ from ironcore.tokenizer import Tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 TEMPLATE = "Question: {prompt}\nAnswer:\n"
+GSM8K = EXAMPLES / "gsm8k" / "gsm8k_train_300.jsonl"
+
+
+def gsm8k_config(data_config, **overrides):
+    """The GSM8K prompt/response SFT data config of these tests."""
+    return data_config(task_type="sft", source={"path": str(GSM8K)}, fields={"prompt": "question", "response": "answer"},
+                       prompt_template=TEMPLATE, **overrides)
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -31,16 +38,8 @@ def _examples(out: Path, split: str = "train") -> list[tuple[list[int], list[int
 
 
 def test_prompt_response_masks_equal_the_split(tmp_path, data_config, gpt2_tokenizer) -> None:
-    source = EXAMPLES / "gsm8k" / "gsm8k_train_300.jsonl"
-    rows = [json.loads(line) for line in source.read_text().splitlines()]
-    config = data_config(
-        task_type="sft",
-        source={"path": str(source)},
-        fields={"prompt": "question", "response": "answer"},
-        prompt_template=TEMPLATE,
-        max_seq_length=1024,
-        num_workers=2,
-    )
+    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()]
+    config = gsm8k_config(data_config, max_seq_length=1024, num_workers=2)
     metadata = preprocess(config, progress=False)
     assert metadata["counts"].get("prompt_not_prefix", 0) == 0
     examples = _examples(tmp_path / "out")
@@ -179,14 +178,7 @@ def test_next_fit_bins_respect_capacity() -> None:
 
 
 def test_sft_dataset_padding_and_packing(tmp_path, data_config) -> None:
-    source = EXAMPLES / "gsm8k" / "gsm8k_train_300.jsonl"
-    config = data_config(
-        task_type="sft",
-        source={"path": str(source)},
-        fields={"prompt": "question", "response": "answer"},
-        prompt_template=TEMPLATE,
-        max_seq_length=512,
-    )
+    config = gsm8k_config(data_config, max_seq_length=512)
     preprocess(config, progress=False)
     examples = _examples(tmp_path / "out")
     padded = SFTDataset(tmp_path / "out" / "train", seq_len=512, pad_id=50256)
