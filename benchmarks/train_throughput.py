@@ -18,6 +18,7 @@ losses).
 
     python benchmarks/train_throughput.py                        # gpt2-small, eager and compiled
     python benchmarks/train_throughput.py --model llama-tiny --steps 6 --modes eager
+    python benchmarks/train_throughput.py --modes eager --impls ironcore hf --repeat 10   # more pairs
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=2, help="interleaved runs of every row; the fastest is shown")
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS,
+                        help="rows to run (hf, the baseline, always runs)")
     parser.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -187,7 +190,7 @@ def main() -> None:
         runs: dict[tuple[str, str], list[float]] = {}
         for _ in range(args.repeat):  # interleaved, so slow phases of a shared machine hit every row alike
             for mode in args.modes:
-                for impl in IMPLS:
+                for impl in [i for i in IMPLS if i in args.impls or i == "hf"]:
                     r = run_worker(args, impl, mode, tmp, data_config)
                     r["tokens_per_sec"] = r["tokens_per_step"] / statistics.median(r["step_times"])
                     r["mfu"] = r["tokens_per_sec"] * flops_per_token / peak
@@ -207,8 +210,9 @@ def main() -> None:
         print(f"{mode:<9} {impl:<10} {r['tokens_per_sec']:>8.0f} {r['tokens_per_sec'] / base:>11.2f}x {same:>15.2f}x "
               f"{r['mfu']:>6.1%} {r['peak_rss_mb']:>7.0f}MB {r['first_loss']:>11.5f}  "
               + " ".join(f"{x:.0f}" for x in runs[(impl, mode)]))
-    print("hf-retain: the HF loop with IronCore's host-allocator setting (trainer.retain_host_memory)")
-    for mode in args.modes:  # each pair ran back to back, so its ratio is the least noisy summary
+    if "hf-retain" in args.impls:
+        print("hf-retain: the HF loop with IronCore's host-allocator setting (trainer.retain_host_memory)")
+    for mode in args.modes if "ironcore" in args.impls else []:  # each pair ran back to back: the least noisy summary
         pairs = [a / b for a, b in zip(runs[("ironcore", mode)], runs[("hf", mode)])]
         print(f"IronCore / HF {mode}, per interleaved run: " + " ".join(f"{x:.2f}" for x in pairs)
               + f" (median {statistics.median(pairs):.2f})")

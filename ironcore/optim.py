@@ -44,6 +44,30 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
+def step_with_scaled_grads(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """``optimizer.step()`` on the gradients times ``factor`` (the gradient-clipping factor; 1 costs nothing).
+
+    A fused optimizer (``_step_supports_amp_scaling``) divides each gradient by
+    its ``grad_scale`` attribute inside its one kernel -- the hook
+    ``torch.amp.GradScaler`` uses, which also multiplies in a scale the user
+    set -- saving a separate read and write of every gradient. Others get the
+    factor multiplied in first. Either way ``.grad`` ends up scaled.
+    """
+    if factor == 1.0:
+        optimizer.step()
+        return
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        torch._foreach_mul_(grads, factor)
+        optimizer.step()
+        return
+    optimizer.grad_scale = torch.tensor(1.0 / factor, dtype=torch.float32, device=grads[0].device)
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale
+
+
 def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """LR for optimizer step ``step`` (0-based): linear warmup to max_lr, then decay to min_lr."""
     if cfg.warmup_steps and step < cfg.warmup_steps:

@@ -42,9 +42,9 @@ from ironcore.evaluate import loss_sums, summarize, token_losses
 from ironcore.hf import load_hf_model
 from ironcore.models import TransformerModel
 from ironcore.models.stats import model_stats
-from ironcore.optim import build_optimizer, learning_rate, total_steps
+from ironcore.optim import build_optimizer, learning_rate, step_with_scaled_grads, total_steps
 from ironcore.parallel import comm, state
-from ironcore.parallel.grad import clip_grad_norm, finalize_grads
+from ironcore.parallel.grad import clip_factor, finalize_grads, grad_norm
 from ironcore.parallel.setup import init_parallel
 from ironcore.parallel.sharding import (
     full_optimizer_state,
@@ -289,22 +289,22 @@ class Trainer:
             metrics, n_tokens = self._lm_backward(micro_batches)
         finalize_grads(self.model, dp_reduction="sum")  # the only gradient communication of the step
         loss = metrics["loss"]
-        grad_norm = clip_grad_norm(self.model, cfg.trainer.grad_clip).item()
+        norm = grad_norm(self.model).item()
         lr = learning_rate(self.state.step, self.total_steps, cfg.optim)
         self.state.step += 1
         self.state.consumed_samples += cfg.trainer.train_batch_size
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        if not (math.isfinite(loss) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.state.skipped_steps += 1
             log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): step skipped",
-                        self.state.step, loss, grad_norm)
+                        self.state.step, loss, norm)
             return None
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        step_with_scaled_grads(self.optimizer, clip_factor(norm, cfg.trainer.grad_clip))  # clipping
         self.optimizer.zero_grad(set_to_none=True)
         self.state.tokens += n_tokens
-        return {**metrics, "lr": lr, "grad_norm": grad_norm}
+        return {**metrics, "lr": lr, "grad_norm": norm}
 
     def _lm_backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, float], int]:
         """Pretrain/SFT: backpropagate the token-weighted loss of the global batch; its loss and trained tokens."""

@@ -1,15 +1,23 @@
-"""Optimizer groups and the learning-rate schedule."""
+"""Optimizer groups, the learning-rate schedule and the clipped optimizer step."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
 from ironcore.config import load_model_config
 from ironcore.config.training import OperationConfig, OptimConfig
 from ironcore.models import TransformerModel
-from ironcore.optim import build_optimizer, learning_rate, parameter_groups, total_steps
+from ironcore.optim import (
+    build_optimizer,
+    learning_rate,
+    parameter_groups,
+    step_with_scaled_grads,
+    total_steps,
+)
+from ironcore.parallel.grad import clip_factor
 
 
 def test_no_weight_decay_on_norms_biases_and_embeddings() -> None:
@@ -45,3 +53,33 @@ def test_schedules() -> None:
 def test_token_budget_becomes_steps() -> None:
     assert total_steps(OperationConfig(train_steps=None, train_tokens=10_000), tokens_per_step=1024) == 10
     assert total_steps(OperationConfig(train_steps=7, train_tokens=10_000), tokens_per_step=1024) == 7
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+@pytest.mark.parametrize("factor", [0.3, 1.0])
+def test_step_with_scaled_grads_equals_scaling_then_stepping(name: str, factor: float) -> None:
+    """The fused AdamW takes the clipping factor inside its kernel; SGD gets it multiplied in. Both must equal
+    torch's own clip-then-step, leave the clipped gradients in .grad, and leave no scale behind for later steps."""
+    torch.manual_seed(0)
+    models = [TransformerModel(load_model_config("gpt2-tiny")) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [build_optimizer(m, OptimConfig(optimizer=name, max_lr=1e-2)) for m in models]
+    ids = torch.randint(0, 1000, (2, 16))
+    for m in models:
+        m(ids).square().mean().backward()
+    norm = torch.nn.utils.clip_grad_norm_(models[0].parameters(), float("inf")).item()
+    max_norm = factor * (norm + 1e-6)
+    torch.nn.utils.clip_grad_norm_(models[0].parameters(), max_norm)
+    optimizers[0].step()
+    assert clip_factor(norm, max_norm) == pytest.approx(factor)
+    step_with_scaled_grads(optimizers[1], clip_factor(norm, max_norm))
+    assert not hasattr(optimizers[1], "grad_scale")
+    for (name_, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name_)
+        torch.testing.assert_close(b, a, msg=name_)
+    assert (name == "adamw") == getattr(optimizers[1], "_step_supports_amp_scaling", False)
+
+
+def test_clip_factor() -> None:
+    assert clip_factor(0.5, 1.0) == 1.0 and clip_factor(4.0, 0.0) == 1.0
+    assert clip_factor(4.0, 1.0) == pytest.approx(0.25)

@@ -92,22 +92,34 @@ def test_padding_never_leaves_the_model(tied):
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_tied_projection_matches_linear(autocast):
-    """The tied output projection's own autograd gives what F.linear's does, under bf16 autocast too."""
-    model = small("llama-tiny", vocab_size=300, tie_word_embeddings=True)
+@pytest.mark.parametrize("tied", [True, False])
+def test_vocab_projection_matches_masked_linear(tied, autocast):
+    """The output projection's own autograd gives what F.linear + a -inf padding mask give, under bf16 autocast too,
+    with a gradient arriving on every column (the padding ones included)."""
+    model = small("llama-tiny", vocab_size=300, tie_word_embeddings=tied, lm_head_bias=not tied)
+    head = model.embed if tied else model.lm_head
+    with torch.no_grad():
+        for p in head.parameters():
+            p[300:] = torch.randn_like(p[300:])  # would leak into the input gradient if padding columns were read
     x = torch.randn(2, 5, model.config.hidden_size, requires_grad=True)
+    padding = torch.arange(384) >= 300
+    grad_out = torch.randn(2, 5, 384)
     results = []
-    for project in (model.embed.project, lambda h: F.linear(h, model.embed.weight)):
+    for project in (
+        model.embed.project if tied else model.lm_head,
+        lambda h: F.linear(h, head.weight, None if tied else head.bias).masked_fill(padding, float("-inf")),
+    ):
         model.zero_grad()
         x.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = project(x)
-        out.float().square().sum().backward()
-        results.append((out, x.grad, model.embed.weight.grad))
-    (out, gx, gw), (ref, ref_gx, ref_gw) = results
+        out.backward(grad_out.to(out.dtype))
+        results.append((out, x.grad, *(p.grad for p in head.parameters())))
+    (out, *grads), (ref, *ref_grads) = results
     assert out.dtype == ref.dtype == (torch.bfloat16 if autocast else torch.float32)
-    assert gx.dtype == gw.dtype == torch.float32 and gw.is_contiguous()
-    for a, b in zip((out, gx, gw), (ref, ref_gx, ref_gw)):
+    assert all(g.dtype == torch.float32 and g.is_contiguous() for g in grads)
+    assert all(g[300:].abs().sum() == 0 for g in grads[1:])  # padding rows get no gradient
+    for a, b in zip((out, *grads), (ref, *ref_grads)):
         torch.testing.assert_close(a, b)
 
 

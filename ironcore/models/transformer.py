@@ -10,12 +10,7 @@ from ironcore.layers.attention import Attention, KVCache, LayerKVCache
 from ironcore.layers.mlp import MLP
 from ironcore.layers.norm import RMSNorm, build_norm
 from ironcore.layers.rope import RotaryEmbedding
-from ironcore.parallel.layers import (
-    ColumnParallelLinear,
-    VocabParallelEmbedding,
-    mask_vocab_padding,
-    residual_std,
-)
+from ironcore.parallel.layers import VocabParallelEmbedding, VocabParallelOutput, residual_std
 from ironcore.parallel.mappings import gather_from_tp
 
 
@@ -71,9 +66,7 @@ class TransformerModel(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.num_layers))
         self.final_norm = build_norm(cfg) if cfg.final_norm else None
         self.lm_head = (
-            None
-            if cfg.tie_word_embeddings
-            else ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias, pad_vocab=True)
+            None if cfg.tie_word_embeddings else VocabParallelOutput(cfg.hidden_size, cfg.vocab_size, cfg.lm_head_bias)
         )
         self._mask_cache: tuple[int, int, torch.device, torch.Tensor] | None = None
         self.reset_parameters()
@@ -166,10 +159,7 @@ class TransformerModel(nn.Module):
             x = x[:, -logits_to_keep:]
         if self.final_norm is not None:
             x = self.final_norm(x)
-        if self.lm_head is not None:
-            logits = self.lm_head(x)
-        else:
-            logits = self.embed.project(x)
+        logits = self.embed.project(x) if self.lm_head is None else self.lm_head(x)
         if parallel_output:
-            return mask_vocab_padding(logits, self.config.vocab_size)
+            return logits
         return gather_from_tp(logits)[..., : self.config.vocab_size]

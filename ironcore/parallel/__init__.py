@@ -4,7 +4,7 @@ setup          process groups from torchrun's env: init_parallel / destroy_paral
 state          the current TP and DP groups (what layers ask)
 comm           counted collectives (all-reduce, all-gather, bucketed all-reduce)
 mappings       Megatron's copy / reduce / gather regions as autograd functions
-layers         ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab padding
+layers         ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelOutput, vocab padding
 cross_entropy  vocab-parallel cross-entropy (per-token losses)
 sharding       TPSplit; full <-> sharded tensors, state dicts and optimizer states
 grad           finalize_grads (TP sums + DP all-reduce), grad_norm, clip_grad_norm

@@ -11,7 +11,7 @@ vocabulary, so each rank computes its share and one all-reduce adds them:
 The backward pass is local: ``softmax - one_hot(target)`` on this rank's
 slice. Communication per token: three floats, versus the vocabulary size
 for gathering the logits. Vocabulary padding columns arrive as -inf (see
-``mask_vocab_padding``) and drop out of both sums. With one rank the
+``ironcore.parallel.layers.vocab_logits``) and drop out of both sums. With one rank the
 vocabulary is whole and a fused ``log_softmax`` does the same in one pass.
 """
 

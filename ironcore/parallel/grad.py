@@ -8,6 +8,13 @@ gradient accumulation costs no communication)::
     norm = clip_grad_norm(model, max_norm)        # global norm over all ranks
     optimizer.step()
 
+IronCore's trainer reads the norm on the host anyway (log line, non-finite
+check), so it hands the clipping factor to the optimizer step instead of a
+separate pass over the gradients::
+
+    norm = grad_norm(model).item()
+    step_with_scaled_grads(optimizer, clip_factor(norm, max_norm))   # ironcore.optim
+
 Tensor parallelism: a split parameter's gradient is complete on its rank.
 Replicated parameters (norms, row-parallel biases, position embeddings) see
 the full activations' gradient on every rank, so their gradients are
@@ -127,6 +134,11 @@ def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.
     for t in tensors:
         total += torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32).square().sum()
     return total
+
+
+def clip_factor(norm: float, max_norm: float) -> float:
+    """What :func:`clip_grad_norm` scales gradients by, for a norm already on the host (1 when not clipping)."""
+    return min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:

@@ -17,8 +17,8 @@ fewer of them than ranks.
 The vocabulary (token embedding, output projection) is padded to a multiple
 of ``128 x tp`` like Megatron's ``make_vocab_size_divisible_by``: every rank
 gets an equal, 128-aligned slice. Padding rows start at zero, their logits
-are masked to -inf, so they are never sampled, never counted in the loss and
-never receive a gradient.
+come out of the output projection as -inf, so they are never sampled, never
+counted in the loss and never receive a gradient.
 """
 
 from __future__ import annotations
@@ -40,16 +40,6 @@ def padded_vocab_size(vocab_size: int, tp: int | None = None) -> int:
     """``vocab_size`` rounded up to a multiple of 128 x tp (default tp: the current TP size)."""
     multiple = VOCAB_MULTIPLE * (state.tp_size() if tp is None else tp)
     return -(-vocab_size // multiple) * multiple
-
-
-def mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Set the padding columns of this rank's vocab-parallel ``logits`` to -inf (a no-op without any)."""
-    local = logits.shape[-1]
-    real = min(max(vocab_size - state.tp_rank() * local, 0), local)
-    if real == local:
-        return logits
-    logits[..., real:] = float("-inf")  # in place: the projection's backward does not need its output
-    return logits
 
 
 def _local_size(split: TPSplit, what: str) -> int:
@@ -150,38 +140,69 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tp(out.masked_fill(outside.unsqueeze(-1), 0.0))
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Output projection with this (tied) weight: this rank's vocab-parallel logits."""
-        return _TiedProjection.apply(copy_to_tp(x), self.weight)
+        """Output projection with this (tied) weight: this rank's vocab-parallel logits, padding at -inf."""
+        return vocab_logits(x, self.weight, None, self.num_embeddings)
 
 
-class _TiedProjection(torch.autograd.Function):
-    """``x @ weight.T`` whose weight gradient comes back as one fresh contiguous tensor.
+class VocabParallelOutput(ColumnParallelLinear):
+    """The untied output projection: padded vocabulary rows split across ranks, padding logits at -inf."""
 
-    Autograd's own linear returns a transposed view, and a view cannot take the
-    embedding lookup's gradient in place: with tied weights every step would
-    allocate a third vocabulary x hidden tensor just to add the two. Casts like
+    def __init__(self, in_features: int, vocab_size: int, bias: bool = False) -> None:
+        super().__init__(in_features, vocab_size, bias=bias, pad_vocab=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return vocab_logits(x, self.weight, self.bias, self.out_features)
+
+
+def vocab_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """This rank's logits ``x @ weight.T (+ bias)`` over its slice of the padded vocabulary; padding at -inf."""
+    local = weight.shape[0]
+    real = min(max(vocab_size - state.tp_rank() * local, 0), local)
+    return _VocabProjection.apply(copy_to_tp(x), weight, bias, real)
+
+
+class _VocabProjection(torch.autograd.Function):
+    """The output projection onto ``real`` vocabulary rows followed by padding rows.
+
+    The padding logits are written as -inf into the fresh output (a constant:
+    no gradient flows through them), and the backward reads only the real
+    columns of the incoming gradient, so masking costs no copy of the
+    [tokens x vocab] gradient. The weight gradient comes back as one fresh
+    contiguous tensor: autograd's own linear returns a transposed view, which
+    cannot take a tied embedding's lookup gradient in place (every step would
+    allocate a third vocabulary x hidden tensor to add the two). Casts like
     autocast's own linear when autocast is on.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, real: int) -> torch.Tensor:  # noqa: D102
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         x_c, w_c = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(x_c, w_c)
-        ctx.dtypes = (x.dtype, weight.dtype)
-        return F.linear(x_c, w_c)
+        ctx.real, ctx.dtypes = real, (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        logits = F.linear(x_c, w_c, None if bias is None else bias.to(dtype))
+        if real < logits.shape[-1]:
+            logits[..., real:] = float("-inf")
+        return logits
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
         x, weight = ctx.saved_tensors
-        grad = grad.to(x.dtype)
-        grad_x = grad_weight = None
+        real, (x_dtype, weight_dtype, bias_dtype) = ctx.real, ctx.dtypes
+        grad = grad.to(x.dtype).flatten(0, -2)[:, :real]  # a strided view: BLAS reads it in place
+        grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight).to(ctx.dtypes[0])
+            grad_x = (grad @ weight[:real]).view(x.shape).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_weight = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])).to(ctx.dtypes[1])
-        return grad_x, grad_weight
+            grad_weight = torch.empty_like(weight)
+            torch.mm(grad.t(), x.reshape(-1, x.shape[-1]), out=grad_weight[:real])
+            grad_weight[real:] = 0
+            grad_weight = grad_weight.to(weight_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.new_zeros(weight.shape[0], dtype=bias_dtype)
+            grad_bias[:real] = grad.sum(dim=0)
+        return grad_x, grad_weight, grad_bias, None
 
 
 def residual_std(std: float, num_layers: int) -> float:
