@@ -51,7 +51,8 @@ def step_with_scaled_grads(optimizer: torch.optim.Optimizer, factor: float) -> N
     its ``grad_scale`` attribute inside its one kernel -- the hook
     ``torch.amp.GradScaler`` uses, which also multiplies in a scale the user
     set -- saving a separate read and write of every gradient. Others get the
-    factor multiplied in first. Either way ``.grad`` ends up scaled.
+    factor multiplied in first. The update is the same either way (tested on
+    CPU, where the fused kernel also leaves the scaled gradients in ``.grad``).
     """
     if factor == 1.0:
         optimizer.step()
