@@ -56,17 +56,16 @@ def step_with_scaled_grads(optimizer: torch.optim.Optimizer, factor: float) -> N
     """
     if factor == 1.0:
         optimizer.step()
-        return
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if not getattr(optimizer, "_step_supports_amp_scaling", False):
-        torch._foreach_mul_(grads, factor)
+    elif getattr(optimizer, "_step_supports_amp_scaling", False):
+        device = optimizer.param_groups[0]["params"][0].device
+        optimizer.grad_scale = torch.tensor(1.0 / factor, dtype=torch.float32, device=device)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+    else:
+        torch._foreach_mul_([p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None], factor)
         optimizer.step()
-        return
-    optimizer.grad_scale = torch.tensor(1.0 / factor, dtype=torch.float32, device=grads[0].device)
-    try:
-        optimizer.step()
-    finally:
-        del optimizer.grad_scale
 
 
 def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
