@@ -19,6 +19,7 @@ losses).
     python benchmarks/train_throughput.py                        # gpt2-small, eager and compiled
     python benchmarks/train_throughput.py --model llama-tiny --steps 6 --modes eager
     python benchmarks/train_throughput.py --modes eager --impls ironcore hf --repeat 10   # more pairs
+    python benchmarks/train_throughput.py --modes eager --impls ironcore hf --profile     # matmuls vs the rest
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def training_config(args: argparse.Namespace, data_config: Path, out: Path):
         "data": {"config_path": str(data_config)},
         "trainer": {"micro_batch_size": args.micro_batch, "gradient_accumulation_steps": 1,
                     "output_dir": str(out), "save_interval": 0, "compile": args.compile},
-        "operation": {"train_steps": args.warmup + args.steps, "eval_interval": 0, "log_interval": 1},
+        "operation": {"train_steps": args.warmup + args.steps + int(args.profile),  # + the profiled step
+                      "eval_interval": 0, "log_interval": 1},
         "optim": {"max_lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 2},
         "utils": {"tracking": False},
     }, world_size=1)
@@ -85,13 +87,8 @@ def run_ironcore(args: argparse.Namespace, data_config: Path, workdir: Path) -> 
 
     cfg = training_config(args, data_config, workdir / "run")
     trainer = Trainer(cfg)
-    times, losses = [], []
-    for _ in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        metrics = trainer.train_step()
-        times.append(time.perf_counter() - start)
-        losses.append(metrics["loss"])
-    return {"step_times": times[args.warmup:], "first_loss": losses[0], "tokens_per_step": trainer.tokens_per_step}
+    result = timed_steps(args, lambda step: trainer.train_step()["loss"])
+    return {**result, "tokens_per_step": trainer.tokens_per_step}
 
 
 def run_hf(args: argparse.Namespace, data_config: Path, workdir: Path) -> dict:
@@ -114,9 +111,8 @@ def run_hf(args: argparse.Namespace, data_config: Path, workdir: Path) -> dict:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.max_lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)
-    times, losses = [], []
-    for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
+
+    def train_step(step: int) -> float:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, total, cfg.optim)
         (mb,) = batches.step(step * cfg.trainer.train_batch_size)
@@ -126,10 +122,34 @@ def run_hf(args: argparse.Namespace, data_config: Path, workdir: Path) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        return loss.item()
+
+    result = timed_steps(args, train_step)
+    return {**result, "tokens_per_step": cfg.trainer.train_batch_size * args.seq_len}
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def timed_steps(args: argparse.Namespace, train_step) -> dict:
+    """Step times after the warm-up and the step-1 loss; with ``--profile`` one more step under the
+    profiler, split into time in matmuls and in every other ATen op (self times, so nothing counts twice)."""
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        losses.append(train_step(step))
         times.append(time.perf_counter() - start)
-    tokens = cfg.trainer.train_batch_size * args.seq_len
-    return {"step_times": times[args.warmup:], "first_loss": losses[0], "tokens_per_step": tokens}
+    result = {"step_times": times[args.warmup:], "first_loss": losses[0]}
+    if args.profile:
+        from torch.profiler import profile
+
+        with profile() as prof:
+            train_step(args.warmup + args.steps)
+        ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+        result["matmul_s"] = sum(e.self_cpu_time_total for e in ops if e.key in MATMULS) / 1e6
+        result["other_s"] = sum(e.self_cpu_time_total for e in ops if e.key not in MATMULS) / 1e6
+        result["op_calls"] = sum(e.count for e in ops)  # the profiler's own cost grows with this
+    return result
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -148,6 +168,8 @@ def run_worker(args: argparse.Namespace, impl: str, mode: str, workdir: str, dat
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     if mode == "compiled":
         cmd.append("--compile")
+    if args.profile:
+        cmd.append("--profile")
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     if out.returncode or not line:
@@ -167,6 +189,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS,
                         help="rows to run (hf, the baseline, always runs)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one extra step per run: seconds in matmuls vs all other ATen ops (eager)")
     parser.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -188,6 +212,7 @@ def main() -> None:
         data_config = prepare_data(workdir, args.seq_len)
         results: dict[tuple[str, str], dict] = {}
         runs: dict[tuple[str, str], list[float]] = {}
+        profiles: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
         for _ in range(args.repeat):  # interleaved, so slow phases of a shared machine hit every row alike
             for mode in args.modes:
                 for impl in [i for i in IMPLS if i in args.impls or i == "hf"]:
@@ -195,6 +220,8 @@ def main() -> None:
                     r["tokens_per_sec"] = r["tokens_per_step"] / statistics.median(r["step_times"])
                     r["mfu"] = r["tokens_per_sec"] * flops_per_token / peak
                     runs.setdefault((impl, mode), []).append(r["tokens_per_sec"])
+                    if args.profile:
+                        profiles.setdefault((impl, mode), []).append((r["matmul_s"], r["other_s"], r["op_calls"]))
                     if (impl, mode) not in results or r["tokens_per_sec"] > results[(impl, mode)]["tokens_per_sec"]:
                         results[(impl, mode)] = r
     print(f"torch {torch.__version__}, {args.threads} threads, fp32; model {args.model}; batch {args.micro_batch} x "
@@ -216,6 +243,9 @@ def main() -> None:
         pairs = [a / b for a, b in zip(runs[("ironcore", mode)], runs[("hf", mode)])]
         print(f"IronCore / HF {mode}, per interleaved run: " + " ".join(f"{x:.2f}" for x in pairs)
               + f" (median {statistics.median(pairs):.2f})")
+    for (impl, mode), prof in profiles.items():  # where the ratio comes from: the matmuls are the same GEMMs
+        print(f"profiled step, {mode} {impl}: matmuls / other ops (s), ATen calls, per run: "
+              + "  ".join(f"{mm:.2f}/{other:.2f} {calls}" for mm, other, calls in prof))
 
 
 if __name__ == "__main__":
