@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -131,7 +132,7 @@ def run_hf(args: argparse.Namespace, data_config: Path, workdir: Path) -> dict:
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
-def timed_steps(args: argparse.Namespace, train_step) -> dict:
+def timed_steps(args: argparse.Namespace, train_step: Callable[[int], float]) -> dict:
     """Step times after the warm-up and the step-1 loss; with ``--profile`` one more step under the
     profiler, split into time in matmuls and in every other ATen op (self times, so nothing counts twice)."""
     times, losses = [], []
