@@ -211,20 +211,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         data_config = prepare_data(workdir, args.seq_len)
-        results: dict[tuple[str, str], dict] = {}
-        runs: dict[tuple[str, str], list[float]] = {}
-        profiles: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
+        runs: dict[tuple[str, str], list[dict]] = {}  # every run of every row, in order
         for _ in range(args.repeat):  # interleaved, so slow phases of a shared machine hit every row alike
             for mode in args.modes:
                 for impl in [i for i in IMPLS if i in args.impls or i == "hf"]:
                     r = run_worker(args, impl, mode, tmp, data_config)
                     r["tokens_per_sec"] = r["tokens_per_step"] / statistics.median(r["step_times"])
                     r["mfu"] = r["tokens_per_sec"] * flops_per_token / peak
-                    runs.setdefault((impl, mode), []).append(r["tokens_per_sec"])
-                    if args.profile:
-                        profiles.setdefault((impl, mode), []).append((r["matmul_s"], r["other_s"], r["op_calls"]))
-                    if (impl, mode) not in results or r["tokens_per_sec"] > results[(impl, mode)]["tokens_per_sec"]:
-                        results[(impl, mode)] = r
+                    runs.setdefault((impl, mode), []).append(r)
+    results = {key: max(rs, key=lambda r: r["tokens_per_sec"]) for key, rs in runs.items()}
     print(f"torch {torch.__version__}, {args.threads} threads, fp32; model {args.model}; batch {args.micro_batch} x "
           f"{args.seq_len}; {args.steps} timed steps after {args.warmup}; best of {args.repeat} interleaved runs; "
           f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
@@ -237,16 +232,16 @@ def main() -> None:
         same = r["tokens_per_sec"] / results[("hf", mode)]["tokens_per_sec"]
         print(f"{mode:<9} {impl:<10} {r['tokens_per_sec']:>8.0f} {r['tokens_per_sec'] / base:>11.2f}x {same:>15.2f}x "
               f"{r['mfu']:>6.1%} {r['peak_rss_mb']:>7.0f}MB {r['first_loss']:>11.5f}  "
-              + " ".join(f"{x:.0f}" for x in runs[(impl, mode)]))
+              + " ".join(f"{x['tokens_per_sec']:.0f}" for x in runs[(impl, mode)]))
     if "hf-retain" in args.impls:
         print("hf-retain: the HF loop with IronCore's host-allocator setting (trainer.retain_host_memory)")
     for mode in args.modes if "ironcore" in args.impls else []:  # each pair ran back to back: the least noisy summary
-        pairs = [a / b for a, b in zip(runs[("ironcore", mode)], runs[("hf", mode)])]
+        pairs = [a["tokens_per_sec"] / b["tokens_per_sec"] for a, b in zip(runs[("ironcore", mode)], runs[("hf", mode)])]
         print(f"IronCore / HF {mode}, per interleaved run: " + " ".join(f"{x:.2f}" for x in pairs)
               + f" (median {statistics.median(pairs):.2f})")
-    for (impl, mode), prof in profiles.items():  # where the ratio comes from: the matmuls are the same GEMMs
+    for (impl, mode), rs in runs.items() if args.profile else []:  # where the ratio comes from
         print(f"profiled step, {mode} {impl}: matmuls / other ops (s), ATen calls, per run: "
-              + "  ".join(f"{mm:.2f}/{other:.2f} {calls}" for mm, other, calls in prof))
+              + "  ".join(f"{r['matmul_s']:.2f}/{r['other_s']:.2f} {r['op_calls']}" for r in rs))
 
 
 if __name__ == "__main__":
