@@ -27,9 +27,9 @@ import torch
 import yaml
 
 from ironcore.config import build_config, load_model_config, to_dict
-from ironcore.config.data import load_data_config
+from ironcore.data.config import load_data_config
 from ironcore.data.preprocess import preprocess
-from ironcore.trainer import Trainer
+from ironcore.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = ROOT / "examples" / "data" / "hh_rlhf" / "hh_rlhf_harmless_300.jsonl"

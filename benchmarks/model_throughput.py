@@ -22,12 +22,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ironcore.checkpoints.hf import save_hf_model
 from ironcore.config import load_model_config
 from ironcore.config.model import ModelConfig
-from ironcore.hf import save_hf_model
 from ironcore.models import TransformerModel
 from ironcore.models.stats import model_stats
-from ironcore.perf import measured_cpu_peak
+from ironcore.training.perf import measured_cpu_peak
 
 # A LLaMA-architecture model of GPT-2-small's compute (GQA, SwiGLU, RMSNorm, RoPE, untied).
 LLAMA_125M = dict(

@@ -34,12 +34,14 @@ import torch
 import torch.multiprocessing as mp
 
 from ironcore.config import load_model_config
+from ironcore.config.base import validated
 from ironcore.config.model import ModelConfig
 from ironcore.models import TransformerModel
 from ironcore.parallel import comm
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
-from ironcore.parallel.grad import clip_grad_norm, finalize_grads
+from ironcore.parallel.grad import clip_factor, finalize_grads, grad_norm
 from ironcore.parallel.setup import destroy_parallel, init_parallel
+from ironcore.training.optim import step_with_scaled_grads
 
 LAYOUTS = [("1 process", 1, 1), ("TP=2", 2, 2), ("DP=2", 2, 1)]  # name, world size, tp size
 
@@ -70,7 +72,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
             overrides["head_dim"] = int(cfg.head_dim * scale)
     if args.layers:
         overrides["num_layers"] = args.layers
-    return dataclasses.replace(cfg, **overrides).validate()
+    return validated(dataclasses.replace(cfg, **overrides), "model")
 
 
 def run_layout(rank: int, world: int, tp: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -98,8 +100,7 @@ def run_layout(rank: int, world: int, tp: int, port: int, args: argparse.Namespa
         loss = vocab_parallel_cross_entropy(logits, targets).sum() / global_tokens
         loss.backward()
         finalize_grads(model, dp_reduction="sum")
-        clip_grad_norm(model, 1.0)
-        optimizer.step()
+        step_with_scaled_grads(optimizer, clip_factor(grad_norm(model).item(), 1.0))
 
     for _ in range(args.warmup):
         step()

@@ -5,7 +5,7 @@ exported with ``save_hf_model`` and loaded by ``AutoModelForCausalLM``) on the
 same batches of the same preprocessed corpus (tinyshakespeare, GPT-2
 tokenizer), fp32, AdamW + cosine schedule + gradient clipping, on the same
 threads; each configuration runs in its own process so peak RSS is its own.
-IronCore is measured through ``ironcore.trainer.Trainer`` (data loading,
+IronCore is measured through ``ironcore.training.trainer.Trainer`` (data loading,
 logging and metrics included); the HF side is the loop people write around
 ``model(input_ids).logits``. IronCore's trainer keeps freed host memory for
 reuse (``trainer.retain_host_memory``, see ``ironcore/perf.py``); the plain
@@ -45,7 +45,7 @@ def prepare_data(workdir: Path, seq_len: int) -> Path:
     """tinyshakespeare tokenized with the GPT-2 tokenizer; returns the data config path."""
     import yaml
 
-    from ironcore.config.data import load_data_config
+    from ironcore.data.config import load_data_config
     from ironcore.data.preprocess import preprocess
 
     path = workdir / "data.yaml"
@@ -84,7 +84,7 @@ def training_config(args: argparse.Namespace, data_config: Path, out: Path):
 
 
 def run_ironcore(args: argparse.Namespace, data_config: Path, workdir: Path) -> dict:
-    from ironcore.trainer import Trainer
+    from ironcore.training.trainer import Trainer
 
     cfg = training_config(args, data_config, workdir / "run")
     trainer = Trainer(cfg)
@@ -97,9 +97,9 @@ def run_hf(args: argparse.Namespace, data_config: Path, workdir: Path) -> dict:
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from ironcore.hf import save_hf_model
-    from ironcore.optim import learning_rate
-    from ironcore.trainer import Trainer
+    from ironcore.checkpoints.hf import save_hf_model
+    from ironcore.training.optim import learning_rate
+    from ironcore.training.trainer import Trainer
 
     cfg = training_config(args, data_config, workdir / "run")
     cfg.trainer.retain_host_memory = args.impl == "hf-retain"
@@ -203,7 +203,7 @@ def main() -> None:
 
     from ironcore.config import load_model_config
     from ironcore.models.stats import model_stats
-    from ironcore.perf import measured_cpu_peak
+    from ironcore.training.perf import measured_cpu_peak
 
     torch.set_num_threads(args.threads)
     peak = measured_cpu_peak(2048)

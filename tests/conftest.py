@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,34 +10,60 @@ import pytest
 # ---- data pipeline fixtures (issue 3: tokenizer, preprocessing, data sets) ----------------------
 
 ROOT = Path(__file__).resolve().parents[1]
-# Real data lives beside the repository (CI clones it with a shared/ folder next to the clone).
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EXAMPLES = ROOT / "examples" / "data"
-
-
-@pytest.fixture
-def shared_data() -> Path:
-    """The real data sets and tokenizers of ../shared/data, or skip when they are not there."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(
-            f"real data folder {SHARED_DATA} not found (needs a shared/ folder beside the repository)"
-        )
-    return SHARED_DATA
+FIXTURES = ROOT / "tests" / "data"
 
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
     """The GPT-2 tokenizer shipped in examples/data/gpt2."""
-    from ironcore.tokenizer import Tokenizer
+    from ironcore.data.tokenizer import Tokenizer
 
     return Tokenizer.from_path(EXAMPLES / "gpt2")
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dir(tmp_path_factory) -> Path:
+    """A tokenizer folder with a real chat template: GPT-2's BPE plus Qwen3's special tokens and template.
+
+    ``<|im_start|>``/``<|im_end|>`` are special (so masks stop after the end-of-turn token);
+    ``<|endoftext|>`` stays the end-of-document token and ``<|im_end|>`` is the EOS, as in Qwen3.
+    """
+    import tokenizers
+
+    backend = tokenizers.Tokenizer.from_file(str(EXAMPLES / "gpt2" / "tokenizer.json"))
+    backend.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])
+    backend.add_tokens(["<think>", "</think>"])
+    folder = tmp_path_factory.mktemp("chat_tokenizer")
+    backend.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "chat_template": (FIXTURES / "chat_templates" / "qwen3.jinja").read_text(encoding="utf-8"),
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def big_vocab_tokenizer_dir(tmp_path_factory) -> Path:
+    """A word-level tokenizer of 70,000 tokens ("w1" ... "w69999", EOD ``<|endoftext|>`` = 0)."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, 70_000)}}
+    backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens([tokenizers.AddedToken("<|endoftext|>", special=True)])
+    folder = tmp_path_factory.mktemp("big_vocab")
+    backend.save(str(folder / "tokenizer.json"))
+    return folder
 
 
 @pytest.fixture
 def data_config(tmp_path):
     """``make(**keys)``: a DataConfig writing to tmp_path/out with the GPT-2 tokenizer, in-process."""
     from ironcore.config.base import from_dict
-    from ironcore.config.data import DataConfig
+    from ironcore.data.config import DataConfig
 
     def make(**values):
         base = {

@@ -21,13 +21,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ironcore.checkpoints.hf import save_hf_model
+from ironcore.checkpoints.load import load_model
 from ironcore.config import load_model_config
+from ironcore.config.base import validated
 from ironcore.config.model import ModelConfig
-from ironcore.hf import load_hf_model, save_hf_model
 from ironcore.models import TransformerModel
 from ironcore.parallel import comm, state
-from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
-from ironcore.parallel.grad import clip_grad_norm, finalize_grads
+from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_logsumexp
+from ironcore.parallel.grad import clip_factor, finalize_grads, grad_norm
 from ironcore.parallel.setup import init_parallel
 from ironcore.parallel.sharding import (
     full_optimizer_state,
@@ -37,6 +39,7 @@ from ironcore.parallel.sharding import (
     load_full_state_dict,
     named_splits,
 )
+from ironcore.training.optim import step_with_scaled_grads
 
 # name -> (model config, overrides). Vocab sizes that are not multiples of 128 x tp exercise the padding:
 # 1000 pads to 1024 at every TP size; 300 pads to 384 at TP=1 and 512 at TP=2/4 (at TP=4 the last rank
@@ -54,7 +57,7 @@ SEED = 1234
 
 def model_config(case: str) -> ModelConfig:
     name, overrides = CASES[case]
-    return dataclasses.replace(load_model_config(name), **overrides).validate()
+    return validated(dataclasses.replace(load_model_config(name), **overrides), "model")
 
 
 def batch(step: int, sequences: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,8 +112,8 @@ def train(
         finalize_grads(model, dp_reduction="sum")
         if step == 0:
             run.first_grads = {n: gather_tensor(p.grad, splits.get(n)).clone() for n, p in model.named_parameters()}
-        run.grad_norms.append(clip_grad_norm(model, max_norm=1.0).item())
-        optimizer.step()
+        run.grad_norms.append(grad_norm(model).item())
+        step_with_scaled_grads(optimizer, clip_factor(run.grad_norms[-1], 1.0))
         run.losses.append(comm.all_reduce(loss_sum, state.dp_group()).item())
     return run
 
@@ -127,25 +130,36 @@ def replicated_grad_spread(model: TransformerModel) -> float:
 
 
 def cross_entropy_check(case: str) -> dict[str, float]:
-    """Vocab-parallel CE on sharded logits vs F.cross_entropy on the gathered ones: losses and logit grads."""
+    """Vocab-parallel CE and logsumexp on sharded logits vs torch on the gathered ones: values and logit grads."""
     model, _ = build(case)
     inputs, targets, _ = batch(99, 2, model.config.vocab_size)
     targets[0, :3] = -100
-    with torch.no_grad():
-        local = model(inputs, parallel_output=True)
-        full = model(inputs)
-    local.requires_grad_(True)
-    full.requires_grad_(True)
-    ours = vocab_parallel_cross_entropy(local, targets)
-    ref = F.cross_entropy(full.transpose(1, 2), targets, reduction="none")
-    ours.sum().backward()
-    ref.sum().backward()
     vocab = model.config.vocab_size
-    our_grad = torch.cat(comm.all_gather(local.grad, state.tp_group()), dim=-1)
+
+    def compare(ours_of, reference_of, upstream: torch.Tensor) -> tuple[float, torch.Tensor, float]:
+        """Largest value difference, our full-width logit gradient, largest gradient difference."""
+        with torch.no_grad():
+            local, full = model(inputs, parallel_output=True), model(inputs)
+        local.requires_grad_(True)
+        full.requires_grad_(True)
+        ours, reference = ours_of(local), reference_of(full)
+        (ours * upstream).sum().backward()
+        (reference * upstream).sum().backward()
+        our_grad = torch.cat(comm.all_gather(local.grad, state.tp_group()), dim=-1)
+        return (ours - reference).abs().max().item(), our_grad, (our_grad[..., :vocab] - full.grad).abs().max().item()
+
+    loss, grad, grad_diff = compare(
+        lambda z: vocab_parallel_cross_entropy(z, targets),
+        lambda z: F.cross_entropy(z.transpose(1, 2), targets, reduction="none"), torch.ones(targets.shape),
+    )
+    uneven = torch.rand(targets.shape, generator=torch.Generator().manual_seed(5))
+    lse, _, lse_grad = compare(vocab_parallel_logsumexp, lambda z: torch.logsumexp(z, dim=-1), uneven)
     return {
-        "loss": (ours - ref).abs().max().item(),
-        "grad": (our_grad[..., :vocab] - full.grad).abs().max().item(),
-        "padding_grad": our_grad[..., vocab:].abs().max().item() if our_grad.shape[-1] > vocab else 0.0,
+        "loss": loss,
+        "grad": grad_diff,
+        "padding_grad": grad[..., vocab:].abs().max().item() if grad.shape[-1] > vocab else 0.0,
+        "lse": lse,
+        "lse_grad": lse_grad,
     }
 
 
@@ -174,7 +188,7 @@ def scenario_two(out: Path) -> dict:
     # HF export from TP=2 (rank 0 writes) and import into a TP=2 model.
     save_hf_model(run.model, out / "llama_tp2_hf")
     torch.distributed.barrier()
-    results["tp2/hf/probe"] = checkpoint_probe(load_hf_model(out / "llama_tp2_hf"))
+    results["tp2/hf/probe"] = checkpoint_probe(load_model(out / "llama_tp2_hf"))
     results["tp2/ckpt/next_loss"] = train("llama", 1, 2, 1, run=run, start=3).losses[-1]
 
     init_parallel(1, model_config("gemma"))  # same processes, now data parallel: TP groups of one

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ironcore.checkpoint import load_model, save_model
+from ironcore.checkpoints.load import load_model
+from ironcore.checkpoints.native import save_model
 from ironcore.cli import main
 from ironcore.cli.reference import render
 from ironcore.config import load_model_config
-from ironcore.hf import load_hf_model
 from ironcore.models import TransformerModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def test_convert_round_trip(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = model(ids)
         assert torch.equal(load_model(tmp_path / "back")(ids), expected)
-        assert torch.equal(load_hf_model(tmp_path / "hf")(ids), expected)
+        assert torch.equal(load_model(tmp_path / "hf")(ids), expected)
 
 
 def test_convert_of_missing_folder_is_one_line(tmp_path: Path, capsys) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ironcore.checkpoints.hf import save_hf_model
 from ironcore.config import ConfigError, build_config, dump_config, load_config, load_model_config
-from ironcore.hf import save_hf_model
 from ironcore.models import TransformerModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,8 @@ def test_dump_and_load_back_is_identical(tmp_path: Path) -> None:
          "model.num_attention_heads 4 is not divisible by trainer.tensor_model_parallel_size 3"),
         (["trainer.tensor_model_parallel_size=2"], 3, "world size 3 is not a multiple of trainer.tensor_model_parallel_size 2"),
         (["trainer.tensor_model_parallel_size=4"], 2, "trainer.tensor_model_parallel_size 4 is larger than the world size 2"),
-        (["model.hidden_size=130"], 1, "model.num_attention_heads: hidden_size 130 is not divisible by 4 heads"),
+        (["model.hidden_size=130"], 1,
+             "config key 'model.num_attention_heads': hidden_size 130 is not divisible by 4 heads"),
         (["model=llama-tinyy"], 1, "'llama-tinyy' is neither a file, an HF checkpoint folder nor a known model name (did you mean 'llama-tiny'?)"),
         (["optim.max_lr"], 1, "expected KEY=VALUE"),
     ],
@@ -110,7 +111,7 @@ def test_bad_config_gives_one_line_error_naming_the_key(overrides, world_size, m
 
 def test_inconsistent_model_yaml_names_file_and_field(tmp_path: Path) -> None:
     bad = write(tmp_path, "name: bad\nhidden_size: 64\nnum_attention_heads: 4\nnum_key_value_heads: 3\n", "bad.yaml")
-    with pytest.raises(ConfigError, match=r"bad\.yaml: model\.num_key_value_heads: 4 query heads are not divisible"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: config key 'model\.num_key_value_heads': 4 query heads are not divisible"):
         load_model_config(bad)
 
 

@@ -1,4 +1,4 @@
-"""The built-in corpus (ironcore.corpus) and the `ironcore corpus` / `ironcore tokenizer` commands."""
+"""The built-in corpus (ironcore.data.corpus) and the `ironcore corpus` / `ironcore tokenizer` commands."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import pytest
 
 from ironcore.cli import main
-from ironcore.corpus import build_corpus, module_documents, stdlib_documents, topic_documents
+from ironcore.data.corpus import build_corpus, module_documents, stdlib_documents, topic_documents
+from ironcore.data.tokenizer import Tokenizer
 from ironcore.errors import ConfigError
-from ironcore.tokenizer import Tokenizer
 
 
 @pytest.fixture
@@ -102,4 +102,4 @@ def test_cli_tokenizer_rejects_a_tiny_vocabulary(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("hello world\n")
     args = ["tokenizer", "--source", str(tmp_path / "a.txt"), "--vocab-size", "100", "--output", str(tmp_path / "t")]
     assert main(args) == 2
-    assert "vocab_size" in capsys.readouterr().err
+    assert "--vocab-size must be at least 257" in capsys.readouterr().err

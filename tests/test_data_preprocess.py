@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ironcore.config.data import load_data_config
 from ironcore.data import encode, sources
+from ironcore.data.config import load_data_config
 from ironcore.data.indexed import IndexedDataset
 from ironcore.data.metadata import load_metadata
 from ironcore.data.preprocess import preprocess
@@ -268,12 +268,10 @@ def test_metadata_is_required_to_read(tmp_path) -> None:
         load_metadata(tmp_path)
 
 
-def test_vocab_too_large_for_uint16_uses_int32(tmp_path, data_config, shared_data) -> None:
-    source = _jsonl(tmp_path / "c.jsonl", [{"text": "大きな語彙 with a big vocabulary"}])
-    config = data_config(
-        source={"path": str(source)}, tokenizer={"path": str(shared_data / "tokenizers" / "qwen3")}
-    )
+def test_vocab_too_large_for_uint16_uses_int32(tmp_path, data_config, big_vocab_tokenizer_dir) -> None:
+    source = _jsonl(tmp_path / "c.jsonl", [{"text": "w69999 w3 w65536"}])
+    config = data_config(source={"path": str(source)}, tokenizer={"path": str(big_vocab_tokenizer_dir)})
     metadata = preprocess(config, progress=False)
-    assert metadata["tokenizer"]["dtype"] == "int32"
+    assert metadata["tokenizer"]["dtype"] == "int32" and metadata["tokenizer"]["vocab_size"] == 70_000
     data = IndexedDataset(tmp_path / "out" / "train")
-    assert data.dtype == np.int32 and data[0][-1] == 151643
+    assert data.dtype == np.int32 and data[0].tolist() == [69999, 3, 65536, 0]

@@ -1,4 +1,4 @@
-"""Pretraining samples over concatenated documents, blending, and the resumable distributed sampler."""
+"""Pretraining samples over concatenated documents, and the resumable per-step batches of every DP rank."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from ironcore.data.batches import StepBatches
 from ironcore.data.indexed import IndexedDatasetWriter
-from ironcore.data.pretrain import BlendedDataset, PretrainDataset
-from ironcore.data.sampler import ResumableDistributedSampler
+from ironcore.data.pretrain import PretrainDataset
 from ironcore.errors import ConfigError, DataError
 
 
@@ -47,46 +47,45 @@ def test_too_little_data_is_an_error(tmp_path) -> None:
         PretrainDataset(_shard(tmp_path / "t", [[1, 2, 3]]), seq_len=8)
 
 
-def test_blend_follows_the_weights_exactly(tmp_path) -> None:
-    a = PretrainDataset(_shard(tmp_path / "a", [[1] * 100]), seq_len=4)
-    b = PretrainDataset(_shard(tmp_path / "b", [[2] * 30]), seq_len=4)
-    blend = BlendedDataset([a, b], [0.75, 0.25], num_samples=40)
-    owners = [int(blend[i]["input_ids"][0]) for i in range(40)]
-    assert owners.count(1) == 30 and owners.count(2) == 10
-    assert all(owners[i : i + 4].count(2) == 1 for i in range(0, 40, 4))  # evenly interleaved
-    assert blend.sample_index[blend.dataset_index == 1].tolist() == [i % len(b) for i in range(10)]
-    with pytest.raises(ValueError):
-        BlendedDataset([a, b], [1.0])
+class _Indices(torch.utils.data.Dataset):
+    """A data set whose sample i is {"index": i}, so batches show which samples they hold."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"index": torch.tensor(index)}
 
 
-def test_sampler_slices_the_same_global_batch_for_any_dp_size() -> None:
-    single = iter(ResumableDistributedSampler(50, global_batch_size=8, micro_batch_size=2, seed=3))
-    ranks = [iter(ResumableDistributedSampler(50, 8, 2, dp_rank=r, dp_size=2, seed=3)) for r in range(2)]
-    for _ in range(20):  # crosses several epochs of 50 samples
-        whole = [i for _ in range(4) for i in next(single)]
-        split = [i for it in ranks for _ in range(2) for i in next(it)]
-        assert whole == split
-    sampler = ResumableDistributedSampler(50, 8, 2, seed=3)
-    epoch0 = np.concatenate([sampler.global_batch(s) for s in range(7)])[:50]
+def _batches(size: int, global_batch: int, micro: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 3):
+    return StepBatches(_Indices(size), global_batch, micro, dp_rank, dp_size, seed, True, torch.device("cpu"))
+
+
+def _indices(micro_batches: list[dict[str, torch.Tensor]]) -> list[int]:
+    return [i for mb in micro_batches for i in mb["index"].tolist()]
+
+
+def test_every_dp_layout_slices_the_same_global_batch() -> None:
+    single = _batches(50, 8, 2)
+    ranks = [_batches(50, 8, 2, dp_rank=r, dp_size=2) for r in range(2)]
+    for step in range(20):  # crosses several epochs of 50 samples
+        consumed = step * 8
+        assert len(single.step(consumed)) == 4 and all(len(r.step(consumed)) == 2 for r in ranks)
+        assert _indices(single.step(consumed)) == [i for r in ranks for i in _indices(r.step(consumed))]
+    epoch0 = np.concatenate([single.global_batch(s) for s in range(7)])[:50]
     assert sorted(epoch0.tolist()) == list(range(50))  # one epoch is a permutation
+    assert not np.array_equal(epoch0, np.arange(50))
 
 
-def test_resumed_sampler_continues_with_the_next_batch() -> None:
-    full = iter(ResumableDistributedSampler(30, 6, 3, seed=9))
-    batches = [next(full) for _ in range(20)]
-    resumed = iter(ResumableDistributedSampler(30, 6, 3, seed=9, consumed_samples=6 * 7))
-    assert [next(resumed) for _ in range(6)] == batches[14:20]
-    with pytest.raises(ConfigError):
-        ResumableDistributedSampler(30, 6, 3, consumed_samples=5)
-    with pytest.raises(ConfigError):
-        ResumableDistributedSampler(30, 6, 4)
-
-
-def test_sampler_drives_a_dataloader(tmp_path) -> None:
-    dataset = PretrainDataset(_shard(tmp_path / "t", [list(range(1, 200))]), seq_len=8)
-    sampler = ResumableDistributedSampler(len(dataset), 4, 2, dp_rank=1, dp_size=2, seed=0)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
-    batch = next(iter(loader))
-    assert batch["input_ids"].shape == (2, 8)
-    expected = sampler.global_batch(0)[2:4]
-    assert batch["input_ids"][:, 0].tolist() == [dataset[int(i)]["input_ids"][0].item() for i in expected]
+def test_a_step_depends_on_consumed_samples_only() -> None:
+    """A resumed run (a fresh object, any earlier history) gets exactly the batch the straight run got."""
+    straight = _batches(30, 6, 3, seed=9)
+    history = [_indices(straight.step(6 * s)) for s in range(20)]
+    resumed = _batches(30, 6, 3, seed=9)
+    assert [_indices(resumed.step(6 * s)) for s in range(14, 20)] == history[14:20]
+    assert _indices(_batches(30, 6, 3, seed=10).step(0)) != history[0]
+    with pytest.raises(ConfigError, match="not a multiple"):
+        _batches(30, 6, 4)

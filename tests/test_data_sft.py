@@ -14,7 +14,7 @@ from ironcore.data.dpo import DPODataset
 from ironcore.data.indexed import IndexedDataset
 from ironcore.data.preprocess import preprocess
 from ironcore.data.sft import SFTDataset, next_fit_bins, packed_attention_mask
-from ironcore.tokenizer import Tokenizer
+from ironcore.data.tokenizer import Tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 TEMPLATE = "Question: {prompt}\nAnswer:\n"
@@ -78,8 +78,8 @@ def _assistant_char_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def test_chat_masks_are_the_assistant_turns_with_qwen3(tmp_path, data_config, shared_data) -> None:
-    folder = shared_data / "tokenizers" / "qwen3"
+def test_chat_masks_are_the_assistant_turns_with_qwen3(tmp_path, data_config, chat_tokenizer_dir) -> None:
+    folder = chat_tokenizer_dir
     conversations = [
         [
             {"role": "system", "content": "You are terse."},
@@ -124,7 +124,7 @@ def test_chat_masks_are_the_assistant_turns_with_qwen3(tmp_path, data_config, sh
         assert trained.count("<|im_end|>") == len(spans)
 
 
-def test_chat_records_without_assistant_turn_are_bad(tmp_path, data_config, shared_data) -> None:
+def test_chat_records_without_assistant_turn_are_bad(tmp_path, data_config, chat_tokenizer_dir) -> None:
     rows = [{"messages": [{"role": "user", "content": "hi"}]}, {"messages": "not a list"}]
     config = data_config(
         task_type="sft",
@@ -145,7 +145,7 @@ def test_chat_records_without_assistant_turn_are_bad(tmp_path, data_config, shar
             )
         },
         fields={"messages": "messages"},
-        tokenizer={"path": str(shared_data / "tokenizers" / "qwen3")},
+        tokenizer={"path": str(chat_tokenizer_dir)},
         on_bad_record="skip",
     )
     metadata = preprocess(config, progress=False)

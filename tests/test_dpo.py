@@ -1,8 +1,8 @@
 """DPO training (losses, reference log-probs, metrics, accumulation, resume, DP/TP, bad pairs) and chat SFT.
 
-The real preference pairs come from ``../shared/data/dpo`` when present (the
-small copy in examples/data otherwise); a 512-token BPE trained on them keeps
-the logits small so a tiny model learns in seconds on CPU.
+The preference pairs are real HH-RLHF pairs shipped in examples/data; a
+512-token BPE trained on them keeps the logits small so a tiny model learns in
+seconds on CPU.
 """
 
 from __future__ import annotations
@@ -18,18 +18,19 @@ import torch
 import yaml
 from run_helpers import launch_train, read_metrics, small_run_config
 
-from ironcore import checkpoint
+from ironcore.checkpoints import native as checkpoint
 from ironcore.config import ConfigError, build_config
-from ironcore.config.data import load_data_config
-from ironcore.data.batches import StepBatches, build_dataset
+from ironcore.data.batches import StepBatches
+from ironcore.data.config import load_data_config
 from ironcore.data.metadata import load_metadata
 from ironcore.data.preprocess import preprocess
-from ironcore.dpo import CACHE_DIR, DPOObjective, preference_losses
+from ironcore.data.tasks import build_dataset
 from ironcore.models import TransformerModel
-from ironcore.trainer import Trainer
+from ironcore.objectives import ObjectiveContext
+from ironcore.objectives.dpo import CACHE_DIR, DPOObjective, preference_losses
+from ironcore.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EXAMPLES = ROOT / "examples" / "data"
 TINY_MODEL = {
     "name": "tiny", "vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4,
@@ -52,9 +53,8 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def dpo_data(tmp_path_factory) -> Path:
-    """100 real HH-RLHF harmless pairs, BPE-512, 96 positions; returns the data config path."""
-    shared = SHARED_DATA / "dpo" / "hh_rlhf_harmless_test.jsonl"
-    source = shared if shared.is_file() else EXAMPLES / "hh_rlhf" / "hh_rlhf_harmless_300.jsonl"
+    """100 real HH-RLHF harmless pairs (the shortest prompts), BPE-512, 96 positions; returns the data config path."""
+    source = EXAMPLES / "hh_rlhf" / "hh_rlhf_harmless_300.jsonl"
     root = tmp_path_factory.mktemp("dpo")
     rows = [json.loads(line) for line in source.read_text().splitlines()[:400]]
     # Short prompts only: the long red-team dialogues would not leave room for a response in 96 tokens.
@@ -136,11 +136,15 @@ def test_objective_scores_responses_only_against_the_reference(dpo_data, tmp_pat
     torch.manual_seed(2)
     reference = TransformerModel(cfg.model)
     data_cfg = load_data_config(dpo_data)
-    dataset = build_dataset(data_cfg.output_dir, load_metadata(data_cfg.output_dir), "train", 96, seed=0)
+    metadata = load_metadata(data_cfg.output_dir)
+    dataset = build_dataset(data_cfg.output_dir, metadata, "train", 96, seed=0)
     (mb,) = StepBatches(dataset, 4, 4, 0, 1, 0, False, torch.device("cpu")).step(0)
     assert (mb["chosen_loss_mask"].sum(-1) < (mb["chosen_labels"] != 0).sum(-1)).all()  # prompts unscored
+    objective = DPOObjective(ObjectiveContext(cfg, torch.device("cpu"), nullcontext(), Path(data_cfg.output_dir),
+                                              metadata, 96))
+    objective.reference = reference
     with torch.no_grad():
-        terms = DPOObjective(cfg.dpo, reference, torch.device("cpu")).terms(policy, mb, nullcontext())
+        terms = objective.terms(policy, mb)
         pc, pr = _logps_by_hand(policy, mb, "chosen"), _logps_by_hand(policy, mb, "rejected")
         rc, rr = _logps_by_hand(reference, mb, "chosen"), _logps_by_hand(reference, mb, "rejected")
     if loss_type == "ipo":
@@ -176,7 +180,7 @@ def test_precomputed_reference_gives_the_live_numbers(dpo_data, start_checkpoint
     cache = Path(load_data_config(dpo_data).output_dir) / CACHE_DIR
     assert sorted(p.name.split("-")[0] for p in cache.glob("*.npy")) == ["train", "valid"]
     # A second run reads the cache instead of running the reference again.
-    import ironcore.dpo as dpo_module
+    import ironcore.objectives.dpo as dpo_module
 
     monkeypatch.setattr(dpo_module, "compute_reference_logps", lambda *a, **k: pytest.fail("recomputed"))
     Trainer(make_config(dpo_data, tmp_path / "again", init__init_from=str(start_checkpoint),
@@ -191,9 +195,9 @@ def test_short_run_learns_the_training_preferences(dpo_data, start_checkpoint, t
     cfg = make_config(dpo_data, tmp_path, init__init_from=str(start_checkpoint), dpo__reference="precomputed",
                       operation__train_steps=24, optim__max_lr=3e-3)
     trainer = Trainer(cfg)
-    before = trainer.dpo.evaluate(trainer.forward, trainer.train_data.eval_steps(), trainer.autocast)
+    before = trainer.objective.evaluate(trainer.forward, trainer.train_data.eval_steps())
     trainer.train()
-    after = trainer.dpo.evaluate(trainer.forward, trainer.train_data.eval_steps(), trainer.autocast)
+    after = trainer.objective.evaluate(trainer.forward, trainer.train_data.eval_steps())
     # Policy == reference at the start: every reward is 0, so no pair is "won" yet.
     assert before["val_rewards/margins"] == 0.0 and before["val_rewards/accuracies"] == 0.0
     assert after["val_rewards/accuracies"] > 0.5, after
@@ -212,7 +216,7 @@ def test_accumulation_equals_larger_micro_batch(dpo_data, start_checkpoint, tmp_
 
 def test_resume_keeps_the_starting_weights_as_reference(dpo_data, tmp_path) -> None:
     """4 steps straight == 2 steps, restart from the step-2 checkpoint, 2 more (init from an HF folder)."""
-    from ironcore.hf import save_hf_model
+    from ironcore.checkpoints.hf import save_hf_model
 
     torch.manual_seed(11)
     hf_dir = save_hf_model(TransformerModel(make_config(dpo_data, tmp_path).model), tmp_path / "hf")
@@ -301,12 +305,10 @@ def test_data_and_tensor_parallel_match_one_process(dpo_data, start_checkpoint, 
 # ---- chat SFT end to end -----------------------------------------------------------------------------
 
 
-def test_chat_sft_trains_on_assistant_turns_only(tmp_path) -> None:
+def test_chat_sft_trains_on_assistant_turns_only(tmp_path, chat_tokenizer_dir) -> None:
     """``messages`` data with the Qwen3 chat template, multi-turn: the loss is the assistant tokens' mean."""
-    tokenizer_dir = SHARED_DATA / "tokenizers" / "qwen3"
-    if not tokenizer_dir.is_dir():
-        pytest.skip(f"Qwen3 tokenizer {tokenizer_dir} not found (the GPT-2 one has no chat template)")
-    from ironcore.tokenizer import Tokenizer
+    tokenizer_dir = chat_tokenizer_dir
+    from ironcore.data.tokenizer import Tokenizer
 
     single = [json.loads(line) for line in (EXAMPLES / "gsm8k" / "gsm8k_chat_200.jsonl").read_text().splitlines()]
     # Two-turn conversations too: a second question follows the first answer.

@@ -9,9 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ironcore.checkpoints.hf import save_hf_model
+from ironcore.checkpoints.hf_families import SUPPORTED_FAMILIES, hf_config_from_model
+from ironcore.checkpoints.load import load_model
 from ironcore.config import ConfigError, load_model_config
 from ironcore.errors import CheckpointError
-from ironcore.hf import SUPPORTED_FAMILIES, hf_config_from_model, load_hf_model, save_hf_model
 from ironcore.models import TransformerModel
 
 
@@ -26,7 +28,7 @@ def test_unsupported_architecture_lists_the_supported_ones(hf_dir: Path) -> None
     config.update(model_type="falcon", architectures=["FalconForCausalLM"])
     (hf_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError) as info:
-        load_hf_model(hf_dir)
+        load_model(hf_dir)
     message = str(info.value)
     assert "unsupported architecture 'falcon'" in message and str(hf_dir) in message
     assert all(family in message for family in SUPPORTED_FAMILIES)
@@ -37,7 +39,7 @@ def test_missing_tensor_is_named(hf_dir: Path) -> None:
     del tensors["model.layers.1.self_attn.k_proj.weight"]
     save_file(tensors, hf_dir / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.1\.self_attn\.k_proj\.weight"):
-        load_hf_model(hf_dir)
+        load_model(hf_dir)
 
 
 def test_extra_tensor_is_named(hf_dir: Path) -> None:
@@ -45,7 +47,7 @@ def test_extra_tensor_is_named(hf_dir: Path) -> None:
     tensors["model.layers.9.mlp.extra.weight"] = torch.zeros(2)
     save_file(tensors, hf_dir / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.layers\.9\.mlp\.extra\.weight"):
-        load_hf_model(hf_dir)
+        load_model(hf_dir)
 
 
 def test_wrong_shape_is_named(hf_dir: Path) -> None:
@@ -53,7 +55,7 @@ def test_wrong_shape_is_named(hf_dir: Path) -> None:
     tensors["model.norm.weight"] = torch.ones(7)
     save_file(tensors, hf_dir / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"model\.norm\.weight.*shape \(7,\)"):
-        load_hf_model(hf_dir)
+        load_model(hf_dir)
 
 
 def test_unsupported_rope_type(hf_dir: Path) -> None:
@@ -61,15 +63,15 @@ def test_unsupported_rope_type(hf_dir: Path) -> None:
     config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}
     (hf_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="unsupported rope type 'yarn'"):
-        load_hf_model(hf_dir)
+        load_model(hf_dir)
 
 
 def test_not_a_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="config.json: not found"):
-        load_hf_model(tmp_path)
+    with pytest.raises(CheckpointError, match="neither an HF checkpoint folder"):
+        load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ConfigError, match="missing key 'vocab_size'"):
-        load_hf_model(tmp_path)
+        load_model(tmp_path)
 
 
 def test_model_without_hf_equivalent_is_refused() -> None:

@@ -13,7 +13,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from ironcore.hf import load_hf_model, save_hf_model  # noqa: E402
+from ironcore.checkpoints.hf import save_hf_model  # noqa: E402
+from ironcore.checkpoints.load import load_model  # noqa: E402
 
 TOL = 1e-4
 SEQ = 24
@@ -79,7 +80,7 @@ def test_logits_match_hf_both_ways(case: str, tmp_path) -> None:
     hf_dir = tmp_path / "hf"
     hf_model.save_pretrained(hf_dir)
 
-    ours = load_hf_model(hf_dir)
+    ours = load_model(hf_dir)
     with torch.no_grad():
         got = ours(ids)
     assert got.shape == expected.shape
@@ -108,11 +109,11 @@ def test_sharded_checkpoint_round_trip(tmp_path) -> None:
     ids = _inputs(97)
     with torch.no_grad():
         expected = hf_model(ids).logits
-    ours = load_hf_model(hf_model.save_pretrained(tmp_path / "hf") or tmp_path / "hf")
+    ours = load_model(hf_model.save_pretrained(tmp_path / "hf") or tmp_path / "hf")
     out = save_hf_model(ours, tmp_path / "sharded", max_shard_bytes=20_000)
     assert (out / "model.safetensors.index.json").is_file()
     assert len(list(out.glob("*.safetensors"))) > 2
-    again = load_hf_model(out)
+    again = load_model(out)
     with torch.no_grad():
         assert (again(ids) - expected).abs().max().item() < TOL
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()

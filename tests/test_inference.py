@@ -21,8 +21,10 @@ import pytest
 import torch
 from test_hf_parity import CASES, _hf_model
 
+from ironcore.checkpoints.hf import save_hf_model
+from ironcore.checkpoints.hf_families import model_config_from_hf
+from ironcore.checkpoints.load import load_model
 from ironcore.cli import main
-from ironcore.hf import load_hf_model, model_config_from_hf, save_hf_model
 from ironcore.inference import generate, sample_next
 from ironcore.layers.attention import KVCache
 from ironcore.models import TransformerModel
@@ -56,7 +58,7 @@ def imported(hf_root):
 
     def get(case: str) -> tuple[torch.nn.Module, TransformerModel]:
         hf_model, folder = _saved(case, hf_root)
-        return hf_model, load_hf_model(folder)
+        return hf_model, load_model(folder)
 
     return get
 
@@ -171,7 +173,7 @@ def test_tp2_generates_the_same_tokens_as_one_process(hf_root) -> None:
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     results = json.loads((hf_root / "tp2.json").read_text())
     for case, folder in folders.items():
-        assert results[case]["greedy"] == generate(load_hf_model(folder), PROMPTS, NEW), case
+        assert results[case]["greedy"] == generate(load_model(folder), PROMPTS, NEW), case
         assert results[case]["ranks_agree"], case
 
 
@@ -185,7 +187,7 @@ def _tp_worker(root: Path) -> None:
     results = {}
     for case in TP_CASES:
         init_parallel(2, model_config_from_hf(root / case), device="cpu")
-        model = load_hf_model(root / case)
+        model = load_model(root / case)
         greedy = generate(model, PROMPTS, NEW)
         sampled = generate(model, PROMPTS, NEW, temperature=1.0, top_p=0.95)  # no seed: the ranks must agree
         everyone: list = [None] * dist.get_world_size()
@@ -203,7 +205,7 @@ def _tp_worker(root: Path) -> None:
 def hf_folder_with_tokenizer(tmp_path_factory) -> Path:
     """A small Llama-style model exported to an HF folder, with a BPE tokenizer trained for it."""
     from ironcore.config.model import ModelConfig
-    from ironcore.tokenizer import Tokenizer
+    from ironcore.data.tokenizer import Tokenizer
 
     texts = ["the quick brown fox jumps over the lazy dog", "hello world, hello there"] * 20
     tokenizer = Tokenizer.train_bpe(texts, vocab_size=300)
@@ -227,10 +229,10 @@ def test_cli_streams_one_prompt(hf_folder_with_tokenizer, capsys) -> None:
 
 
 def test_cli_checkpoint_folder_gives_the_same_text(hf_folder_with_tokenizer, tmp_path, capsys) -> None:
-    from ironcore.checkpoint import save_model
-    from ironcore.tokenizer import Tokenizer
+    from ironcore.checkpoints.native import save_model
+    from ironcore.data.tokenizer import Tokenizer
 
-    ckpt = save_model(load_hf_model(hf_folder_with_tokenizer), tmp_path / "ckpt")
+    ckpt = save_model(load_model(hf_folder_with_tokenizer), tmp_path / "ckpt")
     Tokenizer.from_path(hf_folder_with_tokenizer).save(ckpt)
     outputs = []
     for source in (["--checkpoint", str(ckpt)], ["--from-hf", str(hf_folder_with_tokenizer)]):
@@ -240,7 +242,7 @@ def test_cli_checkpoint_folder_gives_the_same_text(hf_folder_with_tokenizer, tmp
 
 
 def test_cli_batch_json_matches_the_python_api(hf_folder_with_tokenizer, tmp_path, capsys) -> None:
-    from ironcore.tokenizer import Tokenizer
+    from ironcore.data.tokenizer import Tokenizer
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('"hello world"\n{"prompt": "the quick"}\n\n"fox"\n')
@@ -250,7 +252,7 @@ def test_cli_batch_json_matches_the_python_api(hf_folder_with_tokenizer, tmp_pat
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["prompt"] for r in records] == ["hello world", "the quick", "fox"]
     tokenizer = Tokenizer.from_path(hf_folder_with_tokenizer)
-    model = load_hf_model(hf_folder_with_tokenizer)
+    model = load_model(hf_folder_with_tokenizer)
     expected = generate(model, [tokenizer.encode(p) for p in ("hello world", "the quick")], 6, temperature=0.8,
                         eos_token_id=tokenizer.eod_id, seed=3)  # fmt: skip
     assert [r["token_ids"] for r in records[:2]] == expected

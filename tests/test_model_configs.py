@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ironcore.config.loader import load_model_config
-from ironcore.models.stats import count_parameters
+from ironcore.models.stats import model_stats
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 YAMLS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -78,7 +78,7 @@ def test_config_loads_and_names_itself(path):
 def test_published_parameter_count(path):
     assert path.stem in PUBLISHED, f"add the published size of {path.stem} to PUBLISHED"
     cfg = load_model_config(path)
-    got = count_parameters(cfg) / 1e6
+    got = model_stats(cfg).params / 1e6
     want = PUBLISHED[path.stem]
     assert abs(got - want) <= TOLERANCE * want, f"{path.stem}: {got:.1f}M parameters, published {want}M"
 
@@ -86,7 +86,7 @@ def test_published_parameter_count(path):
 @pytest.mark.parametrize("path", [p for p in YAMLS if _is_tiny(p)], ids=lambda p: p.stem)
 def test_tiny_config_is_cpu_sized(path):
     cfg = load_model_config(path)
-    n = count_parameters(cfg)
+    n = model_stats(cfg).params
     assert 0 < n < TINY_LIMIT, f"{path.stem}: {n / 1e6:.2f}M parameters"
     assert cfg.max_position_embeddings <= 1024
 

@@ -10,14 +10,14 @@ import torch
 from ironcore.config import load_model_config
 from ironcore.config.training import OperationConfig, OptimConfig
 from ironcore.models import TransformerModel
-from ironcore.optim import (
+from ironcore.parallel.grad import clip_factor
+from ironcore.training.optim import (
     build_optimizer,
     learning_rate,
     parameter_groups,
     step_with_scaled_grads,
     total_steps,
 )
-from ironcore.parallel.grad import clip_factor
 
 
 def test_no_weight_decay_on_norms_biases_and_embeddings() -> None:

@@ -18,7 +18,7 @@ import parallel_worker as worker
 import pytest
 import torch
 
-from ironcore.hf import load_hf_model
+from ironcore.checkpoints.load import load_model
 from ironcore.parallel.sharding import load_full_optimizer_state, load_full_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,10 +99,11 @@ def test_tp2_replicated_gradients_agree_across_ranks(two, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_vocab_parallel_cross_entropy_across_tp(two, case):
+def test_vocab_parallel_cross_entropy_and_logsumexp_across_tp(two, case):
     diffs = two[f"tp2/{case}/ce"]
     assert diffs["loss"] < 1e-5 and diffs["grad"] < 1e-7, diffs
     assert diffs["padding_grad"] == 0.0
+    assert diffs["lse"] < 1e-5 and diffs["lse_grad"] < 1e-7, diffs
 
 
 @pytest.mark.parametrize("case", ["gpt2", "llama"])
@@ -125,7 +126,7 @@ def test_checkpoint_saved_at_tp2_resumes_at_tp1(two, out_dir):
 def test_hf_export_and_import_at_tp2(two, out_dir):
     """save_hf_model gathers a TP=2 model (vocab padding dropped); load_hf_model shards at TP=2 and TP=1."""
     assert (two["tp2/hf/probe"] - two["tp2/ckpt/probe"]).abs().max() < 1e-5
-    model = load_hf_model(out_dir / "llama_tp2_hf")
+    model = load_model(out_dir / "llama_tp2_hf")
     assert model.config.vocab_size == 300 and model.embed.weight.shape[0] == 384
     assert (worker.checkpoint_probe(model) - two["tp2/ckpt/probe"]).abs().max() < 1e-5
 

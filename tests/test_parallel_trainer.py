@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from run_helpers import launch_train, read_metrics
+from run_helpers import launch_train, read_metrics, shakespeare_slice
 
-from ironcore import checkpoint
-from ironcore.config.data import load_data_config
-from ironcore.data.preprocess import preprocess
+from ironcore.checkpoints import native as checkpoint
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,16 +26,7 @@ MODEL = {
 
 @pytest.fixture(scope="module")
 def data_config(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ptdata")
-    (root / "corpus.txt").write_text((ROOT / "examples/data/tinyshakespeare.txt").read_text()[:40_000])
-    path = root / "data.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "slice", "task_type": "pretrain", "source": {"path": str(root / "corpus.txt")},
-        "tokenizer": {"train": {"vocab_size": 512}}, "max_seq_length": 32, "valid_fraction": 0.1,
-        "output_dir": str(root / "out"), "num_workers": 0,
-    }))
-    preprocess(load_data_config(path), progress=False)
-    return path
+    return shakespeare_slice(tmp_path_factory.mktemp("ptdata"), 40_000)
 
 
 def train(data_config: Path, out: Path, nproc: int, *overrides: str) -> list[dict]:

@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 
-from ironcore.perf import peak_flops
+from ironcore.training.perf import peak_flops
 
 # Page faults per cycle of a training-step-like pattern: a 64 MiB tensor (above the 32 MiB that glibc always
 # serves with mmap) and a 21 MiB one allocated, filled and freed, ten times over.
 _CYCLE_FAULTS = """
 import resource, sys, torch
-from ironcore.perf import retain_freed_host_memory
+from ironcore.training.perf import retain_freed_host_memory
 if sys.argv[1] == "retain":
     assert retain_freed_host_memory()
 n, faults = 64 * 2**20 // 4, []

@@ -174,6 +174,19 @@ def test_data_config_change_reruns_from_preprocess(workdir):
     assert planned_jobs(workdir) == Counter()
 
 
+def test_mlflow_settings_rerun_nothing(workdir):
+    """MLflow settings reach the jobs through the environment, not params: changing them reruns nothing."""
+    for mlflow in ({"enabled": False}, {"experiment": "another-name"}):
+        write_yaml(workdir / "pipeline_mlflow.yaml", {**PIPELINE, "mlflow": mlflow})
+        assert planned_jobs(workdir, configfile="pipeline_mlflow.yaml") == Counter()
+
+
+def test_workflow_lint_is_clean():
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--lint"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Congratulations" in done.stdout + done.stderr, done.stdout + done.stderr
+
+
 def test_forcerun_train_reruns_train_and_what_follows(workdir):
     assert planned_jobs(workdir, "--forcerun", "train") == Counter(train=2, eval=2, summary=1, all=1)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from ironcore.data.tokenizer import Tokenizer
 from ironcore.errors import ConfigError
-from ironcore.tokenizer import Tokenizer, load_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 
@@ -64,8 +64,6 @@ def test_bad_paths_are_config_errors(tmp_path) -> None:
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ConfigError, match="cannot load tokenizer"):
         Tokenizer.from_path(tmp_path / "broken.json")
-    with pytest.raises(ConfigError, match="exactly one"):
-        load_tokenizer()
 
 
 def test_no_chat_template_is_a_clear_error(gpt2_tokenizer) -> None:
@@ -73,10 +71,10 @@ def test_no_chat_template_is_a_clear_error(gpt2_tokenizer) -> None:
         gpt2_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
-def test_qwen3_chat_template_matches_transformers(shared_data) -> None:
+def test_qwen3_chat_template_matches_transformers(chat_tokenizer_dir) -> None:
     from transformers import AutoTokenizer
 
-    folder = shared_data / "tokenizers" / "qwen3"
+    folder = chat_tokenizer_dir
     tokenizer = Tokenizer.from_path(folder)
     assert tokenizer.eod_token == "<|endoftext|>"  # the document separator, not eos_token <|im_end|>
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]

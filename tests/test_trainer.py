@@ -14,25 +14,23 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from run_helpers import read_metrics, small_run_config
+from run_helpers import TINY_MODEL, read_metrics, shakespeare_slice, small_run_config
 
-import ironcore.trainer as trainer_module
-from ironcore import checkpoint
+import ironcore.training.trainer as trainer_module
+from ironcore.checkpoints import native as checkpoint
+from ironcore.checkpoints.load import load_weights
 from ironcore.config import ConfigError
-from ironcore.config.data import load_data_config
-from ironcore.data.batches import StepBatches, build_dataset
+from ironcore.data.batches import StepBatches
+from ironcore.data.config import load_data_config
 from ironcore.data.metadata import load_metadata
 from ironcore.data.preprocess import preprocess
+from ironcore.data.tasks import build_dataset
 from ironcore.models import TransformerModel
-from ironcore.trainer import Trainer, TrainingStopped
+from ironcore.objectives.lm import LMObjective
+from ironcore.training.trainer import Trainer, TrainingStopped
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "data"
-TINY_MODEL = {
-    "name": "tiny", "vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4,
-    "max_position_embeddings": 64, "position_embedding": "rope", "norm_type": "rmsnorm", "gated_mlp": True,
-    "activation": "silu", "ffn_hidden_size": 128, "num_key_value_heads": 2,
-}
 
 
 def _write_yaml(path: Path, data: dict) -> Path:
@@ -43,16 +41,7 @@ def _write_yaml(path: Path, data: dict) -> Path:
 @pytest.fixture(scope="module")
 def pretrain_data(tmp_path_factory) -> Path:
     """A preprocessed 60 KB slice of tinyshakespeare with a 512-token BPE; returns its data config path."""
-    root = tmp_path_factory.mktemp("pretrain")
-    (root / "corpus.txt").write_text((EXAMPLES / "tinyshakespeare.txt").read_text()[:60_000])
-    path = _write_yaml(root / "data.yaml", {
-        "name": "shakespeare-slice", "task_type": "pretrain",
-        "source": {"path": str(root / "corpus.txt"), "document_split": "paragraph"},
-        "tokenizer": {"train": {"vocab_size": 512}}, "max_seq_length": 32, "valid_fraction": 0.1,
-        "output_dir": str(root / "out"), "num_workers": 0,
-    })
-    preprocess(load_data_config(path), progress=False)
-    return path
+    return shakespeare_slice(tmp_path_factory.mktemp("pretrain"), 60_000)
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +101,8 @@ def test_resume_is_exact(pretrain_data, tmp_path) -> None:
     assert sorted(b) == [5, 6, 7, 8]
     for step in b:
         assert abs(a[step] - b[step]) <= 1e-6
-    final_a = checkpoint.load_model_state(straight)[1]
-    final_b = checkpoint.load_model_state(resumed)[1]
+    final_a = load_weights(straight)
+    final_b = load_weights(resumed)
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
@@ -222,10 +211,37 @@ def test_mlflow_records_params_metrics_and_tags(pretrain_data, tmp_path, monkeyp
     for name in ("train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu", "val/loss", "val/ppl"):
         assert client.get_metric_history(run.info.run_id, name), name
     tags = run.data.tags
-    assert tags["task_type"] == "pretrain" and tags["model_name"] == "tiny"
+    assert tags["task_type"] == "pretrain" and tags["objective"] == "LMObjective" and tags["model_name"] == "tiny"
     assert tags["tensor_parallel_size"] == "1" and "ironcore_version" in tags
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "final_eval.json"} <= artifacts
+
+
+def test_a_run_started_outside_any_checkout_carries_the_code_version(pretrain_data, tmp_path, monkeypatch) -> None:
+    """The commit is the one of the IronCore checkout that runs, not of the working directory."""
+    from mlflow.tracking import MlflowClient
+
+    from ironcore import __version__
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode:
+        pytest.skip("the IronCore code under test is not a git checkout")
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    assert subprocess.run(["git", "rev-parse"], cwd=workdir, capture_output=True).returncode != 0
+    monkeypatch.chdir(workdir)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    Trainer(make_config(pretrain_data, workdir / "run", utils__tracking=True, utils__experiment_name="version",
+                        operation__train_steps=1)).train()
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("version").experiment_id])
+    tags = run.data.tags
+    assert tags["mlflow.source.git.commit"] == head.stdout.strip()
+    changes = subprocess.run(["git", "status", "--porcelain", "--", "ironcore"], cwd=ROOT, capture_output=True,
+                             text=True).stdout
+    assert tags["git_dirty"] == str(bool(changes.strip())).lower()
+    assert tags["ironcore_version"] == __version__
 
 
 def test_dead_tracking_server_does_not_stop_training(pretrain_data, tmp_path, monkeypatch, caplog) -> None:
@@ -238,23 +254,22 @@ def test_dead_tracking_server_does_not_stop_training(pretrain_data, tmp_path, mo
 
 
 def test_non_finite_steps_are_skipped_then_stop(pretrain_data, tmp_path, monkeypatch) -> None:
-
-    real = trainer_module.token_losses
+    real = LMObjective.token_losses
     calls = {"n": 0}
 
-    def poisoned(logits, labels):
+    def poisoned(self, logits, micro_batch):
         calls["n"] += 1
-        loss = real(logits, labels)
+        loss = real(self, logits, micro_batch)
         return loss * float("nan") if calls["n"] >= 3 else loss
 
-    monkeypatch.setattr(trainer_module, "token_losses", poisoned)
+    monkeypatch.setattr(LMObjective, "token_losses", poisoned)
     cfg = make_config(pretrain_data, tmp_path, operation__train_steps=20, trainer__max_consecutive_skips=3)
     with pytest.raises(TrainingStopped, match="3 steps in a row had a non-finite loss"):
         Trainer(cfg).train()
     saved = checkpoint.resolve(tmp_path)
     state = json.loads((saved / checkpoint.TRAINER_STATE).read_text())
     assert state["skipped_steps"] == 3 and state["step"] == 5
-    weights = checkpoint.load_model_state(saved)[1]
+    weights = load_weights(saved)
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
@@ -272,7 +287,7 @@ def test_data_model_mismatch_fails_at_start(pretrain_data, tmp_path, model_overr
 
 
 def test_init_from_hf_folder_fine_tunes_those_weights(pretrain_data, tmp_path) -> None:
-    from ironcore.hf import save_hf_model
+    from ironcore.checkpoints.hf import save_hf_model
 
     cfg = make_config(pretrain_data, tmp_path / "run", operation__train_steps=1)
     torch.manual_seed(99)

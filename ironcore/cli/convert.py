@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ironcore.errors import ConfigError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("convert", help="convert between HF and IronCore checkpoints")
@@ -16,17 +18,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ironcore.checkpoint import copy_tokenizer, load_model, resolve, save_model
-    from ironcore.hf import load_hf_model, save_hf_model
+    from ironcore.checkpoints.hf import save_hf_model
+    from ironcore.checkpoints.load import load_model, locate
+    from ironcore.checkpoints.native import copy_tokenizer, save_model
 
     if args.to_hf:
         if not args.checkpoint:
-            raise SystemExit("ironcore convert: error: --to-hf needs --checkpoint CKPT_DIR")
-        source = resolve(args.checkpoint)
-        out = save_hf_model(load_model(source), args.output)
+            raise ConfigError("--to-hf needs --checkpoint CKPT_DIR")
+        kind, folder = locate(args.checkpoint)
+        out = save_hf_model(load_model(folder), args.output)
     else:
-        source = args.from_hf
-        out = save_model(load_hf_model(source), args.output)
-    copy_tokenizer(source, out)  # so the converted folder can generate text on its own
+        kind, folder = locate(args.from_hf, expect="hf")
+        out = save_model(load_model(folder), args.output)
+    copy_tokenizer(folder, out)  # so the converted folder can generate text on its own
     print(f"wrote {out}")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ironcore.corpus import DEFAULT_MAX_FILE_BYTES
+from ironcore.data.corpus import DEFAULT_MAX_FILE_BYTES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ironcore.corpus import build_corpus
+    from ironcore.data.corpus import build_corpus
 
     manifest = build_corpus(args.output, args.valid_fraction, args.max_bytes, max_file_bytes=args.max_file_bytes)
     for split, info in manifest["splits"].items():

@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ironcore.evaluate import evaluate_checkpoint
+    from ironcore.evaluation.validation import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.data_config, args.micro_batch_size, args.max_batches, args.device)
     text = json.dumps(result, indent=2)

@@ -22,14 +22,16 @@ from typing import TYPE_CHECKING
 from ironcore.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
+    from ironcore.data.tokenizer import Tokenizer
     from ironcore.models.transformer import TransformerModel
-    from ironcore.tokenizer import Tokenizer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="generate text from a checkpoint or an HF model folder")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint folder, or a run folder (uses its latest)")
+    source.add_argument(
+        "--checkpoint", help="IronCore checkpoint or run folder (uses its latest), or an HF checkpoint folder"
+    )
     source.add_argument("--from-hf", metavar="HF_DIR", help="HF checkpoint folder (config.json + *.safetensors)")
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="text to continue (streamed to the terminal)")
@@ -155,30 +157,33 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def source_of(args: argparse.Namespace) -> tuple[str, Path]:
+    """The model source of ``--checkpoint`` (any source) or ``--from-hf`` (an HF folder), and its folder."""
+    from ironcore.checkpoints.load import locate
+
+    source = args.checkpoint if args.checkpoint is not None else args.from_hf
+    return source, locate(source, expect="hf" if args.from_hf is not None else None)[1]
+
+
 def load(args: argparse.Namespace) -> TransformerModel:
     """The model of ``--checkpoint`` or ``--from-hf``, in eval mode on the chosen device."""
     import torch
 
+    from ironcore.checkpoints.load import load_model
+
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.checkpoint is not None:
-        from ironcore.checkpoint import load_model
-
-        return load_model(args.checkpoint, device).eval()
-    from ironcore.hf import load_hf_model
-
-    return load_hf_model(args.from_hf, device=device)
+    return load_model(source_of(args)[0], device)
 
 
 def load_tokenizer(args: argparse.Namespace) -> Tokenizer:
-    """``--tokenizer``, else the tokenizer saved in the (resolved) checkpoint folder or the HF folder."""
-    from ironcore.checkpoint import resolve
-    from ironcore.tokenizer import Tokenizer
+    """``--tokenizer``, else the tokenizer saved with the model (in its checkpoint or HF folder)."""
+    from ironcore.data.tokenizer import Tokenizer
 
     if args.tokenizer is not None:
         return Tokenizer.from_path(args.tokenizer)
-    folder = resolve(args.checkpoint) if args.checkpoint is not None else Path(args.from_hf)
+    folder = source_of(args)[1]
     if not (folder / "tokenizer.json").is_file():
         raise ConfigError(f"{folder}: no tokenizer.json saved with the model; pass --tokenizer PATH")
     return Tokenizer.from_path(folder)

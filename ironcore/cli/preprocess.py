@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Heavy imports stay here so that `ironcore --help` stays fast.
-    from ironcore.config.data import load_data_config
+    from ironcore.data.config import load_data_config
     from ironcore.data.inspect import inspect_dataset, summary_lines
     from ironcore.data.preprocess import preprocess
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ironcore.config.base import field_docs
-from ironcore.config.data import DataConfig
 from ironcore.config.training import Config
+from ironcore.data.config import DataConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

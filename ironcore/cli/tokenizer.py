@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from ironcore.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -10,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "tokenizer",
         help="train a byte-level BPE tokenizer on a source and save tokenizer.json",
         description="Train a GPT-2-style byte-level BPE (EOD <|endoftext|>) on a local source, read the way "
-        "a data config's source is read, and save OUTPUT_DIR/tokenizer.json (+ tokenizer_config.json). "
+        "a data config's source is read, and save OUTPUT_DIR/tokenizer.json and OUTPUT_DIR/tokenizer_config.json. "
         "A data config uses it with `tokenizer: {path: OUTPUT_DIR}`.",
     )
     parser.add_argument("--source", required=True, help="text/JSONL file, folder or glob (like source.path)")
@@ -21,18 +24,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
     parser.add_argument("--min-frequency", type=int, default=2, help="merges seen fewer times are not learned")
-    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument(
+        "--output", required=True, metavar="OUTPUT_DIR", help="folder to write tokenizer.json and tokenizer_config.json to"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ironcore.config.data import SourceConfig, TokenizerConfig, TrainTokenizerConfig
+    from ironcore.data.config import SourceConfig
     from ironcore.data.sources import read_all_texts
-    from ironcore.tokenizer import Tokenizer
+    from ironcore.data.tokenizer import Tokenizer
 
+    output = Path(args.output)
+    if output.is_file() or output.suffix == ".json":
+        raise ConfigError(f"--output {output}: give a folder; tokenizer.json and tokenizer_config.json go into it")
+    if args.vocab_size < 257:
+        raise ConfigError(f"--vocab-size must be at least 257 (256 bytes + EOD), got {args.vocab_size}")
     source = SourceConfig(path=args.source, document_split=args.document_split)
-    source.validate("--source")
-    TokenizerConfig(train=TrainTokenizerConfig(args.vocab_size, args.min_frequency)).validate()
     texts = read_all_texts(source, args.field or ["text"], skip_bad=False)
     tokenizer = Tokenizer.train_bpe(texts, args.vocab_size, args.min_frequency)
     folder = tokenizer.save(args.output)

@@ -1,4 +1,4 @@
-"""``ironcore train``: pretraining or SFT (the task type comes from the data config)."""
+"""``ironcore train``: pretraining, SFT, DPO or an objective of your own, on one process or under torchrun."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ from ironcore.cli.common import add_config_arguments, config_from_args
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "train", help="train a model; resumes from OUTPUT_DIR/checkpoints/latest when present"
+        "train",
+        help="train a model (pretraining, SFT, DPO, or trainer.objective); resumes from checkpoints/latest",
+        description="Train with the objective of trainer.objective, or the data set's default: lm (next-token "
+        "cross-entropy) for pretrain and sft data, dpo for dpo data. Rerunning the same command resumes from "
+        "OUTPUT_DIR/checkpoints/latest. Launch under torchrun for tensor and data parallelism.",
     )
     add_config_arguments(parser)
     parser.set_defaults(func=run)
@@ -18,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ironcore.parallel.setup import destroy_parallel
-    from ironcore.trainer import Trainer
+    from ironcore.training.trainer import Trainer
 
     cfg = config_from_args(args)
     logging.basicConfig(level=cfg.utils.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

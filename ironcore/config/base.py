@@ -6,6 +6,13 @@ print a reference that cannot drift from the code. :func:`from_dict` turns a
 YAML mapping into such a dataclass, coercing strings from the command line
 ("3e-4", "true", "null") into the declared types and naming the exact dotted
 key when something is wrong.
+
+Validation is one phase, inside :func:`from_dict`: after coercing a group's
+values it calls the group's ``validate()`` method, if it has one, and puts the
+group's dotted path in front of the key that :class:`InvalidValue` names. So
+``DPOConfig.validate`` says ``beta`` and the user reads ``dpo.beta``. Checks
+across groups (batch sizes against the world size, heads against the TP size)
+follow in :func:`ironcore.config.loader.validate_config`.
 """
 
 from __future__ import annotations
@@ -21,6 +28,26 @@ from typing import Any, TypeVar, Union
 from ironcore.errors import ConfigError
 
 T = TypeVar("T")
+
+
+class InvalidValue(ConfigError):
+    """A value that a config group's ``validate()`` rejects; ``key`` is relative to the group."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key, self.problem = key, problem
+        super().__init__(f"config key '{key}': {problem}" if key else problem)
+
+
+def validated(obj: T, prefix: str = "") -> T:
+    """Run ``obj.validate()`` (when defined), naming keys under ``prefix``; returns ``obj``."""
+    check = getattr(obj, "validate", None)
+    if check is None:
+        return obj
+    try:
+        check()
+    except InvalidValue as err:
+        raise InvalidValue(".".join(part for part in (prefix, err.key) if part), err.problem) from None
+    return obj
 
 
 def field(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
@@ -166,7 +193,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") ->
             kwargs[name] = coerce(data[name], hints[name], f"{dotted}{name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config key '{dotted}{name}'")
-    return cls(**kwargs)
+    return validated(cls(**kwargs), prefix)
 
 
 def to_dict(obj: Any) -> Any:

@@ -61,13 +61,14 @@ def known_models(config_dir: Path | None = None) -> list[str]:
 def load_model_config(spec: str | Path | Mapping[str, Any], config_dir: Path | None = None) -> ModelConfig:
     """A validated ModelConfig from a name, a model YAML, an HF checkpoint folder or a mapping."""
     if isinstance(spec, Mapping):
-        return from_dict(ModelConfig, spec, "model").validate()
+        return from_dict(ModelConfig, spec, "model")
     path = Path(spec)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model: {path} is a folder without config.json (expected an HF checkpoint)")
-        from ironcore.hf import model_config_from_hf
+        # The HF family records translate config.json; they import this package, hence the late import.
+        from ironcore.checkpoints.hf_families import is_hf_folder, model_config_from_hf
 
+        if not is_hf_folder(path):
+            raise ConfigError(f"model: {path} is a folder without config.json (expected an HF checkpoint)")
         return model_config_from_hf(path)
     if path.is_file():
         return _model_from_yaml(path)
@@ -84,7 +85,7 @@ def load_model_config(spec: str | Path | Mapping[str, Any], config_dir: Path | N
 def _model_from_yaml(path: Path) -> ModelConfig:
     data = read_yaml(path)
     try:
-        return from_dict(ModelConfig, data, "model").validate()
+        return from_dict(ModelConfig, data, "model")
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 
@@ -156,8 +157,8 @@ def load_config(
 
 
 def validate_config(cfg: Config, world_size: int | None = None) -> Config:
-    """Cross-field checks; fills in whichever of the three batch sizes was left null."""
-    cfg.model.validate()
+    """Checks across groups (each group checked its own values in from_dict); fills in whichever of the
+    three batch sizes was left null."""
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     tr = cfg.trainer

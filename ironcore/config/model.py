@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ironcore.config.base import field
-from ironcore.errors import ConfigError
+from ironcore.config.base import InvalidValue, field
 
 
 @dataclasses.dataclass
@@ -88,11 +87,11 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         return int(self.head_size * self.rotary_percent)
 
-    def validate(self) -> ModelConfig:
-        """Raise ConfigError naming the first field whose size does not fit the others."""
+    def validate(self) -> None:
+        """Raise InvalidValue naming the first field whose size does not fit the others."""
 
         def fail(key: str, why: str) -> None:
-            raise ConfigError(f"model.{key}: {why}")
+            raise InvalidValue(key, why)
 
         for key in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "max_position_embeddings"):
             if getattr(self, key) <= 0:
@@ -123,4 +122,3 @@ class ModelConfig:
             fail("lm_head_bias", "an output bias needs an untied output projection (tie_word_embeddings: false)")
         if not 0 <= self.dropout < 1:
             fail("dropout", f"must be in [0, 1), got {self.dropout}")
-        return self

@@ -1,13 +1,12 @@
-"""The training config groups: trainer, optim, operation, init, utils, data, dpo, and the whole Config."""
+"""The training config groups: model, data, trainer, optim, operation, init, utils, dpo, and the whole Config."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
-from ironcore.config.base import field
+from ironcore.config.base import InvalidValue, field
 from ironcore.config.model import ModelConfig
-from ironcore.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -32,6 +31,14 @@ class TrainerConfig:
         None, help="Micro-batches per optimizer step (null: derived from train_batch_size, else 1)."
     )
     tensor_model_parallel_size: int = field(1, help="Ranks a layer is split across (Megatron-style TP).")
+    objective: str | None = field(
+        None,
+        help="What training minimises: a built-in objective (lm, dpo) or your own as module:Class "
+        "(see docs/objectives.md); null: the data set's default (lm for pretrain and sft data, dpo for dpo data).",
+    )
+    objective_options: dict[str, Any] = field(
+        {}, help="Options of the objective, checked against its Options dataclass (e.g. {z_loss_weight: 1e-4})."
+    )
     output_dir: str = field("runs/default", help="Where config.yaml, metrics.jsonl and checkpoints/ go.")
     save_interval: int = field(100, help="Save a checkpoint every this many optimizer steps (0: only at the end).")
     keep_last_checkpoints: int = field(3, help="How many step_* checkpoints to keep (older ones are deleted).")
@@ -102,7 +109,7 @@ class UtilsConfig:
 
 @dataclasses.dataclass
 class DPOConfig:
-    """Preference training, used when the data set's task_type is dpo (see docs/dpo.md)."""
+    """Options of the dpo objective (preference training, see docs/dpo.md)."""
 
     loss_type: Literal["sigmoid", "ipo", "hinge"] = field(
         "sigmoid",
@@ -122,15 +129,15 @@ class DPOConfig:
         "are computed once and cached beside the shards (same numbers, no second model while training).",
     )
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.beta <= 0:
-            raise ConfigError(f"config key 'dpo.beta': must be positive, got {self.beta}")
+            raise InvalidValue("beta", f"must be positive, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"config key 'dpo.label_smoothing': must be in [0, 0.5), got {self.label_smoothing}")
+            raise InvalidValue("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ConfigError(f"config key 'dpo.label_smoothing': only the sigmoid loss uses it, not {self.loss_type}")
+            raise InvalidValue("label_smoothing", f"only the sigmoid loss uses it, not {self.loss_type}")
         if self.sft_weight < 0:
-            raise ConfigError(f"config key 'dpo.sft_weight': must be >= 0, got {self.sft_weight}")
+            raise InvalidValue("sft_weight", f"must be >= 0, got {self.sft_weight}")
 
 
 @dataclasses.dataclass
@@ -146,4 +153,4 @@ class Config:
     operation: OperationConfig = field(OperationConfig(), help="Steps and intervals.")
     init: InitConfig = field(InitConfig(), help="Seed and starting weights.")
     utils: UtilsConfig = field(UtilsConfig(), help="Logging and tracking.")
-    dpo: DPOConfig = field(DPOConfig(), help="Preference training (data task_type dpo).")
+    dpo: DPOConfig = field(DPOConfig(), help="Options of the dpo objective (docs/dpo.md).")

@@ -1,44 +1,26 @@
 """The trainer's view of a preprocessed data set: the micro-batches of each optimizer step.
 
-Global batch ``s`` is fixed by the seed alone (see
-:class:`~ironcore.data.sampler.ResumableDistributedSampler`); this rank takes
-its slice and cuts it into micro-batches, so the step's data depends only on
-``consumed_samples`` — which is what the trainer checkpoints.
+The sample stream is epoch after epoch of a permutation of the data set
+(seeded by ``(seed, epoch)``; identity when ``shuffle=False``). Global batch
+``b`` is stream positions ``[b * G, (b + 1) * G)``; data-parallel rank ``r``
+takes its contiguous slice of ``G / dp_size`` and cuts it into micro-batches.
+So the global batch is the same whatever the parallel layout (which is what
+makes "DP=2 equals one process" testable), and the data of a step depends
+only on ``consumed_samples``, the one number the trainer checkpoints: a
+resumed run continues with exactly the next batch.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
+import numpy as np
 import torch
 
-from ironcore.data.dpo import DPODataset
-from ironcore.data.metadata import shard_prefix
-from ironcore.data.pretrain import PretrainDataset
-from ironcore.data.sampler import ResumableDistributedSampler
-from ironcore.data.sft import SFTDataset
 from ironcore.errors import ConfigError
 
 MicroBatch = dict[str, torch.Tensor]
-
-
-def build_dataset(
-    output_dir: str | Path, metadata: dict, split: str, seq_len: int, seed: int, packing: bool = False
-) -> torch.utils.data.Dataset:
-    """The training samples of one split of a preprocessed data set, by its task type."""
-    task = metadata["task_type"]
-    prefix = shard_prefix(output_dir, split, "tokens")
-    if task == "pretrain":
-        return PretrainDataset(prefix, seq_len, seed=seed, shuffle=split == "train")
-    if task == "sft":
-        return SFTDataset(prefix, seq_len, pad_id=metadata["tokenizer"]["eod_id"], packing=packing, seed=seed)
-    if task == "dpo":
-        if packing:
-            raise ConfigError("data.packing: DPO pairs are not packed (each pair is compared as a whole)")
-        return DPODataset(output_dir, split, seq_len, pad_id=metadata["tokenizer"]["eod_id"])
-    raise ConfigError(f"{output_dir}: task_type '{task}' cannot be trained by this trainer yet")
 
 
 class StepBatches:
@@ -55,17 +37,37 @@ class StepBatches:
         shuffle: bool,
         device: torch.device,
     ) -> None:
+        if len(dataset) < 1:
+            raise ConfigError("the data set has no samples")
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise ConfigError(
+                f"global batch size {global_batch_size} is not a multiple of micro batch size "
+                f"{micro_batch_size} x data-parallel size {dp_size}"
+            )
         self.dataset, self.device = dataset, device
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.per_rank = global_batch_size // dp_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.sampler = ResumableDistributedSampler(
-            len(dataset), global_batch_size, micro_batch_size, dp_rank, dp_size, seed, shuffle
-        )
+        self.seed, self.shuffle = seed, shuffle
+        self._epoch, self._permutation = -1, np.arange(0)
+
+    def global_batch(self, step: int) -> np.ndarray:
+        """All data set indices of global batch ``step`` (counted from the start of training)."""
+        size = len(self.dataset)
+        out = np.empty(self.global_batch_size, dtype=np.int64)
+        for i, position in enumerate(range(step * self.global_batch_size, (step + 1) * self.global_batch_size)):
+            epoch, offset = divmod(position, size)
+            if epoch != self._epoch:
+                self._epoch = epoch
+                self._permutation = (
+                    np.random.default_rng([self.seed, epoch]).permutation(size) if self.shuffle else np.arange(size)
+                )
+            out[i] = self._permutation[offset]
+        return out
 
     def step(self, consumed_samples: int) -> list[MicroBatch]:
         """This rank's micro-batches of the global batch that starts at ``consumed_samples``."""
-        batch = self.sampler.global_batch(consumed_samples // self.global_batch_size)
+        batch = self.global_batch(consumed_samples // self.global_batch_size)
         mine = batch[self.dp_rank * self.per_rank : (self.dp_rank + 1) * self.per_rank].tolist()
         return [
             self._collate(mine[start : start + self.micro_batch_size])

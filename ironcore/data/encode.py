@@ -1,6 +1,7 @@
 """Worker side of preprocessing: a chunk of raw records -> token (and loss-mask) arrays.
 
-One :class:`Encoder` per task type. Each returns an :class:`Encoded` batch of
+One :class:`Encoder` per kind of record (the task types of
+:mod:`ironcore.data.tasks` pick theirs). Each returns an :class:`Encoded` batch of
 flat numpy arrays (all examples concatenated, plus lengths) so the main process
 writes a whole chunk with one ``write`` per shard.
 
@@ -34,21 +35,19 @@ import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ironcore.config.data import DataConfig
 from ironcore.data.sources import Chunk, Records, read_records
 from ironcore.errors import DataError
-from ironcore.tokenizer import Tokenizer
 
-# The shards each task writes per split; the first is the token stream.
-STREAMS: dict[str, tuple[str, ...]] = {
-    "pretrain": ("tokens",),
-    "sft": ("tokens", "loss_mask"),
-    "dpo": ("chosen", "chosen_loss_mask", "rejected", "rejected_loss_mask"),
-}
+if TYPE_CHECKING:
+    from ironcore.data.config import DataConfig
+    from ironcore.data.tokenizer import Tokenizer
+
+# The streams of a preference pair: each response's tokens and loss mask.
+PAIR_STREAMS = ("chosen", "chosen_loss_mask", "rejected", "rejected_loss_mask")
 MAX_WARNINGS_PER_CHUNK = 3
 
 
@@ -62,14 +61,6 @@ class Encoded:
     lengths: dict[str, np.ndarray]  # stream -> length of each example
     counts: Counter = field(default_factory=Counter)
     warnings: list[str] = field(default_factory=list)
-
-
-def make_encoder(tokenizer: Tokenizer, config: DataConfig) -> Encoder:
-    if config.task_type == "pretrain":
-        return PretrainEncoder(tokenizer, config)
-    if config.task_type == "sft":
-        return ChatEncoder(tokenizer, config) if config.is_chat else SFTEncoder(tokenizer, config)
-    return DPOEncoder(tokenizer, config)
 
 
 class Encoder:
@@ -275,7 +266,7 @@ class DPOEncoder(_MaskedEncoder):
         encoded = self.tokenizer.encode_batch(texts)
         n = len(prompts)
         kept: list[int] = []
-        streams: dict[str, list[list[int]]] = {name: [] for name in STREAMS["dpo"]}
+        streams: dict[str, list[list[int]]] = {name: [] for name in PAIR_STREAMS}
         for i in range(n):
             problem = self.pair_problem(chosen[i], rejected[i], len(encoded[i]), counts)
             if problem:
@@ -294,7 +285,7 @@ class DPOEncoder(_MaskedEncoder):
                     warnings.append(f"{locations[i]}: chosen and rejected are identical after truncation; skipped")
                 continue
             kept.append(positions[i])
-            for name, values in zip(STREAMS["dpo"], (*pair[0], *pair[1]), strict=True):
+            for name, values in zip(PAIR_STREAMS, (*pair[0], *pair[1]), strict=True):
                 streams[name].append(values)
         return _flatten(kept, streams)
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from ironcore.data.indexed import IndexedDataset
 from ironcore.data.metadata import load_metadata, shard_prefix
-from ironcore.tokenizer import Tokenizer
+from ironcore.data.tokenizer import Tokenizer
 
 PERCENTILES = (0, 10, 50, 90, 99, 100)
 SAMPLE_TOKENS = 400  # tokens shown per sample in the HTML report
@@ -64,7 +64,7 @@ def inspect_dataset(output_dir: str | Path, num_samples: int = 6, seed: int = 0)
             if mask_name in streams:
                 trained += sum(int(chunk.sum(dtype=np.int64)) for chunk in streams[mask_name].iter_chunks())
         entry["tokens"] = tokens
-        if metadata["task_type"] != "pretrain":
+        if any(name.endswith("loss_mask") for name in streams):
             entry["trained_tokens"] = trained
             entry["trained_share"] = round(trained / max(tokens, 1), 4)
         entry["vocab_coverage"] = round(float(seen.mean()), 4)

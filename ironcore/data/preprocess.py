@@ -40,13 +40,14 @@ import numpy as np
 
 from ironcore import __version__
 from ironcore.config.base import to_dict
-from ironcore.config.data import DataConfig, SourceConfig, TokenizerConfig
 from ironcore.data import sources
-from ironcore.data.encode import STREAMS, Encoded, Encoder, make_encoder
+from ironcore.data.config import DataConfig, SourceConfig, TokenizerConfig
+from ironcore.data.encode import Encoded, Encoder
 from ironcore.data.indexed import IndexedDatasetWriter, token_dtype
 from ironcore.data.metadata import FORMAT_VERSION, METADATA_FILE, load_metadata, shard_prefix, write_metadata
+from ironcore.data.tasks import TaskSpec, task_spec
+from ironcore.data.tokenizer import Tokenizer, tokenizer_files
 from ironcore.errors import ConfigError, DataError
-from ironcore.tokenizer import Tokenizer, tokenizer_files
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +134,10 @@ def load_or_train_tokenizer(config: DataConfig) -> Tokenizer:
 
 def _build(config: DataConfig, folder: Path, progress: bool) -> dict[str, Any]:
     start = time.perf_counter()
+    task = task_spec(config.task_type)
     for source in (config.source, config.valid_source):
         if source is not None:
-            _check_source(source, config)
+            _check_source(source, task)
     tokenizer = load_or_train_tokenizer(config)
     tokenizer.save(folder)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -145,13 +147,13 @@ def _build(config: DataConfig, folder: Path, progress: bool) -> dict[str, Any]:
             stream: IndexedDatasetWriter(
                 shard_prefix(folder, split, stream), np.uint8 if stream.endswith("loss_mask") else dtype
             )
-            for stream in STREAMS[config.task_type]
+            for stream in task.streams
         }
         for split in splits
     }
     stats = {split: Counter() for split in splits}
     counts: Counter = Counter()
-    encoder = make_encoder(tokenizer, config)
+    encoder = task.encoder(tokenizer, config)
     jobs = [(config.source, "fraction" if config.valid_fraction else "train")]
     if config.valid_source is not None:
         jobs.append((config.valid_source, "valid"))
@@ -197,7 +199,7 @@ def _build(config: DataConfig, folder: Path, progress: bool) -> dict[str, Any]:
         "splits": {
             split: {
                 **{key: int(value) for key, value in stats[split].items()},
-                "shards": {s: shard_prefix("", split, s).name for s in STREAMS[config.task_type]},
+                "shards": {s: shard_prefix("", split, s).name for s in task.streams},
             }
             for split in splits
         },
@@ -209,9 +211,9 @@ def _build(config: DataConfig, folder: Path, progress: bool) -> dict[str, Any]:
     }
 
 
-def _check_source(source: SourceConfig, config: DataConfig) -> None:
-    """sft/dpo need records with named fields; plain text files only make pretraining documents."""
-    if config.task_type == "pretrain" or source.hf_name is not None:
+def _check_source(source: SourceConfig, task: TaskSpec) -> None:
+    """Records with named fields are needed unless the task reads plain text files (pretraining documents)."""
+    if task.text_files or source.hf_name is not None:
         return
     for path in sources.list_files(source):
         if (
@@ -219,7 +221,7 @@ def _check_source(source: SourceConfig, config: DataConfig) -> None:
             and path.suffix.lower() not in sources.DATASETS_SUFFIXES
         ):
             raise ConfigError(
-                f"{path}: a {config.task_type} source must hold records (.jsonl, .json, .parquet, .csv), "
+                f"{path}: a {task.name} source must hold records (.jsonl, .json, .parquet, .csv), "
                 "not plain text"
             )
 

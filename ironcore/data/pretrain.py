@@ -11,9 +11,6 @@ The document order and its cumulative token offsets are the index; it is
 cached beside the shards (``PREFIX.doc_order.s{seed}.npy`` /
 ``PREFIX.doc_offsets.s{seed}.npy``) and memory-mapped, so ranks and restarts
 share it. A rebuilt data set replaces its folder, caches included.
-
-:class:`BlendedDataset` mixes several data sets by weight with an exact,
-deterministic interleave (no sampling noise in the proportions).
 """
 
 from __future__ import annotations
@@ -89,43 +86,6 @@ class PretrainDataset(torch.utils.data.Dataset):
             "labels": window[1:],
             "loss_mask": torch.ones(self.seq_len, dtype=torch.float32),
         }
-
-
-class BlendedDataset(torch.utils.data.Dataset):
-    """Samples drawn from several data sets in proportion to ``weights``.
-
-    Data set ``d`` gets ``n_d`` of the ``num_samples`` slots (largest-remainder
-    rounding of ``weight_d * num_samples``), placed at evenly spaced positions
-    ``(k + 0.5) / n_d``, and uses its samples in order, wrapping around when it
-    is smaller than its share (another epoch of it).
-    """
-
-    def __init__(
-        self, datasets: list[torch.utils.data.Dataset], weights: list[float], num_samples: int | None = None
-    ) -> None:
-        if len(datasets) != len(weights) or not datasets:
-            raise ValueError("give one weight per data set")
-        if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
-        self.datasets = datasets
-        share = np.asarray(weights, dtype=np.float64) / sum(weights)
-        self.num_samples = num_samples if num_samples is not None else sum(len(d) for d in datasets)
-        counts = np.floor(share * self.num_samples).astype(np.int64)
-        remainder = share * self.num_samples - counts
-        counts[np.argsort(-remainder, kind="stable")[: self.num_samples - counts.sum()]] += 1
-        times = np.concatenate([(np.arange(n) + 0.5) / n for n in counts if n])
-        owners = np.concatenate([np.full(n, d) for d, n in enumerate(counts) if n])
-        ranks = np.concatenate([np.arange(n) for n in counts if n])
-        order = np.argsort(times, kind="stable")
-        self.dataset_index = owners[order]
-        sizes = np.array([len(d) for d in datasets], dtype=np.int64)
-        self.sample_index = ranks[order] % sizes[self.dataset_index]
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int):
-        return self.datasets[int(self.dataset_index[index])][int(self.sample_index[index])]
 
 
 def _save_atomically(path: Path, array: np.ndarray) -> None:

@@ -59,10 +59,9 @@ class SFTDataset(torch.utils.data.Dataset):
         pad_id: int,
         packing: bool = False,
         seed: int = 0,
-        mask_prefix: str | Path | None = None,
     ) -> None:
         self.tokens = IndexedDataset(prefix)
-        self.masks = IndexedDataset(mask_prefix if mask_prefix is not None else f"{prefix}_loss_mask")
+        self.masks = IndexedDataset(f"{prefix}_loss_mask")
         if not np.array_equal(self.tokens.sequence_lengths, self.masks.sequence_lengths):
             raise DataError(f"{prefix}: token and loss-mask shards disagree on example lengths")
         self.seq_len = seq_len

@@ -23,10 +23,12 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ironcore.config.data import SourceConfig
 from ironcore.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from ironcore.data.config import SourceConfig
 
 CHUNK_BYTES = 1 << 20
 ROWS_PER_CHUNK = 2048

@@ -21,11 +21,6 @@ class ModelStats:
     train_flops_per_token: int  # forward + backward = 3 x forward
 
 
-def count_parameters(cfg: ModelConfig) -> int:
-    """Unique parameters of the model ``cfg`` describes (tied embeddings counted once)."""
-    return model_stats(cfg).params
-
-
 def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> ModelStats:
     """Sizes and FLOPs per token, the PaLM / nanoGPT convention.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ironcore.config.base import validated
 from ironcore.config.model import ModelConfig
 from ironcore.layers.attention import Attention, KVCache, LayerKVCache
 from ironcore.layers.mlp import MLP
@@ -56,7 +57,7 @@ class TransformerModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.config = cfg.validate()
+        self.config = validated(cfg, "model")
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.pos_embed = (
             nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.position_embedding == "learned" else None

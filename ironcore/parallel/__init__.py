@@ -7,7 +7,7 @@ mappings       Megatron's copy / reduce / gather regions as autograd functions
 layers         ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelOutput, vocab padding
 cross_entropy  vocab-parallel cross-entropy (per-token losses)
 sharding       TPSplit; full <-> sharded tensors, state dicts and optimizer states
-grad           finalize_grads (TP sums + DP all-reduce), grad_norm, clip_grad_norm
+grad           finalize_grads (TP sums + DP all-reduce), grad_norm, clip_factor
 
 See docs/parallelism.md.
 """

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ironcore.parallel import comm, state
+from ironcore.parallel.mappings import reduce_from_tp
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -85,3 +86,20 @@ def vocab_parallel_cross_entropy(
     model's ``parallel_output=True`` logits.
     """
     return _VocabParallelCrossEntropy.apply(logits, targets, ignore_index)
+
+
+def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """``log(sum_v exp(z_v))`` per token [...] (fp32) over the whole vocabulary, from this rank's slice [..., V/tp].
+
+    Differentiable (the gradient is this rank's slice of the softmax), so an
+    objective can add a term on the softmax normaliser, such as PaLM's z-loss,
+    under any TP layout. Vocabulary padding (-inf) adds nothing.
+    """
+    z = logits.float()
+    if state.tp_size() == 1:
+        return torch.logsumexp(z, dim=-1)
+    z_max = z.detach().max(dim=-1).values
+    comm.all_reduce(z_max, state.tp_group(), op="max")
+    # The sum over ranks of each rank's sum: forward all-reduce, backward identity (each rank's own part).
+    sum_exp = reduce_from_tp((z - z_max.unsqueeze(-1)).exp().sum(dim=-1))
+    return sum_exp.log() + z_max

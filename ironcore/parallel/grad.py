@@ -5,15 +5,12 @@ micro-batch (earlier micro-batches only accumulate into ``.grad``, so
 gradient accumulation costs no communication)::
 
     finalize_grads(model, dp_reduction="sum")   # TP copies summed, then DP all-reduce
-    norm = clip_grad_norm(model, max_norm)        # global norm over all ranks
-    optimizer.step()
+    norm = grad_norm(model).item()              # global norm over all ranks
+    step_with_scaled_grads(optimizer, clip_factor(norm, max_norm))   # ironcore.training.optim
 
-IronCore's trainer reads the norm on the host anyway (log line, non-finite
-check), so it hands the clipping factor to the optimizer step instead of a
-separate pass over the gradients::
-
-    norm = grad_norm(model).item()
-    step_with_scaled_grads(optimizer, clip_factor(norm, max_norm))   # ironcore.optim
+The norm is read on the host anyway (log line, non-finite check), so the
+clipping factor goes into the optimizer step instead of a separate pass over
+the gradients.
 
 Tensor parallelism: a split parameter's gradient is complete on its rank.
 Replicated parameters (norms, row-parallel biases, position embeddings) see
@@ -137,18 +134,8 @@ def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.
 
 
 def clip_factor(norm: float, max_norm: float) -> float:
-    """What :func:`clip_grad_norm` scales gradients by, for a norm already on the host (1 when not clipping)."""
-    return min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
+    """The factor that clips gradients of global norm ``norm`` to ``max_norm`` (1 when not clipping; <= 0: never).
 
-
-def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Scale all gradients so their global norm is at most ``max_norm`` (<= 0: no clipping); returns the norm.
-
-    Same rule as ``torch.nn.utils.clip_grad_norm_``: factor
-    ``max_norm / (norm + 1e-6)`` when below one, without a host sync.
+    Same rule as ``torch.nn.utils.clip_grad_norm_``: ``max_norm / (norm + 1e-6)`` when below one.
     """
-    norm = grad_norm(model)
-    if max_norm > 0:
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
-    return norm
+    return min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0

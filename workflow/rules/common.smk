@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import shlex
+import sys
 import time
 from functools import cache
 from importlib.util import find_spec
@@ -15,7 +16,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from ironcore.config import load_config, to_dict
-from ironcore.config.data import load_data_config
+from ironcore.data.config import load_data_config
 
 validate(config, "../schemas/pipeline.schema.yaml")  # also fills in the schema's defaults
 
@@ -28,7 +29,9 @@ for _exp, _e in EXPERIMENTS.items():
     if _e["init_from_experiment"] not in (None, *EXPERIMENTS):
         raise ValueError(f"experiment {_exp}: init_from_experiment {_e['init_from_experiment']!r} is not an experiment")
 REPO = Path(workflow.current_basedir).parents[1]  # the checkout holding this workflow
-SCRIPTS = REPO / "workflow" / "scripts"  # the pipeline's own reporting helpers (run with `python`)
+SCRIPTS = REPO / "workflow" / "scripts"  # the pipeline's own helpers (run with `python`, or imported here)
+sys.path.insert(0, str(SCRIPTS))
+from code_fingerprint import fingerprint_text  # noqa: E402
 
 # With --software-deployment-method conda every rule runs in this environment; it installs
 # IronCore from ${IRONCORE_ROOT}, which is this checkout.
@@ -138,34 +141,17 @@ def preprocess_inputs(wildcards):
     return inputs
 
 
-# ---- code fingerprints --------------------------------------------------------------------------
-# Snakemake reruns a job when its rule's own code changes, but it cannot see the ironcore modules
-# the job imports. Each stage therefore takes results/code/<stage>.sha256 as an input: a digest of
-# the package files the stage runs, rewritten (new mtime -> rerun) only when that digest changes.
+# ---- code fingerprints ---------------------------------------------------------------------------
+# Each stage takes results/code/<stage>.sha256 as an input: a digest of every ironcore file except
+# those the stage is stated not to run (workflow/scripts/code_fingerprint.py), rewritten only when
+# the digest changes, so a code change reruns exactly the stages that run it.
 
 PACKAGE = Path(find_spec("ironcore").origin).parent  # the installed package the `ironcore` command runs
-# Glob patterns relative to the package; "!pattern" removes files again.
-_CORE = ["*.py", "config/*.py", "data/*.py", "layers/*.py", "models/*.py", "parallel/*.py", "cli/__init__.py",
-         "!corpus.py", "!data/inspect.py"]
-STAGE_CODE = {
-    "corpus": ["corpus.py", "errors.py", "cli/corpus.py"],
-    "tokenizer": ["tokenizer.py", "errors.py", "config/base.py", "config/data.py", "data/sources.py", "cli/tokenizer.py"],
-    "preprocess": ["tokenizer.py", "errors.py", "config/base.py", "config/data.py", "data/*.py", "cli/preprocess.py",
-                   "!data/inspect.py"],
-    "inspect": ["tokenizer.py", "data/inspect.py", "data/indexed.py", "data/metadata.py", "cli/preprocess.py"],
-    "train": [*_CORE, "cli/common.py", "cli/train.py", "!inference.py"],
-    "eval": [*_CORE, "cli/evaluate.py", "cli/generate.py"],
-}
 
 
 @cache
 def code_fingerprint(stage):
-    files = set()
-    for pattern in STAGE_CODE[stage]:
-        matches = set(PACKAGE.glob(pattern.lstrip("!")))
-        files = files - matches if pattern.startswith("!") else files | matches
-    lines = [f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.relative_to(PACKAGE)}" for path in sorted(files)]
-    text = f"{hashlib.sha256(chr(10).join(lines).encode()).hexdigest()}  ironcore {stage}\n" + "\n".join(lines) + "\n"
+    text = fingerprint_text(PACKAGE, stage)
     target = Path(f"results/code/{stage}.sha256")
     if not target.is_file() or target.read_text() != text:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -197,29 +183,29 @@ def train_command(exp):
     return f"{torchrun(exp)} {shlex.join(args + train_overrides(exp))}"
 
 
-# ---- MLflow -------------------------------------------------------------------------------------
+# ---- MLflow ---------------------------------------------------------------------------------------
 # One parent run per experiment and invocation, created by the first job of the experiment that
 # runs (train, or eval when only eval reruns); the training run is its child (MLFLOW_PARENT_RUN_ID),
 # the eval job logs val metrics, configs, reports and samples to it and closes it.
 #
-# Rules use MLFLOW and TRACKING_OVERRIDES in their shell commands, not in params: switching MLflow
-# off or renaming its experiment changes no result, so it must not rerun anything.
+# The settings reach the jobs as environment variables, not as params: switching MLflow off or
+# renaming its experiment changes no result, so it must not rerun anything. Shell commands call
+# `python "$IRONCORE_MLFLOW_RUNS" ...` (a no-op when tracking is off) and pass
+# utils.tracking=$IRONCORE_TRACKING utils.experiment_name=$IRONCORE_MLFLOW_EXPERIMENT to training.
 
-if config["mlflow"]["enabled"]:
-    MLFLOW = " ".join([
-        "python", shlex.quote(str(SCRIPTS / "mlflow_runs.py")), "--experiment", shlex.quote(config["mlflow"]["experiment"]),
-        '--invocation "$IRONCORE_PIPELINE_INVOCATION"',
-    ])
-    TRACKING_OVERRIDES = shlex.join(["utils.tracking=true", f"utils.experiment_name={json.dumps(config['mlflow']['experiment'])}"])
-else:
-    MLFLOW = "true"  # `true parent ...` does nothing and prints nothing
-    TRACKING_OVERRIDES = "utils.tracking=false"
+MLFLOW_SCRIPT = str(SCRIPTS / "mlflow_runs.py")
+os.environ.update(
+    IRONCORE_MLFLOW_RUNS=MLFLOW_SCRIPT,
+    IRONCORE_TRACKING="true" if config["mlflow"]["enabled"] else "false",
+    IRONCORE_MLFLOW_EXPERIMENT=config["mlflow"]["experiment"],
+)
+MLFLOW_RUNS = shlex.join([sys.executable, MLFLOW_SCRIPT])
 
 
 onstart:
     # Create the sqlite store and the experiment once, before jobs race to do it.
-    shell(f"{MLFLOW} init")
+    shell(f"{MLFLOW_RUNS} init")
 
 onerror:
     # Parent runs of this invocation still open belong to experiments whose jobs failed.
-    shell(f"{MLFLOW} close --status FAILED")
+    shell(f"{MLFLOW_RUNS} close --status FAILED")

@@ -1,6 +1,6 @@
 # Evaluation of each trained experiment, then one summary comparing them all.
-# MLFLOW (common.smk) is used in the shell commands, not passed as a param, on purpose: MLflow
-# settings change no result and must not rerun anything (`snakemake --lint` flags it).
+# MLflow settings arrive as environment variables set by common.smk, not as params, on purpose:
+# they change no result and must not rerun anything.
 
 
 rule eval:
@@ -44,7 +44,7 @@ rule eval:
         ironcore eval --checkpoint {params.run} --output {output.eval} {params.eval_args} > {log} 2>&1
         python {input.samples_script} --checkpoint {params.run} --output {output.samples} \\
             --output-json {output.samples_json} {params.sample_args} >> {log} 2>&1
-        {MLFLOW} finish --run {wildcards.exp} --eval {output.eval} --config {input.config} \\
+        python "$IRONCORE_MLFLOW_RUNS" finish --run {wildcards.exp} --eval {output.eval} --config {input.config} \\
             --artifacts eval {output.eval} {output.samples} {output.samples_json} \\
             --artifacts config {input.config} {input.data_config} \\
             --artifacts train {input.metrics} \\
@@ -80,5 +80,5 @@ rule summary:
         python {input.script} --experiments {params.experiments} --evals {input.evals} \\
             --samples {input.samples} --metrics {input.metrics} --configs {input.configs} --data {input.data} \\
             --output-dir results/summary > {log} 2>&1
-        {MLFLOW} attach --artifacts summary {output.markdown} {output.html} {output.plot} >> {log} 2>&1
+        python "$IRONCORE_MLFLOW_RUNS" attach --artifacts summary {output.markdown} {output.html} {output.plot} >> {log} 2>&1
         """

@@ -12,8 +12,8 @@
 # reruns one because something changed or --forcerun asked for it) or one with another signature
 # is cleared and trained from scratch.
 #
-# MLFLOW and TRACKING_OVERRIDES (common.smk) are used in the shell command, not passed as params,
-# on purpose: MLflow settings change no result and must not rerun training.
+# MLflow settings arrive as environment variables set by common.smk, not as params, on purpose:
+# they change no result and must not rerun training.
 
 
 rule train:
@@ -49,9 +49,10 @@ rule train:
             rm -rf {params.run}
         fi
         mkdir -p {params.run} && echo "$signature" > {params.run}/signature
-        export MLFLOW_PARENT_RUN_ID=$({MLFLOW} parent --run {wildcards.exp})
+        export MLFLOW_PARENT_RUN_ID=$(python "$IRONCORE_MLFLOW_RUNS" parent --run {wildcards.exp})
         export OMP_NUM_THREADS=$(( {threads} / {params.nproc} > 0 ? {threads} / {params.nproc} : 1 ))
-        {params.command} {TRACKING_OVERRIDES} utils.run_name={wildcards.exp}/train > {log} 2>&1
+        {params.command} utils.tracking="$IRONCORE_TRACKING" utils.experiment_name="$IRONCORE_MLFLOW_EXPERIMENT" \
+            utils.run_name={wildcards.exp}/train > {log} 2>&1
         cp {params.run}/final_eval.json {output.final}
         cp {params.run}/metrics.jsonl {output.metrics}
         cp {params.run}/config.yaml {output.config}

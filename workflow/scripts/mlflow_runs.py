@@ -10,8 +10,12 @@ The rules call it (see workflow/rules/common.smk):
 * ``attach`` (summary): add the summary artifacts to every parent run of this invocation.
 * ``close --status FAILED`` (onerror): close the parent runs this invocation left open.
 
+The settings come from the environment the workflow sets (common.smk): ``IRONCORE_TRACKING``
+(``false``: every command does nothing), ``IRONCORE_MLFLOW_EXPERIMENT`` and
+``IRONCORE_PIPELINE_INVOCATION``; the options override them.
+
 Parent runs are found by their tags (``pipeline_invocation``, ``pipeline_experiment``), so jobs
-need no shared state but the invocation id. Like ``ironcore.tracking``, a tracking failure is
+need no shared state but the invocation id. Like ``ironcore.training.tracking``, a tracking failure is
 never fatal: it prints one warning and exits 0 (``parent`` then prints nothing).
 """
 
@@ -19,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from ironcore.tracking import flatten, tracking_uri
+from ironcore.training.tracking import flatten, tracking_uri
 
 INVOCATION_TAG = "pipeline_invocation"
 EXPERIMENT_TAG = "pipeline_experiment"
@@ -34,8 +39,14 @@ PARAMS_PER_CALL = 100
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experiment", required=True, help="MLflow experiment name")
-    parser.add_argument("--invocation", required=True, help="id of this snakemake invocation")
+    parser.add_argument(
+        "--experiment", default=os.environ.get("IRONCORE_MLFLOW_EXPERIMENT", "ironcore-pipeline"),
+        help="MLflow experiment name (default: $IRONCORE_MLFLOW_EXPERIMENT)",
+    )
+    parser.add_argument(
+        "--invocation", default=os.environ.get("IRONCORE_PIPELINE_INVOCATION", ""),
+        help="id of this snakemake invocation (default: $IRONCORE_PIPELINE_INVOCATION)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("init")
     commands.add_parser("parent").add_argument("--run", required=True, help="pipeline experiment")
@@ -50,6 +61,8 @@ def main() -> int:
         )
     commands.add_parser("close").add_argument("--status", default="FAILED")
     args = parser.parse_args()
+    if os.environ.get("IRONCORE_TRACKING") == "false":
+        return 0
     if not args.invocation:
         print("mlflow_runs: no invocation id (IRONCORE_PIPELINE_INVOCATION); nothing logged", file=sys.stderr)
         return 0

@@ -1,4 +1,4 @@
-"""IronCore checkpoints: a folder with the model's weights and the config that shapes them.
+"""IronCore's own checkpoint folders: the model's weights and the config that shapes them.
 
 Layout of a checkpoint folder::
 
@@ -33,7 +33,7 @@ from ironcore.config.loader import load_model_config
 from ironcore.config.model import ModelConfig
 from ironcore.errors import CheckpointError
 from ironcore.models.transformer import TransformerModel
-from ironcore.parallel.sharding import full_state_dict, load_full_state_dict
+from ironcore.parallel.sharding import full_state_dict
 
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.yaml"
@@ -99,24 +99,9 @@ def resolve(path: str | Path) -> Path:
     return folder
 
 
-def load_model_state(path: str | Path, device: str | torch.device = "cpu") -> tuple[ModelConfig, dict]:
-    """(ModelConfig, full state dict) of a checkpoint folder, run folder or ``checkpoints/`` folder."""
-    folder = resolve(path)
+def read_model(folder: Path, device: str | torch.device = "cpu") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(ModelConfig, full state dict) of a checkpoint folder (see :func:`resolve` for run folders)."""
     return load_model_config(folder / MODEL_CONFIG), load_file(folder / WEIGHTS, device=str(device))
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> TransformerModel:
-    """The TransformerModel stored in an IronCore checkpoint, built for the current TP layout."""
-    cfg, state = load_model_state(path, device)
-    with torch.device("meta"):
-        model = TransformerModel(cfg)
-    try:
-        load_full_state_dict(model, state)
-    except CheckpointError as err:
-        raise CheckpointError(f"{resolve(path) / WEIGHTS}: {err}") from None
-    if model.rope is not None:
-        model.rope.reset_parameters(device)
-    return model
 
 
 def step_dir(checkpoints: Path, step: int) -> Path:

@@ -1,4 +1,4 @@
-"""Direct preference optimisation: the losses, response log-probs, and the frozen reference's log-probs.
+"""The DPO objective: preference losses, response log-probs, and the frozen reference's log-probs.
 
 Notation and formulas follow TRL's ``DPOTrainer.dpo_loss``. For a pair
 (prompt x, chosen y_w, rejected y_l), ``log π(y | x)`` is the *sum* of the
@@ -27,8 +27,9 @@ N_pairs`` (N_pairs over all micro-batches and DP ranks) and the SFT term
 ``sum(chosen NLL) / N_chosen_tokens``; DP gradients are summed. So gradient
 accumulation and the DP layout change neither gradients nor logged metrics.
 
-The reference is the policy's *starting* weights (``init.init_from``, else the
-seed's initialisation — also on resume). ``dpo.reference: live`` keeps a
+Options are the run config's ``dpo`` group. The reference is the policy's
+*starting* weights (``init.init_from``, else the seed's initialisation — also
+on resume). ``dpo.reference: live`` keeps a
 frozen copy and runs it on every micro-batch; ``precomputed`` runs it once per
 split before training and caches the log-probs beside the shards in
 ``reference_logps/SPLIT-KEY.npy``, where KEY hashes the data set's
@@ -44,7 +45,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,19 +56,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ironcore import checkpoint
+from ironcore.checkpoints.load import load_weights, weight_files
 from ironcore.config.base import to_dict
 from ironcore.config.model import ModelConfig
-from ironcore.config.training import DPOConfig
 from ironcore.data.batches import MicroBatch
-from ironcore.evaluate import token_losses
-from ironcore.parallel import comm, state
+from ironcore.errors import UserError
+from ironcore.models.transformer import TransformerModel
+from ironcore.objectives.base import Forward, Objective, ObjectiveContext, StepResult, global_sum
+from ironcore.parallel import state
+from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
+from ironcore.parallel.sharding import load_full_state_dict
 
-log = logging.getLogger("ironcore.dpo")
+log = logging.getLogger(__name__)
 
 REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
 CACHE_DIR = "reference_logps"
-Forward = Callable[..., torch.Tensor]
 
 
 # ---- log-probs and losses --------------------------------------------------------------------------------
@@ -86,7 +89,7 @@ def response_logps(
 
     with autocast:
         logits = forward(both("input_ids"), both("position_ids"), None, parallel_output=True)
-    logps = -(token_losses(logits, both("labels")) * both("loss_mask")).sum(-1)
+    logps = -(vocab_parallel_cross_entropy(logits, both("labels")) * both("loss_mask")).sum(-1)
     chosen, rejected = logps.chunk(2)
     return chosen, rejected
 
@@ -131,27 +134,66 @@ class PairTerms:
         ]).detach().double()
 
 
-class DPOObjective:
-    """The DPO step of the trainer: per-pair terms, global-batch normalisation, metrics.
+class DPOObjective(Objective):
+    """Direct preference optimisation: per-pair terms, global-batch normalisation, TRL's metrics."""
 
-    ``reference`` is the frozen reference model (``dpo.reference: live``), or
-    None when each micro-batch carries precomputed reference log-probs
-    (:class:`WithReferenceLogps`).
-    """
+    sequences_per_sample = 2  # a (chosen, rejected) pair
+    task_types = ("dpo",)
 
-    def __init__(self, cfg: DPOConfig, reference: torch.nn.Module | None, device: torch.device) -> None:
-        self.cfg = cfg
-        self.reference = reference
-        self.device = device
+    def __init__(self, context: ObjectiveContext, options: None = None) -> None:
+        super().__init__(context, options)
+        self.dpo = self.config.dpo
+        # Live: the frozen reference runs beside the policy. Precomputed: built in prepare() only when a
+        # split's log-probs are not cached yet, and dropped once they are.
+        self.reference: TransformerModel | None = self._reference() if self.dpo.reference == "live" else None
 
-    def terms(self, forward: Forward, mb: MicroBatch, autocast: AbstractContextManager) -> PairTerms:
-        cfg = self.cfg
-        chosen, rejected = response_logps(forward, mb, autocast)
+    def _reference(self) -> TransformerModel:
+        """The frozen reference: the run's starting weights, also when the policy resumes from a checkpoint.
+
+        That is ``init.init_from`` when set, else the seed's initialisation
+        (rebuilt under a forked RNG so the policy's random streams are untouched).
+        """
+        cfg = self.config
+        if not cfg.init.init_from:
+            log.warning("DPO without init.init_from: policy and reference start from random weights")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init.seed)
+            reference = TransformerModel(cfg.model)
+        if cfg.init.init_from:
+            try:
+                load_full_state_dict(reference, load_weights(cfg.init.init_from))
+            except UserError as err:
+                raise UserError(f"init.init_from {cfg.init.init_from}: {err}") from None
+        return reference.requires_grad_(False).eval().to(self.device)
+
+    def prepare(self, datasets: dict[str, torch.utils.data.Dataset]) -> dict[str, torch.utils.data.Dataset]:
+        """Precomputed reference: each split's pairs with their cached reference log-probs."""
+        if self.dpo.reference == "live":
+            return datasets
+        cfg = self.config
+        key = reference_cache_key(self.context.metadata, self.context.seq_len, cfg.model, cfg.trainer.precision,
+                                  cfg.init.init_from, cfg.init.seed)
+        prepared = {}
+        reference = None
+        for split, pairs in datasets.items():
+            cache = self.context.data_dir / CACHE_DIR / f"{split}-{key}.npy"
+            logps = read_reference_logps(cache, len(pairs))
+            if logps is None:
+                if reference is None:
+                    reference = self._reference()
+                logps = compute_reference_logps(pairs, reference, cfg.trainer.micro_batch_size, self.autocast)
+                write_reference_logps(cache, logps)
+            prepared[split] = WithReferenceLogps(pairs, logps)
+        return prepared
+
+    def terms(self, forward: Forward, mb: MicroBatch) -> PairTerms:
+        cfg = self.dpo
+        chosen, rejected = response_logps(forward, mb, self.autocast)
         if self.reference is None:
             ref_chosen, ref_rejected = (mb[key] for key in REFERENCE_KEYS)
         else:
             with torch.no_grad():
-                ref_chosen, ref_rejected = response_logps(self.reference, mb, autocast)
+                ref_chosen, ref_rejected = response_logps(self.reference, mb, self.autocast)
         chosen_nll = -chosen
         if cfg.loss_type == "ipo":
             chosen_len, rejected_len = mb["chosen_loss_mask"].sum(-1), mb["rejected_loss_mask"].sum(-1)
@@ -169,36 +211,34 @@ class DPOObjective:
             rejected_logps=rejected.detach(),
         )
 
-    def backward(
-        self, forward: Forward, micro_batches: list[MicroBatch], autocast: AbstractContextManager
-    ) -> tuple[dict[str, float], int]:
-        """Backpropagate one global batch (this rank's micro-batches); its metrics and trained tokens."""
+    def backward(self, forward: Forward, micro_batches: list[MicroBatch]) -> StepResult:
         n_pairs, n_chosen, n_tokens = self._counts(micro_batches)
         sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=self.device)
         for mb in micro_batches:
-            terms = self.terms(forward, mb, autocast)
+            terms = self.terms(forward, mb)
             loss = terms.losses.sum() / n_pairs
-            if self.cfg.sft_weight:
-                loss = loss + self.cfg.sft_weight * terms.chosen_nll.sum() / n_chosen
+            if self.dpo.sft_weight:
+                loss = loss + self.dpo.sft_weight * terms.chosen_nll.sum() / n_chosen
             loss.backward()
             sums += terms.sums()
-        sums = comm.all_reduce(sums, state.dp_group())
-        return self._metrics(sums, n_pairs.item(), n_chosen.item()), int(n_tokens.item())
+        sums = global_sum(sums)
+        return StepResult(self._metrics(sums, n_pairs.item(), n_chosen.item()), int(n_tokens.item()))
 
     @torch.no_grad()
-    def evaluate(
-        self, forward: Forward, batches: Iterable[list[MicroBatch]], autocast: AbstractContextManager
-    ) -> dict[str, float]:
-        """Validation metrics over ``batches``, each name prefixed with ``val_`` (``val_loss``, …)."""
+    def evaluate(self, forward: Forward, batches: Iterable[list[MicroBatch]]) -> dict[str, float]:
+        """The loss and reward metrics over ``batches``, each name prefixed with ``val_`` (``val_loss``, …)."""
         sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=self.device)
         counts = torch.zeros(2, dtype=torch.float64, device=self.device)  # pairs, chosen tokens
         for micro_batches in batches:
             for mb in micro_batches:
-                sums += self.terms(forward, mb, autocast).sums()
+                sums += self.terms(forward, mb).sums()
                 counts += torch.stack([self._pairs(mb), mb["chosen_loss_mask"].sum()]).double()
-        sums, counts = comm.all_reduce(torch.cat([sums, counts]), state.dp_group()).split([len(_SUMS), 2])
+        sums, counts = global_sum(torch.cat([sums, counts])).split([len(_SUMS), 2])
         metrics = self._metrics(sums, max(counts[0].item(), 1.0), max(counts[1].item(), 1.0))
         return {f"val_{name}": value for name, value in metrics.items()}
+
+    def log_fields(self, metrics: dict[str, float]) -> str:
+        return f" | acc {metrics['rewards/accuracies']:.2f} | margin {metrics['rewards/margins']:.3f}"
 
     def _counts(self, micro_batches: list[MicroBatch]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pairs, chosen response tokens and all response tokens of the global batch (over DP)."""
@@ -206,14 +246,14 @@ class DPOObjective:
         for mb in micro_batches:
             chosen, rejected = mb["chosen_loss_mask"].sum(), mb["rejected_loss_mask"].sum()
             counts += torch.stack([self._pairs(mb), chosen, chosen + rejected])
-        counts = comm.all_reduce(counts, state.dp_group()).clamp(min=1.0)
+        counts = global_sum(counts).clamp(min=1.0)
         return counts[0], counts[1], counts[2]
 
     def _metrics(self, sums: torch.Tensor, n_pairs: float, n_chosen: float) -> dict[str, float]:
         s = dict(zip(_SUMS, sums.tolist(), strict=True))
         nll = s["chosen_nll"] / n_chosen
-        metrics = {"loss": s["losses"] / n_pairs + self.cfg.sft_weight * nll}
-        if self.cfg.sft_weight:
+        metrics = {"loss": s["losses"] / n_pairs + self.dpo.sft_weight * nll}
+        if self.dpo.sft_weight:
             metrics["nll_loss"] = nll
         return metrics | {
             "rewards/chosen": s["chosen_rewards"] / n_pairs,
@@ -266,15 +306,9 @@ def reference_cache_key(
 
 
 def _weights_digest(source: str) -> str:
-    """Hash of the bytes of an HF folder's or IronCore checkpoint's weight and config files."""
-    path = Path(source)
-    if (path / "config.json").is_file():
-        files = [path / "config.json", *sorted(path.glob("*.safetensors")), *sorted(path.glob("*.bin"))]
-    else:
-        folder = checkpoint.resolve(path)
-        files = [folder / checkpoint.MODEL_CONFIG, folder / checkpoint.WEIGHTS]
+    """Hash of the bytes of the files that hold a model's architecture and weights."""
     digest = hashlib.blake2b()
-    for file in files:
+    for file in weight_files(source):
         digest.update(file.name.encode())
         with open(file, "rb") as f:
             while block := f.read(1 << 24):
@@ -282,32 +316,25 @@ def _weights_digest(source: str) -> str:
     return digest.hexdigest()
 
 
-def with_reference_logps(
-    pairs: torch.utils.data.Dataset,
-    reference: torch.nn.Module,
-    cache_file: Path,
-    batch_size: int,
-    autocast: AbstractContextManager,
-) -> WithReferenceLogps:
-    """``pairs`` with their reference log-probs: read from ``cache_file``, else computed and written there.
-
-    Collective: every rank calls it. The pairs are spread over the DP ranks
-    (the TP ranks of a group compute the same ones together), gathered, and
-    rank 0 writes the cache atomically.
-    """
+def read_reference_logps(cache_file: Path, num_pairs: int) -> np.ndarray | None:
+    """The cached log-probs ``[num_pairs, 2]``, or None when there are none (or they are of another size)."""
     if cache_file.is_file():
         logps = np.load(cache_file)
-        if logps.shape == (len(pairs), 2):
-            return WithReferenceLogps(pairs, logps)
-    logps = compute_reference_logps(pairs, reference, batch_size, autocast)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.save(f, logps)
-        os.replace(tmp, cache_file)
-        log.info("cached reference log-probs of %d pairs in %s", len(pairs), cache_file)
-    return WithReferenceLogps(pairs, logps)
+        if logps.shape == (num_pairs, 2):
+            return logps
+    return None
+
+
+def write_reference_logps(cache_file: Path, logps: np.ndarray) -> None:
+    """Rank 0 writes the cache atomically (every rank computed the same gathered array)."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, logps)
+    os.replace(tmp, cache_file)
+    log.info("cached reference log-probs of %d pairs in %s", len(logps), cache_file)
 
 
 @torch.no_grad()

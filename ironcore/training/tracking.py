@@ -6,6 +6,11 @@ sent with one ``log_batch`` call per log interval. Any tracking failure (a
 server that is down, a locked database) prints one warning and turns tracking
 off for the rest of the run; training goes on. HTTP retries are kept short
 (unless the user set them) so a dead server costs seconds, not minutes.
+
+A run is tagged with the code that ran: MLflow's standard
+``mlflow.source.git.commit`` (and branch) of the IronCore checkout the
+package was imported from -- not of the working directory, which may be any
+folder -- plus ``git_dirty`` and ``ironcore_version``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from ironcore import __version__
+from ironcore.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +48,62 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def git_tags(cwd: str | Path = ".") -> dict[str, str]:
-    """Commit and dirty flag of the working directory's git checkout, if it is one."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    if commit.returncode:
-        return {}
-    return {"git_commit": commit.stdout.strip(), "git_dirty": str(bool(status.stdout.strip())).lower()}
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the ironcore package that is running
+
+
+def code_version_tags(package_dir: Path = PACKAGE_DIR) -> dict[str, str]:
+    """The IronCore version, and the commit, branch and dirty flag of the checkout holding the package.
+
+    An installed (non-editable) package lives in no checkout and gets the
+    version only.
+    """
+    tags = {"ironcore_version": __version__}
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=package_dir, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return tags
+    tags["mlflow.source.git.commit"] = commit
+    branch = git("rev-parse", "--abbrev-ref", "HEAD")
+    if branch and branch != "HEAD":
+        tags["mlflow.source.git.branch"] = branch
+    status = git("status", "--porcelain", "--", ".")  # changes to the package's own files
+    tags["git_dirty"] = str(bool(status)).lower()
+    return tags
+
+
+def run_tags(
+    config: Config, metadata: Mapping[str, Any], objective: str, dp_size: int, world_size: int
+) -> dict[str, str]:
+    """The tags of a training run: the code version, what is trained on what, and the parallel layout."""
+    return {
+        **code_version_tags(),
+        "task_type": str(metadata.get("task_type")),
+        "objective": objective,
+        "model_name": config.model.name,
+        "tensor_parallel_size": str(config.trainer.tensor_model_parallel_size),
+        "data_parallel_size": str(dp_size),
+        "world_size": str(world_size),
+    }
+
+
+def tracked_names(metrics: Mapping[str, float]) -> dict[str, float]:
+    """MLflow names of logged metrics: ``loss`` -> ``train/loss``, ``val_loss`` -> ``val/loss``; names with a
+    ``/`` (TRL's ``rewards/margins``) keep it, their validation values going under ``val/``."""
+    tracked = {}
+    for key, value in metrics.items():
+        name = key.removeprefix("val_")
+        if name == key:
+            tracked[key if "/" in key else f"train/{key}"] = value
+        else:
+            tracked[f"val/{name}"] = value
+    return tracked
 
 
 class Tracker:

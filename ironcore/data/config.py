@@ -1,10 +1,10 @@
 """The data config (``configs/data/*.yaml``): what to tokenize, how, and where to put it.
 
-One file describes one preprocessed data set for any task type (pretrain, SFT,
-DPO); ``ironcore preprocess --config FILE`` builds it and training reads the
-result. Relative paths in a data config are resolved against the current
-working directory (run ``ironcore`` from the project root), like every other
-IronCore path.
+One file describes one preprocessed data set of any task type
+(:mod:`ironcore.data.tasks`: pretrain, sft, dpo); ``ironcore preprocess
+--config FILE`` builds it and training reads the result. Relative paths in a
+data config are resolved against the current working directory (run
+``ironcore`` from the project root), like every other IronCore path.
 """
 
 from __future__ import annotations
@@ -16,17 +16,9 @@ from typing import Literal
 
 import yaml
 
-from ironcore.config.base import field, from_dict
+from ironcore.config.base import InvalidValue, field, from_dict
+from ironcore.data.tasks import TASKS, task_spec
 from ironcore.errors import ConfigError
-
-TaskType = Literal["pretrain", "sft", "dpo"]
-
-# The record fields each task reads, and the column names they default to.
-DEFAULT_FIELDS: dict[str, dict[str, str]] = {
-    "pretrain": {"text": "text"},
-    "sft": {"prompt": "prompt", "response": "response"},
-    "dpo": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"},
-}
 
 
 @dataclass
@@ -46,9 +38,9 @@ class SourceConfig:
         help="how a text file is cut into documents: the whole file, blank-line paragraphs or lines",
     )
 
-    def validate(self, key: str) -> None:
+    def validate(self) -> None:
         if (self.path is None) == (self.hf_name is None):
-            raise ConfigError(f"config key '{key}': give exactly one of 'path' or 'hf_name'")
+            raise InvalidValue("", "give exactly one of 'path' or 'hf_name'")
 
     def describe(self) -> str:
         return self.path if self.path is not None else f"hf:{self.hf_name}[{self.split}]"
@@ -60,6 +52,10 @@ class TrainTokenizerConfig:
 
     vocab_size: int = field(8192, help="vocabulary size of the trained BPE, special tokens included")
     min_frequency: int = field(2, help="merges seen fewer times than this are not learned")
+
+    def validate(self) -> None:
+        if self.vocab_size < 257:
+            raise InvalidValue("vocab_size", "must be at least 257 (256 bytes + EOD)")
 
 
 @dataclass
@@ -78,11 +74,7 @@ class TokenizerConfig:
     def validate(self) -> None:
         given = [name for name in ("path", "hf_name", "train") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ConfigError("config key 'tokenizer': give exactly one of 'path', 'hf_name' or 'train'")
-        if self.train is not None and self.train.vocab_size < 257:
-            raise ConfigError(
-                "config key 'tokenizer.train.vocab_size': must be at least 257 (256 bytes + EOD)"
-            )
+            raise InvalidValue("", "give exactly one of 'path', 'hf_name' or 'train'")
 
 
 @dataclass(kw_only=True)
@@ -90,12 +82,11 @@ class DataConfig:
     """One data set: source records -> tokenizer -> Megatron shards in ``output_dir``."""
 
     name: str = field(help="name of the data set (used in reports and metadata)")
-    task_type: TaskType = field("pretrain", help="pretrain | sft | dpo")
+    task_type: str = field("pretrain", help=" | ".join(TASKS) + " (see ironcore/data/tasks.py)")
     source: SourceConfig = field(help="the training records")
     fields: dict[str, str] = field(
         {},
-        help="record field -> column: pretrain {text}; sft {prompt, response} or {messages}; "
-        "dpo {prompt, chosen, rejected}",
+        help="record field -> column: " + "; ".join(f"{t.name} {t.describe_layouts()}" for t in TASKS.values()),
     )
     tokenizer: TokenizerConfig = field(help="the tokenizer")
     max_seq_length: int = field(
@@ -122,34 +113,18 @@ class DataConfig:
         "truncate", help="sft/dpo records longer than max_seq_length: cut at the end, or drop (both counted)"
     )
 
-    def __post_init__(self) -> None:
-        self.source.validate("source")
-        if self.valid_source is not None:
-            self.valid_source.validate("valid_source")
-            if self.valid_fraction:
-                raise ConfigError("give either 'valid_fraction' or 'valid_source', not both")
-        self.tokenizer.validate()
+    def validate(self) -> None:
+        if self.valid_source is not None and self.valid_fraction:
+            raise InvalidValue("", "give either 'valid_fraction' or 'valid_source', not both")
         if not 0.0 <= self.valid_fraction < 1.0:
-            raise ConfigError(f"config key 'valid_fraction': must be in [0, 1), got {self.valid_fraction}")
+            raise InvalidValue("valid_fraction", f"must be in [0, 1), got {self.valid_fraction}")
         if self.max_seq_length < 1:
-            raise ConfigError(f"config key 'max_seq_length': must be positive, got {self.max_seq_length}")
+            raise InvalidValue("max_seq_length", f"must be positive, got {self.max_seq_length}")
         if self.num_workers < 0:
-            raise ConfigError(f"config key 'num_workers': must be >= 0, got {self.num_workers}")
+            raise InvalidValue("num_workers", f"must be >= 0, got {self.num_workers}")
         if "{prompt}" not in self.prompt_template:
-            raise ConfigError("config key 'prompt_template': must contain '{prompt}'")
-        self.fields = self._resolve_fields()
-
-    def _resolve_fields(self) -> dict[str, str]:
-        """Fill the task's default column names and reject fields the task does not read."""
-        if self.task_type == "sft" and "messages" in self.fields:
-            allowed = {"messages": "messages"}
-        else:
-            allowed = DEFAULT_FIELDS[self.task_type]
-        for key in self.fields:
-            if key not in allowed:
-                options = ", ".join(allowed) + (" (or messages)" if self.task_type == "sft" else "")
-                raise ConfigError(f"config key 'fields.{key}': a {self.task_type} data set reads {options}")
-        return {**allowed, **self.fields}
+            raise InvalidValue("prompt_template", "must contain '{prompt}'")
+        self.fields = task_spec(self.task_type, "task_type").resolve_fields(self.fields)
 
     @property
     def is_chat(self) -> bool:

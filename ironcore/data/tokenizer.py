@@ -228,13 +228,3 @@ def tokenizer_files(path: str | Path) -> tuple[Path, Path | None]:
         return path / "tokenizer.json", path / "tokenizer_config.json"
     return path, None
 
-
-def load_tokenizer(
-    path: str | Path | None = None, hf_name: str | None = None, eod_token: str | None = None
-) -> Tokenizer:
-    """Load from a local path or a hub name (exactly one)."""
-    if (path is None) == (hf_name is None):
-        raise ConfigError("give exactly one of a tokenizer path or hub name")
-    if path is not None:
-        return Tokenizer.from_path(path, eod_token)
-    return Tokenizer.from_hub(hf_name, eod_token)

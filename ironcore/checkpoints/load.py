@@ -1,0 +1,110 @@
+"""Loading a model from anywhere: one function for HF folders, IronCore checkpoints and run folders.
+
+A *source* is
+
+* an HF checkpoint folder (``config.json`` + ``*.safetensors``, see
+  :mod:`ironcore.checkpoints.hf`), or a hub name such as ``Qwen/Qwen3-0.6B``
+  when no local folder has that name (downloaded: needs network);
+* an IronCore checkpoint folder (``model.safetensors`` + ``model_config.yaml``,
+  see :mod:`ironcore.checkpoints.native`), a run's ``checkpoints/`` folder or a
+  run folder (its ``latest`` checkpoint).
+
+:func:`load_model` builds the model on the meta device (no memory, no
+initialisation) and assigns the weights, each rank taking its tensor-parallel
+shard; :func:`load_weights` gives the full weights alone (for ``init.init_from``),
+and :func:`weight_files` the files they come from (to fingerprint them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ironcore.checkpoints import hf, native
+from ironcore.checkpoints.hf_families import family_of, is_hf_folder, model_config_from_hf, read_hf_config
+from ironcore.config.model import ModelConfig
+from ironcore.errors import CheckpointError
+from ironcore.models.transformer import TransformerModel
+from ironcore.parallel.sharding import full_shapes, load_full_state_dict
+
+
+def locate(source: str | Path, expect: str | None = None) -> tuple[str, Path]:
+    """``("hf" | "ironcore", folder)``: what kind of source this is, and the folder holding its files.
+
+    ``expect="hf"`` refuses anything but an HF folder or hub name (CheckpointError naming ``source``).
+    """
+    path = Path(source)
+    if is_hf_folder(path):
+        return "hf", path
+    hub_name = not path.exists() and not str(source).startswith((".", "/")) and str(source).count("/") == 1
+    if hub_name:
+        from huggingface_hub import snapshot_download  # a hub name "owner/model": needs network
+
+        return "hf", Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors"]))
+    if expect == "hf":
+        raise CheckpointError(f"{source}: not an HF checkpoint folder (no config.json)")
+    if not path.exists():
+        raise CheckpointError(f"{source}: not found (expected an HF checkpoint folder, an IronCore checkpoint or a "
+                              "run folder)")
+    try:
+        return "ironcore", native.resolve(path)
+    except CheckpointError:
+        raise CheckpointError(
+            f"{source}: neither an HF checkpoint folder (config.json) nor an IronCore checkpoint "
+            f"({native.WEIGHTS} + {native.MODEL_CONFIG}) or run folder"
+        ) from None
+
+
+def _meta_model(cfg: ModelConfig) -> TransformerModel:
+    with torch.device("meta"):
+        return TransformerModel(cfg)
+
+
+def _read(
+    source: str | Path, device: str | torch.device, dtype: torch.dtype | None
+) -> tuple[TransformerModel, dict[str, torch.Tensor], Path]:
+    """The model on the meta device, its full weights and the folder they came from."""
+    kind, folder = locate(source)
+    if kind == "hf":
+        config = read_hf_config(folder)
+        where = str(folder / "config.json")
+        model = _meta_model(model_config_from_hf(config, where))
+        family = family_of(config, where).model_type
+        state = hf.read_hf_weights(folder, family, full_shapes(model), dtype or torch.float32, device)
+        return model, state, folder
+    cfg, state = native.read_model(folder, device)
+    if dtype is not None:
+        state = {name: tensor.to(dtype) for name, tensor in state.items()}
+    return _meta_model(cfg), state, folder
+
+
+def load_model(
+    source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> TransformerModel:
+    """The model of ``source`` (see the module doc) in eval mode, built for the current TP layout.
+
+    ``dtype`` converts the weights (default: as stored for IronCore
+    checkpoints, float32 for HF folders).
+    """
+    model, state, folder = _read(source, device, dtype)
+    try:
+        load_full_state_dict(model, state)
+    except CheckpointError as err:
+        raise CheckpointError(f"{folder}: {err}") from None
+    if model.rope is not None:
+        model.rope.reset_parameters(device)
+    return model.eval()
+
+
+def load_weights(source: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The full (TP=1) weights of ``source`` under IronCore's parameter names."""
+    return _read(source, device, None)[1]
+
+
+def weight_files(source: str | Path) -> list[Path]:
+    """The files that hold ``source``'s architecture and weights (what a digest of its weights reads)."""
+    kind, folder = locate(source)
+    if kind == "hf":
+        return [folder / "config.json", *sorted(folder.glob("*.safetensors"))]
+    return [folder / native.MODEL_CONFIG, folder / native.WEIGHTS]

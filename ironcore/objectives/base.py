@@ -1,0 +1,108 @@
+"""The interface between the training loop and a training objective.
+
+The trainer owns what every objective shares: the loop, gradient
+accumulation, gradient synchronisation and clipping, the optimizer and its
+schedule, checkpoints and resume, signals, logging and tracking. An
+:class:`Objective` owns the rest:
+
+* what a sample is (``sequences_per_sample``: 2 for a preference pair) and
+  which data it reads (``task_types``);
+* the forward and backward passes of one global batch (this rank's
+  micro-batches), normalised over the *whole* global batch (all micro-batches,
+  all data-parallel ranks), so that gradient accumulation and the DP layout
+  change nothing; the trainer then sums gradients over DP ranks;
+* the metrics it logs (``loss`` always; others under their own names,
+  e.g. TRL's ``rewards/margins``), and what it adds to the console line;
+* how it scores a validation split;
+* any state of its own (DPO's frozen or precomputed reference), including
+  what it does to the data set before training (:meth:`Objective.prepare`).
+
+Metrics are plain floats. Names without a ``/`` are tracked in MLflow as
+``train/NAME`` (validation: ``val_NAME`` -> ``val/NAME``); names with a
+``/`` are tracked as they are (validation: ``val/NAME``).
+
+An objective of your own is a subclass in any importable module, named in
+the config as ``trainer.objective: my_package.my_module:MyObjective``
+(see ``docs/objectives.md``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ironcore.config.training import Config
+from ironcore.data.batches import MicroBatch
+from ironcore.parallel import comm, state
+
+# The model's forward pass: (input_ids, position_ids, attention_mask, parallel_output=...) -> logits.
+Forward = Callable[..., torch.Tensor]
+
+
+@dataclasses.dataclass
+class ObjectiveContext:
+    """What an objective may use of the run it is part of."""
+
+    config: Config  # the whole resolved run config
+    device: torch.device
+    autocast: AbstractContextManager  # every forward pass runs inside it (bf16 autocast, or nothing)
+    data_dir: Path  # the preprocessed data set (its shards, metadata.json, caches)
+    metadata: dict[str, Any]  # that data set's metadata.json
+    seq_len: int  # positions per sequence (the data config's max_seq_length)
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one global batch's backward pass reports."""
+
+    metrics: dict[str, float]  # "loss" and whatever else the objective logs
+    tokens: int  # trained tokens of the global batch, all DP ranks (for throughput and the token count)
+
+
+class Objective(ABC):
+    """A training objective: subclass it and implement :meth:`backward` and :meth:`evaluate`."""
+
+    sequences_per_sample: ClassVar[int] = 1  # sequences of max_seq_length tokens in one sample
+    task_types: ClassVar[tuple[str, ...] | None] = None  # data it can read (ironcore.data.tasks); None: any
+    Options: ClassVar[type | None] = None  # a dataclass: trainer.objective_options is checked against it
+
+    def __init__(self, context: ObjectiveContext, options: Any = None) -> None:
+        self.context = context
+        self.config = context.config
+        self.device = context.device
+        self.autocast = context.autocast
+        self.options = options
+
+    def prepare(self, datasets: dict[str, torch.utils.data.Dataset]) -> dict[str, torch.utils.data.Dataset]:
+        """The splits (``train``, and ``valid`` when there is one) as this objective wants them served.
+
+        Called once, on every rank, before the first step; the default serves them as they are.
+        """
+        return datasets
+
+    @abstractmethod
+    def backward(self, forward: Forward, micro_batches: list[MicroBatch]) -> StepResult:
+        """Forward and backward passes over this rank's micro-batches of one global batch.
+
+        Gradients must come out normalised for the whole global batch (see
+        the module doc); the metrics are those of the whole global batch.
+        """
+
+    @abstractmethod
+    def evaluate(self, forward: Forward, batches: Iterable[list[MicroBatch]]) -> dict[str, float]:
+        """Validation metrics over ``batches`` (each: this rank's share of a global batch), named ``val_*``."""
+
+    def log_fields(self, metrics: dict[str, float]) -> str:
+        """What this objective adds to the console line of a step (e.g. ``" | acc 0.75"``)."""
+        return ""
+
+
+def global_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over the data-parallel ranks (in place; a no-op in one process)."""
+    return comm.all_reduce(values, state.dp_group())

@@ -1,0 +1,92 @@
+"""Which ironcore files each pipeline stage runs, and their digest (an input of the stage's jobs).
+
+Snakemake reruns a job when its rule's own code changes, but it cannot see the
+``ironcore`` modules the job imports. Each stage therefore takes
+``results/code/<stage>.sha256`` as an input: a digest of the package files the
+stage runs, rewritten (new mtime -> rerun) only when that digest changes.
+
+By construction a stage covers **every** ``ironcore/**/*.py`` except the
+files it is stated not to run (``excludes``), so a new module or sub-package
+reruns every stage until someone excludes it here. ``runs`` names the modules
+a stage's command imports; ``tests/test_pipeline.py`` imports them in a fresh
+interpreter and fails when one of the modules they pull in is excluded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+# Packages the data stages never import (they need no torch model).
+_MODEL_SIDE = tuple(f"{package}/**/*.py" for package in (
+    "training", "objectives", "models", "layers", "parallel", "checkpoints", "inference", "evaluation"))
+_COMMANDS = ("corpus", "tokenizer", "preprocess", "train", "evaluate", "generate", "convert", "model_info",
+             "reference", "common")
+_DATA = ("config", "tasks", "tokenizer", "corpus", "sources", "encode", "preprocess", "indexed", "metadata",
+         "inspect", "pretrain", "sft", "dpo", "batches")
+_SAMPLES = ("config", "tasks", "tokenizer", "sources", "encode", "indexed", "metadata", "pretrain", "sft", "dpo",
+            "batches")  # what building training samples from shards needs
+
+
+def _data_except(*used: str) -> tuple[str, ...]:
+    """The data modules a stage does not run."""
+    return tuple(f"data/{name}.py" for name in _DATA if name not in used)
+
+
+def _other_commands(*used: str) -> tuple[str, ...]:
+    """The cli modules of the commands a stage does not run (registering a parser changes no result)."""
+    return tuple(f"cli/{name}.py" for name in _COMMANDS if name not in used)
+
+
+@dataclass(frozen=True)
+class Stage:
+    runs: tuple[str, ...]  # modules the stage's command imports
+    excludes: tuple[str, ...]  # globs (relative to the package) of files it does not run
+
+
+STAGES = {
+    "corpus": Stage(
+        runs=("ironcore.cli.corpus", "ironcore.data.corpus"),
+        excludes=(*_MODEL_SIDE, *_data_except("corpus"), "config/*.py", *_other_commands("corpus")),
+    ),
+    "tokenizer": Stage(
+        runs=("ironcore.cli.tokenizer", "ironcore.data.config", "ironcore.data.sources", "ironcore.data.tokenizer"),
+        excludes=(*_MODEL_SIDE, *_data_except("config", "tasks", "tokenizer", "sources", "encode", "metadata"),
+                  *_other_commands("tokenizer")),
+    ),
+    "preprocess": Stage(
+        runs=("ironcore.cli.preprocess", "ironcore.data.preprocess"),
+        excludes=(*_MODEL_SIDE, *_data_except("config", "tasks", "tokenizer", "sources", "encode", "preprocess",
+                                             "indexed", "metadata"), *_other_commands("preprocess")),
+    ),
+    "inspect": Stage(
+        runs=("ironcore.cli.preprocess", "ironcore.data.inspect"),
+        excludes=(*_MODEL_SIDE, *_data_except("config", "tasks", "tokenizer", "sources", "encode", "inspect",
+                                             "indexed", "metadata"), *_other_commands("preprocess")),
+    ),
+    "train": Stage(
+        runs=("ironcore.cli.train", "ironcore.training.trainer"),
+        excludes=("inference/**/*.py", "evaluation/**/*.py", *_data_except(*_SAMPLES), *_other_commands("train", "common")),
+    ),
+    "eval": Stage(
+        runs=("ironcore.cli.evaluate", "ironcore.cli.generate", "ironcore.evaluation.validation",
+              "ironcore.inference", "ironcore.checkpoints.load", "ironcore.data.tokenizer"),
+        excludes=("training/**/*.py", *_data_except(*_SAMPLES), *_other_commands("evaluate", "generate")),
+    ),
+}
+
+
+def stage_files(package: Path, stage: str) -> list[Path]:
+    """Every ``*.py`` of the package except the stage's exclusions, sorted."""
+    files = set(package.glob("**/*.py"))
+    for pattern in STAGES[stage].excludes:
+        files -= set(package.glob(pattern))
+    return sorted(files)
+
+
+def fingerprint_text(package: Path, stage: str) -> str:
+    """A digest line, then one ``sha256  path`` line per file the stage runs."""
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(package)}" for p in stage_files(package, stage)]
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return f"{digest}  ironcore {stage}\n" + "\n".join(lines) + "\n"
