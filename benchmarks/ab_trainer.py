@@ -5,7 +5,9 @@ model, batch and seed, each in a fresh process (so neither inherits the
 other's allocator or caches); the order within a pair alternates, so a slow
 phase of a shared machine hits both alike. The earlier commit is checked out
 into a temporary git worktree and imported from there. Reported: tokens/s of
-every run, the per-pair ratio (this tree / base), its median and spread.
+every run, the per-pair ratio (this tree / base), its median and spread, and
+(``--profile``) whether one profiled step of each side runs the same ATen
+operators the same number of times -- the same work, whatever the noise.
 Prints; asserts nothing.
 
     python benchmarks/ab_trainer.py --base f9c432d                        # pretraining, gpt2-small, 10 pairs
@@ -84,17 +86,25 @@ def worker(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         trainer.train_step()
         times.append(time.perf_counter() - start)
+    result = {"tokens_per_sec": trainer.tokens_per_step / statistics.median(times[args.warmup:])}
+    if args.profile:  # one more step: which ATen operators it runs, how often
+        from torch.profiler import profile
+
+        with profile() as prof:
+            trainer.train_step()
+        result["ops"] = {e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")}
     import ironcore
 
-    print("RESULT " + json.dumps({"tokens_per_sec": trainer.tokens_per_step / statistics.median(times[args.warmup:]),
-                                  "code": str(Path(ironcore.__file__).parents[1])}))
+    print("RESULT " + json.dumps({**result, "code": str(Path(ironcore.__file__).parents[1])}))
 
 
-def run(args: argparse.Namespace, tree: str, data_config: Path, workdir: str) -> float:
+def run(args: argparse.Namespace, tree: str, data_config: Path, workdir: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--tree", tree, "--data-config", str(data_config),
            "--workdir", tempfile.mkdtemp(dir=workdir), "--task", args.task, "--model", args.model,
            "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--threads", str(args.threads), "--dpo-reference", args.dpo_reference]
+    if args.profile:
+        cmd.append("--profile")
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     if out.returncode or not line:
@@ -102,7 +112,7 @@ def run(args: argparse.Namespace, tree: str, data_config: Path, workdir: str) ->
     result = json.loads(line[0][7:])
     if Path(result["code"]).resolve() != Path(tree).resolve():
         sys.exit(f"the run imported ironcore from {result['code']}, not from {tree}")
-    return result["tokens_per_sec"]
+    return result
 
 
 def main() -> None:
@@ -117,6 +127,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dpo-reference", choices=["live", "precomputed"], default="live")
+    parser.add_argument("--profile", action="store_true",
+                        help="compare the ATen operators of one profiled step per run (same work on both sides?)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tree", help=argparse.SUPPRESS)
     parser.add_argument("--data-config", help=argparse.SUPPRESS)
@@ -137,15 +149,16 @@ def main() -> None:
             data_config = prepare(Path(tmp), args.task, args.seq_len)
             if args.task == "dpo" and args.dpo_reference == "precomputed":  # cache the reference once, off the clock
                 run(args, str(ROOT), data_config, tmp)
-            new, base = [], []
+            runs: dict[str, list[dict]] = {"new": [], "base": []}
             for pair in range(args.pairs):
                 order = [("new", str(ROOT)), ("base", base_tree)][:: 1 if pair % 2 == 0 else -1]
                 for name, tree in order:
-                    (new if name == "new" else base).append(run(args, tree, data_config, tmp))
-                print(f"pair {pair + 1}: this tree {new[-1]:.1f}, {commit} {base[-1]:.1f} tok/s, "
-                      f"ratio {new[-1] / base[-1]:.3f}", flush=True)
+                    runs[name].append(run(args, tree, data_config, tmp))
+                a, b = runs["new"][-1]["tokens_per_sec"], runs["base"][-1]["tokens_per_sec"]
+                print(f"pair {pair + 1}: this tree {a:.1f}, {commit} {b:.1f} tok/s, ratio {a / b:.3f}", flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", base_tree], cwd=ROOT, capture_output=True)
+    new, base = ([r["tokens_per_sec"] for r in runs[side]] for side in ("new", "base"))
     ratios = sorted(n / b for n, b in zip(new, base))
     unit = "pairs" if args.task == "dpo" else "tokens"
     print(f"{args.task}, model {args.model}, {args.micro_batch} x {args.seq_len}, {args.threads} threads, "
@@ -155,6 +168,12 @@ def main() -> None:
           f"(the trainer counts {unit}' positions)")
     print(f"ratio this tree / {commit}: median {statistics.median(ratios):.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}, "
           f"{sum(r >= 1.0 for r in ratios)} of {len(ratios)} pairs >= 1")
+    if args.profile:
+        ops = {side: runs[side][0]["ops"] for side in runs}
+        differ = sorted(k for k in ops["new"].keys() | ops["base"].keys() if ops["new"].get(k) != ops["base"].get(k))
+        print(f"ATen calls in a profiled step: this tree {sum(ops['new'].values())}, {commit} "
+              f"{sum(ops['base'].values())}; " + (f"differing operators: {differ}" if differ else
+                                                 "the same operators, the same number of times"))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Layout of a checkpoint folder::
 
     model.safetensors    # full (TP-gathered) weights under IronCore's parameter names
     model_config.yaml    # the ModelConfig, so the folder is self-describing
-    tokenizer.json       # the tokenizer of the training data (+ tokenizer_config.json), for generation
+    tokenizer.json       # the tokenizer of the training data (+ tokenizer_config.json, chat_template.jinja)
+    generation_config.json   # HF generation defaults (end tokens, sampling), when the model came with them
     optimizer.pt         # training checkpoints: optimizer state keyed by parameter name
     trainer_state.json   # step, consumed samples, tokens, skipped steps
     rng.pt               # RNG states (python, numpy, torch, cuda) of every rank
@@ -31,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from ironcore.config.base import to_dict
 from ironcore.config.loader import load_model_config
 from ironcore.config.model import ModelConfig
+from ironcore.data.tokenizer import definition_files
 from ironcore.errors import CheckpointError
 from ironcore.models.transformer import TransformerModel
 from ironcore.parallel.sharding import full_state_dict
@@ -41,7 +43,7 @@ OPTIMIZER = "optimizer.pt"
 TRAINER_STATE = "trainer_state.json"
 RNG = "rng.pt"
 LATEST = "latest"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+GENERATION_CONFIG = "generation_config.json"
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -73,10 +75,19 @@ def write_model_files(folder: Path, state: Mapping[str, torch.Tensor], config: M
 
 
 def copy_tokenizer(source: str | Path, folder: Path) -> None:
-    """Copy tokenizer.json (and tokenizer_config.json) from ``source`` into ``folder``, when present."""
-    for name in TOKENIZER_FILES:
-        if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, folder / name)
+    """Copy the tokenizer's files (tokenizer.json, its config, chat templates) from ``source`` into ``folder``,
+    byte for byte, so that the folder can tokenize and render chats on its own."""
+    source = Path(source)
+    for path in definition_files(source):
+        target = folder / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+
+
+def copy_generation_config(source: str | Path, folder: Path) -> None:
+    """Copy ``generation_config.json`` (end tokens, sampling defaults) from ``source`` into ``folder``, if any."""
+    if (Path(source) / GENERATION_CONFIG).is_file():
+        shutil.copy2(Path(source) / GENERATION_CONFIG, folder / GENERATION_CONFIG)
 
 
 def save_model(model: TransformerModel, path: str | Path) -> Path:

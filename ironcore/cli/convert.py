@@ -20,16 +20,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ironcore.checkpoints.hf import save_hf_model
     from ironcore.checkpoints.load import load_model, locate
-    from ironcore.checkpoints.native import copy_tokenizer, save_model
+    from ironcore.checkpoints.native import copy_generation_config, copy_tokenizer, save_model
 
     if args.to_hf:
         if not args.checkpoint:
             raise ConfigError("--to-hf needs --checkpoint CKPT_DIR")
-        kind, folder = locate(args.checkpoint)
+        _, folder = locate(args.checkpoint)
         out = save_hf_model(load_model(folder), args.output)
     else:
-        kind, folder = locate(args.from_hf, expect="hf")
+        _, folder = locate(args.from_hf, expect="hf")
         out = save_model(load_model(folder), args.output)
-    copy_tokenizer(folder, out)  # so the converted folder can generate text on its own
+    copy_tokenizer(folder, out)  # so the converted folder can tokenize, render chats and generate on its own
+    copy_generation_config(folder, out)
     print(f"wrote {out}")
     return 0

@@ -4,9 +4,11 @@ One ``--prompt`` is streamed to the terminal token by token; ``--prompts-file``
 runs batches of prompts (ragged lengths are fine) and prints each completion;
 ``--json`` prints one JSON object per prompt instead. The tokenizer is the one
 saved with the model (``tokenizer.json`` in the checkpoint or HF folder) unless
-``--tokenizer`` names another. Decoding stops at the tokenizer's end-of-text
-token unless ``--ignore-eos``. Temperature 0 (the default) is greedy, as in
-``ironcore.inference.generate``.
+``--tokenizer`` names another. The model folder's ``generation_config.json``
+(:mod:`ironcore.inference.settings`) supplies the end tokens, the BOS of an
+empty prompt and the sampling defaults; every flag given wins over it.
+Without one, decoding is greedy and stops at the tokenizer's end-of-text and
+EOS tokens (``--ignore-eos``: at none).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from ironcore.data.tokenizer import Tokenizer
     from ironcore.models.transformer import TransformerModel
 
+DEFAULT_MAX_NEW_TOKENS = 64
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="generate text from a checkpoint or an HF model folder")
@@ -39,12 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--prompts-file", help='one prompt per line, or .jsonl: a string or {"prompt": ...} per line'
     )
     parser.add_argument("--tokenizer", help="tokenizer.json or its folder (default: the one saved with the model)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"default: generation_config.json's max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS}")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 = greedy; default: generation_config.json's sampling settings, else greedy")
+    parser.add_argument("--top-k", type=int, default=None, help="default: generation_config.json's (when it samples)")
+    parser.add_argument("--top-p", type=float, default=None, help="default: generation_config.json's (when it samples)")
     parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at any end token")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts of --prompts-file decoded together")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -53,30 +59,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ironcore import inference
+    from ironcore.inference.settings import GenerationConfig
 
-    try:
-        inference.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     texts = [args.prompt] if args.prompt is not None else read_prompts(Path(args.prompts_file))
+    folder = source_of(args)[1]
+    generation = GenerationConfig.read(folder)
+    sampling = generation.sampling(args.temperature, args.top_k, args.top_p)
+    max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else (
+        generation.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+    try:
+        inference.check_sampling(max_new_tokens, **sampling)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if generation.do_sample and args.temperature is None:
+        print(f"[sampling as {folder / 'generation_config.json'} says: {sampling}; --temperature 0 is greedy]",
+              file=sys.stderr)
     tokenizer = load_tokenizer(args)
     model = load(args)
-    prompts = [prompt_ids(tokenizer, text) for text in texts]
+    prompts = [prompt_ids(tokenizer, text, generation.bos_token_id) for text in texts]
     limit = model.config.max_position_embeddings
     for number, ids in enumerate(prompts, start=1):
-        if len(ids) + args.max_new_tokens - 1 > limit:
+        if len(ids) + max_new_tokens - 1 > limit:
             raise DataError(
-                f"prompt {number}: {len(ids)} tokens + --max-new-tokens {args.max_new_tokens} exceed the model's "
+                f"prompt {number}: {len(ids)} tokens + {max_new_tokens} new tokens exceed the model's "
                 f"{limit} positions"
             )
     options = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        eos_token_id=None if args.ignore_eos else stop_ids(tokenizer),
+        max_new_tokens=max_new_tokens,
+        **sampling,
+        eos_token_id=None if args.ignore_eos else stop_ids(tokenizer, generation.eos_token_ids),
         seed=args.seed,
     )
     if args.prompt is not None and not args.json:
@@ -189,21 +202,23 @@ def load_tokenizer(args: argparse.Namespace) -> Tokenizer:
     return Tokenizer.from_path(folder)
 
 
-def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+def prompt_ids(tokenizer: Tokenizer, text: str, bos_token_id: int | None = None) -> list[int]:
     """Token ids of a prompt, with the special tokens the tokenizer adds itself (e.g. Llama's BOS).
 
-    An empty prompt becomes the end-of-document token: generation from scratch
-    starts where a new document would.
+    An empty prompt becomes the model's BOS (``generation_config.json``), else the end-of-document token:
+    generation from scratch starts where a new document would.
     """
-    return tokenizer.backend.encode(text, add_special_tokens=True).ids or [tokenizer.eod_id]
+    fallback = bos_token_id if bos_token_id is not None else tokenizer.eod_id
+    return tokenizer.backend.encode(text, add_special_tokens=True).ids or [fallback]
 
 
-def stop_ids(tokenizer: Tokenizer) -> list[int]:
-    """The end-of-document token, and the tokenizer's declared EOS when that is another one (chat models)."""
+def stop_ids(tokenizer: Tokenizer, eos_token_ids: tuple[int, ...] = ()) -> list[int]:
+    """Every id that ends a completion: the end-of-document token, the tokenizer's declared EOS (chat models)
+    and the ids of ``generation_config.json``'s ``eos_token_id`` (Llama-3 has three)."""
     ids = [tokenizer.eod_id]
-    eos = tokenizer.config.get("eos_token")
-    eos = eos.get("content") if isinstance(eos, dict) else eos
+    eos = tokenizer.special_tokens.get("eos_token")
     eos_id = tokenizer.backend.token_to_id(eos) if eos else None
-    if eos_id is not None and eos_id not in ids:
-        ids.append(eos_id)
+    for token in (eos_id, *eos_token_ids):
+        if token is not None and token not in ids:
+            ids.append(token)
     return ids

@@ -63,7 +63,9 @@ class TokenizerConfig:
     """Which tokenizer to use: a file/folder, a hub name, or one trained on the source."""
 
     path: str | None = field(
-        None, help="tokenizer.json, or a folder with tokenizer.json (+ tokenizer_config.json)"
+        None,
+        help="tokenizer.json, or a folder as transformers saves it (tokenizer.json, tokenizer_config.json, "
+        "chat_template.jinja)",
     )
     hf_name: str | None = field(None, help="hub tokenizer name (needs network), e.g. gpt2")
     train: TrainTokenizerConfig | None = field(None, help="train a byte-level BPE on the source instead")

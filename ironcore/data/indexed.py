@@ -79,7 +79,6 @@ class IndexedDatasetWriter:
         self._lengths_path = Path(f"{self.prefix}.lengths.tmp")
         self._lengths = open(self._lengths_path, "wb")
         self.num_sequences = 0
-        self.num_items = 0
 
     def add_batch(self, items: np.ndarray, lengths: np.ndarray) -> None:
         """Append ``len(lengths)`` sequences whose items are ``items``, concatenated."""
@@ -98,7 +97,6 @@ class IndexedDatasetWriter:
         self._data.write(np.ascontiguousarray(items, dtype=self.dtype).tobytes())
         self._lengths.write(lengths.astype(np.int32).tobytes())
         self.num_sequences += len(lengths)
-        self.num_items += len(items)
 
     def add(self, sequence: np.ndarray) -> None:
         """Append one sequence (convenience for tests and small tools)."""

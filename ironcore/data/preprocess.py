@@ -46,7 +46,7 @@ from ironcore.data.encode import Encoded, Encoder
 from ironcore.data.indexed import IndexedDatasetWriter, token_dtype
 from ironcore.data.metadata import FORMAT_VERSION, METADATA_FILE, load_metadata, shard_prefix, write_metadata
 from ironcore.data.tasks import TaskSpec, task_spec
-from ironcore.data.tokenizer import Tokenizer, tokenizer_files
+from ironcore.data.tokenizer import Tokenizer, definition_files
 from ironcore.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -111,9 +111,8 @@ def _tokenizer_fingerprint(config: TokenizerConfig) -> str | None:
     if config.path is None:
         return None  # a hub name or training settings: already in the config
     digest = hashlib.sha256()
-    for path in tokenizer_files(config.path):
-        if path is not None and path.exists():
-            digest.update(path.read_bytes())
+    for path in definition_files(config.path):
+        digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()
 
 

@@ -5,11 +5,16 @@ Everything that tokenizes (preprocessing, evaluation, generation) goes through
 :attr:`Tokenizer.identity` (the SHA-256 of the ``tokenizer.json``
 serialization) is written into every preprocessed data set's metadata.
 
-Sources: a ``tokenizer.json`` file; a folder holding ``tokenizer.json`` and,
-optionally, ``tokenizer_config.json`` (EOS token and chat template); a hub
-name (only with network access); or a byte-level BPE trained here with
-:meth:`Tokenizer.train_bpe`. The fast Rust tokenizer does all encoding; the
-``transformers`` tokenizer is loaded lazily and only to render chat templates.
+Sources: a ``tokenizer.json`` file; a folder as ``transformers`` saves it
+(``tokenizer.json``, ``tokenizer_config.json`` with the special tokens, and the
+chat template in ``chat_template.jinja`` -- or, in older folders, in
+``tokenizer_config.json`` -- plus any named templates in
+``additional_chat_templates/NAME.jinja``); a hub name (only with network
+access); or a byte-level BPE trained here with :meth:`Tokenizer.train_bpe`.
+:meth:`Tokenizer.save` writes the same layout, so a template survives a round
+trip byte for byte. The fast Rust tokenizer does all encoding; chat templates
+render with jinja2 (:mod:`ironcore.data.chat_template`), ``transformers`` is
+not needed.
 
 Text is always encoded with ``add_special_tokens=False``: IronCore adds the
 end-of-document token itself, and chat templates spell out their own special
@@ -29,12 +34,17 @@ from typing import Any
 import numpy as np
 import tokenizers
 
+from ironcore.data import chat_template
 from ironcore.errors import ConfigError
 
 # Special tokens that mark the end of a document in common vocabularies, in order of preference
 # (a chat model's eos_token, e.g. Qwen's <|im_end|>, ends a turn, not a document).
 EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 TRAINED_EOD = "<|endoftext|>"
+# Where transformers keeps chat templates beside tokenizer.json (its CHAT_TEMPLATE_FILE / _DIR).
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+DEFAULT_TEMPLATE = "default"
 
 
 class Tokenizer:
@@ -45,10 +55,12 @@ class Tokenizer:
         backend: tokenizers.Tokenizer,
         config: dict[str, Any] | None = None,
         eod_token: str | None = None,
+        chat_templates: dict[str, str] | None = None,
     ) -> None:
         self.backend = backend
         self.config = dict(config or {})
-        self._hf = None
+        # Templates by name ("default" is the one apply_chat_template uses); the config keeps none of them.
+        self.chat_templates = {**_config_templates(self.config.pop("chat_template", None)), **(chat_templates or {})}
         self.eod_token = eod_token or self._default_eod()
         eod_id = backend.token_to_id(self.eod_token)
         if eod_id is None:
@@ -59,7 +71,7 @@ class Tokenizer:
 
     @classmethod
     def from_path(cls, path: str | Path, eod_token: str | None = None) -> Tokenizer:
-        """Load a ``tokenizer.json`` file or a folder holding one (+ ``tokenizer_config.json``)."""
+        """Load a ``tokenizer.json`` file, or a folder holding one with its config and chat templates."""
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"tokenizer path {path} does not exist")
@@ -79,7 +91,7 @@ class Tokenizer:
                 config = json.loads(config_path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as err:
                 raise ConfigError(f"{config_path}: cannot read tokenizer config: {err}") from None
-        return cls(backend, config, eod_token)
+        return cls(backend, config, eod_token, _template_files(path) if path.is_dir() else None)
 
     @classmethod
     def from_hub(cls, name: str, eod_token: str | None = None) -> Tokenizer:
@@ -92,10 +104,8 @@ class Tokenizer:
             raise ConfigError(f"cannot load tokenizer '{name}' from the hub: {err}") from None
         if not getattr(hf, "is_fast", False):
             raise ConfigError(f"tokenizer '{name}' has no fast (tokenizer.json) version")
-        config = {"eos_token": hf.eos_token, "chat_template": getattr(hf, "chat_template", None)}
-        tokenizer = cls(hf.backend_tokenizer, config, eod_token)
-        tokenizer._hf = hf
-        return tokenizer
+        config = {**hf.special_tokens_map, "chat_template": getattr(hf, "chat_template", None)}
+        return cls(hf.backend_tokenizer, config, eod_token)
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
@@ -119,7 +129,11 @@ class Tokenizer:
         )
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``tokenizer.json`` (+ ``tokenizer_config.json``) so :meth:`from_path` reloads it."""
+        """Write ``tokenizer.json``, ``tokenizer_config.json`` and the chat templates as ``transformers`` does.
+
+        The default template goes to ``chat_template.jinja``, named ones to
+        ``additional_chat_templates/NAME.jinja``, exactly as they were read.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
@@ -127,11 +141,14 @@ class Tokenizer:
             (directory / "tokenizer_config.json").write_text(
                 json.dumps(self.config, indent=2), encoding="utf-8"
             )
+        for name, template in self.chat_templates.items():
+            if name == DEFAULT_TEMPLATE:
+                path = directory / CHAT_TEMPLATE_FILE
+            else:
+                path = directory / CHAT_TEMPLATE_DIR / f"{name}.jinja"
+                path.parent.mkdir(exist_ok=True)
+            path.write_text(template, encoding="utf-8", newline="")
         return directory
-
-    def __getstate__(self) -> dict[str, Any]:
-        # The transformers tokenizer is a cache; worker processes reload it on demand.
-        return {**self.__dict__, "_hf": None}
 
     # ---- facts -----------------------------------------------------------------------------
 
@@ -152,7 +169,19 @@ class Tokenizer:
 
     @property
     def chat_template(self) -> str | None:
-        return self.config.get("chat_template")
+        """The default chat template (what ``apply_chat_template`` renders), or None."""
+        return self.chat_templates.get(DEFAULT_TEMPLATE)
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """The named special tokens a chat template may read (``bos_token``, ``eos_token``, …), as text."""
+        named = {}
+        for name in chat_template.SPECIAL_TOKENS:
+            value = self.config.get(name)
+            value = value.get("content") if isinstance(value, dict) else value
+            if value:
+                named[name] = str(value)
+        return named
 
     def _default_eod(self) -> str:
         specials = {tok.content for tok in self.backend.get_added_tokens_decoder().values() if tok.special}
@@ -189,36 +218,31 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-        """Render ``messages`` with the tokenizer's chat template (text, not ids)."""
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **variables: Any
+    ) -> str:
+        """Render ``messages`` with the default chat template (text, not ids), as ``transformers`` would.
+
+        ``variables`` reach the template too (e.g. ``enable_thinking=False``).
+        """
         if not self.chat_template:
             raise ConfigError(
-                "the tokenizer has no chat template: use a tokenizer folder whose tokenizer_config.json "
-                "has one (or prompt/response fields)"
+                "the tokenizer has no chat template: use a tokenizer folder with chat_template.jinja (or a "
+                "tokenizer_config.json with chat_template), or prompt/response fields"
             )
-        if self._hf is None:
-            self._hf = self._load_hf()
-        return self._hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return chat_template.render(self.chat_template, messages, self.special_tokens, add_generation_prompt,
+                                    **variables)
 
-    def _load_hf(self):
-        try:
-            from transformers import PreTrainedTokenizerFast
-        except ImportError:
-            raise ConfigError(
-                "chat templates need the 'transformers' package (pip install transformers)"
-            ) from None
-        # A copy: transformers configures padding/truncation on the object it is given.
-        hf = PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_str(self.backend.to_str()))
-        hf.chat_template = self.chat_template
-        for key in ("eos_token", "bos_token", "pad_token"):
-            value = self.config.get(key)
-            if isinstance(value, dict):
-                value = value.get("content")
-            if value:
-                setattr(hf, key, value)
-        return hf
+
+def definition_files(path: str | Path) -> list[Path]:
+    """The files that define a tokenizer file or folder, as far as they exist: ``tokenizer.json``,
+    ``tokenizer_config.json`` and the chat templates (what a fingerprint reads, what a copy takes)."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path] if path.is_file() else []
+    candidates = [path / "tokenizer.json", path / "tokenizer_config.json", path / CHAT_TEMPLATE_FILE,
+                  *sorted((path / CHAT_TEMPLATE_DIR).glob("*.jinja"))]
+    return [p for p in candidates if p.is_file()]
 
 
 def tokenizer_files(path: str | Path) -> tuple[Path, Path | None]:
@@ -228,3 +252,33 @@ def tokenizer_files(path: str | Path) -> tuple[Path, Path | None]:
         return path / "tokenizer.json", path / "tokenizer_config.json"
     return path, None
 
+
+
+def _config_templates(value: Any) -> dict[str, str]:
+    """Templates kept in ``tokenizer_config.json``: one string, or a list of ``{name, template}``."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {DEFAULT_TEMPLATE: value}
+    if isinstance(value, dict):  # transformers' own form of several templates
+        return dict(value)
+    if isinstance(value, list) and all(isinstance(t, dict) and {"name", "template"} <= set(t) for t in value):
+        return {t["name"]: t["template"] for t in value}
+    raise ConfigError("tokenizer_config.json: chat_template must be a string or a list of {name, template}")
+
+
+def _template_files(folder: Path) -> dict[str, str]:
+    """``chat_template.jinja`` (the default) and ``additional_chat_templates/*.jinja``, read byte for byte;
+    like ``transformers``, they take priority over templates in ``tokenizer_config.json``."""
+    found = {}
+    for path in sorted((folder / CHAT_TEMPLATE_DIR).glob("*.jinja")):
+        found[path.name.removesuffix(".jinja")] = _read_exactly(path)
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        found[DEFAULT_TEMPLATE] = _read_exactly(folder / CHAT_TEMPLATE_FILE)
+    return found
+
+
+def _read_exactly(path: Path) -> str:
+    """The file's text with its line endings as they are (``read_text`` would turn CRLF into LF)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()

@@ -21,7 +21,7 @@ mean log-probs (length-normalised for ipo, like the loss sees them). The
 optional SFT term (``dpo.sft_weight``, TRL's ``rpo_alpha``) adds the mean NLL
 of the chosen responses' tokens.
 
-Normalisation follows the trainer's rule that the step loss belongs to the
+Normalisation follows the objectives' contract that the step loss belongs to the
 whole global batch: each micro-batch backpropagates ``sum(pair losses) /
 N_pairs`` (N_pairs over all micro-batches and DP ranks) and the SFT term
 ``sum(chosen NLL) / N_chosen_tokens``; DP gradients are summed. So gradient

@@ -4,7 +4,8 @@ A training checkpoint is an IronCore checkpoint folder
 (:mod:`ironcore.checkpoints.native`: full weights + model config, loadable
 on its own) plus the optimizer state keyed by parameter name, the trainer's
 counters (:class:`TrainState`), the RNG states of every rank, the resolved
-run config and the data's tokenizer. Tensors are stored full (TP=1), so a run
+run config, the data's tokenizer (with its chat templates) and the starting
+model's ``generation_config.json`` when it had one. Tensors are stored full (TP=1), so a run
 saved at one TP/DP layout resumes at another; a resized world reuses the
 saved RNG states cyclically.
 """
@@ -48,6 +49,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     config: Config,
     tokenizer_dir: str | Path,
+    generation_source: Path | None = None,
 ) -> Path:
     """Write ``checkpoints/step_NNNNNNN`` atomically, then move ``latest`` to it, then prune old ones.
 
@@ -69,6 +71,8 @@ def save_checkpoint(
             (tmp / native.TRAINER_STATE).write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n")
             (tmp / "config.yaml").write_text(dump_config(config))
             native.copy_tokenizer(tokenizer_dir, tmp)
+            if generation_source is not None:
+                native.copy_generation_config(generation_source, tmp)
 
         native.write_atomically(folder, write)
         native.update_latest(checkpoints, folder)

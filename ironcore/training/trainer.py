@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint as recompute
 
-from ironcore.checkpoints.load import load_weights
+from ironcore.checkpoints.load import load_weights, locate
 from ironcore.config import Config, dump_config, to_dict
 from ironcore.data.batches import StepBatches
 from ironcore.data.config import load_data_config
@@ -81,6 +81,7 @@ class Trainer:
         self.metadata = load_metadata(self.data_dir)
         check_data_fits_model(self.metadata, cfg, self.data_dir)
         self.seq_len = self.data_cfg.max_seq_length
+        self.init_folder = _starting_folder(cfg.init.init_from)
 
         torch.manual_seed(cfg.init.seed)
         self.model = self._build_model()
@@ -284,7 +285,8 @@ class Trainer:
     # ---- checkpoints ------------------------------------------------------------------------------------
     def save(self) -> Path:
         """Checkpoint the current step (collective; see :func:`~ironcore.training.checkpointing.save_checkpoint`)."""
-        return save_checkpoint(self.ckpt_dir, self.state, self.model, self.optimizer, self.cfg, self.data_dir)
+        return save_checkpoint(self.ckpt_dir, self.state, self.model, self.optimizer, self.cfg, self.data_dir,
+                               self.init_folder)
 
     def _resume(self) -> Path | None:
         """Load the ``latest`` checkpoint, whatever TP/DP layout wrote it (tensors are stored full)."""
@@ -301,6 +303,20 @@ class Trainer:
         if self.is_main and path.is_file():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
             path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def _starting_folder(init_from: str | None) -> Path | None:
+    """The folder of the starting weights, whose generation_config.json travels into every checkpoint.
+
+    None without one, or when it cannot be found (a resumed run whose starting point was deleted: loading
+    it, when needed, reports that).
+    """
+    if not init_from:
+        return None
+    try:
+        return locate(init_from)[1]
+    except UserError:
+        return None
 
 
 def apply_activation_checkpointing(model: TransformerModel) -> None:
