@@ -3,7 +3,7 @@
 Each case builds a small randomly initialised HF model, redraws every weight
 wide (norm gains away from 1, non-zero biases) so that a wrongly wired
 parameter changes the logits, and compares fp32 logits both ways:
-HF -> load_hf_model -> ours, and ours -> save_hf_model -> AutoModelForCausalLM.
+HF -> load_model -> ours, and ours -> save_hf_model -> AutoModelForCausalLM.
 """
 
 from __future__ import annotations

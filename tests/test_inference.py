@@ -2,7 +2,7 @@
 
 The models are test_hf_parity's small random HF models with wide weights (so
 that a wrongly cached key or position changes the logits), imported with
-``load_hf_model``. Mistral's window (5) is shorter than the prompts and the
+``load_model``. Mistral's window (5) is shorter than the prompts and the
 generated sequences. The TP test runs this file as a torchrun script::
 
     torchrun --nproc_per_node 2 tests/test_inference.py HF_MODELS_DIR

@@ -124,7 +124,7 @@ def test_checkpoint_saved_at_tp2_resumes_at_tp1(two, out_dir):
 
 
 def test_hf_export_and_import_at_tp2(two, out_dir):
-    """save_hf_model gathers a TP=2 model (vocab padding dropped); load_hf_model shards at TP=2 and TP=1."""
+    """save_hf_model gathers a TP=2 model (vocab padding dropped); load_model shards at TP=2 and TP=1."""
     assert (two["tp2/hf/probe"] - two["tp2/ckpt/probe"]).abs().max() < 1e-5
     model = load_model(out_dir / "llama_tp2_hf")
     assert model.config.vocab_size == 300 and model.embed.weight.shape[0] == 384
