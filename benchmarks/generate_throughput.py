@@ -1,4 +1,4 @@
-"""Decode throughput of ``ironcore.inference.generate`` vs HF ``generate`` on the same model, CPU, fp32.
+"""Decode throughput of ``ironcore.inference.generate`` vs HF ``generate`` on the same model and device.
 
 Both sides hold the same randomly initialised weights (ours is exported with
 ``save_hf_model`` and loaded by ``AutoModelForCausalLM.from_pretrained`` with
@@ -13,6 +13,7 @@ speed-up is the ratio of the two decode rates. Prints; asserts nothing.
 
     python benchmarks/generate_throughput.py                      # gpt2-small and a LLaMA-style 125M model
     python benchmarks/generate_throughput.py --models llama-tiny --new-tokens 16 --rounds 2
+    python benchmarks/generate_throughput.py --device cuda --precision bf16 --batches 1 32   # weights in bf16
 """
 
 from __future__ import annotations
@@ -52,16 +53,17 @@ def decoders(model: TransformerModel, hf_model: torch.nn.Module, ids: torch.Tens
 
 def timed(fn: Generate, n: int) -> tuple[float, list[list[int]]]:
     start = time.perf_counter()
-    out = fn(n)
+    out = fn(n)  # token lists on the host: every kernel has finished
     return time.perf_counter() - start, out
 
 
-def bench(name: str, batch: int, prompt_len: int, new_tokens: int, rounds: int, no_cache_rounds: int) -> dict:
+def bench(name: str, batch: int, prompt_len: int, new_tokens: int, rounds: int, no_cache_rounds: int,
+          device: torch.device, dtype: torch.dtype) -> dict:
     cfg, model, hf_model = twin_models(name)
-    model.eval()
-    hf_model.eval()
+    model.to(device, dtype).eval()
+    hf_model.to(device, dtype).eval()
     hf_model.generation_config.eos_token_id = None
-    ids = torch.randint(1, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(1, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1)).to(device)
     runs = decoders(model, hf_model, ids)
     for fn in runs.values():
         fn(2)  # warm-up
@@ -95,9 +97,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-cache-rounds", type=int, default=1, help="the slow no-cache runs: fewer rounds")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="the weights' dtype")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32, greedy; prompt {args.prompt_len} tokens, "
+    device, dtype = torch.device(args.device), torch.bfloat16 if args.precision == "bf16" else torch.float32
+    where = f"{args.threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"torch {torch.__version__}, {where}, {args.precision}, greedy; prompt {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens; decode tokens/s (prefill excluded) and end-to-end")  # fmt: skip
     header = (f"{'model':<11} {'batch':>5} {'IronCore':>9} {'HF':>8} {'ratio':>6} {'no cache':>9} {'KV speed-up':>11}"
               f" {'e2e ratio':>9} {'same tokens':>11}")  # fmt: skip
@@ -105,7 +111,7 @@ def main() -> None:
     print("-" * len(header))
     for name in args.models:
         for batch in args.batches:
-            r = bench(name, batch, args.prompt_len, args.new_tokens, args.rounds, args.no_cache_rounds)
+            r = bench(name, batch, args.prompt_len, args.new_tokens, args.rounds, args.no_cache_rounds, device, dtype)
             print(f"{r['model']:<11} {r['batch']:>5} {r['ironcore/decode']:>9.1f} {r['hf/decode']:>8.1f} "
                   f"{r['vs_hf']:>5.2f}x {r['no cache/decode']:>9.1f} {r['cache_speedup']:>10.1f}x "
                   f"{r['vs_hf_e2e']:>8.2f}x {'yes' if r['same_tokens'] else 'no':>11}", flush=True)  # fmt: skip

@@ -3,23 +3,25 @@
 Both train the same architecture from the same initial weights (ours is
 exported with ``save_hf_model`` and loaded by ``AutoModelForCausalLM``) on the
 same batches of the same preprocessed corpus (tinyshakespeare, GPT-2
-tokenizer), fp32, AdamW + cosine schedule + gradient clipping, on the same
-threads; each configuration runs in its own process so peak RSS is its own.
+tokenizer), fp32 (or bf16 autocast), AdamW + cosine schedule + gradient
+clipping, on the same device; each configuration runs in its own process so
+peak RSS is its own.
 IronCore is measured through ``ironcore.training.trainer.Trainer`` (data loading,
 logging and metrics included); the HF side is the loop people write around
 ``model(input_ids).logits``. IronCore's trainer keeps freed host memory for
-reuse (``trainer.retain_host_memory``, see ``ironcore/perf.py``); the plain
+reuse (``trainer.retain_host_memory``, see ``ironcore/training/perf.py``); the plain
 HF loop does not, so a third row runs the HF loop with that same allocator
 setting, to show how much of the gap it accounts for. Reported: median
 tokens/s over the timed steps (the fastest of ``--repeat`` interleaved runs,
-all of them listed), MFU against the fp32 matmul peak measured in the same
-run, peak RSS, and the loss of step 1 (equal weights and data must give equal
-losses).
+all of them listed), MFU against the peak (on CPU the fp32 matmul rate
+measured in the same run, on a GPU its data-sheet figure), peak RSS, and the
+loss of step 1 (equal weights and data must give equal losses).
 
     python benchmarks/train_throughput.py                        # gpt2-small, eager and compiled
     python benchmarks/train_throughput.py --model llama-tiny --steps 6 --modes eager
     python benchmarks/train_throughput.py --modes eager --impls ironcore hf --repeat 10   # more pairs
     python benchmarks/train_throughput.py --modes eager --impls ironcore hf --profile     # matmuls vs the rest
+    python benchmarks/train_throughput.py --device cuda --precision bf16 --micro-batch 16 --seq-len 1024
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -75,7 +78,8 @@ def training_config(args: argparse.Namespace, data_config: Path, out: Path):
         "model": model_for_gpt2_tokens(args.model),
         "data": {"config_path": str(data_config)},
         "trainer": {"micro_batch_size": args.micro_batch, "gradient_accumulation_steps": 1,
-                    "output_dir": str(out), "save_interval": 0, "compile": args.compile},
+                    "output_dir": str(out), "save_interval": 0, "compile": args.compile, "device": args.device,
+                    "precision": args.precision},
         "operation": {"train_steps": args.warmup + args.steps + int(args.profile),  # + the profiled step
                       "eval_interval": 0, "log_interval": 1},
         "optim": {"max_lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 2},
@@ -107,18 +111,21 @@ def run_hf(args: argparse.Namespace, data_config: Path, workdir: Path) -> dict:
     save_hf_model(reference.model, workdir / "hf")
     batches, total = reference.train_data, reference.total_steps
     del reference
-    model = AutoModelForCausalLM.from_pretrained(workdir / "hf", attn_implementation="sdpa").float().train()
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(workdir / "hf", attn_implementation="sdpa").float().to(device).train()
     if args.compile:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.max_lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                  weight_decay=cfg.optim.weight_decay)
+                                  weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
 
     def train_step(step: int) -> float:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, total, cfg.optim)
         (mb,) = batches.step(step * cfg.trainer.train_batch_size)
-        logits = model(mb["input_ids"]).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), mb["labels"].flatten())
+        with autocast:
+            logits = model(mb["input_ids"].to(device)).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), mb["labels"].to(device).flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
         optimizer.step()
@@ -166,7 +173,8 @@ def run_worker(args: argparse.Namespace, impl: str, mode: str, workdir: str, dat
     """One configuration in a fresh process (its own peak RSS, its own allocator state)."""
     cmd = [sys.executable, __file__, "--impl", impl, "--workdir", workdir, "--data-config", str(data_config),
            "--model", args.model, "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--device", args.device, "--precision", args.precision]
     if mode == "compiled":
         cmd.append("--compile")
     if args.profile:
@@ -186,6 +194,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, both sides")
     parser.add_argument("--repeat", type=int, default=2, help="interleaved runs of every row; the fastest is shown")
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS,
@@ -203,10 +213,11 @@ def main() -> None:
 
     from ironcore.config import load_model_config
     from ironcore.models.stats import model_stats
-    from ironcore.training.perf import measured_cpu_peak
+    from ironcore.training.perf import measured_cpu_peak, peak_flops
 
     torch.set_num_threads(args.threads)
-    peak = measured_cpu_peak(2048)
+    device = torch.device(args.device)
+    peak = measured_cpu_peak(2048) if device.type == "cpu" else peak_flops(device, args.precision)
     flops_per_token = model_stats(load_model_config(model_for_gpt2_tokens(args.model)), args.seq_len).train_flops_per_token
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -220,9 +231,10 @@ def main() -> None:
                     r["mfu"] = r["tokens_per_sec"] * flops_per_token / peak
                     runs.setdefault((impl, mode), []).append(r)
     results = {key: max(rs, key=lambda r: r["tokens_per_sec"]) for key, rs in runs.items()}
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32; model {args.model}; batch {args.micro_batch} x "
+    where = f"{args.threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"torch {torch.__version__}, {where}, {args.precision}; model {args.model}; batch {args.micro_batch} x "
           f"{args.seq_len}; {args.steps} timed steps after {args.warmup}; best of {args.repeat} interleaved runs; "
-          f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+          f"peak {peak / 1e12:.2f} TFLOP/s ({'measured fp32 matmul' if device.type == 'cpu' else 'data sheet'})")
     header = f"{'mode':<9} {'impl':<10} {'tok/s':>8} {'vs HF eager':>12} {'vs HF same mode':>16} {'MFU':>6} " \
              f"{'peak RSS':>9} {'step-1 loss':>11}  tok/s of each run"
     print(header)

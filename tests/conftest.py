@@ -6,12 +6,23 @@ import json
 from pathlib import Path
 
 import pytest
+from run_helpers import DEVICE
 
 # ---- data pipeline fixtures (issue 3: tokenizer, preprocessing, data sets) ----------------------
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "data"
 FIXTURES = ROOT / "tests" / "data"
+
+
+def pytest_configure(config) -> None:
+    if DEVICE not in ("cpu", "cuda"):
+        pytest.exit(f"IRONCORE_TEST_DEVICE must be cpu or cuda, got {DEVICE!r}", returncode=2)
+    if DEVICE == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.exit("IRONCORE_TEST_DEVICE=cuda, but torch sees no CUDA device", returncode=2)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -16,6 +17,8 @@ from ironcore.data.config import load_data_config
 from ironcore.data.preprocess import preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
+# Where the tests marked `device` run: cpu, or cuda (benchmarks/gpu_check.sh sets IRONCORE_TEST_DEVICE).
+DEVICE = os.environ.get("IRONCORE_TEST_DEVICE", "cpu")
 # A 2-layer LLaMA-style model (GQA, SwiGLU, RoPE) for a 512-token BPE: trains in seconds on a CPU.
 TINY_MODEL = {
     "name": "tiny", "vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4,
@@ -24,10 +27,11 @@ TINY_MODEL = {
 }
 
 
-def shakespeare_slice(root: Path, characters: int) -> Path:
-    """The first ``characters`` of tinyshakespeare preprocessed with a 512-token BPE trained on them
+def shakespeare_slice(root: Path, characters: int, start: int = 0) -> Path:
+    """``characters`` of tinyshakespeare from ``start`` preprocessed with a 512-token BPE trained on them
     (32 positions, 10 % validation) in ``root``; returns the data config path."""
-    (root / "corpus.txt").write_text((ROOT / "examples" / "data" / "tinyshakespeare.txt").read_text()[:characters])
+    text = (ROOT / "examples" / "data" / "tinyshakespeare.txt").read_text()
+    (root / "corpus.txt").write_text(text[start : start + characters])
     path = root / "data.yaml"
     path.write_text(yaml.safe_dump({
         "name": "shakespeare-slice", "task_type": "pretrain",
@@ -40,12 +44,12 @@ def shakespeare_slice(root: Path, characters: int) -> Path:
 
 
 def small_run_config(model: dict[str, Any], data_config: Path, out: Path, train_steps: int, **overrides: Any) -> Config:
-    """A single-process run of ``train_steps`` steps, no tracking; ``group__key=value`` overrides."""
+    """A single-process run of ``train_steps`` steps on DEVICE, no tracking; ``group__key=value`` overrides."""
     raw: dict[str, Any] = {
         "model": dict(model),
         "data": {"config_path": str(data_config)},
         "trainer": {"micro_batch_size": 4, "gradient_accumulation_steps": 1, "output_dir": str(out),
-                    "save_interval": 0},
+                    "save_interval": 0, "device": DEVICE},
         "operation": {"train_steps": train_steps, "eval_interval": 0, "eval_steps": 2, "log_interval": 1},
         "optim": {"max_lr": 3e-3, "warmup_steps": 2, "min_lr": 3e-4},
         "init": {"seed": 3},
@@ -70,3 +74,34 @@ def launch_train(config: Path, nproc: int, *overrides: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def drop_permission_override() -> None:
+    """Make this process subject to file permissions even as root (CI runs as root): drop CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH from its effective capabilities. Nothing to do for other users."""
+    if os.geteuid() != 0:
+        return
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    libc, header, caps = ctypes.CDLL(None, use_errno=True), Header(0x20080522, 0), (Data * 2)()
+    assert libc.capget(ctypes.byref(header), caps) == 0, os.strerror(ctypes.get_errno())
+    caps[0].effective &= ~0b110  # bits 1 and 2
+    assert libc.capset(ctypes.byref(header), caps) == 0, os.strerror(ctypes.get_errno())
+
+
+def cli_subprocess(args: list[str], cwd: Path, env: dict[str, str] | None = None,
+                   permissions: bool = False) -> subprocess.CompletedProcess:
+    """``ironcore ARGS`` in a fresh process (its stderr exactly as a user sees it); ``permissions=True`` makes
+    file permissions apply to it even under root (see :func:`drop_permission_override`)."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); from run_helpers import drop_permission_override; "
+            f"{'drop_permission_override(); ' if permissions else ''}"
+            "from ironcore.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+

@@ -122,7 +122,7 @@ def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_missing_file() -> None:
-    with pytest.raises(ConfigError, match="no such config file"):
+    with pytest.raises(ConfigError, match=r"does/not/exist.yaml: no such file"):
         load_config("does/not/exist.yaml")
 
 

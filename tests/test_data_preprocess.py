@@ -235,7 +235,7 @@ def test_text_files_are_rejected_for_sft(tmp_path, data_config) -> None:
 def test_data_config_errors_name_the_file_and_key(tmp_path) -> None:
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("name: [unclosed\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid YAML"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2: invalid YAML"):
         load_data_config(bad_yaml)
     typo = tmp_path / "typo.yaml"
     typo.write_text(

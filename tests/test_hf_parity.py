@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from run_helpers import DEVICE
 
 transformers = pytest.importorskip("transformers")
 
@@ -71,16 +72,18 @@ def _inputs(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(2))
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_hf_both_ways(case: str, tmp_path) -> None:
     hf_model = _hf_model(CASES[case])
-    ids = _inputs(hf_model.config.vocab_size)
-    with torch.no_grad():
-        expected = hf_model(ids).logits
     hf_dir = tmp_path / "hf"
     hf_model.save_pretrained(hf_dir)
+    hf_model.to(DEVICE)
+    ids = _inputs(hf_model.config.vocab_size).to(DEVICE)
+    with torch.no_grad():
+        expected = hf_model(ids).logits
 
-    ours = load_model(hf_dir)
+    ours = load_model(hf_dir, device=DEVICE)
     with torch.no_grad():
         got = ours(ids)
     assert got.shape == expected.shape
@@ -90,7 +93,7 @@ def test_logits_match_hf_both_ways(case: str, tmp_path) -> None:
     out_dir = save_hf_model(ours, tmp_path / "ours")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out_dir, attn_implementation="eager").float().eval()
     with torch.no_grad():
-        again = reloaded(ids).logits
+        again = reloaded.to(DEVICE)(ids).logits
     assert (again - expected).abs().max().item() < TOL
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import DEVICE
 from test_hf_parity import CASES, _hf_model
 
 from ironcore.checkpoints.hf import save_hf_model
@@ -54,20 +55,21 @@ def hf_root(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def imported(hf_root):
-    """case -> (HF model, our model loaded from its checkpoint folder)."""
+    """(case, device) -> (HF model, our model loaded from its checkpoint folder), both on that device."""
 
-    def get(case: str) -> tuple[torch.nn.Module, TransformerModel]:
+    def get(case: str, device: str = "cpu") -> tuple[torch.nn.Module, TransformerModel]:
         hf_model, folder = _saved(case, hf_root)
-        return hf_model, load_model(folder)
+        return hf_model.to(device), load_model(folder, device=device)
 
     return get
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("case", list(CASES))
 def test_cached_logits_match_full_forward(case: str, imported) -> None:
     """Prefill 7 tokens, a 3-token chunk after them, then one token at a time: every position as the full pass."""
-    _, model = imported(case)
-    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
+    _, model = imported(case, DEVICE)
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     with torch.no_grad():
         full = model(ids)
         cache = KVCache(len(model.layers), 24)
@@ -85,12 +87,13 @@ def test_cache_overflow_is_an_error(imported) -> None:
         model(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_matches_hf_generate(case: str, imported) -> None:
-    hf_model, model = imported(case)
+    hf_model, model = imported(case, DEVICE)
     ours = generate(model, PROMPTS, NEW)
     for prompt, got in zip(PROMPTS, ours):
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=DEVICE)
         out = hf_model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False, pad_token_id=0,
             output_scores=True, return_dict_in_generate=True,

@@ -3,7 +3,7 @@
 Layers, top to bottom (a module may import its own package and the layers below it)::
 
     cli -> training, evaluation -> objectives -> inference -> checkpoints -> models -> layers -> parallel
-        -> data -> config -> errors
+        -> data -> config -> files (reading and writing files with one-line errors) -> errors
 
 Every import counts, also those inside functions.
 """
@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ironcore"
 ORDER = [
     ["errors", "ironcore"],  # "ironcore": the package itself (__version__)
+    ["files"],
     ["config"],
     ["data"],
     ["parallel"],

@@ -11,14 +11,15 @@ import torch
 from ironcore.training.perf import peak_flops
 
 # Page faults per cycle of a training-step-like pattern: a 64 MiB tensor (above the 32 MiB that glibc always
-# serves with mmap) and a 21 MiB one allocated, filled and freed, ten times over.
-_CYCLE_FAULTS = """
+# serves with mmap) and a 21 MiB one allocated, filled and freed, 30 times over.
+_CYCLES = 30
+_CYCLE_FAULTS = f"""
 import resource, sys, torch
 from ironcore.training.perf import retain_freed_host_memory
 if sys.argv[1] == "retain":
     assert retain_freed_host_memory()
 n, faults = 64 * 2**20 // 4, []
-for _ in range(10):
+for _ in range({_CYCLES}):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x, y = torch.ones(n), torch.ones(n // 3)
     del x, y
@@ -34,10 +35,20 @@ def _cycle_faults(mode: str) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_retained_host_memory_is_reused_without_page_faults():
+    """Once the heap has settled, a repeated allocation pattern costs no page faults.
+
+    The heap needs a few repeats to settle, a varying number: torch asks for 64-byte aligned blocks, glibc's
+    memalign over-asks by 96 bytes and frees the slivers it trims into its per-thread cache, where small
+    allocations take them; the hole a freed block leaves is then too small for the same request until it
+    merges with its neighbours, so the heap grows by the pattern for 2 to 6 cycles (40 trials; always 2 with
+    the tcache off). A test that looked at cycles 8-10 failed whenever that took longer; this one gives it
+    20 cycles and then asks for 10 without a fault.
+    """
     pages = (64 + 64 // 3) * 2**20 // 4096
     retained = _cycle_faults("retain")
-    assert max(retained[-3:]) < pages // 100, retained  # steady state: the freed blocks are reused
-    assert min(_cycle_faults("default")[-3:]) > max(retained[-3:])  # glibc's default unmaps and faults them back
+    settled = retained[_CYCLES - 10:]
+    assert max(settled) < pages // 100, retained  # steady state: the freed blocks are reused
+    assert min(_cycle_faults("default")[_CYCLES - 10:]) > pages // 2  # glibc's default unmaps and faults them back
 
 
 def test_peak_flops_configured_or_measured():

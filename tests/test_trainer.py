@@ -68,6 +68,7 @@ def train_losses(out: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
 
 
+@pytest.mark.device
 def test_loss_falls_on_real_text(pretrain_data, tmp_path) -> None:
     cfg = make_config(pretrain_data, tmp_path, operation__train_steps=60, operation__eval_interval=30)
     final = Trainer(cfg).train()
@@ -83,6 +84,7 @@ def test_loss_falls_on_real_text(pretrain_data, tmp_path) -> None:
     assert checkpoint.resolve(tmp_path).name == "step_0000060"
 
 
+@pytest.mark.device
 def test_resume_is_exact(pretrain_data, tmp_path) -> None:
     """2N steps in one go == N steps, a restart from the step-N checkpoint, N more steps."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -106,6 +108,7 @@ def test_resume_is_exact(pretrain_data, tmp_path) -> None:
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
+@pytest.mark.device
 def test_accumulation_equals_larger_micro_batch(pretrain_data, tmp_path) -> None:
     big = make_config(pretrain_data, tmp_path / "a", trainer__micro_batch_size=4, trainer__gradient_accumulation_steps=1)
     small = make_config(pretrain_data, tmp_path / "b", trainer__micro_batch_size=1, trainer__gradient_accumulation_steps=4)
@@ -117,6 +120,7 @@ def test_accumulation_equals_larger_micro_batch(pretrain_data, tmp_path) -> None
         assert abs(a[step] - b[step]) <= 1e-5
 
 
+@pytest.mark.device
 def test_sft_loss_is_the_masked_token_average(sft_data, tmp_path) -> None:
     cfg = make_config(sft_data, tmp_path, operation__train_steps=1, trainer__micro_batch_size=2,
                       trainer__gradient_accumulation_steps=2)
@@ -253,6 +257,7 @@ def test_dead_tracking_server_does_not_stop_training(pretrain_data, tmp_path, mo
     assert "MLflow tracking disabled" in caplog.text
 
 
+@pytest.mark.device
 def test_non_finite_steps_are_skipped_then_stop(pretrain_data, tmp_path, monkeypatch) -> None:
     real = LMObjective.token_losses
     calls = {"n": 0}
@@ -264,13 +269,11 @@ def test_non_finite_steps_are_skipped_then_stop(pretrain_data, tmp_path, monkeyp
 
     monkeypatch.setattr(LMObjective, "token_losses", poisoned)
     cfg = make_config(pretrain_data, tmp_path, operation__train_steps=20, trainer__max_consecutive_skips=3)
-    with pytest.raises(TrainingStopped, match="3 steps in a row had a non-finite loss"):
+    with pytest.raises(TrainingStopped, match="3 steps in a row had a non-finite loss.*no checkpoint of this run is "
+                                              "known healthy"):
         Trainer(cfg).train()
-    saved = checkpoint.resolve(tmp_path)
-    state = json.loads((saved / checkpoint.TRAINER_STATE).read_text())
-    assert state["skipped_steps"] == 3 and state["step"] == 5
-    weights = load_weights(saved)
-    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (tmp_path / "checkpoints").exists()  # weights that led to NaN are not saved as a good state
+    assert set(train_losses(tmp_path)) == {1, 2}  # the finite steps were logged, the skipped ones not
 
 
 @pytest.mark.parametrize(
@@ -286,6 +289,7 @@ def test_data_model_mismatch_fails_at_start(pretrain_data, tmp_path, model_overr
         Trainer(cfg)
 
 
+@pytest.mark.device
 def test_init_from_hf_folder_fine_tunes_those_weights(pretrain_data, tmp_path) -> None:
     from ironcore.checkpoints.hf import save_hf_model
 
@@ -298,6 +302,7 @@ def test_init_from_hf_folder_fine_tunes_those_weights(pretrain_data, tmp_path) -
     assert all(torch.equal(a, b) for a, b in zip(trainer.model.state_dict().values(), source.state_dict().values()))
 
 
+@pytest.mark.device
 def test_eval_command_reproduces_the_final_validation_loss(pretrain_data, tmp_path) -> None:
     from ironcore.cli import main
 
@@ -313,6 +318,7 @@ def test_eval_command_reproduces_the_final_validation_loss(pretrain_data, tmp_pa
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data-config", str(pretrain_data)]) == 0
 
 
+@pytest.mark.device
 @pytest.mark.parametrize(
     "option",
     ["trainer__activation_checkpointing", pytest.param("trainer__compile", marks=pytest.mark.slow), "trainer__precision"],

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ironcore.checkpoints.hf_families import FAMILIES, hf_config_from_model
+from ironcore.checkpoints.native import open_safetensors
 from ironcore.errors import CheckpointError
+from ironcore.files import read_json
 from ironcore.models.transformer import TransformerModel
 from ironcore.parallel.sharding import full_state_dict
 
@@ -48,7 +49,9 @@ class _TensorFiles:
     def __init__(self, folder: Path) -> None:
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index, "safetensors index", CheckpointError).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no weight_map (not a safetensors index)")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -56,12 +59,12 @@ class _TensorFiles:
             raise CheckpointError(f"{folder}: no *.safetensors files (only safetensors checkpoints are supported)")
         self.location: dict[str, Path] = {}
         for name in files:
-            with safe_open(folder / name, framework="pt") as f:
+            with open_safetensors(folder / name) as f:
                 for key in f.keys():
                     self.location[key] = folder / name
 
     def get(self, key: str) -> torch.Tensor:
-        with safe_open(self.location[key], framework="pt") as f:
+        with open_safetensors(self.location[key]) as f:
             return f.get_tensor(key)
 
 

@@ -24,7 +24,6 @@ through these records.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 from ironcore.config.base import from_dict
 from ironcore.config.model import ModelConfig, RopeScaling
 from ironcore.errors import CheckpointError, ConfigError
+from ironcore.files import read_json
 
 WeightTable = dict[str, tuple[list[str], str]]  # our module ("layers.{i}.attn.qkv") -> (HF modules, how)
 
@@ -337,19 +337,14 @@ def family_of(hf: Mapping[str, Any], where: str) -> HFFamily:
 
 
 def is_hf_folder(path: str | Path) -> bool:
-    """The one test of "is this an HF checkpoint folder?": a folder with a config.json."""
-    return (Path(path) / "config.json").is_file()
+    """The one test of "is this an HF checkpoint folder?": a folder with a config.json (reading it says whether
+    that is a good one)."""
+    return (Path(path) / "config.json").exists()
 
 
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
     """config.json of an HF checkpoint folder, with a one-line error naming the file."""
-    file = Path(folder) / "config.json"
-    try:
-        return json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: not found (expected an HF checkpoint folder)") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{file}:{err.lineno}: invalid JSON: {err.msg}") from None
+    return read_json(Path(folder) / "config.json", "HF model config", CheckpointError)
 
 
 def model_config_from_hf(source: str | Path | Mapping[str, Any], where: str | None = None) -> ModelConfig:

@@ -47,13 +47,12 @@ def locate(source: str | Path, expect: str | None = None) -> tuple[str, Path]:
     if not path.exists():
         raise CheckpointError(f"{source}: not found (expected an HF checkpoint folder, an IronCore checkpoint or a "
                               "run folder)")
-    try:
-        return "ironcore", native.resolve(path)
-    except CheckpointError:
+    if not native.is_checkpoint_source(path):
         raise CheckpointError(
             f"{source}: neither an HF checkpoint folder (config.json) nor an IronCore checkpoint "
             f"({native.WEIGHTS} + {native.MODEL_CONFIG}) or run folder"
-        ) from None
+        )
+    return "ironcore", native.resolve(path)
 
 
 def _meta_model(cfg: ModelConfig) -> TransformerModel:

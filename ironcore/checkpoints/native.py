@@ -11,29 +11,33 @@ Layout of a checkpoint folder::
     rng.pt               # RNG states (python, numpy, torch, cuda) of every rank
 
 A training run keeps them as ``checkpoints/step_NNNNNNN/`` plus a ``latest``
-file naming the newest; the folder is written to a temporary sibling and
-renamed into place, and ``latest`` is replaced atomically after that, so a
-crash at any moment leaves ``latest`` on a complete checkpoint.
+file naming the newest and a ``healthy`` file naming the newest whose next
+step was finite (the one to go back to after non-finite steps); the folder
+is written to a temporary sibling and renamed into place, and the pointers
+are replaced atomically after that, so a crash at any moment leaves them on
+complete checkpoints. Pruning never removes the checkpoints they name.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import yaml
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ironcore.config.base import to_dict
 from ironcore.config.loader import load_model_config
 from ironcore.config.model import ModelConfig
 from ironcore.data.tokenizer import definition_files
-from ironcore.errors import CheckpointError
+from ironcore.errors import CheckpointError, ConfigError
+from ironcore.files import build_folder, describe_os_error, remove_stale_temps, write_text_atomically
 from ironcore.models.transformer import TransformerModel
 from ironcore.parallel.sharding import full_state_dict
 
@@ -43,28 +47,49 @@ OPTIMIZER = "optimizer.pt"
 TRAINER_STATE = "trainer_state.json"
 RNG = "rng.pt"
 LATEST = "latest"
+HEALTHY = "healthy"
 GENERATION_CONFIG = "generation_config.json"
 
 
-def is_checkpoint(path: str | Path) -> bool:
-    """True for a folder holding an IronCore checkpoint."""
-    return (Path(path) / WEIGHTS).is_file() and (Path(path) / MODEL_CONFIG).is_file()
+def is_checkpoint_source(path: str | Path) -> bool:
+    """Does ``path`` look like a checkpoint folder, a ``checkpoints/`` folder or a run folder? (Whether it is a
+    complete one, :func:`resolve` says.)"""
+    path = Path(path)
+    return any((path / name).exists() for name in (LATEST, f"checkpoints/{LATEST}", WEIGHTS, MODEL_CONFIG))
 
 
-def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_dir)``, then rename the folder to ``path`` (replacing one there)."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+def _weights_error(path: Path, err: Exception) -> CheckpointError:
+    reason = describe_os_error(err) if isinstance(err, OSError) else f"{err}: truncated, or not a safetensors file"
+    return CheckpointError(f"{path}: cannot read weights ({reason})")
+
+
+def _check_readable(path: Path) -> None:
+    """Open ``path`` once from Python: safetensors reports a permission error as "no such file"."""
     try:
-        write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise CheckpointError(f"{describe_os_error(err, path)} (weights)") from None
+
+
+def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a missing, truncated or unreadable file is one line naming it."""
+    _check_readable(path)
+    try:
+        return load_file(path, device=str(device))
+    except (OSError, SafetensorError) as err:
+        raise _weights_error(path, err) from None
+
+
+@contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open`` (tensors read one at a time) with the errors of :func:`read_safetensors`."""
+    _check_readable(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except (OSError, SafetensorError) as err:
+        raise _weights_error(path, err) from None
 
 
 def write_model_files(folder: Path, state: Mapping[str, torch.Tensor], config: ModelConfig) -> None:
@@ -95,24 +120,41 @@ def save_model(model: TransformerModel, path: str | Path) -> Path:
     state = full_state_dict(model)
     if dist.is_initialized() and dist.get_rank() != 0:
         return Path(path)
-    return write_atomically(path, lambda tmp: write_model_files(tmp, state, model.config))
+    return build_folder(path, lambda tmp: write_model_files(tmp, state, model.config))
 
 
 def resolve(path: str | Path) -> Path:
     """A checkpoint folder from itself, a ``checkpoints/`` folder or a run folder (via ``latest``)."""
     folder = Path(path)
+    if not is_checkpoint_source(folder):
+        raise CheckpointError(f"{folder}: not an IronCore checkpoint (expected {WEIGHTS} and {MODEL_CONFIG})")
     for candidate in (folder, folder / "checkpoints"):
         pointer = candidate / LATEST
         if pointer.is_file():
-            return candidate / pointer.read_text().strip()
-    if not is_checkpoint(folder):
-        raise CheckpointError(f"{folder}: not an IronCore checkpoint (expected {WEIGHTS} and {MODEL_CONFIG})")
+            folder = candidate / pointer.read_text().strip()
+            if not folder.is_dir():
+                raise CheckpointError(f"{pointer} names {folder.name}, which is missing")
+            break
+    for name in (MODEL_CONFIG, WEIGHTS):
+        if not (folder / name).is_file():
+            what = "is a folder" if (folder / name).exists() else "missing"
+            raise CheckpointError(f"{folder / name}: {what} (an incomplete checkpoint)")
     return folder
 
 
 def read_model(folder: Path, device: str | torch.device = "cpu") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(ModelConfig, full state dict) of a checkpoint folder (see :func:`resolve` for run folders)."""
-    return load_model_config(folder / MODEL_CONFIG), load_file(folder / WEIGHTS, device=str(device))
+    """(ModelConfig, full state dict) of a checkpoint folder (see :func:`resolve` for run folders).
+
+    A missing, truncated or corrupt file is a CheckpointError naming it.
+    """
+    if not (folder / MODEL_CONFIG).is_file():
+        what = "is a folder" if (folder / MODEL_CONFIG).exists() else "missing"
+        raise CheckpointError(f"{folder / MODEL_CONFIG}: {what} (an incomplete checkpoint)")
+    try:
+        config = load_model_config(folder / MODEL_CONFIG)
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    return config, read_safetensors(folder / WEIGHTS, device)
 
 
 def step_dir(checkpoints: Path, step: int) -> Path:
@@ -120,18 +162,32 @@ def step_dir(checkpoints: Path, step: int) -> Path:
 
 
 def update_latest(checkpoints: Path, folder: Path) -> None:
-    """Point ``latest`` at ``folder``: written to a temporary file, then renamed (atomic)."""
-    tmp = checkpoints / f".{LATEST}.tmp"
-    tmp.write_text(folder.name + "\n")
-    os.replace(tmp, checkpoints / LATEST)
+    """Point ``latest`` at ``folder`` (atomically)."""
+    write_text_atomically(checkpoints / LATEST, folder.name + "\n")
+
+
+def mark_healthy(checkpoints: Path, folder: Path) -> None:
+    """Point ``healthy`` at ``folder`` (atomically): a step after it was finite."""
+    write_text_atomically(checkpoints / HEALTHY, folder.name + "\n")
+
+
+def pointed(checkpoints: Path, name: str = LATEST) -> Path | None:
+    """The checkpoint folder a pointer file (``latest``, ``healthy``) names, if both exist."""
+    pointer = checkpoints / name
+    if not pointer.is_file():
+        return None
+    folder = checkpoints / pointer.read_text().strip()
+    return folder if folder.is_dir() else None
 
 
 def prune(checkpoints: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` step folders (never the one ``latest`` names)."""
+    """Delete all but the newest ``keep`` step folders, never one that ``latest`` or ``healthy`` names, and the
+    temporaries of saves that were killed."""
+    remove_stale_temps(checkpoints)
     if keep <= 0:
         return
-    latest = (checkpoints / LATEST).read_text().strip() if (checkpoints / LATEST).is_file() else None
+    protected = {pointed(checkpoints, LATEST), pointed(checkpoints, HEALTHY)}
     steps = sorted(p for p in checkpoints.glob("step_*") if p.is_dir())
     for old in steps[:-keep]:
-        if old.name != latest:
+        if old not in protected:
             shutil.rmtree(old, ignore_errors=True)

@@ -12,6 +12,7 @@ import sys
 
 from ironcore import __version__
 from ironcore.errors import UserError
+from ironcore.files import describe_os_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as err:
         print(f"ironcore {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file the system refused (permissions, a folder where a file goes): name it
+        if err.filename is None:
+            raise
+        print(f"ironcore {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ironcore {args.command}: interrupted", file=sys.stderr)

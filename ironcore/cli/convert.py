@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ironcore.errors import ConfigError
 
@@ -20,17 +21,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ironcore.checkpoints.hf import save_hf_model
     from ironcore.checkpoints.load import load_model, locate
-    from ironcore.checkpoints.native import copy_generation_config, copy_tokenizer, save_model
+    from ironcore.checkpoints.native import copy_generation_config, copy_tokenizer, write_model_files
+    from ironcore.files import build_folder, check_writable
+    from ironcore.parallel.sharding import full_state_dict
 
+    check_writable(args.output, "folder")  # before the conversion: a bad path must not cost the work
     if args.to_hf:
         if not args.checkpoint:
             raise ConfigError("--to-hf needs --checkpoint CKPT_DIR")
         _, folder = locate(args.checkpoint)
-        out = save_hf_model(load_model(folder), args.output)
     else:
         _, folder = locate(args.from_hf, expect="hf")
-        out = save_model(load_model(folder), args.output)
-    copy_tokenizer(folder, out)  # so the converted folder can tokenize, render chats and generate on its own
-    copy_generation_config(folder, out)
+    model = load_model(folder)
+
+    def write(tmp: Path) -> None:
+        if args.to_hf:
+            save_hf_model(model, tmp)
+        else:
+            write_model_files(tmp, full_state_dict(model), model.config)
+        copy_tokenizer(folder, tmp)  # so the converted folder can tokenize, render chats and generate on its own
+        copy_generation_config(folder, tmp)
+
+    out = build_folder(args.output, write)
     print(f"wrote {out}")
     return 0

@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ironcore.data.corpus import build_corpus
+    from ironcore.files import check_writable
 
+    check_writable(args.output, "folder")
     manifest = build_corpus(args.output, args.valid_fraction, args.max_bytes, max_file_bytes=args.max_file_bytes)
     for split, info in manifest["splits"].items():
         print(

@@ -54,6 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts of --prompts-file decoded together")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--allow-other-tokenizer", action="store_true",
+                        help="use --tokenizer although it differs from the tokenizer saved with the model")
     parser.set_defaults(func=run)
 
 
@@ -79,8 +81,11 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args)
     model = load(args)
     prompts = [prompt_ids(tokenizer, text, generation.bos_token_id) for text in texts]
-    limit = model.config.max_position_embeddings
+    limit, vocab = model.config.max_position_embeddings, model.config.vocab_size
     for number, ids in enumerate(prompts, start=1):
+        if max(ids) >= vocab:
+            raise DataError(f"prompt {number}: token id {max(ids)} is outside the model's vocabulary of {vocab}: "
+                            "the tokenizer does not belong to this model")
         if len(ids) + max_new_tokens - 1 > limit:
             raise DataError(
                 f"prompt {number}: {len(ids)} tokens + {max_new_tokens} new tokens exceed the model's "
@@ -192,12 +197,16 @@ def load(args: argparse.Namespace) -> TransformerModel:
 
 def load_tokenizer(args: argparse.Namespace) -> Tokenizer:
     """``--tokenizer``, else the tokenizer saved with the model (in its checkpoint or HF folder)."""
-    from ironcore.data.tokenizer import Tokenizer
+    from ironcore.data.tokenizer import Tokenizer, check_same_tokenizer
 
-    if args.tokenizer is not None:
-        return Tokenizer.from_path(args.tokenizer)
     folder = source_of(args)[1]
-    if not (folder / "tokenizer.json").is_file():
+    if args.tokenizer is not None:
+        tokenizer = Tokenizer.from_path(args.tokenizer)
+        if not args.allow_other_tokenizer:
+            check_same_tokenizer(folder, tokenizer.identity, f"--tokenizer {args.tokenizer}",
+                                 "--allow-other-tokenizer")
+        return tokenizer
+    if not (folder / "tokenizer.json").exists():
         raise ConfigError(f"{folder}: no tokenizer.json saved with the model; pass --tokenizer PATH")
     return Tokenizer.from_path(folder)
 

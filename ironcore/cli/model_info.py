@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ironcore.config import load_config, load_model_config
-from ironcore.config.loader import read_yaml
+from ironcore.files import read_yaml
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -34,10 +34,12 @@ def run(args: argparse.Namespace) -> int:
     from ironcore.data.config import SourceConfig
     from ironcore.data.sources import read_all_texts
     from ironcore.data.tokenizer import Tokenizer
+    from ironcore.files import check_writable
 
     output = Path(args.output)
     if output.is_file() or output.suffix == ".json":
         raise ConfigError(f"--output {output}: give a folder; tokenizer.json and tokenizer_config.json go into it")
+    check_writable(output, "folder")
     if args.vocab_size < 257:
         raise ConfigError(f"--vocab-size must be at least 257 (256 bytes + EOD), got {args.vocab_size}")
     source = SourceConfig(path=args.source, document_split=args.document_split)

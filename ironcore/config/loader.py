@@ -20,31 +20,9 @@ from ironcore.config.base import did_you_mean, from_dict, to_dict
 from ironcore.config.model import ModelConfig
 from ironcore.config.training import Config
 from ironcore.errors import ConfigError
+from ironcore.files import read_yaml
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from ``path``; ConfigError naming the file (and line) otherwise."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    return data
 
 
 def _model_dirs(config_dir: Path | None) -> list[Path]:

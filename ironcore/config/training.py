@@ -17,6 +17,11 @@ class DataGroup:
     packing: bool = field(
         False, help="SFT: pack several examples into each sequence (positions restart, no cross-attention)."
     )
+    allow_other_tokenizer: bool = field(
+        False,
+        help="Train (resume, init_from) although the checkpoint's tokenizer differs from the one that tokenized "
+        "the data; only for tokenizers whose ids mean the same text.",
+    )
 
 
 @dataclasses.dataclass
@@ -48,7 +53,14 @@ class TrainerConfig:
     activation_checkpointing: bool = field(False, help="Recompute each block's activations in the backward pass.")
     grad_clip: float = field(1.0, help="Clip the global gradient norm to this (0: no clipping).")
     max_consecutive_skips: int = field(
-        5, help="Stop (after saving a checkpoint) when this many steps in a row had a non-finite loss or gradient."
+        5,
+        help="Stop when this many steps in a row had a non-finite loss or gradient; `latest` then goes back to "
+        "the newest healthy checkpoint.",
+    )
+    healthy_after_steps: int = field(
+        5,
+        help="A checkpoint counts as healthy (never pruned, gone back to after non-finite steps) once this many "
+        "finite steps followed it, or when it is the end of the run.",
     )
     peak_tflops: float | None = field(
         None, help="Peak TFLOP/s of one device for MFU (null: GPU data-sheet table, or measured on CPU)."
@@ -58,6 +70,16 @@ class TrainerConfig:
         help="CPU training: keep freed host memory for reuse (Linux/glibc) instead of page-faulting it back "
         "every step; the process then holds its peak host memory until it exits.",
     )
+
+    def validate(self) -> None:
+        for key in ("save_interval", "keep_last_checkpoints"):
+            if getattr(self, key) < 0:
+                raise InvalidValue(key, f"must be >= 0, got {getattr(self, key)}")
+        for key in ("max_consecutive_skips", "healthy_after_steps"):
+            if getattr(self, key) < 1:
+                raise InvalidValue(key, f"must be >= 1, got {getattr(self, key)}")
+        if not self.grad_clip >= 0:
+            raise InvalidValue("grad_clip", f"must be >= 0, got {self.grad_clip}")
 
 
 @dataclasses.dataclass
@@ -77,6 +99,16 @@ class OptimConfig:
     eps: float = field(1e-8, help="Adam epsilon.")
     momentum: float = field(0.9, help="SGD momentum.")
 
+    def validate(self) -> None:
+        for key in ("max_lr", "min_lr", "weight_decay", "warmup_steps", "momentum"):
+            if not getattr(self, key) >= 0:  # also refuses nan
+                raise InvalidValue(key, f"must be >= 0, got {getattr(self, key)}")
+        if not self.eps > 0:
+            raise InvalidValue("eps", f"must be positive, got {self.eps}")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise InvalidValue(key, f"must be in [0, 1), got {getattr(self, key)}")
+
 
 @dataclasses.dataclass
 class OperationConfig:
@@ -87,6 +119,17 @@ class OperationConfig:
     eval_interval: int = field(100, help="Evaluate on the validation split every this many steps (0: only at the end).")
     eval_steps: int = field(10, help="Validation batches per evaluation.")
     log_interval: int = field(1, help="Log (stdout, metrics.jsonl, MLflow) every this many steps.")
+
+    def validate(self) -> None:
+        for key in ("train_steps", "train_tokens"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise InvalidValue(key, f"must be >= 1 (or null), got {value}")
+        if self.eval_interval < 0:
+            raise InvalidValue("eval_interval", f"must be >= 0, got {self.eval_interval}")
+        for key in ("eval_steps", "log_interval"):
+            if getattr(self, key) < 1:
+                raise InvalidValue(key, f"must be >= 1, got {getattr(self, key)}")
 
 
 @dataclasses.dataclass

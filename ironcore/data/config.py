@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from ironcore.config.base import InvalidValue, field, from_dict
 from ironcore.data.tasks import TASKS, task_spec
 from ironcore.errors import ConfigError
+from ironcore.files import read_yaml
 
 
 @dataclass
@@ -140,16 +139,7 @@ def load_data_config(path: str | Path, overrides: Sequence[str] = ()) -> DataCon
     (``num_workers=4``, ``tokenizer.train.vocab_size=4096``).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read data config ({err.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a data config must be a mapping of keys to values")
+    data = read_yaml(path, "data config")
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or not key:

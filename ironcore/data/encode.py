@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ironcore.data.sources import Chunk, Records, read_records
-from ironcore.errors import DataError
+from ironcore.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from ironcore.data.config import DataConfig
@@ -204,6 +204,10 @@ class SFTEncoder(_MaskedEncoder):
 class ChatEncoder(_MaskedEncoder):
     """``messages`` records -> tokens + loss mask over the assistant turns (see the module doc)."""
 
+    def __init__(self, tokenizer: Tokenizer, config: DataConfig) -> None:
+        super().__init__(tokenizer, config)
+        tokenizer.require_chat_template()  # a problem of the tokenizer, not of any one record
+
     def encode(self, records: Records, counts: Counter, warnings: list[str]) -> Encoded:
         column = self.fields["messages"]
         kept, tokens, masks = [], [], []
@@ -215,7 +219,12 @@ class ChatEncoder(_MaskedEncoder):
             if problem:
                 self.bad(f"{location}: field '{column}' (fields.messages) {problem}", counts, warnings)
                 continue
-            example = self.fit(*self.mask_turns(messages, location, counts, warnings), counts)
+            try:
+                turns = self.mask_turns(messages, location, counts, warnings)
+            except ConfigError as err:  # the template refuses this conversation (raise_exception, unknown role)
+                self.bad(f"{location}: {err}", counts, warnings)
+                continue
+            example = self.fit(*turns, counts)
             if example is not None:
                 kept.append(position)
                 tokens.append(example[0])

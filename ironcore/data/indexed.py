@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ironcore.errors import DataError
+from ironcore.files import describe_os_error
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -157,6 +158,8 @@ class IndexedDataset:
                 header = f.read(_HEADER_SIZE)
         except FileNotFoundError:
             raise DataError(f"{path}: no such index file (was the data preprocessed?)") from None
+        except OSError as err:
+            raise DataError(describe_os_error(err, path)) from None
         if len(header) < _HEADER_SIZE or header[: len(INDEX_HEADER)] != INDEX_HEADER:
             raise DataError(f"{path}: not a Megatron MMIDIDX index file")
         offset = len(INDEX_HEADER)
@@ -168,6 +171,10 @@ class IndexedDataset:
         if code not in DTYPE_CODES:
             raise DataError(f"{path}: unknown dtype code {code}")
         self.dtype = np.dtype(DTYPE_CODES[code])
+        expected = _HEADER_SIZE + 12 * sequence_count + 8 * document_count
+        if path.stat().st_size != expected:
+            raise DataError(f"{path}: {path.stat().st_size} bytes, but its header promises {expected}: the index is "
+                            "truncated or damaged (rebuild the data)")
         index = np.memmap(path, mode="r", dtype=np.uint8)
         start = _HEADER_SIZE
         self.sequence_lengths = np.frombuffer(index, np.int32, sequence_count, start)
@@ -178,11 +185,17 @@ class IndexedDataset:
         data_path = bin_path(self.prefix)
         if not data_path.exists():
             raise DataError(f"{data_path}: missing data file for index {path}")
-        # np.memmap cannot map an empty file; an empty shard is a legal (if useless) shard.
-        if data_path.stat().st_size:
-            self._data = np.memmap(data_path, mode="r", dtype=np.uint8)
-        else:
-            self._data = np.zeros(0, dtype=np.uint8)
+        if not data_path.is_file():
+            raise DataError(f"{data_path}: is a folder, expected the data file of index {path}")
+        size = data_path.stat().st_size
+        end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if sequence_count else 0
+        if size != end:
+            raise DataError(f"{data_path}: {size} bytes, but index {path.name} describes {end}: the data file is "
+                            "truncated or damaged (rebuild the data)")
+        try:  # np.memmap cannot map an empty file; an empty shard is a legal (if useless) shard.
+            self._data = np.memmap(data_path, mode="r", dtype=np.uint8) if size else np.zeros(0, dtype=np.uint8)
+        except OSError as err:
+            raise DataError(describe_os_error(err, data_path)) from None
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ironcore.errors import DataError
+from ironcore.files import read_json
 
 METADATA_FILE = "metadata.json"
 FORMAT = "ironcore-preprocessed"
@@ -37,14 +38,9 @@ def shard_prefix(output_dir: str | Path, split: str, stream: str) -> Path:
 def load_metadata(output_dir: str | Path) -> dict[str, Any]:
     """The metadata of a complete preprocessed data set, or a DataError saying what to run."""
     path = Path(output_dir) / METADATA_FILE
-    try:
-        metadata = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(
-            f"{path} not found: {output_dir} is not a preprocessed data set (run ironcore preprocess)"
-        ) from None
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot read metadata: {err}") from None
+    if not path.exists():
+        raise DataError(f"{path} not found: {output_dir} is not a preprocessed data set (run ironcore preprocess)")
+    metadata = read_json(path, "data set metadata")
     if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
         raise DataError(
             f"{path}: not IronCore preprocessed data of format version {FORMAT_VERSION}; rebuild it"

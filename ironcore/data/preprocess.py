@@ -13,11 +13,13 @@ thread pool leaves the per-document Python work (reading, ids -> numpy)
 serial. With ``num_workers: 0`` the main process tokenizes, and the Rust
 tokenizer may use its own threads.
 
-Safety: everything is written into a hidden temporary folder beside
-``output_dir`` with ``metadata.json`` last, then renamed into place, so an
-interrupted run never leaves shards that look complete. The fingerprint in
-``metadata.json`` (config, source names/sizes/mtimes, tokenizer files) makes an
-unchanged re-run a no-op.
+Safety: everything is written into a hidden temporary folder with
+``metadata.json`` last, then put in place (:func:`ironcore.files.build_folder`:
+renamed, or moved into ``output_dir`` when that is a mount point), so an
+interrupted run never leaves shards that look complete; a killed run's
+temporaries are removed by the next run, and its workers die with it. The
+fingerprint in ``metadata.json`` (config, source names/sizes/mtimes, tokenizer
+files) makes an unchanged re-run a no-op.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 from collections import Counter, deque
@@ -48,6 +49,7 @@ from ironcore.data.metadata import FORMAT_VERSION, METADATA_FILE, load_metadata,
 from ironcore.data.tasks import TaskSpec, task_spec
 from ironcore.data.tokenizer import Tokenizer, definition_files
 from ironcore.errors import ConfigError, DataError
+from ironcore.files import build_folder, check_writable, remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ MAX_LOGGED_WARNINGS = 10
 def preprocess(config: DataConfig, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Build ``config.output_dir`` unless it is already up to date; return its metadata."""
     output_dir = Path(config.output_dir)
+    check_writable(output_dir, "folder")  # before the work, in one line naming the path
     digest, source_digest = fingerprints(config)
     if (output_dir / METADATA_FILE).exists() and not force:
         try:
@@ -74,19 +77,15 @@ def preprocess(config: DataConfig, force: bool = False, progress: bool = True) -
         raise DataError(
             f"{output_dir} exists and is not a preprocessed data set; remove it or pick another output_dir"
         )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    building = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
-    if building.exists():
-        shutil.rmtree(building)
-    building.mkdir()
-    try:
-        metadata = _build(config, building, progress)
+    for folder in (output_dir.parent, output_dir):  # what killed runs left behind
+        remove_stale_temps(folder, output_dir.name)
+
+    def build(folder: Path) -> None:
+        metadata = _build(config, folder, progress)
         metadata.update(fingerprint=digest, source_fingerprint=source_digest)
-        write_metadata(building, metadata)
-        _replace(building, output_dir)
-    finally:
-        if building.exists():
-            shutil.rmtree(building)
+        write_metadata(folder, metadata)
+
+    build_folder(output_dir, build, last=METADATA_FILE)
     return load_metadata(output_dir)
 
 
@@ -248,9 +247,10 @@ def _write(
 _worker_encoder: Encoder | None = None
 
 
-def _init_worker(encoder: Encoder) -> None:
+def _init_worker(encoder: Encoder, parent: int) -> None:
     global _worker_encoder
     _worker_encoder = encoder
+    die_with_parent(parent)
 
 
 def _encode_in_worker(chunk: sources.Chunk) -> Encoded:
@@ -312,7 +312,7 @@ def _executor(encoder: Encoder, num_workers: int) -> tuple[Executor, Callable[[s
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         executor = ProcessPoolExecutor(
-            num_workers, multiprocessing.get_context(method), initializer=_init_worker, initargs=(encoder,)
+            num_workers, multiprocessing.get_context(method), initializer=_init_worker, initargs=(encoder, os.getpid())
         )
         # Start the workers now, while the variable is set (the executor forks lazily otherwise).
         list(executor.map(_ready, range(num_workers)))
@@ -328,12 +328,17 @@ def _ready(_: int) -> None:
     """A no-op task that makes the executor start its worker processes."""
 
 
-def _replace(building: Path, output_dir: Path) -> None:
-    """Move the finished build into place; the old output (if any) is removed only afterwards."""
-    if output_dir.exists():
-        old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-        output_dir.rename(old)
-        building.rename(output_dir)
-        shutil.rmtree(old)
-    else:
-        building.rename(output_dir)
+def die_with_parent(parent: int) -> None:
+    """Ask Linux to kill this worker when its parent dies, so a killed run leaves no workers behind."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except OSError:  # not glibc: workers then end when they find their queue closed
+        pass
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)

@@ -43,11 +43,13 @@ class PretrainDataset(torch.utils.data.Dataset):
         order_path = Path(f"{prefix}.doc_order.{tag}.npy")
         offsets_path = Path(f"{prefix}.doc_offsets.{tag}.npy")
         lengths = self.data.sequence_lengths
-        if order_path.exists() and offsets_path.exists():
+        try:  # a cache that is missing, damaged or of other data is rebuilt
             order = np.load(order_path, mmap_mode="r")
             offsets = np.load(offsets_path, mmap_mode="r")
-            if len(order) == len(lengths) and int(offsets[-1]) == self.data.num_tokens:
+            if len(order) == len(lengths) and len(offsets) == len(lengths) + 1 and offsets[-1] == self.data.num_tokens:
                 return order, offsets
+        except (OSError, ValueError, EOFError):
+            pass
         if shuffle:
             order = np.random.default_rng(seed).permutation(len(lengths))
         else:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ironcore.errors import ConfigError, DataError
+from ironcore.files import describe_os_error
 
 if TYPE_CHECKING:
     from ironcore.data.config import SourceConfig
@@ -121,17 +122,20 @@ def iter_chunks(source: SourceConfig) -> Iterator[Chunk]:
     files_batch: list[tuple[str, bytes]] = []
     for path in list_files(source):
         suffix = path.suffix.lower()
-        if suffix in DATASETS_SUFFIXES or (suffix == ".json" and _is_json_array(path)):
-            yield from _dataset_chunks(DATASETS_SUFFIXES.get(suffix, "json"), str(path), source)
-        elif suffix in JSONL_SUFFIXES:
-            yield from _split_file(path, "jsonl", b"\n")
-        elif source.document_split == "file":
-            files_batch.append((str(path), path.read_bytes()))
-            if sum(len(d) for _, d in files_batch) >= CHUNK_BYTES:
-                yield Chunk("text", files_batch[0][0], split="file", files=files_batch)
-                files_batch = []
-        else:
-            yield from _split_file(path, "text", b"\n", source.document_split)
+        try:  # only this file's own reads: errors of the code consuming the chunks do not come through here
+            if suffix in DATASETS_SUFFIXES or (suffix == ".json" and _is_json_array(path)):
+                yield from _dataset_chunks(DATASETS_SUFFIXES.get(suffix, "json"), str(path), source)
+            elif suffix in JSONL_SUFFIXES:
+                yield from _split_file(path, "jsonl", b"\n")
+            elif source.document_split == "file":
+                files_batch.append((str(path), path.read_bytes()))
+                if sum(len(d) for _, d in files_batch) >= CHUNK_BYTES:
+                    yield Chunk("text", files_batch[0][0], split="file", files=files_batch)
+                    files_batch = []
+            else:
+                yield from _split_file(path, "text", b"\n", source.document_split)
+        except OSError as err:
+            raise DataError(describe_os_error(err, path)) from None
     if files_batch:
         yield Chunk("text", files_batch[0][0], split="file", files=files_batch)
 
@@ -309,14 +313,16 @@ def _read_rows(chunk: Chunk) -> Records:
 
 
 def read_all_texts(source: SourceConfig, fields: list[str], skip_bad: bool) -> Iterator[str]:
-    """Every string a tokenizer should learn from (for ``tokenizer.train``), in the main process."""
+    """Every string a tokenizer should learn from (for ``tokenizer.train``), in the main process; a source
+    without any text is an error (a tokenizer learnt from nothing would still save)."""
+    found = False
     for chunk in iter_chunks(source):
         for value in read_records(chunk, skip_bad).values:
-            if isinstance(value, str):
-                yield value
-                continue
-            for name in fields:
-                yield from _strings(value.get(name))
+            texts = [value] if isinstance(value, str) else [t for name in fields for t in _strings(value.get(name))]
+            found = found or any(texts)
+            yield from texts
+    if not found:
+        raise DataError(f"{source.path or source.hf_name}: no text to learn a tokenizer from (fields: {', '.join(fields)})")
 
 
 def _strings(value: Any) -> Iterator[str]:

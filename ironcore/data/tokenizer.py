@@ -35,7 +35,8 @@ import numpy as np
 import tokenizers
 
 from ironcore.data import chat_template
-from ironcore.errors import ConfigError
+from ironcore.errors import ConfigError, DataError
+from ironcore.files import read_json
 
 # Special tokens that mark the end of a document in common vocabularies, in order of preference
 # (a chat model's eos_token, e.g. Qwen's <|im_end|>, ends a turn, not a document).
@@ -87,10 +88,7 @@ class Tokenizer:
             raise ConfigError(f"{json_path}: cannot load tokenizer: {err}") from None
         config = None
         if config_path is not None and config_path.exists():
-            try:
-                config = json.loads(config_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as err:
-                raise ConfigError(f"{config_path}: cannot read tokenizer config: {err}") from None
+            config = read_json(config_path, "tokenizer config", ConfigError)
         return cls(backend, config, eod_token, _template_files(path) if path.is_dir() else None)
 
     @classmethod
@@ -155,7 +153,7 @@ class Tokenizer:
     @cached_property
     def identity(self) -> str:
         """SHA-256 of the ``tokenizer.json`` serialization: equal ids mean equal tokenizers."""
-        return hashlib.sha256(self.backend.to_str().encode("utf-8")).hexdigest()
+        return _identity(self.backend)
 
     @property
     def vocab_size(self) -> int:
@@ -225,13 +223,17 @@ class Tokenizer:
 
         ``variables`` reach the template too (e.g. ``enable_thinking=False``).
         """
+        return chat_template.render(self.require_chat_template(), messages, self.special_tokens,
+                                    add_generation_prompt, **variables)
+
+    def require_chat_template(self) -> str:
+        """The default chat template, or the one-line error that says where one comes from."""
         if not self.chat_template:
             raise ConfigError(
                 "the tokenizer has no chat template: use a tokenizer folder with chat_template.jinja (or a "
                 "tokenizer_config.json with chat_template), or prompt/response fields"
             )
-        return chat_template.render(self.chat_template, messages, self.special_tokens, add_generation_prompt,
-                                    **variables)
+        return self.chat_template
 
 
 def definition_files(path: str | Path) -> list[Path]:
@@ -251,7 +253,6 @@ def tokenizer_files(path: str | Path) -> tuple[Path, Path | None]:
     if path.is_dir():
         return path / "tokenizer.json", path / "tokenizer_config.json"
     return path, None
-
 
 
 def _config_templates(value: Any) -> dict[str, str]:
@@ -282,3 +283,49 @@ def _read_exactly(path: Path) -> str:
     """The file's text with its line endings as they are (``read_text`` would turn CRLF into LF)."""
     with open(path, encoding="utf-8", newline="") as f:
         return f.read()
+
+
+def _identity(backend: tokenizers.Tokenizer) -> str:
+    return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
+
+
+def folder_identity(folder: str | Path) -> str | None:
+    """:attr:`Tokenizer.identity` of the ``tokenizer.json`` saved in a model folder; None when it has none."""
+    path = Path(folder) / "tokenizer.json"
+    if not path.exists():
+        return None
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, expected a tokenizer file")
+    try:
+        return _identity(tokenizers.Tokenizer.from_file(str(path)))
+    except Exception as err:  # the Rust loader raises a bare Exception
+        raise ConfigError(f"{path}: cannot load tokenizer: {err}") from None
+
+
+def check_data_set_tokenizer(output_dir: str | Path, identity: str) -> None:
+    """The ``tokenizer.json`` saved with a data set must be the one that made it (``identity``, from its
+    metadata): checkpoints copy it from there, and generation and evaluation later trust it."""
+    path = Path(output_dir) / "tokenizer.json"
+    found = folder_identity(output_dir)
+    if found is None:
+        raise DataError(f"{path}: missing: the data set is incomplete (rebuild it with ironcore preprocess --force)")
+    if found != identity:
+        raise DataError(f"{path}: not the tokenizer that made this data set (identity {found[:12]} vs {identity[:12]} "
+                        "in its metadata); rebuild it with ironcore preprocess --force")
+
+
+def check_same_tokenizer(model_folder: str | Path, identity: str, other: str, override: str) -> None:
+    """Refuse, in one line, a model whose saved tokenizer is not ``other`` (of ``identity``), e.g. the
+    tokenizer that made a data set's ids.
+
+    Same vocabulary size is not enough: two BPEs of 8,192 tokens give the same
+    ids to different text, and a model fed the other one's ids trains and
+    evaluates on garbage without any error. A model saved without its
+    tokenizer is not checked. ``override`` names the switch that skips the check.
+    """
+    theirs = folder_identity(model_folder)
+    if theirs is not None and theirs != identity:
+        raise ConfigError(
+            f"{model_folder}: the tokenizer saved with it is not {other} (identity {theirs[:12]} vs {identity[:12]}): "
+            f"the token ids would mean other text; use {override} if they really are the same"
+        )

@@ -7,7 +7,6 @@ same number the trainer logs as ``val_loss``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +14,13 @@ import torch
 
 from ironcore.checkpoints import native
 from ironcore.checkpoints.load import load_model
-from ironcore.config.loader import read_yaml
 from ironcore.data.batches import StepBatches
 from ironcore.data.config import load_data_config
 from ironcore.data.metadata import load_metadata
 from ironcore.data.tasks import build_dataset, dataset_task
-from ironcore.errors import ConfigError, DataError
+from ironcore.data.tokenizer import check_same_tokenizer
+from ironcore.errors import CheckpointError, ConfigError, DataError
+from ironcore.files import read_json, read_yaml
 from ironcore.objectives.lm import loss_sums, perplexity
 
 
@@ -30,6 +30,7 @@ def evaluate_checkpoint(
     micro_batch_size: int = 8,
     max_batches: int | None = None,
     device: str = "cpu",
+    allow_other_tokenizer: bool = False,
 ) -> dict[str, Any]:
     """Loss and perplexity of a checkpoint (or a run folder's latest) on the validation split of a data set.
 
@@ -51,12 +52,16 @@ def evaluate_checkpoint(
         )
     if not metadata["splits"].get("valid"):
         raise DataError(f"{data_cfg.output_dir}: no validation split (set valid_fraction or valid_source)")
+    if not allow_other_tokenizer:
+        check_same_tokenizer(folder, metadata["tokenizer"]["identity"], f"the one that tokenized {data_cfg.output_dir}",
+                             "--allow-other-tokenizer")
+    state_file = folder / native.TRAINER_STATE  # read before the work: a bad file must not cost the evaluation
+    step = read_json(state_file, "trainer state", CheckpointError).get("step") if state_file.exists() else None
     model = load_model(folder, device)
     dataset = build_dataset(data_cfg.output_dir, metadata, "valid", data_cfg.max_seq_length, seed=0)
     batches = StepBatches(dataset, micro_batch_size, micro_batch_size, 0, 1, 0, False, torch.device(device))
     total, count = loss_sums(model, batches.eval_steps(max_batches))
-    step = None
-    if (folder / native.TRAINER_STATE).is_file():
-        step = json.loads((folder / native.TRAINER_STATE).read_text())["step"]
+    if count == 0:
+        raise DataError(f"{data_cfg.output_dir}: the validation batches hold no trained tokens: nothing to evaluate")
     return {"checkpoint": str(folder), "step": step, "data": data_cfg.name, **perplexity(total, count),
             "tokens": int(count)}

@@ -20,12 +20,12 @@ follow ``transformers``' ``generate``:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ironcore.errors import ConfigError
+from ironcore.files import read_json
 
 GENERATION_CONFIG = "generation_config.json"
 HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
@@ -48,12 +48,9 @@ class GenerationConfig:
     def read(cls, folder: str | Path) -> GenerationConfig:
         """The folder's ``generation_config.json``; an empty one when there is none, a one-line error when bad."""
         path = Path(folder) / GENERATION_CONFIG
-        if not path.is_file():
+        if not path.exists():
             return cls()
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{path}: cannot read generation config: {err}") from None
+        data = read_json(path, "generation config", ConfigError)
         eos = data.get("eos_token_id")
         eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
         if not all(isinstance(i, int) for i in eos_ids):

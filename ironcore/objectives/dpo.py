@@ -317,12 +317,13 @@ def _weights_digest(source: str) -> str:
 
 
 def read_reference_logps(cache_file: Path, num_pairs: int) -> np.ndarray | None:
-    """The cached log-probs ``[num_pairs, 2]``, or None when there are none (or they are of another size)."""
-    if cache_file.is_file():
+    """The cached log-probs ``[num_pairs, 2]``, or None when there are none (or they are damaged or of another
+    size)."""
+    try:  # a damaged cache is recomputed like a missing one
         logps = np.load(cache_file)
-        if logps.shape == (num_pairs, 2):
-            return logps
-    return None
+    except (OSError, ValueError, EOFError):
+        return None
+    return logps if logps.shape == (num_pairs, 2) else None
 
 
 def write_reference_logps(cache_file: Path, logps: np.ndarray) -> None:

@@ -5,16 +5,24 @@ A training checkpoint is an IronCore checkpoint folder
 on its own) plus the optimizer state keyed by parameter name, the trainer's
 counters (:class:`TrainState`), the RNG states of every rank, the resolved
 run config, the data's tokenizer (with its chat templates) and the starting
-model's ``generation_config.json`` when it had one. Tensors are stored full (TP=1), so a run
-saved at one TP/DP layout resumes at another; a resized world reuses the
-saved RNG states cyclically.
+model's ``generation_config.json`` when it had one. Tensors are stored full
+(TP=1), so a run saved at one TP/DP layout resumes at another; a resized
+world reuses the saved RNG states cyclically.
+
+Nothing read back can run code: the optimizer and RNG files hold tensors,
+numbers and strings only and are loaded with ``weights_only=True``. A
+checkpoint that does not load (a truncated file, a foreign optimizer) is
+named in the warning, and the newest older one that loads is used instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import pickle
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +32,16 @@ import torch.distributed as dist
 
 from ironcore.checkpoints import native
 from ironcore.config import Config, dump_config
+from ironcore.errors import CheckpointError, ConfigError
+from ironcore.files import OutputError, build_folder, describe_os_error, read_json
 from ironcore.parallel.sharding import (
     full_optimizer_state,
     full_state_dict,
     load_full_optimizer_state,
     load_full_state_dict,
 )
+
+log = logging.getLogger("ironcore.train")
 
 
 @dataclasses.dataclass
@@ -54,11 +66,11 @@ def save_checkpoint(
     """Write ``checkpoints/step_NNNNNNN`` atomically, then move ``latest`` to it, then prune old ones.
 
     Collective: every rank takes part in gathering the full (TP=1) tensors
-    and its RNG state; rank 0 writes. A step already saved is not written twice.
+    and its RNG state; rank 0 writes (replacing a folder of the same step).
+    A full disk is one line naming the folder; ``latest`` then still names
+    the previous, complete checkpoint.
     """
     folder = native.step_dir(checkpoints, state.step)
-    if (checkpoints / native.LATEST).is_file() and native.resolve(checkpoints) == folder:
-        return folder
     weights = full_state_dict(model)
     optimizer_state = full_optimizer_state(model, optimizer)
     rngs = _gather_objects(rng_states())
@@ -74,7 +86,15 @@ def save_checkpoint(
             if generation_source is not None:
                 native.copy_generation_config(generation_source, tmp)
 
-        native.write_atomically(folder, write)
+        try:
+            build_folder(folder, write)
+        except (OutputError, RuntimeError) as err:  # torch.save reports a full disk as "unexpected pos ..."
+            full = "no space left" in str(err) or shutil.disk_usage(checkpoints).free < 2**26
+            reason = "no space left on device" if full else _first_line(err)
+            previous = native.pointed(checkpoints)
+            raise OutputError(f"{folder}: cannot write the checkpoint: {reason}; "
+                              + (f"{previous} is the last complete one" if previous else "no earlier checkpoint"))\
+                from None
         native.update_latest(checkpoints, folder)
         native.prune(checkpoints, config.trainer.keep_last_checkpoints)
     if dist.is_initialized():
@@ -85,29 +105,119 @@ def save_checkpoint(
 def load_checkpoint(
     checkpoints: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, rank: int
 ) -> tuple[Path, TrainState] | None:
-    """Load ``latest`` into ``model`` and ``optimizer`` and this rank's RNGs; None when there is none."""
-    if not (checkpoints / native.LATEST).is_file():
+    """Load the newest checkpoint that loads (``latest`` first) into ``model``, ``optimizer`` and this rank's
+    RNGs; None when there is none. Each one that fails is named in a warning; if none loads, the error of
+    ``latest`` is raised."""
+    candidates = _newest_first(checkpoints)
+    if not candidates:
         return None
-    folder = native.resolve(checkpoints)
-    load_full_state_dict(model, native.read_model(folder, device)[1])
-    optimizer_state = torch.load(folder / native.OPTIMIZER, map_location=device, weights_only=True)
-    load_full_optimizer_state(model, optimizer, optimizer_state)
-    state = TrainState(**json.loads((folder / native.TRAINER_STATE).read_text()))
-    rngs = torch.load(folder / native.RNG, weights_only=False)
-    set_rng_states(rngs[rank % len(rngs)])
-    return folder, state
+    first_error: CheckpointError | None = None
+    for folder in candidates:
+        try:
+            state = _load(folder, model, optimizer, device, rank)
+        except CheckpointError as err:
+            first_error = first_error or err
+            log.warning("cannot resume from %s: %s", folder.name, err)
+            continue
+        if folder != candidates[0]:
+            log.warning("resuming from %s, the newest checkpoint that loads", folder)
+        return folder, state
+    assert first_error is not None
+    raise first_error
+
+
+def _newest_first(checkpoints: Path) -> list[Path]:
+    """The folder ``latest`` names, then the older step folders, newest first (empty when nothing was saved)."""
+    pointer = checkpoints / native.LATEST
+    if not pointer.is_file():
+        return []
+    latest = checkpoints / pointer.read_text().strip()
+    older = sorted((p for p in checkpoints.glob("step_*") if p.is_dir() and p.name < latest.name), reverse=True)
+    return [latest, *older]
+
+
+def _load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+          rank: int) -> TrainState:
+    """One checkpoint into the model, optimizer and RNGs; CheckpointError naming the file that does not load."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: missing")
+    try:
+        load_full_state_dict(model, native.read_model(folder, device)[1])
+    except CheckpointError as err:
+        raise CheckpointError(f"{folder / native.WEIGHTS}: {err}" if str(folder) not in str(err) else str(err)) \
+            from None
+    optimizer_state = _safe_load(folder / native.OPTIMIZER, device)
+    groups = optimizer_state.get("param_groups") if isinstance(optimizer_state, dict) else None
+    if not groups:
+        raise CheckpointError(f"{folder / native.OPTIMIZER}: not an optimizer state")
+    missing = sorted(set(optimizer.defaults) - set(groups[0]))
+    if missing:  # torch would load it and fail at the first step
+        raise ConfigError(
+            f"{folder / native.OPTIMIZER}: was written by another optimizer than this run's "
+            f"{type(optimizer).__name__} (it has no {', '.join(missing)}): was optim.optimizer changed?"
+        )
+    try:
+        load_full_optimizer_state(model, optimizer, optimizer_state)
+    except (KeyError, ValueError, TypeError, IndexError) as err:
+        raise ConfigError(
+            f"{folder / native.OPTIMIZER}: does not fit the optimizer of this run ({type(optimizer).__name__}): "
+            f"was optim.optimizer changed? ({_first_line(err)})"
+        ) from None
+    path = folder / native.TRAINER_STATE
+    try:
+        state = TrainState(**read_json(path, "trainer state", CheckpointError))
+    except TypeError as err:
+        raise CheckpointError(f"{path}: not a trainer state ({_first_line(err)})") from None
+    rng_file = folder / native.RNG
+    rngs = _safe_load(rng_file, torch.device("cpu"))
+    try:
+        set_rng_states(rngs[rank % len(rngs)])
+    except (KeyError, ValueError, TypeError, IndexError) as err:
+        raise CheckpointError(f"{rng_file}: not RNG states ({_first_line(err)})") from None
+    return state
+
+
+def _safe_load(path: Path, device: torch.device) -> Any:
+    """``torch.load`` that can only build tensors, numbers, strings and containers (never runs code)."""
+    try:
+        with open(path, "rb"):  # missing, a folder, no permission: said plainly, before torch words it
+            pass
+    except OSError as err:
+        raise CheckpointError(describe_os_error(err, path)) from None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: refusing to load it: it is not only tensors and numbers (damaged, written "
+                              f"by an older IronCore, or tampered with): {_unpickling_reason(err)}") from None
+    except (OSError, RuntimeError, EOFError) as err:
+        raise CheckpointError(f"{path}: cannot read it (truncated or damaged: {_first_line(err)})") from None
+
+
+def _unpickling_reason(err: pickle.UnpicklingError) -> str:
+    """The line of torch's long weights-only message that says what was refused ("Unsupported global: …")."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip().startswith("Unsupported")]
+    return lines[0] if lines else _first_line(err)
 
 
 def rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's random states as tensors, numbers and strings only (safe to load, see :func:`_safe_load`)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    states = {
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    version, mt, gauss = states["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -120,3 +230,8 @@ def _gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__

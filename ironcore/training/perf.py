@@ -74,7 +74,10 @@ def retain_freed_host_memory() -> bool:
     Disabling mmap for large blocks and heap trimming (what the jemalloc or
     tcmalloc preload of CPU tuning guides achieves) lets the next step reuse
     them, as CUDA's caching allocator does on GPUs. The cost: the process
-    keeps its peak host memory until it exits.
+    keeps its peak host memory until it exits, and the heap settles only
+    after a few steps: glibc's aligned allocations leave small slivers that
+    keep a freed block's hole from merging, so the first 2-6 repeats of a
+    pattern grow the heap by it (tests/test_perf.py says more).
     """
     if not sys.platform.startswith("linux"):
         return False

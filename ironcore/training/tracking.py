@@ -25,6 +25,7 @@ from typing import Any
 
 from ironcore import __version__
 from ironcore.config import Config
+from ironcore.files import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,11 @@ _MAX_PARAMS_PER_CALL = 100
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` tracking URI (None for other stores)."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -130,9 +136,17 @@ class Tracker:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri())
+        uri = tracking_uri()
+        store = sqlite_path(uri)
+        if store is not None:  # fail in one line here: MLflow itself retries for seconds, printing each try
+            check_writable(store, "file")
+        client = MlflowClient(uri)
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        if found:
+            experiment_id = found.experiment_id
+        else:  # a local store keeps its artifacts beside it, not in whatever folder a run starts from
+            artifacts = (store.resolve().parent / "mlruns").as_uri() if store is not None else None
+            experiment_id = client.create_experiment(experiment, artifact_location=artifacts)
         all_tags = dict(tags)
         parent = os.environ.get("MLFLOW_PARENT_RUN_ID")
         if parent:
@@ -144,11 +158,16 @@ class Tracker:
             client.log_batch(self.run_id, params=items[start : start + _MAX_PARAMS_PER_CALL])
 
     def _guard(self, what: str, fn, *args) -> None:
+        mlflow_log = logging.getLogger("mlflow")
+        level = mlflow_log.level
+        mlflow_log.setLevel(logging.ERROR)  # its own retry warnings and tracebacks: ours is the one line
         try:
             fn(*args)
         except Exception as err:  # noqa: BLE001 - tracking must never be fatal
             log.warning("MLflow tracking disabled: could not %s at %s: %s", what, tracking_uri(), _one_line(err))
             self.client = None
+        finally:
+            mlflow_log.setLevel(level)
 
     @property
     def active(self) -> bool:

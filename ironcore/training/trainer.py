@@ -31,13 +31,22 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint as recompute
 
+from ironcore.checkpoints import native
 from ironcore.checkpoints.load import load_weights, locate
 from ironcore.config import Config, dump_config, to_dict
 from ironcore.data.batches import StepBatches
 from ironcore.data.config import load_data_config
 from ironcore.data.metadata import load_metadata
 from ironcore.data.tasks import build_dataset
+from ironcore.data.tokenizer import check_data_set_tokenizer, check_same_tokenizer
 from ironcore.errors import ConfigError, UserError
+from ironcore.files import (
+    OutputError,
+    check_writable,
+    describe_os_error,
+    remove_stale_temps,
+    write_text_atomically,
+)
 from ironcore.models import TransformerModel
 from ironcore.models.stats import model_stats
 from ironcore.objectives import ObjectiveContext, build_objective
@@ -73,6 +82,11 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.state = TrainState()
         self._stop_signal: int | None = None
+        self._last_step_finite = True  # checkpoints are only written from a state whose last step was finite
+        # Checkpoints saved but not yet followed by trainer.healthy_after_steps finite steps, and that count.
+        self._pending: dict[Path, int] = {}
+        self._saved_step: int | None = None  # the step this process last saved
+        check_writable(self.out_dir, "folder")  # before any work: a bad output path must not cost it
 
         if not cfg.data.config_path:
             raise ConfigError("data.config_path: a training run needs a data config (configs/data/*.yaml)")
@@ -82,6 +96,7 @@ class Trainer:
         check_data_fits_model(self.metadata, cfg, self.data_dir)
         self.seq_len = self.data_cfg.max_seq_length
         self.init_folder = _starting_folder(cfg.init.init_from)
+        self._check_tokenizers()
 
         torch.manual_seed(cfg.init.seed)
         self.model = self._build_model()
@@ -109,6 +124,18 @@ class Trainer:
         self.tracker: Tracker | None = None
 
     # ---- set-up -----------------------------------------------------------------------------------------
+    def _check_tokenizers(self) -> None:
+        """The data's token ids must mean what they meant to the weights we start or resume from."""
+        identity = self.metadata["tokenizer"]["identity"]
+        check_data_set_tokenizer(self.data_dir, identity)
+        if self.cfg.data.allow_other_tokenizer:
+            return
+        latest = native.pointed(self.ckpt_dir)
+        for folder in (latest,) if latest is not None else (self.init_folder,):
+            if folder is not None:
+                check_same_tokenizer(folder, identity, f"the one that tokenized {self.data_dir}",
+                                     "data.allow_other_tokenizer=true")
+
     def _build_model(self) -> TransformerModel:
         model = TransformerModel(self.cfg.model)
         init_from = self.cfg.init.init_from
@@ -140,7 +167,9 @@ class Trainer:
         cfg = self.cfg
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(dump_config(cfg))
+            remove_stale_temps(self.out_dir)
+            remove_stale_temps(self.ckpt_dir)
+            write_text_atomically(self.out_dir / "config.yaml", dump_config(cfg))
         resumed = self._resume()
         self.tracker = self._start_tracking()
         self.tracker.log_artifact(self.out_dir / "config.yaml")
@@ -155,8 +184,11 @@ class Trainer:
                 self._write_metrics({"step": self.state.step, **final})
                 self._track(final, self.state.step)
             self.save()
+            if self._last_step_finite:
+                self._finite_step(final=True)  # no step follows the last one: its own finite loss is the evidence
             if self.is_main and final:
-                (self.out_dir / "final_eval.json").write_text(json.dumps({"step": self.state.step, **final}, indent=2))
+                result = json.dumps({"step": self.state.step, **final}, indent=2)
+                write_text_atomically(self.out_dir / "final_eval.json", result)
                 self.tracker.log_artifact(self.out_dir / "final_eval.json")
             status = "FINISHED"
             return final
@@ -181,16 +213,18 @@ class Trainer:
         while self.state.step < self.total_steps:
             metrics = self.train_step()
             window_tokens += self.tokens_per_step
+            self._last_step_finite = metrics is not None
             if metrics is None:
                 consecutive_bad += 1
                 if consecutive_bad >= cfg.trainer.max_consecutive_skips:
-                    self.save()
                     raise TrainingStopped(
                         f"stopped at step {self.state.step}: {consecutive_bad} steps in a row had a non-finite "
-                        f"loss or gradient; the last good state is saved in {self.ckpt_dir}"
+                        f"loss or gradient; {self._back_to_healthy()}"
                     )
+                self._pending.clear()  # what was saved just before non-finite steps is not healthy
             else:
                 consecutive_bad = 0
+                self._finite_step()
             step = self.state.step
             if metrics is not None and (step % op.log_interval == 0 or step == self.total_steps):
                 elapsed = time.perf_counter() - window_start
@@ -211,10 +245,11 @@ class Trainer:
             if cfg.trainer.save_interval and step % cfg.trainer.save_interval == 0 and step < self.total_steps:
                 self.save()
             if self._stop_requested():
-                self.save()
+                saved = self.save()
+                where = f"checkpoint saved in {saved}, rerun to resume" if saved else self._back_to_healthy()
                 raise TrainingStopped(
                     f"stopped by signal {signal.Signals(self._stop_signal or signal.SIGTERM).name} at step {step}; "
-                    f"checkpoint saved in {self.ckpt_dir}, rerun to resume"
+                    + where
                 )
 
     def _stop_requested(self) -> bool:
@@ -275,18 +310,56 @@ class Trainer:
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if self.is_main:
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            path = self.out_dir / "metrics.jsonl"
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as err:  # a full disk: one line, and the last checkpoint stays as it was
+                raise OutputError(describe_os_error(err, path)) from None
 
     def _track(self, metrics: dict[str, float], step: int) -> None:
         self.tracker.log_metrics(tracked_names(metrics), step)
         self.tracker.flush()
 
     # ---- checkpoints ------------------------------------------------------------------------------------
-    def save(self) -> Path:
-        """Checkpoint the current step (collective; see :func:`~ironcore.training.checkpointing.save_checkpoint`)."""
-        return save_checkpoint(self.ckpt_dir, self.state, self.model, self.optimizer, self.cfg, self.data_dir,
-                               self.init_folder)
+    def save(self) -> Path | None:
+        """Checkpoint the current step (collective; see :func:`~ironcore.training.checkpointing.save_checkpoint`).
+
+        Not when the last step was non-finite: weights that just produced a NaN
+        are no state to resume from (returns None then).
+        """
+        if not self._last_step_finite:
+            log.warning("step %d had a non-finite loss or gradient: not saving a checkpoint of it", self.state.step)
+            return None
+        if self._saved_step == self.state.step:  # e.g. a signal right after a periodic save
+            return native.step_dir(self.ckpt_dir, self.state.step)
+        folder = save_checkpoint(self.ckpt_dir, self.state, self.model, self.optimizer, self.cfg, self.data_dir,
+                                 self.init_folder)
+        self._saved_step = self.state.step
+        self._pending[folder] = 0
+        return folder
+
+    def _finite_step(self, final: bool = False) -> None:
+        """Count a finite step for the checkpoints saved before it; ``trainer.healthy_after_steps`` of them
+        (or the end of the run) make a checkpoint healthy: pruning keeps it, non-finite steps go back to it."""
+        confirmed = None
+        for folder in list(self._pending):
+            self._pending[folder] += 1
+            if final or self._pending[folder] >= self.cfg.trainer.healthy_after_steps:
+                confirmed = folder
+                del self._pending[folder]
+        if confirmed is not None and confirmed.is_dir() and self.is_main:  # a pruned one stays unconfirmed
+            native.mark_healthy(self.ckpt_dir, confirmed)
+
+    def _back_to_healthy(self) -> str:
+        """After non-finite steps: point ``latest`` back at the newest healthy checkpoint; say where to resume."""
+        healthy = native.pointed(self.ckpt_dir, native.HEALTHY)
+        if healthy is None:
+            return "no checkpoint of this run is known healthy: start again, e.g. with a lower learning rate"
+        if self.is_main:
+            native.update_latest(self.ckpt_dir, healthy)
+        return (f"{healthy} is the newest healthy checkpoint and `latest` again: rerun (with a lower learning "
+                "rate?) to resume from it")
 
     def _resume(self) -> Path | None:
         """Load the ``latest`` checkpoint, whatever TP/DP layout wrote it (tensors are stored full)."""
@@ -294,15 +367,34 @@ class Trainer:
         if loaded is None:
             return None
         folder, self.state = loaded
+        if folder != native.pointed(self.ckpt_dir, native.HEALTHY):
+            self._pending[folder] = 0  # not known healthy yet: the steps after it will tell
         self._truncate_metrics(self.state.step)
         return folder
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines logged after the checkpoint we resume from: they will be logged again."""
+        """Drop metric lines logged after the checkpoint we resume from (they will be logged again) and a torn
+        last line (a crash mid-write); the file is replaced atomically."""
         path = self.out_dir / "metrics.jsonl"
-        if self.is_main and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            path.write_text("".join(f"{line}\n" for line in kept))
+        if not (self.is_main and path.is_file()):
+            return
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError as err:
+            raise OutputError(describe_os_error(err, path)) from None
+        kept, torn = [], []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                torn.append(number)
+                continue
+            if isinstance(record, dict) and record.get("step", step + 1) <= step:
+                kept.append(line)
+        if torn:
+            log.warning("%s: dropping %d unreadable line(s) (writes cut short): line %s", path, len(torn),
+                        ", ".join(map(str, torn[:5])) + (", ..." if len(torn) > 5 else ""))
+        write_text_atomically(path, "".join(f"{line}\n" for line in kept))
 
 
 def _starting_folder(init_from: str | None) -> Path | None:

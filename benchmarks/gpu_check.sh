@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU check: everything IronCore can only show on CUDA, in one run of under 10 minutes on one H100.
+#
+#   bash benchmarks/gpu_check.sh            # from the repository root, in the environment that has ironcore
+#
+# 1. the tests that take a device (HF parity, trainer, resume, generation) with IRONCORE_TEST_DEVICE=cuda;
+# 2. `ironcore train` through the CLI on CUDA in bf16 with torch.compile (device-aware MFU in its log),
+#    and under torchrun with TP=2 on nccl when the machine has two GPUs;
+# 3. the model, trainer and generation benchmarks in bf16 on CUDA, against HF in the same run.
+# Then one summary table. Each step has a time limit and a log under $GPU_CHECK_OUT (default $OUT, else
+# runs/gpu_check); a failed step does not stop the others, and the exit status is that of the worst one.
+# Without a CUDA device it stops at once with one line and exit status 2. Later GPU checks add a step here.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+OUT_DIR=${GPU_CHECK_OUT:-${OUT:-runs/gpu_check}}
+
+gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2>/dev/null)
+if [[ -z "$gpus" || "$gpus" == 0 ]]; then
+  echo "gpu_check: no CUDA device visible to torch ($("$PYTHON" -c 'import torch; print("torch", torch.__version__)' 2>&1 | tail -1)); run it on a GPU machine" >&2
+  exit 2
+fi
+mkdir -p "$OUT_DIR"
+card=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0))")
+echo "gpu_check: $gpus x $card; torch $("$PYTHON" -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)'); logs in $OUT_DIR"
+
+STEPS=()
+step() {  # step NAME LIMIT_S COMMAND...: run it with a time limit, its output shown and kept in NAME.log
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  echo; echo "== $name: $*"
+  timeout --kill-after 10 "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.log"
+  STEPS+=("$name ${PIPESTATUS[0]} $((SECONDS - start))")
+}
+
+step tests 150 env IRONCORE_TEST_DEVICE=cuda "$PYTHON" -m pytest -m device -q -p no:cacheprovider tests
+step preprocess 40 "$PYTHON" -m ironcore preprocess --config configs/data/pretrain_example.yaml --no-progress
+step train-cli 80 "$PYTHON" -m ironcore train --config configs/example.yaml trainer.device=cuda trainer.precision=bf16 \
+  trainer.compile=true operation.train_steps=60 operation.eval_interval=30 trainer.output_dir="$OUT_DIR/run-cli" \
+  utils.tracking=false
+if (( gpus >= 2 )); then
+  step train-nccl-tp2 60 "$PYTHON" -m torch.distributed.run --nproc_per_node 2 -m ironcore train --config configs/example.yaml \
+    --tensor-model-parallel-size 2 trainer.precision=bf16 operation.train_steps=60 \
+    trainer.output_dir="$OUT_DIR/run-tp2" utils.tracking=false
+fi
+step model 60 "$PYTHON" benchmarks/model_throughput.py --device cuda --precision bf16 --batch 16 --seq-len 1024
+step train 150 "$PYTHON" benchmarks/train_throughput.py --device cuda --precision bf16 --micro-batch 16 \
+  --seq-len 1024 --steps 10 --warmup 3 --repeat 2 --modes eager compiled --impls ironcore hf
+step generate 60 "$PYTHON" benchmarks/generate_throughput.py --device cuda --precision bf16 --batches 1 16 \
+  --prompt-len 128 --new-tokens 128
+
+worst=0
+for entry in "${STEPS[@]}"; do
+  read -r _ rc _ <<< "$entry"
+  (( rc > worst )) && worst=$rc
+done
+{
+  echo
+  echo "== summary: $gpus x $card"
+  printf '%-16s %-10s %6s  %s\n' step result seconds "what it printed last"
+  for entry in "${STEPS[@]}"; do
+    read -r name rc secs <<< "$entry"
+    case $rc in 0) result=ok ;; 124|137) result=TIMEOUT ;; *) result="FAILED($rc)" ;; esac
+    last=$(grep -v '^\s*$' "$OUT_DIR/$name.log" | tail -1 | cut -c1-100)
+    printf '%-16s %-10s %6s  %s\n' "$name" "$result" "$secs" "$last"
+  done
+  for name in model train generate; do  # the benchmark tables themselves: header, rule and rows
+    [[ -f "$OUT_DIR/$name.log" ]] || continue
+    echo; echo "-- $name"
+    grep -E '^torch ' "$OUT_DIR/$name.log" | head -1
+    awk '/^-+$/ {rule = NR; print prev; print; next} rule && !/^\[|Loading|warn/ {print} {prev = $0}' \
+      "$OUT_DIR/$name.log"
+  done
+} | tee "$OUT_DIR/summary.txt"
+exit "$worst"
