@@ -2,8 +2,8 @@
 
 Layers, top to bottom (a module may import its own package and the layers below it)::
 
-    cli -> training, evaluation -> objectives -> inference -> checkpoints -> models -> layers -> parallel
-        -> data -> config -> files (reading and writing files with one-line errors) -> errors
+    cli -> training, evaluation -> objectives -> rewards -> inference -> checkpoints -> models -> layers
+        -> parallel -> data -> config -> files (reading and writing files with one-line errors) -> errors
 
 Every import counts, also those inside functions.
 """
@@ -29,6 +29,7 @@ ORDER = [
     ["models"],
     ["checkpoints"],
     ["inference"],
+    ["rewards"],
     ["objectives"],
     ["training", "evaluation"],
     ["cli"],

@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         model_info,
         preprocess,
         reference,
+        synthetic,
         tokenizer,
         train,
     )
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ironcore", description="IronCore LLM training framework")
     parser.add_argument("--version", action="version", version=f"ironcore {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (corpus, tokenizer, preprocess, train, evaluate, generate, convert, model_info, reference):
+    for module in (corpus, synthetic, tokenizer, preprocess, train, evaluate, generate, convert, model_info,
+                   reference):
         module.register(subparsers)
     return parser
 

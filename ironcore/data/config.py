@@ -93,12 +93,18 @@ class DataConfig:
     max_seq_length: int = field(
         1024,
         help="training sequence length; pretrain documents are concatenated and cut into samples of it, "
-        "sft/dpo records longer than it are truncated or dropped",
+        "sft/dpo records longer than it are truncated or dropped; rl: the prompt budget (longer prompts keep "
+        "their last tokens, or are dropped)",
     )
     append_eod: bool = field(True, help="append the end-of-document token to every document / example")
+    reward_fields: list[str] = field(
+        [],
+        help="rl: record columns kept beside the shards and passed, by name, to the reward functions with each "
+        "prompt (e.g. [answer])",
+    )
     prompt_template: str = field(
         "{prompt}",
-        help="sft/dpo prompt/response records: the text before the response, '{prompt}' standing for the "
+        help="sft/dpo/rl prompt records: the text before the response, '{prompt}' standing for the "
         "prompt field (e.g. 'Question: {prompt}\\nAnswer:\\n')",
     )
     valid_fraction: float = field(0.0, help="share of records held out for validation (deterministic)")
@@ -111,7 +117,9 @@ class DataConfig:
         "error", help="malformed / non-UTF-8 records or missing fields: stop with an error, or skip and count"
     )
     on_long_record: Literal["truncate", "drop"] = field(
-        "truncate", help="sft/dpo records longer than max_seq_length: cut at the end, or drop (both counted)"
+        "truncate",
+        help="sft/dpo records longer than max_seq_length: cut at the end (rl prompts: at the start), or drop "
+        "(both counted)",
     )
 
     def validate(self) -> None:
@@ -126,6 +134,11 @@ class DataConfig:
         if "{prompt}" not in self.prompt_template:
             raise InvalidValue("prompt_template", "must contain '{prompt}'")
         self.fields = task_spec(self.task_type, "task_type").resolve_fields(self.fields)
+        if self.reward_fields and self.task_type != "rl":
+            raise InvalidValue("reward_fields", f"only rl data keeps reward fields (task_type is {self.task_type})")
+        for name in self.reward_fields:
+            if name in ("prompt", "prompts", "completions") or self.reward_fields.count(name) > 1:
+                raise InvalidValue("reward_fields", f"'{name}' is reserved or repeated")
 
     @property
     def is_chat(self) -> bool:

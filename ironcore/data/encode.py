@@ -27,6 +27,12 @@ a training target (the trainer uses ``mask[1:]`` for the shifted labels).
   turn's prompt. Either way the span stops after the first special token in it
   (the end-of-turn token, e.g. ``<|im_end|>``), so template whitespace after
   it is not trained. This needs no ``{% generation %}`` markers.
+* prompts (RL): the prompt alone, ready for generation: ``prompt_template``
+  filled in, or ``messages`` rendered with the generation prompt; no EOD.
+  A prompt longer than ``max_seq_length`` keeps its *last* tokens (the
+  question usually ends it) or is dropped; both counted. The original prompt
+  and the ``reward_fields`` of each kept record go to a JSONL beside the
+  shards, in shard order, for the reward functions.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ class Encoded:
     lengths: dict[str, np.ndarray]  # stream -> length of each example
     counts: Counter = field(default_factory=Counter)
     warnings: list[str] = field(default_factory=list)
+    records: list[dict[str, Any]] | None = None  # per kept example, what is kept beside the shards (rl fields)
 
 
 class Encoder:
@@ -316,6 +323,77 @@ class DPOEncoder(_MaskedEncoder):
             counts["prompt_too_long"] += 1
             return f"the prompt ({prompt_tokens} tokens) leaves no room for a response in max_seq_length"
         return ""
+
+
+class RLEncoder(Encoder):
+    """prompt or messages records -> prompt tokens, plus the record's reward fields (see the module doc)."""
+
+    def __init__(self, tokenizer: Tokenizer, config: DataConfig) -> None:
+        super().__init__(tokenizer, config)
+        self.reward_fields = config.reward_fields
+        self.chat = config.is_chat
+        self.max_tokens = config.max_seq_length  # the prompt budget: completions are generated after it
+        if self.chat:
+            tokenizer.require_chat_template()
+
+    def encode(self, records: Records, counts: Counter, warnings: list[str]) -> Encoded:
+        name = "messages" if self.chat else "prompt"
+        column = self.fields[name]
+        kept, texts, sidecar = [], [], []
+        for value, location, position in zip(records.values, records.locations, records.positions, strict=True):
+            prompt = value.get(column)
+            problem = _check_prompt_messages(prompt) if self.chat else _check_text(prompt)
+            missing = [key for key in self.reward_fields if key not in value]
+            if problem or missing:
+                where = f"field '{column}' (fields.{name}) {problem}" if problem \
+                    else f"field '{missing[0]}' (reward_fields) is missing"
+                self.bad(f"{location}: {where}", counts, warnings)
+                continue
+            try:
+                text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True) if self.chat \
+                    else self.fill_prompt(prompt)
+            except ConfigError as err:  # the template refuses this conversation (raise_exception, unknown role)
+                self.bad(f"{location}: {err}", counts, warnings)
+                continue
+            kept.append(position)
+            texts.append(text)
+            sidecar.append({"prompt": prompt, **{key: value[key] for key in self.reward_fields}})
+        prompts, keep = [], []
+        for i, ids in enumerate(self.tokenizer.encode_batch(texts) if texts else []):
+            if len(ids) > self.max_tokens:
+                if self.drop_long:
+                    counts["dropped_too_long"] += 1
+                    continue
+                counts["truncated"] += 1
+                ids = ids[-self.max_tokens:]
+            prompts.append(ids)
+            keep.append(i)
+        encoded = _flatten([kept[i] for i in keep], {"prompt": prompts})
+        encoded.records = [sidecar[i] for i in keep]
+        return encoded
+
+
+def _check_text(text: Any) -> str:
+    """'' when ``text`` is a non-empty string, else what is wrong with it."""
+    if text is None:
+        return "is missing"
+    if not isinstance(text, str):
+        return f"is a {type(text).__name__}, not text"
+    return "" if text.strip() else "is empty"
+
+
+def _check_prompt_messages(messages: Any) -> str:
+    """'' when ``messages`` is a conversation to continue with an assistant turn, else what is wrong."""
+    if messages is None:
+        return "is missing"
+    if not isinstance(messages, list) or not messages or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    ):
+        return "must be a non-empty list of {role, content} objects"
+    if messages[-1]["role"] == "assistant":
+        return "ends with an assistant turn: a prompt is what comes before the completion"
+    return ""
 
 
 def _check_messages(messages: Any) -> str:

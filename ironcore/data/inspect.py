@@ -134,6 +134,8 @@ def _samples(
     first = IndexedDataset(shard_prefix(output_dir, "train", token_streams[0]))
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(len(first), size=min(count, len(first)), replace=False))
+    side = metadata["splits"]["train"].get("fields")  # rl prompts: the fields their rewards receive
+    records = (output_dir / side).read_text(encoding="utf-8").splitlines() if side else None
     samples = []
     for index in picks:
         for name in token_streams:
@@ -149,6 +151,7 @@ def _samples(
                     "title": f"train #{index} {name if name != 'tokens' else ''} ({len(tokens)} tokens)",
                     "segments": _segments(tokenizer, shown, None if mask is None else mask[:SAMPLE_TOKENS]),
                     "cut": len(tokens) > SAMPLE_TOKENS,
+                    "fields": json.loads(records[index]) if records else None,
                 }
             )
     return samples
@@ -178,7 +181,9 @@ def _html(report: dict[str, Any], samples: list[dict[str, Any]]) -> str:
     for sample in samples:
         body = "".join(f'<span class="{tag}">{html.escape(text)}</span>' for tag, text in sample["segments"])
         more = '<span class="cut"> … (cut for display)</span>' if sample["cut"] else ""
-        blocks.append(f"<h3>{html.escape(sample['title'])}</h3><div class=sample>{body}{more}</div>")
+        fields = "" if sample["fields"] is None else \
+            f"<pre>fields: {html.escape(json.dumps(sample['fields'], ensure_ascii=False, indent=1))}</pre>"
+        blocks.append(f"<h3>{html.escape(sample['title'])}</h3><div class=sample>{body}{more}</div>{fields}")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(report["name"])}: data inspection</title>
 <style>

@@ -35,6 +35,11 @@ def shard_prefix(output_dir: str | Path, split: str, stream: str) -> Path:
     return Path(output_dir) / name
 
 
+def fields_path(output_dir: str | Path, split: str) -> Path:
+    """The JSONL beside a split's shards holding each example's record fields (rl prompts: for the rewards)."""
+    return Path(output_dir) / f"{split}_fields.jsonl"
+
+
 def load_metadata(output_dir: str | Path) -> dict[str, Any]:
     """The metadata of a complete preprocessed data set, or a DataError saying what to run."""
     path = Path(output_dir) / METADATA_FILE

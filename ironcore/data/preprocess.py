@@ -35,7 +35,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -45,7 +45,14 @@ from ironcore.data import sources
 from ironcore.data.config import DataConfig, SourceConfig, TokenizerConfig
 from ironcore.data.encode import Encoded, Encoder
 from ironcore.data.indexed import IndexedDatasetWriter, token_dtype
-from ironcore.data.metadata import FORMAT_VERSION, METADATA_FILE, load_metadata, shard_prefix, write_metadata
+from ironcore.data.metadata import (
+    FORMAT_VERSION,
+    METADATA_FILE,
+    fields_path,
+    load_metadata,
+    shard_prefix,
+    write_metadata,
+)
 from ironcore.data.tasks import TaskSpec, task_spec
 from ironcore.data.tokenizer import Tokenizer, definition_files
 from ironcore.errors import ConfigError, DataError
@@ -150,28 +157,35 @@ def _build(config: DataConfig, folder: Path, progress: bool) -> dict[str, Any]:
         for split in splits
     }
     stats = {split: Counter() for split in splits}
+    # RL prompts keep their records' fields (the original prompt, the reward's reference) beside the shards.
+    side = {split: open(fields_path(folder, split), "w", encoding="utf-8") for split in splits} \
+        if task.keeps_fields else {}
     counts: Counter = Counter()
     encoder = task.encoder(tokenizer, config)
     jobs = [(config.source, "fraction" if config.valid_fraction else "train")]
     if config.valid_source is not None:
         jobs.append((config.valid_source, "valid"))
     logged = 0
-    for source, destination in jobs:
-        base = 0
-        for encoded in _encode_stream(source, encoder, config, progress):
-            counts.update(encoded.counts)
-            for message in encoded.warnings:
-                if logged < MAX_LOGGED_WARNINGS:
-                    logger.warning(f"warning: {message}")
-                logged += 1
-            ids = base + encoded.positions
-            base += encoded.num_records
-            if destination == "fraction":
-                in_valid = np.modf((ids + 1) * _PHI)[0] < config.valid_fraction
-                _write(encoded, ~in_valid, writers["train"], stats["train"])
-                _write(encoded, in_valid, writers["valid"], stats["valid"])
-            else:
-                _write(encoded, None, writers[destination], stats[destination])
+    try:
+        for source, destination in jobs:
+            base = 0
+            for encoded in _encode_stream(source, encoder, config, progress):
+                counts.update(encoded.counts)
+                for message in encoded.warnings:
+                    if logged < MAX_LOGGED_WARNINGS:
+                        logger.warning(f"warning: {message}")
+                    logged += 1
+                ids = base + encoded.positions
+                base += encoded.num_records
+                if destination == "fraction":
+                    in_valid = np.modf((ids + 1) * _PHI)[0] < config.valid_fraction
+                    _write(encoded, ~in_valid, writers["train"], stats["train"], side.get("train"))
+                    _write(encoded, in_valid, writers["valid"], stats["valid"], side.get("valid"))
+                else:
+                    _write(encoded, None, writers[destination], stats[destination], side.get(destination))
+    finally:
+        for file in side.values():
+            file.close()
     for split_writers in writers.values():
         for writer in split_writers.values():
             writer.finalize()
@@ -198,6 +212,7 @@ def _build(config: DataConfig, folder: Path, progress: bool) -> dict[str, Any]:
             split: {
                 **{key: int(value) for key, value in stats[split].items()},
                 "shards": {s: shard_prefix("", split, s).name for s in task.streams},
+                **({"fields": fields_path("", split).name} if task.keeps_fields else {}),
             }
             for split in splits
         },
@@ -225,11 +240,17 @@ def _check_source(source: SourceConfig, task: TaskSpec) -> None:
 
 
 def _write(
-    encoded: Encoded, select: np.ndarray | None, writers: dict[str, IndexedDatasetWriter], stats: Counter
+    encoded: Encoded, select: np.ndarray | None, writers: dict[str, IndexedDatasetWriter], stats: Counter,
+    side: IO[str] | None = None,
 ) -> None:
-    """Append the selected examples of a batch to a split's shards (whole batch when select is None)."""
+    """Append the selected examples of a batch to a split's shards (whole batch when select is None), and
+    their records' fields to ``side`` when the task keeps them."""
     if select is not None and not select.any():
         return
+    if side is not None and encoded.records is not None:
+        records = encoded.records if select is None else \
+            [record for record, keep in zip(encoded.records, select, strict=True) if keep]
+        side.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     for stream, writer in writers.items():
         items, lengths = encoded.arrays[stream], encoded.lengths[stream]
         if select is not None and not select.all():

@@ -9,11 +9,14 @@ A :class:`TaskSpec` says, for one ``task_type`` of a data config,
 * ``encoder`` -- how a chunk of records becomes tokens and loss masks
   (:mod:`ironcore.data.encode`, run in the preprocessing workers);
 * ``dataset`` -- how a split's shards become training samples
-  (:mod:`ironcore.data.pretrain`, :mod:`~ironcore.data.sft`, :mod:`~ironcore.data.dpo`);
+  (:mod:`ironcore.data.pretrain`, :mod:`~ironcore.data.sft`, :mod:`~ironcore.data.dpo`,
+  :mod:`~ironcore.data.rl`);
 * ``objective`` -- the training objective used unless ``trainer.objective``
   names another (:mod:`ironcore.objectives`);
 * ``text_files`` -- whether plain text files are records of it (only
-  pretraining documents are; the others need named fields).
+  pretraining documents are; the others need named fields);
+* ``keeps_fields`` -- whether each split keeps its records' fields in a JSONL
+  beside the shards (RL prompts: what the reward functions need).
 
 Adding a task type is an encoder, a dataset class and one entry in
 :data:`TASKS`. The dataset builders import their classes when called, so
@@ -28,7 +31,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ironcore.config.base import InvalidValue, did_you_mean
-from ironcore.data.encode import PAIR_STREAMS, ChatEncoder, DPOEncoder, Encoder, PretrainEncoder, SFTEncoder
+from ironcore.data.encode import (
+    PAIR_STREAMS,
+    ChatEncoder,
+    DPOEncoder,
+    Encoder,
+    PretrainEncoder,
+    RLEncoder,
+    SFTEncoder,
+)
 from ironcore.data.metadata import shard_prefix
 from ironcore.errors import ConfigError, DataError
 
@@ -53,6 +64,7 @@ class TaskSpec:
     dataset: DatasetBuilder
     objective: str
     text_files: bool = False
+    keeps_fields: bool = False
 
     def resolve_fields(self, fields: dict[str, str]) -> dict[str, str]:
         """``fields`` completed with the default column names of the layout it uses; InvalidValue otherwise."""
@@ -95,6 +107,16 @@ def _dpo_samples(
     return DPODataset(output_dir, split, seq_len, pad_id=metadata["tokenizer"]["eod_id"])
 
 
+def _rl_prompts(
+    output_dir: Path, metadata: dict[str, Any], split: str, seq_len: int, seed: int, packing: bool
+) -> torch.utils.data.Dataset:
+    from ironcore.data.rl import PromptDataset
+
+    if packing:
+        raise ConfigError("data.packing: RL prompts are not packed (each one is completed on its own)")
+    return PromptDataset(output_dir, split)
+
+
 def _sft_encoder(tokenizer: Tokenizer, config: DataConfig) -> Encoder:
     return ChatEncoder(tokenizer, config) if config.is_chat else SFTEncoder(tokenizer, config)
 
@@ -113,6 +135,10 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec(
             name="dpo", layouts=(("prompt", "chosen", "rejected"),), streams=PAIR_STREAMS, encoder=DPOEncoder,
             dataset=_dpo_samples, objective="dpo",
+        ),
+        TaskSpec(
+            name="rl", layouts=(("prompt",), ("messages",)), streams=("prompt",), encoder=RLEncoder,
+            dataset=_rl_prompts, objective="grpo", keeps_fields=True,
         ),
     )
 }

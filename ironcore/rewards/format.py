@@ -1,0 +1,18 @@
+"""Format rewards: does the completion have the shape the task asks for?"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+_compile = functools.lru_cache(maxsize=64)(re.compile)
+
+
+def regex_match(prompts: list[str], completions: list[str], pattern: str, **_) -> list[float | None]:
+    """1.0 when the whole stripped completion matches ``pattern`` (``.`` also matches newlines), else 0.0.
+
+    ``fullmatch``, not ``search``: a format reward should constrain the whole completion, or a model can
+    earn it with one matching line buried in anything at all. Write ``.*`` where free text is allowed.
+    """
+    compiled = _compile(pattern, re.DOTALL)
+    return [1.0 if compiled.fullmatch(completion.strip()) else 0.0 for completion in completions]
