@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ironcore.data.batches import StepBatches
+from ironcore.data.batches import IndexDataset, StepBatches
 from ironcore.data.indexed import IndexedDatasetWriter
 from ironcore.data.pretrain import PretrainDataset
 from ironcore.errors import ConfigError, DataError
@@ -47,21 +47,8 @@ def test_too_little_data_is_an_error(tmp_path) -> None:
         PretrainDataset(_shard(tmp_path / "t", [[1, 2, 3]]), seq_len=8)
 
 
-class _Indices(torch.utils.data.Dataset):
-    """A data set whose sample i is {"index": i}, so batches show which samples they hold."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"index": torch.tensor(index)}
-
-
 def _batches(size: int, global_batch: int, micro: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 3):
-    return StepBatches(_Indices(size), global_batch, micro, dp_rank, dp_size, seed, True, torch.device("cpu"))
+    return StepBatches(IndexDataset(size), global_batch, micro, dp_rank, dp_size, seed, True, torch.device("cpu"))
 
 
 def _indices(micro_batches: list[dict[str, torch.Tensor]]) -> list[int]:

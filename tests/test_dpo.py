@@ -141,7 +141,7 @@ def test_objective_scores_responses_only_against_the_reference(dpo_data, tmp_pat
     (mb,) = StepBatches(dataset, 4, 4, 0, 1, 0, False, torch.device("cpu")).step(0)
     assert (mb["chosen_loss_mask"].sum(-1) < (mb["chosen_labels"] != 0).sum(-1)).all()  # prompts unscored
     objective = DPOObjective(ObjectiveContext(cfg, torch.device("cpu"), nullcontext(), Path(data_cfg.output_dir),
-                                              metadata, 96))
+                                              metadata, 96, policy, lambda: 0))
     objective.reference = reference
     with torch.no_grad():
         terms = objective.terms(policy, mb)

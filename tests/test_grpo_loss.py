@@ -265,11 +265,11 @@ def test_group_advantages_by_hand():
 
 
 def test_defaults_are_trls():
-    assert from_dict(GRPOOptions, {}) == GRPOOptions(
-        num_generations=8, temperature=1.0, top_p=1.0, top_k=0, max_completion_length=512,
-        scale_rewards="group", loss_type="dapo", epsilon=0.2, epsilon_high=None, beta=0.0, num_iterations=1,
-        mask_truncated_completions=False,
-    )
+    options = from_dict(GRPOOptions, {"rewards": [{"function": "exact"}]})
+    trl = dict(num_generations=8, temperature=1.0, top_p=1.0, top_k=0, max_completion_length=512,
+               scale_rewards="group", loss_type="dapo", epsilon=0.2, epsilon_high=None, beta=0.0, num_iterations=1,
+               mask_truncated_completions=False)
+    assert {key: getattr(options, key) for key in trl} == trl
 
 
 @pytest.mark.parametrize("key, value, problem", [
@@ -278,13 +278,14 @@ def test_defaults_are_trls():
     ("epsilon_high", -0.1, "must be positive"),
     ("beta", -0.04, "must be >= 0"),
     ("top_p", 0.0, "must be in (0, 1]"),
-    ("num_iterations", 0, "must be >= 1"),
+    ("num_iterations", 0, "only 1 is supported so far"),
+    ("rewards", [], "GRPO needs at least one reward function"),
     ("loss_type", "bnpo", "is not one of grpo, dr_grpo, dapo"),
     ("scale_rewards", "std", "is not one of group, batch, none"),
 ])
 def test_bad_options_name_the_key(key, value, problem):
     with pytest.raises(ConfigError) as info:
-        from_dict(GRPOOptions, {key: value}, "trainer.objective_options")
+        from_dict(GRPOOptions, {"rewards": [{"function": "exact"}], key: value}, "trainer.objective_options")
     message = str(info.value)
     assert message.startswith(f"config key 'trainer.objective_options.{key}': ")
     assert problem in message and "\n" not in message

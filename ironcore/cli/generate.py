@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ironcore import inference
-    from ironcore.inference.settings import GenerationConfig
+    from ironcore.inference.settings import GenerationConfig, stop_ids
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -220,14 +220,3 @@ def prompt_ids(tokenizer: Tokenizer, text: str, bos_token_id: int | None = None)
     fallback = bos_token_id if bos_token_id is not None else tokenizer.eod_id
     return tokenizer.backend.encode(text, add_special_tokens=True).ids or [fallback]
 
-
-def stop_ids(tokenizer: Tokenizer, eos_token_ids: tuple[int, ...] = ()) -> list[int]:
-    """Every id that ends a completion: the end-of-document token, the tokenizer's declared EOS (chat models)
-    and the ids of ``generation_config.json``'s ``eos_token_id`` (Llama-3 has three)."""
-    ids = [tokenizer.eod_id]
-    eos = tokenizer.special_tokens.get("eos_token")
-    eos_id = tokenizer.backend.token_to_id(eos) if eos else None
-    for token in (eos_id, *eos_token_ids):
-        if token is not None and token not in ids:
-            ids.append(token)
-    return ids

@@ -118,6 +118,9 @@ class OperationConfig:
     train_tokens: int | None = field(None, help="Token budget; converted to steps when train_steps is null.")
     eval_interval: int = field(100, help="Evaluate on the validation split every this many steps (0: only at the end).")
     eval_steps: int = field(10, help="Validation batches per evaluation.")
+    eval_at_start: bool = field(
+        False, help="Also evaluate before the first step of a fresh run: where fine-tuning starts (HF's eval_on_start)."
+    )
     log_interval: int = field(1, help="Log (stdout, metrics.jsonl, MLflow) every this many steps.")
 
     def validate(self) -> None:

@@ -92,3 +92,17 @@ class StepBatches:
     def _collate(self, indices: list[int]) -> MicroBatch:
         samples = [self.dataset[i] for i in indices]
         return {key: torch.stack([s[key] for s in samples]).to(self.device) for key in samples[0]}
+
+
+class IndexDataset(torch.utils.data.Dataset):
+    """Sample ``i`` is ``{"index": i}``: the batches of an objective whose samples do not stack (RL prompts of
+    any length) carry only which samples they hold; the objective looks the samples up itself."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"index": torch.tensor(index)}

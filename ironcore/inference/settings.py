@@ -22,10 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ironcore.errors import ConfigError
 from ironcore.files import read_json
+
+if TYPE_CHECKING:
+    from ironcore.data.tokenizer import Tokenizer
 
 GENERATION_CONFIG = "generation_config.json"
 HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
@@ -78,3 +81,15 @@ class GenerationConfig:
             file = {"temperature": 0.0, "top_k": None, "top_p": None}
         chosen = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         return {name: chosen[name] if chosen[name] is not None else file[name] for name in chosen}
+
+
+def stop_ids(tokenizer: Tokenizer, eos_token_ids: tuple[int, ...] = ()) -> list[int]:
+    """Every id that ends a completion: the end-of-document token, the tokenizer's declared EOS (chat models)
+    and the ids of ``generation_config.json``'s ``eos_token_id`` (Llama-3 has three)."""
+    ids = [tokenizer.eod_id]
+    eos = tokenizer.special_tokens.get("eos_token")
+    eos_id = tokenizer.backend.token_to_id(eos) if eos else None
+    for token in (eos_id, *eos_token_ids):
+        if token is not None and token not in ids:
+            ids.append(token)
+    return ids

@@ -3,6 +3,7 @@
 base   the Objective interface, its context, StepResult
 lm     LMObjective: next-token cross-entropy over the trained tokens (pretraining, SFT)
 dpo    DPOObjective: direct preference optimisation with a live or precomputed reference
+grpo   GRPOObjective: group-relative policy optimisation, with rollouts from the policy and reward functions
 
 ``trainer.objective`` picks one: a built-in name (:data:`BUILTIN`) or
 ``module:Class`` of your own; left null, the data set's task type decides
@@ -21,12 +22,13 @@ from ironcore.data.tasks import dataset_task
 from ironcore.errors import ConfigError
 from ironcore.objectives.base import Objective, ObjectiveContext, StepResult, global_sum
 from ironcore.objectives.dpo import DPOObjective
+from ironcore.objectives.grpo import GRPOObjective
 from ironcore.objectives.lm import LMObjective
 
-__all__ = ["BUILTIN", "DPOObjective", "LMObjective", "Objective", "ObjectiveContext", "StepResult",
-           "build_objective", "global_sum", "objective_class"]
+__all__ = ["BUILTIN", "DPOObjective", "GRPOObjective", "LMObjective", "Objective", "ObjectiveContext",
+           "StepResult", "build_objective", "global_sum", "objective_class"]
 
-BUILTIN: dict[str, type[Objective]] = {"lm": LMObjective, "dpo": DPOObjective}
+BUILTIN: dict[str, type[Objective]] = {"lm": LMObjective, "dpo": DPOObjective, "grpo": GRPOObjective}
 KEY = "trainer.objective"
 
 

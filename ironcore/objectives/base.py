@@ -37,9 +37,13 @@ from typing import Any, ClassVar
 
 import torch
 
+from ironcore.checkpoints.load import load_weights
 from ironcore.config.training import Config
 from ironcore.data.batches import MicroBatch
+from ironcore.errors import UserError
+from ironcore.models.transformer import TransformerModel
 from ironcore.parallel import comm, state
+from ironcore.parallel.sharding import load_full_state_dict
 
 # The model's forward pass: (input_ids, position_ids, attention_mask, parallel_output=...) -> logits.
 Forward = Callable[..., torch.Tensor]
@@ -54,7 +58,9 @@ class ObjectiveContext:
     autocast: AbstractContextManager  # every forward pass runs inside it (bf16 autocast, or nothing)
     data_dir: Path  # the preprocessed data set (its shards, metadata.json, caches)
     metadata: dict[str, Any]  # that data set's metadata.json
-    seq_len: int  # positions per sequence (the data config's max_seq_length)
+    seq_len: int  # positions per sequence (the data config's max_seq_length; rl: the prompt budget)
+    model: torch.nn.Module  # the policy being trained, for objectives that sample from it (GRPO's rollouts)
+    step: Callable[[], int]  # the optimizer step being computed (0-based): seeds per-step draws, resumably
 
 
 @dataclasses.dataclass
@@ -106,3 +112,21 @@ class Objective(ABC):
 def global_sum(values: torch.Tensor) -> torch.Tensor:
     """``values`` summed over the data-parallel ranks (in place; a no-op in one process)."""
     return comm.all_reduce(values, state.dp_group())
+
+
+def frozen_reference(context: ObjectiveContext) -> TransformerModel:
+    """A frozen copy of the run's starting weights (DPO's and GRPO's reference), also when the policy resumes.
+
+    That is ``init.init_from`` when set, else the seed's initialisation
+    (rebuilt under a forked RNG so the policy's random streams are untouched).
+    """
+    cfg = context.config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init.seed)
+        reference = TransformerModel(cfg.model)
+    if cfg.init.init_from:
+        try:
+            load_full_state_dict(reference, load_weights(cfg.init.init_from))
+        except UserError as err:
+            raise UserError(f"init.init_from {cfg.init.init_from}: {err}") from None
+    return reference.requires_grad_(False).eval().to(context.device)

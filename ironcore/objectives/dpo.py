@@ -56,16 +56,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ironcore.checkpoints.load import load_weights, weight_files
+from ironcore.checkpoints.load import weight_files
 from ironcore.config.base import to_dict
 from ironcore.config.model import ModelConfig
 from ironcore.data.batches import MicroBatch
-from ironcore.errors import UserError
 from ironcore.models.transformer import TransformerModel
-from ironcore.objectives.base import Forward, Objective, ObjectiveContext, StepResult, global_sum
+from ironcore.objectives.base import (
+    Forward,
+    Objective,
+    ObjectiveContext,
+    StepResult,
+    frozen_reference,
+    global_sum,
+)
 from ironcore.parallel import state
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
-from ironcore.parallel.sharding import load_full_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -148,23 +153,9 @@ class DPOObjective(Objective):
         self.reference: TransformerModel | None = self._reference() if self.dpo.reference == "live" else None
 
     def _reference(self) -> TransformerModel:
-        """The frozen reference: the run's starting weights, also when the policy resumes from a checkpoint.
-
-        That is ``init.init_from`` when set, else the seed's initialisation
-        (rebuilt under a forked RNG so the policy's random streams are untouched).
-        """
-        cfg = self.config
-        if not cfg.init.init_from:
+        if not self.config.init.init_from:
             log.warning("DPO without init.init_from: policy and reference start from random weights")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.init.seed)
-            reference = TransformerModel(cfg.model)
-        if cfg.init.init_from:
-            try:
-                load_full_state_dict(reference, load_weights(cfg.init.init_from))
-            except UserError as err:
-                raise UserError(f"init.init_from {cfg.init.init_from}: {err}") from None
-        return reference.requires_grad_(False).eval().to(self.device)
+        return frozen_reference(self.context)
 
     def prepare(self, datasets: dict[str, torch.utils.data.Dataset]) -> dict[str, torch.utils.data.Dataset]:
         """Precomputed reference: each split's pairs with their cached reference log-probs."""

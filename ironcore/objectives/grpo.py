@@ -17,12 +17,31 @@ shares gives TRL's loss of the whole batch as one micro-batch in one process.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from ironcore.config.base import InvalidValue, field
+from ironcore.data.batches import IndexDataset, MicroBatch
+from ironcore.data.rl import Prompt, PromptDataset
+from ironcore.data.tokenizer import Tokenizer
+from ironcore.errors import ConfigError
+from ironcore.inference import generate
+from ironcore.inference.settings import stop_ids
+from ironcore.objectives.base import (
+    Forward,
+    Objective,
+    ObjectiveContext,
+    StepResult,
+    frozen_reference,
+    global_sum,
+)
+from ironcore.parallel import comm, state
+from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_entropy
+from ironcore.rewards import RewardSet, RewardSpec, load_reward
 
 
 @dataclass
@@ -58,6 +77,17 @@ class GRPOOptions:
     mask_truncated_completions: bool = field(
         False, help="Leave completions that hit max_completion_length (no EOS) out of the loss."
     )
+    rewards: list[RewardSpec] = field(
+        [], help="Reward functions: {function: a built-in (gsm8k, regex, exact) or module:function, weight, "
+        "name, options}."
+    )
+    reward_errors: Literal["raise", "skip"] = field(
+        "raise",
+        help="A reward function that raises: stop with one line, or score that sample None and count it.",
+    )
+    eval_num_samples: int = field(
+        4, help="Validation: completions sampled per held-out prompt for pass@k (k = this); 0: greedy only."
+    )
 
     def validate(self) -> None:
         if self.num_generations < 2:
@@ -78,8 +108,12 @@ class GRPOOptions:
             raise InvalidValue("epsilon_high", f"must be positive (or null), got {self.epsilon_high}")
         if self.beta < 0:
             raise InvalidValue("beta", f"must be >= 0, got {self.beta}")
-        if self.num_iterations < 1:
-            raise InvalidValue("num_iterations", f"must be >= 1, got {self.num_iterations}")
+        if self.num_iterations != 1:
+            raise InvalidValue("num_iterations", f"only 1 is supported so far, got {self.num_iterations}")
+        if not self.rewards:
+            raise InvalidValue("rewards", "GRPO needs at least one reward function")
+        if self.eval_num_samples < 0:
+            raise InvalidValue("eval_num_samples", f"must be >= 0, got {self.eval_num_samples}")
 
 
 # ---- advantages ------------------------------------------------------------------------------------------
@@ -203,3 +237,215 @@ def grpo_loss(
         high_clipped=(is_high_clipped * mask).sum(),
         region_clipped=((is_low_clipped | is_high_clipped) * mask).sum(),
     )
+
+
+# ---- the objective ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """Completions of a batch of prompts, laid out for the update: one row per completion, right-padded."""
+
+    input_ids: torch.Tensor  # [N, L] prompt + completion + padding
+    mask: torch.Tensor  # [N, L - 1] completion tokens, aligned with the targets input_ids[:, 1:]
+    lengths: torch.Tensor  # [N] completion lengths (tokens, stop token included)
+    truncated: torch.Tensor  # [N] bool: no stop token within max_completion_length
+    texts: list[str]  # decoded completions (stop token and special tokens left out)
+
+
+class GRPOObjective(Objective):
+    """GRPO on rl prompt data: rollouts from the live policy, rewards, group advantages, clipped loss.
+
+    A sample is a prompt; each brings ``num_generations`` completions, so
+    ``trainer.train_batch_size`` counts prompts per optimizer step and a
+    group never straddles two ranks. Every rank samples its own prompts'
+    completions with ``ironcore.inference`` on the weights being trained (no
+    copy), seeded by the step and the data-parallel rank, so a resumed run
+    draws what it would have drawn; the TP ranks of a group draw the same
+    tokens. Rewards are gathered over the data-parallel ranks for the
+    advantages (``scale_rewards: batch`` needs them all) and the metrics.
+    """
+
+    task_types = ("rl",)
+    Options = GRPOOptions
+
+    def __init__(self, context: ObjectiveContext, options: GRPOOptions | None = None) -> None:
+        super().__init__(context, options)
+        if options is None:
+            raise ConfigError("trainer.objective_options.rewards: GRPO needs at least one reward function")
+        self.options: GRPOOptions = options
+        self.sequences_per_sample = options.num_generations
+        self.model = context.model
+        self.tokenizer = Tokenizer.from_path(context.data_dir)
+        self.stop = stop_ids(self.tokenizer)
+        self.pad_id = context.metadata["tokenizer"]["eod_id"]
+        self.rewards = RewardSet([load_reward(spec, f"trainer.objective_options.rewards[{i}]")
+                                  for i, spec in enumerate(options.rewards)])
+        self.reference = frozen_reference(context) if options.beta != 0.0 else None
+        self.prompts: dict[str, PromptDataset] = {}
+        self.split = "train"
+
+    def prepare(self, datasets: dict[str, torch.utils.data.Dataset]) -> dict[str, torch.utils.data.Dataset]:
+        self.prompts = datasets  # PromptDataset per split; the trainer batches their indices
+        return {split: IndexDataset(len(prompts)) for split, prompts in datasets.items()}
+
+    # ---- rollouts ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, prompts: list[Prompt], copies: int, temperature: float, seed: int) -> Rollout:
+        """``copies`` completions of each prompt (consecutive rows), sampled from the current weights."""
+        opts = self.options
+        ids = [prompt.ids.tolist() for prompt in prompts for _ in range(copies)]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.autocast:
+                completions = generate(
+                    self.model, ids, opts.max_completion_length, temperature=temperature,
+                    top_k=opts.top_k or None, top_p=opts.top_p, eos_token_id=self.stop, seed=seed,
+                )
+        finally:
+            self.model.train(was_training)
+        width = max(len(p) + len(c) for p, c in zip(ids, completions, strict=True))
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(ids), width - 1)
+        for row, (prompt, completion) in enumerate(zip(ids, completions, strict=True)):
+            input_ids[row, : len(prompt) + len(completion)] = torch.tensor(prompt + completion)
+            mask[row, len(prompt) - 1 : len(prompt) - 1 + len(completion)] = 1.0  # targets are the completion
+        stopped = torch.tensor([bool(c) and c[-1] in self.stop for c in completions])
+        if opts.mask_truncated_completions:
+            mask[~stopped] = 0.0
+        texts = self.tokenizer.backend.decode_batch(
+            [c[:-1] if s else c for c, s in zip(completions, stopped.tolist(), strict=True)],
+            skip_special_tokens=True,
+        )
+        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+        return Rollout(input_ids.to(self.device), mask.to(self.device), lengths, ~stopped, texts)
+
+    def score(self, prompts: list[Prompt], copies: int, rollout: Rollout):
+        """Every reward function's scores of the rollout's completions (``RewardScores``)."""
+        fields: dict[str, list] = {}
+        for prompt in prompts:
+            for key, value in prompt.fields.items():
+                if key != "prompt":
+                    fields.setdefault(key, []).extend([value] * copies)
+        texts = [prompt.fields["prompt"] for prompt in prompts for _ in range(copies)]
+        return self.rewards.score(texts, rollout.texts, fields, self.options.reward_errors)
+
+    def token_logps(self, model: Forward, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs ``[N, L-1]`` of ``input_ids[:, 1:]`` under ``model`` at the sampling
+        temperature, and the entropies of those distributions (a metric)."""
+        with self.autocast:
+            logits = model(input_ids[:, :-1], parallel_output=True)
+        logits = logits.float() / self.options.temperature
+        return -vocab_parallel_cross_entropy(logits, input_ids[:, 1:]), vocab_parallel_entropy(logits)
+
+    def _seed(self, step: int, micro_batch: int, per_rank: int) -> int:
+        """The sampling seed of one micro-batch of a step: from its place in the *global* batch, so that a
+        resumed run and any data-parallel layout with the same micro-batch size draw the same completions."""
+        return (self.config.init.seed * 1_000_003 + step) * 65_536 + state.dp_rank() * per_rank + micro_batch
+
+    def _prompts(self, micro_batches: list[MicroBatch]) -> list[list[Prompt]]:
+        dataset = self.prompts[self.split]
+        return [[dataset[i] for i in mb["index"].tolist()] for mb in micro_batches]
+
+    # ---- a step ------------------------------------------------------------------------------------------
+    def backward(self, forward: Forward, micro_batches: list[MicroBatch]) -> StepResult:
+        opts, g = self.options, self.options.num_generations
+        start = time.perf_counter()
+        groups = self._prompts(micro_batches)
+        rollouts = [self.rollout(prompts, g, opts.temperature, self._seed(self.context.step(), j, len(groups)))
+                    for j, prompts in enumerate(groups)]
+        scores = [self.score(prompts, g, r) for prompts, r in zip(groups, rollouts, strict=True)]
+        rollout_seconds = time.perf_counter() - start
+
+        # Advantages over the global batch: every rank's rewards, in rank order (each rank's is contiguous).
+        local = torch.cat([s.total for s in scores])
+        everyone = _gathered(local.to(self.device)).cpu()
+        adv = group_advantages(everyone, g, opts.scale_rewards)
+        mine = slice(state.dp_rank() * len(local), (state.dp_rank() + 1) * len(local))
+        advantages = adv.advantages[mine].to(self.device).split([len(s.total) for s in scores])
+
+        total_tokens = float(global_sum(sum(r.mask.sum() for r in rollouts).reshape(1).double())[0])
+        total_sequences = int(everyone.numel())
+        sums = torch.zeros(7, device=self.device, dtype=torch.float64)  # loss tokens kl low high region H
+        for r, a in zip(rollouts, advantages, strict=True):
+            mask = r.mask
+            logps, entropy = self.token_logps(forward, r.input_ids)
+            ref = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref, _ = self.token_logps(self.reference, r.input_ids)
+            parts = grpo_loss(logps, None, ref, a, mask, opts, total_sequences, total_tokens)
+            parts.loss.backward()
+            sums += torch.stack([parts.loss.detach(), parts.tokens, parts.kl_sum, parts.low_clipped,
+                                 parts.high_clipped, parts.region_clipped, (entropy * mask).sum()]).double()
+        update_seconds = time.perf_counter() - start - rollout_seconds
+        sums = global_sum(sums)
+        metrics = {"loss": float(sums[0])}
+        tokens = max(float(sums[1]), 1.0)
+        if opts.beta != 0.0:
+            metrics["kl"] = float(sums[2]) / tokens
+        metrics["entropy"] = float(sums[6]) / tokens
+        for i, name in ((3, "low_mean"), (4, "high_mean"), (5, "region_mean")):
+            metrics[f"clip_ratio/{name}"] = float(sums[i]) / tokens
+        metrics.update(self._reward_metrics(scores, rollouts, everyone, adv))
+        metrics.update({"time/rollout_s": rollout_seconds, "time/update_s": update_seconds})
+        return StepResult(metrics, int(sums[1]))
+
+    def _reward_metrics(self, scores: list, rollouts: list[Rollout], everyone: torch.Tensor,
+                        adv: Advantages) -> dict[str, float]:
+        """TRL's reward and completion metrics over the global batch."""
+        per_function = _gathered(torch.cat([s.per_function for s in scores]).to(self.device)).cpu()
+        lengths = _gathered(torch.cat([r.lengths for r in rollouts]).to(self.device)).cpu()
+        truncated = _gathered(torch.cat([r.truncated for r in rollouts]).float().to(self.device)).cpu()
+        metrics = {"reward": float(torch.nanmean(everyone)), "reward_std": float(nanstd(everyone)),
+                   "frac_reward_zero_std": float(adv.is_std_zero.float().mean())}
+        for j, name in enumerate(self.rewards.names):
+            metrics[f"rewards/{name}/mean"] = float(torch.nanmean(per_function[:, j]))
+            metrics[f"rewards/{name}/std"] = float(nanstd(per_function[:, j]))
+        errors = global_sum(torch.tensor([sum(s.errors[n] for s in scores) for n in self.rewards.names],
+                                         dtype=torch.float64, device=self.device))
+        if self.options.reward_errors == "skip":
+            for name, count in zip(self.rewards.names, errors.tolist(), strict=True):
+                metrics[f"rewards/{name}/errors"] = count
+        metrics["completions/mean_length"] = float(lengths.mean())
+        metrics["completions/min_length"] = float(lengths.min())
+        metrics["completions/max_length"] = float(lengths.max())
+        metrics["completions/clipped_ratio"] = float(truncated.mean())
+        return metrics
+
+    # ---- validation --------------------------------------------------------------------------------------
+    def evaluate(self, forward: Forward, batches: Iterable[list[MicroBatch]]) -> dict[str, float]:
+        """Held-out prompts: greedy accuracy (mean reward) and pass@k with seeded sampling (k completions,
+        correct when the reward is at least 1, the full score of a verifiable reward)."""
+        k = self.options.eval_num_samples
+        sums = torch.zeros(4, dtype=torch.float64)  # reward sum, scored, prompts passed, prompts
+        self.split = "valid"
+        try:
+            for b, micro_batches in enumerate(batches):
+                groups = self._prompts(micro_batches)
+                for j, prompts in enumerate(groups):
+                    greedy = self.score(prompts, 1, self.rollout(prompts, 1, 0.0, seed=0)).total
+                    sums[0] += float(torch.nansum(greedy))
+                    sums[1] += float((~greedy.isnan()).sum())
+                    if k:
+                        seed = self._seed(-1 - b, j, len(groups))  # the same draws at every evaluation
+                        rollout = self.rollout(prompts, k, self.options.temperature, seed)
+                        sampled = self.score(prompts, k, rollout)
+                        sums[2] += float((sampled.total.view(-1, k) >= 1.0).any(dim=1).sum())
+                    sums[3] += len(prompts)
+        finally:
+            self.split = "train"
+        sums = global_sum(sums.to(self.device)).cpu()
+        metrics = {"val_accuracy": float(sums[0] / max(float(sums[1]), 1.0))}
+        if k:
+            metrics[f"val_pass@{k}"] = float(sums[2] / max(float(sums[3]), 1.0))
+        return metrics
+
+    def log_fields(self, metrics: dict[str, float]) -> str:
+        return f" | reward {metrics['reward']:.3f} | len {metrics['completions/mean_length']:.1f}"
+
+
+def _gathered(x: torch.Tensor) -> torch.Tensor:
+    """``x`` of every data-parallel rank, concatenated in rank order (``x`` itself in one process)."""
+    return torch.cat(comm.all_gather(x, state.dp_group())) if state.dp_size() > 1 else x

@@ -103,3 +103,21 @@ def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     # The sum over ranks of each rank's sum: forward all-reduce, backward identity (each rank's own part).
     sum_exp = reduce_from_tp((z - z_max.unsqueeze(-1)).exp().sum(dim=-1))
     return sum_exp.log() + z_max
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` per token [...] (fp32), from this rank's vocab slice [..., V/tp].
+
+    ``H = logsumexp(z) - sum_v p_v z_v``: the second term is a sum over the
+    vocabulary, so each rank adds its slice and one all-reduce completes it.
+    A metric (RL's ``entropy``), so no gradient. Vocabulary padding (-inf,
+    probability 0) adds nothing.
+    """
+    z = logits.float()
+    lse = vocab_parallel_logsumexp(z)
+    p = (z - lse.unsqueeze(-1)).exp()
+    expected = torch.where(p > 0, p * z, 0.0).sum(dim=-1)
+    if state.tp_size() > 1:
+        comm.all_reduce(expected, state.tp_group())
+    return lse - expected

@@ -107,7 +107,8 @@ class Trainer:
             else nullcontext()
         )
         self.objective = build_objective(
-            ObjectiveContext(cfg, self.device, self.autocast, self.data_dir, self.metadata, self.seq_len)
+            ObjectiveContext(cfg, self.device, self.autocast, self.data_dir, self.metadata, self.seq_len, self.model,
+                             lambda: self.state.step)
         )
         splits = [split for split in ("train", "valid") if self.metadata["splits"].get(split)]
         datasets = self.objective.prepare({
@@ -178,6 +179,10 @@ class Trainer:
         try:
             if resumed and self.is_main:
                 log.info("resumed from %s at step %d", resumed, self.state.step)
+            if cfg.operation.eval_at_start and not resumed and self.valid_data is not None:
+                start = self.evaluate()
+                self._write_metrics({"step": 0, **start})
+                self._track(start, 0)
             self._loop()
             final = self.evaluate() if self.valid_data is not None else {}
             if final:

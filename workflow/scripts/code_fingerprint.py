@@ -20,13 +20,13 @@ from pathlib import Path
 
 # Packages the data stages never import (they need no torch model).
 _MODEL_SIDE = tuple(f"{package}/**/*.py" for package in (
-    "training", "objectives", "models", "layers", "parallel", "checkpoints", "inference", "evaluation"))
-_COMMANDS = ("corpus", "tokenizer", "preprocess", "train", "evaluate", "generate", "convert", "model_info",
-             "reference", "common")
-_DATA = ("config", "tasks", "tokenizer", "corpus", "sources", "encode", "preprocess", "indexed", "metadata",
-         "inspect", "pretrain", "sft", "dpo", "batches")
+    "training", "objectives", "rewards", "models", "layers", "parallel", "checkpoints", "inference", "evaluation"))
+_COMMANDS = ("corpus", "synthetic", "tokenizer", "preprocess", "train", "evaluate", "generate", "convert",
+             "model_info", "reference", "common")
+_DATA = ("config", "tasks", "tokenizer", "corpus", "synthetic", "sources", "encode", "preprocess", "indexed",
+         "metadata", "inspect", "pretrain", "sft", "dpo", "rl", "batches")
 _SAMPLES = ("config", "tasks", "tokenizer", "sources", "encode", "indexed", "metadata", "pretrain", "sft", "dpo",
-            "batches")  # what building training samples from shards needs
+            "rl", "batches")  # what building training samples from shards needs
 
 
 def _data_except(*used: str) -> tuple[str, ...]:
@@ -67,7 +67,7 @@ STAGES = {
     ),
     "train": Stage(
         runs=("ironcore.cli.train", "ironcore.training.trainer"),
-        excludes=("inference/**/*.py", "evaluation/**/*.py", *_data_except(*_SAMPLES), *_other_commands("train", "common")),
+        excludes=("evaluation/**/*.py", *_data_except(*_SAMPLES), *_other_commands("train", "common")),
     ),
     "eval": Stage(
         runs=("ironcore.cli.evaluate", "ironcore.cli.generate", "ironcore.evaluation.validation",

@@ -1,0 +1,168 @@
+"""GRPO through the trainer: rollouts from the live policy, rewards, what is trained, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from run_helpers import TINY_MODEL, cli_subprocess, launch_train, read_metrics, small_run_config
+
+from ironcore.checkpoints.load import load_weights
+from ironcore.data.config import load_data_config
+from ironcore.data.preprocess import preprocess
+from ironcore.data.synthetic import write_task
+from ironcore.objectives.grpo import group_advantages, grpo_loss
+from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
+from ironcore.training.trainer import Trainer
+
+
+def digit_share(prompts: list[str], completions: list[str], **_) -> list[float]:
+    """A reward a random tiny model can climb in a few steps: the share of digits in its completion."""
+    return [sum(ch.isdigit() for ch in text) / max(len(text), 1) for text in completions]
+
+
+def boom(prompts: list[str], completions: list[str], **_) -> list[float]:
+    """A reward function with a bug on some samples."""
+    return [1.0 if "1" in text else 1 / 0 for text in completions]
+
+
+@pytest.fixture(scope="module")
+def rl_data(tmp_path_factory) -> Path:
+    """One-digit addition prompts with their answers (a 300-token BPE trained on them), held-out prompts."""
+    root = tmp_path_factory.mktemp("rl")
+    write_task(root / "task", "addition", 400, 20, seed=0, overrides={"digits": "1"})
+    path = root / "data.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "addition", "task_type": "rl", "source": {"path": str(root / "task" / "train.jsonl")},
+        "valid_source": {"path": str(root / "task" / "heldout.jsonl")}, "reward_fields": ["answer"],
+        "tokenizer": {"train": {"vocab_size": 300}}, "max_seq_length": 16, "output_dir": str(root / "data"),
+        "num_workers": 0,
+    }))
+    preprocess(load_data_config(path), progress=False)
+    return path
+
+
+def grpo_config(data: Path, out: Path, steps: int, rewards: list[dict] | None = None, **overrides):
+    options = {"num_generations": 4, "max_completion_length": 6,
+               "rewards": rewards or [{"function": "test_grpo:digit_share"}]}
+    options.update(overrides.pop("options", {}))
+    values = {"trainer__micro_batch_size": 2, "trainer__gradient_accumulation_steps": 2,
+              "trainer__objective_options": options, "optim__max_lr": 1e-2, **overrides}
+    return small_run_config(TINY_MODEL, data, out, steps, **values)
+
+
+def test_prompt_tokens_and_padding_carry_no_gradient(rl_data, tmp_path) -> None:
+    trainer = Trainer(grpo_config(rl_data, tmp_path / "run", 1))
+    objective, model = trainer.objective, trainer.model
+    prompts = [objective.prompts["train"][i] for i in (0, 1)]
+    rollout = objective.rollout(prompts, 3, temperature=1.0, seed=0)
+    for row, prompt in enumerate(p for p in prompts for _ in range(3)):
+        start, length = len(prompt.ids), int(rollout.lengths[row])
+        assert rollout.input_ids[row, :start].tolist() == prompt.ids.tolist()
+        expected = [1.0 if start - 1 <= t < start - 1 + length else 0.0 for t in range(rollout.mask.shape[1])]
+        assert rollout.mask[row].tolist() == expected  # targets: exactly the completion's tokens
+    logits = model(rollout.input_ids[:, :-1], parallel_output=True)
+    logits.retain_grad()
+    logps = -vocab_parallel_cross_entropy(logits, rollout.input_ids[:, 1:])
+    rewards = torch.tensor([0.0, 1.0, 3.0, 5.0, 2.0, 0.0])  # no completion at its group's mean
+    advantages = group_advantages(rewards, 3, "group").advantages
+    parts = grpo_loss(logps, None, None, advantages, rollout.mask, objective.options, 6, float(rollout.mask.sum()))
+    parts.loss.backward()
+    touched = logits.grad.abs().sum(-1) > 0
+    assert torch.equal(touched, rollout.mask.bool())
+
+
+def test_mean_reward_rises_in_a_few_steps(rl_data, tmp_path) -> None:
+    Trainer(grpo_config(rl_data, tmp_path / "run", 12)).train()
+    rewards = [m["reward"] for m in read_metrics(tmp_path / "run") if "reward" in m]
+    assert len(rewards) == 12
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+
+
+def test_metrics_have_trl_names_and_evaluation_is_repeatable(rl_data, tmp_path) -> None:
+    trainer = Trainer(grpo_config(rl_data, tmp_path / "run", 2, operation__eval_interval=1, operation__eval_steps=1,
+                                  operation__eval_at_start=True))
+    trainer.train()
+    lines = read_metrics(tmp_path / "run")
+    step = next(m for m in lines if "loss" in m)
+    for name in ("reward", "reward_std", "frac_reward_zero_std", "rewards/digit_share/mean", "entropy",
+                 "completions/mean_length", "completions/clipped_ratio", "clip_ratio/region_mean",
+                 "time/rollout_s", "time/update_s"):
+        assert name in step, name
+    evals = [m for m in lines if "val_accuracy" in m]
+    assert [m["step"] for m in evals] == [0, 1, 2] and all("val_pass@4" in m for m in evals)  # 0: eval_at_start
+    again = trainer.evaluate()
+    assert again == {k: v for k, v in evals[-1].items() if k != "step"}  # same weights: the same draws
+
+
+def test_resume_repeats_the_same_rollouts(rl_data, tmp_path) -> None:
+    Trainer(grpo_config(rl_data, tmp_path / "straight", 4)).train()
+    Trainer(grpo_config(rl_data, tmp_path / "resumed", 2, trainer__save_interval=2)).train()
+    Trainer(grpo_config(rl_data, tmp_path / "resumed", 4)).train()
+    straight = [m for m in read_metrics(tmp_path / "straight") if "loss" in m]
+    resumed = [m for m in read_metrics(tmp_path / "resumed") if "loss" in m]
+    for a, b in zip(straight, resumed, strict=True):
+        assert a["reward"] == b["reward"] and a["completions/mean_length"] == b["completions/mean_length"]
+        assert a["loss"] == b["loss"]
+    final_a, final_b = load_weights(tmp_path / "straight"), load_weights(tmp_path / "resumed")
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+@pytest.mark.parametrize(("rewards", "message"), [
+    ([], "config key 'trainer.objective_options.rewards': GRPO needs at least one reward function"),
+    ([{"function": "no_such_module:fn"}], "config key 'trainer.objective_options.rewards[0].function': cannot "
+                                          "import module 'no_such_module'"),
+    ([{"function": "test_grpo:boom"}], "reward function boom raised ZeroDivisionError: division by zero"),
+])
+def test_bad_rewards_are_one_line(rl_data, tmp_path, rewards, message) -> None:
+    config = tmp_path / "train.yaml"
+    raw = grpo_config(rl_data, tmp_path / "run", 2)
+    raw_dict = {"model": TINY_MODEL, "data": {"config_path": str(rl_data)},
+                "trainer": {"micro_batch_size": 2, "output_dir": str(tmp_path / "run"), "save_interval": 0,
+                            "objective_options": {**json.loads(json.dumps(raw.trainer.objective_options)),
+                                                  "rewards": rewards}},
+                "operation": {"train_steps": 2, "eval_interval": 0}, "utils": {"tracking": False}}
+    config.write_text(yaml.safe_dump(raw_dict))
+    done = cli_subprocess(["train", "--config", str(config)], cwd=Path(__file__).parent)
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ironcore train: error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_raising_reward_is_skipped_and_counted_when_asked(rl_data, tmp_path) -> None:
+    Trainer(grpo_config(rl_data, tmp_path / "run", 2, rewards=[{"function": "test_grpo:boom"}],
+                        options={"reward_errors": "skip"})).train()
+    step = next(m for m in read_metrics(tmp_path / "run") if "loss" in m)
+    assert step["rewards/boom/errors"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["dp2", "tp2"])
+def test_data_and_tensor_parallel_runs_equal_one_process(rl_data, tmp_path, layout) -> None:
+    """Same completions (rewards, lengths) and losses at every step: rollouts are seeded by their place in
+    the global batch, TP ranks sample the same tokens, rewards are gathered over the DP ranks."""
+    def write(name: str, tp: int, accumulation: int) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "model": TINY_MODEL, "data": {"config_path": str(rl_data)},
+            "trainer": {"micro_batch_size": 2, "gradient_accumulation_steps": accumulation,
+                        "tensor_model_parallel_size": tp, "output_dir": str(tmp_path / name), "save_interval": 0,
+                        "objective_options": {"num_generations": 4, "max_completion_length": 6,
+                                              "rewards": [{"function": "test_grpo:digit_share"}]}},
+            "operation": {"train_steps": 3, "eval_interval": 0, "log_interval": 1},
+            "optim": {"max_lr": 1e-2, "warmup_steps": 1}, "init": {"seed": 3}, "utils": {"tracking": False},
+        }))
+        return path
+
+    launch_train(write("one", 1, 2 if layout == "dp2" else 1), 1, tests_importable=True)
+    launch_train(write("two", 2 if layout == "tp2" else 1, 1), 2, tests_importable=True)
+    a = [m for m in read_metrics(tmp_path / "one") if "loss" in m]
+    b = [m for m in read_metrics(tmp_path / "two") if "loss" in m]
+    assert len({m["reward"] for m in a}) > 1 and any(m["loss"] != 0 for m in a)  # a real comparison
+    for x, y in zip(a, b, strict=True):
+        assert x["reward"] == pytest.approx(y["reward"], rel=1e-5, abs=1e-7)
+        assert x["completions/mean_length"] == y["completions/mean_length"]
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-7)
