@@ -3,8 +3,8 @@
     python benchmarks/grpo_learning.py [--workdir DIR] [--sft-steps N] [--grpo-steps N]
 
 1. ``ironcore synthetic --task addition``: seeded train and held-out prompts.
-2. SFT of a ~1M-parameter LLaMA-style model on part of it, stopped early so
-   that its held-out greedy accuracy is neither 0 nor 1.
+2. SFT of a ~1M-parameter LLaMA-style model on it, stopped early so that its
+   held-out greedy accuracy is neither 0 nor 1 (about 56 % after 2,000 steps).
 3. GRPO from that checkpoint with the ``exact`` reward on the prompts: the
    held-out greedy accuracy (and pass@k) at the start, every eval interval and
    at the end.
@@ -63,12 +63,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", help="keep everything here (default: a temporary folder)")
     parser.add_argument("--digits", type=int, default=2)
-    parser.add_argument("--sft-steps", type=int, default=150)
-    parser.add_argument("--grpo-steps", type=int, default=60)
+    parser.add_argument("--sft-steps", type=int, default=2000)
+    parser.add_argument("--grpo-steps", type=int, default=1600)
     parser.add_argument("--grpo-lr", type=float, default=3e-4)
-    parser.add_argument("--prompts-per-step", type=int, default=16)
+    parser.add_argument("--prompts-per-step", type=int, default=32)
     parser.add_argument("--generations", type=int, default=8)
-    parser.add_argument("--eval-interval", type=int, default=10)
+    parser.add_argument("--eval-interval", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
