@@ -260,9 +260,10 @@ class GRPOObjective(Objective):
     ``trainer.train_batch_size`` counts prompts per optimizer step and a
     group never straddles two ranks. Every rank samples its own prompts'
     completions with ``ironcore.inference`` on the weights being trained (no
-    copy), seeded by the step and the data-parallel rank, so a resumed run
-    draws what it would have drawn; the TP ranks of a group draw the same
-    tokens. Rewards are gathered over the data-parallel ranks for the
+    copy), seeded by the step and the micro-batch's place in the global batch,
+    so a resumed run draws what it would have drawn and any data-parallel
+    layout with the same micro-batch size draws the same; the TP ranks of a
+    group draw the same tokens. Rewards are gathered over the data-parallel ranks for the
     advantages (``scale_rewards: batch`` needs them all) and the metrics.
     """
 
