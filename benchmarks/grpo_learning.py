@@ -111,7 +111,7 @@ def main() -> None:
     grpo_seconds = time.perf_counter() - start
 
     lines = [json.loads(line) for line in (root / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    curve = [(m["step"], m["val_accuracy"], m["val_pass@4"]) for m in lines if "val_accuracy" in m]
+    curve = [(m["step"], m["val_accuracy"], m["val_pass_at_4"]) for m in lines if "val_accuracy" in m]
     rewards = [(m["step"], m["reward"]) for m in lines if "reward" in m]
     gain = 100 * (curve[-1][1] - curve[0][1])
     result = {"digits": args.digits, "sft_steps": args.sft_steps, "grpo_steps": args.grpo_steps,

@@ -93,9 +93,14 @@ def test_metrics_have_trl_names_and_evaluation_is_repeatable(rl_data, tmp_path) 
                  "time/rollout_s", "time/update_s"):
         assert name in step, name
     evals = [m for m in lines if "val_accuracy" in m]
-    assert [m["step"] for m in evals] == [0, 1, 2] and all("val_pass@4" in m for m in evals)  # 0: eval_at_start
+    assert [m["step"] for m in evals] == [0, 1, 2]  # 0: eval_at_start
+    assert all("val_pass_at_4" in m for m in evals)
     again = trainer.evaluate()
     assert again == {k: v for k, v in evals[-1].items() if k != "step"}  # same weights: the same draws
+    page = (tmp_path / "run" / "samples" / "step_0000002.html").read_text()  # a table per evaluation
+    assert page.count("<tr>") == 1 + 4 and "val_accuracy" in page  # header + the 4 prompts evaluated
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == [
+        "step_0000000.html", "step_0000001.html", "step_0000002.html"]
 
 
 def test_resume_repeats_the_same_rollouts(rl_data, tmp_path) -> None:
@@ -166,3 +171,19 @@ def test_data_and_tensor_parallel_runs_equal_one_process(rl_data, tmp_path, layo
         assert x["reward"] == pytest.approx(y["reward"], rel=1e-5, abs=1e-7)
         assert x["completions/mean_length"] == y["completions/mean_length"]
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_the_sample_tables_and_reward_metrics_reach_mlflow(rl_data, tmp_path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    Trainer(grpo_config(rl_data, tmp_path / "run", 2, utils__tracking=True, utils__experiment_name="rl",
+                        operation__eval_interval=1, operation__eval_steps=1)).train()
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("rl").experiment_id])
+    assert run.info.status == "FINISHED"  # every metric name was one MLflow takes
+    for name in ("train/reward", "rewards/digit_share/mean", "completions/mean_length", "val/accuracy",
+                 "val/pass_at_4"):
+        assert client.get_metric_history(run.info.run_id, name), name
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"step_0000001.html", "step_0000002.html"}

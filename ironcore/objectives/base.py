@@ -108,6 +108,11 @@ class Objective(ABC):
         """What this objective adds to the console line of a step (e.g. ``" | acc 0.75"``)."""
         return ""
 
+    def artifacts(self) -> list[Path]:
+        """Files this objective wrote since the last call (e.g. GRPO's sample tables), which the trainer logs
+        to MLflow after each evaluation; none by default."""
+        return []
+
 
 def global_sum(values: torch.Tensor) -> torch.Tensor:
     """``values`` summed over the data-parallel ranks (in place; a no-op in one process)."""

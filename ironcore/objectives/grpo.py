@@ -17,18 +17,23 @@ shares gives TRL's loss of the whole batch as one micro-batch in one process.
 
 from __future__ import annotations
 
+import html
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from ironcore.config.base import InvalidValue, field
 from ironcore.data.batches import IndexDataset, MicroBatch
 from ironcore.data.rl import Prompt, PromptDataset
 from ironcore.data.tokenizer import Tokenizer
 from ironcore.errors import ConfigError
+from ironcore.files import write_text_atomically
 from ironcore.inference import generate
 from ironcore.inference.settings import stop_ids
 from ironcore.objectives.base import (
@@ -241,6 +246,8 @@ def grpo_loss(
 
 # ---- the objective ---------------------------------------------------------------------------------------
 
+SAMPLE_ROWS = 16  # held-out prompts shown with their completions at each evaluation
+
 
 @dataclass
 class Rollout:
@@ -285,6 +292,7 @@ class GRPOObjective(Objective):
         self.reference = frozen_reference(context) if options.beta != 0.0 else None
         self.prompts: dict[str, PromptDataset] = {}
         self.split = "train"
+        self._samples: list[Path] = []  # sample tables written since the trainer last asked
 
     def prepare(self, datasets: dict[str, torch.utils.data.Dataset]) -> dict[str, torch.utils.data.Dataset]:
         self.prompts = datasets  # PromptDataset per split; the trainer batches their indices
@@ -354,7 +362,8 @@ class GRPOObjective(Objective):
         opts, g = self.options, self.options.num_generations
         start = time.perf_counter()
         groups = self._prompts(micro_batches)
-        rollouts = [self.rollout(prompts, g, opts.temperature, self._seed(self.context.step(), j, len(groups)))
+        step = self.context.step()
+        rollouts = [self.rollout(prompts, g, opts.temperature, self._seed(step, j, len(groups)))
                     for j, prompts in enumerate(groups)]
         scores = [self.score(prompts, g, r) for prompts, r in zip(groups, rollouts, strict=True)]
         rollout_seconds = time.perf_counter() - start
@@ -421,12 +430,17 @@ class GRPOObjective(Objective):
         correct when the reward is at least 1, the full score of a verifiable reward)."""
         k = self.options.eval_num_samples
         sums = torch.zeros(4, dtype=torch.float64)  # reward sum, scored, prompts passed, prompts
+        rows: list[tuple[Any, str, float]] = []
         self.split = "valid"
         try:
             for b, micro_batches in enumerate(batches):
                 groups = self._prompts(micro_batches)
                 for j, prompts in enumerate(groups):
-                    greedy = self.score(prompts, 1, self.rollout(prompts, 1, 0.0, seed=0)).total
+                    rollout = self.rollout(prompts, 1, 0.0, seed=0)
+                    greedy = self.score(prompts, 1, rollout).total
+                    shown = SAMPLE_ROWS - len(rows)
+                    rows += [(p.fields["prompt"], text, float(r)) for p, text, r
+                             in zip(prompts[:shown], rollout.texts, greedy.tolist(), strict=False)]
                     sums[0] += float(torch.nansum(greedy))
                     sums[1] += float((~greedy.isnan()).sum())
                     if k:
@@ -440,8 +454,34 @@ class GRPOObjective(Objective):
         sums = global_sum(sums.to(self.device)).cpu()
         metrics = {"val_accuracy": float(sums[0] / max(float(sums[1]), 1.0))}
         if k:
-            metrics[f"val_pass@{k}"] = float(sums[2] / max(float(sums[3]), 1.0))
+            metrics[f"val_pass_at_{k}"] = float(sums[2] / max(float(sums[3]), 1.0))  # MLflow refuses "@"
+        if not (dist.is_initialized() and dist.get_rank()):
+            self._samples.append(self._write_samples(rows, metrics))
         return metrics
+
+    def _write_samples(self, rows: list[tuple[Any, str, float]], metrics: dict[str, float]) -> Path:
+        """A table of held-out prompts with their greedy completions and rewards, what people would rather
+        look at than read about: ``OUTPUT_DIR/samples/step_NNNNNNN.html``."""
+        step = self.context.step()
+        def cell(value: Any) -> str:
+            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)  # chat messages
+            return f"<td><pre>{html.escape(text)}</pre></td>"
+
+        body = "".join(f"<tr>{cell(p)}{cell(text)}<td>{reward:.3f}</td></tr>" for p, text, reward in rows)
+        summary = ", ".join(f"{name} {value:.3f}" for name, value in metrics.items())
+        page = (f"<!doctype html><meta charset=utf-8><title>samples at step {step}</title>"
+                "<style>td{vertical-align:top;border-bottom:1px solid #ddd}"
+                "pre{margin:0;white-space:pre-wrap}</style>"
+                f"<h1>Held-out samples at step {step}</h1><p>{html.escape(summary)}; greedy completions</p>"
+                f"<table><tr><th>prompt</th><th>completion</th><th>reward</th></tr>{body}</table>\n")
+        path = Path(self.config.trainer.output_dir) / "samples" / f"step_{step:07d}.html"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(path, page)
+        return path
+
+    def artifacts(self) -> list[Path]:
+        written, self._samples = self._samples, []
+        return written
 
     def log_fields(self, metrics: dict[str, float]) -> str:
         return f" | reward {metrics['reward']:.3f} | len {metrics['completions/mean_length']:.1f}"

@@ -299,6 +299,9 @@ class Trainer:
             return self.objective.evaluate(self.forward, self.valid_data.eval_steps(self.cfg.operation.eval_steps))
         finally:
             self.model.train()
+            for path in self.objective.artifacts():
+                if self.is_main and self.tracker is not None:
+                    self.tracker.log_artifact(path)
 
     # ---- output -----------------------------------------------------------------------------------------
     def _log_line(self, m: dict[str, float], elapsed: float, steps_done: int) -> None:
