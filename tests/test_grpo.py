@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -124,13 +123,12 @@ def test_resume_repeats_the_same_rollouts(rl_data, tmp_path) -> None:
 ])
 def test_bad_rewards_are_one_line(rl_data, tmp_path, rewards, message) -> None:
     config = tmp_path / "train.yaml"
-    raw = grpo_config(rl_data, tmp_path / "run", 2)
-    raw_dict = {"model": TINY_MODEL, "data": {"config_path": str(rl_data)},
-                "trainer": {"micro_batch_size": 2, "output_dir": str(tmp_path / "run"), "save_interval": 0,
-                            "objective_options": {**json.loads(json.dumps(raw.trainer.objective_options)),
-                                                  "rewards": rewards}},
-                "operation": {"train_steps": 2, "eval_interval": 0}, "utils": {"tracking": False}}
-    config.write_text(yaml.safe_dump(raw_dict))
+    config.write_text(yaml.safe_dump({
+        "model": TINY_MODEL, "data": {"config_path": str(rl_data)},
+        "trainer": {"micro_batch_size": 2, "output_dir": str(tmp_path / "run"), "save_interval": 0,
+                    "objective_options": {"num_generations": 4, "max_completion_length": 6, "rewards": rewards}},
+        "operation": {"train_steps": 2, "eval_interval": 0}, "utils": {"tracking": False},
+    }))
     done = cli_subprocess(["train", "--config", str(config)], cwd=Path(__file__).parent)
     assert done.returncode == 2, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("ironcore train: error:")]

@@ -368,15 +368,19 @@ class GRPOObjective(Objective):
         scores = [self.score(prompts, g, r) for prompts, r in zip(groups, rollouts, strict=True)]
         rollout_seconds = time.perf_counter() - start
 
-        # Advantages over the global batch: every rank's rewards, in rank order (each rank's is contiguous).
-        local = torch.cat([s.total for s in scores])
+        # One gather of every rank's rows, in rank order (each rank's are contiguous): per completion its
+        # total reward, each function's reward, its length and whether it was cut off.
+        local = torch.cat([
+            torch.cat([s.total[:, None], s.per_function, r.lengths[:, None], r.truncated[:, None].float()], 1)
+            for s, r in zip(scores, rollouts, strict=True)
+        ])
         everyone = _gathered(local.to(self.device)).cpu()
-        adv = group_advantages(everyone, g, opts.scale_rewards)
+        adv = group_advantages(everyone[:, 0], g, opts.scale_rewards)
         mine = slice(state.dp_rank() * len(local), (state.dp_rank() + 1) * len(local))
         advantages = adv.advantages[mine].to(self.device).split([len(s.total) for s in scores])
 
         total_tokens = float(global_sum(sum(r.mask.sum() for r in rollouts).reshape(1).double())[0])
-        total_sequences = int(everyone.numel())
+        total_sequences = len(everyone)
         sums = torch.zeros(7, device=self.device, dtype=torch.float64)  # loss tokens kl low high region H
         for r, a in zip(rollouts, advantages, strict=True):
             mask = r.mask
@@ -398,24 +402,22 @@ class GRPOObjective(Objective):
         metrics["entropy"] = float(sums[6]) / tokens
         for i, name in ((3, "low_mean"), (4, "high_mean"), (5, "region_mean")):
             metrics[f"clip_ratio/{name}"] = float(sums[i]) / tokens
-        metrics.update(self._reward_metrics(scores, rollouts, everyone, adv))
+        metrics.update(self._reward_metrics(scores, everyone, adv))
         metrics.update({"time/rollout_s": rollout_seconds, "time/update_s": update_seconds})
         return StepResult(metrics, int(sums[1]))
 
-    def _reward_metrics(self, scores: list, rollouts: list[Rollout], everyone: torch.Tensor,
-                        adv: Advantages) -> dict[str, float]:
-        """TRL's reward and completion metrics over the global batch."""
-        per_function = _gathered(torch.cat([s.per_function for s in scores]).to(self.device)).cpu()
-        lengths = _gathered(torch.cat([r.lengths for r in rollouts]).to(self.device)).cpu()
-        truncated = _gathered(torch.cat([r.truncated for r in rollouts]).float().to(self.device)).cpu()
-        metrics = {"reward": float(torch.nanmean(everyone)), "reward_std": float(nanstd(everyone)),
+    def _reward_metrics(self, scores: list, everyone: torch.Tensor, adv: Advantages) -> dict[str, float]:
+        """TRL's reward and completion metrics over the global batch (``everyone``: the gathered rows)."""
+        rewards, per_function = everyone[:, 0], everyone[:, 1:-2]
+        lengths, truncated = everyone[:, -2], everyone[:, -1]
+        metrics = {"reward": float(torch.nanmean(rewards)), "reward_std": float(nanstd(rewards)),
                    "frac_reward_zero_std": float(adv.is_std_zero.float().mean())}
         for j, name in enumerate(self.rewards.names):
             metrics[f"rewards/{name}/mean"] = float(torch.nanmean(per_function[:, j]))
             metrics[f"rewards/{name}/std"] = float(nanstd(per_function[:, j]))
-        errors = global_sum(torch.tensor([sum(s.errors[n] for s in scores) for n in self.rewards.names],
-                                         dtype=torch.float64, device=self.device))
         if self.options.reward_errors == "skip":
+            errors = global_sum(torch.tensor([sum(s.errors[n] for s in scores) for n in self.rewards.names],
+                                             dtype=torch.float64, device=self.device))
             for name, count in zip(self.rewards.names, errors.tolist(), strict=True):
                 metrics[f"rewards/{name}/errors"] = count
         metrics["completions/mean_length"] = float(lengths.mean())
