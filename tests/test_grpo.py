@@ -115,6 +115,38 @@ def test_resume_repeats_the_same_rollouts(rl_data, tmp_path) -> None:
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
+def test_num_iterations_trains_one_generation_several_times(rl_data, tmp_path) -> None:
+    trainer = Trainer(grpo_config(rl_data, tmp_path / "run", 4, options={"num_iterations": 2}))
+    seen = []
+    update = trainer.objective._update
+    def spy(forward, gen):
+        seen.append((gen.step, gen.input_ids[0].clone(), gen.old_logps is not None))
+        return update(forward, gen)
+
+    trainer.objective._update = spy
+    trainer.train()
+    assert [step for step, _, _ in seen] == [0, 0, 2, 2]  # sampled at steps 0 and 2, each trained twice
+    assert torch.equal(seen[0][1], seen[1][1]) and all(old for _, _, old in seen)
+    steps = [m for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert steps[0]["reward"] == steps[1]["reward"] and steps[1]["time/rollout_s"] == 0.0
+    assert steps[0]["clip_ratio/region_mean"] == 0.0  # the first pass: ratio 1 against the stored log-probs
+    assert steps[1]["loss"] != steps[0]["loss"]  # the second: the policy moved, the ratio is not 1
+
+
+def test_resume_inside_a_generation_reuses_its_saved_rollouts(rl_data, tmp_path) -> None:
+    options = {"num_iterations": 2}
+    Trainer(grpo_config(rl_data, tmp_path / "straight", 4, options=options)).train()
+    Trainer(grpo_config(rl_data, tmp_path / "resumed", 3, options=options, trainer__save_interval=3)).train()
+    assert (tmp_path / "resumed" / "checkpoints" / "step_0000003" / "objective.pt").is_file()
+    Trainer(grpo_config(rl_data, tmp_path / "resumed", 4, options=options)).train()
+    straight = [m for m in read_metrics(tmp_path / "straight") if "loss" in m]
+    resumed = [m for m in read_metrics(tmp_path / "resumed") if "loss" in m]
+    for a, b in zip(straight, resumed, strict=True):
+        assert (a["reward"], a["loss"]) == (b["reward"], b["loss"])
+    final_a, final_b = load_weights(tmp_path / "straight"), load_weights(tmp_path / "resumed")
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
 @pytest.mark.parametrize(("rewards", "message"), [
     ([], "config key 'trainer.objective_options.rewards': GRPO needs at least one reward function"),
     ([{"function": "no_such_module:fn"}], "config key 'trainer.objective_options.rewards[0].function': cannot "

@@ -278,7 +278,7 @@ def test_defaults_are_trls():
     ("epsilon_high", -0.1, "must be positive"),
     ("beta", -0.04, "must be >= 0"),
     ("top_p", 0.0, "must be in (0, 1]"),
-    ("num_iterations", 0, "only 1 is supported so far"),
+    ("num_iterations", 0, "must be >= 1, got 0"),
     ("rewards", [], "GRPO needs at least one reward function"),
     ("loss_type", "bnpo", "is not one of grpo, dr_grpo, dapo"),
     ("scale_rewards", "std", "is not one of group, batch, none"),

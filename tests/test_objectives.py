@@ -125,7 +125,7 @@ def test_the_documented_example_is_the_tested_one() -> None:
 @pytest.mark.parametrize(
     ("trainer", "message"),
     [
-        ({"objective": "lmm"}, "trainer.objective: 'lmm' is neither a built-in objective (lm, dpo, grpo) nor module:Class "
+        ({"objective": "lmm"}, "trainer.objective: 'lmm' is neither a built-in objective (lm, dpo, grpo, reward_model) nor module:Class "
                                "(did you mean 'lm'?)"),
         ({"objective": "no_such_module_anywhere:Thing"}, "trainer.objective: cannot import module "
                                                          "'no_such_module_anywhere'"),

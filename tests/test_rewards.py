@@ -135,7 +135,8 @@ def test_exact_answer_compares_the_first_line(completion: str, answer: str | int
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))
 def test_every_builtin_loads_under_its_name(name: str) -> None:
-    reward = load_reward(RewardSpec(function=name), "rl.rewards[0]")
+    options = {"checkpoint": "runs/rm"} if name == "reward_model" else {}  # checked when first called
+    reward = load_reward(RewardSpec(function=name, options=options), "rl.rewards[0]")
     assert reward.name == name and reward.weight == 1.0 and callable(reward.fn)
 
 
@@ -160,7 +161,7 @@ def test_a_user_function_loads_by_dotted_path() -> None:
         (RewardSpec("no_such_module_xyz:fn"), "function", "cannot import module 'no_such_module_xyz'"),
         (RewardSpec("test_rewards:ends_with_answr"), "function", "did you mean 'ends_with_answer'"),
         (RewardSpec("test_rewards:NOT_CALLABLE"), "function", "'test_rewards:NOT_CALLABLE' is a int"),
-        (RewardSpec("gsm8"), "function", "built-in reward (exact, gsm8k, regex) (did you mean 'gsm8k'?)"),
+        (RewardSpec("gsm8"), "function", "built-in reward (exact, gsm8k, regex, reward_model) (did you mean 'gsm8k'?)"),
         (RewardSpec("test_rewards:"), "function", "nor 'module:function'"),
         (
             RewardSpec("test_rewards:ends_with_answer", options={"sufix": "!"}),

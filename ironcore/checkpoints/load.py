@@ -101,6 +101,19 @@ def load_weights(source: str | Path, device: str | torch.device = "cpu") -> dict
     return _read(source, device, None)[1]
 
 
+def reward_model_start(weights: dict[str, torch.Tensor], model: TransformerModel) -> dict[str, torch.Tensor]:
+    """A language model's weights as the start of ``model``, a reward model (``score_head``).
+
+    As HF's ``AutoModelForSequenceClassification.from_pretrained`` of a causal LM does: the output projection
+    is dropped and the score head keeps its fresh initialisation. Weights that already have a score head
+    are returned as they are.
+    """
+    if "score.weight" in weights or model.score is None:
+        return weights
+    kept = {name: tensor for name, tensor in weights.items() if not name.startswith("lm_head.")}
+    return kept | {"score.weight": model.score.weight.detach().to(next(iter(weights.values())).device)}
+
+
 def weight_files(source: str | Path) -> list[Path]:
     """The files that hold ``source``'s architecture and weights (what a digest of its weights reads)."""
     kind, folder = locate(source)

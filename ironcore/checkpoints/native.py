@@ -9,6 +9,7 @@ Layout of a checkpoint folder::
     optimizer.pt         # training checkpoints: optimizer state keyed by parameter name
     trainer_state.json   # step, consumed samples, tokens, skipped steps
     rng.pt               # RNG states (python, numpy, torch, cuda) of every rank
+    objective.pt         # the objective's own state of every rank, when it keeps one (GRPO with num_iterations > 1)
 
 A training run keeps them as ``checkpoints/step_NNNNNNN/`` plus a ``latest``
 file naming the newest and a ``healthy`` file naming the newest whose next
@@ -46,6 +47,7 @@ MODEL_CONFIG = "model_config.yaml"
 OPTIMIZER = "optimizer.pt"
 TRAINER_STATE = "trainer_state.json"
 RNG = "rng.pt"
+OBJECTIVE = "objective.pt"
 LATEST = "latest"
 HEALTHY = "healthy"
 GENERATION_CONFIG = "generation_config.json"

@@ -64,6 +64,10 @@ class ModelConfig:
     )
 
     tie_word_embeddings: bool = field(True, help="Output projection shares the input embedding matrix.")
+    score_head: bool = field(
+        False, help="A reward model: a scalar head (hidden -> 1, HF's ForSequenceClassification 'score') replaces "
+        "the output projection, and the forward pass gives one score per position [B, T, 1].",
+    )
     embedding_multiplier: float | None = field(
         None, help="Scale token embeddings by this (Gemma: sqrt(hidden_size)); null: no scaling."
     )

@@ -38,8 +38,9 @@ class TrainerConfig:
     tensor_model_parallel_size: int = field(1, help="Ranks a layer is split across (Megatron-style TP).")
     objective: str | None = field(
         None,
-        help="What training minimises: a built-in objective (lm, dpo) or your own as module:Class "
-        "(see docs/objectives.md); null: the data set's default (lm for pretrain and sft data, dpo for dpo data).",
+        help="What training minimises: a built-in objective (lm, dpo, grpo, reward_model) or your own as "
+        "module:Class (see docs/objectives.md); null: the data set's default (lm for pretrain and sft data, dpo "
+        "for dpo data, grpo for rl data).",
     )
     objective_options: dict[str, Any] = field(
         {}, help="Options of the objective, checked against its Options dataclass (e.g. {z_loss_weight: 1e-4})."

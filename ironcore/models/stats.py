@@ -36,7 +36,7 @@ def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> ModelStats:
     embedding = sum(s.numel() for name, s in shapes.items() if name in ("embed.weight", "pos_embed.weight"))
     matmul = sum(s.numel() for name, s in shapes.items() if name.endswith(("qkv.weight", "out.weight", "up.weight",
                                                                         "down.weight")))
-    matmul += cfg.vocab_size * cfg.hidden_size  # the output projection, tied or not
+    matmul += (1 if cfg.score_head else cfg.vocab_size) * cfg.hidden_size  # the output projection, tied or not
     attention = 4 * cfg.num_layers * cfg.num_attention_heads * cfg.head_size * seq_len
     forward = 2 * matmul + attention
     return ModelStats(params, embedding, matmul, attention, forward, 3 * forward)

@@ -45,7 +45,7 @@ class TransformerBlock(nn.Module):
 
 
 class TransformerModel(nn.Module):
-    """token ids [B, T] -> logits [B, T, V].
+    """token ids [B, T] -> logits [B, T, V] (a reward model, ``score_head``: scores [B, T, 1]).
 
     Built under tensor parallelism, every layer holds its shard and the
     forward pass is unchanged; ``parallel_output=True`` keeps the logits
@@ -67,8 +67,11 @@ class TransformerModel(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.num_layers))
         self.final_norm = build_norm(cfg) if cfg.final_norm else None
         self.lm_head = (
-            None if cfg.tie_word_embeddings else VocabParallelOutput(cfg.hidden_size, cfg.vocab_size, cfg.lm_head_bias)
+            None if cfg.tie_word_embeddings or cfg.score_head
+            else VocabParallelOutput(cfg.hidden_size, cfg.vocab_size, cfg.lm_head_bias)
         )
+        # A reward model's scalar head: small, so every TP rank holds all of it (replicated, like the norms).
+        self.score = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.score_head else None
         self._mask_cache: tuple[int, int, torch.device, torch.Tensor] | None = None
         self.reset_parameters()
 
@@ -92,6 +95,8 @@ class TransformerModel(nn.Module):
                 module.reset_parameters()
         if self.lm_head is not None:
             self.lm_head.reset_parameters(std)
+        if self.score is not None and not self.score.weight.is_meta:
+            nn.init.normal_(self.score.weight, 0.0, std)
 
     def _mask(
         self, T: int, device: torch.device, attention_mask: torch.Tensor | None, past: int = 0
@@ -160,6 +165,8 @@ class TransformerModel(nn.Module):
             x = x[:, -logits_to_keep:]
         if self.final_norm is not None:
             x = self.final_norm(x)
+        if self.score is not None:
+            return self.score(x)  # [B, T, 1]: a score per position; reward models read the last token's
         logits = self.embed.project(x) if self.lm_head is None else self.lm_head(x)
         if parallel_output:
             return logits

@@ -4,6 +4,7 @@ base   the Objective interface, its context, StepResult
 lm     LMObjective: next-token cross-entropy over the trained tokens (pretraining, SFT)
 dpo    DPOObjective: direct preference optimisation with a live or precomputed reference
 grpo   GRPOObjective: group-relative policy optimisation, with rollouts from the policy and reward functions
+reward_model  RewardModelObjective: a scalar head trained on preference pairs (Bradley–Terry)
 
 ``trainer.objective`` picks one: a built-in name (:data:`BUILTIN`) or
 ``module:Class`` of your own; left null, the data set's task type decides
@@ -24,11 +25,14 @@ from ironcore.objectives.base import Objective, ObjectiveContext, StepResult, gl
 from ironcore.objectives.dpo import DPOObjective
 from ironcore.objectives.grpo import GRPOObjective
 from ironcore.objectives.lm import LMObjective
+from ironcore.objectives.reward_model import RewardModelObjective
 
 __all__ = ["BUILTIN", "DPOObjective", "GRPOObjective", "LMObjective", "Objective", "ObjectiveContext",
-           "StepResult", "build_objective", "global_sum", "objective_class"]
+           "RewardModelObjective", "StepResult", "build_objective", "global_sum", "objective_class"]
 
-BUILTIN: dict[str, type[Objective]] = {"lm": LMObjective, "dpo": DPOObjective, "grpo": GRPOObjective}
+BUILTIN: dict[str, type[Objective]] = {
+    "lm": LMObjective, "dpo": DPOObjective, "grpo": GRPOObjective, "reward_model": RewardModelObjective,
+}
 KEY = "trainer.objective"
 
 
@@ -79,5 +83,10 @@ def build_objective(context: ObjectiveContext) -> Objective:
         raise ConfigError(
             f"{KEY}: {spec} trains on {' or '.join(cls.task_types)} data, but {context.data_dir} holds "
             f"{task.name} data"
+        )
+    if cls.score_head != context.config.model.score_head:
+        raise ConfigError(
+            f"{KEY}: {spec} trains a {'reward model' if cls.score_head else 'language model'}, so it needs "
+            f"model.score_head: {str(cls.score_head).lower()}"
         )
     return cls(context, _options(cls, context.config.trainer.objective_options))

@@ -77,6 +77,7 @@ class Objective(ABC):
     sequences_per_sample: ClassVar[int] = 1  # sequences of max_seq_length tokens in one sample
     task_types: ClassVar[tuple[str, ...] | None] = None  # data it can read (ironcore.data.tasks); None: any
     Options: ClassVar[type | None] = None  # a dataclass: trainer.objective_options is checked against it
+    score_head: ClassVar[bool] = False  # True: trains a reward model (model.score_head), not a language model
 
     def __init__(self, context: ObjectiveContext, options: Any = None) -> None:
         self.context = context
@@ -107,6 +108,15 @@ class Objective(ABC):
     def log_fields(self, metrics: dict[str, float]) -> str:
         """What this objective adds to the console line of a step (e.g. ``" | acc 0.75"``)."""
         return ""
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state that a resumed run needs (tensors, numbers, strings; saved in checkpoints as
+        ``objective.pt``, one entry per rank), e.g. GRPO's rollouts still to be trained on; none by default."""
+        return {}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Take back what :meth:`state_dict` gave, on resume (only from a checkpoint of the same world size)."""
+        return None
 
     def artifacts(self) -> list[Path]:
         """Files this objective wrote since the last call (e.g. GRPO's sample tables), which the trainer logs

@@ -17,8 +17,10 @@ shares gives TRL's loss of the whole batch as one micro-batch in one process.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -47,6 +49,8 @@ from ironcore.objectives.base import (
 from ironcore.parallel import comm, state
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_entropy
 from ironcore.rewards import RewardSet, RewardSpec, load_reward
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,12 +82,16 @@ class GRPOOptions:
         None, help="Clip the probability ratio above at 1 + epsilon_high (null: epsilon; DAPO uses 0.28)."
     )
     beta: float = field(0.0, help="Weight of the KL to the reference (0: no reference model is run).")
-    num_iterations: int = field(1, help="Optimizer steps on each generated batch (PPO's mu).")
+    num_iterations: int = field(
+        1, help="Optimizer steps on each generated batch (PPO's mu): the steps in between reuse it, against the "
+        "log-probs of the policy that sampled it.",
+    )
     mask_truncated_completions: bool = field(
         False, help="Leave completions that hit max_completion_length (no EOS) out of the loss."
     )
     rewards: list[RewardSpec] = field(
-        [], help="Reward functions: {function: a built-in (gsm8k, regex, exact) or module:function, weight, "
+        [], help="Reward functions: {function: a built-in (gsm8k, regex, exact, reward_model) or module:function, "
+        "weight, "
         "name, options}."
     )
     reward_errors: Literal["raise", "skip"] = field(
@@ -113,8 +121,8 @@ class GRPOOptions:
             raise InvalidValue("epsilon_high", f"must be positive (or null), got {self.epsilon_high}")
         if self.beta < 0:
             raise InvalidValue("beta", f"must be >= 0, got {self.beta}")
-        if self.num_iterations != 1:
-            raise InvalidValue("num_iterations", f"only 1 is supported so far, got {self.num_iterations}")
+        if self.num_iterations < 1:
+            raise InvalidValue("num_iterations", f"must be >= 1, got {self.num_iterations}")
         if not self.rewards:
             raise InvalidValue("rewards", "GRPO needs at least one reward function")
         if self.eval_num_samples < 0:
@@ -260,6 +268,21 @@ class Rollout:
     texts: list[str]  # decoded completions (stop token and special tokens left out)
 
 
+@dataclass
+class Generation:
+    """One generation step's completions, ready to train on for ``num_iterations`` steps (this rank's part)."""
+
+    step: int  # the optimizer step that sampled them
+    input_ids: list[torch.Tensor]  # per micro-batch [N, L]: prompt + completion + padding
+    masks: list[torch.Tensor]  # per micro-batch [N, L - 1]: the completion's targets
+    advantages: list[torch.Tensor]  # per micro-batch [N]
+    old_logps: list[torch.Tensor] | None  # per micro-batch [N, L - 1], the sampling policy's; None when mu = 1
+    total_sequences: int  # completions of the global batch (all DP ranks)
+    total_tokens: float  # their completion tokens
+    reward_metrics: dict[str, float]  # reward and completion metrics of the global batch
+    seconds: float  # the time it took to sample and score them
+
+
 class GRPOObjective(Objective):
     """GRPO on rl prompt data: rollouts from the live policy, rewards, group advantages, clipped loss.
 
@@ -293,6 +316,7 @@ class GRPOObjective(Objective):
         self.prompts: dict[str, PromptDataset] = {}
         self.split = "train"
         self._samples: list[Path] = []  # sample tables written since the trainer last asked
+        self.generation: Generation | None = None  # the completions being trained on
 
     def prepare(self, datasets: dict[str, torch.utils.data.Dataset]) -> dict[str, torch.utils.data.Dataset]:
         self.prompts = datasets  # PromptDataset per split; the trainer batches their indices
@@ -359,14 +383,21 @@ class GRPOObjective(Objective):
 
     # ---- a step ------------------------------------------------------------------------------------------
     def backward(self, forward: Forward, micro_batches: list[MicroBatch]) -> StepResult:
+        """Generate and score (every ``num_iterations``-th step), then one clipped update on that generation."""
+        step = self.context.step()
+        gen = self.generation
+        if gen is None or not gen.step <= step < gen.step + self.options.num_iterations:
+            gen = self.generation = self._generate(forward, micro_batches, step)
+        return self._update(forward, gen)
+
+    def _generate(self, forward: Forward, micro_batches: list[MicroBatch], step: int) -> Generation:
+        """Rollouts of this rank's prompts, their rewards gathered over DP ranks, and their advantages."""
         opts, g = self.options, self.options.num_generations
         start = time.perf_counter()
         groups = self._prompts(micro_batches)
-        step = self.context.step()
         rollouts = [self.rollout(prompts, g, opts.temperature, self._seed(step, j, len(groups)))
                     for j, prompts in enumerate(groups)]
         scores = [self.score(prompts, g, r) for prompts, r in zip(groups, rollouts, strict=True)]
-        rollout_seconds = time.perf_counter() - start
 
         # One gather of every rank's rows, in rank order (each rank's are contiguous): per completion its
         # total reward, each function's reward, its length and whether it was cut off.
@@ -378,22 +409,34 @@ class GRPOObjective(Objective):
         adv = group_advantages(everyone[:, 0], g, opts.scale_rewards)
         mine = slice(state.dp_rank() * len(local), (state.dp_rank() + 1) * len(local))
         advantages = adv.advantages[mine].to(self.device).split([len(s.total) for s in scores])
-
+        old_logps = None
+        if opts.num_iterations > 1:  # the sampling policy's log-probs, for the ratio of the later iterations
+            with torch.no_grad():
+                old_logps = [self.token_logps(forward, r.input_ids)[0] for r in rollouts]
         total_tokens = float(global_sum(sum(r.mask.sum() for r in rollouts).reshape(1).double())[0])
-        total_sequences = len(everyone)
+        return Generation(
+            step=step, input_ids=[r.input_ids for r in rollouts], masks=[r.mask for r in rollouts],
+            advantages=list(advantages), old_logps=old_logps, total_sequences=len(everyone),
+            total_tokens=total_tokens, reward_metrics=self._reward_metrics(scores, everyone, adv),
+            seconds=time.perf_counter() - start,
+        )
+
+    def _update(self, forward: Forward, gen: Generation) -> StepResult:
+        """The clipped loss over the generation's completion tokens, backpropagated micro-batch by micro-batch."""
+        opts = self.options
+        start = time.perf_counter()
         sums = torch.zeros(7, device=self.device, dtype=torch.float64)  # loss tokens kl low high region H
-        for r, a in zip(rollouts, advantages, strict=True):
-            mask = r.mask
-            logps, entropy = self.token_logps(forward, r.input_ids)
+        for j, (input_ids, mask, a) in enumerate(zip(gen.input_ids, gen.masks, gen.advantages, strict=True)):
+            logps, entropy = self.token_logps(forward, input_ids)
             ref = None
             if self.reference is not None:
                 with torch.no_grad():
-                    ref, _ = self.token_logps(self.reference, r.input_ids)
-            parts = grpo_loss(logps, None, ref, a, mask, opts, total_sequences, total_tokens)
+                    ref, _ = self.token_logps(self.reference, input_ids)
+            old = None if gen.old_logps is None else gen.old_logps[j]
+            parts = grpo_loss(logps, old, ref, a, mask, opts, gen.total_sequences, gen.total_tokens)
             parts.loss.backward()
             sums += torch.stack([parts.loss.detach(), parts.tokens, parts.kl_sum, parts.low_clipped,
                                  parts.high_clipped, parts.region_clipped, (entropy * mask).sum()]).double()
-        update_seconds = time.perf_counter() - start - rollout_seconds
         sums = global_sum(sums)
         metrics = {"loss": float(sums[0])}
         tokens = max(float(sums[1]), 1.0)
@@ -402,9 +445,32 @@ class GRPOObjective(Objective):
         metrics["entropy"] = float(sums[6]) / tokens
         for i, name in ((3, "low_mean"), (4, "high_mean"), (5, "region_mean")):
             metrics[f"clip_ratio/{name}"] = float(sums[i]) / tokens
-        metrics.update(self._reward_metrics(scores, everyone, adv))
-        metrics.update({"time/rollout_s": rollout_seconds, "time/update_s": update_seconds})
+        metrics.update(gen.reward_metrics)  # those of the completions this step trained on
+        generated = gen.step == self.context.step()
+        metrics.update({"time/rollout_s": gen.seconds if generated else 0.0,
+                        "time/update_s": time.perf_counter() - start})
         return StepResult(metrics, int(sums[1]))
+
+    # ---- the generation kept across num_iterations steps, and in checkpoints -----------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The generation still to be trained on (num_iterations > 1), so that a resumed run reuses it."""
+        gen = self.generation
+        if gen is None or self.options.num_iterations == 1:
+            return {}
+        fields = {f.name: getattr(gen, f.name) for f in dataclasses.fields(Generation)}
+        moved = {k: [t.cpu() for t in v] if isinstance(v, list) else v for k, v in fields.items()}
+        return {"generation": moved, "layout": [state.tp_size(), state.dp_size(), state.dp_rank()]}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        if "generation" not in saved:
+            return
+        if saved["layout"] != [state.tp_size(), state.dp_size(), state.dp_rank()]:
+            log.warning("the checkpoint's GRPO rollouts were made by another parallel layout: the next step "
+                        "samples new ones")
+            return
+        fields = saved["generation"]
+        moved = {k: [t.to(self.device) for t in v] if isinstance(v, list) else v for k, v in fields.items()}
+        self.generation = Generation(**moved)
 
     def _reward_metrics(self, scores: list, everyone: torch.Tensor, adv: Advantages) -> dict[str, float]:
         """TRL's reward and completion metrics over the global batch (``everyone``: the gathered rows)."""

@@ -15,7 +15,7 @@ as keyword arguments::
       rewards:
         - function: my_pkg.my_mod:my_fn
           weight: 0.5
-        - function: regex          # a built-in: gsm8k, regex, exact
+        - function: regex          # a built-in: gsm8k, regex, exact, reward_model
           options: {pattern: '<think>.*</think>.*'}
 """
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ironcore.config.base import did_you_mean
-from ironcore.errors import ConfigError, DataError
+from ironcore.errors import ConfigError, DataError, UserError
 
 RewardFn = Callable[..., Sequence[float | None]]
 
@@ -29,6 +29,7 @@ BUILTIN: dict[str, str] = {
     "gsm8k": "ironcore.rewards.gsm8k:gsm8k_answer",
     "regex": "ironcore.rewards.format:regex_match",
     "exact": "ironcore.rewards.exact:exact_answer",
+    "reward_model": "ironcore.rewards.model:reward_model",
 }
 
 
@@ -114,6 +115,9 @@ def _check_options(fn: Callable, options: dict[str, Any], path: str, key: str) -
         return
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
     takes = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for p in params:
+        if p.kind is p.KEYWORD_ONLY and p.default is p.empty and p.name not in options:
+            raise ConfigError(f"config key '{key}.options.{p.name}': reward function '{path}' needs it")
     for option in options:
         if option in ("prompts", "completions"):
             raise ConfigError(f"config key '{key}.options.{option}': the trainer passes '{option}' itself")
@@ -164,6 +168,8 @@ class RewardSet:
                 )
             try:
                 out = reward.fn(prompts, completions, **fields)
+            except UserError as err:  # a mistake of configuration (e.g. a reward model that does not load)
+                raise type(err)(f"reward function {reward.name}: {err}") from err
             except Exception as err:
                 if on_error == "raise":
                     raise DataError(f"reward function {reward.name} raised {_first_line(err)}") from err

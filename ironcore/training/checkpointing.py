@@ -62,6 +62,7 @@ def save_checkpoint(
     config: Config,
     tokenizer_dir: str | Path,
     generation_source: Path | None = None,
+    objective_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``checkpoints/step_NNNNNNN`` atomically, then move ``latest`` to it, then prune old ones.
 
@@ -74,12 +75,15 @@ def save_checkpoint(
     weights = full_state_dict(model)
     optimizer_state = full_optimizer_state(model, optimizer)
     rngs = _gather_objects(rng_states())
+    objective_states = _gather_objects(objective_state or {})
     if not dist.is_initialized() or dist.get_rank() == 0:
 
         def write(tmp: Path) -> None:
             native.write_model_files(tmp, weights, config.model)
             torch.save(optimizer_state, tmp / native.OPTIMIZER)
             torch.save(rngs, tmp / native.RNG)
+            if any(objective_states):
+                torch.save(objective_states, tmp / native.OBJECTIVE)
             (tmp / native.TRAINER_STATE).write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n")
             (tmp / "config.yaml").write_text(dump_config(config))
             native.copy_tokenizer(tokenizer_dir, tmp)
@@ -175,6 +179,22 @@ def _load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     except (KeyError, ValueError, TypeError, IndexError) as err:
         raise CheckpointError(f"{rng_file}: not RNG states ({_first_line(err)})") from None
     return state
+
+
+def load_objective_state(folder: Path, rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's entry of the checkpoint's objective state; empty when it saved none or was written by
+    another number of ranks (the objective then starts its state afresh, which it is told in a warning)."""
+    path = folder / native.OBJECTIVE
+    if not path.is_file():
+        return {}
+    states = _safe_load(path, torch.device("cpu"))
+    if not isinstance(states, list) or not all(isinstance(s, dict) for s in states):
+        raise CheckpointError(f"{path}: not an objective state")
+    if len(states) != world_size:
+        log.warning("%s was saved by %d ranks, this run has %d: the objective's state starts afresh",
+                    path, len(states), world_size)
+        return {}
+    return states[rank]
 
 
 def _safe_load(path: Path, device: torch.device) -> Any:

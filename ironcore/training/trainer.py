@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint as recompute
 
 from ironcore.checkpoints import native
-from ironcore.checkpoints.load import load_weights, locate
+from ironcore.checkpoints.load import load_weights, locate, reward_model_start
 from ironcore.config import Config, dump_config, to_dict
 from ironcore.data.batches import StepBatches
 from ironcore.data.config import load_data_config
@@ -53,7 +53,7 @@ from ironcore.objectives import ObjectiveContext, build_objective
 from ironcore.parallel.grad import clip_factor, finalize_grads, grad_norm
 from ironcore.parallel.setup import init_parallel
 from ironcore.parallel.sharding import load_full_state_dict
-from ironcore.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from ironcore.training.checkpointing import TrainState, load_checkpoint, load_objective_state, save_checkpoint
 from ironcore.training.optim import build_optimizer, learning_rate, step_with_scaled_grads, total_steps
 from ironcore.training.perf import peak_flops, retain_freed_host_memory
 from ironcore.training.tracking import Tracker, run_tags, tracked_names
@@ -142,7 +142,7 @@ class Trainer:
         init_from = self.cfg.init.init_from
         if init_from and not (self.ckpt_dir / "latest").is_file():  # a resumed run loads its checkpoint instead
             try:
-                load_full_state_dict(model, load_weights(init_from))
+                load_full_state_dict(model, reward_model_start(load_weights(init_from), model))
             except UserError as err:
                 raise UserError(f"init.init_from {init_from}: {err}") from None
         if self.cfg.trainer.activation_checkpointing:
@@ -342,7 +342,7 @@ class Trainer:
         if self._saved_step == self.state.step:  # e.g. a signal right after a periodic save
             return native.step_dir(self.ckpt_dir, self.state.step)
         folder = save_checkpoint(self.ckpt_dir, self.state, self.model, self.optimizer, self.cfg, self.data_dir,
-                                 self.init_folder)
+                                 self.init_folder, self.objective.state_dict())
         self._saved_step = self.state.step
         self._pending[folder] = 0
         return folder
@@ -375,6 +375,7 @@ class Trainer:
         if loaded is None:
             return None
         folder, self.state = loaded
+        self.objective.load_state_dict(load_objective_state(folder, self.rank, self.world_size))
         if folder != native.pointed(self.ckpt_dir, native.HEALTHY):
             self._pending[folder] = 0  # not known healthy yet: the steps after it will tell
         self._truncate_metrics(self.state.step)
