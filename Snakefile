@@ -8,6 +8,7 @@
 #   snakemake --cores 2 eval_all           ... and evaluated
 #   snakemake --cores 2 --forcerun train   retrain (and re-evaluate, re-summarize)
 #   snakemake --cores 2 chain              the optional experiments: pretrain -> SFT -> DPO
+#   snakemake --cores 2 rl                 synthetic task -> SFT -> GRPO -> accuracy before/after
 #
 # Settings: configs/pipeline.yaml (schema: workflow/schemas/pipeline.schema.yaml). Rules only call
 # the `ironcore` command line (and two small reporting scripts in workflow/scripts/).
@@ -54,6 +55,14 @@ rule chain:
         expand("results/train/{exp}/final_eval.json", exp=CHAIN_EXPERIMENTS),
 
 
+rule rl:
+    """Reinforcement learning on a synthetic verifiable task: SFT, then GRPO from it, evaluated before
+    and after (configs/pipeline.yaml: rl and the experiments with target: rl; docs/rl.md)."""
+    input:
+        "results/rl/summary.md",
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/eval.smk"
+include: "workflow/rules/rl.smk"

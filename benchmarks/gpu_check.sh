@@ -10,6 +10,7 @@
 # Then one summary table. Each step has a time limit and a log under $GPU_CHECK_OUT (default $OUT, else
 # runs/gpu_check); a failed step does not stop the others, and the exit status is that of the worst one.
 # Without a CUDA device it stops at once with one line and exit status 2. Later GPU checks add a step here.
+# GPU_CHECK_STEPS="grpo generate" runs only the named steps (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -28,6 +29,7 @@ STEPS=()
 step() {  # step NAME LIMIT_S COMMAND...: run it with a time limit, its output shown and kept in NAME.log
   local name=$1 limit=$2 start=$SECONDS
   shift 2
+  [[ -z "${GPU_CHECK_STEPS:-}" || " $GPU_CHECK_STEPS " == *" $name "* ]] || return 0
   echo; echo "== $name: $*"
   timeout --kill-after 10 "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.log"
   STEPS+=("$name ${PIPESTATUS[0]} $((SECONDS - start))")
@@ -48,6 +50,10 @@ step train 150 "$PYTHON" benchmarks/train_throughput.py --device cuda --precisio
   --seq-len 1024 --steps 10 --warmup 3 --repeat 2 --modes eager compiled --impls ironcore hf
 step generate 60 "$PYTHON" benchmarks/generate_throughput.py --device cuda --precision bf16 --batches 1 16 \
   --prompt-len 128 --new-tokens 128
+# GRPO steps/s against TRL's GRPOTrainer (needs trl): the CPU benchmark's model, then a gpt2-small shape in bf16.
+step grpo 120 "$PYTHON" benchmarks/grpo_throughput.py --device cuda --pairs 10 --json "$OUT_DIR/grpo_adder.json"
+step grpo-gpt2 200 "$PYTHON" benchmarks/grpo_throughput.py --device cuda --model gpt2-small --precision bf16 \
+  --prompts 16 --completion-len 128 --pairs 10 --json "$OUT_DIR/grpo_gpt2.json"
 
 worst=0
 for entry in "${STEPS[@]}"; do
@@ -63,6 +69,11 @@ done
     case $rc in 0) result=ok ;; 124|137) result=TIMEOUT ;; *) result="FAILED($rc)" ;; esac
     last=$(grep -v '^\s*$' "$OUT_DIR/$name.log" | tail -1 | cut -c1-100)
     printf '%-16s %-10s %6s  %s\n' "$name" "$result" "$secs" "$last"
+  done
+  for name in grpo grpo-gpt2; do  # the GRPO tables: from "GRPO steps/s" to the ratio line
+    [[ -f "$OUT_DIR/$name.log" ]] || continue
+    echo; echo "-- $name"
+    sed -n '/^GRPO steps\/s/,/^IronCore \/ TRL/p' "$OUT_DIR/$name.log"
   done
   for name in model train generate; do  # the benchmark tables themselves: header, rule and rows
     [[ -f "$OUT_DIR/$name.log" ]] || continue

@@ -121,7 +121,10 @@ def test_num_iterations_trains_one_generation_several_times(rl_data, tmp_path) -
     update = trainer.objective._update
     def spy(forward, gen):
         seen.append((gen.step, gen.input_ids[0].clone(), gen.old_logps is not None))
-        return update(forward, gen)
+        result = update(forward, gen)
+        # tok/s and MFU count the positions the update ran over, not train_batch_size x prompt budget x G
+        assert result.processed == sum(ids.shape[0] * (ids.shape[1] - 1) for ids in gen.input_ids)
+        return result
 
     trainer.objective._update = spy
     trainer.train()

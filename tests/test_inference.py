@@ -87,11 +87,17 @@ def test_cache_overflow_is_an_error(imported) -> None:
         model(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
 
 
+DECODES = ["eager", "static", "graph"]  # graph: CUDA only (IRONCORE_TEST_DEVICE=cuda, benchmarks/gpu_check.sh)
+
+
 @pytest.mark.device
+@pytest.mark.parametrize("decode", DECODES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_greedy_matches_hf_generate(case: str, imported) -> None:
+def test_greedy_matches_hf_generate(case: str, decode: str, imported) -> None:
+    if decode == "graph" and not DEVICE.startswith("cuda"):
+        pytest.skip("CUDA graphs need a CUDA device")
     hf_model, model = imported(case, DEVICE)
-    ours = generate(model, PROMPTS, NEW)
+    ours = generate(model, PROMPTS, NEW, decode=decode)
     for prompt, got in zip(PROMPTS, ours):
         ids = torch.tensor([prompt], device=DEVICE)
         out = hf_model.generate(
@@ -151,6 +157,18 @@ def test_top_k_and_top_p_filter_the_distribution() -> None:
     assert abs((drawn == 0).float().mean().item() - probs[0].item()) < 0.05
 
 
+@pytest.mark.device
+@pytest.mark.parametrize("decode", ["static", "graph"])
+def test_every_decode_step_samples_the_same_tokens(decode: str, imported) -> None:
+    if decode == "graph" and not DEVICE.startswith("cuda"):
+        pytest.skip("CUDA graphs need a CUDA device")
+    for case in ("llama", "mistral_sliding_window", "gpt2"):
+        _, model = imported(case, DEVICE)
+        options = dict(temperature=1.0, top_k=20, seed=5, eos_token_id=[3, 7])
+        assert generate(model, PROMPTS, NEW, decode=decode, **options) == generate(
+            model, PROMPTS, NEW, decode="eager", **options), case
+
+
 def test_bad_arguments_are_errors(imported) -> None:
     _, model = imported("llama")
     for kwargs, message in [
@@ -163,6 +181,10 @@ def test_bad_arguments_are_errors(imported) -> None:
             generate(model, PROMPTS, **{"max_new_tokens": 4, **kwargs})
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[1, 2], []], 4)
+    with pytest.raises(ValueError, match="decode must be auto, eager, static or graph"):
+        generate(model, PROMPTS, 4, decode="fast")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        generate(model, PROMPTS, 4, decode="graph")
 
 
 def test_tp2_generates_the_same_tokens_as_one_process(hf_root) -> None:

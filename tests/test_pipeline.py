@@ -257,3 +257,68 @@ def test_optional_chain_pretrain_sft_dpo(workdir):
     assert sft["init"]["init_from"] == "results/runs/a" and dpo["init"]["init_from"] == "results/runs/sft"
     final = json.loads((workdir / "results" / "train" / "dpo" / "final_eval.json").read_text())
     assert "val_rewards/accuracies" in final
+
+
+def test_rl_target_sft_then_grpo_with_accuracy_before_and_after(workdir):
+    """`snakemake rl`: the synthetic task, its tokenizer, SFT, GRPO from it, the held-out evaluation of both
+    (logged to their MLflow parent runs) and the summary; a GRPO setting reruns only what follows from it."""
+    model = {"name": "adder", "vocab_size": 258, "hidden_size": 32, "num_layers": 2, "num_attention_heads": 2,
+             "max_position_embeddings": 32, "position_embedding": "rope", "norm_type": "rmsnorm"}
+    for stage, task_type in (("sft", "sft"), ("grpo", "rl")):
+        data = {"name": f"add_{stage}", "task_type": task_type,
+                "source": {"path": "results/synthetic/addition/train.jsonl"},
+                "valid_source": {"path": "results/synthetic/addition/heldout.jsonl"},
+                "fields": {"prompt": "prompt", **({"response": "answer"} if stage == "sft" else {})},
+                "tokenizer": {"path": "results/rl_tokenizer"}, "max_seq_length": 16,
+                "output_dir": f"results/data/add_{stage}", "num_workers": 0}
+        if stage == "grpo":
+            data["reward_fields"] = ["answer"]
+        write_yaml(workdir / "cfg" / f"add_{stage}_data.yaml", data)
+        cfg = {"model": model, "data": {"config_path": f"cfg/add_{stage}_data.yaml"},
+               "trainer": {"micro_batch_size": 4, "save_interval": 0},
+               "operation": {"train_steps": 20 if stage == "sft" else 3, "eval_interval": 0, "eval_steps": 2},
+               "optim": {"max_lr": 3.0e-3, "warmup_steps": 2}}
+        if stage == "grpo":
+            cfg["trainer"]["objective_options"] = {"num_generations": 4, "max_completion_length": 4,
+                                                   "rewards": [{"function": "exact"}]}
+            cfg["operation"].update(eval_at_start=True, eval_interval=2)
+        write_yaml(workdir / "cfg" / f"add_{stage}.yaml", cfg)
+    pipeline = {**PIPELINE,
+                "rl": {"task": {"train": 200, "heldout": 8}, "eval": {"k": 2, "max_new_tokens": 4},
+                       "start": "s", "policy": "g"},
+                "experiments": {**PIPELINE["experiments"],
+                                "s": {"config": "cfg/add_sft.yaml", "optional": True, "target": "rl"},
+                                "g": {"config": "cfg/add_grpo.yaml", "init_from_experiment": "s", "optional": True,
+                                      "target": "rl"}}}
+    write_yaml(workdir / "rl.yaml", pipeline)
+    snakemake(workdir)  # bring the default target up to date (earlier tests changed things)
+    assert planned_jobs(workdir, configfile="rl.yaml") == Counter()  # the rl experiments are not in the default
+    assert planned_jobs(workdir, "rl", configfile="rl.yaml") == Counter(
+        {"synthetic": 1, "rl_tokenizer": 1, "preprocess": 2, "inspect": 2, "train": 2, "rl_eval": 2,
+         "rl_summary": 1, "rl": 1})
+    snakemake(workdir, "rl", configfile="rl.yaml")
+    results = workdir / "results"
+    before, after = (json.loads((results / "rl" / "eval" / f"{exp}.json").read_text()) for exp in ("s", "g"))
+    assert before["step"] == 20 and after["step"] == 3 and before["prompts"] == 8
+    assert 0.0 <= before["val_accuracy"] <= 1.0 and "val_pass_at_2" in after
+    summary = json.loads((results / "rl" / "summary.json").read_text())
+    assert summary["gain_points"] == pytest.approx(100 * (after["val_accuracy"] - before["val_accuracy"]), abs=0.01)
+    assert [e["step"] for e in summary["evaluations"]] == [0, 2, 3]  # eval_at_start, every 2 steps, the end
+    assert "held-out greedy accuracy" in (results / "rl" / "summary.md").read_text()
+    assert (results / "rl" / "reward_curve.png").stat().st_size > 10_000
+    grpo = yaml.safe_load((results / "train" / "g" / "config.yaml").read_text())
+    assert grpo["init"]["init_from"] == "results/runs/s"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ironcore-pipeline")
+    for exp in ("s", "g"):
+        (parent,) = client.search_runs([experiment.experiment_id],
+                                       filter_string=f"tags.pipeline_experiment = '{exp}'", max_results=1)
+        assert parent.info.status == "FINISHED" and "val/accuracy" in parent.data.metrics
+    changed = {**pipeline, "experiments": {**pipeline["experiments"], "g": {
+        **pipeline["experiments"]["g"], "overrides": {"trainer.objective_options.temperature": 0.7}}}}
+    write_yaml(workdir / "rl_changed.yaml", changed)
+    assert planned_jobs(workdir, "rl", configfile="rl_changed.yaml") == Counter(
+        {"train": 1, "rl_eval": 1, "rl_summary": 1, "rl": 1})

@@ -40,22 +40,36 @@ class LayerKVCache:
     heads, dtype and device (so autocast and TP shards need no configuration);
     after that a decode step copies its one position in place instead of
     concatenating the whole history into a new tensor.
+
+    With a ``slot`` tensor (static decoding) a single new position is written
+    at the index ``slot`` holds and *all* ``capacity`` slots are returned, so a
+    decode step has the same shapes and addresses at every position and can be
+    captured in a CUDA graph; the caller's mask hides the slots not written yet.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, slot: torch.Tensor | None = None) -> None:
         self.capacity = capacity
         self.length = 0
+        self.slot = slot
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v [B, H, T, D]; return the keys and values of every position so far."""
+        """Append k, v [B, H, T, D]; return the keys and values of every position so far (static: of every slot)."""
+        if self.slot is not None and self.keys is not None and k.shape[2] == 1:
+            self.keys.index_copy_(2, self.slot, k)
+            self.values.index_copy_(2, self.slot, v)
+            return self.keys, self.values
         start, end = self.length, self.length + k.shape[2]
         if end > self.capacity:
             raise ValueError(f"KV cache full: {end} positions do not fit its capacity of {self.capacity}")
         if self.keys is None:
             shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
-            self.keys, self.values = k.new_empty(shape), v.new_empty(shape)
+            # Static decoding attends to unwritten slots too (masked): they must hold numbers, not garbage
+            # that could be NaN (0 x NaN is NaN).
+            make = torch.zeros if self.slot is not None else torch.empty
+            self.keys = make(shape, dtype=k.dtype, device=k.device)
+            self.values = make(shape, dtype=v.dtype, device=v.device)
         self.keys[:, :, start:end] = k
         self.values[:, :, start:end] = v
         self.length = end
@@ -63,14 +77,19 @@ class LayerKVCache:
 
 
 class KVCache:
-    """The keys and values of every layer, for prefill + incremental decoding of up to ``capacity`` positions."""
+    """The keys and values of every layer, for prefill + incremental decoding of up to ``capacity`` positions.
 
-    def __init__(self, num_layers: int, capacity: int) -> None:
-        self.layers = [LayerKVCache(capacity) for _ in range(num_layers)]
+    ``slot`` (a one-element LongTensor) makes it static: decode steps write at the slot it holds and attend
+    to every slot (see :class:`LayerKVCache`); the prefill still fills the first positions as usual.
+    """
+
+    def __init__(self, num_layers: int, capacity: int, slot: torch.Tensor | None = None) -> None:
+        self.layers = [LayerKVCache(capacity, slot) for _ in range(num_layers)]
+        self.slot = slot
 
     @property
     def length(self) -> int:
-        """Positions stored so far (the same in every layer)."""
+        """Positions stored so far (the same in every layer); static decode steps do not count."""
         return self.layers[0].length
 
 

@@ -141,6 +141,7 @@ class TransformerModel(nn.Module):
         positions stored there, their keys and values are added to it, and
         ``attention_mask`` spans all keys: [B, 1, T or 1, kv_cache.length + T]
         (e.g. False on left padding); positions default to continuing the cache.
+        A static cache (``kv_cache.slot``) takes the caller's mask over all its slots as it is.
         Generation keeps the logits of the last position only: the output
         projection of a whole prompt would cost more than its last layer.
         """
@@ -157,7 +158,8 @@ class TransformerModel(nn.Module):
             x = x + self.pos_embed(position_ids)
         x = self.drop(x)
         rope = self.rope(position_ids) if self.rope is not None else None
-        mask = self._mask(T, input_ids.device, attention_mask, past)
+        static = kv_cache is not None and kv_cache.slot is not None and T == 1 and past > 0  # a static decode step
+        mask = attention_mask if static else self._mask(T, input_ids.device, attention_mask, past)
         caches = [None] * len(self.layers) if kv_cache is None else kv_cache.layers
         for block, cache in zip(self.layers, caches):
             x = block(x, rope, mask, cache)

@@ -68,7 +68,9 @@ class StepResult:
     """What one global batch's backward pass reports."""
 
     metrics: dict[str, float]  # "loss" and whatever else the objective logs
-    tokens: int  # trained tokens of the global batch, all DP ranks (for throughput and the token count)
+    tokens: int  # trained tokens of the global batch, all DP ranks (the token count)
+    processed: int | None = None  # positions the step's forward passes ran, all DP ranks (tok/s, MFU);
+    # None: train_batch_size x seq_len x sequences_per_sample (the padded batch)
 
 
 class Objective(ABC):

@@ -279,6 +279,7 @@ class Generation:
     old_logps: list[torch.Tensor] | None  # per micro-batch [N, L - 1], the sampling policy's; None when mu = 1
     total_sequences: int  # completions of the global batch (all DP ranks)
     total_tokens: float  # their completion tokens
+    positions: int  # the positions an update runs over (rows x padded length - 1), all DP ranks
     reward_metrics: dict[str, float]  # reward and completion metrics of the global batch
     seconds: float  # the time it took to sample and score them
 
@@ -413,11 +414,14 @@ class GRPOObjective(Objective):
         if opts.num_iterations > 1:  # the sampling policy's log-probs, for the ratio of the later iterations
             with torch.no_grad():
                 old_logps = [self.token_logps(forward, r.input_ids)[0] for r in rollouts]
-        total_tokens = float(global_sum(sum(r.mask.sum() for r in rollouts).reshape(1).double())[0])
+        counts = torch.tensor([float(sum(r.mask.sum() for r in rollouts)), float(sum(r.mask.numel() for r in rollouts))],
+                              dtype=torch.float64, device=self.device)
+        total_tokens, positions = global_sum(counts).tolist()
         return Generation(
             step=step, input_ids=[r.input_ids for r in rollouts], masks=[r.mask for r in rollouts],
             advantages=list(advantages), old_logps=old_logps, total_sequences=len(everyone),
-            total_tokens=total_tokens, reward_metrics=self._reward_metrics(scores, everyone, adv),
+            total_tokens=total_tokens, positions=int(positions),
+            reward_metrics=self._reward_metrics(scores, everyone, adv),
             seconds=time.perf_counter() - start,
         )
 
@@ -449,7 +453,7 @@ class GRPOObjective(Objective):
         generated = gen.step == self.context.step()
         metrics.update({"time/rollout_s": gen.seconds if generated else 0.0,
                         "time/update_s": time.perf_counter() - start})
-        return StepResult(metrics, int(sums[1]))
+        return StepResult(metrics, int(sums[1]), processed=gen.positions)
 
     # ---- the generation kept across num_iterations steps, and in checkpoints -----------------------------
     def state_dict(self) -> dict[str, Any]:

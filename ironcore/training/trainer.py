@@ -123,6 +123,7 @@ class Trainer:
         self.peak = peak_flops(self.device, cfg.trainer.precision, cfg.trainer.peak_tflops)
         self.forward = torch.compile(self.model) if cfg.trainer.compile else self.model
         self.tracker: Tracker | None = None
+        self._step_tokens = self.tokens_per_step
 
     # ---- set-up -----------------------------------------------------------------------------------------
     def _check_tokenizers(self) -> None:
@@ -217,7 +218,7 @@ class Trainer:
         consecutive_bad = 0
         while self.state.step < self.total_steps:
             metrics = self.train_step()
-            window_tokens += self.tokens_per_step
+            window_tokens += self._step_tokens
             self._last_step_finite = metrics is not None
             if metrics is None:
                 consecutive_bad += 1
@@ -273,6 +274,7 @@ class Trainer:
         self.model.train()
         micro_batches = self.train_data.step(self.state.consumed_samples)
         result = self.objective.backward(self.forward, micro_batches)
+        self._step_tokens = result.processed or self.tokens_per_step  # what tok/s and MFU count
         finalize_grads(self.model, dp_reduction="sum")  # the only gradient communication of the step
         loss = result.metrics["loss"]
         norm = grad_norm(self.model).item()

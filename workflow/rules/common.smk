@@ -21,10 +21,10 @@ from ironcore.data.config import load_data_config
 validate(config, "../schemas/pipeline.schema.yaml")  # also fills in the schema's defaults
 
 EXPERIMENTS = config["experiments"]
-# The default target trains and compares these; optional ones (a pretrain -> SFT -> DPO chain) are
-# built by the `chain` target.
+# The default target trains and compares these; optional ones are built by their own target:
+# `chain` (pretrain -> SFT -> DPO) or `rl` (SFT -> GRPO on a synthetic task, workflow/rules/rl.smk).
 DEFAULT_EXPERIMENTS = [exp for exp, e in EXPERIMENTS.items() if not e["optional"]]
-CHAIN_EXPERIMENTS = [exp for exp, e in EXPERIMENTS.items() if e["optional"]]
+CHAIN_EXPERIMENTS = [exp for exp, e in EXPERIMENTS.items() if e["optional"] and e["target"] == "chain"]
 for _exp, _e in EXPERIMENTS.items():
     if _e["init_from_experiment"] not in (None, *EXPERIMENTS):
         raise ValueError(f"experiment {_exp}: init_from_experiment {_e['init_from_experiment']!r} is not an experiment")
@@ -139,6 +139,19 @@ def preprocess_inputs(wildcards):
         is_folder = tokenizer.is_dir() or tokenizer.suffix != ".json"
         inputs["tokenizer"] = str(tokenizer / "tokenizer.json" if is_folder else tokenizer)
     return inputs
+
+
+# ---- the `rl` target (workflow/rules/rl.smk) ------------------------------------------------------
+
+RL = config["rl"]
+RL_TASK = f"results/synthetic/{RL['task']['name']}"
+
+
+def rl_experiment(key):
+    """The experiment that rl.<key> names (checked only when the `rl` target is built)."""
+    if RL[key] not in EXPERIMENTS:
+        raise ValueError(f"rl.{key}: {RL[key]!r} is not an experiment of the pipeline config")
+    return RL[key]
 
 
 # ---- code fingerprints ---------------------------------------------------------------------------

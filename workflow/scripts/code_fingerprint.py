@@ -50,6 +50,10 @@ STAGES = {
         runs=("ironcore.cli.corpus", "ironcore.data.corpus"),
         excludes=(*_MODEL_SIDE, *_data_except("corpus"), "config/*.py", *_other_commands("corpus")),
     ),
+    "synthetic": Stage(
+        runs=("ironcore.cli.synthetic", "ironcore.data.synthetic"),
+        excludes=(*_MODEL_SIDE, *_data_except("synthetic"), *_other_commands("synthetic")),
+    ),
     "tokenizer": Stage(
         runs=("ironcore.cli.tokenizer", "ironcore.data.config", "ironcore.data.sources", "ironcore.data.tokenizer"),
         excludes=(*_MODEL_SIDE, *_data_except("config", "tasks", "tokenizer", "sources", "encode", "metadata"),
@@ -71,7 +75,7 @@ STAGES = {
     ),
     "eval": Stage(
         runs=("ironcore.cli.evaluate", "ironcore.cli.generate", "ironcore.evaluation.validation",
-              "ironcore.inference", "ironcore.checkpoints.load", "ironcore.data.tokenizer"),
+              "ironcore.inference", "ironcore.checkpoints.load", "ironcore.data.tokenizer", "ironcore.rewards"),
         excludes=("training/**/*.py", *_data_except(*_SAMPLES), *_other_commands("evaluate", "generate")),
     ),
 }

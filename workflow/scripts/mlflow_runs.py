@@ -5,9 +5,11 @@ The rules call it (see workflow/rules/common.smk):
 * ``init`` (onstart): create the sqlite store and the MLflow experiment once, before jobs race.
 * ``parent --run EXP`` (train): print the id of EXP's parent run in this invocation, creating it;
   the train job exports it as MLFLOW_PARENT_RUN_ID, so the training run becomes its child.
-* ``finish --run EXP`` (eval): log the resolved training config as params, val/loss and val/ppl,
-  and artifacts (eval JSON, samples, configs, metrics, data report) to the parent; close it.
-* ``attach`` (summary): add the summary artifacts to every parent run of this invocation.
+* ``finish --run EXP`` (eval, rl_eval): log the resolved training config as params, the eval JSON's
+  ``val_*`` numbers as ``val/*`` (val/loss, val/ppl; val/accuracy, val/pass_at_4), and artifacts
+  (eval JSON, samples, configs, metrics, data report) to the parent; close it.
+* ``attach [--runs EXP ...]`` (summary, rl_summary): add the summary artifacts to the parent runs of
+  this invocation (all, or those of the named experiments).
 * ``close --status FAILED`` (onerror): close the parent runs this invocation left open.
 
 The settings come from the environment the workflow sets (common.smk): ``IRONCORE_TRACKING``
@@ -52,9 +54,11 @@ def main() -> int:
     commands.add_parser("parent").add_argument("--run", required=True, help="pipeline experiment")
     finish = commands.add_parser("finish")
     finish.add_argument("--run", required=True, help="pipeline experiment")
-    finish.add_argument("--eval", required=True, help="eval JSON (val_loss, val_ppl, step)")
+    finish.add_argument("--eval", required=True, help="eval JSON: step, val_* numbers")
     finish.add_argument("--config", required=True, help="resolved training config.yaml")
-    for command in (finish, commands.add_parser("attach")):
+    attach = commands.add_parser("attach")
+    attach.add_argument("--runs", nargs="+", help="only the parent runs of these experiments (default: all)")
+    for command in (finish, attach):
         command.add_argument(
             "--artifacts", nargs="+", action="append", default=[], metavar=("FOLDER", "PATH"),
             help="artifact folder followed by the files to log into it",
@@ -124,15 +128,18 @@ def finish(client, experiment_id: str, args: argparse.Namespace) -> None:
         client.log_batch(run_id, params=params[start : start + PARAMS_PER_CALL])
     result = json.loads(Path(args.eval).read_text())
     step, now = int(result.get("step") or 0), int(time.time() * 1000)
-    metrics = [Metric("val/loss", result["val_loss"], now, step), Metric("val/ppl", result["val_ppl"], now, step)]
+    metrics = [Metric(f"val/{key[4:]}", float(value), now, step) for key, value in result.items()
+               if key.startswith("val_") and isinstance(value, (int, float))]  # val_loss, val_accuracy, ...
     client.log_batch(run_id, metrics=metrics)
     _log_artifacts(client, run_id, args.artifacts)
     client.set_terminated(run_id, "FINISHED")
-    print(f"MLflow: parent run {args.run} ({run_id}): val/loss {result['val_loss']:.4f}, closed")
+    shown = ", ".join(f"{m.key} {m.value:.4f}" for m in metrics[:2])
+    print(f"MLflow: parent run {args.run} ({run_id}): {shown}, closed")
 
 
 def attach(client, experiment_id: str, args: argparse.Namespace) -> None:
-    runs = _parents(client, experiment_id, args.invocation)
+    runs = [run for run in _parents(client, experiment_id, args.invocation)
+            if args.runs is None or run.data.tags.get(EXPERIMENT_TAG) in args.runs]
     for run in runs:
         _log_artifacts(client, run.info.run_id, args.artifacts)
     print(f"MLflow: artifacts attached to {len(runs)} parent run(s) of invocation {args.invocation}")
