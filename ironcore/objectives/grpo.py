@@ -91,8 +91,7 @@ class GRPOOptions:
     )
     rewards: list[RewardSpec] = field(
         [], help="Reward functions: {function: a built-in (gsm8k, regex, exact, reward_model) or module:function, "
-        "weight, "
-        "name, options}."
+        "weight, name, options}."
     )
     reward_errors: Literal["raise", "skip"] = field(
         "raise",
@@ -414,8 +413,9 @@ class GRPOObjective(Objective):
         if opts.num_iterations > 1:  # the sampling policy's log-probs, for the ratio of the later iterations
             with torch.no_grad():
                 old_logps = [self.token_logps(forward, r.input_ids)[0] for r in rollouts]
-        counts = torch.tensor([float(sum(r.mask.sum() for r in rollouts)), float(sum(r.mask.numel() for r in rollouts))],
-                              dtype=torch.float64, device=self.device)
+        completion_tokens = float(sum(r.mask.sum() for r in rollouts))
+        update_positions = float(sum(r.mask.numel() for r in rollouts))
+        counts = torch.tensor([completion_tokens, update_positions], dtype=torch.float64, device=self.device)
         total_tokens, positions = global_sum(counts).tolist()
         return Generation(
             step=step, input_ids=[r.input_ids for r in rollouts], masks=[r.mask for r in rollouts],
