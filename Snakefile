@@ -11,7 +11,7 @@
 #   snakemake --cores 2 rl                 synthetic task -> SFT -> GRPO -> accuracy before/after
 #
 # Settings: configs/pipeline.yaml (schema: workflow/schemas/pipeline.schema.yaml). Rules only call
-# the `ironcore` command line (and two small reporting scripts in workflow/scripts/).
+# the `ironcore` command line (and small evaluation and reporting scripts in workflow/scripts/).
 
 from snakemake.utils import min_version
 

@@ -67,6 +67,7 @@ rule rl_eval:
         max_new_tokens=RL["eval"]["max_new_tokens"],
         temperature=RL["eval"]["temperature"],
         seed=RL["eval"]["seed"],
+        device=config["eval"]["device"],
         task=lambda wildcards, input: os.path.dirname(input.manifest),
     threads: config["threads_per_process"]
     conda:
@@ -78,7 +79,7 @@ rule rl_eval:
         export OMP_NUM_THREADS={threads}
         python {input.script} --checkpoint {params.run} --task {params.task} --output {output.eval} \\
             --markdown {output.samples} --k {params.k} --max-new-tokens {params.max_new_tokens} \\
-            --temperature {params.temperature} --seed {params.seed} > {log} 2>&1
+            --temperature {params.temperature} --seed {params.seed} --device {params.device} > {log} 2>&1
         python "$IRONCORE_MLFLOW_RUNS" finish --run {wildcards.exp} --eval {output.eval} --config {input.config} \\
             --artifacts eval {output.eval} {output.samples} --artifacts train {input.metrics} >> {log} 2>&1
         """

@@ -39,6 +39,7 @@ def main() -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     task = Path(args.task)
@@ -46,7 +47,7 @@ def main() -> int:
     reward_name = json.loads((task / "task.json").read_text())["reward"]
     rewards = RewardSet([load_reward(RewardSpec(reward_name), "task.json reward")])
     folder = native.resolve(args.checkpoint)
-    model, tokenizer = load_model(folder), Tokenizer.from_path(folder)
+    model, tokenizer = load_model(folder, args.device), Tokenizer.from_path(folder)
     stops = stop_ids(tokenizer)
     prompts = [row["prompt"] for row in rows]
     fields = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
