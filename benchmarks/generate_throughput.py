@@ -11,6 +11,12 @@ both alike; the best round of each is reported (noise only ever adds time). "no 
 every token (our model, logits of the last position only): the KV cache's
 speed-up is the ratio of the two decode rates. Prints; asserts nothing.
 
+The physical limit is measured in the same run: a decode step must read every
+weight once, so at batch 1 it cannot beat ``weight bytes / bandwidth``, where
+the bandwidth is what a matrix-vector product over a weight-sized matrix
+streams on this device (``streamed_bandwidth``). The ``limit`` column is that
+floor as tokens/s per sequence; ``of limit`` is IronCore's share of it.
+
     python benchmarks/generate_throughput.py                      # gpt2-small and a LLaMA-style 125M model
     python benchmarks/generate_throughput.py --models llama-tiny --new-tokens 16 --rounds 2
     python benchmarks/generate_throughput.py --device cuda --precision bf16 --batches 1 32   # weights in bf16
@@ -51,6 +57,30 @@ def decoders(model: TransformerModel, hf_model: torch.nn.Module, ids: torch.Tens
     return {"ironcore": lambda n: generate(model, ids, n), "hf": hf, "no cache": lambda n: recompute(model, ids, n)}
 
 
+@torch.inference_mode()
+def streamed_bandwidth(device: torch.device, dtype: torch.dtype, nbytes: int = 256 * 2**20, repeats: int = 20) -> float:
+    """Bytes/s a matrix-vector product streams from a weight-sized matrix (``nbytes``, far beyond the caches):
+    the rate at which a batch-1 decode step can read its weights."""
+    columns = 4096
+    weight = torch.randn(nbytes // (columns * torch.finfo(dtype).bits // 8), columns, device=device, dtype=dtype)
+    x = torch.randn(columns, device=device, dtype=dtype)
+    for _ in range(3):
+        weight @ x
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        weight @ x
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return weight.numel() * weight.element_size() / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed(fn: Generate, n: int) -> tuple[float, list[list[int]]]:
     start = time.perf_counter()
     out = fn(n)  # token lists on the host: every kernel has finished
@@ -77,7 +107,8 @@ def bench(name: str, batch: int, prompt_len: int, new_tokens: int, rounds: int, 
             short[key].append(timed(fn, 1)[0])
             seconds, outputs[key] = timed(fn, new_tokens)
             full[key].append(seconds)
-    row = {"model": name, "batch": batch, "same_tokens": outputs["ironcore"] == outputs["hf"]}
+    row = {"model": name, "batch": batch, "same_tokens": outputs["ironcore"] == outputs["hf"],
+           "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     for key in runs:
         t1, tn = min(short[key]), min(full[key])
         row[f"{key}/decode"] = batch * (new_tokens - 1) / (tn - t1)
@@ -103,17 +134,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), torch.bfloat16 if args.precision == "bf16" else torch.float32
     where = f"{args.threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    bandwidth = streamed_bandwidth(device, dtype)
     print(f"torch {torch.__version__}, {where}, {args.precision}, greedy; prompt {args.prompt_len} tokens, "
-          f"{args.new_tokens} new tokens; decode tokens/s (prefill excluded) and end-to-end")  # fmt: skip
-    header = (f"{'model':<11} {'batch':>5} {'IronCore':>9} {'HF':>8} {'ratio':>6} {'no cache':>9} {'KV speed-up':>11}"
-              f" {'e2e ratio':>9} {'same tokens':>11}")  # fmt: skip
+          f"{args.new_tokens} new tokens; decode tokens/s (prefill excluded) and end-to-end; "
+          f"streamed bandwidth {bandwidth / 1e9:.1f} GB/s (matrix-vector product)")  # fmt: skip
+    header = (f"{'model':<11} {'batch':>5} {'IronCore':>9} {'HF':>8} {'ratio':>6} {'limit':>8} {'of limit':>8} "
+              f"{'no cache':>9} {'KV speed-up':>11} {'e2e ratio':>9} {'same tokens':>11}")  # fmt: skip
     print(header)
     print("-" * len(header))
     for name in args.models:
         for batch in args.batches:
             r = bench(name, batch, args.prompt_len, args.new_tokens, args.rounds, args.no_cache_rounds, device, dtype)
+            limit = batch * bandwidth / r["weight_bytes"]  # every sequence's token needs the weights read once
             print(f"{r['model']:<11} {r['batch']:>5} {r['ironcore/decode']:>9.1f} {r['hf/decode']:>8.1f} "
-                  f"{r['vs_hf']:>5.2f}x {r['no cache/decode']:>9.1f} {r['cache_speedup']:>10.1f}x "
+                  f"{r['vs_hf']:>5.2f}x {limit:>8.1f} {r['ironcore/decode'] / limit:>7.0%} "
+                  f"{r['no cache/decode']:>9.1f} {r['cache_speedup']:>10.1f}x "
                   f"{r['vs_hf_e2e']:>8.2f}x {'yes' if r['same_tokens'] else 'no':>11}", flush=True)  # fmt: skip
 
 
