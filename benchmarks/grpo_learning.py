@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -123,27 +124,11 @@ def main() -> None:
     for step, accuracy, passed in curve:
         print(f"{step:>4}  {accuracy:>24.3f}  {passed:>6.3f}")
     print(f"gain: {gain:+.1f} points in {grpo_seconds / 60:.1f} min of GRPO")
-    _plot(curve, rewards, root / "grpo_learning.png")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
+    from rl_summary import plot_grpo_curve  # the `rl` pipeline target's figure
+
+    plot_grpo_curve(lines, root / "grpo_learning.png", "GRPO on 2-digit addition from an SFT start (2 CPU cores)")
     print(f"wrote {root / 'grpo_learning.json'} and {root / 'grpo_learning.png'}")
-
-
-def _plot(curve: list[tuple], rewards: list[tuple], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([s for s, *_ in curve], [a for _, a, _ in curve], "o-", label="held-out greedy accuracy")
-    ax.plot([s for s, *_ in curve], [p for *_, p in curve], "s--", label="held-out pass@4")
-    ax.plot([s for s, _ in rewards], [r for _, r in rewards], alpha=0.5, label="training reward (mean)")
-    ax.set_xlabel("GRPO step")
-    ax.set_ylim(0, 1)
-    ax.set_title("GRPO on 2-digit addition from an SFT start (2 CPU cores)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,12 @@ from ironcore.errors import DataError
 SIDES = ("chosen", "rejected")
 
 
+def both_sides(batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """``{side}_{key}`` of the chosen then the rejected sequences, stacked ``[2B, ...]``: one forward pass
+    runs both sides of a pair batch (TRL's concatenated forward)."""
+    return torch.cat([batch[f"{side}_{key}"] for side in SIDES])
+
+
 class DPODataset(torch.utils.data.Dataset):
     """Pairs from ``{split}_chosen[_loss_mask]`` and ``{split}_rejected[_loss_mask]`` shards."""
 

@@ -93,3 +93,10 @@ def stop_ids(tokenizer: Tokenizer, eos_token_ids: tuple[int, ...] = ()) -> list[
         if token is not None and token not in ids:
             ids.append(token)
     return ids
+
+
+def completion_texts(tokenizer: Tokenizer, completions: list[list[int]], stops: list[int]) -> list[str]:
+    """The text of each generated completion: its ending stop token and special tokens left out."""
+    return tokenizer.backend.decode_batch(
+        [ids[:-1] if ids and ids[-1] in stops else ids for ids in completions], skip_special_tokens=True
+    )

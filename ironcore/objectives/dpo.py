@@ -60,6 +60,7 @@ from ironcore.checkpoints.load import weight_files
 from ironcore.config.base import to_dict
 from ironcore.config.model import ModelConfig
 from ironcore.data.batches import MicroBatch
+from ironcore.data.dpo import both_sides
 from ironcore.models.transformer import TransformerModel
 from ironcore.objectives.base import (
     Forward,
@@ -89,12 +90,9 @@ def response_logps(
     Both sides go through one forward pass (``[2B, T]``), like TRL's
     concatenated forward: one launch of every kernel instead of two.
     """
-    def both(key: str) -> torch.Tensor:
-        return torch.cat([mb[f"chosen_{key}"], mb[f"rejected_{key}"]])
-
     with autocast:
-        logits = forward(both("input_ids"), both("position_ids"), None, parallel_output=True)
-    logps = -(vocab_parallel_cross_entropy(logits, both("labels")) * both("loss_mask")).sum(-1)
+        logits = forward(both_sides(mb, "input_ids"), both_sides(mb, "position_ids"), None, parallel_output=True)
+    logps = -(vocab_parallel_cross_entropy(logits, both_sides(mb, "labels")) * both_sides(mb, "loss_mask")).sum(-1)
     chosen, rejected = logps.chunk(2)
     return chosen, rejected
 

@@ -37,7 +37,7 @@ from ironcore.data.tokenizer import Tokenizer
 from ironcore.errors import ConfigError
 from ironcore.files import write_text_atomically
 from ironcore.inference import generate
-from ironcore.inference.settings import stop_ids
+from ironcore.inference.settings import completion_texts, stop_ids
 from ironcore.objectives.base import (
     Forward,
     Objective,
@@ -328,16 +328,11 @@ class GRPOObjective(Objective):
         """``copies`` completions of each prompt (consecutive rows), sampled from the current weights."""
         opts = self.options
         ids = [prompt.ids.tolist() for prompt in prompts for _ in range(copies)]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.autocast:
-                completions = generate(
-                    self.model, ids, opts.max_completion_length, temperature=temperature,
-                    top_k=opts.top_k or None, top_p=opts.top_p, eos_token_id=self.stop, seed=seed,
-                )
-        finally:
-            self.model.train(was_training)
+        with self.autocast:  # generate runs the model in eval mode and puts it back
+            completions = generate(
+                self.model, ids, opts.max_completion_length, temperature=temperature,
+                top_k=opts.top_k or None, top_p=opts.top_p, eos_token_id=self.stop, seed=seed,
+            )
         width = max(len(p) + len(c) for p, c in zip(ids, completions, strict=True))
         input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(ids), width - 1)
@@ -347,10 +342,7 @@ class GRPOObjective(Objective):
         stopped = torch.tensor([bool(c) and c[-1] in self.stop for c in completions])
         if opts.mask_truncated_completions:
             mask[~stopped] = 0.0
-        texts = self.tokenizer.backend.decode_batch(
-            [c[:-1] if s else c for c, s in zip(completions, stopped.tolist(), strict=True)],
-            skip_special_tokens=True,
-        )
+        texts = completion_texts(self.tokenizer, completions, self.stop)
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
         return Rollout(input_ids.to(self.device), mask.to(self.device), lengths, ~stopped, texts)
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ironcore.config.base import InvalidValue, field
 from ironcore.data.batches import MicroBatch
+from ironcore.data.dpo import both_sides
 from ironcore.objectives.base import Forward, Objective, ObjectiveContext, StepResult, global_sum
 from ironcore.parallel import comm, state
 
@@ -80,12 +81,9 @@ class RewardModelObjective(Objective):
 
     def rewards(self, forward: Forward, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The chosen and rejected rewards ``[B]`` of a pair micro-batch, in one forward pass of both sides."""
-        def both(key: str) -> torch.Tensor:
-            return torch.cat([mb[f"chosen_{key}"], mb[f"rejected_{key}"]])
-
         with self.autocast:
-            scores = forward(both("input_ids"), both("position_ids"), None)
-        rewards = last_token_scores(scores.float(), both("loss_mask"))
+            scores = forward(both_sides(mb, "input_ids"), both_sides(mb, "position_ids"), None)
+        rewards = last_token_scores(scores.float(), both_sides(mb, "loss_mask"))
         chosen, rejected = rewards.chunk(2)
         return chosen, rejected
 
@@ -129,13 +127,13 @@ class RewardModelObjective(Objective):
         totals = global_sum(totals.to(self.device))
         extremes = comm.all_reduce(extremes.to(self.device), state.dp_group(), op="max")
         loss, correct, margin, reward, pairs, tokens = totals.tolist()
-        pairs_both = max(pairs, 1.0)
+        n = max(pairs, 1.0)
         return {
-            "loss": loss / pairs_both,
-            "accuracy": correct / pairs_both,
-            "margin": margin / pairs_both,
+            "loss": loss / n,
+            "accuracy": correct / n,
+            "margin": margin / n,
             "min_reward": -extremes[0].item(),
-            "mean_reward": reward / (2 * pairs_both),
+            "mean_reward": reward / (2 * n),
             "max_reward": extremes[1].item(),
         }, int(tokens)
 

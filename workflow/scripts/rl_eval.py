@@ -22,7 +22,7 @@ from ironcore.checkpoints.load import load_model
 from ironcore.data.tokenizer import Tokenizer
 from ironcore.files import write_text_atomically
 from ironcore.inference import generate
-from ironcore.inference.settings import stop_ids
+from ironcore.inference.settings import completion_texts, stop_ids
 from ironcore.rewards import RewardSet, RewardSpec, load_reward
 
 SHOWN = 12  # prompts shown in the Markdown table
@@ -59,8 +59,7 @@ def main() -> int:
             batch = [p for p in ids[start : start + args.batch_size] for _ in range(copies)]
             out = generate(model, batch, args.max_new_tokens, temperature=temperature, eos_token_id=stops,
                            seed=seed + start)
-            texts += tokenizer.backend.decode_batch([c[:-1] if c and c[-1] in stops else c for c in out],
-                                                    skip_special_tokens=True)
+            texts += completion_texts(tokenizer, out, stops)
         return texts
 
     with torch.inference_mode():

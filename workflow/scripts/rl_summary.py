@@ -46,7 +46,7 @@ def main() -> int:
                "train_reward_last": rewards[-1][1] if rewards else None,
                "evaluations": [{key: m[key] for key in m if key == "step" or key.startswith("val_")} for m in evals]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _plot(rewards, evals, pass_key, out / "reward_curve.png")
+    plot_grpo_curve(lines, out / "reward_curve.png")
     markdown = ["# RL: GRPO on the synthetic task", "",
                 f"Held-out {before['prompts']} prompts; gain **{gain:+.1f} points** of greedy accuracy.", "",
                 *table, "", "![reward curve](reward_curve.png)", ""]
@@ -62,12 +62,17 @@ def main() -> int:
     return 0
 
 
-def _plot(rewards: list[tuple[int, float]], evals: list[dict], pass_key: str | None, path: Path) -> None:
+def plot_grpo_curve(lines: list[dict], path: Path, title: str | None = None) -> None:
+    """A GRPO run's curve from its metrics.jsonl lines: the training reward per step, and the held-out greedy
+    accuracy and pass@k at each evaluation (also used by benchmarks/grpo_learning.py)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rewards = [(m["step"], m["reward"]) for m in lines if "reward" in m]
+    evals = [m for m in lines if "val_accuracy" in m]
+    pass_key = next((k for m in evals for k in m if k.startswith("val_pass_at_")), None)
     fig, ax = plt.subplots(figsize=(7, 4))
     if rewards:
         ax.plot([s for s, _ in rewards], [r for _, r in rewards], alpha=0.5, label="training reward (mean)")
@@ -79,6 +84,8 @@ def _plot(rewards: list[tuple[int, float]], evals: list[dict], pass_key: str | N
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
