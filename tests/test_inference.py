@@ -11,6 +11,7 @@ generated sequences. The TP test runs this file as a torchrun script::
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import subprocess
@@ -26,10 +27,11 @@ from ironcore.checkpoints.hf import save_hf_model
 from ironcore.checkpoints.hf_families import model_config_from_hf
 from ironcore.checkpoints.load import load_model
 from ironcore.cli import main
-from ironcore.inference import generate, sample_next
-from ironcore.layers.attention import KVCache
+from ironcore.inference import DecodeReport, generate, sample_next
+from ironcore.layers.attention import KVCache, kv_cache_bytes
 from ironcore.models import TransformerModel
 
+generate_module = importlib.import_module("ironcore.inference.generate")  # the package exports the function
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
 NEW = 16
@@ -37,6 +39,7 @@ NEW = 16
 PROMPTS = [
     torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(10 + n)).tolist() for n in (12, 9, 3)
 ]
+RAGGED = [3, NEW, 9]  # one budget per prompt
 TP_CASES = ["gpt2", "llama", "gemma_mqa", "qwen3_qk_norm", "mistral_sliding_window"]
 
 
@@ -87,15 +90,21 @@ def test_cache_overflow_is_an_error(imported) -> None:
         model(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
 
 
-DECODES = ["eager", "static", "graph"]  # graph: CUDA only (IRONCORE_TEST_DEVICE=cuda, benchmarks/gpu_check.sh)
+# graph: CUDA only (IRONCORE_TEST_DEVICE=cuda, benchmarks/gpu_check.sh). compile: CPU only, and two families whose
+# steps differ most (LayerNorm + learned positions + biases; RMSNorm + RoPE + GQA + window): a compilation costs
+# seconds (the process's first one ~30 s).
+COMPILED_CASES = ["gpt2", "mistral_sliding_window"]
+PATHS = [(case, decode) for decode in ("eager", "static", "graph") for case in CASES]
+PATHS += [(case, "compile") for case in COMPILED_CASES]
 
 
 @pytest.mark.device
-@pytest.mark.parametrize("decode", DECODES)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize(("case", "decode"), PATHS)
 def test_greedy_matches_hf_generate(case: str, decode: str, imported) -> None:
     if decode == "graph" and not DEVICE.startswith("cuda"):
         pytest.skip("CUDA graphs need a CUDA device")
+    if decode == "compile" and DEVICE != "cpu":
+        pytest.skip("compiled decoding is the CPU's path")
     hf_model, model = imported(case, DEVICE)
     ours = generate(model, PROMPTS, NEW, decode=decode)
     for prompt, got in zip(PROMPTS, ours):
@@ -146,6 +155,73 @@ def test_sampling_is_reproducible_with_a_seed(imported) -> None:
     assert generate(model, PROMPTS, NEW, temperature=0.7, top_p=1e-6, seed=1) == greedy
 
 
+def test_sampling_draws_as_torch_multinomial_whatever_rows_remain() -> None:
+    """The draw is multinomial's (so seeds give what they gave before), and a row keeps its draw in a sub-batch."""
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    drawn = sample_next(logits, 0.8, generator=torch.Generator().manual_seed(3))
+    probs = (logits / 0.8).softmax(-1)
+    assert drawn.tolist() == torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(3)).squeeze(1).tolist()
+    rows = torch.tensor([1, 4])
+    part = sample_next(logits[rows], 0.8, generator=torch.Generator().manual_seed(3), rows=rows, batch=6)
+    assert part.tolist() == drawn[rows].tolist()
+
+
+def test_finished_rows_stop_costing_compute(imported, monkeypatch) -> None:
+    """Per-prompt budgets and stop tokens end rows early: they are dropped from the batch (fewer row-steps), and
+    every row gets the tokens it gets alone (greedy) or without the dropping (sampled with a seed)."""
+    _, model = imported("mistral_sliding_window")
+    prompts, budgets = PROMPTS * 3, [1, 2, 3, 4, 6, 8, 12, 16, 16]
+    for decode in ("eager", "static"):
+        report = DecodeReport()
+        got = generate(model, prompts, budgets, decode=decode, report=report)
+        assert got == [generate(model, [p], n)[0] for p, n in zip(prompts, budgets, strict=True)], decode
+        assert report.compactions >= 2 and report.row_steps < len(prompts) * (max(budgets) - 1) / 2
+        assert report.steps == max(budgets) - 1
+    options = dict(temperature=1.0, seed=3, eos_token_id=[5, 11, 20])
+    dropped = generate(model, prompts, budgets, **options)
+    monkeypatch.setattr(generate_module, "COMPACT_AT", 2.0)  # never compact
+    report = DecodeReport()
+    assert generate(model, prompts, budgets, report=report, **options) == dropped
+    assert report.compactions == 0
+    with pytest.raises(ValueError, match="2 budgets for 9 prompts"):
+        generate(model, prompts, [4, 4])
+
+
+def test_kv_cache_memory_is_as_computed(imported) -> None:
+    """layers x 2 x batch x kv heads x head dim x capacity x bytes = the bytes the cache's buffers hold."""
+    for case in ("gemma_mqa", "llama", "gpt2"):
+        _, model = imported(case)
+        report = DecodeReport()
+        generate(model, PROMPTS, NEW, report=report)
+        capacity = max(len(p) for p in PROMPTS) + NEW
+        assert report.kv_cache_bytes == kv_cache_bytes(model.config, len(PROMPTS), capacity, torch.float32) > 0
+
+
+def test_compiled_decode_is_reused_until_the_weights_change(imported, monkeypatch) -> None:
+    """The compilation is paid once and reported; auto reuses it; a weight update makes it compile anew (frozen
+    weights would be stale) and auto stays eager for a model in training."""
+    _, model = imported("llama")
+    before = generate(model, PROMPTS, NEW, decode="eager")
+    first, again, after = DecodeReport(), DecodeReport(), DecodeReport()
+    assert generate(model, PROMPTS, NEW, decode="compile", report=first) == before
+    assert first.path == "compile" and first.compile_seconds > 0
+    assert generate(model, PROMPTS, NEW, report=again) == before
+    assert again.path == "compile" and again.compile_seconds == 0
+    weight = max(model.parameters(), key=lambda p: p.numel())
+    with torch.no_grad():
+        weight.mul_(-1.0)  # an optimizer step, as the version counters see it
+    updated = generate(model, PROMPTS, NEW, decode="eager")
+    assert updated != before
+    assert generate(model, PROMPTS, NEW, decode="compile", report=after) == updated
+    assert after.compile_seconds > 0
+    with torch.no_grad():
+        weight.mul_(-1.0)
+    monkeypatch.setattr(generate_module, "COMPILE_MIN_TOKENS", NEW)  # long enough to compile, but in training
+    report = DecodeReport()
+    assert generate(model, PROMPTS, NEW, report=report) == before
+    assert report.path == "eager"
+
+
 def test_top_k_and_top_p_filter_the_distribution() -> None:
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(2000, 1)
     gen = torch.Generator().manual_seed(0)
@@ -181,7 +257,7 @@ def test_bad_arguments_are_errors(imported) -> None:
             generate(model, PROMPTS, **{"max_new_tokens": 4, **kwargs})
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[1, 2], []], 4)
-    with pytest.raises(ValueError, match="decode must be auto, eager, static or graph"):
+    with pytest.raises(ValueError, match="decode must be one of auto, eager, static, graph, compile"):
         generate(model, PROMPTS, 4, decode="fast")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         generate(model, PROMPTS, 4, decode="graph")
@@ -198,8 +274,11 @@ def test_tp2_generates_the_same_tokens_as_one_process(hf_root) -> None:
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     results = json.loads((hf_root / "tp2.json").read_text())
     for case, folder in folders.items():
-        assert results[case]["greedy"] == generate(load_model(folder), PROMPTS, NEW), case
+        model = load_model(folder)
+        assert results[case]["greedy"] == generate(model, PROMPTS, NEW), case
+        assert results[case]["ragged"] == generate(model, PROMPTS, RAGGED), case  # rows dropped on every rank alike
         assert results[case]["ranks_agree"], case
+        assert results[case]["cache_bytes_as_computed"], case
 
 
 def _tp_worker(root: Path) -> None:
@@ -213,11 +292,17 @@ def _tp_worker(root: Path) -> None:
     for case in TP_CASES:
         init_parallel(2, model_config_from_hf(root / case), device="cpu")
         model = load_model(root / case)
-        greedy = generate(model, PROMPTS, NEW)
-        sampled = generate(model, PROMPTS, NEW, temperature=1.0, top_p=0.95)  # no seed: the ranks must agree
+        report = DecodeReport()
+        greedy = generate(model, PROMPTS, NEW, report=report)
+        ragged = generate(model, PROMPTS, RAGGED)
+        sampled = generate(model, PROMPTS, RAGGED, temperature=1.0, top_p=0.95)  # no seed: the ranks must agree
         everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, (greedy, sampled))
-        results[case] = {"greedy": greedy, "ranks_agree": all(e == everyone[0] for e in everyone)}
+        dist.all_gather_object(everyone, (greedy, ragged, sampled))
+        capacity = max(len(p) for p in PROMPTS) + NEW
+        results[case] = {
+            "greedy": greedy, "ragged": ragged, "ranks_agree": all(e == everyone[0] for e in everyone),
+            "cache_bytes_as_computed": report.kv_cache_bytes == kv_cache_bytes(model.config, 3, capacity, torch.float32),
+        }  # fmt: skip
     if dist.get_rank() == 0:
         (root / "tp2.json").write_text(json.dumps(results))
     destroy_parallel()
@@ -305,6 +390,8 @@ def test_cli_prompt_limits(hf_folder_with_tokenizer, capsys) -> None:
     assert "exceed the model's 128 positions" in capsys.readouterr().err
     assert main(["generate", "--from-hf", folder, "--prompt", "", "--max-new-tokens", "3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["prompt"] == ""  # an empty prompt starts a new document
+    assert main(["generate", "--from-hf", folder, "--prompt", "hi", "--decode", "graph"]) == 2
+    assert "--decode: decode='graph' needs a CUDA device" in capsys.readouterr().err
 
 
 if __name__ == "__main__":

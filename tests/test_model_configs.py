@@ -46,6 +46,7 @@ PUBLISHED = {
     "phi-1": 1418.3,
     "phi-2": 2779.7,
     "mistral-7b": 7241.7,
+    "smollm-135m": 134.5,
 }
 TOLERANCE = 0.02
 TINY_LIMIT = 20e6

@@ -14,6 +14,7 @@ EOS tokens (``--ignore-eos``: at none).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -54,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts of --prompts-file decoded together")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--decode", default="auto", choices=["auto", "eager", "static", "graph", "compile"],
+                        help="decode step (docs/inference.md): auto picks CUDA graphs on a GPU, and an inductor-"
+                             "compiled step on a CPU for long generations")
     parser.add_argument("--allow-other-tokenizer", action="store_true",
                         help="use --tokenizer although it differs from the tokenizer saved with the model")
     parser.set_defaults(func=run)
@@ -61,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ironcore import inference
+    from ironcore.inference.generate import decode_mode
     from ironcore.inference.settings import GenerationConfig, stop_ids
 
     if args.batch_size < 1:
@@ -81,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args)
     model = load(args)
     prompts = [prompt_ids(tokenizer, text, generation.bos_token_id) for text in texts]
+    try:
+        decode_mode(args.decode, model, 1, [max_new_tokens])
+    except ValueError as err:
+        raise ConfigError(f"--decode: {err}") from None
     limit, vocab = model.config.max_position_embeddings, model.config.vocab_size
     for number, ids in enumerate(prompts, start=1):
         if max(ids) >= vocab:
@@ -96,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         **sampling,
         eos_token_id=None if args.ignore_eos else stop_ids(tokenizer, generation.eos_token_ids),
         seed=args.seed,
+        decode=args.decode,
     )
     if args.prompt is not None and not args.json:
         _stream(model, tokenizer, args.prompt, prompts[0], options)
@@ -117,17 +127,21 @@ def run(args: argparse.Namespace) -> int:
 
 def _stream(model: TransformerModel, tokenizer: Tokenizer, text: str, ids: list[int], options: dict) -> None:
     """Print ``text``, then its continuation as it is generated; a speed line on stderr."""
-    from ironcore.inference import stream
+    from ironcore.inference import DecodeReport, stream
 
     print(text, end="", flush=True)
-    started, count = time.perf_counter(), 0
-    tokens = (int(step[0]) for step in stream(model, [ids], **options))
+    started, count, report = time.perf_counter(), 0, DecodeReport()
+    # A stopped row reads -1 (on a GPU a few such steps may follow the stop token).
+    tokens = itertools.takewhile(lambda t: t >= 0, (int(step[0]) for step in stream(model, [ids], report=report,
+                                                                                    **options)))
     for piece in _pieces(tokenizer, tokens):
         count += 1
         print(piece, end="", flush=True)
     print(flush=True)
     seconds = time.perf_counter() - started
-    print(f"[{count} tokens in {seconds:.2f} s, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    compiled = f", {report.compile_seconds:.1f} s of it compiling" if report.compile_seconds else ""
+    print(f"[{count} tokens in {seconds:.2f} s{compiled}, {count / max(seconds, 1e-9):.1f} tokens/s, "
+          f"decode {report.path}]", file=sys.stderr)
 
 
 def _pieces(tokenizer: Tokenizer, tokens: Iterator[int]) -> Iterator[str]:

@@ -15,38 +15,67 @@ Decisions worth knowing:
   position per layer and builds no [T, T] mask.
 - Sampling follows HF's order: temperature, then top-k, then top-p, from a
   ``torch.Generator`` seeded with ``seed``. Temperature 0 is greedy (argmax).
-- A stop token (``eos_token_id``) ends its row; it is included in the output.
-- Decoding is ``eager`` (each step attends to the positions written so far),
-  ``static`` (each step has the same shapes: it writes its position at a slot
-  held in a tensor and attends to every slot of the cache under a mask) or
-  ``graph``: the static step captured once in a CUDA graph and replayed for
-  every token, which removes the per-kernel launch cost that dominates small
-  and medium models on a GPU (on a CPU there is no launch cost to remove).
-  ``auto`` picks ``graph`` on CUDA without tensor parallelism for
-  ``max_new_tokens`` >= 16, else ``eager``; sampling stays outside the graph,
-  so every path draws the same tokens for the same seed, and greedy decoding
-  agrees up to the rounding of attention over a longer (masked) key range.
+  The draw is ``torch.multinomial``'s own (argmax of p / q with q ~ Exp(1)),
+  with q drawn for the whole batch every step, so a row samples the same
+  tokens whether or not finished rows were dropped around it.
+- A stop token (``eos_token_id``) ends its row and is included in the output;
+  ``max_new_tokens`` may be one budget per prompt (a rollout engine's
+  per-request limit).
+- **Rows that finish stop costing compute**: once a quarter of the batch has
+  finished, the finished rows are dropped (the cache, positions and masks are
+  compacted), so a batch of ragged completions costs about the sum of their
+  lengths, not batch x the longest. The host checks "all finished?" every
+  step on a CPU and every :data:`SYNC_EVERY` steps on a GPU (a check is a
+  device sync).
+- The decode step (:mod:`ironcore.inference.steps`) is ``eager`` (each step
+  attends to the positions written so far), ``static`` (the same shapes at
+  every step: the new position goes to a slot held in a tensor, attention
+  covers every slot under a mask), ``graph`` (the static step captured in a
+  CUDA graph and replayed, recaptured when the batch is compacted) or
+  ``compile`` (the static step compiled by inductor on the CPU with the
+  weights frozen; no compaction, since every batch size is another
+  compilation). ``auto`` picks ``graph`` on CUDA without tensor parallelism
+  for ``max_new_tokens`` >= :data:`GRAPH_MIN_TOKENS`; on a CPU ``compile``
+  when a compiled step for this shape and these weights exists already, or
+  the generation is long enough to repay a compilation
+  (:data:`COMPILE_MIN_TOKENS` new tokens) and the weights have not changed
+  since the model was last compiled (a model in training stays eager);
+  else ``eager``. Sampling
+  stays outside the compiled or captured step, so every path draws the same
+  tokens for the same seed, and greedy decoding agrees up to the rounding of
+  attention over a longer (masked) key range. A :class:`DecodeReport`
+  passed as ``report`` says which path ran and what the compilation cost.
 - Under tensor parallelism every rank runs this same loop on identical
   gathered logits with an identically seeded generator (a ``seed`` of None is
   drawn once and agreed on over the TP group), so all ranks pick the same
-  tokens without communicating per step.
+  tokens (and drop the same rows) without communicating per step.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
 
+from ironcore.inference import steps
+from ironcore.inference.steps import DecodeReport, StaticStep
 from ironcore.layers.attention import KVCache
 from ironcore.models.transformer import TransformerModel
 from ironcore.parallel import comm, state
 
+log = logging.getLogger(__name__)
+
 Prompts = Sequence[Sequence[int]] | torch.Tensor
-Decode = Literal["auto", "eager", "static", "graph"]
+Decode = Literal["auto", "eager", "static", "graph", "compile"]
+DECODES = ("auto", "eager", "static", "graph", "compile")
 GRAPH_MIN_TOKENS = 16  # auto: shorter generations do not repay capturing the step
+COMPILE_MIN_TOKENS = 2048  # auto on a CPU: new tokens that repay a compilation (tens of seconds; ~20 ms a token saved)
+COMPACT_AT = 0.25  # drop the finished rows once this share of the batch has finished
+SYNC_EVERY = 4  # on a GPU, look at "all finished?" (a host sync) every this many steps
 
 
 def sample_next(
@@ -55,8 +84,15 @@ def sample_next(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    rows: torch.Tensor | None = None,
+    batch: int | None = None,
 ) -> torch.Tensor:
-    """Next token of each row of ``logits`` [B, V]: argmax at temperature 0, else a draw from the filtered softmax."""
+    """Next token of each row of ``logits`` [B, V]: argmax at temperature 0, else a draw from the filtered softmax.
+
+    The draw equals ``torch.multinomial(probs, 1, generator=generator)``. ``rows`` (indices into a batch of
+    ``batch`` rows) says which rows of a larger batch ``logits`` holds: the noise is drawn for the whole batch
+    and each row takes its own, so dropping rows does not change what the others sample.
+    """
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -69,26 +105,32 @@ def sample_next(
         # Drop a token once the more likely ones already hold top_p of the mass (the first always stays).
         drop = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(dim=-1)
+    noise = torch.empty(batch or probs.shape[0], probs.shape[1], device=probs.device).exponential_(1, generator=generator)
+    if rows is not None:
+        noise = noise[rows]
+    return (probs / noise).argmax(dim=-1)
 
 
 def generate(
     model: TransformerModel,
     input_ids: Prompts,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     seed: int | None = None,
     decode: Decode = "auto",
+    report: DecodeReport | None = None,
 ) -> list[list[int]]:
     """The tokens generated for each prompt (prompt excluded; a stop token ends a row and is included).
 
     ``input_ids`` is a list of token-id lists of any lengths, or a LongTensor
     [B, T] of equal-length prompts. See :func:`stream` for the arguments.
     """
-    steps = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, decode))
+    steps = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, decode,
+                        report))  # fmt: skip
     if not steps:
         return [[] for _ in range(len(input_ids))]
     rows = torch.stack(steps, dim=1).tolist()
@@ -98,51 +140,79 @@ def generate(
 def stream(
     model: TransformerModel,
     input_ids: Prompts,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     seed: int | None = None,
     decode: Decode = "auto",
+    report: DecodeReport | None = None,
 ) -> Iterator[torch.Tensor]:
     """An iterator over the next token of every prompt, one LongTensor [B] per step; -1 for rows already stopped.
 
-    Stops after ``max_new_tokens`` steps or when every row has produced one of
-    ``eos_token_id``. ``temperature`` 0 is greedy; ``top_k`` keeps the k most
-    likely tokens and ``top_p`` the smallest set holding that probability
-    mass; ``seed`` makes sampling reproducible; ``decode`` picks the decode
-    step (see the module doc). The arguments are checked
-    here (ValueError), before the first step. The model runs in eval mode
-    (dropout off) and is put back in its previous mode afterwards.
+    Stops after ``max_new_tokens`` steps (one number, or one per prompt) or
+    when every row has produced one of ``eos_token_id`` (on a GPU up to
+    :data:`SYNC_EVERY` - 1 steps of -1 may follow). ``temperature`` 0 is
+    greedy; ``top_k`` keeps the k most likely tokens and ``top_p`` the
+    smallest set holding that probability mass; ``seed`` makes sampling
+    reproducible; ``decode`` picks the decode step (see the module doc);
+    ``report`` is filled in as the steps run. The arguments are checked here
+    (ValueError), before the first step. The model runs in eval mode (dropout
+    off) and is put back in its previous mode afterwards.
     """
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
     device = next(model.parameters()).device
     tokens, lengths = _left_pad(input_ids, device)
-    limit = model.config.max_position_embeddings
-    if int(lengths.max()) + max_new_tokens - 1 > limit:
+    budgets = _budgets(max_new_tokens, tokens.shape[0])
+    for budget in set(budgets):
+        check_sampling(budget, temperature, top_k, top_p)
+    limit, longest = model.config.max_position_embeddings, int((lengths + torch.tensor(budgets, device=device)).max())
+    if longest - 1 > limit:
         raise ValueError(
-            f"longest prompt ({int(lengths.max())} tokens) + {max_new_tokens} new tokens exceeds the model's "
-            f"max_position_embeddings ({limit})"
+            f"a prompt + its new tokens ({longest} tokens) exceeds the model's max_position_embeddings ({limit})"
         )
     stops = torch.tensor(_as_list(eos_token_id), dtype=torch.long, device=device)
     generator = _generator(seed, device) if temperature > 0 else None
-    return _decode(
-        model, tokens, lengths, max_new_tokens, stops, lambda x: sample_next(x, temperature, top_k, top_p, generator),
-        decode_mode(decode, device, max_new_tokens),
-    )
+    batch = tokens.shape[0]
+
+    def pick(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return sample_next(logits, temperature, top_k, top_p, generator, rows if len(rows) < batch else None, batch)
+
+    report = report if report is not None else DecodeReport()
+    report.path = decode_mode(decode, model, tokens.shape[1], budgets)
+    return _decode(model, tokens, lengths, budgets, stops, pick, report)
 
 
-def decode_mode(decode: Decode, device: torch.device, max_new_tokens: int) -> str:
-    """The decode step ``decode`` asks for on ``device`` ("auto" resolved; see the module doc)."""
-    if decode not in ("auto", "eager", "static", "graph"):
-        raise ValueError(f"decode must be auto, eager, static or graph, got {decode!r}")
+def decode_mode(decode: Decode, model: TransformerModel, prompt: int, budgets: list[int]) -> str:
+    """The decode step ``decode`` asks for on the model's device ("auto" resolved; see the module doc)."""
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
+    device = next(model.parameters()).device
     graphable = device.type == "cuda" and state.tp_size() == 1
+    compilable = device.type == "cpu" and state.tp_size() == 1
     if decode == "graph" and not graphable:
         raise ValueError("decode='graph' needs a CUDA device and no tensor parallelism")
-    if decode == "auto":
-        return "graph" if graphable and max_new_tokens >= GRAPH_MIN_TOKENS else "eager"
-    return decode
+    if decode == "compile" and not compilable:
+        raise ValueError("decode='compile' needs a CPU and no tensor parallelism (on CUDA decode='graph')")
+    if decode != "auto":
+        return decode
+    longest = max(budgets)
+    if graphable:
+        return "graph" if longest >= GRAPH_MIN_TOKENS else "eager"
+    if compilable and longest > 0:
+        # A model whose weights changed since it was compiled is being trained: compiling again every time
+        # its weights change would never pay.
+        if steps.has_compiled(model, _compile_key(model, len(budgets), prompt + longest)):
+            return "compile"
+        if longest >= COMPILE_MIN_TOKENS and not steps.weights_changed(model):
+            return "compile"
+    return "eager"
+
+
+def _compile_key(model: TransformerModel, batch: int, capacity: int) -> tuple:
+    """What a compiled step is specialised to: batch, cache bucket, weight dtype and autocast dtype."""
+    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    return batch, steps.bucket(capacity), next(model.parameters()).dtype, autocast
 
 
 @torch.inference_mode()
@@ -150,19 +220,24 @@ def _decode(
     model: TransformerModel,
     tokens: torch.Tensor,
     lengths: torch.Tensor,
-    max_new_tokens: int,
+    budgets: list[int],
     stops: torch.Tensor,
-    pick: Callable[[torch.Tensor], torch.Tensor],
-    mode: str = "eager",
+    pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    report: DecodeReport,
 ) -> Iterator[torch.Tensor]:
     """The prefill + decode loop of :func:`stream` over left-padded ``tokens`` [B, P]."""
-    if max_new_tokens == 0:
+    num_steps = max(budgets)
+    if num_steps == 0:
         return
     B, P = tokens.shape
     device = tokens.device
+    mode = report.path
     # Positions count from each row's first real token; key_valid marks the slots that are real tokens.
     pads = P - lengths
-    capacity = P + max_new_tokens
+    capacity = P + num_steps
+    if mode == "compile":
+        key = _compile_key(model, B, capacity)
+        capacity = key[1]
     key_valid = torch.arange(capacity, device=device)[None, :] >= pads[:, None]
     padded = bool((pads > 0).any())
     positions = (torch.arange(P, device=device)[None, :] - pads[:, None]).clamp(min=0)
@@ -176,19 +251,41 @@ def _decode(
     was_training = model.training
     model.eval()
     try:
+        started = time.perf_counter()
         logits = model(tokens, positions, prefill_mask, kv_cache=cache, logits_to_keep=1)[:, -1]
+        _sync(device)
+        report.prefill_seconds += time.perf_counter() - started
+        report.prefill_tokens += B * P
+        report.kv_cache_bytes = cache.nbytes
         next_positions = lengths[:, None].clone()
+        budget = torch.tensor(budgets, device=device)
+        rows = torch.arange(B, device=device)  # the prompts still in the batch
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        step_fn = _StaticStep(model, cache, key_valid, P, mode == "graph") if static else None
-        for step in range(max_new_tokens):
-            token = pick(logits).masked_fill(finished, -1)
-            yield token
+        step_fn = _make_step(model, cache, key_valid, P, mode, report) if static else None
+        log.info("decode: %s, batch %d, %d steps at most", mode, B, num_steps)
+        sync_every = 1 if device.type == "cpu" else SYNC_EVERY
+        for step in range(num_steps):
+            token = pick(logits, rows).masked_fill(finished, -1)
+            yield token if len(rows) == B else torch.full((B,), -1, device=device).index_put_((rows,), token)
+            finished |= budget <= step + 1
             if stops.numel():
                 finished |= torch.isin(token, stops)
-                if bool(finished.all()):
-                    return
-            if step == max_new_tokens - 1:
+            if step == num_steps - 1:
                 return
+            if (step + 1) % sync_every == 0:
+                done = int(finished.sum())
+                if done == len(rows):
+                    return
+                if mode != "compile" and done >= COMPACT_AT * len(rows):
+                    keep = (~finished).nonzero().squeeze(1)
+                    rows, token, budget, finished = rows[keep], token[keep], budget[keep], finished[keep]
+                    next_positions, key_valid = next_positions[keep], key_valid[keep]
+                    cache.keep(keep)
+                    if static:
+                        step_fn = _make_step(model, cache, key_valid, P + step, mode, report)
+                    report.compactions += 1
+            report.steps += 1
+            report.row_steps += len(rows)
             if step_fn is not None:
                 logits = step_fn(token.clamp(min=0)[:, None], next_positions, P + step)
             else:
@@ -199,63 +296,23 @@ def _decode(
         model.train(was_training)
 
 
-class _StaticStep:
-    """A decode step with fixed shapes over a static cache, run eagerly or replayed from a CUDA graph.
+def _make_step(model: TransformerModel, cache: KVCache, key_valid: torch.Tensor, written: int, mode: str,
+               report: DecodeReport) -> StaticStep:
+    """The static decode step of ``mode`` for this batch; the time spent compiling or capturing goes to report."""
+    if mode == "compile":
+        entry = steps.compiled_step(model, _compile_key(model, *key_valid.shape))
+        return StaticStep(model, cache, key_valid, written, run=steps.timed(entry, report))
+    started = time.perf_counter()
+    step = StaticStep(model, cache, key_valid, written, graph=mode == "graph")
+    if mode == "graph":
+        _sync(key_valid.device)
+        report.compile_seconds += time.perf_counter() - started
+    return step
 
-    Its inputs live in fixed buffers (token, positions, the mask over all cache
-    slots, the slot to write); each call updates them in place, then runs the
-    model (or replays the captured graph) and returns the fixed logits buffer.
-    """
 
-    def __init__(self, model: TransformerModel, cache: KVCache, key_valid: torch.Tensor, prompt: int,
-                 graph: bool) -> None:
-        B, capacity = key_valid.shape
-        self.model, self.cache, self.window = model, cache, model.config.sliding_window
-        self.token = torch.zeros(B, 1, dtype=torch.long, device=key_valid.device)
-        self.positions = torch.zeros(B, 1, dtype=torch.long, device=key_valid.device)
-        self.mask = torch.zeros(B, 1, 1, capacity, dtype=torch.bool, device=key_valid.device)
-        self.mask[:, 0, 0, :prompt] = key_valid[:, :prompt]
-        if self.window is not None:  # the slots before the first query's window
-            self.mask[:, 0, 0, : max(prompt - self.window + 1, 0)] = False
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
-        if graph:
-            self._capture(prompt)
-
-    def _run(self) -> torch.Tensor:
-        return self.model(self.token, self.positions, self.mask, kv_cache=self.cache)[:, -1]
-
-    def _capture(self, slot: int) -> None:
-        """Warm up on a side stream (as CUDA graphs require), then capture one step. The warm-up steps write
-        the first decode slot, which the first real step overwrites before any query reads it."""
-        self.cache.slot.fill_(slot)
-        self.mask[:, 0, 0, slot] = True
-        device_type = self.token.device.type
-        # Autocast's cache of cast weights must stay off while capturing: its tensors die with the context.
-        autocast = torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
-                                  enabled=torch.is_autocast_enabled(device_type), cache_enabled=False)
-        side = torch.cuda.Stream(self.token.device)
-        side.wait_stream(torch.cuda.current_stream(self.token.device))
-        with torch.cuda.stream(side), autocast:
-            for _ in range(2):
-                self._run()
-        torch.cuda.current_stream(self.token.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), autocast:
-            self.logits = self._run()
-
-    def __call__(self, token: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:
-        """Logits [B, V] after feeding ``token`` [B, 1] at ``positions`` into cache slot ``slot``."""
-        self.token.copy_(token)
-        self.positions.copy_(positions)
-        self.cache.slot.fill_(slot)
-        self.mask[:, 0, 0, slot] = True
-        if self.window is not None and slot - self.window >= 0:
-            self.mask[:, 0, 0, slot - self.window] = False  # fell out of the window
-        if self.graph is None:
-            return self._run()
-        self.graph.replay()
-        return self.logits
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -285,6 +342,16 @@ def _left_pad(input_ids: Prompts, device: torch.device) -> tuple[torch.Tensor, t
     for i, r in enumerate(rows):
         tokens[i, tokens.shape[1] - r.numel() :] = r.to(device)
     return tokens, lengths
+
+
+def _budgets(max_new_tokens: int | Sequence[int], batch: int) -> list[int]:
+    """One new-token budget per prompt."""
+    if isinstance(max_new_tokens, int):
+        return [max_new_tokens] * batch
+    budgets = [int(n) for n in max_new_tokens]
+    if len(budgets) != batch:
+        raise ValueError(f"max_new_tokens has {len(budgets)} budgets for {batch} prompts")
+    return budgets
 
 
 def _as_list(eos_token_id: int | Sequence[int] | None) -> list[int]:

@@ -75,6 +75,11 @@ class LayerKVCache:
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (new, smaller buffers): finished sequences stop costing compute."""
+        if self.keys is not None:
+            self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
+
 
 class KVCache:
     """The keys and values of every layer, for prefill + incremental decoding of up to ``capacity`` positions.
@@ -91,6 +96,27 @@ class KVCache:
     def length(self) -> int:
         """Positions stored so far (the same in every layer); static decode steps do not count."""
         return self.layers[0].length
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (a LongTensor of indices) in every layer."""
+        for layer in self.layers:
+            layer.keep(rows)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffers hold (measured from their storages; 0 before the first write)."""
+        return sum(t.untyped_storage().nbytes() for layer in self.layers if layer.keys is not None
+                   for t in (layer.keys, layer.values))
+
+
+def kv_cache_bytes(cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype) -> int:
+    """The KV cache's size on this rank, computed: layers x 2 x batch x kv heads x head dim x capacity x bytes.
+
+    Under TP each rank holds its share of the key/value heads (one head when there are fewer heads than ranks).
+    """
+    tp = state.tp_size()
+    kv_heads = cfg.kv_heads * max(1, tp // cfg.kv_heads) // tp
+    return cfg.num_layers * 2 * batch * kv_heads * cfg.head_size * capacity * torch.finfo(dtype).bits // 8
 
 
 class Attention(nn.Module):
