@@ -1,79 +1,57 @@
-"""Decode throughput of ``ironcore.inference.generate`` vs HF ``generate`` on the same model and device.
+"""Generation speed of ``ironcore.inference.generate`` vs HF ``generate``, against the device's physical limits.
 
 Both sides hold the same randomly initialised weights (ours is exported with
 ``save_hf_model`` and loaded by ``AutoModelForCausalLM.from_pretrained`` with
-SDPA attention), decode greedily from the same prompts and run on the same
-threads under ``torch.inference_mode``. Decode tokens/s is measured by
-difference, ``batch x (N - 1) / (t(N new tokens) - t(1 new token))``, so the
-prefill and the set-up cancel out; end-to-end tokens/s (prefill included) is
-printed too. Calls alternate between the two in rounds so machine noise hits
-both alike; the best round of each is reported (noise only ever adds time). "no cache" recomputes the whole prefix for
-every token (our model, logits of the last position only): the KV cache's
-speed-up is the ratio of the two decode rates. Prints; asserts nothing.
+SDPA attention) and run on the same threads under ``torch.inference_mode``.
+Three workloads per model, each timed in interleaved pairs (ours, then HF, on
+the same inputs) so machine noise hits both alike; ratios are per pair, and
+the median and the spread (min-max) over the pairs are printed:
 
-The physical limit is measured in the same run: a decode step must read every
-weight once, so at batch 1 it cannot beat ``weight bytes / bandwidth``, where
-the bandwidth is what a matrix-vector product over a weight-sized matrix
-streams on this device (``streamed_bandwidth``). The ``limit`` column is that
-floor as tokens/s per sequence; ``of limit`` is IronCore's share of it.
+- **latency**: batch 1, a 64-token prompt, 128 new tokens, greedy. Decode
+  tokens/s is measured by difference, ``(N - 1) / (t(N new) - t(1 new))``, so
+  the prefill cancels out. The limit is physical: a decode step reads every
+  weight once, so batch 1 cannot beat ``weight bytes / bandwidth`` tokens/s,
+  with the bandwidth measured here over a 256 MB matrix (far beyond the
+  caches) two ways: as a matrix-vector product streams it (the issue's
+  floor, ``gemv``) and as a plain sum reads it (the stricter floor, ``sum``);
+  IronCore's share of each is printed. Ours runs the fast path
+  (``--decode``: inductor-compiled on a CPU, CUDA graphs on a GPU), whose
+  compilation is timed separately and excluded.
+- **rollout**: ``--prompts`` prompts x ``--copies`` completions (RL's
+  groups), each completion with its own length drawn from 8..256 tokens
+  (ours: one budget per row; HF: a stopping criterion per row, the rows that
+  finished padded). Tokens/s = generated tokens / wall time, prefill
+  included; both sides produce the same tokens (checked).
+- **prefill**: one ``--prefill-len`` prompt through the model; tokens/s and
+  the FLOP/s it reaches against the matmul peak measured here (the best of
+  square matmuls of 1024, 2048 and 4096).
 
-    python benchmarks/generate_throughput.py                      # gpt2-small and a LLaMA-style 125M model
-    python benchmarks/generate_throughput.py --models llama-tiny --new-tokens 16 --rounds 2
-    python benchmarks/generate_throughput.py --device cuda --precision bf16 --batches 1 32   # weights in bf16
+Also printed: the KV cache of the rollout as computed (layers x 2 x batch x
+kv heads x head dim x length x bytes) and as measured (the bytes its buffers
+hold). Prints; asserts nothing.
+
+    python benchmarks/generate_throughput.py                          # smollm-135m and gpt2-small, CPU
+    python benchmarks/generate_throughput.py --models llama-tiny --pairs 2 --prompts 2 --copies 2
+    python benchmarks/generate_throughput.py --device cuda --precision bf16 --prompts 64   # weights in bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import random
+import statistics
 import time
 from collections.abc import Callable
 
 import torch
 from model_throughput import twin_models
 
-from ironcore.inference import generate
-from ironcore.models import TransformerModel
+from ironcore.inference import DecodeReport, generate
+from ironcore.layers.attention import kv_cache_bytes
+from ironcore.models.stats import model_stats
 
-Generate = Callable[[int], list[list[int]]]
-
-
-@torch.inference_mode()
-def recompute(model: TransformerModel, ids: torch.Tensor, new_tokens: int) -> list[list[int]]:
-    """Greedy decoding without a cache: a full forward pass over the whole sequence per token."""
-    for _ in range(new_tokens):
-        ids = torch.cat([ids, model(ids, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids[:, -new_tokens:].tolist()
-
-
-def decoders(model: TransformerModel, hf_model: torch.nn.Module, ids: torch.Tensor) -> dict[str, Generate]:
-    mask = torch.ones_like(ids)
-
-    @torch.inference_mode()
-    def hf(n: int) -> list[list[int]]:
-        out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                pad_token_id=0)  # fmt: skip
-        return out[:, ids.shape[1] :].tolist()
-
-    return {"ironcore": lambda n: generate(model, ids, n), "hf": hf, "no cache": lambda n: recompute(model, ids, n)}
-
-
-@torch.inference_mode()
-def streamed_bandwidth(device: torch.device, dtype: torch.dtype, nbytes: int = 256 * 2**20, repeats: int = 20) -> float:
-    """Bytes/s a matrix-vector product streams from a weight-sized matrix (``nbytes``, far beyond the caches):
-    the rate at which a batch-1 decode step can read its weights."""
-    columns = 4096
-    weight = torch.randn(nbytes // (columns * torch.finfo(dtype).bits // 8), columns, device=device, dtype=dtype)
-    x = torch.randn(columns, device=device, dtype=dtype)
-    for _ in range(3):
-        weight @ x
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        weight @ x
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return weight.numel() * weight.element_size() / best
+PROMPT_LEN, NEW_TOKENS = 64, 128
+LENGTHS = (8, 256)  # rollout completion lengths
 
 
 def _sync(device: torch.device) -> None:
@@ -81,75 +59,180 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Generate, n: int) -> tuple[float, list[list[int]]]:
+def _best(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Shortest of ``repeats`` timed calls, after a warm-up (noise only ever adds time)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.inference_mode()
+def streamed_bandwidth(device: torch.device, dtype: torch.dtype, nbytes: int = 256 * 2**20, repeats: int = 20
+                       ) -> dict[str, float]:  # fmt: skip
+    """Bytes/s at which this device reads a weight-sized matrix (far beyond the caches), two ways: a
+    matrix-vector product (what a batch-1 decode step does) and a plain sum (the best streaming read)."""
+    columns = 4096
+    weight = torch.randn(nbytes // (columns * torch.finfo(dtype).bits // 8), columns, device=device, dtype=dtype)
+    x = torch.randn(columns, device=device, dtype=dtype)
+    size = weight.numel() * weight.element_size()
+    return {"gemv": size / _best(lambda: weight @ x, device, repeats),
+            "sum": size / _best(lambda: weight.sum(), device, repeats)}  # fmt: skip
+
+
+@torch.inference_mode()
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """The best FLOP/s of square matmuls of a few sizes."""
+    best = 0.0
+    for n in (1024, 2048, 4096):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        best = max(best, 2 * n**3 / _best(lambda a=a, b=b: a @ b, device, 5))
+    return best
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
     start = time.perf_counter()
-    out = fn(n)  # token lists on the host: every kernel has finished
-    return time.perf_counter() - start, out
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
 
 
-def bench(name: str, batch: int, prompt_len: int, new_tokens: int, rounds: int, no_cache_rounds: int,
-          device: torch.device, dtype: torch.dtype) -> dict:
-    cfg, model, hf_model = twin_models(name)
-    model.to(device, dtype).eval()
-    hf_model.to(device, dtype).eval()
-    hf_model.generation_config.eos_token_id = None
-    ids = torch.randint(1, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1)).to(device)
-    runs = decoders(model, hf_model, ids)
-    for fn in runs.values():
-        fn(2)  # warm-up
-    short: dict[str, list[float]] = {k: [] for k in runs}
-    full: dict[str, list[float]] = {k: [] for k in runs}
-    outputs = {}
-    for r in range(rounds):
-        for key, fn in runs.items():
-            if key == "no cache" and r >= no_cache_rounds:
-                continue
-            short[key].append(timed(fn, 1)[0])
-            seconds, outputs[key] = timed(fn, new_tokens)
-            full[key].append(seconds)
-    row = {"model": name, "batch": batch, "same_tokens": outputs["ironcore"] == outputs["hf"],
-           "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
-    for key in runs:
-        t1, tn = min(short[key]), min(full[key])
-        row[f"{key}/decode"] = batch * (new_tokens - 1) / (tn - t1)
-        row[f"{key}/e2e"] = batch * new_tokens / tn
-    row["vs_hf"] = row["ironcore/decode"] / row["hf/decode"]
-    row["vs_hf_e2e"] = row["ironcore/e2e"] / row["hf/e2e"]
-    row["cache_speedup"] = row["ironcore/decode"] / row["no cache/decode"]
-    return row
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+
+def latency(model, hf_model, cfg, device, decode: str, pairs: int, limits: dict[str, float]) -> None:
+    ids = torch.randint(1, cfg.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1)).to(device)
+    mask = torch.ones_like(ids)
+    report = DecodeReport()
+    ours = generate(model, ids, NEW_TOKENS, decode=decode, report=report)  # compiles (once per shape)
+    print(f"  latency: decode path {report.path}, compiled/captured in {report.compile_seconds:.1f} s "
+          f"(excluded below)", flush=True)  # fmt: skip
+
+    def hf(n: int) -> list[list[int]]:
+        out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                pad_token_id=0)  # fmt: skip
+        return out[:, PROMPT_LEN:].tolist()
+
+    same = hf(NEW_TOKENS) == ours
+    rates: dict[str, list[float]] = {"ours": [], "hf": []}
+    for _ in range(pairs):
+        for key, fn in (("ours", lambda n: generate(model, ids, n, decode=decode)), ("hf", hf)):
+            t1 = timed(lambda fn=fn: fn(1), device)
+            tn = timed(lambda fn=fn: fn(NEW_TOKENS), device)
+            rates[key].append((NEW_TOKENS - 1) / (tn - t1))
+    ratios = [a / b for a, b in zip(rates["ours"], rates["hf"], strict=True)]
+    print(f"  latency: batch 1, prompt {PROMPT_LEN}, {NEW_TOKENS} new: IronCore {statistics.median(rates['ours']):.1f} "
+          f"tok/s, HF {statistics.median(rates['hf']):.1f}; vs HF {spread(ratios)}; same tokens: "
+          f"{'yes' if same else 'NO'}", flush=True)  # fmt: skip
+    for probe, rate in limits.items():
+        print(f"  latency: of the {probe} floor ({rate:.1f} tok/s): {spread([a / rate for a in rates['ours']])}")
+
+
+def rollout(model, hf_model, cfg, device, dtype, prompts: int, copies: int, pairs: int) -> None:
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    gen = torch.Generator().manual_seed(2)
+    unique = torch.randint(1, cfg.vocab_size, (prompts, PROMPT_LEN), generator=gen)
+    ids = unique.repeat_interleave(copies, dim=0).to(device)
+    longest = min(LENGTHS[1], cfg.max_position_embeddings - PROMPT_LEN)  # tiny test models have few positions
+    budgets = [random.Random(3 + i).randint(LENGTHS[0], longest) for i in range(len(ids))]
+    total = sum(budgets)
+
+    class RowBudgets(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            done = input_ids.shape[1] - PROMPT_LEN >= torch.tensor(budgets, device=input_ids.device)
+            return done
+
+    def hf() -> list[list[int]]:
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max(budgets),
+                                do_sample=False, pad_token_id=0, stopping_criteria=StoppingCriteriaList([RowBudgets()]))
+        return [row[:n] for row, n in zip(out[:, PROMPT_LEN:].tolist(), budgets, strict=True)]
+
+    results: dict[str, list] = {}
+    report = DecodeReport()
+
+    def ours() -> None:
+        nonlocal report
+        report = DecodeReport()  # the last call's
+        results["ours"] = generate(model, ids, budgets, report=report)
+
+    def theirs() -> None:
+        results["hf"] = hf()
+
+    rates: dict[str, list[float]] = {"ours": [], "hf": []}
+    for _ in range(pairs):
+        rates["ours"].append(total / timed(ours, device))
+        rates["hf"].append(total / timed(theirs, device))
+    ratios = [a / b for a, b in zip(rates["ours"], rates["hf"], strict=True)]
+    computed = kv_cache_bytes(cfg, len(ids), PROMPT_LEN + max(budgets), dtype)
+    print(f"  rollout: {prompts} prompts x {copies} completions of {LENGTHS[0]}-{longest} tokens ({total} tokens): "
+          f"IronCore {statistics.median(rates['ours']):.1f} tok/s ({report.path}), HF "
+          f"{statistics.median(rates['hf']):.1f}; vs HF {spread(ratios)}; rows computed {report.row_steps} of "
+          f"{len(ids) * (max(budgets) - 1)} without dropping ({report.compactions} compactions), prefill "
+          f"{report.prefill_tokens} tokens (HF {len(ids) * PROMPT_LEN}); same tokens: "
+          f"{'yes' if results['ours'] == results['hf'] else 'NO'}", flush=True)  # fmt: skip
+    print(f"  KV cache (batch {len(ids)} x {PROMPT_LEN + max(budgets)} positions): computed "
+          f"{computed / 2**20:.1f} MiB, measured {report.kv_cache_bytes / 2**20:.1f} MiB (its buffers)", flush=True)
+
+
+@torch.inference_mode()
+def prefill(model, hf_model, cfg, device, length: int, peak: float) -> None:
+    ids = torch.randint(1, cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(4)).to(device)
+    head = 2 * cfg.vocab_size * cfg.hidden_size  # the output projection runs for the last position only
+    flops = (model_stats(cfg, length).forward_flops_per_token - head) * length + head
+    ours = _best(lambda: generate(model, ids, 1, decode="eager"), device, 3)
+    theirs = _best(lambda: hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
+                                             do_sample=False, pad_token_id=0), device, 3)  # fmt: skip
+    print(f"  prefill: {length} tokens: IronCore {length / ours:.0f} tok/s = {flops / ours / 1e9:.1f} GFLOP/s "
+          f"({flops / ours / peak:.0%} of the matmul peak), HF {length / theirs:.0f} tok/s "
+          f"({theirs / ours:.2f}x)", flush=True)  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["gpt2-small", "llama-125m"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--no-cache-rounds", type=int, default=1, help="the slow no-cache runs: fewer rounds")
+    parser.add_argument("--models", nargs="+", default=["smollm-135m", "gpt2-small"])
+    parser.add_argument("--pairs", type=int, default=10, help="interleaved pairs of the latency workload")
+    parser.add_argument("--prompts", type=int, default=64, help="rollout: distinct prompts")
+    parser.add_argument("--copies", type=int, default=8, help="rollout: completions of each prompt")
+    parser.add_argument("--rollout-pairs", type=int, default=3)
+    parser.add_argument("--prefill-len", type=int, default=1024)
+    parser.add_argument("--workloads", nargs="+", default=["latency", "rollout", "prefill"])
+    parser.add_argument("--decode", default=None, help="our latency path (default: compile on CPU, graph on CUDA)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="the weights' dtype")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), torch.bfloat16 if args.precision == "bf16" else torch.float32
+    decode = args.decode or ("graph" if device.type == "cuda" else "compile")
     where = f"{args.threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    bandwidth = streamed_bandwidth(device, dtype)
-    print(f"torch {torch.__version__}, {where}, {args.precision}, greedy; prompt {args.prompt_len} tokens, "
-          f"{args.new_tokens} new tokens; decode tokens/s (prefill excluded) and end-to-end; "
-          f"streamed bandwidth {bandwidth / 1e9:.1f} GB/s (matrix-vector product)")  # fmt: skip
-    header = (f"{'model':<11} {'batch':>5} {'IronCore':>9} {'HF':>8} {'ratio':>6} {'limit':>8} {'of limit':>8} "
-              f"{'no cache':>9} {'KV speed-up':>11} {'e2e ratio':>9} {'same tokens':>11}")  # fmt: skip
-    print(header)
-    print("-" * len(header))
+    bandwidth, peak = streamed_bandwidth(device, dtype), matmul_peak(device, dtype)
+    print(f"torch {torch.__version__}, {where}, {args.precision}; streamed bandwidth: matrix-vector "
+          f"{bandwidth['gemv'] / 1e9:.1f} GB/s, sum {bandwidth['sum'] / 1e9:.1f} GB/s; "
+          f"matmul peak {peak / 1e9:.0f} GFLOP/s", flush=True)  # fmt: skip
     for name in args.models:
-        for batch in args.batches:
-            r = bench(name, batch, args.prompt_len, args.new_tokens, args.rounds, args.no_cache_rounds, device, dtype)
-            limit = batch * bandwidth / r["weight_bytes"]  # every sequence's token needs the weights read once
-            print(f"{r['model']:<11} {r['batch']:>5} {r['ironcore/decode']:>9.1f} {r['hf/decode']:>8.1f} "
-                  f"{r['vs_hf']:>5.2f}x {limit:>8.1f} {r['ironcore/decode'] / limit:>7.0%} "
-                  f"{r['no cache/decode']:>9.1f} {r['cache_speedup']:>10.1f}x "
-                  f"{r['vs_hf_e2e']:>8.2f}x {'yes' if r['same_tokens'] else 'no':>11}", flush=True)  # fmt: skip
+        cfg, model, hf_model = twin_models(name)
+        model.to(device, dtype).eval()
+        hf_model.to(device, dtype).eval()
+        hf_model.generation_config.eos_token_id = None
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        limits = {probe: rate / weight_bytes for probe, rate in bandwidth.items()}
+        print(f"{name}: {weight_bytes / 1e6:.0f} MB of weights -> batch-1 floor "
+              + ", ".join(f"{1e3 / rate:.1f} ms a token = {rate:.1f} tok/s ({probe})" for probe, rate in limits.items()),
+              flush=True)  # fmt: skip
+        if "latency" in args.workloads:
+            latency(model, hf_model, cfg, device, decode, args.pairs, limits)
+        if "rollout" in args.workloads:
+            rollout(model, hf_model, cfg, device, dtype, args.prompts, args.copies, args.rollout_pairs)
+        if "prefill" in args.workloads:
+            prefill(model, hf_model, cfg, device, args.prefill_len, peak)
 
 
 if __name__ == "__main__":

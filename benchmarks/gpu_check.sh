@@ -50,8 +50,9 @@ fi
 step model 60 "$PYTHON" benchmarks/model_throughput.py --device cuda --precision bf16 --batch 16 --seq-len 1024
 step train 150 "$PYTHON" benchmarks/train_throughput.py --device cuda --precision bf16 --micro-batch 16 \
   --seq-len 1024 --steps 10 --warmup 3 --repeat 2 --modes eager compiled --impls ironcore hf
-step generate 120 "$PYTHON" benchmarks/generate_throughput.py --device cuda --precision bf16 --batches 1 16 \
-  --prompt-len 128 --new-tokens 128
+# Generation: batch-1 latency (CUDA graphs) against the measured bandwidth floor, a 64 x 8 rollout, prefill.
+step generate 180 "$PYTHON" benchmarks/generate_throughput.py --device cuda --precision bf16 --pairs 10 \
+  --rollout-pairs 3
 # GRPO steps/s against TRL's GRPOTrainer (needs trl): the CPU benchmark's model, then a gpt2-small shape in bf16.
 step grpo 120 "$PYTHON" benchmarks/grpo_throughput.py --device cuda --pairs 10 --json "$OUT_DIR/grpo_adder.json"
 step grpo-gpt2 200 "$PYTHON" benchmarks/grpo_throughput.py --device cuda --model gpt2-small --precision bf16 \
@@ -77,7 +78,11 @@ done
     echo; echo "-- $name"
     sed -n '/^GRPO steps\/s/,/^IronCore \/ TRL/p' "$OUT_DIR/$name.log"
   done
-  for name in model train generate; do  # the benchmark tables themselves: header, rule and rows
+  if [[ -f "$OUT_DIR/generate.log" ]]; then  # the generation figures: the limits, then each model's lines
+    echo; echo "-- generate"
+    grep -E '^torch |^[[:alnum:].-]+: [0-9]+ MB|^  (latency|rollout|KV cache|prefill)' "$OUT_DIR/generate.log"
+  fi
+  for name in model train; do  # the benchmark tables themselves: header, rule and rows
     [[ -f "$OUT_DIR/$name.log" ]] || continue
     echo; echo "-- $name"
     grep -E '^torch ' "$OUT_DIR/$name.log" | head -1
