@@ -184,6 +184,7 @@ def test_finished_rows_stop_costing_compute(imported, monkeypatch) -> None:
     report = DecodeReport()
     assert generate(model, prompts, budgets, report=report, **options) == dropped
     assert report.compactions == 0
+    assert generate(model, PROMPTS, [0, 2, 1]) == [[], got[1][:2], got[2][:1]]
     with pytest.raises(ValueError, match="2 budgets for 9 prompts"):
         generate(model, prompts, [4, 4])
 

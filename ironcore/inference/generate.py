@@ -273,7 +273,7 @@ def _decode(
         next_positions = lengths[:, None].clone()
         budget = torch.tensor(budgets, device=device)
         rows = torch.arange(B, device=device)  # the prompts still in the batch
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        finished = budget == 0  # a row with no budget yields only -1
         step_fn = _make_step(model, cache, key_valid, P, mode, report) if static else None
         log.info("decode: %s, batch %d, %d steps at most", mode, B, num_steps)
         sync_every = 1 if device.type == "cpu" else SYNC_EVERY
