@@ -59,17 +59,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def _best(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     """Shortest of ``repeats`` timed calls, after a warm-up (noise only ever adds time)."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(timed(fn, device) for _ in range(repeats))
 
 
 @torch.inference_mode()
@@ -93,14 +94,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         best = max(best, 2 * n**3 / _best(lambda a=a, b=b: a @ b, device, 5))
     return best
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def spread(values: list[float]) -> str:
