@@ -51,8 +51,8 @@ step model 60 "$PYTHON" benchmarks/model_throughput.py --device cuda --precision
 step train 150 "$PYTHON" benchmarks/train_throughput.py --device cuda --precision bf16 --micro-batch 16 \
   --seq-len 1024 --steps 10 --warmup 3 --repeat 2 --modes eager compiled --impls ironcore hf
 # Generation: batch-1 latency (CUDA graphs) against the measured bandwidth floor, a 64 x 8 rollout, prefill.
-step generate 180 "$PYTHON" benchmarks/generate_throughput.py --device cuda --precision bf16 --pairs 10 \
-  --rollout-pairs 3
+step generate 300 "$PYTHON" benchmarks/generate_throughput.py --device cuda --precision bf16 --pairs 10 \
+  --rollout-pairs 10
 # GRPO steps/s against TRL's GRPOTrainer (needs trl): the CPU benchmark's model, then a gpt2-small shape in bf16.
 step grpo 120 "$PYTHON" benchmarks/grpo_throughput.py --device cuda --pairs 10 --json "$OUT_DIR/grpo_adder.json"
 step grpo-gpt2 200 "$PYTHON" benchmarks/grpo_throughput.py --device cuda --model gpt2-small --precision bf16 \

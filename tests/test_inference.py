@@ -32,6 +32,7 @@ from ironcore.layers.attention import KVCache, kv_cache_bytes
 from ironcore.models import TransformerModel
 
 generate_module = importlib.import_module("ironcore.inference.generate")  # the package exports the function
+steps_module = importlib.import_module("ironcore.inference.steps")
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
 NEW = 16
@@ -245,6 +246,61 @@ def test_every_decode_step_samples_the_same_tokens(decode: str, imported) -> Non
         options = dict(temperature=1.0, top_k=20, seed=5, eos_token_id=[3, 7])
         assert generate(model, PROMPTS, NEW, decode=decode, **options) == generate(
             model, PROMPTS, NEW, decode="eager", **options), case
+
+
+def test_graph_buckets_compaction_and_reuse_give_the_same_tokens(imported, monkeypatch) -> None:
+    """The CUDA-graph path's bookkeeping, run on a CPU without the capture: steps over power-of-two buckets of
+    rows (the rows past the batch are stale copies), compaction to the front when the rows left fit a smaller
+    bucket, an arena reused by the next call (also for a smaller batch): the same tokens as eager decoding."""
+    _, model = imported("mistral_sliding_window")
+    prompts, budgets = PROMPTS * 3, [1, 2, 3, 4, 6, 8, 12, 16, 16]
+    options = dict(temperature=1.0, top_k=20, seed=5, eos_token_id=[3, 7])
+    expected = [generate(model, prompts, budgets, decode="eager", **o) for o in ({}, options)]
+    small = generate(model, PROMPTS, RAGGED, decode="eager", **options)
+    monkeypatch.setattr(generate_module, "decode_mode", lambda *args: "graph")
+    for want, o in zip(expected, ({}, options), strict=True):
+        report = DecodeReport()
+        assert generate(model, prompts, budgets, report=report, **o) == want
+        arena = steps_module.ARENAS[model]
+        assert arena.padded and not arena.capture and arena.rows == len(prompts)
+        assert report.compactions >= 2 and report.kv_cache_shape == (9, 64)
+    assert [arena.bucket(k) for k in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 9]
+    assert generate(model, PROMPTS, RAGGED, **options) == small
+    assert steps_module.ARENAS[model] is arena  # 3 rows of its 9
+    monkeypatch.setattr(steps_module.DecodeArena, "bucket", lambda self, k: k)  # no stale rows: compacts as often
+    assert generate(model, prompts, budgets, **options) == expected[1]
+
+
+def test_two_streams_on_one_model_use_two_arenas(imported) -> None:
+    """A stream still decoding keeps its arena; another stream on the same model gets a new one."""
+    _, model = imported("llama")
+    alone = [generate(model, [p], NEW, decode="static")[0] for p in PROMPTS[:2]]
+    first = generate_module.stream(model, [PROMPTS[0]], NEW, decode="static")
+    second = generate_module.stream(model, [PROMPTS[1]], NEW, decode="static")
+    got: list[list[int]] = [[], []]
+    for a, b in zip(first, second, strict=True):
+        got[0].append(int(a[0]))
+        got[1].append(int(b[0]))
+    assert got == alone
+    steps_module.release(model)
+    assert model not in steps_module.ARENAS
+
+
+@pytest.mark.device
+def test_cuda_graphs_are_captured_once_and_compact(imported) -> None:
+    """On CUDA: ragged budgets with sampling through the graphs (a capture per bucket, recaptured for nothing
+    on the next call) give the eager path's tokens."""
+    if not DEVICE.startswith("cuda"):
+        pytest.skip("CUDA graphs need a CUDA device")
+    _, model = imported("llama", DEVICE)
+    prompts, budgets = PROMPTS * 6, [1, 2, 3, 4, 6, 8, 12, 16, 16, 20, 24, 30, 2, 5, 9, 14, 18, 30]
+    options = dict(temperature=1.0, top_k=20, seed=5)
+    want = generate(model, prompts, budgets, decode="eager", **options)
+    first, again = DecodeReport(), DecodeReport()
+    assert generate(model, prompts, budgets, decode="graph", report=first, **options) == want
+    assert first.compile_seconds > 0 and first.compactions >= 2
+    assert generate(model, prompts, budgets, decode="graph", report=again, **options) == want
+    assert again.compile_seconds == 0 and again.compactions == first.compactions
 
 
 def test_bad_arguments_are_errors(imported) -> None:

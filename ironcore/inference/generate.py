@@ -24,7 +24,8 @@ Decisions worth knowing:
   ``max_new_tokens`` may be one budget per prompt (a rollout engine's
   per-request limit).
 - **Rows that finish stop costing compute**: once an eighth of the batch has
-  finished, the finished rows are dropped (the cache, positions and masks are
+  finished (with CUDA graphs: once the rest fit a smaller captured bucket),
+  the finished rows are dropped (the cache, positions and masks are
   compacted), so a batch of ragged completions costs about the sum of their
   lengths, not batch x the longest. The host checks "all finished?" every
   step on a CPU and every :data:`SYNC_EVERY` steps on a GPU (a check is a
@@ -32,8 +33,8 @@ Decisions worth knowing:
 - The decode step (:mod:`ironcore.inference.steps`) is ``eager`` (each step
   attends to the positions written so far), ``static`` (the same shapes at
   every step: the new position goes to a slot held in a tensor, attention
-  covers every slot under a mask), ``graph`` (the static step captured in a
-  CUDA graph and replayed, recaptured when the batch is compacted) or
+  covers every slot under a mask), ``graph`` (the static step captured in
+  CUDA graphs, one per batch bucket, replayed by this call and later ones) or
   ``compile`` (the static step compiled by inductor on the CPU with the
   weights frozen; no compaction, since every batch size is another
   compilation). ``auto`` picks ``graph`` on CUDA without tensor parallelism
@@ -64,7 +65,7 @@ from typing import Literal
 import torch
 
 from ironcore.inference import steps
-from ironcore.inference.steps import DecodeReport, StaticStep
+from ironcore.inference.steps import DecodeReport
 from ironcore.layers.attention import KVCache
 from ironcore.models.transformer import TransformerModel
 from ironcore.parallel import comm, state
@@ -213,8 +214,7 @@ def decode_mode(decode: Decode, model: TransformerModel, prompt: int, budgets: l
 
 def _compile_key(model: TransformerModel, batch: int, capacity: int) -> tuple:
     """What a compiled step is specialised to: batch, cache bucket, weight dtype and autocast dtype."""
-    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    return batch, steps.bucket(capacity), next(model.parameters()).dtype, autocast
+    return batch, steps.bucket(capacity), *steps.weight_dtypes(model)
 
 
 @torch.inference_mode()
@@ -238,8 +238,9 @@ def _decode(
     pads = P - lengths
     capacity = P + num_steps
     if mode == "compile":
-        key = _compile_key(model, B, capacity)
-        capacity = key[1]
+        capacity = _compile_key(model, B, capacity)[1]
+    elif mode != "eager":
+        capacity = steps.ARENA_BUCKET * math.ceil(capacity / steps.ARENA_BUCKET)
     key_valid = torch.arange(capacity, device=device)[None, :] >= pads[:, None]
     padded = bool((pads > 0).any())
     positions = (torch.arange(P, device=device)[None, :] - pads[:, None]).clamp(min=0)
@@ -248,11 +249,18 @@ def _decode(
         valid = key_valid[:, :P]
         prefill_mask = (valid[:, None, :] | ~valid[:, :, None]).unsqueeze(1)  # padding queries see padding
 
-    static = mode != "eager"
-    cache = KVCache(len(model.layers), capacity, torch.zeros(1, dtype=torch.long, device=device) if static else None)
+    # The static steps decode in an arena kept from call to call (one new token needs no step, nor an arena);
+    # the prefill fills a cache of its own first.
+    static = mode != "eager" and num_steps > 1
+    arena = steps.arena(model, B, capacity, graphs=mode == "graph") if static else None
+    cache = KVCache(len(model.layers), capacity if arena is None else P)
     was_training = model.training
     model.eval()
     try:
+        if arena is not None:
+            arena.busy = True
+            if mode == "compile":
+                arena.run = steps.timed(steps.compiled_step(model, _compile_key(model, B, capacity)), report)
         # A prompt repeated in the batch (G completions of each prompt in RL) is computed once: its row of the
         # cache is copied to its repeats.
         rows_key = torch.cat([tokens, lengths[:, None]], dim=1)  # padding (0) may look like a real token 0
@@ -263,18 +271,23 @@ def _decode(
                 0, repeat, torch.arange(B, device=device), "amin")  # fmt: skip
             mask = None if prefill_mask is None else prefill_mask[first]
             logits = model(tokens[first], positions[first], mask, kv_cache=cache, logits_to_keep=1)[:, -1][repeat]
-            cache.keep(repeat)
         else:
             logits = model(tokens, positions, prefill_mask, kv_cache=cache, logits_to_keep=1)[:, -1]
+        copies = repeat if len(unique) < B else None
+        if arena is not None:
+            arena.load(cache, copies, key_valid, P, report)
+            cache = arena.cache
+        elif copies is not None:
+            cache.keep(copies)
         _sync(device)
         report.prefill_seconds += time.perf_counter() - started
         report.prefill_tokens += len(unique) * P
         report.kv_cache_bytes = cache.nbytes
+        report.kv_cache_shape = (arena.rows if arena is not None else B, capacity)
         next_positions = lengths[:, None].clone()
         budget = torch.tensor(budgets, device=device)
         rows = torch.arange(B, device=device)  # the prompts still in the batch
         finished = budget == 0  # a row with no budget yields only -1
-        step_fn = _make_step(model, cache, key_valid, P, mode, report) if static else None
         log.info("decode: %s, batch %d, %d steps at most", mode, B, num_steps)
         sync_every = 1 if device.type == "cpu" else SYNC_EVERY
         for step in range(num_steps):
@@ -289,38 +302,35 @@ def _decode(
                 done = int(finished.sum())
                 if done == len(rows):
                     return
-                if mode != "compile" and done >= COMPACT_AT * len(rows):
+                if _compacts(mode, arena, len(rows), done):
                     keep = (~finished).nonzero().squeeze(1)
                     rows, token, budget, finished = rows[keep], token[keep], budget[keep], finished[keep]
                     next_positions, key_valid = next_positions[keep], key_valid[keep]
-                    cache.keep(keep)
-                    if static:
-                        step_fn = _make_step(model, cache, key_valid, P + step, mode, report)
+                    (arena or cache).keep(keep)
                     report.compactions += 1
             report.steps += 1
             report.row_steps += len(rows)
-            if step_fn is not None:
-                logits = step_fn(token.clamp(min=0)[:, None], next_positions, P + step)
+            if arena is not None:
+                logits = arena(token.clamp(min=0)[:, None], next_positions, P + step)
             else:
                 mask = key_valid[:, None, None, : cache.length + 1] if padded else None
                 logits = model(token.clamp(min=0)[:, None], next_positions, mask, kv_cache=cache)[:, -1]
             next_positions += 1
     finally:
         model.train(was_training)
+        if arena is not None:
+            arena.busy = False
 
 
-def _make_step(model: TransformerModel, cache: KVCache, key_valid: torch.Tensor, written: int, mode: str,
-               report: DecodeReport) -> StaticStep:
-    """The static decode step of ``mode`` for this batch; the time spent compiling or capturing goes to report."""
+def _compacts(mode: str, arena: steps.DecodeArena | None, running: int, done: int) -> bool:
+    """Whether to drop the ``done`` finished rows of the ``running`` ones now: with CUDA graphs when the rest fit a
+    smaller captured bucket (a step costs about the same for any rows in one), on the other paths once
+    :data:`COMPACT_AT` of them have finished; never when compiled (every batch size would be a compilation)."""
     if mode == "compile":
-        entry = steps.compiled_step(model, _compile_key(model, *key_valid.shape))
-        return StaticStep(model, cache, key_valid, written, run=steps.timed(entry, report))
-    started = time.perf_counter()
-    step = StaticStep(model, cache, key_valid, written, graph=mode == "graph")
+        return False
     if mode == "graph":
-        _sync(key_valid.device)
-        report.compile_seconds += time.perf_counter() - started
-    return step
+        return arena.bucket(running - done) < arena.bucket(running)
+    return done >= COMPACT_AT * running
 
 
 def _sync(device: torch.device) -> None:
