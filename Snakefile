@@ -50,9 +50,10 @@ rule eval_all:
 
 rule chain:
     """The optional experiments (configs/pipeline.yaml: optional: true), each started from the final
-    weights of its init_from_experiment: the pretrain -> SFT -> DPO chain."""
+    weights of its init_from_experiment: the pretrain -> SFT -> DPO chain, and their task accuracy."""
     input:
         expand("results/train/{exp}/final_eval.json", exp=CHAIN_EXPERIMENTS),
+        ["results/chain/tasks.md"] if CHAIN_EXPERIMENTS else [],
 
 
 rule rl:

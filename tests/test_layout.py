@@ -31,7 +31,8 @@ ORDER = [
     ["inference"],
     ["rewards"],
     ["objectives"],
-    ["training", "evaluation"],
+    ["evaluation"],
+    ["training"],  # evaluates tasks during training (operation.eval_tasks)
     ["cli"],
     ["__main__"],
 ]

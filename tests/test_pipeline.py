@@ -158,7 +158,7 @@ def test_training_param_change_reruns_train_and_eval_only(workdir):
     changed = json.loads(json.dumps(PIPELINE))
     changed["experiments"]["a"]["overrides"] = {"optim.max_lr": 1.0e-3}
     write_yaml(workdir / "pipeline_lr.yaml", changed)
-    assert planned_jobs(workdir, configfile="pipeline_lr.yaml") == Counter(train=1, eval=1, summary=1, all=1)
+    assert planned_jobs(workdir, configfile="pipeline_lr.yaml") == Counter(train=1, tasks=1, eval=1, summary=1, all=1)
 
 
 def test_data_config_change_reruns_from_preprocess(workdir):
@@ -166,7 +166,7 @@ def test_data_config_change_reruns_from_preprocess(workdir):
     original, stat = path.read_text(), path.stat()
     try:
         write_yaml(path, {**DATA_CONFIG, "max_seq_length": 32})
-        expected = Counter(preprocess=1, inspect=1, train=2, eval=2, summary=1, all=1)
+        expected = Counter(preprocess=1, inspect=1, train=2, tasks=2, eval=2, summary=1, all=1)
         assert planned_jobs(workdir) == expected
     finally:
         path.write_text(original)
@@ -188,7 +188,7 @@ def test_workflow_lint_is_clean():
 
 
 def test_forcerun_train_reruns_train_and_what_follows(workdir):
-    assert planned_jobs(workdir, "--forcerun", "train") == Counter(train=2, eval=2, summary=1, all=1)
+    assert planned_jobs(workdir, "--forcerun", "train") == Counter(train=2, tasks=2, eval=2, summary=1, all=1)
 
 
 def test_killed_training_resumes_from_its_checkpoint(workdir):
@@ -241,22 +241,37 @@ def test_optional_chain_pretrain_sft_dpo(workdir):
         cfg["data"]["config_path"] = f"cfg/{stage}_data.yaml"
         cfg["operation"].update(train_steps=6, eval_interval=0)
         write_yaml(workdir / "cfg" / f"{stage}.yaml", cfg)
+    # A generation task for the SFT model (ironcore eval --task): the prompts it was trained on, an exact checker.
+    (workdir / "cfg" / "toy.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["chosen"]})
+                                                       + "\n" for r in records[:8]))
+    write_yaml(workdir / "cfg" / "toy.yaml", {"path": "toy.jsonl", "checker": "exact", "max_new_tokens": 6})
     pipeline = {**PIPELINE, "experiments": {
         **PIPELINE["experiments"],
-        "sft": {"config": "cfg/sft.yaml", "init_from_experiment": "a", "optional": True},
+        "sft": {"config": "cfg/sft.yaml", "init_from_experiment": "a", "optional": True, "tasks": ["cfg/toy.yaml"]},
         "dpo": {"config": "cfg/dpo.yaml", "init_from_experiment": "sft", "optional": True},
     }}
     write_yaml(workdir / "chain.yaml", pipeline)
     snakemake(workdir)  # bring the default target up to date (earlier tests changed things)
     assert planned_jobs(workdir, configfile="chain.yaml") == Counter()  # optional experiments add nothing to it
     assert planned_jobs(workdir, "chain", configfile="chain.yaml") == Counter(
-        {"preprocess": 2, "train": 2, "chain": 1})
+        {"preprocess": 2, "train": 2, "tasks": 2, "chain_summary": 1, "chain": 1})
     snakemake(workdir, "chain", configfile="chain.yaml")
     sft = yaml.safe_load((workdir / "results" / "train" / "sft" / "config.yaml").read_text())
     dpo = yaml.safe_load((workdir / "results" / "train" / "dpo" / "config.yaml").read_text())
     assert sft["init"]["init_from"] == "results/runs/a" and dpo["init"]["init_from"] == "results/runs/sft"
     final = json.loads((workdir / "results" / "train" / "dpo" / "final_eval.json").read_text())
     assert "val_rewards/accuracies" in final
+    # The task's accuracy: in the chain's table (the DPO experiment configures none), and on the SFT training run.
+    tasks = json.loads((workdir / "results" / "eval" / "sft" / "tasks.json").read_text())
+    assert tasks["tasks"]["toy"]["items"] == 8 and 0.0 <= tasks["eval/toy/accuracy"] <= 1.0
+    table = (workdir / "results" / "chain" / "tasks.md").read_text()
+    assert "| experiment | toy accuracy |" in table and "| dpo | - |" in table
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ironcore-pipeline")
+    (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'sft/train'")
+    assert run.data.metrics["eval/toy/accuracy"] == tasks["eval/toy/accuracy"]
 
 
 def test_rl_target_sft_then_grpo_with_accuracy_before_and_after(workdir):

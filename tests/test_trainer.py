@@ -204,11 +204,18 @@ def test_mlflow_records_params_metrics_and_tags(pretrain_data, tmp_path, monkeyp
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    items = tmp_path / "task.jsonl"  # a task evaluated with the validation (operation.eval_tasks)
+    items.write_text("".join(json.dumps({"prompt": p, "answer": "the"}) + "\n" for p in ("To be or", "My lord,")))
+    (tmp_path / "toy.yaml").write_text(f"path: {items}\nchecker: exact\nmax_new_tokens: 4\n")
     cfg = make_config(pretrain_data, tmp_path / "run", utils__tracking=True, utils__experiment_name="trk",
-                      operation__train_steps=4, operation__log_interval=2, operation__eval_interval=2)
+                      operation__train_steps=4, operation__log_interval=2, operation__eval_interval=2,
+                      operation__eval_tasks=[str(tmp_path / "toy.yaml")])  # fmt: skip
     Trainer(cfg).train()
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("trk").experiment_id])
+    assert json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/toy/accuracy")] == [2, 4]
+    assert [m["step"] for m in read_metrics(tmp_path / "run") if "eval/toy/accuracy" in m] == [2, 4]
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.max_lr"] == "0.003" and run.data.params["model.hidden_size"] == "64"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4]

@@ -123,6 +123,10 @@ class OperationConfig:
         False, help="Also evaluate before the first step of a fresh run: where fine-tuning starts (HF's eval_on_start)."
     )
     log_interval: int = field(1, help="Log (stdout, metrics.jsonl, MLflow) every this many steps.")
+    eval_tasks: list[str] = field(
+        [], help="Tasks evaluated with the validation (ironcore eval --task specs: a task YAML or NAME=DATA), logged "
+        "as eval/<task>/<metric>; every rank runs them (tensor parallelism needs all)."
+    )
 
     def validate(self) -> None:
         for key in ("train_steps", "train_tokens"):

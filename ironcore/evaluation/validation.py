@@ -19,8 +19,9 @@ from ironcore.data.config import load_data_config
 from ironcore.data.metadata import load_metadata
 from ironcore.data.tasks import build_dataset, dataset_task
 from ironcore.data.tokenizer import check_same_tokenizer
-from ironcore.errors import CheckpointError, ConfigError, DataError
-from ironcore.files import read_json, read_yaml
+from ironcore.errors import ConfigError, DataError
+from ironcore.evaluation.tasks import trained_step
+from ironcore.files import read_yaml
 from ironcore.objectives.lm import loss_sums, perplexity
 
 
@@ -55,8 +56,7 @@ def evaluate_checkpoint(
     if not allow_other_tokenizer:
         check_same_tokenizer(folder, metadata["tokenizer"]["identity"], f"the one that tokenized {data_cfg.output_dir}",
                              "--allow-other-tokenizer")
-    state_file = folder / native.TRAINER_STATE  # read before the work: a bad file must not cost the evaluation
-    step = read_json(state_file, "trainer state", CheckpointError).get("step") if state_file.exists() else None
+    step = trained_step(folder)  # read before the work: a bad file must not cost the evaluation
     model = load_model(folder, device)
     dataset = build_dataset(data_cfg.output_dir, metadata, "valid", data_cfg.max_seq_length, seed=0)
     batches = StepBatches(dataset, micro_batch_size, micro_batch_size, 0, 1, 0, False, torch.device(device))

@@ -15,6 +15,7 @@ folder -- plus ``git_dirty`` and ``ironcore_version``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -25,12 +26,13 @@ from typing import Any
 
 from ironcore import __version__
 from ironcore.config import Config
-from ironcore.files import check_writable
+from ironcore.files import check_writable, write_text_atomically
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 _MAX_PARAMS_PER_CALL = 100
+RUN_FILE = "mlflow_run.json"  # in a run's output folder: which MLflow run trained it (for later evaluations)
 
 
 def tracking_uri() -> str:
@@ -195,12 +197,39 @@ class Tracker:
         if self.active:
             self._guard("set a tag", self.client.set_tag, self.run_id, key, value)
 
+    def record(self, path: str | Path) -> None:
+        """Write where this run lives (tracking URI, run id) to ``path``, so that ``ironcore eval`` can log to it."""
+        if self.active:
+            write_text_atomically(path, json.dumps({"tracking_uri": tracking_uri(), "run_id": self.run_id}) + "\n")
+
     def finish(self, status: str = "FINISHED") -> None:
         """Flush and close the run as FINISHED, FAILED or KILLED."""
         self.flush()
         if self.active:
             self._guard("end the run", self.client.set_terminated, self.run_id, status)
             self.client = None
+
+
+def log_to_recorded_run(run_dir: str | Path, metrics: Mapping[str, float], step: int) -> str:
+    """Log ``metrics`` at ``step`` to the MLflow run that trained ``run_dir`` (its :data:`RUN_FILE`).
+
+    Returns one line saying what happened; never raises: an unreachable server must not cost an evaluation.
+    """
+    record = Path(run_dir) / RUN_FILE
+    if not record.is_file():
+        return f"MLflow: no run recorded in {run_dir} (trained without tracking): metrics not logged"
+    try:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        found = json.loads(record.read_text())
+        now = int(time.time() * 1000)
+        MlflowClient(found["tracking_uri"]).log_batch(
+            found["run_id"], metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
+    except Exception as err:  # noqa: BLE001 - tracking must never be fatal
+        return f"MLflow: could not log to the run recorded in {record}: {_one_line(err)}"
+    return f"MLflow: {len(metrics)} metrics logged to run {found['run_id']} at step {step}"
 
 
 def _one_line(err: Exception) -> str:

@@ -38,8 +38,9 @@ from ironcore.data.batches import StepBatches
 from ironcore.data.config import load_data_config
 from ironcore.data.metadata import load_metadata
 from ironcore.data.tasks import build_dataset
-from ironcore.data.tokenizer import check_data_set_tokenizer, check_same_tokenizer
+from ironcore.data.tokenizer import Tokenizer, check_data_set_tokenizer, check_same_tokenizer
 from ironcore.errors import ConfigError, UserError
+from ironcore.evaluation.tasks import check_task, evaluate_task, load_task
 from ironcore.files import (
     OutputError,
     check_writable,
@@ -56,7 +57,7 @@ from ironcore.parallel.sharding import load_full_state_dict
 from ironcore.training.checkpointing import TrainState, load_checkpoint, load_objective_state, save_checkpoint
 from ironcore.training.optim import build_optimizer, learning_rate, step_with_scaled_grads, total_steps
 from ironcore.training.perf import peak_flops, retain_freed_host_memory
-from ironcore.training.tracking import Tracker, run_tags, tracked_names
+from ironcore.training.tracking import RUN_FILE, Tracker, run_tags, tracked_names
 
 log = logging.getLogger("ironcore.train")
 
@@ -124,6 +125,10 @@ class Trainer:
         self.forward = torch.compile(self.model) if cfg.trainer.compile else self.model
         self.tracker: Tracker | None = None
         self._step_tokens = self.tokens_per_step
+        self.tasks = [load_task(spec) for spec in cfg.operation.eval_tasks]  # checked now, not at the first eval
+        for task in self.tasks:
+            check_task(task)
+        self.task_tokenizer = Tokenizer.from_path(self.data_dir) if self.tasks else None
 
     # ---- set-up -----------------------------------------------------------------------------------------
     def _check_tokenizers(self) -> None:
@@ -174,6 +179,7 @@ class Trainer:
             write_text_atomically(self.out_dir / "config.yaml", dump_config(cfg))
         resumed = self._resume()
         self.tracker = self._start_tracking()
+        self.tracker.record(self.out_dir / RUN_FILE)
         self.tracker.log_artifact(self.out_dir / "config.yaml")
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         status = "FAILED"
@@ -295,10 +301,16 @@ class Trainer:
         return {**result.metrics, "lr": lr, "grad_norm": norm}
 
     def evaluate(self) -> dict[str, float]:
-        """The objective's validation metrics over ``operation.eval_steps`` global batches."""
+        """The objective's validation metrics over ``operation.eval_steps`` global batches, and the metrics of
+        ``operation.eval_tasks`` (``eval/<task>/<metric>``)."""
         self.model.eval()
         try:
-            return self.objective.evaluate(self.forward, self.valid_data.eval_steps(self.cfg.operation.eval_steps))
+            metrics = self.objective.evaluate(self.forward, self.valid_data.eval_steps(self.cfg.operation.eval_steps))
+            for task in self.tasks:
+                with self.autocast:
+                    result = evaluate_task(self.model, self.task_tokenizer, task)
+                metrics |= {f"eval/{task.name}/{k}": v for k, v in result.items() if k not in ("items", "seconds")}
+            return metrics
         finally:
             self.model.train()
             for path in self.objective.artifacts():

@@ -141,6 +141,25 @@ def preprocess_inputs(wildcards):
     return inputs
 
 
+# ---- evaluation tasks (experiments.<exp>.tasks; workflow/rules/eval.smk) -------------------------
+
+def task_args(exp):
+    """``--task SPEC`` for each task the experiment configures."""
+    return shlex.join([arg for spec in EXPERIMENTS[exp]["tasks"] for arg in ("--task", spec)])
+
+
+def task_inputs(exp):
+    """The files the experiment's tasks read (task YAML files, their items and few-shot examples)."""
+    from ironcore.evaluation.tasks import load_task
+
+    files = []
+    for spec in EXPERIMENTS[exp]["tasks"]:
+        task = load_task(spec)
+        files += [spec] if "=" not in spec else []
+        files += [task.path] + ([task.few_shot.path] if task.few_shot and task.few_shot.k else [])
+    return files
+
+
 # ---- the `rl` target (workflow/rules/rl.smk) ------------------------------------------------------
 
 RL = config["rl"]

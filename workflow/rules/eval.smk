@@ -3,11 +3,43 @@
 # they change no result and must not rerun anything.
 
 
-rule eval:
-    """Validation loss/perplexity of the final checkpoint and a few generated samples; logs them,
-    the configs and the data report to the experiment's MLflow parent run and closes it."""
+rule tasks:
+    """What the final checkpoint can do: accuracy on the experiment's configured tasks (experiments.<exp>.tasks;
+    none configured: an empty table), also logged as eval/<task>/<metric> to its training run in MLflow."""
     input:
         final=rules.train.output.final,
+        tasks=lambda wildcards: task_inputs(wildcards.exp),
+        code=code_fingerprint("eval"),
+    output:
+        tasks="results/eval/{exp}/tasks.json",
+    params:
+        run=lambda wildcards: run_dir(wildcards.exp),
+        tasks=lambda wildcards: task_args(wildcards.exp),
+        configured=lambda wildcards: "yes" if EXPERIMENTS[wildcards.exp]["tasks"] else "",
+        device=config["eval"]["device"],
+    threads: config["threads_per_process"]
+    conda:
+        CONDA_ENV
+    log:
+        "logs/tasks/{exp}.log",
+    shell:
+        """
+        export OMP_NUM_THREADS={threads}
+        if [ -n "{params.configured}" ]; then
+            ironcore eval --checkpoint {params.run} {params.tasks} --device {params.device} \\
+                --output {output.tasks} > {log} 2>&1
+        else
+            echo '{{"tasks": {{}}}}' > {output.tasks} && echo "no tasks configured" > {log}
+        fi
+        """
+
+
+rule eval:
+    """Validation loss/perplexity of the final checkpoint and a few generated samples; logs them, the task
+    results, the configs and the data report to the experiment's MLflow parent run and closes it."""
+    input:
+        final=rules.train.output.final,
+        tasks=rules.tasks.output.tasks,
         config=rules.train.output.config,
         metrics=rules.train.output.metrics,
         data_config=lambda wildcards: DATASETS[dataset_of(wildcards.exp)],
@@ -44,8 +76,8 @@ rule eval:
         ironcore eval --checkpoint {params.run} --output {output.eval} {params.eval_args} > {log} 2>&1
         python {input.samples_script} --checkpoint {params.run} --output {output.samples} \\
             --output-json {output.samples_json} {params.sample_args} >> {log} 2>&1
-        python "$IRONCORE_MLFLOW_RUNS" finish --run {wildcards.exp} --eval {output.eval} --config {input.config} \\
-            --artifacts eval {output.eval} {output.samples} {output.samples_json} \\
+        python "$IRONCORE_MLFLOW_RUNS" finish --run {wildcards.exp} --eval {output.eval} {input.tasks} \\
+            --config {input.config} --artifacts eval {output.eval} {input.tasks} {output.samples} {output.samples_json} \\
             --artifacts config {input.config} {input.data_config} \\
             --artifacts train {input.metrics} \\
             --artifacts data {input.inspect} >> {log} 2>&1
@@ -58,10 +90,12 @@ rule summary:
     input:
         evals=expand(rules.eval.output.eval, exp=DEFAULT_EXPERIMENTS),
         samples=expand(rules.eval.output.samples_json, exp=DEFAULT_EXPERIMENTS),
+        tasks=expand(rules.tasks.output.tasks, exp=DEFAULT_EXPERIMENTS),
         metrics=expand(rules.train.output.metrics, exp=DEFAULT_EXPERIMENTS),
         configs=expand(rules.train.output.config, exp=DEFAULT_EXPERIMENTS),
         data=[rules.preprocess.output.metadata.format(dataset=dataset_of(exp)) for exp in DEFAULT_EXPERIMENTS],
         script=SCRIPTS / "summary.py",
+        table_script=SCRIPTS / "task_table.py",
     output:
         markdown="results/summary/summary.md",
         html="results/summary/summary.html",
@@ -78,7 +112,28 @@ rule summary:
     shell:
         """
         python {input.script} --experiments {params.experiments} --evals {input.evals} \\
-            --samples {input.samples} --metrics {input.metrics} --configs {input.configs} --data {input.data} \\
+            --samples {input.samples} --tasks {input.tasks} --metrics {input.metrics} --configs {input.configs} \\
+            --data {input.data} \\
             --output-dir results/summary > {log} 2>&1
         python "$IRONCORE_MLFLOW_RUNS" attach --artifacts summary {output.markdown} {output.html} {output.plot} >> {log} 2>&1
         """
+
+
+rule chain_summary:
+    """The optional chain's task accuracy side by side (experiments.<exp>.tasks; Markdown, HTML, JSON)."""
+    input:
+        tasks=expand(rules.tasks.output.tasks, exp=CHAIN_EXPERIMENTS),
+        script=SCRIPTS / "task_table.py",
+    output:
+        markdown="results/chain/tasks.md",
+        html="results/chain/tasks.html",
+        json="results/chain/tasks.json",
+    params:
+        experiments=CHAIN_EXPERIMENTS,
+    conda:
+        CONDA_ENV
+    log:
+        "logs/chain_summary.log",
+    shell:
+        "python {input.script} --experiments {params.experiments} --tasks {input.tasks} --output-dir results/chain"
+        " > {log} 2>&1"

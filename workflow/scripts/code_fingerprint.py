@@ -23,6 +23,7 @@ _MODEL_SIDE = tuple(f"{package}/**/*.py" for package in (
     "training", "objectives", "rewards", "models", "layers", "parallel", "checkpoints", "inference", "evaluation"))
 _COMMANDS = ("corpus", "synthetic", "tokenizer", "preprocess", "train", "evaluate", "generate", "convert",
              "model_info", "reference", "common")
+_TRAINING = ("__init__", "trainer", "checkpointing", "optim", "perf", "tracking")
 _DATA = ("config", "tasks", "tokenizer", "corpus", "synthetic", "sources", "encode", "preprocess", "indexed",
          "metadata", "inspect", "pretrain", "sft", "dpo", "rl", "batches")
 _SAMPLES = ("config", "tasks", "tokenizer", "sources", "encode", "indexed", "metadata", "pretrain", "sft", "dpo",
@@ -32,6 +33,11 @@ _SAMPLES = ("config", "tasks", "tokenizer", "sources", "encode", "indexed", "met
 def _data_except(*used: str) -> tuple[str, ...]:
     """The data modules a stage does not run."""
     return tuple(f"data/{name}.py" for name in _DATA if name not in used)
+
+
+def _training_except(*used: str) -> tuple[str, ...]:
+    """The training modules a stage does not run."""
+    return tuple(f"training/{name}.py" for name in _TRAINING if name not in used)
 
 
 def _other_commands(*used: str) -> tuple[str, ...]:
@@ -71,12 +77,14 @@ STAGES = {
     ),
     "train": Stage(
         runs=("ironcore.cli.train", "ironcore.training.trainer"),
-        excludes=("evaluation/**/*.py", *_data_except(*_SAMPLES), *_other_commands("train", "common")),
+        excludes=("evaluation/harness.py", "evaluation/lm_eval_plugin.py", "evaluation/validation.py",
+                  *_data_except(*_SAMPLES), *_other_commands("train", "common")),  # operation.eval_tasks: tasks
     ),
-    "eval": Stage(
+    "eval": Stage(  # validation loss, samples and tasks (ironcore eval --task logs to the training run's MLflow)
         runs=("ironcore.cli.evaluate", "ironcore.cli.generate", "ironcore.evaluation.validation",
-              "ironcore.inference", "ironcore.checkpoints.load", "ironcore.data.tokenizer", "ironcore.rewards"),
-        excludes=("training/**/*.py", *_data_except(*_SAMPLES), *_other_commands("evaluate", "generate")),
+              "ironcore.evaluation.tasks", "ironcore.training.tracking", "ironcore.inference",
+              "ironcore.checkpoints.load", "ironcore.data.tokenizer", "ironcore.rewards"),
+        excludes=(*_training_except("__init__", "tracking"), *_data_except(*_SAMPLES), *_other_commands("evaluate", "generate")),
     ),
 }
 

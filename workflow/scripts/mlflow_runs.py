@@ -5,8 +5,9 @@ The rules call it (see workflow/rules/common.smk):
 * ``init`` (onstart): create the sqlite store and the MLflow experiment once, before jobs race.
 * ``parent --run EXP`` (train): print the id of EXP's parent run in this invocation, creating it;
   the train job exports it as MLFLOW_PARENT_RUN_ID, so the training run becomes its child.
-* ``finish --run EXP`` (eval, rl_eval): log the resolved training config as params, the eval JSON's
-  ``val_*`` numbers as ``val/*`` (val/loss, val/ppl; val/accuracy, val/pass_at_4), and artifacts
+* ``finish --run EXP`` (eval, rl_eval): log the resolved training config as params, the eval JSONs'
+  ``val_*`` numbers as ``val/*`` (val/loss, val/ppl; val/accuracy, val/pass_at_4), the task results
+  ``eval/<task>/<metric>`` as they are, and artifacts
   (eval JSON, samples, configs, metrics, data report) to the parent; close it.
 * ``attach [--runs EXP ...]`` (summary, rl_summary): add the summary artifacts to the parent runs of
   this invocation (all, or those of the named experiments).
@@ -54,7 +55,8 @@ def main() -> int:
     commands.add_parser("parent").add_argument("--run", required=True, help="pipeline experiment")
     finish = commands.add_parser("finish")
     finish.add_argument("--run", required=True, help="pipeline experiment")
-    finish.add_argument("--eval", required=True, help="eval JSON: step, val_* numbers")
+    finish.add_argument("--eval", nargs="+", required=True,
+                        help="eval JSON files: step, val_* numbers, eval/<task>/<metric> numbers")
     finish.add_argument("--config", required=True, help="resolved training config.yaml")
     attach = commands.add_parser("attach")
     attach.add_argument("--runs", nargs="+", help="only the parent runs of these experiments (default: all)")
@@ -126,10 +128,13 @@ def finish(client, experiment_id: str, args: argparse.Namespace) -> None:
     params = [Param(key, str(value)[:6000]) for key, value in settings.items()]
     for start in range(0, len(params), PARAMS_PER_CALL):
         client.log_batch(run_id, params=params[start : start + PARAMS_PER_CALL])
-    result = json.loads(Path(args.eval).read_text())
-    step, now = int(result.get("step") or 0), int(time.time() * 1000)
-    metrics = [Metric(f"val/{key[4:]}", float(value), now, step) for key, value in result.items()
-               if key.startswith("val_") and isinstance(value, (int, float))]  # val_loss, val_accuracy, ...
+    metrics, now = [], int(time.time() * 1000)
+    for path in args.eval:  # val_loss, val_accuracy, ... -> val/...; task results eval/<task>/<metric> as they are
+        result = json.loads(Path(path).read_text())
+        step = int(result.get("step") or 0)
+        metrics += [Metric(f"val/{key[4:]}" if key.startswith("val_") else key, float(value), now, step)
+                    for key, value in result.items() if key.startswith(("val_", "eval/"))
+                    and isinstance(value, (int, float))]  # fmt: skip
     client.log_batch(run_id, metrics=metrics)
     _log_artifacts(client, run_id, args.artifacts)
     client.set_terminated(run_id, "FINISHED")

@@ -1,29 +1,20 @@
 """Held-out accuracy of a checkpoint on a verifiable task, for the `rl` target's before/after table.
 
-Greedy accuracy (the mean reward of one greedy completion per prompt) and
-pass@k (a prompt passes when one of k seeded samples scores at least 1), with
-the reward the task names in its task.json (``exact`` for the synthetic
-tasks), through IronCore's generation engine and reward functions: the same
-numbers the GRPO run logs as ``val_accuracy`` and ``val_pass_at_k``. Writes
-JSON (with the ``val_*`` names the MLflow hook logs) and a Markdown table of
-the first prompts with their greedy completions.
+The built-in ``synthetic`` task of ``ironcore eval --task`` (ironcore/evaluation/tasks.py) over the held-out
+records of ``ironcore synthetic``: greedy accuracy (the mean reward of one greedy completion per prompt) and
+pass@k (k seeded samples per prompt), with the reward the task names in its task.json (``exact`` for the
+synthetic tasks). Writes JSON with the names the GRPO run logs (``val_accuracy``, ``val_pass_at_k``) and the
+task's ``eval/synthetic/*`` metrics, and a Markdown table of the first prompts with their greedy completions.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
-import torch
 
 from ironcore.checkpoints import native
-from ironcore.checkpoints.load import load_model
-from ironcore.data.tokenizer import Tokenizer
+from ironcore.evaluation.tasks import evaluate_task, load_for_eval, load_task, trained_step
 from ironcore.files import write_text_atomically
-from ironcore.inference import generate
-from ironcore.inference.settings import completion_texts, stop_ids
-from ironcore.rewards import RewardSet, RewardSpec, load_reward
 
 SHOWN = 12  # prompts shown in the Markdown table
 
@@ -42,42 +33,25 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    task = Path(args.task)
-    rows = [json.loads(line) for line in (task / "heldout.jsonl").read_text().splitlines() if line.strip()]
-    reward_name = json.loads((task / "task.json").read_text())["reward"]
-    rewards = RewardSet([load_reward(RewardSpec(reward_name), "task.json reward")])
+    task = load_task(f"synthetic={args.task}")
+    task.samples, task.pass_at = args.k, [args.k] if args.k else []
+    task.max_new_tokens, task.temperature, task.seed, task.batch_size = (args.max_new_tokens, args.temperature,
+                                                                         args.seed, args.batch_size)  # fmt: skip
     folder = native.resolve(args.checkpoint)
-    model, tokenizer = load_model(folder, args.device), Tokenizer.from_path(folder)
-    stops = stop_ids(tokenizer)
-    prompts = [row["prompt"] for row in rows]
-    fields = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
-    ids = tokenizer.encode_batch(prompts)
-
-    def complete(copies: int, temperature: float, seed: int) -> list[str]:
-        texts = []
-        for start in range(0, len(ids), args.batch_size):
-            batch = [p for p in ids[start : start + args.batch_size] for _ in range(copies)]
-            out = generate(model, batch, args.max_new_tokens, temperature=temperature, eos_token_id=stops,
-                           seed=seed + start)
-            texts += completion_texts(tokenizer, out, stops)
-        return texts
-
-    with torch.inference_mode():
-        greedy = complete(1, 0.0, args.seed)
-        scores = rewards.score(prompts, greedy, fields).total
-        result = {"checkpoint": str(folder), "step": _step(folder), "prompts": len(rows),
-                  "val_accuracy": float(torch.nanmean(scores))}
-        if args.k:
-            sampled = complete(args.k, args.temperature, args.seed)
-            repeated = {key: [v for v in values for _ in range(args.k)] for key, values in fields.items()}
-            total = rewards.score([p for p in prompts for _ in range(args.k)], sampled, repeated).total
-            result[f"val_pass_at_{args.k}"] = float((total.view(-1, args.k) >= 1.0).any(dim=1).float().mean())
+    model, tokenizer = load_for_eval(folder, args.device)
+    details: list[dict] = []
+    metrics = evaluate_task(model, tokenizer, task, details=details)
+    result = {"checkpoint": str(folder), "step": trained_step(folder), "prompts": metrics["items"],
+              "val_accuracy": metrics["accuracy"]}  # fmt: skip
+    if args.k:
+        result[f"val_pass_at_{args.k}"] = metrics[f"pass_at_{args.k}"]
+    result |= {f"eval/{task.name}/{key}": value for key, value in metrics.items() if key not in ("items", "seconds")}
     write_text_atomically(args.output, json.dumps(result, indent=2) + "\n")
     table = [f"# Held-out prompts of {folder}", "",
              ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k.startswith("val_")), "",
              "| prompt | greedy completion | reward |", "|---|---|---|"]
-    for prompt, text, score in list(zip(prompts, greedy, scores.tolist(), strict=True))[:SHOWN]:
-        table.append(f"| `{_cell(prompt)}` | `{_cell(text)}` | {score:.0f} |")
+    for item in details[:SHOWN]:
+        table.append(f"| `{_cell(item['prompt'])}` | `{_cell(item['completion'])}` | {item['score']:.0f} |")
     write_text_atomically(args.markdown, "\n".join(table) + "\n")
     print(json.dumps(result))
     return 0
@@ -85,11 +59,6 @@ def main() -> int:
 
 def _cell(text: str) -> str:
     return text.replace("\n", "\\n").replace("|", "\\|").replace("`", "'")
-
-
-def _step(folder: Path) -> int | None:
-    state = folder / native.TRAINER_STATE
-    return json.loads(state.read_text()).get("step") if state.is_file() else None
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from task_table import cell, task_columns  # noqa: E402 (beside this script)
 
 from ironcore.config import load_config  # noqa: E402
 from ironcore.data.indexed import IndexedDataset  # noqa: E402
@@ -38,7 +39,7 @@ NOTE = (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiments", nargs="+", required=True)
-    for name in ("evals", "samples", "metrics", "configs", "data"):
+    for name in ("evals", "samples", "tasks", "metrics", "configs", "data"):
         parser.add_argument(f"--{name}", nargs="+", required=True, help=f"one {name} file per experiment")
     parser.add_argument("--output-dir", required=True)
     args = parser.parse_args()
@@ -52,12 +53,15 @@ def main() -> None:
         if data_dir not in datasets:
             datasets[data_dir] = unigram_baseline(data_dir)
         rows.append(experiment_row(exp, args, i, datasets[data_dir]))
+    tasks, values = task_columns(args.tasks)  # accuracy on the tasks an experiment configures, if any
+    for row, task_values in zip(rows, values, strict=True):
+        row["tasks"] = task_values
 
     plot_losses(rows, datasets, out / "loss_curves.png")
     summary = {"datasets": datasets, "experiments": [{k: v for k, v in r.items() if k != "curve"} for r in rows]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text(markdown(rows, datasets))
-    (out / "summary.html").write_text(html_page(rows, datasets))
+    (out / "summary.md").write_text(markdown(rows, datasets, tasks))
+    (out / "summary.html").write_text(html_page(rows, datasets, tasks))
     print((out / "summary.md").read_text())
 
 
@@ -128,8 +132,12 @@ COLUMNS = [
 ]
 
 
-def _cells(row: dict[str, Any]) -> list[str]:
-    return [fmt.format(row[key]) for key, _, fmt in COLUMNS]
+def _titles(tasks: list[str]) -> list[str]:
+    return [title for _, title, _ in COLUMNS] + tasks
+
+
+def _cells(row: dict[str, Any], tasks: list[str]) -> list[str]:
+    return [fmt.format(row[key]) for key, _, fmt in COLUMNS] + [cell(row["tasks"], task) for task in tasks]
 
 
 def _baseline_line(data: dict[str, Any]) -> str:
@@ -141,12 +149,12 @@ def _baseline_line(data: dict[str, Any]) -> str:
     )
 
 
-def markdown(rows: list[dict[str, Any]], datasets: dict[str, dict[str, Any]]) -> str:
+def markdown(rows: list[dict[str, Any]], datasets: dict[str, dict[str, Any]], tasks: list[str]) -> str:
     lines = ["# IronCore pipeline summary", ""]
     lines += [_baseline_line(data) for data in datasets.values()]
-    lines += ["", "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"]
-    lines += ["|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    lines += ["", "| " + " | ".join(_titles(tasks)) + " |"]
+    lines += ["|" + "|".join("---" for _ in _titles(tasks)) + "|"]
+    lines += ["| " + " | ".join(_cells(row, tasks)) + " |" for row in rows]
     lines += ["", NOTE, "", "![loss curves](loss_curves.png)", ""]
     for row in rows:
         lines += [f"## Samples: {row['experiment']}", ""]
@@ -157,7 +165,7 @@ def markdown(rows: list[dict[str, Any]], datasets: dict[str, dict[str, Any]]) ->
     return "\n".join(lines)
 
 
-def html_page(rows: list[dict[str, Any]], datasets: dict[str, dict[str, Any]]) -> str:
+def html_page(rows: list[dict[str, Any]], datasets: dict[str, dict[str, Any]], tasks: list[str]) -> str:
     esc = html.escape
     parts = ["<!doctype html><meta charset='utf-8'><title>IronCore pipeline summary</title>",
              "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
@@ -165,8 +173,8 @@ def html_page(rows: list[dict[str, Any]], datasets: dict[str, dict[str, Any]]) -
              "white-space:pre-wrap}</style>",
              "<h1>IronCore pipeline summary</h1>"]
     parts += [f"<p>{esc(_baseline_line(data)).replace('**', '')}</p>" for data in datasets.values()]
-    parts.append("<table><tr>" + "".join(f"<th>{esc(title)}</th>" for _, title, _ in COLUMNS) + "</tr>")
-    parts += ["<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in _cells(row)) + "</tr>" for row in rows]
+    parts.append("<table><tr>" + "".join(f"<th>{esc(title)}</th>" for title in _titles(tasks)) + "</tr>")
+    parts += ["<tr>" + "".join(f"<td>{esc(text)}</td>" for text in _cells(row, tasks)) + "</tr>" for row in rows]
     parts += [f"</table><p>{NOTE}</p>",
               "<img src='loss_curves.png' alt='loss curves' style='max-width:100%'>"]
     for row in rows:

@@ -1,0 +1,400 @@
+"""Task evaluation: what a checkpoint can do, as accuracy on items with known answers (``ironcore eval --task``).
+
+A task is a JSONL file of items and a config: a YAML file, or a built-in
+(:data:`BUILTIN_TASKS`) with its data file, ``gsm8k=path/to/test.jsonl``.
+
+- ``type: generate``: each item's prompt (``prompt``, a template over the
+  item's fields, rendered with the tokenizer's chat template when ``chat``)
+  is completed by :mod:`ironcore.inference`, cut at the first ``stop``
+  string, and scored by a *checker*: a reward function of
+  :mod:`ironcore.rewards`, the same plug-ins the RL objective uses
+  (``gsm8k``, ``exact``, ``regex``, or ``module:function``), called with the
+  item's fields as keyword arguments. Metrics: ``accuracy``, the mean score
+  of one greedy completion per item, and with ``samples: n`` > 0,
+  ``pass_at_<k>`` for each k of ``pass_at``: the unbiased estimator of Chen
+  et al. (2021), ``1 - C(n - c, k) / C(n, k)`` over n seeded samples of which
+  c score 1, averaged over the items.
+- ``type: multiple_choice``: a context (``prompt``), the item's list of
+  choices (field ``choices``) and the index of the right one (``gold``).
+  Each choice, after ``target_delimiter``, is scored by its log-likelihood
+  given the context, tokenized as lm-evaluation-harness does, the context
+  encoded once for all its choices. ``acc``: the most likely choice is the
+  gold one; ``acc_norm``: the same with each log-likelihood divided by its
+  choice's length in characters (lm-eval's definitions, the same numbers).
+
+Few-shot examples come from a separate file (``few_shot: {path, k}``): its
+first k items, each rendered as prompt + target (``target`` for generation,
+the gold choice for multiple choice), joined by ``few_shot.separator`` before
+the item's prompt (as chat turns when ``chat``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import string
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ironcore.checkpoints import native
+from ironcore.checkpoints.load import load_model, locate
+from ironcore.config.base import InvalidValue, did_you_mean, field, from_dict
+from ironcore.data.tokenizer import Tokenizer
+from ironcore.errors import CheckpointError, ConfigError, DataError, UserError
+from ironcore.evaluation.likelihood import encode_pair, loglikelihoods
+from ironcore.files import read_json, read_text, read_yaml
+from ironcore.inference import stream
+from ironcore.inference.settings import stop_ids
+from ironcore.models.transformer import TransformerModel
+from ironcore.rewards import RewardSet, RewardSpec, load_reward
+
+CHECK_STOPS_EVERY = 8  # decode steps between looks for the stop strings in the text so far
+
+
+@dataclass
+class FewShot:
+    path: str = field(help="JSONL of examples (not the evaluated items)")
+    k: int = field(0, help="examples put before each prompt")
+    separator: str = field("\n\n", help="between the examples and before the prompt")
+
+
+@dataclass
+class TaskConfig:
+    """One task. Templates are Python format strings over an item's fields: ``"Question: {question}"``."""
+
+    name: str = field(help="the metrics' prefix: eval/<name>/<metric>")
+    path: str = field(help="JSONL file of items")
+    type: str = field("generate", help="generate | multiple_choice")
+    prompt: str = field("{prompt}", help="template of the prompt (multiple choice: the context)")
+    chat: bool = field(False, help="render the prompt as a user turn with the tokenizer's chat template")
+    system: str | None = field(None, help="chat: a system message")
+    few_shot: FewShot | None = field(None, help="examples before each prompt")
+    limit: int | None = field(None, help="evaluate the first N items only")
+    batch_size: int = field(32, help="prompts (generation) or contexts (multiple choice) per batch")
+    # generate
+    checker: str = field("exact", help="a reward function: gsm8k, exact, regex, ... or module:function")
+    checker_options: dict[str, Any] = field({}, help="keyword arguments bound to the checker")
+    target: str = field("{answer}", help="generation: a few-shot example's answer, after its prompt")
+    max_new_tokens: int = field(256, help="generation budget per item")
+    stop: list[str] = field([], help="strings that end a completion (cut there)")
+    samples: int = field(0, help="seeded samples per item for pass@k (0: greedy accuracy only)")
+    pass_at: list[int] = field([1], help="the k of pass@k, each <= samples")
+    temperature: float = field(1.0, help="of the samples")
+    seed: int = field(0, help="of the samples")
+    # multiple choice
+    choices: str = field("choices", help="multiple choice: the field holding the list of choices")
+    gold: str = field("gold", help="multiple choice: the field holding the index of the right choice")
+    target_delimiter: str = field(" ", help="multiple choice: between the context and each choice")
+
+    def validate(self) -> None:
+        if self.type not in ("generate", "multiple_choice"):
+            raise InvalidValue("type", f"must be generate or multiple_choice, got {self.type!r}")
+        for key in ("batch_size", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise InvalidValue(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.limit is not None and self.limit < 1:
+            raise InvalidValue("limit", f"must be >= 1, got {self.limit}")
+        if self.samples < 0:
+            raise InvalidValue("samples", f"must be >= 0, got {self.samples}")
+        for k in self.pass_at if self.samples else []:
+            if not 1 <= k <= self.samples:
+                raise InvalidValue("pass_at", f"each k must be in 1..samples ({self.samples}), got {k}")
+        if self.samples and self.temperature <= 0:
+            raise InvalidValue("temperature", f"samples need a temperature > 0, got {self.temperature}")
+
+
+# Built-in tasks: ``NAME=DATA`` on the command line (DATA: the JSONL file, or for ``synthetic`` the folder
+# of ``ironcore synthetic``, whose task.json names the checker).
+BUILTIN_TASKS: dict[str, dict[str, Any]] = {
+    # GSM8K test as in its release ({"question", "answer": "... #### 18"}), prompted like the pipeline's SFT data.
+    "gsm8k": {"prompt": "Question: {question}\nAnswer:\n", "checker": "gsm8k", "target": "{answer}",
+              "max_new_tokens": 256, "stop": ["\n\n", "Question:"]},  # fmt: skip
+    # ``ironcore synthetic`` held-out records ({"prompt", "answer"}): greedy accuracy and pass@4, as rl_eval.
+    "synthetic": {"prompt": "{prompt}", "checker": "exact", "max_new_tokens": 8, "samples": 4,
+                  "pass_at": [1, 4], "temperature": 1.0},  # fmt: skip
+}
+
+
+def load_task(spec: str) -> TaskConfig:
+    """The task ``spec`` names: a YAML file, or ``NAME=DATA`` for a built-in (see :data:`BUILTIN_TASKS`)."""
+    name, eq, data = spec.partition("=")
+    if eq:
+        if name not in BUILTIN_TASKS:
+            raise ConfigError(f"--task {spec}: '{name}' is not a built-in task ({', '.join(BUILTIN_TASKS)})"
+                              + did_you_mean(name, BUILTIN_TASKS))  # fmt: skip
+        settings = {"name": name, **BUILTIN_TASKS[name], "path": data}
+        if name == "synthetic" and Path(data).is_dir():
+            manifest = json.loads(read_text(Path(data) / "task.json", "synthetic task manifest"))
+            settings.update(path=str(Path(data) / "heldout.jsonl"), checker=manifest.get("reward", "exact"))
+        return from_dict(TaskConfig, settings, f"--task {spec}")
+    path = Path(spec)
+    if path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"--task {spec}: expected a task YAML file or a built-in as NAME=DATA "
+                          f"({', '.join(f'{n}=...' for n in BUILTIN_TASKS)})")  # fmt: skip
+    settings = read_yaml(path, "task config")
+    base = settings.pop("base", None)
+    if base is not None:
+        if base not in BUILTIN_TASKS:
+            raise ConfigError(f"{path}: config key 'base': '{base}' is not a built-in task ({', '.join(BUILTIN_TASKS)})")
+        settings = {**BUILTIN_TASKS[base], **settings}
+    settings.setdefault("name", path.stem)
+    if "path" in settings and not Path(settings["path"]).is_absolute():  # relative to the YAML file's folder
+        settings["path"] = str(path.parent / settings["path"])
+    few = settings.get("few_shot")
+    if isinstance(few, dict) and "path" in few and not Path(few["path"]).is_absolute():
+        few["path"] = str(path.parent / few["path"])
+    try:
+        return from_dict(TaskConfig, settings)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def load_for_eval(source: str | Path, device: str = "cpu") -> tuple[TransformerModel, Tokenizer]:
+    """The model and tokenizer of an IronCore checkpoint, a run folder (its latest) or an HF folder."""
+    _, folder = locate(source)
+    if not (folder / "tokenizer.json").exists():
+        raise ConfigError(f"{folder}: no tokenizer.json saved with the model (evaluation needs its tokenizer)")
+    return load_model(source, device), Tokenizer.from_path(folder)
+
+
+def read_items(path: str | Path, limit: int | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of each item of a JSONL file; a bad line is a one-line DataError naming it."""
+    items = []
+    for number, line in enumerate(read_text(path, "task data").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: not JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        items.append((number, record))
+        if limit is not None and len(items) == limit:
+            break
+    if not items:
+        raise DataError(f"{path}: no items (an empty file)")
+    return items
+
+
+def render(template: str, record: dict[str, Any], where: str, key: str) -> str:
+    """``template`` filled from ``record``; a field it names that the record lacks is a one-line error."""
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None and name.split(".")[0].split("[")[0] not in record:
+            raise DataError(f"{where}: no field '{name}' (the task's '{key}' template uses it; the item has "
+                            f"{', '.join(sorted(record)) or 'no fields'})")  # fmt: skip
+    return template.format_map(record)
+
+
+def prefix_token(tokenizer: Tokenizer) -> int:
+    """What an empty context is scored after: BOS when the tokenizer has one, else its EOS (as lm-eval's hf)."""
+    specials = tokenizer.special_tokens
+    for name in ("bos_token", "eos_token"):
+        token = specials.get(name)
+        if token and tokenizer.backend.token_to_id(token) is not None:
+            return tokenizer.backend.token_to_id(token)
+    return tokenizer.eod_id
+
+
+def check_task(task: TaskConfig) -> None:
+    """Read and check everything the task needs before any model work: its items and few-shot examples, the
+    fields its templates name, multiple-choice lists and gold indices, the checker (one-line errors)."""
+    files = [(task.path, read_items(task.path, task.limit))]
+    if task.few_shot and task.few_shot.k:
+        files.append((task.few_shot.path, read_items(task.few_shot.path, task.few_shot.k)))
+    for path, items in files:
+        for number, record in items:
+            where = f"{path}:{number}"
+            render(task.prompt, record, where, "prompt")
+            if task.type == "multiple_choice":
+                _choices(task, record, where)
+            elif path != task.path:
+                render(task.target, record, where, "target")
+    if task.type == "generate":
+        load_reward(RewardSpec(task.checker, options=dict(task.checker_options)), f"task {task.name}: checker")
+
+
+def trained_step(folder: Path) -> int | None:
+    """The training step a checkpoint folder was saved at (None for weights without a trainer state)."""
+    state = folder / native.TRAINER_STATE
+    return read_json(state, "trainer state", CheckpointError).get("step") if state.exists() else None
+
+
+def evaluate_task(model: TransformerModel, tokenizer: Tokenizer, task: TaskConfig,
+                  progress: Callable[[str], None] | None = None, details: list[dict] | None = None
+                  ) -> dict[str, Any]:  # fmt: skip
+    """The task's metrics (``accuracy``, ``pass_at_k``, or ``acc``, ``acc_norm``), items and seconds.
+
+    ``details``, when given, receives one dict per item: its prompt, the greedy completion and its score
+    (multiple choice: the chosen and the gold index).
+    """
+    items = read_items(task.path, task.limit)
+    shots = read_items(task.few_shot.path, task.few_shot.k) if task.few_shot and task.few_shot.k else []
+    started = time.perf_counter()
+    run = _generation if task.type == "generate" else _multiple_choice
+    metrics = run(model, tokenizer, task, items, shots, progress or (lambda _: None), details)
+    return {**metrics, "items": len(items), "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _prompt_text(task: TaskConfig, tokenizer: Tokenizer, record: dict, where: str,
+                 shots: list[tuple[str, str]]) -> str:  # fmt: skip
+    """The prompt of one item with the few-shot examples (pairs of prompt and target) before it."""
+    prompt = render(task.prompt, record, where, "prompt")
+    if not task.chat:
+        separator = task.few_shot.separator if task.few_shot else ""
+        return "".join(p + t + separator for p, t in shots) + prompt
+    messages = [{"role": "system", "content": task.system}] if task.system else []
+    for p, t in shots:
+        messages += [{"role": "user", "content": p}, {"role": "assistant", "content": t.strip()}]
+    messages.append({"role": "user", "content": prompt})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def _generation(model: TransformerModel, tokenizer: Tokenizer, task: TaskConfig, items: list, shots: list,
+                progress: Callable[[str], None], details: list[dict] | None) -> dict[str, float]:  # fmt: skip
+    checker = RewardSet([load_reward(RewardSpec(task.checker, options=dict(task.checker_options)),
+                                     f"task {task.name}: checker")])  # fmt: skip
+    examples = [(render(task.prompt, r, f"{task.few_shot.path}:{n}", "prompt"),
+                 render(task.target, r, f"{task.few_shot.path}:{n}", "target")) for n, r in shots]  # fmt: skip
+    texts = [_prompt_text(task, tokenizer, r, f"{task.path}:{n}", examples) for n, r in items]
+    encode = tokenizer.encode if task.chat else (lambda t: tokenizer.backend.encode(t, add_special_tokens=True).ids)
+    prompts = [encode(text) for text in texts]
+    records = [r for _, r in items]
+    greedy = complete(model, tokenizer, prompts, task.max_new_tokens, task.stop, 0.0, 0, task.batch_size, progress)
+    scores = _score(checker, task, texts, greedy, records)
+    metrics = {"accuracy": _mean(scores)}
+    if details is not None:
+        details += [{"prompt": t, "completion": c, "score": s} for t, c, s in zip(texts, greedy, scores, strict=True)]
+    if task.samples:
+        n = task.samples
+        copies = [p for p in prompts for _ in range(n)]
+        sampled = complete(model, tokenizer, copies, task.max_new_tokens, task.stop, task.temperature, task.seed,
+                           task.batch_size * n, progress)  # fmt: skip
+        repeated = _score(checker, task, [t for t in texts for _ in range(n)], sampled,
+                          [r for r in records for _ in range(n)])  # fmt: skip
+        correct = [sum(1 for s in repeated[i * n : (i + 1) * n] if s is not None and s >= 1.0) for i in range(len(items))]
+        for k in task.pass_at:
+            metrics[f"pass_at_{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(items)
+    return metrics
+
+
+def _score(checker: RewardSet, task: TaskConfig, prompts: list[str], completions: list[str],
+           records: list[dict]) -> list[float | None]:  # fmt: skip
+    fields = {key: [r.get(key) for r in records] for key in {k for r in records for k in r}}
+    try:
+        total = checker.score(prompts, completions, fields).total
+    except UserError as err:
+        raise type(err)(f"task {task.name} ({task.path}): {err}") from None
+    return [None if math.isnan(v) else v for v in total.tolist()]
+
+
+def _mean(scores: list[float | None]) -> float:
+    known = [s for s in scores if s is not None]
+    return sum(known) / len(known) if known else math.nan
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The probability that at least one of k samples drawn from n (c of them right) is right (Chen et al.)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@torch.inference_mode()
+def complete(model: TransformerModel, tokenizer: Tokenizer, prompts: list[list[int]], max_new_tokens: int,
+             stop: list[str], temperature: float, seed: int, batch_size: int,
+             progress: Callable[[str], None] | None = None) -> list[str]:  # fmt: skip
+    """The completion text of each prompt (special tokens left out), cut at its first ``stop`` string; a batch
+    stops early once every row has ended or holds a stop string. Prompts are batched longest first; a prompt
+    too long for the model with its budget loses tokens on the left (as lm-eval's)."""
+    room = model.config.max_position_embeddings - max_new_tokens
+    if room < 1:
+        raise ConfigError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                          f"{model.config.max_position_embeddings} positions")  # fmt: skip
+    prompts = [p[-room:] for p in prompts]
+    stops = stop_ids(tokenizer)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        rows: list[list[int]] = [[] for _ in batch]
+        ended = [False] * len(batch)
+        tokens = stream(model, [prompts[i] for i in batch], max_new_tokens, temperature=temperature,
+                        eos_token_id=stops, seed=seed + start if temperature > 0 else None)  # fmt: skip
+        for step, token in enumerate(tokens):
+            for j, t in enumerate(token.tolist()):
+                if t >= 0:
+                    rows[j].append(t)
+                    ended[j] = ended[j] or t in stops
+            if stop and (step + 1) % CHECK_STOPS_EVERY == 0:
+                texts = tokenizer.backend.decode_batch(rows, skip_special_tokens=True)
+                if all(e or any(s in text for s in stop) for e, text in zip(ended, texts, strict=True)):
+                    break
+        for i, text in zip(batch, tokenizer.backend.decode_batch(rows, skip_special_tokens=True), strict=True):
+            out[i] = cut(text, stop)
+        if progress:
+            progress(f"{min(start + batch_size, len(order))}/{len(order)} completions")
+    return out
+
+
+def cut(text: str, stop: list[str]) -> str:
+    """``text`` up to its first stop string (lm-eval cuts at each stop string in turn: the same result)."""
+    for s in stop:
+        if s:
+            text = text.split(s)[0]
+    return text
+
+
+def _multiple_choice(model: TransformerModel, tokenizer: Tokenizer, task: TaskConfig, items: list, shots: list,
+                     progress: Callable[[str], None], details: list[dict] | None) -> dict[str, float]:  # fmt: skip
+    examples = []
+    for number, record in shots:
+        choices, gold = _choices(task, record, f"{task.few_shot.path}:{number}")
+        examples.append((render(task.prompt, record, f"{task.few_shot.path}:{number}", "prompt"),
+                         task.target_delimiter + choices[gold]))  # fmt: skip
+    prefix = prefix_token(tokenizer)
+    requests, spans, golds, lengths, contexts = [], [], [], [], []
+    for number, record in items:
+        where = f"{task.path}:{number}"
+        choices, gold = _choices(task, record, where)
+        context = _prompt_text(task, tokenizer, record, where, examples)
+        contexts.append(context)
+        spans.append((len(requests), len(requests) + len(choices)))
+        requests += [encode_pair(tokenizer.encode, context, task.target_delimiter + c, prefix) for c in choices]
+        golds.append(gold)
+        lengths.append([len(c) for c in choices])
+    scored = loglikelihoods(model, requests, task.batch_size)
+    progress(f"{len(requests)} choices of {len(items)} items scored")
+    acc = acc_norm = 0
+    for (start, end), gold, chars, context in zip(spans, golds, lengths, contexts, strict=True):
+        lls = [ll for ll, _ in scored[start:end]]
+        acc += _argmax(lls) == gold
+        acc_norm += _argmax([ll / max(n, 1) for ll, n in zip(lls, chars, strict=True)]) == gold
+        if details is not None:
+            details.append({"prompt": context, "chosen": _argmax(lls), "gold": gold, "loglikelihoods": lls})
+    return {"acc": acc / len(items), "acc_norm": acc_norm / len(items)}
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))  # the first of equal values, as numpy's
+
+
+def _choices(task: TaskConfig, record: dict, where: str) -> tuple[list[str], int]:
+    """The item's choices and gold index, checked: a list of two or more strings and an index into it."""
+    for key in (task.choices, task.gold):
+        if key not in record:
+            raise DataError(f"{where}: no field '{key}' (the task's multiple-choice "
+                            f"{'choices' if key == task.choices else 'gold'} field)")  # fmt: skip
+    choices, gold = record[task.choices], record[task.gold]
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise DataError(f"{where}: field '{task.choices}' must be a list of strings")
+    if len(choices) < 2:
+        raise DataError(f"{where}: field '{task.choices}' has {len(choices)} choice; multiple choice needs two or more")
+    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+        raise DataError(f"{where}: field '{task.gold}' must be an index into the {len(choices)} choices, got {gold!r}")
+    return choices, gold

@@ -1,0 +1,224 @@
+"""Task evaluation (``ironcore eval --task``): checkers, pass@k, prompts, bad input, eval.json and MLflow.
+
+Multiple choice against lm-eval's own numbers is in test_lm_eval_adapter.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from ironcore.checkpoints import native
+from ironcore.cli import main
+from ironcore.config.model import ModelConfig
+from ironcore.data.tokenizer import Tokenizer
+from ironcore.errors import ConfigError, DataError
+from ironcore.evaluation.tasks import (
+    FewShot,
+    TaskConfig,
+    check_task,
+    complete,
+    cut,
+    evaluate_task,
+    load_for_eval,
+    load_task,
+    pass_at_k,
+)
+from ironcore.inference import generate
+from ironcore.models import TransformerModel
+from ironcore.rewards.gsm8k import gsm8k_answer
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K = REPO / "examples/data/gsm8k/gsm8k_test_100.jsonl"
+WORDS = "the a cat dog sat ran on under mat one two three four five six seven".split()
+SEEN: dict[str, list] = {}  # what the recording checker was given
+
+
+def recording_checker(prompts: list[str], completions: list[str], answer: list[str], **_) -> list[float]:
+    """A checker of this module (``tests.test_eval_tasks:recording_checker``-style): keeps what it was given."""
+    SEEN.setdefault("prompts", []).extend(prompts)
+    SEEN.setdefault("completions", []).extend(completions)
+    return [float(len(c) % 2) for c in completions]
+
+
+def failing_checker(prompts: list[str], completions: list[str], **_) -> list[float]:
+    raise ZeroDivisionError("division by zero")
+
+
+def _write(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory) -> Path:
+    """A run folder with one checkpoint of a small random model and its BPE tokenizer."""
+    texts = [" ".join(random.Random(i).choices(WORDS, k=10)) for i in range(100)]
+    tokenizer = Tokenizer.train_bpe(texts, vocab_size=280)
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="tiny", vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, ffn_hidden_size=64, max_position_embeddings=512,
+                      position_embedding="rope", norm_type="rmsnorm", gated_mlp=True, activation="silu")  # fmt: skip
+    run = tmp_path_factory.mktemp("run")
+    folder = native.save_model(TransformerModel(cfg), run / "checkpoints" / "step_0000007")
+    tokenizer.save(folder)
+    (folder / native.TRAINER_STATE).write_text(json.dumps({"step": 7}))
+    (run / "checkpoints" / "latest").write_text("step_0000007")
+    return run
+
+
+def test_gsm8k_checker_is_right_on_reference_answers_and_wrong_on_shuffled_ones() -> None:
+    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()]
+    answers = [row["answer"] for row in rows]
+    assert len(rows) == 100
+    assert gsm8k_answer([""] * 100, answers, answers) == [1.0] * 100
+    rotated = answers[1:] + answers[:1]
+    final = [a.split("####")[-1].strip().replace(",", "") for a in answers]  # the answer's number, as written
+    same = [float(x) == float(y) for x, y in zip(final[1:] + final[:1], final, strict=True)]
+    assert sum(same) == 1  # items 53 and 54 both answer 2
+    assert gsm8k_answer([""] * 100, rotated, answers) == [1.0 if s else 0.0 for s in same]
+
+
+def test_pass_at_k_is_the_unbiased_estimator() -> None:
+    """Chen et al.'s formula equals the share of k-subsets of the n samples holding a right one."""
+    for n, c, k in [(4, 0, 1), (4, 1, 1), (4, 1, 4), (5, 2, 2), (6, 3, 4), (6, 6, 3)]:
+        samples = [1] * c + [0] * (n - c)
+        subsets = list(itertools.combinations(samples, k))
+        assert math.isclose(pass_at_k(n, c, k), sum(any(s) for s in subsets) / len(subsets)), (n, c, k)
+
+
+def test_generation_task_scores_the_completions_with_the_checker(run_folder, tmp_path) -> None:
+    """Prompts with few-shot examples before them, completions = the engine's greedy tokens cut at the stop
+    string, accuracy = the checker's mean; pass@k from seeded samples, the same on a second run."""
+    SEEN.clear()
+    model, tokenizer = load_for_eval(run_folder)
+    items = _write(tmp_path / "items.jsonl", [{"q": " ".join(WORDS[i : i + 3]), "answer": WORDS[i]} for i in range(6)])
+    shots = _write(tmp_path / "shots.jsonl", [{"q": "one two", "answer": "three"}, {"q": "dog", "answer": "cat"}])
+    task = TaskConfig(name="toy", path=str(items), prompt="Q: {q}\nA:", target=" {answer}", checker=
+                      "test_eval_tasks:recording_checker", max_new_tokens=12, stop=["\n"], samples=3,
+                      pass_at=[1, 3], seed=1, few_shot=FewShot(str(shots), 2, "\n\n"),
+                      batch_size=4)  # fmt: skip
+    got = evaluate_task(model, tokenizer, task)
+    prompts = [f"Q: one two\nA: three\n\nQ: dog\nA: cat\n\nQ: {' '.join(WORDS[i : i + 3])}\nA:" for i in range(6)]
+    assert SEEN["prompts"][:6] == prompts
+    ids = [tokenizer.backend.encode(p, add_special_tokens=True).ids for p in prompts]
+    greedy = [cut(tokenizer.decode(out, skip_special_tokens=True), ["\n"]) for out in generate(model, ids, 12)]
+    assert SEEN["completions"][:6] == greedy and any(greedy)
+    assert got["accuracy"] == sum(len(c) % 2 for c in greedy) / 6
+    sampled = SEEN["completions"][6:]
+    assert len(sampled) == 18 and sampled != greedy * 3
+    right = [sum(len(c) % 2 for c in sampled[3 * i : 3 * i + 3]) for i in range(6)]
+    assert got["pass_at_3"] == sum(r > 0 for r in right) / 6
+    assert got["pass_at_1"] == pytest.approx(sum(right) / 18)
+    SEEN.clear()
+    assert evaluate_task(model, tokenizer, task) == {**got, "seconds": pytest.approx(got["seconds"], abs=60)}
+
+
+def test_completions_stop_early_and_are_cut_at_the_stop_string(run_folder) -> None:
+    model, tokenizer = load_for_eval(run_folder)
+    ids = [tokenizer.encode("the cat sat on"), tokenizer.encode("a dog")]
+    whole = [tokenizer.decode(out, skip_special_tokens=True) for out in generate(model, ids, 40)]
+    assert min(map(len, whole)) > 10
+    stop = [whole[0][2:4], whole[1][3:5]]
+    assert complete(model, tokenizer, ids, 40, stop, 0.0, 0, 2) == [cut(text, stop) for text in whole]
+    assert all(len(c) < len(w) for c, w in zip(complete(model, tokenizer, ids, 40, stop, 0.0, 0, 2), whole))
+
+
+def test_chat_tasks_render_with_the_chat_template(run_folder, tmp_path) -> None:
+    SEEN.clear()
+    model, tokenizer = load_for_eval(run_folder)
+    tokenizer.chat_templates["default"] = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                                           "{% if add_generation_prompt %}<assistant>{% endif %}")  # fmt: skip
+    items = _write(tmp_path / "chat.jsonl", [{"prompt": "one two", "answer": "three"}])
+    task = TaskConfig(name="chat", path=str(items), chat=True, system="be brief", max_new_tokens=4,
+                      checker="test_eval_tasks:recording_checker")  # fmt: skip
+    evaluate_task(model, tokenizer, task)
+    assert SEEN["prompts"] == ["<system>be brief\n<user>one two\n<assistant>"]
+
+
+def test_builtin_tasks_and_yaml_files(tmp_path) -> None:
+    gsm8k = load_task(f"gsm8k={GSM8K}")
+    assert (gsm8k.name, gsm8k.checker, gsm8k.prompt) == ("gsm8k", "gsm8k", "Question: {question}\nAnswer:\n")
+    check_task(gsm8k)
+    folder = tmp_path / "synthetic"
+    folder.mkdir()
+    _write(folder / "heldout.jsonl", [{"prompt": "12+34=", "answer": "46"}])
+    (folder / "task.json").write_text(json.dumps({"task": "addition", "reward": "exact"}))
+    synthetic = load_task(f"synthetic={folder}")
+    assert (synthetic.path, synthetic.samples, synthetic.pass_at) == (str(folder / "heldout.jsonl"), 4, [1, 4])
+    (tmp_path / "mine.yaml").write_text("base: gsm8k\npath: data.jsonl\nlimit: 5\n")
+    mine = load_task(str(tmp_path / "mine.yaml"))
+    assert (mine.name, mine.checker, mine.limit, mine.path) == ("mine", "gsm8k", 5, str(tmp_path / "data.jsonl"))
+
+
+@pytest.mark.parametrize(
+    ("rows", "settings", "error", "message"),
+    [
+        ([], {}, DataError, r"items.jsonl: no items \(an empty file\)"),
+        ([{"question": "q"}, {"prompt": "p"}], {"prompt": "{question}"}, DataError,
+         r"items.jsonl:2: no field 'question' \(the task's 'prompt' template uses it"),
+        ([{"prompt": "p", "choices": ["only"], "gold": 0}], {"type": "multiple_choice"}, DataError,
+         r"items.jsonl:1: field 'choices' has 1 choice; multiple choice needs two or more"),
+        ([{"prompt": "p", "choices": ["a", "b"], "gold": 2}], {"type": "multiple_choice"}, DataError,
+         r"items.jsonl:1: field 'gold' must be an index into the 2 choices, got 2"),
+        ([{"prompt": "p", "choices": ["a", "b"]}], {"type": "multiple_choice"}, DataError,
+         r"items.jsonl:1: no field 'gold'"),
+        ([{"prompt": "p"}], {"checker": "nonsense"}, ConfigError, r"task t: checker.function.*'nonsense'"),
+        ([{"prompt": "p"}], {"samples": 2, "pass_at": [4]}, ConfigError, r"pass_at.*each k must be in 1..samples"),
+    ],
+)  # fmt: skip
+def test_bad_tasks_are_one_line_errors(tmp_path, rows, settings, error, message) -> None:
+    path = _write(tmp_path / "items.jsonl", rows)
+    with pytest.raises(error, match=message):
+        check_task(load_task_from(path, settings))
+
+
+def load_task_from(path: Path, settings: dict) -> TaskConfig:
+    from ironcore.config.base import from_dict
+
+    return from_dict(TaskConfig, {"name": "t", "path": str(path), **settings})
+
+
+def test_cli_writes_eval_json_and_logs_to_the_training_run(run_folder, tmp_path, capsys, monkeypatch) -> None:
+    """``ironcore eval --task``: eval.json in the checkpoint folder with eval/<task>/<metric>, the metrics on
+    the MLflow run that trained it (its mlflow_run.json), at the checkpoint's step."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    (run_folder / "mlflow_run.json").write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}))
+    assert main(["eval", "--checkpoint", str(run_folder), "--task", f"gsm8k={GSM8K}", "--limit", "3"]) == 0
+    out = json.loads((run_folder / "checkpoints/step_0000007/eval.json").read_text())
+    assert out["step"] == 7 and out["tasks"]["gsm8k"]["items"] == 3
+    assert out["eval/gsm8k/accuracy"] == out["tasks"]["gsm8k"]["accuracy"]
+    history = client.get_metric_history(run_id, "eval/gsm8k/accuracy")
+    assert [(m.value, m.step) for m in history] == [(out["eval/gsm8k/accuracy"], 7)]
+    assert "1 metrics logged to run" in capsys.readouterr().err
+    (run_folder / "mlflow_run.json").write_text(json.dumps({"tracking_uri": "http://127.0.0.1:9", "run_id": "x"}))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert main(["eval", "--checkpoint", str(run_folder), "--task", f"gsm8k={GSM8K}", "--limit", "1",
+                 "--output", str(tmp_path / "e.json")]) == 0  # fmt: skip
+    assert "could not log" in capsys.readouterr().err  # a dead server costs the logging, not the evaluation
+
+
+def test_cli_bad_task_is_one_line_and_writes_nothing(run_folder, tmp_path, capsys) -> None:
+    bad = _write(tmp_path / "bad.jsonl", [{"question": "q", "answer": "#### 1"}, {"answer": "#### 2"}])
+    output = tmp_path / "out.json"
+    assert main(["eval", "--checkpoint", str(run_folder), "--task", f"gsm8k={GSM8K}", "--task",
+                 f"gsm8k={bad}", "--output", str(output)]) == 2  # fmt: skip
+    assert "two tasks are named 'gsm8k'" in capsys.readouterr().err
+    (tmp_path / "t.yaml").write_text(f"base: gsm8k\npath: {bad}\n")
+    assert main(["eval", "--checkpoint", str(run_folder), "--task", f"gsm8k={GSM8K}", "--task",
+                 str(tmp_path / "t.yaml"), "--output", str(output)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"{bad}:2: no field 'question'" in err and len(err.strip().splitlines()) == 1
+    assert not output.exists()
+    assert main(["eval", "--checkpoint", str(run_folder), "--task", "gsm9k=x.jsonl"]) == 2
+    assert "'gsm9k' is not a built-in task (gsm8k, synthetic) (did you mean 'gsm8k'?)" in capsys.readouterr().err
