@@ -1,5 +1,5 @@
 """Everything is in pyproject.toml but one file: ``ironcore-lm-eval.pth``, which lets the ``lm_eval`` command find
-IronCore's model (``ironcore/evaluation/lm_eval_plugin.py``). A .pth file must sit in site-packages itself, which
+IronCore's model (``ironcore_lm_eval.py``). A .pth file must sit in site-packages itself, which
 pyproject.toml cannot say: here it goes beside the packages of the wheel, and of an editable install's wheel
 (setuptools >= 64; ``tests/test_lm_eval_adapter.py`` runs the ``lm_eval`` command to check it is there)."""
 

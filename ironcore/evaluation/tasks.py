@@ -129,7 +129,7 @@ def load_task(spec: str) -> TaskConfig:
                               + did_you_mean(name, BUILTIN_TASKS))  # fmt: skip
         settings = {"name": name, **BUILTIN_TASKS[name], "path": data}
         if name == "synthetic" and Path(data).is_dir():
-            manifest = json.loads(read_text(Path(data) / "task.json", "synthetic task manifest"))
+            manifest = read_json(Path(data) / "task.json", "synthetic task manifest")
             settings.update(path=str(Path(data) / "heldout.jsonl"), checker=manifest.get("reward", "exact"))
         return from_dict(TaskConfig, settings, f"--task {spec}")
     path = Path(spec)

@@ -77,7 +77,7 @@ STAGES = {
     ),
     "train": Stage(
         runs=("ironcore.cli.train", "ironcore.training.trainer"),
-        excludes=("evaluation/harness.py", "evaluation/lm_eval_plugin.py", "evaluation/validation.py",
+        excludes=("evaluation/harness.py", "evaluation/validation.py",
                   *_data_except(*_SAMPLES), *_other_commands("train", "common")),  # operation.eval_tasks: tasks
     ),
     "eval": Stage(  # validation loss, samples and tasks (ironcore eval --task logs to the training run's MLflow)

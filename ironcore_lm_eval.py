@@ -1,11 +1,12 @@
 """Lets the ``lm_eval`` command find IronCore's model (``--model ironcore``); run at interpreter start.
 
 lm-evaluation-harness knows its models from a table in ``lm_eval.models`` and
-has no plug-in entry points, so the package installs ``ironcore-lm-eval.pth``
-(see ``setup.py``), which imports this module. It costs nothing until then: it
-imports neither lm-eval nor torch, and only watches for ``lm_eval.models``.
-When lm-eval loads that module (its first model lookup), the ``ironcore``
-name is added to lm-eval's registry as a lazy reference to
+has no plug-in entry points, so the ironcore distribution installs
+``ironcore-lm-eval.pth`` (see ``setup.py``), which imports this module, a
+top-level one so that starting Python imports nothing of ``ironcore`` (nor
+lm-eval, nor torch): it only watches for ``lm_eval.models``. When lm-eval
+loads that module (its first model lookup), the ``ironcore`` name is added to
+lm-eval's registry as a lazy reference to
 :class:`ironcore.evaluation.harness.IronCoreLM`.
 """
 
