@@ -13,7 +13,14 @@ lm-eval's task machinery), with the same batch size and threads:
   each context once for its 4 choices; the ``hf`` model runs every
   (context, choice) sequence whole.
 - **generation**: ``--gen-items`` prompts, ``generate_until`` greedy up to
-  ``--max-gen-toks`` tokens, stopping at a blank line.
+  ``--max-gen-toks`` tokens, ending at a stop string. A task's answers end at
+  different lengths, but a random model never writes a task's stop string
+  ("." or a blank line: every row would run the whole budget), so by default
+  the stop strings are the texts of ``--stop-tokens`` vocabulary tokens drawn
+  at random (printed): each step ends a row with a small probability, and the
+  answers end at different points. ``--until`` gives stop strings instead.
+  lm-eval's ``hf`` model computes every row until the whole batch has met
+  one; IronCore drops a row once its text holds one.
 
 Items/s = items / seconds of the call. Each workload runs ``--pairs`` times
 as interleaved pairs (ours, then lm-eval's), so machine noise hits both
@@ -82,10 +89,17 @@ def mc_requests(items: int, context_words: int) -> list[Instance]:
     return requests
 
 
-def gen_requests(items: int, max_gen_toks: int) -> list[Instance]:
+def gen_requests(items: int, max_gen_toks: int, until: list[str]) -> list[Instance]:
     rng = random.Random(2)
-    settings = {"until": ["\n\n"], "max_gen_toks": max_gen_toks, "do_sample": False}
+    settings = {"until": until, "max_gen_toks": max_gen_toks, "do_sample": False}
     return [Instance("generate_until", {}, (sentence(rng, 20), dict(settings)), i) for i in range(items)]
+
+
+def stop_texts(lm: IronCoreLM, n: int) -> list[str]:
+    """The texts of ``n`` random vocabulary tokens of 3 or more characters (seeded): stop strings that a random
+    model meets after a number of steps that varies from row to row."""
+    texts = sorted({lm.tok_decode([i]) for i in range(lm.model.config.vocab_size)} - {""})
+    return random.Random(3).sample([t for t in texts if len(t.strip()) >= 3], n)
 
 
 def pairs(ours: Callable[[], list], theirs: Callable[[], list], n: int
@@ -110,7 +124,10 @@ def main() -> None:
     parser.add_argument("--mc-items", type=int, default=40)
     parser.add_argument("--context-words", type=int, default=80)
     parser.add_argument("--gen-items", type=int, default=16)
-    parser.add_argument("--max-gen-toks", type=int, default=32)
+    parser.add_argument("--max-gen-toks", type=int, default=64)
+    parser.add_argument("--until", nargs="+", default=None, help="generation: the stop strings (default: random "
+                                                                 "tokens' texts, see --stop-tokens)")
+    parser.add_argument("--stop-tokens", type=int, default=16, help="generation: tokens whose texts stop a row")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workloads", nargs="+", default=["mc", "gen"], choices=["mc", "gen"])
@@ -138,13 +155,14 @@ def main() -> None:
                   f"{'yes' if chosen[0] == chosen[1] else 'NO'}, largest log-likelihood difference {worst:.1e}",
                   flush=True)  # fmt: skip
         if "gen" in args.workloads:
-            requests = gen_requests(args.gen_items, args.max_gen_toks)
+            until = args.until or stop_texts(ours, args.stop_tokens)
+            requests = gen_requests(args.gen_items, args.max_gen_toks, until)
             ratios, a, b, times = pairs(lambda: ours.generate_until(requests, disable_tqdm=True),
                                         lambda: theirs.generate_until(requests, disable_tqdm=True), args.pairs)
             same = sum(x == y for x, y in zip(a, b, strict=True))
             generated = statistics.mean(len(ours.tok_encode(text)) for text in a)
-            print(f"generation: {args.gen_items} prompts, greedy up to {args.max_gen_toks} tokens (~{generated:.0f} "
-                  f"generated on average): IronCore {args.gen_items / statistics.median(t[0] for t in times):.2f} "
+            print(f"generation: {args.gen_items} prompts, greedy up to {args.max_gen_toks} tokens until one of "
+                  f"{until} (answers of ~{generated:.0f} tokens on average): IronCore {args.gen_items / statistics.median(t[0] for t in times):.2f} "
                   f"items/s, lm-eval hf {args.gen_items / statistics.median(t[1] for t in times):.2f} items/s; vs "
                   f"lm-eval {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}); same "
                   f"generations: {same} of {args.gen_items}", flush=True)  # fmt: skip

@@ -222,3 +222,12 @@ def test_cli_bad_task_is_one_line_and_writes_nothing(run_folder, tmp_path, capsy
     assert not output.exists()
     assert main(["eval", "--checkpoint", str(run_folder), "--task", "gsm9k=x.jsonl"]) == 2
     assert "'gsm9k' is not a built-in task (gsm8k, synthetic) (did you mean 'gsm8k'?)" in capsys.readouterr().err
+
+
+def test_a_checker_that_raises_is_one_line_naming_the_task(run_folder, tmp_path) -> None:
+    model, tokenizer = load_for_eval(run_folder)
+    items = _write(tmp_path / "items.jsonl", [{"prompt": "one two", "answer": "three"}])
+    task = TaskConfig(name="t", path=str(items), checker="test_eval_tasks:failing_checker", max_new_tokens=2)
+    with pytest.raises(DataError, match=rf"task t \({items}\): reward function failing_checker raised "
+                                        r"ZeroDivisionError: division by zero"):  # fmt: skip
+        evaluate_task(model, tokenizer, task)

@@ -190,6 +190,28 @@ def test_finished_rows_stop_costing_compute(imported, monkeypatch) -> None:
         generate(model, prompts, [4, 4])
 
 
+def test_the_caller_can_end_rows_while_streaming(imported) -> None:
+    """``stop_rows``: a row the caller ends (a stop string in its text) yields -1 from the next step and is
+    dropped like a finished row; the other rows keep their tokens."""
+    _, model = imported("llama")
+    prompts = PROMPTS * 3
+    options = dict(temperature=1.0, seed=4)
+    whole = generate(model, prompts, NEW, **options)
+    stopped, report = torch.zeros(len(prompts), dtype=torch.bool), DecodeReport()
+    steps = []
+    for step, token in enumerate(generate_module.stream(model, prompts, NEW, report=report, stop_rows=stopped,
+                                                        **options)):  # fmt: skip
+        steps.append(token.tolist())
+        if step == 1:
+            stopped[[0, 4, 8]] = True
+    got = [[t for t in row if t >= 0] for row in zip(*steps, strict=True)]
+    assert [got[i] for i in (0, 4, 8)] == [whole[i][:2] for i in (0, 4, 8)]
+    assert [g for i, g in enumerate(got) if i not in (0, 4, 8)] == [w for i, w in enumerate(whole) if i not in (0, 4, 8)]
+    assert report.compactions == 1 and report.row_steps == 9 + 6 * (NEW - 2)
+    with pytest.raises(ValueError, match="stop_rows must be a bool tensor \\[9\\]"):
+        generate_module.stream(model, prompts, NEW, stop_rows=torch.zeros(3, dtype=torch.bool))
+
+
 def test_kv_cache_memory_is_as_computed(imported) -> None:
     """layers x 2 x batch x kv heads x head dim x capacity x bytes = the bytes the cache's buffers hold."""
     for case in ("gemma_mqa", "llama", "gpt2"):

@@ -60,8 +60,11 @@ PIPELINE = {
     "corpus": {"max_bytes": 300_000},
     "tokenizer": {"vocab_size": 512},
     "eval": {"max_batches": 4, "max_new_tokens": 8, "prompts": ["def "]},
-    "experiments": {"a": {"config": "cfg/a.yaml"}, "b": {"config": "cfg/b.yaml"}},
+    "experiments": {"a": {"config": "cfg/a.yaml", "tasks": ["cfg/mc.yaml"]}, "b": {"config": "cfg/b.yaml"}},
 }
+# Experiment a's task (ironcore eval --task): multiple choice between a Python keyword and nonsense.
+MC_ITEMS = [{"prompt": prompt, "choices": [" " + word, " qzx" + word[::-1]], "gold": 0}
+            for prompt, word in [("import", "os"), ("def f(x):\n   ", "return"), ("for i", "in"), ("if x", "is")]]
 
 
 def write_yaml(path: Path, data: dict) -> Path:
@@ -107,6 +110,8 @@ def workdir(tmp_path_factory) -> Path:
     write_yaml(workdir / "cfg" / "a.yaml", training_config("tiny-gpt", "layernorm"))
     write_yaml(workdir / "cfg" / "b.yaml", training_config("tiny-rms", "rmsnorm"))
     write_yaml(workdir / "pipeline.yaml", PIPELINE)
+    (workdir / "cfg" / "mc.jsonl").write_text("".join(json.dumps(item) + "\n" for item in MC_ITEMS))
+    write_yaml(workdir / "cfg" / "mc.yaml", {"type": "multiple_choice", "path": "mc.jsonl"})
     snakemake(workdir)
     return workdir
 
@@ -125,7 +130,12 @@ def test_end_to_end(workdir):
         samples = json.loads((workdir / "results" / "eval" / name / "samples.json").read_text())
         assert len(samples["samples"]) >= 1 and samples["note"] is None
     assert (workdir / "results" / "summary" / "loss_curves.png").stat().st_size > 10_000
-    assert "| a | tiny-gpt |" in (workdir / "results" / "summary" / "summary.md").read_text()
+    table = (workdir / "results" / "summary" / "summary.md").read_text()
+    assert "| a | tiny-gpt |" in table and " mc acc | mc acc_norm |" in table  # a's task; b has none: "-"
+    tasks = json.loads((workdir / "results" / "eval" / "a" / "tasks.json").read_text())
+    assert tasks["tasks"]["mc"]["items"] == 4 and rows["a"]["tasks"]["mc acc"] == tasks["eval/mc/acc"]
+    b_row = next(line for line in table.splitlines() if line.startswith("| b |"))
+    assert rows["b"]["tasks"] == {} and b_row.endswith("| - | - |")
     for report in ("report.json", "report.html", "lengths.png"):
         assert (workdir / "results" / "data" / "tiny" / "inspect" / report).is_file()
     for rule in ("corpus", "tokenizer", "preprocess/tiny", "inspect/tiny", "train/a", "eval/b", "summary"):
@@ -146,6 +156,8 @@ def test_mlflow_parent_run_per_experiment_with_training_as_child(workdir):
         assert parent.info.status == "FINISHED"
         assert children[f"{name}/train"].data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert "val/loss" in parent.data.metrics and parent.data.params["optim.max_lr"] == "0.003"
+        assert ("eval/mc/acc" in parent.data.metrics) == (name == "a")  # the task's metric: on a's runs
+        assert ("eval/mc/acc" in children[f"{name}/train"].data.metrics) == (name == "a")
         folders = {item.path for item in client.list_artifacts(parent.info.run_id)}
         assert folders == {"config", "data", "eval", "summary", "train"}
 

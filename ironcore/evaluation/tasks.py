@@ -53,7 +53,7 @@ from ironcore.inference.settings import stop_ids
 from ironcore.models.transformer import TransformerModel
 from ironcore.rewards import RewardSet, RewardSpec, load_reward
 
-CHECK_STOPS_EVERY = 8  # decode steps between looks for the stop strings in the text so far
+CHECK_STOPS_EVERY = 4  # decode steps between looks for the stop strings in the text so far
 
 
 @dataclass
@@ -309,9 +309,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def complete(model: TransformerModel, tokenizer: Tokenizer, prompts: list[list[int]], max_new_tokens: int,
              stop: list[str], temperature: float, seed: int, batch_size: int,
              progress: Callable[[str], None] | None = None) -> list[str]:  # fmt: skip
-    """The completion text of each prompt (special tokens left out), cut at its first ``stop`` string; a batch
-    stops early once every row has ended or holds a stop string. Prompts are batched longest first; a prompt
-    too long for the model with its budget loses tokens on the left (as lm-eval's)."""
+    """The completion text of each prompt (special tokens left out), cut at its first ``stop`` string.
+
+    A row whose text holds a stop string is ended (``stream``'s ``stop_rows``) and dropped from the batch like
+    a finished one, so it costs no more steps; a batch stops once every row has ended. Prompts are batched
+    longest first; a prompt too long for the model with its budget loses tokens on the left (as lm-eval's).
+    """
     room = model.config.max_position_embeddings - max_new_tokens
     if room < 1:
         raise ConfigError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
@@ -324,16 +327,23 @@ def complete(model: TransformerModel, tokenizer: Tokenizer, prompts: list[list[i
         batch = order[start : start + batch_size]
         rows: list[list[int]] = [[] for _ in batch]
         ended = [False] * len(batch)
+        device = next(model.parameters()).device
+        stopped = torch.zeros(len(batch), dtype=torch.bool, device=device)  # rows whose text met a stop string
         tokens = stream(model, [prompts[i] for i in batch], max_new_tokens, temperature=temperature,
-                        eos_token_id=stops, seed=seed + start if temperature > 0 else None)  # fmt: skip
+                        eos_token_id=stops, seed=seed + start if temperature > 0 else None,
+                        stop_rows=stopped)  # fmt: skip
         for step, token in enumerate(tokens):
             for j, t in enumerate(token.tolist()):
                 if t >= 0:
                     rows[j].append(t)
                     ended[j] = ended[j] or t in stops
             if stop and (step + 1) % CHECK_STOPS_EVERY == 0:
-                texts = tokenizer.backend.decode_batch(rows, skip_special_tokens=True)
-                if all(e or any(s in text for s in stop) for e, text in zip(ended, texts, strict=True)):
+                running = [j for j in range(len(batch)) if not ended[j]]
+                texts = tokenizer.backend.decode_batch([rows[j] for j in running], skip_special_tokens=True)
+                for j, text in zip(running, texts, strict=True):
+                    ended[j] = any(s in text for s in stop)
+                stopped[[j for j in running if ended[j]]] = True  # the engine drops them: they cost no more steps
+                if all(ended):
                     break
         for i, text in zip(batch, tokenizer.backend.decode_batch(rows, skip_special_tokens=True), strict=True):
             out[i] = cut(text, stop)

@@ -151,6 +151,7 @@ def stream(
     seed: int | None = None,
     decode: Decode = "auto",
     report: DecodeReport | None = None,
+    stop_rows: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """An iterator over the next token of every prompt, one LongTensor [B] per step; -1 for rows already stopped.
 
@@ -160,7 +161,10 @@ def stream(
     greedy; ``top_k`` keeps the k most likely tokens and ``top_p`` the
     smallest set holding that probability mass; ``seed`` makes sampling
     reproducible; ``decode`` picks the decode step (see the module doc);
-    ``report`` is filled in as the steps run. The arguments are checked here
+    ``report`` is filled in as the steps run. ``stop_rows``, a bool tensor [B]
+    on the model's device, lets the caller end rows while iterating (a stop
+    string found in their text, say): a row set True ends as at a stop token,
+    from the step after, and is dropped like one. The arguments are checked here
     (ValueError), before the first step. The model runs in eval mode (dropout
     off) and is put back in its previous mode afterwards.
     """
@@ -183,7 +187,9 @@ def stream(
 
     report = report if report is not None else DecodeReport()
     report.path = decode_mode(decode, model, tokens.shape[1], budgets)
-    return _decode(model, tokens, lengths, budgets, stops, pick, report)
+    if stop_rows is not None and stop_rows.shape != (batch,):
+        raise ValueError(f"stop_rows must be a bool tensor [{batch}], got shape {tuple(stop_rows.shape)}")
+    return _decode(model, tokens, lengths, budgets, stops, pick, report, stop_rows)
 
 
 def decode_mode(decode: Decode, model: TransformerModel, prompt: int, budgets: list[int]) -> str:
@@ -226,6 +232,7 @@ def _decode(
     stops: torch.Tensor,
     pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     report: DecodeReport,
+    stop_rows: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """The prefill + decode loop of :func:`stream` over left-padded ``tokens`` [B, P]."""
     num_steps = max(budgets)
@@ -294,6 +301,8 @@ def _decode(
             token = pick(logits, rows).masked_fill(finished, -1)
             yield token if len(rows) == B else torch.full((B,), -1, device=device).index_put_((rows,), token)
             finished |= budget <= step + 1
+            if stop_rows is not None:  # set by the caller while the step's token was out
+                finished |= stop_rows[rows]
             if stops.numel():
                 finished |= torch.isin(token, stops)
             if step == num_steps - 1:
