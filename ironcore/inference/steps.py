@@ -130,8 +130,8 @@ class DecodeArena:
         """Keep the rows ``rows`` (sorted indices of the rows in use), moved to the front."""
         for layer in self.cache.layers:
             for t in (layer.keys, layer.values):
-                t[: len(rows)] = t.index_select(0, rows)
-        self.mask[: len(rows)] = self.mask.index_select(0, rows)
+                t[: len(rows)] = t[rows]
+        self.mask[: len(rows)] = self.mask[rows]
         self.count = len(rows)
 
     def __call__(self, token: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:
