@@ -264,10 +264,10 @@ def _decode(
     was_training = model.training
     model.eval()
     try:
-        if arena is not None:
+        if arena is not None:  # static and compiled calls may share an arena: each sets the step it runs
             arena.busy = True
-            if mode == "compile":
-                arena.run = steps.timed(steps.compiled_step(model, _compile_key(model, B, capacity)), report)
+            arena.run = (steps.timed(steps.compiled_step(model, _compile_key(model, B, capacity)), report)
+                         if mode == "compile" else steps.forward_step)  # fmt: skip
         # A prompt repeated in the batch (G completions of each prompt in RL) is computed once: its row of the
         # cache is copied to its repeats.
         rows_key = torch.cat([tokens, lengths[:, None]], dim=1)  # padding (0) may look like a real token 0

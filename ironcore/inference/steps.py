@@ -83,7 +83,7 @@ class DecodeArena:
         device = next(model.parameters()).device
         self.model, self.rows, self.capacity, self.key = model, rows, capacity, key
         self.window = model.config.sliding_window
-        self.run: Callable = _forward
+        self.run: Callable = forward_step
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
@@ -216,8 +216,9 @@ def _pointers(model: TransformerModel) -> tuple[int, ...]:
     return tuple(p.data_ptr() for p in model.parameters())
 
 
-def _forward(model: TransformerModel, token: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+def forward_step(model: TransformerModel, token: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
              cache: KVCache) -> torch.Tensor:
+    """The static step run eagerly (and the function that ``compile`` compiles): the next-token logits [B, V]."""
     return model(token, positions, mask, kv_cache=cache)[:, -1]
 
 
@@ -257,7 +258,7 @@ def compiled_step(model: TransformerModel, key: tuple) -> _Compiled:
     if key not in steps:
         # Dynamo keeps compiled code per code object: a private copy of the function per step lets each step's
         # frozen weights go when the step is dropped, and a new step never meets an old step's code.
-        fn = types.FunctionType(_forward.__code__.replace(), _forward.__globals__, "decode_step")
+        fn = types.FunctionType(forward_step.__code__.replace(), forward_step.__globals__, "decode_step")
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}  # versions track validity
         steps[key] = _Compiled(torch.compile(fn, fullgraph=True, dynamic=False, options=options), versions)
         while len(steps) > COMPILED_PER_MODEL:
