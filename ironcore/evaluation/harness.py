@@ -120,7 +120,6 @@ class IronCoreLM(TemplateLM):
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out
 
-    @torch.inference_mode()
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The checkpoint's chat template applied to ``chat_history`` (``--apply_chat_template``)."""
         return self.tokenizer_.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
