@@ -19,8 +19,10 @@ lm-eval's task machinery), with the same batch size and threads:
   the stop strings are the texts of ``--stop-tokens`` vocabulary tokens drawn
   at random (printed): each step ends a row with a small probability, and the
   answers end at different points. ``--until`` gives stop strings instead.
-  lm-eval's ``hf`` model computes every row until the whole batch has met
-  one; IronCore drops a row once its text holds one.
+  A task has more prompts than a batch (the default: 4 batches' worth).
+  lm-eval's ``hf`` model runs batch after batch, each row until the whole
+  batch has met a stop string; IronCore ends a row once its text holds one
+  and the next waiting prompt takes its place (continuous batching).
 
 Items/s = items / seconds of the call. Each workload runs ``--pairs`` times
 as interleaved pairs (ours, then lm-eval's), so machine noise hits both
@@ -31,6 +33,7 @@ Prints; asserts nothing.
 
     python benchmarks/eval_throughput.py                                    # gpt2-small shape, 2 threads
     python benchmarks/eval_throughput.py --model gpt2-tiny --pairs 2 --mc-items 8 --gen-items 4   # a smoke run
+    python benchmarks/eval_throughput.py --device cuda                      # on a GPU (CUDA graphs)
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from ironcore.checkpoints.hf import save_hf_model
 from ironcore.config import load_model_config
 from ironcore.data.tokenizer import Tokenizer
 from ironcore.evaluation.harness import IronCoreLM
+from ironcore.inference import generate
 from ironcore.models import TransformerModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +106,16 @@ def stop_texts(lm: IronCoreLM, n: int) -> list[str]:
     return random.Random(3).sample([t for t in texts if len(t.strip()) >= 3], n)
 
 
+def answer_lengths(lm: IronCoreLM, requests: list[Instance], budget: int, until: list[str]) -> list[int]:
+    """Tokens each greedy answer runs before its text holds a stop string (``budget`` when it never does)."""
+    prompts = [lm.tok_encode(r.args[0]) for r in requests]
+    lengths = []
+    for tokens in generate(lm.model, prompts, budget, max_batch=len(prompts)):
+        ends = (k for k in range(1, len(tokens) + 1) if any(s in lm.tok_decode(tokens[:k]) for s in until))
+        lengths.append(next(ends, budget))
+    return lengths
+
+
 def pairs(ours: Callable[[], list], theirs: Callable[[], list], n: int
           ) -> tuple[list[float], list, list, list[list[float]]]:  # fmt: skip
     """Per-pair time ratios (theirs / ours: > 1 means ours is faster), the last outputs of both, the times."""
@@ -123,21 +137,24 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=10)
     parser.add_argument("--mc-items", type=int, default=40)
     parser.add_argument("--context-words", type=int, default=80)
-    parser.add_argument("--gen-items", type=int, default=16)
+    parser.add_argument("--gen-items", type=int, default=64)
     parser.add_argument("--max-gen-toks", type=int, default=64)
     parser.add_argument("--until", nargs="+", default=None, help="generation: the stop strings (default: random "
                                                                  "tokens' texts, see --stop-tokens)")
     parser.add_argument("--stop-tokens", type=int, default=16, help="generation: tokens whose texts stop a row")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
     parser.add_argument("--workloads", nargs="+", default=["mc", "gen"], choices=["mc", "gen"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         ours_dir, hf_dir, params = build(args.model, Path(tmp))
-        ours = IronCoreLM(checkpoint=str(ours_dir), batch_size=args.batch_size, max_gen_toks=args.max_gen_toks)
-        theirs = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=args.batch_size, dtype="float32")
-        print(f"torch {torch.__version__}, {args.threads} threads, fp32; {args.model} shape, {params / 1e6:.1f}M "
+        ours = IronCoreLM(checkpoint=str(ours_dir), device=args.device, batch_size=args.batch_size,
+                          max_gen_toks=args.max_gen_toks)  # fmt: skip
+        theirs = HFLM(pretrained=str(hf_dir), device=args.device, batch_size=args.batch_size, dtype="float32")
+        where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{args.threads} threads"
+        print(f"torch {torch.__version__}, {where}, fp32; {args.model} shape, {params / 1e6:.1f}M "
               f"parameters, vocabulary {ours.model.config.vocab_size}; batch size {args.batch_size}, "
               f"{args.pairs} interleaved pairs", flush=True)  # fmt: skip
         if "mc" in args.workloads:
@@ -160,9 +177,10 @@ def main() -> None:
             ratios, a, b, times = pairs(lambda: ours.generate_until(requests, disable_tqdm=True),
                                         lambda: theirs.generate_until(requests, disable_tqdm=True), args.pairs)
             same = sum(x == y for x, y in zip(a, b, strict=True))
-            generated = statistics.mean(len(ours.tok_encode(text)) for text in a)
+            lengths = answer_lengths(ours, requests, args.max_gen_toks, until)
             print(f"generation: {args.gen_items} prompts, greedy up to {args.max_gen_toks} tokens until one of "
-                  f"{until} (answers of ~{generated:.0f} tokens on average): IronCore {args.gen_items / statistics.median(t[0] for t in times):.2f} "
+                  f"{until} ({sum(n < args.max_gen_toks for n in lengths)} answers end early; mean length "
+                  f"{statistics.mean(lengths):.1f} tokens): IronCore {args.gen_items / statistics.median(t[0] for t in times):.2f} "
                   f"items/s, lm-eval hf {args.gen_items / statistics.median(t[1] for t in times):.2f} items/s; vs "
                   f"lm-eval {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}); same "
                   f"generations: {same} of {args.gen_items}", flush=True)  # fmt: skip

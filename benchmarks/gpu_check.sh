@@ -57,6 +57,8 @@ step generate 300 "$PYTHON" benchmarks/generate_throughput.py --device cuda --pr
 step grpo 120 "$PYTHON" benchmarks/grpo_throughput.py --device cuda --pairs 10 --json "$OUT_DIR/grpo_adder.json"
 step grpo-gpt2 200 "$PYTHON" benchmarks/grpo_throughput.py --device cuda --model gpt2-small --precision bf16 \
   --prompts 16 --completion-len 128 --pairs 10 --json "$OUT_DIR/grpo_gpt2.json"
+# Evaluation against lm-eval's hf model (needs lm_eval): multiple choice and generation (issue 18).
+step eval 240 "$PYTHON" benchmarks/eval_throughput.py --device cuda
 
 worst=0
 for entry in "${STEPS[@]}"; do

@@ -293,6 +293,27 @@ def test_graph_buckets_compaction_and_reuse_give_the_same_tokens(imported, monke
     assert generate(model, prompts, budgets, **options) == expected[1]
 
 
+def test_waiting_prompts_join_as_rows_finish(imported) -> None:
+    """More prompts than ``max_batch``: each prompt generates what it generates alone (windows shorter than the
+    prompts, stop tokens, ragged budgets). Eagerly a waiting prompt takes a finished row's place as it goes, so
+    the long answer of the first prompt overlaps all the others; the static path runs consecutive batches."""
+    _, model = imported("mistral_sliding_window")
+    prompts = [*PROMPTS, *(p[::-1] for p in PROMPTS)]
+    budgets = [14, 3, 4, 3, 4, 3]
+    eos = [3, 7]
+    alone = [generate(model, [p], n, eos_token_id=eos, decode="eager")[0] for p, n in zip(prompts, budgets)]
+    joined, batches = DecodeReport(), DecodeReport()
+    assert generate(model, prompts, budgets, eos_token_id=eos, decode="eager", max_batch=2, report=joined) == alone
+    assert generate(model, prompts, budgets, eos_token_id=eos, decode="static", max_batch=2, report=batches) == alone
+    assert joined.row_steps == sum(len(a) - 1 for a in alone)  # no row decodes past its end
+    assert batches.steps == sum(max(len(a) for a in alone[i : i + 2]) - 1 for i in range(0, 6, 2))
+    assert joined.steps <= max(len(alone[0]), sum(len(a) for a in alone[1:])) < batches.steps  # the batch stays full
+    options = dict(temperature=1.0, seed=3, eos_token_id=eos, max_batch=4)
+    assert generate(model, prompts, budgets, **options) == generate(model, prompts, budgets, **options)
+    with pytest.raises(ValueError, match="max_batch"):
+        generate(model, prompts, budgets, max_batch=0)
+
+
 def test_two_streams_on_one_model_use_two_arenas(imported) -> None:
     """A stream still decoding keeps its arena; another stream on the same model gets a new one."""
     _, model = imported("llama")

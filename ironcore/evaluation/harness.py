@@ -139,7 +139,10 @@ def run_lm_eval(lm: IronCoreLM, tasks: list[str], include_path: str | None = Non
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path)
+    # Indexing lm-eval's own tasks takes seconds (thousands of files): tasks all found in include_path skip it.
+    manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    if manager is None or not all(manager.match_tasks([task]) for task in tasks):
+        manager = TaskManager(include_path=include_path)
     unknown = [task for task in tasks if not manager.match_tasks([task])]
     if unknown:
         raise ConfigError(f"--lm-eval: no lm-eval task named {', '.join(unknown)}"

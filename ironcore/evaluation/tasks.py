@@ -311,44 +311,49 @@ def complete(model: TransformerModel, tokenizer: Tokenizer, prompts: list[list[i
              progress: Callable[[str], None] | None = None) -> list[str]:  # fmt: skip
     """The completion text of each prompt (special tokens left out), cut at its first ``stop`` string.
 
-    A row whose text holds a stop string is ended (``stream``'s ``stop_rows``) and dropped from the batch like
-    a finished one, so it costs no more steps; a batch stops once every row has ended. Prompts are batched
-    longest first; a prompt too long for the model with its budget loses tokens on the left (as lm-eval's).
+    Up to ``batch_size`` prompts decode at once, longest first; a row whose text holds a stop string is ended
+    (``stream``'s ``stop_rows``) and, like a finished one, gives its place to the next waiting prompt
+    (continuous batching), so the batch stays full and no row decodes past its answer. A prompt too long for
+    the model with its budget loses tokens on the left (as lm-eval's).
     """
     room = model.config.max_position_embeddings - max_new_tokens
     if room < 1:
         raise ConfigError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
                           f"{model.config.max_position_embeddings} positions")  # fmt: skip
-    prompts = [p[-room:] for p in prompts]
     stops = stop_ids(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    rows: list[list[int]] = [[] for _ in order]  # by place in ``order``
+    ended = [False] * len(order)
+    live: set[int] = set()  # rows started and not ended
+    stopped = torch.zeros(len(order), dtype=torch.bool, device=next(model.parameters()).device)
+    tokens = stream(model, [prompts[i][-room:] for i in order], max_new_tokens, temperature=temperature,
+                    eos_token_id=stops, seed=seed if temperature > 0 else None, stop_rows=stopped,
+                    max_batch=batch_size)  # fmt: skip
+    reported = 0
+    for step, token in enumerate(tokens):
+        running = (token >= 0).nonzero().squeeze(1)
+        for j, t in zip(running.tolist(), token[running].tolist(), strict=True):
+            rows[j].append(t)
+            live.add(j)
+            if t in stops:
+                ended[j] = True
+                live.discard(j)
+        if stop and (step + 1) % CHECK_STOPS_EVERY == 0 and live:
+            looked = sorted(live)
+            texts = tokenizer.backend.decode_batch([rows[j] for j in looked], skip_special_tokens=True)
+            met = [j for j, text in zip(looked, texts, strict=True) if any(s in text for s in stop)]
+            stopped[met] = True  # the engine ends them: they cost no more steps
+            for j in met:
+                ended[j] = True
+                live.discard(j)
+        if progress and (step + 1) % 64 == 0 and sum(ended) > reported:
+            reported = sum(ended)
+            progress(f"{reported}/{len(order)} completions")
     out = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        rows: list[list[int]] = [[] for _ in batch]
-        ended = [False] * len(batch)
-        device = next(model.parameters()).device
-        stopped = torch.zeros(len(batch), dtype=torch.bool, device=device)  # rows whose text met a stop string
-        tokens = stream(model, [prompts[i] for i in batch], max_new_tokens, temperature=temperature,
-                        eos_token_id=stops, seed=seed + start if temperature > 0 else None,
-                        stop_rows=stopped)  # fmt: skip
-        for step, token in enumerate(tokens):
-            for j, t in enumerate(token.tolist()):
-                if t >= 0:
-                    rows[j].append(t)
-                    ended[j] = ended[j] or t in stops
-            if stop and (step + 1) % CHECK_STOPS_EVERY == 0:
-                running = [j for j in range(len(batch)) if not ended[j]]
-                texts = tokenizer.backend.decode_batch([rows[j] for j in running], skip_special_tokens=True)
-                for j, text in zip(running, texts, strict=True):
-                    ended[j] = any(s in text for s in stop)
-                stopped[[j for j in running if ended[j]]] = True  # the engine drops them: they cost no more steps
-                if all(ended):
-                    break
-        for i, text in zip(batch, tokenizer.backend.decode_batch(rows, skip_special_tokens=True), strict=True):
-            out[i] = cut(text, stop)
-        if progress:
-            progress(f"{min(start + batch_size, len(order))}/{len(order)} completions")
+    for i, text in zip(order, tokenizer.backend.decode_batch(rows, skip_special_tokens=True), strict=True):
+        out[i] = cut(text, stop)
+    if progress:
+        progress(f"{len(order)}/{len(order)} completions")
     return out
 
 

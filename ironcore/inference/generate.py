@@ -126,6 +126,7 @@ def generate(
     seed: int | None = None,
     decode: Decode = "auto",
     report: DecodeReport | None = None,
+    max_batch: int | None = None,
 ) -> list[list[int]]:
     """The tokens generated for each prompt (prompt excluded; a stop token ends a row and is included).
 
@@ -133,7 +134,7 @@ def generate(
     [B, T] of equal-length prompts. See :func:`stream` for the arguments.
     """
     steps = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, decode,
-                        report))  # fmt: skip
+                        report, max_batch=max_batch))  # fmt: skip
     if not steps:
         return [[] for _ in range(len(input_ids))]
     rows = torch.stack(steps, dim=1).tolist()
@@ -152,8 +153,9 @@ def stream(
     decode: Decode = "auto",
     report: DecodeReport | None = None,
     stop_rows: torch.Tensor | None = None,
+    max_batch: int | None = None,
 ) -> Iterator[torch.Tensor]:
-    """An iterator over the next token of every prompt, one LongTensor [B] per step; -1 for rows already stopped.
+    """An iterator over the next token of every prompt, one LongTensor [B] per step; -1 for rows not running.
 
     Stops after ``max_new_tokens`` steps (one number, or one per prompt) or
     when every row has produced one of ``eos_token_id`` (on a GPU up to
@@ -164,32 +166,45 @@ def stream(
     ``report`` is filled in as the steps run. ``stop_rows``, a bool tensor [B]
     on the model's device, lets the caller end rows while iterating (a stop
     string found in their text, say): a row set True ends as at a stop token,
-    from the step after, and is dropped like one. The arguments are checked here
-    (ValueError), before the first step. The model runs in eval mode (dropout
-    off) and is put back in its previous mode afterwards.
+    from the step after, and is dropped like one. ``max_batch`` bounds the
+    rows decoded at once; the other prompts wait (yielding -1) and, decoding
+    eagerly, each takes the place of a finished row as it goes (continuous
+    batching: the batch stays full); on the static paths they run in
+    consecutive batches. With waiting prompts a sampled row's draw depends on
+    the rows beside it (as in any batched sampler); greedy rows do not. The
+    arguments are checked here (ValueError), before the first step. The model
+    runs in eval mode (dropout off) and is put back in its previous mode
+    afterwards.
     """
     device = next(model.parameters()).device
-    tokens, lengths = _left_pad(input_ids, device)
-    budgets = _budgets(max_new_tokens, tokens.shape[0])
+    prompts = _rows(input_ids)
+    budgets = _budgets(max_new_tokens, len(prompts))
     for budget in set(budgets):
         check_sampling(budget, temperature, top_k, top_p)
-    limit, longest = model.config.max_position_embeddings, int((lengths + torch.tensor(budgets, device=device)).max())
+    limit, longest = model.config.max_position_embeddings, max(len(p) + n for p, n in zip(prompts, budgets, strict=True))
     if longest - 1 > limit:
         raise ValueError(
             f"a prompt + its new tokens ({longest} tokens) exceeds the model's max_position_embeddings ({limit})"
         )
+    if max_batch is not None and max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     stops = torch.tensor(_as_list(eos_token_id), dtype=torch.long, device=device)
     generator = _generator(seed, device) if temperature > 0 else None
-    batch = tokens.shape[0]
+    batch = len(prompts)
+    width = batch if max_batch is None else min(batch, max_batch)
 
     def pick(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if width < batch:  # rows come and go: the draw is the batch's own
+            return sample_next(logits, temperature, top_k, top_p, generator)
         return sample_next(logits, temperature, top_k, top_p, generator, rows if len(rows) < batch else None, batch)
 
     report = report if report is not None else DecodeReport()
-    report.path = decode_mode(decode, model, tokens.shape[1], budgets)
+    report.path = decode_mode(decode, model, max(len(p) for p in prompts), budgets[:width])
     if stop_rows is not None and stop_rows.shape != (batch,):
         raise ValueError(f"stop_rows must be a bool tensor [{batch}], got shape {tuple(stop_rows.shape)}")
-    return _decode(model, tokens, lengths, budgets, stops, pick, report, stop_rows)
+    if width < batch and report.path != "eager":
+        return _consecutive(model, prompts, budgets, stops, pick, report, stop_rows, width)
+    return _decode(model, prompts, budgets, stops, pick, report, stop_rows, width)
 
 
 def decode_mode(decode: Decode, model: TransformerModel, prompt: int, budgets: list[int]) -> str:
@@ -223,64 +238,84 @@ def _compile_key(model: TransformerModel, batch: int, capacity: int) -> tuple:
     return batch, steps.bucket(capacity), *steps.weight_dtypes(model)
 
 
-@torch.inference_mode()
-def _decode(
+def _consecutive(
     model: TransformerModel,
-    tokens: torch.Tensor,
-    lengths: torch.Tensor,
+    prompts: list[torch.Tensor],
     budgets: list[int],
     stops: torch.Tensor,
     pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     report: DecodeReport,
-    stop_rows: torch.Tensor | None = None,
+    stop_rows: torch.Tensor | None,
+    width: int,
 ) -> Iterator[torch.Tensor]:
-    """The prefill + decode loop of :func:`stream` over left-padded ``tokens`` [B, P]."""
-    num_steps = max(budgets)
-    if num_steps == 0:
+    """:func:`_decode` over consecutive batches of ``width`` prompts (the static paths' fixed rows cannot take
+    new prompts), each batch's tokens yielded as rows of the whole [B]."""
+    B = len(prompts)
+    for start in range(0, B, width):
+        part = slice(start, start + width)
+        rows = None if stop_rows is None else stop_rows[part]  # a view: the caller's writes reach it
+        for token in _decode(model, prompts[part], budgets[part], stops, pick, report, rows, width):
+            out = torch.full((B,), -1, device=token.device)
+            out[start : start + len(token)] = token
+            yield out
+
+
+@torch.inference_mode()
+def _decode(
+    model: TransformerModel,
+    prompts: list[torch.Tensor],
+    budgets: list[int],
+    stops: torch.Tensor,
+    pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    report: DecodeReport,
+    stop_rows: torch.Tensor | None,
+    width: int,
+) -> Iterator[torch.Tensor]:
+    """The prefill + decode loop of :func:`stream`: the first ``width`` prompts start; the others (eager only)
+    join as rows finish."""
+    B = len(prompts)
+    width = min(width, B)
+    num_steps = max(budgets[:width])
+    if max(budgets) == 0:
         return
-    B, P = tokens.shape
-    device = tokens.device
+    device = next(model.parameters()).device
+    tokens, lengths = _left_pad(prompts[:width], device)
+    P = tokens.shape[1]
     mode = report.path
-    # Positions count from each row's first real token; key_valid marks the slots that are real tokens.
-    pads = P - lengths
     capacity = P + num_steps
     if mode == "compile":
-        capacity = _compile_key(model, B, capacity)[1]
+        capacity = _compile_key(model, width, capacity)[1]
     elif mode != "eager":
         capacity = steps.ARENA_BUCKET * math.ceil(capacity / steps.ARENA_BUCKET)
-    key_valid = torch.arange(capacity, device=device)[None, :] >= pads[:, None]
-    padded = bool((pads > 0).any())
-    positions = (torch.arange(P, device=device)[None, :] - pads[:, None]).clamp(min=0)
-    prefill_mask = None
-    if padded:
-        valid = key_valid[:, :P]
-        prefill_mask = (valid[:, None, :] | ~valid[:, :, None]).unsqueeze(1)  # padding queries see padding
+    # Positions count from each row's first real token; key_valid marks the slots that are real tokens.
+    key_valid, positions, prefill_mask = _prefill_inputs(tokens, lengths, capacity)
+    padded = prefill_mask is not None
 
     # The static steps decode in an arena kept from call to call (one new token needs no step, nor an arena);
     # the prefill fills a cache of its own first.
     static = mode != "eager" and num_steps > 1
-    arena = steps.arena(model, B, capacity, graphs=mode == "graph") if static else None
+    arena = steps.arena(model, width, capacity, graphs=mode == "graph") if static else None
     cache = KVCache(len(model.layers), capacity if arena is None else P)
     was_training = model.training
     model.eval()
     try:
         if arena is not None:  # static and compiled calls may share an arena: each sets the step it runs
             arena.busy = True
-            arena.run = (steps.timed(steps.compiled_step(model, _compile_key(model, B, capacity)), report)
+            arena.run = (steps.timed(steps.compiled_step(model, _compile_key(model, width, capacity)), report)
                          if mode == "compile" else steps.forward_step)  # fmt: skip
         # A prompt repeated in the batch (G completions of each prompt in RL) is computed once: its row of the
         # cache is copied to its repeats.
         rows_key = torch.cat([tokens, lengths[:, None]], dim=1)  # padding (0) may look like a real token 0
         unique, repeat = rows_key.unique(dim=0, return_inverse=True)
         started = time.perf_counter()
-        if len(unique) < B:
-            first = torch.full((len(unique),), B, device=device).scatter_reduce_(
-                0, repeat, torch.arange(B, device=device), "amin")  # fmt: skip
+        if len(unique) < width:
+            first = torch.full((len(unique),), width, device=device).scatter_reduce_(
+                0, repeat, torch.arange(width, device=device), "amin")  # fmt: skip
             mask = None if prefill_mask is None else prefill_mask[first]
             logits = model(tokens[first], positions[first], mask, kv_cache=cache, logits_to_keep=1)[:, -1][repeat]
         else:
             logits = model(tokens, positions, prefill_mask, kv_cache=cache, logits_to_keep=1)[:, -1]
-        copies = repeat if len(unique) < B else None
+        copies = repeat if len(unique) < width else None
         if arena is not None:
             arena.load(cache, copies, key_valid, P, report)
             cache = arena.cache
@@ -289,46 +324,109 @@ def _decode(
         _sync(device)
         report.prefill_seconds += time.perf_counter() - started
         report.prefill_tokens += len(unique) * P
-        report.kv_cache_bytes = cache.nbytes
-        report.kv_cache_shape = (arena.rows if arena is not None else B, capacity)
+        report.kv_cache_bytes = max(report.kv_cache_bytes, cache.nbytes)
+        report.kv_cache_shape = (arena.rows if arena is not None else width, capacity)
         next_positions = lengths[:, None].clone()
-        budget = torch.tensor(budgets, device=device)
-        rows = torch.arange(B, device=device)  # the prompts still in the batch
+        budget = torch.tensor(budgets[:width], device=device)
+        produced = torch.zeros_like(budget)
+        rows = torch.arange(width, device=device)  # the prompts in the batch
         finished = budget == 0  # a row with no budget yields only -1
-        log.info("decode: %s, batch %d, %d steps at most", mode, B, num_steps)
+        waiting = list(range(width, B))  # prompts not started (eager decoding only)
+        last = num_steps - 1  # the step by which every row started so far has run out of budget
+        log.info("decode: %s, batch %d of %d prompts, %d steps at most", mode, width, B, num_steps)
         sync_every = 1 if device.type == "cpu" else SYNC_EVERY
-        for step in range(num_steps):
+        step = 0
+        while True:
             token = pick(logits, rows).masked_fill(finished, -1)
             yield token if len(rows) == B else torch.full((B,), -1, device=device).index_put_((rows,), token)
-            finished |= budget <= step + 1
+            produced += 1
+            finished |= produced >= budget
             if stop_rows is not None:  # set by the caller while the step's token was out
                 finished |= stop_rows[rows]
             if stops.numel():
                 finished |= torch.isin(token, stops)
-            if step == num_steps - 1:
+            if step == last and not waiting:
                 return
+            admit = False
             if (step + 1) % sync_every == 0:
                 done = int(finished.sum())
-                if done == len(rows):
+                if done == len(rows) and not waiting:
                     return
-                if _compacts(mode, arena, len(rows), done):
+                admit = bool(waiting) and done > 0 and (done == len(rows) or done >= COMPACT_AT * len(rows))
+                if admit or _compacts(mode, arena, len(rows), done):
                     keep = (~finished).nonzero().squeeze(1)
-                    rows, token, budget, finished = rows[keep], token[keep], budget[keep], finished[keep]
-                    next_positions, key_valid = next_positions[keep], key_valid[keep]
+                    rows, token, budget, produced = rows[keep], token[keep], budget[keep], produced[keep]
+                    finished, next_positions, key_valid = finished[keep], next_positions[keep], key_valid[keep]
                     (arena or cache).keep(keep)
                     report.compactions += 1
-            report.steps += 1
-            report.row_steps += len(rows)
-            if arena is not None:
-                logits = arena(token.clamp(min=0)[:, None], next_positions, P + step)
-            else:
-                mask = key_valid[:, None, None, : cache.length + 1] if padded else None
-                logits = model(token.clamp(min=0)[:, None], next_positions, mask, kv_cache=cache)[:, -1]
-            next_positions += 1
+            if len(rows):
+                report.steps += 1
+                report.row_steps += len(rows)
+                if arena is not None:
+                    logits = arena(token.clamp(min=0)[:, None], next_positions, P + step)
+                else:
+                    mask = key_valid[:, None, None, : cache.length + 1] if padded else None
+                    logits = model(token.clamp(min=0)[:, None], next_positions, mask, kv_cache=cache)[:, -1]
+                next_positions += 1
+            if admit:  # waiting prompts take the finished rows' places
+                new, waiting = waiting[: width - len(rows)], waiting[width - len(rows) :]
+                started = time.perf_counter()
+                joined = _join(model, [prompts[i] for i in new], [budgets[i] for i in new], cache, key_valid,
+                               budget - produced)  # fmt: skip
+                key_valid, new_logits, new_positions = joined
+                padded = True
+                rows = torch.cat([rows, torch.tensor(new, device=device)])
+                budget = torch.cat([budget, torch.tensor([budgets[i] for i in new], device=device)])
+                produced = torch.cat([produced, torch.zeros(len(new), dtype=produced.dtype, device=device)])
+                finished = torch.cat([finished, budget[len(finished) :] == 0])
+                next_positions = torch.cat([next_positions, new_positions])
+                logits = torch.cat([logits[: len(rows) - len(new)], new_logits])
+                last = max(last, step + max(budgets[i] for i in new))
+                report.prefill_seconds += time.perf_counter() - started
+                report.prefill_tokens += len(new) * max(len(prompts[i]) for i in new)
+                report.kv_cache_bytes = max(report.kv_cache_bytes, cache.nbytes)
+            step += 1
     finally:
         model.train(was_training)
         if arena is not None:
             arena.busy = False
+
+
+def _join(model: TransformerModel, prompts: list[torch.Tensor], budgets: list[int], cache: KVCache,
+          key_valid: torch.Tensor, remaining: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Prefill ``prompts`` and splice their cache rows below the running ones (``cache``, whose rows still need
+    ``remaining`` new tokens), every row ending at the same position; the columns before the oldest running
+    row's first token go. Returns the new key_valid, the new rows' logits and their next positions."""
+    device = key_valid.device
+    tokens, lengths = _left_pad(prompts, device)
+    P = tokens.shape[1]
+    valid, positions, mask = _prefill_inputs(tokens, lengths, P)
+    part = KVCache(len(model.layers), P)
+    logits = model(tokens, positions, mask, kv_cache=part, logits_to_keep=1)[:, -1]
+    end = cache.length
+    start = int(key_valid[:, :end].int().argmax(dim=1).min()) if len(key_valid) else end  # first real column
+    length = max(end - start, P)
+    capacity = length + max([*remaining.tolist(), *budgets])
+    cache.splice(start, part, length, capacity)
+    joined = torch.ones(len(key_valid) + len(prompts), capacity, dtype=torch.bool, device=device)
+    joined[:, :length] = False
+    joined[: len(key_valid), length - (end - start) : length] = key_valid[:, start:end]
+    joined[len(key_valid) :, length - P : length] = valid[:, :P]
+    return joined, logits, lengths[:, None]
+
+
+def _prefill_inputs(tokens: torch.Tensor, lengths: torch.Tensor, capacity: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """For left-padded ``tokens`` [B, P]: key_valid [B, capacity] (True from each row's first real token on),
+    positions [B, P] counting from it, and the prefill mask (None without padding)."""
+    P = tokens.shape[1]
+    pads = P - lengths
+    key_valid = torch.arange(capacity, device=tokens.device)[None, :] >= pads[:, None]
+    positions = (torch.arange(P, device=tokens.device)[None, :] - pads[:, None]).clamp(min=0)
+    if not bool((pads > 0).any()):
+        return key_valid, positions, None
+    valid = key_valid[:, :P]
+    return key_valid, positions, (valid[:, None, :] | ~valid[:, :, None]).unsqueeze(1)  # padding sees padding
 
 
 def _compacts(mode: str, arena: steps.DecodeArena | None, running: int, done: int) -> bool:
@@ -359,8 +457,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def _left_pad(input_ids: Prompts, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens [B, P] left-padded with 0, lengths [B]) of ragged prompts or a [B, T] tensor."""
+def _rows(input_ids: Prompts) -> list[torch.Tensor]:
+    """The prompts of ragged lists or a [B, T] tensor, one 1-D LongTensor each (ValueError on an empty one)."""
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids tensor must be [batch, length], got shape {tuple(input_ids.shape)}")
@@ -369,6 +467,11 @@ def _left_pad(input_ids: Prompts, device: torch.device) -> tuple[torch.Tensor, t
         rows = [torch.as_tensor(list(p), dtype=torch.long) for p in input_ids]
     if not rows or any(r.numel() == 0 for r in rows):
         raise ValueError("every prompt needs at least one token")
+    return rows
+
+
+def _left_pad(rows: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B, P] left-padded with 0, lengths [B]) of the prompts ``rows``."""
     lengths = torch.tensor([r.numel() for r in rows], device=device)
     tokens = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=device)
     for i, r in enumerate(rows):

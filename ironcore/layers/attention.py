@@ -80,6 +80,21 @@ class LayerKVCache:
         if self.keys is not None:
             self.keys, self.values = self.keys[rows], self.values[rows]  # (index_select is slower on CPU)
 
+    def splice(self, start: int, other: LayerKVCache, length: int, capacity: int) -> None:
+        """New buffers of ``capacity`` positions: this cache's rows with their positions from ``start`` on, then
+        ``other``'s rows, both moved to end at position ``length`` (zeros before them). Rows that join a running
+        batch (continuous batching) line up with it so that every row writes its next token at ``length``."""
+        mine, theirs = self.length - start, other.length
+
+        def joined(t: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros(t.shape[0] + o.shape[0], t.shape[1], capacity, t.shape[3])
+            out[: t.shape[0], :, length - mine : length] = t[:, :, start : self.length]
+            out[t.shape[0] :, :, length - theirs : length] = o[:, :, :theirs]
+            return out
+
+        self.keys, self.values = joined(self.keys, other.keys), joined(self.values, other.values)
+        self.capacity, self.length = capacity, length
+
 
 class KVCache:
     """The keys and values of every layer, for prefill + incremental decoding of up to ``capacity`` positions.
@@ -101,6 +116,11 @@ class KVCache:
         """Keep only the batch rows ``rows`` (a LongTensor of indices) in every layer."""
         for layer in self.layers:
             layer.keep(rows)
+
+    def splice(self, start: int, other: KVCache, length: int, capacity: int) -> None:
+        """:meth:`LayerKVCache.splice` in every layer: ``other``'s rows join this batch, all ending at ``length``."""
+        for mine, theirs in zip(self.layers, other.layers, strict=True):
+            mine.splice(start, theirs, length, capacity)
 
     @property
     def nbytes(self) -> int:
