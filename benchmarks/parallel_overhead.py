@@ -1,17 +1,22 @@
 """What tensor and data parallelism cost: step time and bytes communicated, vs one process on the same cores.
 
-    python benchmarks/parallel_overhead.py                      # CPU, gloo: 1 process, TP=2, DP=2
+    python benchmarks/parallel_overhead.py                      # CPU, gloo: 1 process, TP=2, DP=2, DP=2 + ZeRO-1
     python benchmarks/parallel_overhead.py --device cuda        # GPUs, nccl (2-process layouts need 2 GPUs)
 
 Every layout runs the same global batch per optimizer step (``--batch``
 sequences of ``--seq`` tokens) through the full IronCore step: vocab-parallel
 logits and cross-entropy, backward, ``finalize_grads`` (TP sums + DP
-all-reduce), global-norm clipping, AdamW. On CPU the cores are shared fairly:
+all-reduce), global-norm clipping, AdamW; with the distributed optimizer
+(``DP=2 + dist. opt.``) the DP all-reduce becomes a reduce-scatter, each rank
+steps its half of AdamW, and the parameters are all-gathered. On CPU the cores are shared fairly:
 one process uses all ``--threads`` threads, each of two processes half. DP
 ranks each take half the batch; TP ranks each hold half of every layer.
 
 Each layout runs ``--repeats`` times, interleaved, and the fastest run
-counts (a shared machine's background load only ever slows a run down).
+counts (a shared machine's background load only ever slows a run down); the
+distributed optimizer is also compared with plain DP=2 round by round (the
+median and spread of the per-round ratio). The optimizer state per rank is
+the bytes of AdamW's moments rank 0 holds.
 Bytes are counted by IronCore's collective wrappers (``ironcore.parallel.comm``)
 on rank 0: the payload a rank hands to each all-reduce, and the gathered
 output of each all-gather. A ring all-reduce sends about 2(n-1)/n times its
@@ -36,14 +41,16 @@ import torch.multiprocessing as mp
 from ironcore.config import load_model_config
 from ironcore.config.base import validated
 from ironcore.config.model import ModelConfig
+from ironcore.config.training import OptimConfig
 from ironcore.models import TransformerModel
 from ironcore.parallel import comm
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
-from ironcore.parallel.grad import clip_factor, finalize_grads, grad_norm
+from ironcore.parallel.grad import clip_factor, finalize_grads, grad_norm, sync_tensor_parallel_grads
 from ironcore.parallel.setup import destroy_parallel, init_parallel
-from ironcore.training.optim import step_with_scaled_grads
+from ironcore.training.optim import build_optimizer, step_with_scaled_grads
 
-LAYOUTS = [("1 process", 1, 1), ("TP=2", 2, 2), ("DP=2", 2, 1)]  # name, world size, tp size
+# name, world size, tp size, distributed optimizer
+LAYOUTS = [("1 process", 1, 1, False), ("TP=2", 2, 2, False), ("DP=2", 2, 1, False), ("DP=2 + dist. opt.", 2, 1, True)]
 
 
 def parse_args() -> argparse.Namespace:
@@ -75,7 +82,8 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     return validated(dataclasses.replace(cfg, **overrides), "model")
 
 
-def run_layout(rank: int, world: int, tp: int, port: int, args: argparse.Namespace, out: str) -> None:
+def run_layout(rank: int, world: int, tp: int, distributed: bool, port: int, args: argparse.Namespace, out: str
+               ) -> None:  # fmt: skip
     """One process of a layout: time ``args.steps`` optimizer steps, rank 0 writes the numbers to ``out``."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
@@ -86,7 +94,7 @@ def run_layout(rank: int, world: int, tp: int, port: int, args: argparse.Namespa
     ctx = init_parallel(tp, cfg, device=args.device)
     torch.manual_seed(0)
     model = TransformerModel(cfg).to(ctx.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=ctx.device.type == "cuda")
+    optimizer = build_optimizer(model, OptimConfig(max_lr=1e-4, weight_decay=0.0), distributed=distributed)
     rows = args.batch // ctx.dp_size
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen).to(ctx.device)
@@ -99,8 +107,14 @@ def run_layout(rank: int, world: int, tp: int, port: int, args: argparse.Namespa
         logits = model(inputs, parallel_output=True)
         loss = vocab_parallel_cross_entropy(logits, targets).sum() / global_tokens
         loss.backward()
-        finalize_grads(model, dp_reduction="sum")
-        step_with_scaled_grads(optimizer, clip_factor(grad_norm(model).item(), 1.0))
+        if distributed:
+            sync_tensor_parallel_grads(model)
+            optimizer.reduce_gradients()
+            norm = optimizer.grad_norm()
+        else:
+            finalize_grads(model, dp_reduction="sum")
+            norm = grad_norm(model)
+        step_with_scaled_grads(optimizer, clip_factor(norm.item(), 1.0))
 
     for _ in range(args.warmup):
         step()
@@ -120,7 +134,9 @@ def run_layout(rank: int, world: int, tp: int, port: int, args: argparse.Namespa
             group = tag.split("/")[1]
             per_group[group] = per_group.get(group, 0.0) + nbytes / args.steps
         calls = sum(n for _, n in comm.traffic().values()) / args.steps
-        result = {"step_s": statistics.median(times), "bytes": per_group, "calls": calls}
+        moments = (optimizer.state_bytes if distributed else
+                   sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if v.dim()))
+        result = {"step_s": statistics.median(times), "bytes": per_group, "calls": calls, "state": moments}
         Path(out).write_text(json.dumps(result))
     destroy_parallel()
 
@@ -145,29 +161,39 @@ def main() -> None:
         f"({cfg.kv_heads} kv), vocab {cfg.vocab_size}; global batch {args.batch} x {args.seq} tokens; {device_name}"
     )
     layouts = []
-    for name, world, tp in LAYOUTS:
+    for name, world, tp, distributed in LAYOUTS:
         if args.device == "cuda" and world > torch.cuda.device_count():
             print(f"{name}: skipped, needs {world} GPUs (nccl cannot put two ranks on one GPU)")
         else:
-            layouts.append((name, world, tp))
+            layouts.append((name, world, tp, distributed))
     results: dict[str, dict] = {}
+    rounds: list[dict[str, float]] = []
     for _ in range(args.repeats):  # rounds interleave the layouts, so background load hits them alike
-        for name, world, tp in layouts:
+        rounds.append({})
+        for name, world, tp, distributed in layouts:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                mp.spawn(run_layout, args=(world, tp, free_port(), args, out.name), nprocs=world, join=True)
+                mp.spawn(run_layout, args=(world, tp, distributed, free_port(), args, out.name), nprocs=world,
+                         join=True)  # fmt: skip
                 result = json.loads(Path(out.name).read_text())
+            rounds[-1][name] = result["step_s"]
             if name not in results or result["step_s"] < results[name]["step_s"]:
                 results[name] = result
     base = results["1 process"]["step_s"]
     tokens = args.batch * args.seq
-    print("\n| layout | step (ms) | vs 1 process | tokens/s | TP MB/step/rank | DP MB/step/rank | collectives/step |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| layout | step (ms) | vs 1 process | tokens/s | TP MB/step/rank | DP MB/step/rank | collectives/step "
+          "| optimizer state MB/rank |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         mb = {k: v / 2**20 for k, v in r["bytes"].items()}
         print(
             f"| {name} | {r['step_s'] * 1e3:.1f} | {r['step_s'] / base:.2f}x | {tokens / r['step_s']:,.0f} | "
-            f"{mb.get('tp', 0):.2f} | {mb.get('dp', 0):.2f} | {r['calls']:.0f} |"
+            f"{mb.get('tp', 0):.2f} | {mb.get('dp', 0):.2f} | {r['calls']:.0f} | {r['state'] / 2**20:.2f} |"
         )
+    pair = ("DP=2 + dist. opt.", "DP=2")
+    if all(name in results for name in pair):
+        ratios = [r[pair[0]] / r[pair[1]] for r in rounds]
+        print(f"\ndistributed optimizer / plain DP=2 step time, per round: median {statistics.median(ratios):.3f} "
+              f"({min(ratios):.3f}-{max(ratios):.3f}), {len(ratios)} rounds")
 
 
 if __name__ == "__main__":

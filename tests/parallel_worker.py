@@ -3,8 +3,10 @@
 ``train`` is the whole recipe a trainer follows: vocab-parallel logits ->
 vocab-parallel cross-entropy -> loss token-weighted over the *global* batch
 -> backward per micro-batch -> ``finalize_grads`` (TP sums, DP sum) -> global
-grad-norm clipping -> AdamW. The tests run it in one process for the
-reference and under torchrun for the parallel layouts::
+grad-norm clipping -> AdamW (weight decay on the matrices only); or, with the
+distributed optimizer, TP sums -> reduce-scatter over DP -> the norm from the
+shards -> each rank's AdamW shard -> all-gather. The tests run it in one
+process for the reference and under torchrun for the parallel layouts::
 
     torchrun --nnodes 1 --nproc_per_node 2 --rdzv-backend c10d --rdzv-endpoint localhost:0 \
         tests/parallel_worker.py two OUT_DIR
@@ -29,7 +31,7 @@ from ironcore.config.model import ModelConfig
 from ironcore.models import TransformerModel
 from ironcore.parallel import comm, state
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_logsumexp
-from ironcore.parallel.grad import clip_factor, finalize_grads, grad_norm
+from ironcore.parallel.grad import clip_factor, finalize_grads, grad_norm, sync_tensor_parallel_grads
 from ironcore.parallel.setup import init_parallel
 from ironcore.parallel.sharding import (
     full_optimizer_state,
@@ -39,7 +41,8 @@ from ironcore.parallel.sharding import (
     load_full_state_dict,
     named_splits,
 )
-from ironcore.training.optim import step_with_scaled_grads
+from ironcore.training.distributed_optimizer import DistributedOptimizer
+from ironcore.training.optim import parameter_groups, step_with_scaled_grads
 
 # name -> (model config, overrides). Vocab sizes that are not multiples of 128 x tp exercise the padding:
 # 1000 pads to 1024 at every TP size; 300 pads to 384 at TP=1 and 512 at TP=2/4 (at TP=4 the last rank
@@ -83,17 +86,24 @@ class Run:
     first_grads: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # full form, step 0
 
 
-def build(case: str) -> tuple[TransformerModel, torch.optim.Optimizer]:
+def build(case: str, distributed: bool = False) -> tuple[TransformerModel, torch.optim.Optimizer]:
+    """The model and AdamW (decay on matrices only); ``distributed``: sharded over DP, in small buckets."""
     torch.manual_seed(SEED)
     model = TransformerModel(model_config(case))
-    return model, torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def adamw(groups: list[dict]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95))
+
+    groups = parameter_groups(model, 0.1)
+    return model, DistributedOptimizer(model, groups, adamw, bucket_bytes=40_000) if distributed else adamw(groups)
 
 
 def train(
-    case: str, steps: int, micro_batch: int, accumulation: int, run: Run | None = None, start: int = 0
+    case: str, steps: int, micro_batch: int, accumulation: int, run: Run | None = None, start: int = 0,
+    distributed: bool = False,
 ) -> Run:
     """``steps`` optimizer steps on the global batches ``start``, ``start + 1``, ...; returns the Run."""
-    run = run or Run(*build(case))
+    run = run or Run(*build(case, distributed))
     model, optimizer = run.model, run.optimizer
     dp, dp_rank = state.dp_size(), state.dp_rank()
     per_rank = micro_batch * accumulation
@@ -109,10 +119,15 @@ def train(
             loss = (vocab_parallel_cross_entropy(logits, targets[rows]) * mask[rows]).sum() / global_tokens
             loss.backward()
             loss_sum += loss.detach()
-        finalize_grads(model, dp_reduction="sum")
-        if step == 0:
-            run.first_grads = {n: gather_tensor(p.grad, splits.get(n)).clone() for n, p in model.named_parameters()}
-        run.grad_norms.append(grad_norm(model).item())
+        if isinstance(optimizer, DistributedOptimizer):
+            sync_tensor_parallel_grads(model)
+            optimizer.reduce_gradients()
+            run.grad_norms.append(optimizer.grad_norm().item())
+        else:
+            finalize_grads(model, dp_reduction="sum")
+            if step == 0:
+                run.first_grads = {n: gather_tensor(p.grad, splits.get(n)).clone() for n, p in model.named_parameters()}
+            run.grad_norms.append(grad_norm(model).item())
         step_with_scaled_grads(optimizer, clip_factor(run.grad_norms[-1], 1.0))
         run.losses.append(comm.all_reduce(loss_sum, state.dp_group()).item())
     return run
@@ -193,8 +208,31 @@ def scenario_two(out: Path) -> dict:
 
     init_parallel(1, model_config("gemma"))  # same processes, now data parallel: TP groups of one
     for case in ("gpt2", "llama"):
-        results[f"dp2/{case}"] = train(case, steps=4, micro_batch=2, accumulation=1).losses
+        plain = train(case, steps=4, micro_batch=2, accumulation=1)
+        sharded = train(case, steps=4, micro_batch=2, accumulation=1, distributed=True)
+        results[f"dp2/{case}"] = plain.losses
+        results[f"dp2/{case}/distopt"] = (sharded.losses, full_state_dict(sharded.model),
+                                          full_state_dict(plain.model), state_bytes(plain.optimizer),
+                                          sharded.optimizer.state_bytes, len(sharded.optimizer.buckets))  # fmt: skip
+    # The distributed optimizer's checkpoint after 3 steps (rank 0 writes; the test resumes it in one process
+    # with plain AdamW, the 4-process run at TP=2 x DP=2 with the distributed optimizer) ...
+    run = train("llama", steps=3, micro_batch=2, accumulation=1, distributed=True)
+    ckpt = {"model": full_state_dict(run.model), "optimizer": full_optimizer_state(run.model, run.optimizer)}
+    if torch.distributed.get_rank() == 0:
+        torch.save(ckpt, out / "llama_dp2_distopt_step3.pt")
+    results["dp2/distopt/ckpt/next_losses"] = train("llama", 2, 2, 1, run=run, start=3).losses[-2:]  # the state counts
+    # ... and the plain TP=2 checkpoint resumes at DP=2 with it.
+    model, optimizer = build("llama", distributed=True)
+    ckpt = torch.load(out / "llama_tp2_step3.pt")
+    load_full_state_dict(model, ckpt["model"])
+    load_full_optimizer_state(model, optimizer, ckpt["optimizer"])
+    results["dp2/distopt/from_tp2/next_losses"] = train("llama", 2, 1, 1, run=Run(model, optimizer), start=3).losses
     return results
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of a plain optimizer's per-parameter state tensors (AdamW's moments)."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if v.dim() > 0)
 
 
 def scenario_four(out: Path) -> dict:
@@ -203,6 +241,12 @@ def scenario_four(out: Path) -> dict:
     init_parallel(2, model_config("gemma"))
     for case in ("llama", "gemma"):
         results[f"tp2dp2/{case}"] = train(case, steps=4, micro_batch=2, accumulation=2).losses
+        results[f"tp2dp2/{case}/distopt"] = train(case, steps=4, micro_batch=2, accumulation=2, distributed=True).losses
+    model, optimizer = build("llama", distributed=True)  # the DP=2 distributed optimizer's checkpoint
+    ckpt = torch.load(out / "llama_dp2_distopt_step3.pt")
+    load_full_state_dict(model, ckpt["model"])
+    load_full_optimizer_state(model, optimizer, ckpt["optimizer"])
+    results["tp2dp2/distopt/ckpt/next_losses"] = train("llama", 2, 2, 1, run=Run(model, optimizer), start=3).losses
     init_parallel(4, model_config("gemma"))
     for case in ("llama", "gemma", "qwen3"):
         results[f"tp4/{case}"] = train(case, steps=4, micro_batch=2, accumulation=1).losses

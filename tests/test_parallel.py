@@ -65,10 +65,10 @@ def reference(case: str, steps: int, micro_batch: int, accumulation: int) -> wor
         torch.set_num_threads(threads)
 
 
-def assert_same_losses(got: list[float], want: list[float]) -> None:
+def assert_same_losses(got: list[float], want: list[float], rtol: float = LOSS_RTOL) -> None:
     assert len(got) == len(want)
     worst = max(abs(g - w) / abs(w) for g, w in zip(got, want))
-    assert worst <= LOSS_RTOL, f"losses differ by {worst:.2e} relative:\n{got}\n{want}"
+    assert worst <= rtol, f"losses differ by {worst:.2e} relative:\n{got}\n{want}"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -112,6 +112,31 @@ def test_dp2_equals_gradient_accumulation(two, case):
     assert_same_losses(two[f"dp2/{case}"], reference(case, 4, 2, 2).losses)
 
 
+@pytest.mark.parametrize("case", ["gpt2", "llama"])
+def test_distributed_optimizer_equals_plain_dp_and_accumulation(two, case):
+    """DP=2 with the optimizer state sharded (tied embeddings, biases, weight decay on matrices, clipping; the
+    buckets split parameters between ranks): the losses and parameters of plain DP=2 and of one process."""
+    losses, params, plain_params, plain_bytes, shard_bytes, buckets = two[f"dp2/{case}/distopt"]
+    assert_same_losses(losses, two[f"dp2/{case}"], rtol=1e-6)
+    assert_same_losses(losses, reference(case, 4, 2, 2).losses, rtol=1e-6)
+    for name, want in plain_params.items():
+        assert torch.allclose(params[name], want, rtol=1e-6, atol=1e-7), name
+    # Half the optimizer state per rank, give or take the padding of the buckets (<= 1 element each per moment)
+    assert buckets > 1 and abs(shard_bytes - plain_bytes / 2) <= buckets * 2 * 4
+
+
+def test_distributed_optimizer_checkpoints_reshard(two, out_dir):
+    """Saved at DP=2 with the distributed optimizer, resumed in one process with plain AdamW (and at TP=2 x DP=2
+    with it: test_tp2_x_dp2_on_4_processes); a plain TP=2 checkpoint resumes at DP=2 with it."""
+    ckpt = torch.load(out_dir / "llama_dp2_distopt_step3.pt")
+    model, optimizer = worker.build("llama")
+    load_full_state_dict(model, ckpt["model"])
+    load_full_optimizer_state(model, optimizer, ckpt["optimizer"])
+    resumed = worker.train("llama", 2, 4, 1, run=worker.Run(model, optimizer), start=3)  # the 2nd uses the state
+    assert_same_losses(resumed.losses, two["dp2/distopt/ckpt/next_losses"], rtol=1e-6)
+    assert_same_losses(two["dp2/distopt/from_tp2/next_losses"], reference("llama", 5, 2, 1).losses[3:])
+
+
 def test_checkpoint_saved_at_tp2_resumes_at_tp1(two, out_dir):
     ckpt = torch.load(out_dir / "llama_tp2_step3.pt")
     model, optimizer = worker.build("llama")
@@ -133,8 +158,12 @@ def test_hf_export_and_import_at_tp2(two, out_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["llama", "gemma"])
-def test_tp2_x_dp2_on_4_processes(four, case):
+def test_tp2_x_dp2_on_4_processes(four, two, case):
+    """Also with the distributed optimizer (sharding each TP rank's parameters over its DP group), and its DP=2
+    checkpoint resumed there."""
     assert_same_losses(four[f"tp2dp2/{case}"], reference(case, 4, 2, 4).losses)
+    assert_same_losses(four[f"tp2dp2/{case}/distopt"], four[f"tp2dp2/{case}"], rtol=1e-6)
+    assert_same_losses(four["tp2dp2/distopt/ckpt/next_losses"], two["dp2/distopt/ckpt/next_losses"])
 
 
 @pytest.mark.slow

@@ -53,6 +53,12 @@ class TrainerConfig:
     compile: bool = field(False, help="Wrap the model in torch.compile.")
     activation_checkpointing: bool = field(False, help="Recompute each block's activations in the backward pass.")
     grad_clip: float = field(1.0, help="Clip the global gradient norm to this (0: no clipping).")
+    distributed_optimizer: bool = field(
+        False,
+        help="Shard the optimizer state over the data-parallel ranks (ZeRO-1, Megatron's distributed optimizer): "
+        "gradients reduce-scattered, each rank steps its shard, parameters all-gathered. Same losses; checkpoints "
+        "as without it.",
+    )
     max_consecutive_skips: int = field(
         5,
         help="Stop when this many steps in a row had a non-finite loss or gradient; `latest` then goes back to "

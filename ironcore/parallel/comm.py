@@ -72,6 +72,39 @@ def all_gather(x: torch.Tensor, group: dist.ProcessGroup | None) -> list[torch.T
     return parts
 
 
+# torch 2.13 renamed the single-tensor collectives (the old names warn); older releases have only those.
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def reduce_scatter(x: torch.Tensor, out: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """``out`` = this rank's slice (``out.numel()`` elements, in rank order) of the sum of ``x`` over ``group``.
+
+    ``x`` holds ``group size x out.numel()`` elements. Counts the payload ``x``. Returns ``out``. On gloo it
+    is an all-reduce of ``x`` in place (which ``x`` then holds) and a copy of the slice: gloo's reduce-scatter
+    takes longer than its all-reduce of the same tensor (38 vs 22 ms for 20 MB on 2 CPU processes).
+    """
+    if group_size(group) == 1:
+        return out.copy_(x) if out.data_ptr() != x.data_ptr() else out
+    _count("reduce_scatter", group, x.numel() * x.element_size())
+    if dist.get_backend(group) == "gloo":
+        dist.all_reduce(x, group=group)
+        n = out.numel()
+        return out.copy_(x[dist.get_rank(group) * n : (dist.get_rank(group) + 1) * n])
+    _REDUCE_SCATTER(out, x, group=group)
+    return out
+
+
+def all_gather_into(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """``out`` = every rank's ``x`` one after another (``x`` may be this rank's slice of ``out``). Returns ``out``."""
+    size = group_size(group)
+    if size == 1:
+        return out.copy_(x) if out.data_ptr() != x.data_ptr() else out
+    _count("all_gather", group, size * x.numel() * x.element_size())
+    _ALL_GATHER(out, x, group=group)
+    return out
+
+
 def all_reduce_coalesced(
     tensors: Sequence[torch.Tensor],
     group: dist.ProcessGroup | None,

@@ -16,6 +16,7 @@ from torch import nn
 
 from ironcore.config.training import OperationConfig, OptimConfig
 from ironcore.parallel.layers import VocabParallelEmbedding
+from ironcore.training.distributed_optimizer import DistributedOptimizer
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -35,16 +36,22 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW (the fused single-kernel implementation: ~4x faster than the default on CPU) or SGD."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, distributed: bool = False
+                    ) -> torch.optim.Optimizer | DistributedOptimizer:  # fmt: skip
+    """AdamW (the fused single-kernel implementation: ~4x faster than the default on CPU) or SGD; with
+    ``distributed`` its state sharded over the data-parallel ranks (:class:`DistributedOptimizer`)."""
+
+    def build(groups: list[dict]) -> torch.optim.Optimizer:
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=cfg.max_lr, momentum=cfg.momentum)
+        fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
+        return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+
     groups = parameter_groups(model, cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.max_lr, momentum=cfg.momentum)
-    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
-    return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    return DistributedOptimizer(model, groups, build) if distributed else build(groups)
 
 
-def step_with_scaled_grads(optimizer: torch.optim.Optimizer, factor: float) -> None:
+def step_with_scaled_grads(optimizer: torch.optim.Optimizer | DistributedOptimizer, factor: float) -> None:
     """``optimizer.step()`` on the gradients times ``factor`` (the gradient-clipping factor; 1 costs nothing).
 
     A fused optimizer (``_step_supports_amp_scaling``) divides each gradient by
@@ -54,7 +61,9 @@ def step_with_scaled_grads(optimizer: torch.optim.Optimizer, factor: float) -> N
     factor multiplied in first. The update is the same either way (tested on
     CPU, where the fused kernel also leaves the scaled gradients in ``.grad``).
     """
-    if factor == 1.0:
+    if isinstance(optimizer, DistributedOptimizer):
+        optimizer.step(factor)
+    elif factor == 1.0:
         optimizer.step()
     elif getattr(optimizer, "_step_supports_amp_scaling", False):
         device = optimizer.param_groups[0]["params"][0].device

@@ -51,10 +51,11 @@ from ironcore.files import (
 from ironcore.models import TransformerModel
 from ironcore.models.stats import model_stats
 from ironcore.objectives import ObjectiveContext, build_objective
-from ironcore.parallel.grad import clip_factor, finalize_grads, grad_norm
+from ironcore.parallel.grad import clip_factor, finalize_grads, grad_norm, sync_tensor_parallel_grads
 from ironcore.parallel.setup import init_parallel
 from ironcore.parallel.sharding import load_full_state_dict
 from ironcore.training.checkpointing import TrainState, load_checkpoint, load_objective_state, save_checkpoint
+from ironcore.training.distributed_optimizer import DistributedOptimizer
 from ironcore.training.optim import build_optimizer, learning_rate, step_with_scaled_grads, total_steps
 from ironcore.training.perf import peak_flops, retain_freed_host_memory
 from ironcore.training.tracking import RUN_FILE, Tracker, run_tags, tracked_names
@@ -101,7 +102,7 @@ class Trainer:
 
         torch.manual_seed(cfg.init.seed)
         self.model = self._build_model()
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim, distributed=cfg.trainer.distributed_optimizer)
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if cfg.trainer.precision == "bf16"
@@ -281,9 +282,14 @@ class Trainer:
         micro_batches = self.train_data.step(self.state.consumed_samples)
         result = self.objective.backward(self.forward, micro_batches)
         self._step_tokens = result.processed or self.tokens_per_step  # what tok/s and MFU count
-        finalize_grads(self.model, dp_reduction="sum")  # the only gradient communication of the step
+        if isinstance(self.optimizer, DistributedOptimizer):  # DP: a reduce-scatter into each rank's shard
+            sync_tensor_parallel_grads(self.model)
+            self.optimizer.reduce_gradients()
+            norm = self.optimizer.grad_norm().item()
+        else:
+            finalize_grads(self.model, dp_reduction="sum")  # the only gradient communication of the step
+            norm = grad_norm(self.model).item()
         loss = result.metrics["loss"]
-        norm = grad_norm(self.model).item()
         lr = learning_rate(self.state.step, self.total_steps, cfg.optim)
         self.state.step += 1
         self.state.consumed_samples += cfg.trainer.train_batch_size

@@ -1,0 +1,246 @@
+"""The distributed optimizer (ZeRO-1, Megatron-LM's ``DistributedOptimizer``): optimizer state sharded over DP.
+
+Plain data parallelism keeps a whole copy of the optimizer on every rank:
+with AdamW 8 bytes of state per parameter (``exp_avg``, ``exp_avg_sq``), more
+than the fp32 weights themselves. Here each data-parallel rank owns a shard
+of the parameters and keeps the optimizer state of that shard only:
+
+1. The parameters and their gradients live in two flat buffers (the
+   parameters become views into one, ``.grad`` views into the other), cut
+   into buckets of whole parameters, last layers first (the order the
+   backward pass finishes them). Each bucket is padded to a multiple of the DP
+   size; rank r owns the r-th slice of every bucket.
+2. After the backward pass (and the tensor-parallel gradient sums) each
+   bucket's gradients are *reduce-scattered*: rank r receives the sum over
+   ranks of its slice only (half the bytes of an all-reduce's result).
+3. The global gradient norm is summed from the shards (over DP, then over
+   TP for TP-split tensors); clipping scales the step as in plain training.
+4. The inner optimizer (fused AdamW, with the run's weight-decay groups)
+   steps the owned slices: one fragment per parameter that meets the shard,
+   a view into the flat parameter buffer.
+5. The updated slices are *all-gathered* into every rank's parameters.
+
+The arithmetic is that of plain DP: the same sums, the same AdamW update
+element by element, so losses and parameters agree to rounding.
+
+``state_dict()`` gathers the shards into the per-parameter layout of the
+inner optimizer's own state dict (``exp_avg`` with its parameter's shape), so
+checkpoints are the same files with or without this optimizer, at any DP
+size, and go through the TP gathering of ``parallel.sharding`` unchanged.
+
+With TP, each TP rank shards its own (TP-local) parameters over its DP
+group: the two compose without knowing of each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ironcore.parallel import comm, state
+from ironcore.parallel.sharding import named_splits
+
+
+@dataclasses.dataclass
+class _Bucket:
+    start: int  # first element in the flat buffers
+    size: int  # elements, padded to a multiple of the DP size
+    shard: int  # where this rank's slice starts in the flat shard
+
+    def owned(self, dp: int, rank: int) -> tuple[int, int]:
+        """This rank's slice of the bucket, as flat-buffer offsets."""
+        n = self.size // dp
+        return self.start + rank * n, self.start + (rank + 1) * n
+
+
+@dataclasses.dataclass
+class _Fragment:
+    param: nn.Parameter
+    begin: int  # the fragment's first element within the parameter (flattened)
+    end: int
+    tensor: torch.Tensor  # the owned elements: a view of the flat parameter buffer, stepped by the inner optimizer
+    counted: torch.Tensor | None  # which elements count in the gradient norm on this TP rank (None: all)
+    split: bool  # the parameter is TP-split: its squares are summed over TP ranks too
+
+
+class DistributedOptimizer:
+    """``build(groups)``'s optimizer over this DP rank's shard of ``groups``' parameters (see the module doc).
+
+    Speaks the optimizer protocol the trainer uses (``param_groups`` of the
+    model's parameters, ``step``, ``zero_grad``, ``state_dict``,
+    ``load_state_dict``) plus :meth:`reduce_gradients` and :meth:`grad_norm`,
+    which replace the DP all-reduce and the norm of plain training.
+    """
+
+    def __init__(self, model: nn.Module, groups: list[dict], build: Callable[[list[dict]], torch.optim.Optimizer],
+                 bucket_bytes: int = comm.DEFAULT_BUCKET_BYTES) -> None:  # fmt: skip
+        self.param_groups = groups
+        params = [p for g in groups for p in g["params"]]
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) != 1:
+            raise ValueError(f"the distributed optimizer needs parameters of one dtype, got {sorted(map(str, dtypes))}")
+        self.dp, self.rank = state.dp_size(), state.dp_rank()
+        self.buckets, offsets = self._layout(params, bucket_bytes // params[0].element_size())
+        total = self.buckets[-1].start + self.buckets[-1].size
+        device, dtype = params[0].device, params[0].dtype
+        self.params = torch.zeros(total, dtype=dtype, device=device)
+        self.grads = torch.zeros(total, dtype=dtype, device=device)
+        # With one DP rank the shard is everything: no second gradient buffer, no collectives.
+        shard = sum(b.size for b in self.buckets) // self.dp
+        self.shard_grads = self.grads if self.dp == 1 else torch.zeros(shard, dtype=dtype, device=device)
+        for p in params:  # parameters and gradients become views of the flat buffers
+            start = offsets[p]
+            view = self.params[start : start + p.numel()].view_as(p)
+            view.copy_(p.data)
+            p.data = view
+            p.grad = self.grads[start : start + p.numel()].view_as(p)
+        names = {p: n for n, p in model.named_parameters()}
+        splits = named_splits(model)
+        tp, tp_rank = state.tp_size(), state.tp_rank()
+        self.fragments: list[_Fragment] = []
+        inner_groups = []
+        for group in groups:
+            fragments = []
+            for p in group["params"]:
+                bucket = next(b for b in self.buckets if b.start <= offsets[p] < b.start + b.size)
+                low, high = bucket.owned(self.dp, self.rank)
+                begin, end = max(offsets[p], low) - offsets[p], min(offsets[p] + p.numel(), high) - offsets[p]
+                if begin >= end:
+                    continue
+                split = splits.get(names[p])
+                counted = None
+                if split is not None and max(split.replicas) > 1:  # replicated KV heads count on one rank only
+                    mask = torch.zeros(p.numel(), dtype=torch.bool, device=device)
+                    index = torch.arange(p.numel(), device=device).view_as(p)
+                    for piece in split.owned_pieces(index, tp, tp_rank):
+                        mask[piece.reshape(-1)] = True
+                    counted = mask[begin:end]
+                tensor = self.params[offsets[p] + begin : offsets[p] + end]
+                shard = bucket.shard + offsets[p] + begin - low
+                tensor.grad = self.shard_grads[shard : shard + end - begin]
+                fragments.append(_Fragment(p, begin, end, tensor, counted, split is not None))
+            self.fragments += fragments
+            inner_groups.append({**{k: v for k, v in group.items() if k != "params"},
+                                 "params": [f.tensor for f in fragments]})  # fmt: skip
+        self.inner = build(inner_groups)
+        self.defaults = self.inner.defaults
+        self._offsets = offsets
+
+    def _layout(self, params: list[nn.Parameter], bucket_numel: int) -> tuple[list[_Bucket], dict]:
+        """Buckets of whole parameters, the last ones first (the backward pass finishes them first)."""
+        buckets, offsets, start, filled, shard = [], {}, 0, 0, 0
+        for p in reversed(params):
+            offsets[p] = start + filled
+            filled += p.numel()
+            if filled >= bucket_numel or p is params[0]:
+                size = -(-filled // self.dp) * self.dp
+                buckets.append(_Bucket(start, size, shard))
+                start, shard, filled = start + size, shard + size // self.dp, 0
+        return buckets, offsets
+
+    def reduce_gradients(self) -> None:
+        """Each rank receives the sum over DP ranks of its shard's gradients (call after the TP sums)."""
+        if self.dp == 1:
+            return
+        for b in self.buckets:
+            low, high = b.owned(self.dp, self.rank)
+            comm.reduce_scatter(self.grads[b.start : b.start + b.size], self.shard_grads[b.shard : b.shard + high - low],
+                                state.dp_group())  # fmt: skip
+
+    def grad_norm(self) -> torch.Tensor:
+        """The L2 norm of the whole model's reduced gradient, from the shards (collective over DP and TP)."""
+        sums = torch.zeros(2, dtype=torch.float64, device=self.grads.device)  # TP-split, replicated
+        for f in self.fragments:
+            grad = f.tensor.grad if f.counted is None else f.tensor.grad[f.counted]
+            sums[0 if f.split else 1] += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
+        comm.all_reduce(sums, state.dp_group())
+        split = comm.all_reduce(sums[:1].clone(), state.tp_group())
+        return (split[0] + sums[1]).sqrt().float()
+
+    @torch.no_grad()
+    def step(self, scale: float = 1.0) -> None:
+        """Step the shard (gradients times ``scale``, the clipping factor), then all-gather the parameters."""
+        for outer, inner in zip(self.param_groups, self.inner.param_groups, strict=True):
+            inner.update({k: v for k, v in outer.items() if k != "params"})
+        if scale != 1.0:
+            self.shard_grads.mul_(scale)
+        self.inner.step()
+        for b in self.buckets:
+            low, high = b.owned(self.dp, self.rank)
+            comm.all_gather_into(self.params[b.start : b.start + b.size], self.params[low:high], state.dp_group())
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradient buffer (the ``.grad`` views stay: ``set_to_none`` is ignored; the shard's gradients
+        are overwritten by the next reduce-scatter)."""
+        self.grads.zero_()
+
+    def state_dict(self) -> dict:
+        """The inner optimizer's state dict as plain (non-sharded) training would write it: per parameter,
+        state tensors of the parameter's shape (gathered over DP), indexed in ``param_groups`` order."""
+        inner = self.inner.state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        per_fragment = {id(f.tensor): self.inner.state.get(f.tensor, {}) for f in self.fragments}
+        keys = {k for s in per_fragment.values() for k, v in s.items() if _shardable(v)}
+        full = {k: self._gather({id(f.tensor): per_fragment[id(f.tensor)][k] for f in self.fragments
+                                 if k in per_fragment[id(f.tensor)]}) for k in sorted(keys)}  # fmt: skip
+        scalars = next((dict(s) for s in per_fragment.values() if s), {})
+        out = {}
+        if keys or scalars:
+            for i, p in enumerate(params):
+                # One step counter per parameter, as AdamW keeps them: a shared one would be bumped once per
+                # parameter by the optimizer that loads it.
+                out[i] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()
+                          if not _shardable(v)}  # fmt: skip
+                out[i].update({k: full[k][self._offsets[p] : self._offsets[p] + p.numel()].view_as(p).clone()
+                               for k in keys})  # fmt: skip
+        groups, index = [], 0
+        for outer, group in zip(self.param_groups, inner["param_groups"], strict=True):
+            groups.append({**group, "params": list(range(index, index + len(outer["params"])))})
+            index += len(outer["params"])
+        return {"state": out, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict in the layout :meth:`state_dict` writes (from this optimizer or a plain one)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        inner_state = {}
+        index = {id(f.tensor): i for i, f in enumerate(self.fragments)}
+        for i, values in state_dict["state"].items():
+            p = params[int(i)]
+            for f in (f for f in self.fragments if f.param is p):
+                inner_state[index[id(f.tensor)]] = {
+                    k: v.reshape(-1)[f.begin : f.end].clone() if _shardable(v) else  # not views of the whole
+                    v.clone() if isinstance(v, torch.Tensor) else v for k, v in values.items()}  # fmt: skip
+        groups, start = [], 0
+        for outer, group in zip(self.param_groups, state_dict["param_groups"], strict=True):
+            count = sum(1 for f in self.fragments if any(f.param is p for p in outer["params"]))
+            groups.append({**group, "params": list(range(start, start + count))})
+            start += count
+            outer.update({k: v for k, v in group.items() if k != "params"})
+        self.inner.load_state_dict({"state": inner_state, "param_groups": groups})
+
+    def _gather(self, shard_values: dict[int, torch.Tensor]) -> torch.Tensor:
+        """A state tensor of the whole flat layout from every rank's fragments (collective over DP)."""
+        shard = torch.zeros_like(self.shard_grads, dtype=torch.float32)
+        for f in self.fragments:
+            if id(f.tensor) in shard_values:
+                b = next(b for b in self.buckets if b.start <= self._offsets[f.param] < b.start + b.size)
+                at = b.shard + self._offsets[f.param] + f.begin - b.owned(self.dp, self.rank)[0]
+                shard[at : at + f.end - f.begin] = shard_values[id(f.tensor)]
+        full = torch.zeros(self.params.numel(), dtype=torch.float32, device=self.params.device)
+        for b in self.buckets:
+            n = b.size // self.dp
+            comm.all_gather_into(full[b.start : b.start + b.size], shard[b.shard : b.shard + n], state.dp_group())
+        return full
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds (the shard's AdamW moments)."""
+        return sum(v.numel() * v.element_size() for s in self.inner.state.values() for v in s.values()
+                   if _shardable(v))  # fmt: skip
+
+
+def _shardable(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0
