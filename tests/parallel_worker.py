@@ -42,6 +42,7 @@ from ironcore.parallel.sharding import (
     named_splits,
 )
 from ironcore.training.distributed_optimizer import DistributedOptimizer
+from ironcore.training.memory import measured_state_bytes
 from ironcore.training.optim import parameter_groups, step_with_scaled_grads
 
 # name -> (model config, overrides). Vocab sizes that are not multiples of 128 x tp exercise the padding:
@@ -55,6 +56,7 @@ CASES = {
     "qwen3": ("qwen3-tiny", {"num_layers": 2, "vocab_size": 1000, "num_key_value_heads": 1, "attention_bias": True}),
 }
 SEQ = 16
+BUCKET_BYTES = 40_000  # the distributed optimizer's: several buckets, parameters split between ranks
 SEED = 1234
 
 
@@ -95,7 +97,7 @@ def build(case: str, distributed: bool = False) -> tuple[TransformerModel, torch
         return torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95))
 
     groups = parameter_groups(model, 0.1)
-    return model, DistributedOptimizer(model, groups, adamw, bucket_bytes=40_000) if distributed else adamw(groups)
+    return model, DistributedOptimizer(model, groups, adamw, bucket_bytes=BUCKET_BYTES) if distributed else adamw(groups)
 
 
 def train(
@@ -194,6 +196,7 @@ def scenario_two(out: Path) -> dict:
         run = train(case, steps=10, micro_batch=2, accumulation=1)
         results[f"tp2/{case}"] = (run.losses, run.grad_norms, run.first_grads)
         results[f"tp2/{case}/ce"] = cross_entropy_check(case)
+        results[f"tp2/{case}/numel"] = sum(p.numel() for p in run.model.parameters())  # rank 0's, for the planner
     # Checkpoint after 3 steps (full tensors, written by rank 0), then one more step.
     run = train("llama", steps=3, micro_batch=2, accumulation=1)
     ckpt = {"model": full_state_dict(run.model), "optimizer": full_optimizer_state(run.model, run.optimizer)}
@@ -211,6 +214,7 @@ def scenario_two(out: Path) -> dict:
         plain = train(case, steps=4, micro_batch=2, accumulation=1)
         sharded = train(case, steps=4, micro_batch=2, accumulation=1, distributed=True)
         results[f"dp2/{case}"] = plain.losses
+        results[f"dp2/{case}/distopt/bytes"] = measured_state_bytes(sharded.model, sharded.optimizer)
         results[f"dp2/{case}/distopt"] = (sharded.losses, full_state_dict(sharded.model),
                                           full_state_dict(plain.model), state_bytes(plain.optimizer),
                                           sharded.optimizer.state_bytes, len(sharded.optimizer.buckets))  # fmt: skip

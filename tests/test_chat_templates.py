@@ -9,6 +9,8 @@ generate and convert with the template surviving byte for byte.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -156,10 +158,13 @@ def hf_folder(tmp_path_factory) -> Path:
 
 
 def generate_json(folder: Path, *extra: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "ironcore", "generate", "--from-hf", str(folder), "--prompt", "Hi",
-                          "--max-new-tokens", "12", "--json", *extra], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    """``ironcore generate --json`` (in this process: a subprocess per call spent its time importing)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["generate", "--from-hf", str(folder), "--prompt", "Hi", "--max-new-tokens", "12", "--json",
+                     *extra])  # fmt: skip
+    assert code == 0, out.getvalue()
+    return json.loads(out.getvalue())
 
 
 def test_generate_stops_at_every_id_of_a_multi_id_eos(hf_folder, tmp_path) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from ironcore.checkpoints.load import load_model
 from ironcore.parallel.sharding import load_full_optimizer_state, load_full_state_dict
+from ironcore.training.memory import local_numels, plan_memory
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_RTOL = 1e-5
@@ -123,6 +124,17 @@ def test_distributed_optimizer_equals_plain_dp_and_accumulation(two, case):
         assert torch.allclose(params[name], want, rtol=1e-6, atol=1e-7), name
     # Half the optimizer state per rank, give or take the padding of the buckets (<= 1 element each per moment)
     assert buckets > 1 and abs(shard_bytes - plain_bytes / 2) <= buckets * 2 * 4
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama"])
+def test_memory_planner_predicts_the_bytes_of_tp2_and_the_distributed_optimizer(two, case):
+    """``ironcore.training.memory``: rank 0's parameters at TP=2 (vocabulary padding, replicated norms), and its
+    parameter, gradient and optimizer-state bytes at DP=2 with the distributed optimizer, to the byte."""
+    cfg = worker.model_config(case)
+    assert sum(local_numels(cfg, 2)) == two[f"tp2/{case}/numel"]
+    plan = plan_memory(cfg, dp=2, distributed_optimizer=True, micro_batch_size=2, seq_len=worker.SEQ,
+                       bucket_bytes=worker.BUCKET_BYTES)  # fmt: skip
+    assert (plan.parameters, plan.gradients, plan.optimizer) == two[f"dp2/{case}/distopt/bytes"]
 
 
 def test_distributed_optimizer_checkpoints_reshard(two, out_dir):

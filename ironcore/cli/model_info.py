@@ -1,12 +1,16 @@
-"""``ironcore model-info``: parameters and FLOPs per token of any model, without allocating weights."""
+"""``ironcore model-info``: parameters and FLOPs per token of any model, without allocating weights; with
+``--memory``, the memory planner's bytes per GPU of a training step (``ironcore.training.memory``)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 from ironcore.config import load_config, load_model_config
+from ironcore.config.model import ModelConfig
+from ironcore.errors import ConfigError
 from ironcore.files import read_yaml
 
 
@@ -17,6 +21,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--model", help="model name (configs/model/NAME.yaml), model YAML or HF folder")
     parser.add_argument("--seq-len", type=int, help="sequence length for attention FLOPs (default: max positions)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plan = parser.add_argument_group("memory planner (--memory): bytes per GPU of one training step")
+    plan.add_argument("--memory", action="store_true", help="plan the memory of a training step")
+    plan.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    plan.add_argument("--dp", type=int, default=1, help="data-parallel size")
+    plan.add_argument("--distributed-optimizer", action="store_true", help="optimizer state sharded over DP")
+    plan.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    plan.add_argument("--activation-checkpointing", action="store_true")
+    plan.add_argument("--micro-batch-size", type=int, default=1)
+    plan.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    plan.add_argument("--gpu-memory", type=float, help="GiB per GPU: say whether the step fits")
     parser.set_defaults(func=run)
 
 
@@ -30,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = load_model_config(args.config)
     seq_len = args.seq_len or cfg.max_position_embeddings
+    if args.memory:
+        return _memory(cfg, seq_len, args)
     stats = model_stats(cfg, seq_len)
     if args.json:
         print(json.dumps({"name": cfg.name, "seq_len": seq_len, **stats.__dict__}, indent=2))
@@ -46,3 +62,31 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     return 0
+
+
+def _memory(cfg: ModelConfig, seq_len: int, args: argparse.Namespace) -> int:
+    """Print the planner's bytes per GPU (see ``ironcore.training.memory``); exit 1 when it does not fit."""
+    from ironcore.training.memory import plan_memory
+
+    for key in ("tp", "dp", "micro_batch_size"):
+        if getattr(args, key) < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    plan = plan_memory(cfg, args.tp, args.dp, args.distributed_optimizer, args.precision,
+                       args.activation_checkpointing, args.micro_batch_size, seq_len, args.optimizer)  # fmt: skip
+    fits = None if args.gpu_memory is None else plan.total <= args.gpu_memory * 2**30
+    if args.json:
+        print(json.dumps({"name": cfg.name, "seq_len": seq_len, **dataclasses.asdict(plan), "total": plan.total,
+                          "fits": fits}, indent=2))  # fmt: skip
+    else:
+        layout = (f"TP={args.tp} x DP={args.dp}{', distributed optimizer' if args.distributed_optimizer else ''}, "
+                  f"{args.precision}{', activation checkpointing' if args.activation_checkpointing else ''}, "
+                  f"micro-batch {args.micro_batch_size} x {seq_len} tokens")  # fmt: skip
+        rows = [("model", cfg.name), ("layout", layout)]
+        rows += [(part, f"{getattr(plan, part) / 2**30:8.2f} GiB") for part in
+                 ("parameters", "gradients", "optimizer", "activations")]  # fmt: skip
+        rows.append(("total per GPU", f"{plan.total / 2**30:8.2f} GiB"))
+        if fits is not None:
+            rows.append((f"fits {args.gpu_memory:g} GiB", "yes" if fits else "no"))
+        width = max(len(k) for k, _ in rows)
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    return 0 if fits is not False else 1

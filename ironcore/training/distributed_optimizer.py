@@ -66,6 +66,20 @@ class _Fragment:
     split: bool  # the parameter is TP-split: its squares are summed over TP ranks too
 
 
+def bucket_layout(numels: list[int], dp: int, bucket_numel: int) -> tuple[list[_Bucket], list[int]]:
+    """Buckets of whole tensors of ``numels`` elements, the last tensors first (the backward pass finishes them
+    first), each padded to a multiple of ``dp``; and where each tensor starts in the flat buffers."""
+    buckets, offsets, start, filled, shard = [], [0] * len(numels), 0, 0, 0
+    for i in reversed(range(len(numels))):
+        offsets[i] = start + filled
+        filled += numels[i]
+        if filled >= bucket_numel or i == 0:
+            size = -(-filled // dp) * dp
+            buckets.append(_Bucket(start, size, shard))
+            start, shard, filled = start + size, shard + size // dp, 0
+    return buckets, offsets
+
+
 class DistributedOptimizer:
     """``build(groups)``'s optimizer over this DP rank's shard of ``groups``' parameters (see the module doc).
 
@@ -83,7 +97,9 @@ class DistributedOptimizer:
         if len(dtypes) != 1:
             raise ValueError(f"the distributed optimizer needs parameters of one dtype, got {sorted(map(str, dtypes))}")
         self.dp, self.rank = state.dp_size(), state.dp_rank()
-        self.buckets, offsets = self._layout(params, bucket_bytes // params[0].element_size())
+        self.buckets, starts = bucket_layout([p.numel() for p in params], self.dp,
+                                             bucket_bytes // params[0].element_size())  # fmt: skip
+        offsets = dict(zip(params, starts, strict=True))
         total = self.buckets[-1].start + self.buckets[-1].size
         device, dtype = params[0].device, params[0].dtype
         self.params = torch.zeros(total, dtype=dtype, device=device)
@@ -128,18 +144,6 @@ class DistributedOptimizer:
         self.inner = build(inner_groups)
         self.defaults = self.inner.defaults
         self._offsets = offsets
-
-    def _layout(self, params: list[nn.Parameter], bucket_numel: int) -> tuple[list[_Bucket], dict]:
-        """Buckets of whole parameters, the last ones first (the backward pass finishes them first)."""
-        buckets, offsets, start, filled, shard = [], {}, 0, 0, 0
-        for p in reversed(params):
-            offsets[p] = start + filled
-            filled += p.numel()
-            if filled >= bucket_numel or p is params[0]:
-                size = -(-filled // self.dp) * self.dp
-                buckets.append(_Bucket(start, size, shard))
-                start, shard, filled = start + size, shard + size // self.dp, 0
-        return buckets, offsets
 
     def reduce_gradients(self) -> None:
         """Each rank receives the sum over DP ranks of its shard's gradients (call after the TP sums)."""

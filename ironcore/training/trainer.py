@@ -56,6 +56,7 @@ from ironcore.parallel.setup import init_parallel
 from ironcore.parallel.sharding import load_full_state_dict
 from ironcore.training.checkpointing import TrainState, load_checkpoint, load_objective_state, save_checkpoint
 from ironcore.training.distributed_optimizer import DistributedOptimizer
+from ironcore.training.memory import measured_state_bytes, plan_memory
 from ironcore.training.optim import build_optimizer, learning_rate, step_with_scaled_grads, total_steps
 from ironcore.training.perf import peak_flops, retain_freed_host_memory
 from ironcore.training.tracking import RUN_FILE, Tracker, run_tags, tracked_names
@@ -84,6 +85,7 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.state = TrainState()
         self._stop_signal: int | None = None
+        self._memory_logged = False  # the memory plan is logged beside the first step's bytes
         self._last_step_finite = True  # checkpoints are only written from a state whose last step was finite
         # Checkpoints saved but not yet followed by trainer.healthy_after_steps finite steps, and that count.
         self._pending: dict[Path, int] = {}
@@ -302,9 +304,29 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         step_with_scaled_grads(self.optimizer, clip_factor(norm, cfg.trainer.grad_clip))  # clipping
+        if not self._memory_logged:  # everything a step holds exists now
+            self._log_memory()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.tokens += result.tokens
         return {**result.metrics, "lr": lr, "grad_norm": norm}
+
+    def _log_memory(self) -> None:
+        """The memory planner's bytes per GPU for this run, beside what the first step holds (exact bytes of the
+        parameters, gradients and optimizer states; on a GPU also the peak allocated)."""
+        self._memory_logged = True
+        if not self.is_main:
+            return
+        t = self.cfg.trainer
+        plan = plan_memory(self.cfg.model, self.ctx.tp_size, self.dp_size, t.distributed_optimizer, t.precision,
+                           t.activation_checkpointing, t.micro_batch_size, self.seq_len, self.cfg.optim.optimizer)  # fmt: skip
+        params, grads, states = measured_state_bytes(self.model, self.optimizer)
+        gib = 2**30
+        peak = (f"; peak allocated {torch.cuda.max_memory_allocated(self.device) / gib:.3f} GiB"
+                if self.device.type == "cuda" else "")  # fmt: skip
+        log.info("memory per GPU: planned %.3f GiB (parameters %.3f, gradients %.3f, optimizer %.3f, activations "
+                 "%.3f of a language-model micro-batch); measured after step 1: parameters %.3f, gradients %.3f, "
+                 "optimizer %.3f%s", plan.total / gib, plan.parameters / gib, plan.gradients / gib,
+                 plan.optimizer / gib, plan.activations / gib, params / gib, grads / gib, states / gib, peak)  # fmt: skip
 
     def evaluate(self) -> dict[str, float]:
         """The objective's validation metrics over ``operation.eval_steps`` global batches, and the metrics of

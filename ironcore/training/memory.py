@@ -1,0 +1,175 @@
+"""How much memory a training step needs on one GPU, before buying or renting one: the memory planner.
+
+Four parts, per rank of a TP x DP layout:
+
+- **parameters**: the rank's share of every tensor (TP-split tensors in
+  their slice, vocabulary padding included; replicated ones whole), fp32 (a
+  ``bf16`` run keeps fp32 weights and runs its matmuls under autocast);
+- **gradients**: the same bytes again (``.grad``); the distributed optimizer
+  adds its buffer for the rank's shard of the reduced gradients;
+- **optimizer states**: AdamW's two fp32 moments per parameter and a step
+  counter per tensor (SGD: one momentum), for the rank's shard only with the
+  distributed optimizer (its buckets' padding counted);
+- **activations**: what autograd keeps from the forward pass for the
+  backward one, for one micro-batch, loss included. Not a formula: the
+  planner runs the rank's forward pass and loss on *fake* tensors (shapes
+  without memory, ``FakeTensorMode``) and adds up the tensors autograd
+  saves, so every layer variant, dtype (autocast) and activation
+  checkpointing is counted as the real step does it. A TP rank is modelled
+  by the model with its local shapes (heads, KV heads, FFN width and
+  vocabulary divided over TP; hidden size, norms and residuals whole). With
+  activation checkpointing the backward pass recomputes one block at a time,
+  so one block's activations are added to what is saved.
+
+The first three are exact on a CPU (``measured_state_bytes`` reads the real
+tensors' bytes; the tests compare). Activations ignore the allocator's
+fragmentation and the temporaries of the backward pass, and there is no
+CUDA context or workspace in the sum: leave a margin of a few GB on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from ironcore.config.model import ModelConfig
+from ironcore.models import TransformerModel
+from ironcore.parallel.comm import DEFAULT_BUCKET_BYTES
+from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
+from ironcore.parallel.layers import padded_vocab_size
+from ironcore.parallel.sharding import full_shapes, named_splits
+from ironcore.training.distributed_optimizer import bucket_layout
+
+FP32 = 4
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    """Bytes per GPU (rank 0 of the layout) of each part of a training step."""
+
+    parameters: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def states(self) -> int:
+        """Parameters + gradients + optimizer states: what stays allocated between steps."""
+        return self.parameters + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.states + self.activations
+
+
+def local_numels(cfg: ModelConfig, tp: int) -> list[int]:
+    """Elements of each parameter tensor on one TP rank (tied tensors once), in ``model.parameters()`` order."""
+    with torch.device("meta"):
+        model = TransformerModel(cfg)
+    shapes, splits = full_shapes(model), named_splits(model)
+    numels = []
+    for name, _ in model.named_parameters():
+        split = splits.get(name)
+        if split is None:
+            numels.append(shapes[name].numel())
+            continue
+        if split.padded is not None:  # the padding grows with TP: a multiple of 128 x tp
+            split = dataclasses.replace(split, padded=padded_vocab_size(split.parts[0], tp))
+        numels.append(split.local_shape(shapes[name], tp).numel())
+    return numels
+
+
+def rank_config(cfg: ModelConfig, tp: int) -> ModelConfig:
+    """A model with the shapes one TP rank computes: heads, KV heads, FFN width and (padded) vocabulary divided
+    over ``tp``; hidden size and head width whole."""
+    if tp == 1:
+        return cfg
+    kv = cfg.kv_heads * max(1, tp // cfg.kv_heads) // tp
+    return dataclasses.replace(
+        cfg, num_attention_heads=cfg.num_attention_heads // tp, num_key_value_heads=kv, head_dim=cfg.head_size,
+        ffn_hidden_size=cfg.ffn_size // tp, vocab_size=padded_vocab_size(cfg.vocab_size, tp) // tp,
+    )  # fmt: skip
+
+
+def activation_bytes(cfg: ModelConfig, micro_batch_size: int, seq_len: int, precision: str = "fp32",
+                     activation_checkpointing: bool = False) -> int:  # fmt: skip
+    """Bytes autograd saves in one micro-batch's forward pass and loss (run on fake tensors: no memory used)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ironcore.training.trainer import apply_activation_checkpointing
+
+    def saved(model_cfg: ModelConfig, checkpointing: bool) -> int:
+        with FakeTensorMode():
+            model = TransformerModel(model_cfg)
+            if checkpointing:
+                apply_activation_checkpointing(model)
+            weights = {p.untyped_storage()._cdata for p in model.parameters()}
+            storages: dict[int, int] = {}
+
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                storage = t.untyped_storage()
+                if storage._cdata not in weights:
+                    storages[storage._cdata] = storage.nbytes()
+                return t
+
+            tokens = torch.zeros(micro_batch_size, seq_len + 1, dtype=torch.long)
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+                out = model(tokens[:, :-1], parallel_output=True)
+                if not model_cfg.score_head:  # a language model's loss (a reward model's head is a column)
+                    vocab_parallel_cross_entropy(out, tokens[:, 1:]).sum()
+        return sum(storages.values())
+
+    total = saved(cfg, activation_checkpointing)
+    if activation_checkpointing:  # the backward pass recomputes one block's activations at a time
+        one, two = (saved(dataclasses.replace(cfg, num_layers=n), False) for n in (1, 2))
+        total += two - one
+    return total
+
+
+def plan_memory(cfg: ModelConfig, tp: int = 1, dp: int = 1, distributed_optimizer: bool = False,
+                precision: str = "fp32", activation_checkpointing: bool = False, micro_batch_size: int = 1,
+                seq_len: int | None = None, optimizer: str = "adamw",
+                bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> MemoryPlan:  # fmt: skip
+    """The bytes of one training step on rank 0 of a TP x DP layout (see the module doc)."""
+    numels = local_numels(cfg, tp)
+    params = sum(numels) * FP32
+    grads = params
+    moments = 1 if optimizer == "sgd" else 2
+    if distributed_optimizer:  # parameters and gradients in flat buffers of padded buckets
+        buckets, offsets = bucket_layout(numels, dp, bucket_bytes // FP32)
+        params = grads = sum(b.size for b in buckets) * FP32
+        owned = [0] * len(numels)  # elements of each tensor in rank 0's slices
+        for i, n in enumerate(numels):
+            start, size = next((b.start, b.size) for b in buckets if b.start <= offsets[i] < b.start + b.size)
+            low, high = start, start + size // dp
+            owned[i] = max(0, min(offsets[i] + n, high) - max(offsets[i], low))
+        if dp > 1:
+            grads += sum(b.size for b in buckets) // dp * FP32  # the shard's reduced gradients
+        counted = [n for n in owned if n]
+    else:
+        counted = numels
+    states = moments * sum(counted) * FP32 + (FP32 * len(counted) if optimizer != "sgd" else 0)  # + AdamW's steps
+    activations = activation_bytes(rank_config(cfg, tp), micro_batch_size,
+                                   seq_len or cfg.max_position_embeddings, precision, activation_checkpointing)  # fmt: skip
+    return MemoryPlan(params, grads, states, activations)
+
+
+def measured_state_bytes(model: nn.Module, optimizer: object) -> tuple[int, int, int]:
+    """The bytes that parameters, gradients and optimizer states hold now (each storage once): what
+    :func:`plan_memory` predicts, read from the real tensors."""
+
+    def nbytes(tensors: list[torch.Tensor]) -> int:
+        storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
+
+    params = [p for p in model.parameters()]
+    grads = [p.grad for p in params if p.grad is not None]
+    inner = getattr(optimizer, "inner", optimizer)
+    if inner is not optimizer:
+        grads.append(optimizer.shard_grads)
+    states = [v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return nbytes(params), nbytes(grads), nbytes(states)
