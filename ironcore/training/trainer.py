@@ -317,8 +317,12 @@ class Trainer:
         if not self.is_main:
             return
         t = self.cfg.trainer
-        plan = plan_memory(self.cfg.model, self.ctx.tp_size, self.dp_size, t.distributed_optimizer, t.precision,
-                           t.activation_checkpointing, t.micro_batch_size, self.seq_len, self.cfg.optim.optimizer)  # fmt: skip
+        try:  # a plan is information: a model the planner cannot trace must still train
+            plan = plan_memory(self.cfg.model, self.ctx.tp_size, self.dp_size, t.distributed_optimizer, t.precision,
+                               t.activation_checkpointing, t.micro_batch_size, self.seq_len, self.cfg.optim.optimizer)  # fmt: skip
+        except Exception as err:  # noqa: BLE001
+            log.warning("memory plan unavailable: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
+            return
         params, grads, states = measured_state_bytes(self.model, self.optimizer)
         gib = 2**30
         peak = (f"; peak allocated {torch.cuda.max_memory_allocated(self.device) / gib:.3f} GiB"
