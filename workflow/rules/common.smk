@@ -203,7 +203,10 @@ def torchrun(exp):
         return f"torchrun --standalone --nnodes 1 --nproc_per_node {e['nproc']}"
     head = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
     return (
-        f"srun --nodes {e['nodes']} --ntasks-per-node 1 torchrun --nnodes {e['nodes']} --nproc_per_node {e['nproc']} "
+        # --overlap: the executor plugin runs the job itself as an srun step holding the allocation's CPUs; a
+        # second step that does not share them waits for them forever (reproduced on a one-node cluster).
+        f"srun --overlap --nodes {e['nodes']} --ntasks-per-node 1 torchrun --nnodes {e['nodes']} "
+        f"--nproc_per_node {e['nproc']} "
         f'--rdzv-backend c10d --rdzv-endpoint "{head}:29500" --rdzv-id "$SLURM_JOB_ID"'
     )
 
