@@ -335,7 +335,7 @@ def complete(model: TransformerModel, tokenizer: Tokenizer, prompts: list[list[i
         for j, t in zip(running.tolist(), token[running].tolist(), strict=True):
             rows[j].append(t)
             live.add(j)
-            if t in stops:
+            if t in stops or len(rows[j]) == max_new_tokens:  # its last token: no more to look at
                 ended[j] = True
                 live.discard(j)
         if stop and (step + 1) % CHECK_STOPS_EVERY == 0 and live:
