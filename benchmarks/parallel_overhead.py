@@ -47,10 +47,12 @@ from ironcore.parallel import comm
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
 from ironcore.parallel.grad import clip_factor, finalize_grads, grad_norm, sync_tensor_parallel_grads
 from ironcore.parallel.setup import destroy_parallel, init_parallel
-from ironcore.training.optim import build_optimizer, step_with_scaled_grads
+from ironcore.training.distributed_optimizer import DistributedOptimizer
+from ironcore.training.optim import build_optimizer, parameter_groups, step_with_scaled_grads
 
-# name, world size, tp size, distributed optimizer
-LAYOUTS = [("1 process", 1, 1, False), ("TP=2", 2, 2, False), ("DP=2", 2, 1, False), ("DP=2 + dist. opt.", 2, 1, True)]
+# name, world size, tp size, distributed optimizer (False, True or "overlap": reductions during the backward pass)
+LAYOUTS = [("1 process", 1, 1, False), ("TP=2", 2, 2, False), ("DP=2", 2, 1, False), ("DP=2 + dist. opt.", 2, 1, True),
+           ("DP=2 + dist. opt. + overlap", 2, 1, "overlap")]
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,6 +67,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="rounds over all layouts; the fastest round counts")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads shared by all processes")
+    p.add_argument("--bucket-mb", type=float, default=4.0, help="the distributed optimizer's gradient buckets")
     return p.parse_args()
 
 
@@ -82,8 +85,8 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     return validated(dataclasses.replace(cfg, **overrides), "model")
 
 
-def run_layout(rank: int, world: int, tp: int, distributed: bool, port: int, args: argparse.Namespace, out: str
-               ) -> None:  # fmt: skip
+def run_layout(rank: int, world: int, tp: int, distributed: bool | str, port: int, args: argparse.Namespace,
+               out: str) -> None:  # fmt: skip
     """One process of a layout: time ``args.steps`` optimizer steps, rank 0 writes the numbers to ``out``."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
@@ -94,7 +97,11 @@ def run_layout(rank: int, world: int, tp: int, distributed: bool, port: int, arg
     ctx = init_parallel(tp, cfg, device=args.device)
     torch.manual_seed(0)
     model = TransformerModel(cfg).to(ctx.device)
-    optimizer = build_optimizer(model, OptimConfig(max_lr=1e-4, weight_decay=0.0), distributed=distributed)
+    if distributed:  # buckets of --bucket-mb, so that the backward pass finishes some before its end
+        optimizer = DistributedOptimizer(model, parameter_groups(model, 0.0), lambda groups: torch.optim.AdamW(
+            groups, lr=1e-4, fused=True), bucket_bytes=int(args.bucket_mb * 2**20), overlap=distributed == "overlap")
+    else:
+        optimizer = build_optimizer(model, OptimConfig(max_lr=1e-4, weight_decay=0.0))
     rows = args.batch // ctx.dp_size
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen).to(ctx.device)
@@ -106,6 +113,8 @@ def run_layout(rank: int, world: int, tp: int, distributed: bool, port: int, arg
         optimizer.zero_grad(set_to_none=True)
         logits = model(inputs, parallel_output=True)
         loss = vocab_parallel_cross_entropy(logits, targets).sum() / global_tokens
+        if distributed == "overlap":
+            optimizer.arm()
         loss.backward()
         if distributed:
             sync_tensor_parallel_grads(model)
@@ -189,11 +198,12 @@ def main() -> None:
             f"| {name} | {r['step_s'] * 1e3:.1f} | {r['step_s'] / base:.2f}x | {tokens / r['step_s']:,.0f} | "
             f"{mb.get('tp', 0):.2f} | {mb.get('dp', 0):.2f} | {r['calls']:.0f} | {r['state'] / 2**20:.2f} |"
         )
-    pair = ("DP=2 + dist. opt.", "DP=2")
-    if all(name in results for name in pair):
-        ratios = [r[pair[0]] / r[pair[1]] for r in rounds]
-        print(f"\ndistributed optimizer / plain DP=2 step time, per round: median {statistics.median(ratios):.3f} "
-              f"({min(ratios):.3f}-{max(ratios):.3f}), {len(ratios)} rounds")
+    for a, b in (("DP=2 + dist. opt.", "DP=2"), ("DP=2 + dist. opt. + overlap", "DP=2"),
+                 ("DP=2 + dist. opt. + overlap", "DP=2 + dist. opt.")):
+        if a in results and b in results:
+            ratios = [r[a] / r[b] for r in rounds]
+            print(f"{a} / {b} step time, per round: median {statistics.median(ratios):.3f} "
+                  f"({min(ratios):.3f}-{max(ratios):.3f}), {len(ratios)} rounds")
 
 
 if __name__ == "__main__":

@@ -88,8 +88,9 @@ class Run:
     first_grads: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # full form, step 0
 
 
-def build(case: str, distributed: bool = False) -> tuple[TransformerModel, torch.optim.Optimizer]:
-    """The model and AdamW (decay on matrices only); ``distributed``: sharded over DP, in small buckets."""
+def build(case: str, distributed: bool = False, overlap: bool = False) -> tuple[TransformerModel, torch.optim.Optimizer]:
+    """The model and AdamW (decay on matrices only); ``distributed``: sharded over DP, in small buckets
+    (``overlap``: reduced during the last micro-batch's backward pass)."""
     torch.manual_seed(SEED)
     model = TransformerModel(model_config(case))
 
@@ -97,15 +98,17 @@ def build(case: str, distributed: bool = False) -> tuple[TransformerModel, torch
         return torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95))
 
     groups = parameter_groups(model, 0.1)
-    return model, DistributedOptimizer(model, groups, adamw, bucket_bytes=BUCKET_BYTES) if distributed else adamw(groups)
+    if not distributed:
+        return model, adamw(groups)
+    return model, DistributedOptimizer(model, groups, adamw, bucket_bytes=BUCKET_BYTES, overlap=overlap)
 
 
 def train(
     case: str, steps: int, micro_batch: int, accumulation: int, run: Run | None = None, start: int = 0,
-    distributed: bool = False,
+    distributed: bool = False, overlap: bool = False,
 ) -> Run:
     """``steps`` optimizer steps on the global batches ``start``, ``start + 1``, ...; returns the Run."""
-    run = run or Run(*build(case, distributed))
+    run = run or Run(*build(case, distributed, overlap))
     model, optimizer = run.model, run.optimizer
     dp, dp_rank = state.dp_size(), state.dp_rank()
     per_rank = micro_batch * accumulation
@@ -119,6 +122,8 @@ def train(
             rows = slice(dp_rank * per_rank + micro * micro_batch, dp_rank * per_rank + (micro + 1) * micro_batch)
             logits = model(inputs[rows], parallel_output=True)
             loss = (vocab_parallel_cross_entropy(logits, targets[rows]) * mask[rows]).sum() / global_tokens
+            if micro == accumulation - 1 and getattr(optimizer, "overlap", False):
+                optimizer.arm()  # this backward pass starts the reductions (earlier ones only accumulate)
             loss.backward()
             loss_sum += loss.detach()
         if isinstance(optimizer, DistributedOptimizer):
@@ -213,6 +218,11 @@ def scenario_two(out: Path) -> dict:
     for case in ("gpt2", "llama"):
         plain = train(case, steps=4, micro_batch=2, accumulation=1)
         sharded = train(case, steps=4, micro_batch=2, accumulation=1, distributed=True)
+        overlapped = train(case, steps=4, micro_batch=1, accumulation=2, distributed=True, overlap=True)
+        after = train(case, steps=4, micro_batch=1, accumulation=2, distributed=True)  # reduced after backward
+        results[f"dp2/{case}/overlap"] = (overlapped.losses, full_state_dict(overlapped.model),
+                                          full_state_dict(after.model), overlapped.optimizer.early,
+                                          len(overlapped.optimizer.buckets))  # fmt: skip
         results[f"dp2/{case}"] = plain.losses
         results[f"dp2/{case}/distopt/bytes"] = measured_state_bytes(sharded.model, sharded.optimizer)
         results[f"dp2/{case}/distopt"] = (sharded.losses, full_state_dict(sharded.model),

@@ -99,6 +99,10 @@ def test_dump_and_load_back_is_identical(tmp_path: Path) -> None:
              "config key 'model.num_attention_heads': hidden_size 130 is not divisible by 4 heads"),
         (["model=llama-tinyy"], 1, "'llama-tinyy' is neither a file, an HF checkpoint folder nor a known model name (did you mean 'llama-tiny'?)"),
         (["optim.max_lr"], 1, "expected KEY=VALUE"),
+        (["trainer.overlap_grad_reduce=true"], 1,
+         "config key 'trainer.overlap_grad_reduce': needs trainer.distributed_optimizer: true"),
+        (["trainer.overlap_grad_reduce=true", "trainer.distributed_optimizer=true",
+          "trainer.tensor_model_parallel_size=2"], 2, "is not supported with tensor parallelism yet"),
     ],
 )
 def test_bad_config_gives_one_line_error_naming_the_key(overrides, world_size, message) -> None:

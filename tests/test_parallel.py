@@ -137,6 +137,17 @@ def test_memory_planner_predicts_the_bytes_of_tp2_and_the_distributed_optimizer(
     assert (plan.parameters, plan.gradients, plan.optimizer) == two[f"dp2/{case}/distopt/bytes"]
 
 
+@pytest.mark.parametrize("case", ["gpt2", "llama"])
+def test_overlapped_reduction_equals_the_reduction_after_backward(two, case):
+    """Buckets reduced during the last micro-batch's backward pass (accumulation 2: the first micro-batch
+    communicates nothing): the same losses and parameters."""
+    losses, params, after, early, buckets = two[f"dp2/{case}/overlap"]
+    assert early == buckets > 1  # every bucket's reduction started inside the backward pass
+    assert_same_losses(losses, two[f"dp2/{case}"], rtol=1e-6)
+    for name, want in after.items():
+        assert torch.equal(params[name], want), name
+
+
 def test_distributed_optimizer_checkpoints_reshard(two, out_dir):
     """Saved at DP=2 with the distributed optimizer, resumed in one process with plain AdamW (and at TP=2 x DP=2
     with it: test_tp2_x_dp2_on_4_processes); a plain TP=2 checkpoint resumes at DP=2 with it."""

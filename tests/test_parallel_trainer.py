@@ -61,13 +61,15 @@ def test_tensor_parallel_trainer_matches_one_process(data_config, tmp_path) -> N
 
 
 def test_data_parallel_matches_accumulation(data_config, tmp_path) -> None:
-    """Also with the optimizer state sharded (``trainer.distributed_optimizer``), whose checkpoint resumes in one
-    process without it."""
+    """Also with the optimizer state sharded (``trainer.distributed_optimizer``) and its reductions started
+    during the backward pass (``trainer.overlap_grad_reduce``), whose checkpoint resumes in one process without
+    either."""
     accumulated = train(data_config, tmp_path / "acc", 1, "trainer.gradient_accumulation_steps=2")
     dp2 = train(data_config, tmp_path / "dp2", 2, "--tensor-model-parallel-size", "1")
     assert_close(losses(accumulated), losses(dp2))
     assert_close(losses(accumulated, "val_loss"), losses(dp2, "val_loss"))
-    sharded = losses(train(data_config, tmp_path / "zero1", 2, "trainer.distributed_optimizer=true"))
+    sharded = losses(train(data_config, tmp_path / "zero1", 2, "trainer.distributed_optimizer=true",
+                           "trainer.overlap_grad_reduce=true"))  # fmt: skip
     assert_close(sharded, losses(dp2), rtol=1e-6)
     run = tmp_path / "zero1"
     checkpoint.update_latest(run / "checkpoints", run / "checkpoints" / "step_0000005")

@@ -59,6 +59,12 @@ class TrainerConfig:
         "gradients reduce-scattered, each rank steps its shard, parameters all-gathered. Same losses; checkpoints "
         "as without it.",
     )
+    overlap_grad_reduce: bool = field(
+        False,
+        help="With the distributed optimizer (and TP 1): start each bucket's gradient reduction during the last "
+        "micro-batch's backward pass, as soon as its gradients are done. Objectives that run one backward pass "
+        "per micro-batch (lm, dpo, reward_model) use it; others reduce after the backward pass.",
+    )
     max_consecutive_skips: int = field(
         5,
         help="Stop when this many steps in a row had a non-finite loss or gradient; `latest` then goes back to "
@@ -87,6 +93,11 @@ class TrainerConfig:
                 raise InvalidValue(key, f"must be >= 1, got {getattr(self, key)}")
         if not self.grad_clip >= 0:
             raise InvalidValue("grad_clip", f"must be >= 0, got {self.grad_clip}")
+        if self.overlap_grad_reduce and not self.distributed_optimizer:
+            raise InvalidValue("overlap_grad_reduce", "needs trainer.distributed_optimizer: true")
+        if self.overlap_grad_reduce and self.tensor_model_parallel_size > 1:
+            raise InvalidValue("overlap_grad_reduce", "is not supported with tensor parallelism yet (the TP "
+                               "gradient sums must come before the DP reduction)")  # fmt: skip
 
 
 @dataclasses.dataclass

@@ -80,6 +80,9 @@ class Objective(ABC):
     task_types: ClassVar[tuple[str, ...] | None] = None  # data it can read (ironcore.data.tasks); None: any
     Options: ClassVar[type | None] = None  # a dataclass: trainer.objective_options is checked against it
     score_head: ClassVar[bool] = False  # True: trains a reward model (model.score_head), not a language model
+    # True: backward() runs one forward pass with gradients per micro-batch, each followed by its backward pass,
+    # so the trainer may start the gradient reduction during the last one (trainer.overlap_grad_reduce).
+    one_backward_per_micro_batch: ClassVar[bool] = False
 
     def __init__(self, context: ObjectiveContext, options: Any = None) -> None:
         self.context = context

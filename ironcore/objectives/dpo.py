@@ -142,6 +142,7 @@ class DPOObjective(Objective):
 
     sequences_per_sample = 2  # a (chosen, rejected) pair
     task_types = ("dpo",)
+    one_backward_per_micro_batch = True
 
     def __init__(self, context: ObjectiveContext, options: None = None) -> None:
         super().__init__(context, options)

@@ -59,6 +59,7 @@ class LMObjective(Objective):
     """Cross-entropy of the next token, over the tokens the loss mask trains."""
 
     task_types = ("pretrain", "sft")
+    one_backward_per_micro_batch = True
 
     def token_losses(self, logits: torch.Tensor, micro_batch: MicroBatch) -> torch.Tensor:
         """Per-token losses ``[B, T]`` (fp32) from vocab-parallel logits; masking and normalisation come after."""

@@ -73,6 +73,7 @@ class RewardModelObjective(Objective):
 
     sequences_per_sample = 2  # a (chosen, rejected) pair
     task_types = ("dpo",)
+    one_backward_per_micro_batch = True
     score_head = True
     Options = RewardModelOptions
 

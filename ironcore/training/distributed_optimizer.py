@@ -20,6 +20,15 @@ of the parameters and keeps the optimizer state of that shard only:
    a view into the flat parameter buffer.
 5. The updated slices are *all-gathered* into every rank's parameters.
 
+With ``overlap`` the reduction of a bucket starts (asynchronously) as soon
+as the backward pass has finished all its gradients, while the backward pass
+goes on with earlier layers: a hook after each parameter's gradient
+accumulation counts them. Only the last micro-batch of a step may start
+reductions: the trainer calls :meth:`arm` before that micro-batch's forward
+pass (accumulation steps before it communicate nothing), and
+:meth:`reduce_gradients` waits for the reductions and runs those of buckets
+that did not complete (parameters without a gradient in that pass).
+
 The arithmetic is that of plain DP: the same sums, the same AdamW update
 element by element, so losses and parameters agree to rounding.
 
@@ -90,7 +99,7 @@ class DistributedOptimizer:
     """
 
     def __init__(self, model: nn.Module, groups: list[dict], build: Callable[[list[dict]], torch.optim.Optimizer],
-                 bucket_bytes: int = comm.DEFAULT_BUCKET_BYTES) -> None:  # fmt: skip
+                 bucket_bytes: int = comm.DEFAULT_BUCKET_BYTES, overlap: bool = False) -> None:  # fmt: skip
         self.param_groups = groups
         params = [p for g in groups for p in g["params"]]
         dtypes = {p.dtype for p in params}
@@ -144,15 +153,53 @@ class DistributedOptimizer:
         self.inner = build(inner_groups)
         self.defaults = self.inner.defaults
         self._offsets = offsets
+        # Overlap: which bucket each parameter is in, how many of its parameters are done, the running reductions.
+        self.overlap = overlap and self.dp > 1
+        self._armed = False
+        self._bucket_of = {p: next(i for i, b in enumerate(self.buckets) if b.start <= offsets[p] < b.start + b.size)
+                           for p in params}  # fmt: skip
+        self._sizes = [sum(1 for p in params if self._bucket_of[p] == i) for i in range(len(self.buckets))]
+        self._done = [0] * len(self.buckets)
+        self._pending: dict[int, object] = {}  # bucket -> its collective's handle
+        self.early = 0  # buckets whose reduction the last step started during its backward pass
+        if self.overlap:
+            for p in params:
+                p.register_post_accumulate_grad_hook(self._ready)
+
+    def arm(self) -> None:
+        """The next backward pass is the step's last: its finished buckets start their reductions at once."""
+        self._armed = True
+
+    def _ready(self, param: nn.Parameter) -> None:
+        if not self._armed:
+            return
+        i = self._bucket_of[param]
+        if i in self._pending:
+            raise RuntimeError("a gradient was accumulated after its bucket's reduction had started: more than one "
+                               "backward pass followed arm() (the objective's backward loop)")  # fmt: skip
+        self._done[i] += 1
+        if self._done[i] == self._sizes[i]:
+            self._pending[i] = self._reduce(i, async_op=True)
+
+    def _reduce(self, i: int, async_op: bool = False) -> object:
+        """Start (or run) bucket ``i``'s reduction into this rank's shard."""
+        b = self.buckets[i]
+        low, high = b.owned(self.dp, self.rank)
+        return comm.reduce_scatter(self.grads[b.start : b.start + b.size],
+                                   self.shard_grads[b.shard : b.shard + high - low], state.dp_group(),
+                                   async_op=async_op)  # fmt: skip
 
     def reduce_gradients(self) -> None:
         """Each rank receives the sum over DP ranks of its shard's gradients (call after the TP sums)."""
         if self.dp == 1:
             return
-        for b in self.buckets:
-            low, high = b.owned(self.dp, self.rank)
-            comm.reduce_scatter(self.grads[b.start : b.start + b.size], self.shard_grads[b.shard : b.shard + high - low],
-                                state.dp_group())  # fmt: skip
+        for i in range(len(self.buckets)):
+            if i in self._pending:
+                self._pending[i].wait()
+            else:
+                self._reduce(i)
+        self.early = len(self._pending)
+        self._armed, self._done, self._pending = False, [0] * len(self.buckets), {}
 
     def grad_norm(self) -> torch.Tensor:
         """The L2 norm of the whole model's reduced gradient, from the shards (collective over DP and TP)."""

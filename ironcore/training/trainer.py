@@ -22,6 +22,7 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -104,7 +105,8 @@ class Trainer:
 
         torch.manual_seed(cfg.init.seed)
         self.model = self._build_model()
-        self.optimizer = build_optimizer(self.model, cfg.optim, distributed=cfg.trainer.distributed_optimizer)
+        self.optimizer = build_optimizer(self.model, cfg.optim, distributed=cfg.trainer.distributed_optimizer,
+                                         overlap=cfg.trainer.overlap_grad_reduce)
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if cfg.trainer.precision == "bf16"
@@ -282,7 +284,7 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         micro_batches = self.train_data.step(self.state.consumed_samples)
-        result = self.objective.backward(self.forward, micro_batches)
+        result = self.objective.backward(self._forward_arming(len(micro_batches)), micro_batches)
         self._step_tokens = result.processed or self.tokens_per_step  # what tok/s and MFU count
         if isinstance(self.optimizer, DistributedOptimizer):  # DP: a reduce-scatter into each rank's shard
             sync_tensor_parallel_grads(self.model)
@@ -310,12 +312,32 @@ class Trainer:
         self.state.tokens += result.tokens
         return {**result.metrics, "lr": lr, "grad_norm": norm}
 
+    def _forward_arming(self, micro_batches: int) -> Callable[..., torch.Tensor]:
+        """The forward pass the objective runs; with overlapped reduction, the last micro-batch's pass (counted
+        among those with gradients) arms the optimizer, so that its backward pass starts the reductions."""
+        if not (getattr(self.optimizer, "overlap", False) and self.objective.one_backward_per_micro_batch):
+            return self.forward
+        passes = 0
+
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            nonlocal passes
+            if torch.is_grad_enabled():
+                passes += 1
+                if passes == micro_batches:
+                    self.optimizer.arm()
+            return self.forward(*args, **kwargs)
+
+        return forward
+
     def _log_memory(self) -> None:
         """The memory planner's bytes per GPU for this run, beside what the first step holds (exact bytes of the
         parameters, gradients and optimizer states; on a GPU also the peak allocated)."""
         self._memory_logged = True
         if not self.is_main:
             return
+        if getattr(self.optimizer, "overlap", False):
+            log.info("gradient reduction: %d of %d buckets started during the backward pass", self.optimizer.early,
+                     len(self.optimizer.buckets))  # fmt: skip
         t = self.cfg.trainer
         try:  # a plan is information: a model the planner cannot trace must still train
             plan = plan_memory(self.cfg.model, self.ctx.tp_size, self.dp_size, t.distributed_optimizer, t.precision,
