@@ -42,7 +42,7 @@ from ironcore.parallel.sharding import (
     named_splits,
 )
 from ironcore.training.distributed_optimizer import DistributedOptimizer
-from ironcore.training.memory import measured_state_bytes
+from ironcore.training.memory import measured_state_bytes, plan_memory
 from ironcore.training.optim import parameter_groups, step_with_scaled_grads
 
 # name -> (model config, overrides). Vocab sizes that are not multiples of 128 x tp exercise the padding:
@@ -202,6 +202,8 @@ def scenario_two(out: Path) -> dict:
         results[f"tp2/{case}"] = (run.losses, run.grad_norms, run.first_grads)
         results[f"tp2/{case}/ce"] = cross_entropy_check(case)
         results[f"tp2/{case}/numel"] = sum(p.numel() for p in run.model.parameters())  # rank 0's, for the planner
+        plan = plan_memory(model_config(case), tp=2, micro_batch_size=2, seq_len=SEQ)  # planned inside a TP run
+        results[f"tp2/{case}/plan"] = (plan.parameters, plan.gradients, plan.optimizer, plan.activations)
     # Checkpoint after 3 steps (full tensors, written by rank 0), then one more step.
     run = train("llama", steps=3, micro_batch=2, accumulation=1)
     ckpt = {"model": full_state_dict(run.model), "optimizer": full_optimizer_state(run.model, run.optimizer)}

@@ -132,6 +132,8 @@ def test_memory_planner_predicts_the_bytes_of_tp2_and_the_distributed_optimizer(
     parameter, gradient and optimizer-state bytes at DP=2 with the distributed optimizer, to the byte."""
     cfg = worker.model_config(case)
     assert sum(local_numels(cfg, 2)) == two[f"tp2/{case}/numel"]
+    tp2 = plan_memory(cfg, tp=2, micro_batch_size=2, seq_len=worker.SEQ)  # the same plan in a TP=2 process
+    assert (tp2.parameters, tp2.gradients, tp2.optimizer, tp2.activations) == two[f"tp2/{case}/plan"]
     plan = plan_memory(cfg, dp=2, distributed_optimizer=True, micro_batch_size=2, seq_len=worker.SEQ,
                        bucket_bytes=worker.BUCKET_BYTES)  # fmt: skip
     assert (plan.parameters, plan.gradients, plan.optimizer) == two[f"dp2/{case}/distopt/bytes"]

@@ -30,13 +30,15 @@ CUDA context or workspace in the sum: leave a margin of a few GB on a GPU.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
 from ironcore.config.model import ModelConfig
 from ironcore.models import TransformerModel
+from ironcore.parallel import state
 from ironcore.parallel.comm import DEFAULT_BUCKET_BYTES
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
 from ironcore.parallel.layers import padded_vocab_size
@@ -130,11 +132,33 @@ def activation_bytes(cfg: ModelConfig, micro_batch_size: int, seq_len: int, prec
     return total
 
 
+@contextmanager
+def _as_one_process() -> Iterator[None]:
+    """No process groups while planning: the planner builds TP=1 models and divides their shapes itself (in a
+    TP process the layers would be split twice, and the loss would communicate)."""
+    tp, dp = state.tp_group(), state.dp_group()
+    state.set_tensor_parallel_group(None)
+    state.set_data_parallel_group(None)
+    try:
+        yield
+    finally:
+        state.set_tensor_parallel_group(tp)
+        state.set_data_parallel_group(dp)
+
+
 def plan_memory(cfg: ModelConfig, tp: int = 1, dp: int = 1, distributed_optimizer: bool = False,
                 precision: str = "fp32", activation_checkpointing: bool = False, micro_batch_size: int = 1,
                 seq_len: int | None = None, optimizer: str = "adamw",
                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> MemoryPlan:  # fmt: skip
     """The bytes of one training step on rank 0 of a TP x DP layout (see the module doc)."""
+    with _as_one_process():
+        return _plan(cfg, tp, dp, distributed_optimizer, precision, activation_checkpointing, micro_batch_size,
+                     seq_len, optimizer, bucket_bytes)  # fmt: skip
+
+
+def _plan(cfg: ModelConfig, tp: int, dp: int, distributed_optimizer: bool, precision: str,
+          activation_checkpointing: bool, micro_batch_size: int, seq_len: int | None, optimizer: str,
+          bucket_bytes: int) -> MemoryPlan:  # fmt: skip
     numels = local_numels(cfg, tp)
     params = sum(numels) * FP32
     grads = params

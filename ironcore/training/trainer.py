@@ -346,13 +346,13 @@ class Trainer:
             log.warning("memory plan unavailable: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
             return
         params, grads, states = measured_state_bytes(self.model, self.optimizer)
-        gib = 2**30
-        peak = (f"; peak allocated {torch.cuda.max_memory_allocated(self.device) / gib:.3f} GiB"
+        mib = 2**20
+        peak = (f"; peak allocated {torch.cuda.max_memory_allocated(self.device) / mib:,.1f} MiB"
                 if self.device.type == "cuda" else "")  # fmt: skip
-        log.info("memory per GPU: planned %.3f GiB (parameters %.3f, gradients %.3f, optimizer %.3f, activations "
-                 "%.3f of a language-model micro-batch); measured after step 1: parameters %.3f, gradients %.3f, "
-                 "optimizer %.3f%s", plan.total / gib, plan.parameters / gib, plan.gradients / gib,
-                 plan.optimizer / gib, plan.activations / gib, params / gib, grads / gib, states / gib, peak)  # fmt: skip
+        log.info("memory per GPU: planned %s MiB (parameters %s, gradients %s, optimizer %s, activations %s of a "
+                 "language-model micro-batch); measured after step 1: parameters %s, gradients %s, optimizer %s%s",
+                 *(f"{n / mib:,.1f}" for n in (plan.total, plan.parameters, plan.gradients, plan.optimizer,
+                                               plan.activations, params, grads, states)), peak)  # fmt: skip
 
     def evaluate(self) -> dict[str, float]:
         """The objective's validation metrics over ``operation.eval_steps`` global batches, and the metrics of
