@@ -45,10 +45,15 @@ from ironcore.config.training import OptimConfig
 from ironcore.models import TransformerModel
 from ironcore.parallel import comm
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
-from ironcore.parallel.grad import clip_factor, finalize_grads, grad_norm, sync_tensor_parallel_grads
+from ironcore.parallel.grad import clip_factor
 from ironcore.parallel.setup import destroy_parallel, init_parallel
 from ironcore.training.distributed_optimizer import DistributedOptimizer
-from ironcore.training.optim import build_optimizer, parameter_groups, step_with_scaled_grads
+from ironcore.training.optim import (
+    build_optimizer,
+    parameter_groups,
+    reduce_gradients,
+    step_with_scaled_grads,
+)
 
 # name, world size, tp size, distributed optimizer (False, True or "overlap": reductions during the backward pass)
 LAYOUTS = [("1 process", 1, 1, False), ("TP=2", 2, 2, False), ("DP=2", 2, 1, False), ("DP=2 + dist. opt.", 2, 1, True),
@@ -116,14 +121,7 @@ def run_layout(rank: int, world: int, tp: int, distributed: bool | str, port: in
         if distributed == "overlap":
             optimizer.arm()
         loss.backward()
-        if distributed:
-            sync_tensor_parallel_grads(model)
-            optimizer.reduce_gradients()
-            norm = optimizer.grad_norm()
-        else:
-            finalize_grads(model, dp_reduction="sum")
-            norm = grad_norm(model)
-        step_with_scaled_grads(optimizer, clip_factor(norm.item(), 1.0))
+        step_with_scaled_grads(optimizer, clip_factor(reduce_gradients(model, optimizer).item(), 1.0))
 
     for _ in range(args.warmup):
         step()

@@ -31,7 +31,7 @@ from ironcore.config.model import ModelConfig
 from ironcore.models import TransformerModel
 from ironcore.parallel import comm, state
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_logsumexp
-from ironcore.parallel.grad import clip_factor, finalize_grads, grad_norm, sync_tensor_parallel_grads
+from ironcore.parallel.grad import clip_factor
 from ironcore.parallel.setup import init_parallel
 from ironcore.parallel.sharding import (
     full_optimizer_state,
@@ -43,7 +43,7 @@ from ironcore.parallel.sharding import (
 )
 from ironcore.training.distributed_optimizer import DistributedOptimizer
 from ironcore.training.memory import measured_state_bytes, plan_memory
-from ironcore.training.optim import parameter_groups, step_with_scaled_grads
+from ironcore.training.optim import parameter_groups, reduce_gradients, step_with_scaled_grads
 
 # name -> (model config, overrides). Vocab sizes that are not multiples of 128 x tp exercise the padding:
 # 1000 pads to 1024 at every TP size; 300 pads to 384 at TP=1 and 512 at TP=2/4 (at TP=4 the last rank
@@ -126,15 +126,9 @@ def train(
                 optimizer.arm()  # this backward pass starts the reductions (earlier ones only accumulate)
             loss.backward()
             loss_sum += loss.detach()
-        if isinstance(optimizer, DistributedOptimizer):
-            sync_tensor_parallel_grads(model)
-            optimizer.reduce_gradients()
-            run.grad_norms.append(optimizer.grad_norm().item())
-        else:
-            finalize_grads(model, dp_reduction="sum")
-            if step == 0:
-                run.first_grads = {n: gather_tensor(p.grad, splits.get(n)).clone() for n, p in model.named_parameters()}
-            run.grad_norms.append(grad_norm(model).item())
+        run.grad_norms.append(reduce_gradients(model, optimizer).item())
+        if step == 0 and not isinstance(optimizer, DistributedOptimizer):  # reduced in place (not in shards)
+            run.first_grads = {n: gather_tensor(p.grad, splits.get(n)).clone() for n, p in model.named_parameters()}
         step_with_scaled_grads(optimizer, clip_factor(run.grad_norms[-1], 1.0))
         run.losses.append(comm.all_reduce(loss_sum, state.dp_group()).item())
     return run

@@ -109,6 +109,8 @@ class DistributedOptimizer:
         self.buckets, starts = bucket_layout([p.numel() for p in params], self.dp,
                                              bucket_bytes // params[0].element_size())  # fmt: skip
         offsets = dict(zip(params, starts, strict=True))
+        self._bucket_of = {p: next(i for i, b in enumerate(self.buckets) if b.start <= offsets[p] < b.start + b.size)
+                           for p in params}  # fmt: skip
         total = self.buckets[-1].start + self.buckets[-1].size
         device, dtype = params[0].device, params[0].dtype
         self.params = torch.zeros(total, dtype=dtype, device=device)
@@ -130,7 +132,7 @@ class DistributedOptimizer:
         for group in groups:
             fragments = []
             for p in group["params"]:
-                bucket = next(b for b in self.buckets if b.start <= offsets[p] < b.start + b.size)
+                bucket = self.buckets[self._bucket_of[p]]
                 low, high = bucket.owned(self.dp, self.rank)
                 begin, end = max(offsets[p], low) - offsets[p], min(offsets[p] + p.numel(), high) - offsets[p]
                 if begin >= end:
@@ -153,11 +155,9 @@ class DistributedOptimizer:
         self.inner = build(inner_groups)
         self.defaults = self.inner.defaults
         self._offsets = offsets
-        # Overlap: which bucket each parameter is in, how many of its parameters are done, the running reductions.
+        # Overlap: how many of each bucket's parameters are done, the running reductions.
         self.overlap = overlap and self.dp > 1
         self._armed = False
-        self._bucket_of = {p: next(i for i, b in enumerate(self.buckets) if b.start <= offsets[p] < b.start + b.size)
-                           for p in params}  # fmt: skip
         self._sizes = [sum(1 for p in params if self._bucket_of[p] == i) for i in range(len(self.buckets))]
         self._done = [0] * len(self.buckets)
         self._pending: dict[int, object] = {}  # bucket -> its collective's handle
@@ -277,7 +277,7 @@ class DistributedOptimizer:
         shard = torch.zeros_like(self.shard_grads, dtype=torch.float32)
         for f in self.fragments:
             if id(f.tensor) in shard_values:
-                b = next(b for b in self.buckets if b.start <= self._offsets[f.param] < b.start + b.size)
+                b = self.buckets[self._bucket_of[f.param]]
                 at = b.shard + self._offsets[f.param] + f.begin - b.owned(self.dp, self.rank)[0]
                 shard[at : at + f.end - f.begin] = shard_values[id(f.tensor)]
         full = torch.zeros(self.params.numel(), dtype=torch.float32, device=self.params.device)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ironcore.config.training import OperationConfig, OptimConfig
+from ironcore.parallel.grad import finalize_grads, grad_norm, sync_tensor_parallel_grads
 from ironcore.parallel.layers import VocabParallelEmbedding
 from ironcore.training.distributed_optimizer import DistributedOptimizer
 
@@ -50,6 +51,18 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, distributed: bool = Fals
 
     groups = parameter_groups(model, cfg.weight_decay)
     return DistributedOptimizer(model, groups, build, overlap=overlap) if distributed else build(groups)
+
+
+def reduce_gradients(model: nn.Module, optimizer: torch.optim.Optimizer | DistributedOptimizer) -> torch.Tensor:
+    """The step's gradient communication, then the global gradient norm: TP sums and a DP all-reduce
+    (``finalize_grads``, ``grad_norm``), or with the distributed optimizer the TP sums, its reduce-scatter and
+    the norm from its shards."""
+    if isinstance(optimizer, DistributedOptimizer):
+        sync_tensor_parallel_grads(model)
+        optimizer.reduce_gradients()
+        return optimizer.grad_norm()
+    finalize_grads(model, dp_reduction="sum")
+    return grad_norm(model)
 
 
 def step_with_scaled_grads(optimizer: torch.optim.Optimizer | DistributedOptimizer, factor: float) -> None:

@@ -52,13 +52,18 @@ from ironcore.files import (
 from ironcore.models import TransformerModel
 from ironcore.models.stats import model_stats
 from ironcore.objectives import ObjectiveContext, build_objective
-from ironcore.parallel.grad import clip_factor, finalize_grads, grad_norm, sync_tensor_parallel_grads
+from ironcore.parallel.grad import clip_factor
 from ironcore.parallel.setup import init_parallel
 from ironcore.parallel.sharding import load_full_state_dict
 from ironcore.training.checkpointing import TrainState, load_checkpoint, load_objective_state, save_checkpoint
-from ironcore.training.distributed_optimizer import DistributedOptimizer
 from ironcore.training.memory import measured_state_bytes, plan_memory
-from ironcore.training.optim import build_optimizer, learning_rate, step_with_scaled_grads, total_steps
+from ironcore.training.optim import (
+    build_optimizer,
+    learning_rate,
+    reduce_gradients,
+    step_with_scaled_grads,
+    total_steps,
+)
 from ironcore.training.perf import peak_flops, retain_freed_host_memory
 from ironcore.training.tracking import RUN_FILE, Tracker, run_tags, tracked_names
 
@@ -286,13 +291,7 @@ class Trainer:
         micro_batches = self.train_data.step(self.state.consumed_samples)
         result = self.objective.backward(self._forward_arming(len(micro_batches)), micro_batches)
         self._step_tokens = result.processed or self.tokens_per_step  # what tok/s and MFU count
-        if isinstance(self.optimizer, DistributedOptimizer):  # DP: a reduce-scatter into each rank's shard
-            sync_tensor_parallel_grads(self.model)
-            self.optimizer.reduce_gradients()
-            norm = self.optimizer.grad_norm().item()
-        else:
-            finalize_grads(self.model, dp_reduction="sum")  # the only gradient communication of the step
-            norm = grad_norm(self.model).item()
+        norm = reduce_gradients(self.model, self.optimizer).item()  # the only gradient communication of the step
         loss = result.metrics["loss"]
         lr = learning_rate(self.state.step, self.total_steps, cfg.optim)
         self.state.step += 1
