@@ -179,6 +179,17 @@ def cross_entropy_check(case: str) -> dict[str, float]:
     }
 
 
+def score_head_check() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A reward model's scores and full gradients (its replicated head reads all positions)."""
+    torch.manual_seed(SEED)
+    model = TransformerModel(dataclasses.replace(model_config("llama"), score_head=True))
+    scores = model(batch(5, 2, model.config.vocab_size)[0])
+    (scores.squeeze(-1) * torch.linspace(-1, 1, SEQ)).sum().backward()
+    reduce_gradients(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    splits = named_splits(model)
+    return scores.detach(), {n: gather_tensor(p.grad, splits.get(n)) for n, p in model.named_parameters()}
+
+
 def checkpoint_probe(model: TransformerModel) -> torch.Tensor:
     """Full logits of a fixed batch, to compare a model before and after resharding."""
     with torch.no_grad():
@@ -198,6 +209,21 @@ def scenario_two(out: Path) -> dict:
         results[f"tp2/{case}/numel"] = sum(p.numel() for p in run.model.parameters())  # rank 0's, for the planner
         plan = plan_memory(model_config(case), tp=2, micro_batch_size=2, seq_len=SEQ)  # planned inside a TP run
         results[f"tp2/{case}/plan"] = (plan.parameters, plan.gradients, plan.optimizer, plan.activations)
+    # Sequence parallelism on the same TP=2 layout: the residual stream split over the sequence.
+    state.set_sequence_parallel(True)
+    for case in ("gpt2", "qwen3"):  # row-parallel biases, LayerNorm and tied weights; q/k norms, RMSNorm
+        comm.reset_traffic()
+        seen: list[torch.Size] = []  # what the final norm sees: this rank's positions only
+        first = train(case, steps=1, micro_batch=2, accumulation=1)
+        first.model.final_norm.register_forward_pre_hook(lambda _m, args, seen=seen: seen.append(args[0].shape))
+        first.model(batch(0, 2, first.model.config.vocab_size)[0])
+        results[f"tp2sp/{case}/spread"] = replicated_grad_spread(first.model)
+        run = train(case, steps=10, micro_batch=2, accumulation=1)
+        results[f"tp2sp/{case}"] = (run.losses, run.grad_norms, run.first_grads, seen[0][1],
+                                    comm.traffic().get("reduce_scatter/tp", (0, 0))[1])  # fmt: skip
+    results["tp2sp/score"] = score_head_check()
+    state.set_sequence_parallel(False)
+    results["tp2/score"] = score_head_check()
     # Checkpoint after 3 steps (full tensors, written by rank 0), then one more step.
     run = train("llama", steps=3, micro_batch=2, accumulation=1)
     ckpt = {"model": full_state_dict(run.model), "optimizer": full_optimizer_state(run.model, run.optimizer)}

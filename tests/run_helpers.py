@@ -66,9 +66,10 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def launch_train(config: Path, nproc: int, *overrides: str, tests_importable: bool = False) -> None:
-    """``ironcore train`` in a subprocess: torchrun (single-node c10d rendezvous) when nproc > 1;
-    ``tests_importable``: test modules can be named in the config (e.g. a reward function ``test_x:fn``)."""
+def launch_train(config: Path, nproc: int, *overrides: str, tests_importable: bool = False) -> str:
+    """``ironcore train`` in a subprocess: torchrun (single-node c10d rendezvous) when nproc > 1; its log
+    (stderr). ``tests_importable``: test modules can be named in the config (e.g. a reward function
+    ``test_x:fn``)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"] if nproc > 1 else [sys.executable]
     cmd = [*launcher, "-m", "ironcore", "train", "--config", str(config), *overrides]
@@ -76,6 +77,7 @@ def launch_train(config: Path, nproc: int, *overrides: str, tests_importable: bo
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stderr
 
 
 def drop_permission_override() -> None:

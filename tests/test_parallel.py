@@ -107,6 +107,29 @@ def test_vocab_parallel_cross_entropy_and_logsumexp_across_tp(two, case):
     assert diffs["lse"] < 1e-5 and diffs["lse_grad"] < 1e-7, diffs
 
 
+@pytest.mark.parametrize("case", ["gpt2", "qwen3"])
+def test_sequence_parallel_equals_plain_tp(two, case):
+    """TP=2 with the residual stream split over the sequence: the losses, norms and first gradients of TP=2
+    without it (row-parallel biases and norms summed over the ranks' positions), and it did split."""
+    losses, norms, grads, norm_positions, reduce_scatters = two[f"tp2sp/{case}"]
+    plain_losses, plain_norms, plain_grads = two[f"tp2/{case}"]
+    assert norm_positions == worker.SEQ // 2 and reduce_scatters > 0
+    assert_same_losses(losses, plain_losses, rtol=1e-6)
+    assert_same_losses(norms[:1], plain_norms[:1], rtol=1e-6)
+    for name, want in plain_grads.items():
+        err = (grads[name] - want).abs().max().item()
+        assert err <= 1e-5 * want.abs().max().item() + 1e-9, f"{name}: max error {err:.2e}"
+    assert two[f"tp2sp/{case}/spread"] == 0.0
+
+
+def test_sequence_parallel_reward_model_head(two):
+    """A replicated head after the split stream (gathered, its gradient kept per rank): same scores and grads."""
+    (scores, grads), (plain_scores, plain_grads) = two["tp2sp/score"], two["tp2/score"]
+    assert torch.allclose(scores, plain_scores, rtol=1e-5, atol=1e-6)
+    for name, want in plain_grads.items():
+        assert torch.allclose(grads[name], want, rtol=1e-4, atol=1e-7), name
+
+
 @pytest.mark.parametrize("case", ["gpt2", "llama"])
 def test_dp2_equals_gradient_accumulation(two, case):
     """DP=2 x micro-batch 2 == one process x micro-batch 2 x accumulation 2."""

@@ -29,6 +29,9 @@ def data_config(tmp_path_factory) -> Path:
     return shakespeare_slice(tmp_path_factory.mktemp("ptdata"), 40_000)
 
 
+LOGS: dict[Path, str] = {}  # run folder -> the training log (stderr)
+
+
 def train(data_config: Path, out: Path, nproc: int, *overrides: str) -> list[dict]:
     """``[torchrun --nproc_per_node N] -m ironcore train`` with a tiny GQA model; returns its metric lines."""
     config = out.parent / f"{out.name}.yaml"
@@ -38,7 +41,7 @@ def train(data_config: Path, out: Path, nproc: int, *overrides: str) -> list[dic
         "operation": {"train_steps": 10, "eval_interval": 5, "eval_steps": 2, "log_interval": 1},
         "optim": {"max_lr": 3e-3, "warmup_steps": 2}, "utils": {"tracking": False},
     }))
-    launch_train(config, nproc, *overrides)
+    LOGS[out] = launch_train(config, nproc, *overrides)
     return read_metrics(out)
 
 
@@ -53,8 +56,11 @@ def assert_close(a: dict[int, float], b: dict[int, float], rtol: float = 1e-5) -
 
 
 def test_tensor_parallel_trainer_matches_one_process(data_config, tmp_path) -> None:
+    """TP=2 with sequence parallelism (equal to plain TP=2: tests/test_parallel.py; plain TP=2 trains in the
+    checkpoint test below)."""
     single = train(data_config, tmp_path / "tp1", 1)
-    tp2 = train(data_config, tmp_path / "tp2", 2, "--tensor-model-parallel-size", "2")
+    tp2 = train(data_config, tmp_path / "tp2", 2, "--tensor-model-parallel-size", "2", "trainer.sequence_parallel=true")
+    assert "layout: TP 2 x DP 1, sequence parallel" in LOGS[tmp_path / "tp2"]
     assert_close(losses(single), losses(tp2))
     assert_close(losses(single, "val_loss"), losses(tp2, "val_loss"))
     assert_close(losses(single, "grad_norm"), losses(tp2, "grad_norm"), rtol=1e-4)

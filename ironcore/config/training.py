@@ -59,6 +59,12 @@ class TrainerConfig:
         "gradients reduce-scattered, each rank steps its shard, parameters all-gathered. Same losses; checkpoints "
         "as without it.",
     )
+    sequence_parallel: bool = field(
+        False,
+        help="With tensor parallelism: split the activations between the TP regions (norms, dropout, residuals) "
+        "over the TP ranks along the sequence; all-gather and reduce-scatter replace TP's all-reduce. Same "
+        "losses; the sequence length must be a multiple of the TP size. No effect at TP 1.",
+    )
     overlap_grad_reduce: bool = field(
         False,
         help="With the distributed optimizer (and TP 1): start each bucket's gradient reduction during the last "

@@ -170,8 +170,9 @@ class Attention(nn.Module):
         ``mask`` of None means causal when S = T, and every key for a single
         query (a decode step).
         """
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
+        qkv = self.qkv(x)  # under sequence parallelism x holds this rank's positions, qkv all of them
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
             dim=-1,
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -11,8 +13,10 @@ from ironcore.layers.attention import Attention, KVCache, LayerKVCache
 from ironcore.layers.mlp import MLP
 from ironcore.layers.norm import RMSNorm, build_norm
 from ironcore.layers.rope import RotaryEmbedding
+from ironcore.parallel import state
+from ironcore.parallel.grad import mark_sequence_parallel_grads
 from ironcore.parallel.layers import VocabParallelEmbedding, VocabParallelOutput, residual_std
-from ironcore.parallel.mappings import gather_from_tp
+from ironcore.parallel.mappings import gather_from_sequence, gather_from_tp, scatter_to_sequence
 
 
 class TransformerBlock(nn.Module):
@@ -21,9 +25,9 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.norm_position, self.parallel = cfg.norm_position, cfg.parallel_attn_mlp
-        self.attn_norm = build_norm(cfg)
+        self.attn_norm = mark_sequence_parallel_grads(build_norm(cfg))
         self.attn = Attention(cfg)
-        self.mlp_norm = None if self.parallel else build_norm(cfg)
+        self.mlp_norm = None if self.parallel else mark_sequence_parallel_grads(build_norm(cfg))
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -65,7 +69,7 @@ class TransformerModel(nn.Module):
         self.rope = RotaryEmbedding(cfg) if cfg.position_embedding == "rope" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.num_layers))
-        self.final_norm = build_norm(cfg) if cfg.final_norm else None
+        self.final_norm = mark_sequence_parallel_grads(build_norm(cfg)) if cfg.final_norm else None
         self.lm_head = (
             None if cfg.tie_word_embeddings or cfg.score_head
             else VocabParallelOutput(cfg.hidden_size, cfg.vocab_size, cfg.lm_head_bias)
@@ -156,20 +160,22 @@ class TransformerModel(nn.Module):
             x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
-        x = self.drop(x)
         rope = self.rope(position_ids) if self.rope is not None else None
         static = kv_cache is not None and kv_cache.slot is not None and T == 1 and past > 0  # a static decode step
         mask = attention_mask if static else self._mask(T, input_ids.device, attention_mask, past)
         caches = [None] * len(self.layers) if kv_cache is None else kv_cache.layers
-        for block, cache in zip(self.layers, caches):
-            x = block(x, rope, mask, cache)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        if self.score is not None:
-            return self.score(x)  # [B, T, 1]: a score per position; reward models read the last token's
-        logits = self.embed.project(x) if self.lm_head is None else self.lm_head(x)
+        generating = kv_cache is not None and state.sequence_parallel()  # one position at a time: no SP
+        with state.sequence_parallel_paused() if generating else contextlib.nullcontext():
+            x = self.drop(scatter_to_sequence(x))  # sequence parallel: this rank's positions from here on
+            for block, cache in zip(self.layers, caches):
+                x = block(x, rope, mask, cache)
+            if logits_to_keep:
+                x = x[:, -logits_to_keep:]
+            if self.final_norm is not None:
+                x = self.final_norm(x)
+            if self.score is not None:
+                return self.score(gather_from_sequence(x))  # [B, T, 1]: reward models read the last token's
+            logits = self.embed.project(x) if self.lm_head is None else self.lm_head(x)
         if parallel_output:
             return logits
         return gather_from_tp(logits)[..., : self.config.vocab_size]

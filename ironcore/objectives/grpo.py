@@ -334,6 +334,8 @@ class GRPOObjective(Objective):
                 top_k=opts.top_k or None, top_p=opts.top_p, eos_token_id=self.stop, seed=seed,
             )
         width = max(len(p) + len(c) for p, c in zip(ids, completions, strict=True))
+        multiple = state.tp_size() if state.sequence_parallel() else 1  # SP splits the L - 1 inputs evenly
+        width = -(-(width - 1) // multiple) * multiple + 1
         input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(ids), width - 1)
         for row, (prompt, completion) in enumerate(zip(ids, completions, strict=True)):

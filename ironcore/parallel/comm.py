@@ -112,7 +112,7 @@ def reduce_scatter(x: torch.Tensor, out: torch.Tensor, group: dist.ProcessGroup 
     if dist.get_backend(group) == "gloo":
         n, rank = out.numel(), dist.get_rank(group)
         work = dist.all_reduce(x, group=group, async_op=True)
-        pending = _Pending(work, lambda: out.copy_(x[rank * n : (rank + 1) * n]))
+        pending = _Pending(work, lambda: out.view(-1).copy_(x.view(-1)[rank * n : (rank + 1) * n]))
     else:
         pending = _Pending(_REDUCE_SCATTER(out, x, group=group, async_op=True))
     if async_op:

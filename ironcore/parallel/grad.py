@@ -19,6 +19,9 @@ identical without communication. Two kinds need a sum over TP ranks:
 modules marked with :func:`mark_partial_grads` (q/k norms: each rank applies
 them to its own heads only) and key/value heads replicated over several
 ranks (``TPSplit.replicas`` > 1: each copy saw its rank's queries only).
+Under sequence parallelism a third kind, marked with
+:func:`mark_sequence_parallel_grads` (the norms of the residual stream,
+row-parallel biases), sees only its rank's positions and is summed too.
 
 Data parallelism: ``dp_reduction="sum"`` when each rank's loss is already
 divided by the token count of the whole *global* batch (IronCore's trainer:
@@ -46,6 +49,13 @@ def mark_partial_grads(module: M) -> M:
     return module
 
 
+def mark_sequence_parallel_grads(module: M, names: list[str] | None = None) -> M:
+    """Declare ``module``'s parameters ``names`` (default: all of its own) as applied to the residual stream
+    between TP regions, so under sequence parallelism each rank's gradient covers its positions only."""
+    module.sequence_parallel_grads = tuple(names or (n for n, _ in module.named_parameters(recurse=False)))
+    return module
+
+
 def sync_tensor_parallel_grads(model: nn.Module) -> None:
     """Sum over TP ranks the gradients that each rank holds only a share of (see the module doc)."""
     tp, rank = state.tp_size(), state.tp_rank()
@@ -56,6 +66,9 @@ def sync_tensor_parallel_grads(model: nn.Module) -> None:
     for module in model.modules():
         if getattr(module, "tp_partial_grads", False):
             to_sum += [p.grad for p in module.parameters(recurse=False) if p.grad is not None]
+        if state.sequence_parallel():
+            params = (getattr(module, name) for name in getattr(module, "sequence_parallel_grads", ()))
+            to_sum += [p.grad for p in params if p is not None and p.grad is not None]
         for name, split in getattr(module, "tp_splits", {}).items():
             grad = getattr(module, name).grad
             if grad is None or max(split.replicas) == 1:

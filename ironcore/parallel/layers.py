@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ironcore.parallel import state
-from ironcore.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp
+from ironcore.parallel.grad import mark_sequence_parallel_grads
+from ironcore.parallel.mappings import column_input, gather_from_tp, reduce_from_tp, row_output
 from ironcore.parallel.sharding import TPSplit
 
 VOCAB_MULTIPLE = 128
@@ -91,7 +92,7 @@ class ColumnParallelLinear(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tp(x), self.weight, self.bias)
+        y = F.linear(column_input(x), self.weight, self.bias)
         return gather_from_tp(y) if self.gather_output else y
 
 
@@ -105,6 +106,7 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, _local_size(split, "row-parallel input")))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.tp_splits = {"weight": split}
+        mark_sequence_parallel_grads(self, ["bias"])  # added after the reduce-scatter: to this rank's positions
 
     def reset_parameters(self, std: float) -> None:
         _init_from_full(self.weight, (self.out_features, self.in_features), std, self.tp_splits["weight"])
@@ -112,7 +114,7 @@ class RowParallelLinear(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp(F.linear(x, self.weight))
+        y = row_output(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -158,7 +160,7 @@ def vocab_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """This rank's logits ``x @ weight.T (+ bias)`` over its slice of the padded vocabulary; padding at -inf."""
     local = weight.shape[0]
     real = min(max(vocab_size - state.tp_rank() * local, 0), local)
-    return _VocabProjection.apply(copy_to_tp(x), weight, bias, real)
+    return _VocabProjection.apply(column_input(x), weight, bias, real)
 
 
 class _VocabProjection(torch.autograd.Function):

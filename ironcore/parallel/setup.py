@@ -72,12 +72,13 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
 
 
 def init_parallel(
-    tp_size: int, model: ModelConfig, device: str = "auto", timeout_s: float = 600.0
+    tp_size: int, model: ModelConfig, device: str = "auto", timeout_s: float = 600.0, sequence_parallel: bool = False
 ) -> ParallelContext:
     """Initialise torch.distributed from torchrun's env and build the TP and DP groups.
 
     Validates the layout first (one-line ConfigError before any process-group
-    work). Backend: nccl on CUDA, gloo on CPU. Installs the groups in
+    work). Backend: nccl on CUDA, gloo on CPU. Installs the groups (and
+    ``sequence_parallel``, which only means something with TP > 1) in
     :mod:`ironcore.parallel.state`, where layers and gradient helpers find them.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -110,6 +111,7 @@ def init_parallel(
             comm.name_group(group, name)
     state.set_tensor_parallel_group(tp_group)
     state.set_data_parallel_group(dp_group)
+    state.set_sequence_parallel(sequence_parallel and tp_size > 1)
     return ParallelContext(
         rank=rank,
         world_size=world,
@@ -127,5 +129,6 @@ def destroy_parallel() -> None:
     """Forget the groups and shut torch.distributed down (safe to call in a single process)."""
     state.set_tensor_parallel_group(None)
     state.set_data_parallel_group(None)
+    state.set_sequence_parallel(False)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -7,10 +7,14 @@ branches on TP. ``None`` stands for "a group of one" (no communication).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch.distributed as dist
 
 _TP_GROUP: dist.ProcessGroup | None = None
 _DP_GROUP: dist.ProcessGroup | None = None
+_SEQUENCE_PARALLEL = False
 
 
 def set_tensor_parallel_group(group: dist.ProcessGroup | None) -> None:
@@ -47,3 +51,25 @@ def dp_size() -> int:
 
 def dp_rank() -> int:
     return 0 if _DP_GROUP is None else dist.get_rank(_DP_GROUP)
+
+
+def set_sequence_parallel(enabled: bool) -> None:
+    """Split the residual stream over the TP ranks along the sequence (see ``ironcore.parallel.mappings``)."""
+    global _SEQUENCE_PARALLEL
+    _SEQUENCE_PARALLEL = enabled
+
+
+def sequence_parallel() -> bool:
+    return _SEQUENCE_PARALLEL
+
+
+@contextlib.contextmanager
+def sequence_parallel_paused() -> Iterator[None]:
+    """Run without sequence parallelism inside the block (e.g. KV-cached generation steps)."""
+    global _SEQUENCE_PARALLEL
+    saved = _SEQUENCE_PARALLEL
+    _SEQUENCE_PARALLEL = False
+    try:
+        yield
+    finally:
+        _SEQUENCE_PARALLEL = saved

@@ -52,6 +52,7 @@ from ironcore.files import (
 from ironcore.models import TransformerModel
 from ironcore.models.stats import model_stats
 from ironcore.objectives import ObjectiveContext, build_objective
+from ironcore.parallel import state
 from ironcore.parallel.grad import clip_factor
 from ironcore.parallel.setup import init_parallel
 from ironcore.parallel.sharding import load_full_state_dict
@@ -80,7 +81,8 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         # Process groups first: the layers read the TP layout when they are built.
-        self.ctx = init_parallel(cfg.trainer.tensor_model_parallel_size, cfg.model, cfg.trainer.device)
+        self.ctx = init_parallel(cfg.trainer.tensor_model_parallel_size, cfg.model, cfg.trainer.device,
+                                 sequence_parallel=cfg.trainer.sequence_parallel)
         self.device = self.ctx.device
         if cfg.trainer.retain_host_memory and self.device.type == "cpu":
             retain_freed_host_memory()  # before the model exists, so its first allocations already follow it
@@ -105,6 +107,9 @@ class Trainer:
         self.metadata = load_metadata(self.data_dir)
         check_data_fits_model(self.metadata, cfg, self.data_dir)
         self.seq_len = self.data_cfg.max_seq_length
+        if state.sequence_parallel() and self.seq_len % self.ctx.tp_size:
+            raise ConfigError(f"trainer.sequence_parallel: the data's max_seq_length {self.seq_len} is not a "
+                              f"multiple of tensor_model_parallel_size {self.ctx.tp_size}")
         self.init_folder = _starting_folder(cfg.init.init_from)
         self._check_tokenizers()
 
@@ -139,6 +144,10 @@ class Trainer:
         for task in self.tasks:
             check_task(task)
         self.task_tokenizer = Tokenizer.from_path(self.data_dir) if self.tasks else None
+        if self.is_main:
+            log.info("layout: TP %d x DP %d%s%s on %s", self.ctx.tp_size, self.dp_size,
+                     ", sequence parallel" if state.sequence_parallel() else "",
+                     ", distributed optimizer" if cfg.trainer.distributed_optimizer else "", self.device)
 
     # ---- set-up -----------------------------------------------------------------------------------------
     def _check_tokenizers(self) -> None:

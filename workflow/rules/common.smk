@@ -196,10 +196,10 @@ def code_fingerprint(stage):
 def torchrun(exp):
     """The launcher of an experiment's training processes.
 
-    One node: `torchrun --standalone`. Several nodes (under SLURM): one torchrun per node started by
-    srun, meeting at the first node of the allocation through the c10d rendezvous."""
+    One node: `torchrun --standalone`. Several nodes, or `srun: true` (under SLURM): one torchrun per node
+    started by srun, meeting at the first node of the allocation through the c10d rendezvous."""
     e = EXPERIMENTS[exp]
-    if e["nodes"] == 1:
+    if e["nodes"] == 1 and not e["srun"]:
         return f"torchrun --standalone --nnodes 1 --nproc_per_node {e['nproc']}"
     head = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
     return (

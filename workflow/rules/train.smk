@@ -36,6 +36,9 @@ rule train:
     resources:
         nodes=lambda wildcards: EXPERIMENTS[wildcards.exp]["nodes"],
         tasks=lambda wildcards: EXPERIMENTS[wildcards.exp]["nodes"],  # one torchrun per node
+        # SLURM (executor plugin): GPUs of the whole job; threads above become --cpus-per-task.
+        gpu=lambda wildcards: EXPERIMENTS[wildcards.exp]["gpus_per_node"] * EXPERIMENTS[wildcards.exp]["nodes"],
+        tasks_per_gpu=0,  # no --ntasks-per-gpu: one task (torchrun) per node, whatever the GPUs
     conda:
         CONDA_ENV
     log:
