@@ -88,9 +88,11 @@ class Run:
     first_grads: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # full form, step 0
 
 
-def build(case: str, distributed: bool = False, overlap: bool = False) -> tuple[TransformerModel, torch.optim.Optimizer]:
+def build(case: str, distributed: bool = False, overlap: bool = False, bf16: bool = False
+          ) -> tuple[TransformerModel, torch.optim.Optimizer]:  # fmt: skip
     """The model and AdamW (decay on matrices only); ``distributed``: sharded over DP, in small buckets
-    (``overlap``: reduced during the last micro-batch's backward pass)."""
+    (``overlap``: reduced during the last micro-batch's backward pass); ``bf16``: bf16 parameters, fp32 main
+    gradients and master weights (sharded or not)."""
     torch.manual_seed(SEED)
     model = TransformerModel(model_config(case))
 
@@ -98,17 +100,18 @@ def build(case: str, distributed: bool = False, overlap: bool = False) -> tuple[
         return torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95))
 
     groups = parameter_groups(model, 0.1)
-    if not distributed:
+    if not distributed and not bf16:
         return model, adamw(groups)
-    return model, DistributedOptimizer(model, groups, adamw, bucket_bytes=BUCKET_BYTES, overlap=overlap)
+    return model, DistributedOptimizer(model, groups, adamw, bucket_bytes=BUCKET_BYTES, overlap=overlap,
+                                       param_dtype=torch.bfloat16 if bf16 else None, shard=distributed)  # fmt: skip
 
 
 def train(
     case: str, steps: int, micro_batch: int, accumulation: int, run: Run | None = None, start: int = 0,
-    distributed: bool = False, overlap: bool = False,
+    distributed: bool = False, overlap: bool = False, bf16: bool = False,
 ) -> Run:
     """``steps`` optimizer steps on the global batches ``start``, ``start + 1``, ...; returns the Run."""
-    run = run or Run(*build(case, distributed, overlap))
+    run = run or Run(*build(case, distributed, overlap, bf16))
     model, optimizer = run.model, run.optimizer
     dp, dp_rank = state.dp_size(), state.dp_rank()
     per_rank = micro_batch * accumulation
@@ -120,7 +123,8 @@ def train(
         loss_sum = torch.zeros(())
         for micro in range(accumulation):
             rows = slice(dp_rank * per_rank + micro * micro_batch, dp_rank * per_rank + (micro + 1) * micro_batch)
-            logits = model(inputs[rows], parallel_output=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as the trainer runs bf16
+                logits = model(inputs[rows], parallel_output=True)
             loss = (vocab_parallel_cross_entropy(logits, targets[rows]) * mask[rows]).sum() / global_tokens
             if micro == accumulation - 1 and getattr(optimizer, "overlap", False):
                 optimizer.arm()  # this backward pass starts the reductions (earlier ones only accumulate)
@@ -250,6 +254,12 @@ def scenario_two(out: Path) -> dict:
         results[f"dp2/{case}/distopt"] = (sharded.losses, full_state_dict(sharded.model),
                                           full_state_dict(plain.model), state_bytes(plain.optimizer),
                                           sharded.optimizer.state_bytes, len(sharded.optimizer.buckets))  # fmt: skip
+    # bf16 parameters with fp32 main gradients and master weights, plain DP and sharded, 20 steps.
+    for case in ("gpt2", "llama"):
+        results[f"dp2/{case}/bf16"] = train(case, steps=20, micro_batch=2, accumulation=1, bf16=True).losses
+        sharded = train(case, steps=20, micro_batch=2, accumulation=1, distributed=True, bf16=True)
+        results[f"dp2/{case}/bf16/distopt"] = (sharded.losses, sharded.model.embed.weight.dtype,
+                                               measured_state_bytes(sharded.model, sharded.optimizer))  # fmt: skip
     # The distributed optimizer's checkpoint after 3 steps (rank 0 writes; the test resumes it in one process
     # with plain AdamW, the 4-process run at TP=2 x DP=2 with the distributed optimizer) ...
     run = train("llama", steps=3, micro_batch=2, accumulation=1, distributed=True)

@@ -23,16 +23,23 @@ CFG = ModelConfig(name="tiny", vocab_size=300, hidden_size=64, num_layers=2, num
                   norm_type="rmsnorm", gated_mlp=True, activation="silu", tie_word_embeddings=False)  # fmt: skip
 
 
-@pytest.mark.parametrize(("optimizer", "distributed"), [("adamw", False), ("adamw", True), ("sgd", False)])
-def test_planned_states_are_the_bytes_after_a_step(optimizer, distributed) -> None:
+@pytest.mark.parametrize(("optimizer", "distributed", "precision"), [
+    ("adamw", False, "fp32"), ("adamw", True, "fp32"), ("sgd", False, "fp32"), ("adamw", False, "bf16"),
+    ("adamw", True, "bf16")])  # fmt: skip
+def test_planned_states_are_the_bytes_after_a_step(optimizer, distributed, precision) -> None:
+    """bf16: 2-byte parameters, 4-byte main gradients, 4-byte master weights beside the moments."""
     torch.manual_seed(0)
     model = TransformerModel(CFG)
-    opt = build_optimizer(model, OptimConfig(optimizer=optimizer), distributed=distributed)
+    opt = build_optimizer(model, OptimConfig(optimizer=optimizer), distributed=distributed, precision=precision)
     tokens = torch.randint(0, CFG.vocab_size, (2, 17))
     torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
     opt.step()
-    plan = plan_memory(CFG, distributed_optimizer=distributed, micro_batch_size=2, seq_len=16, optimizer=optimizer)
+    plan = plan_memory(CFG, distributed_optimizer=distributed, precision=precision, micro_batch_size=2, seq_len=16,
+                       optimizer=optimizer)  # fmt: skip
     assert (plan.parameters, plan.gradients, plan.optimizer) == measured_state_bytes(model, opt)
+    numel = sum(p.numel() for p in model.parameters())
+    if precision == "bf16":
+        assert plan.parameters == 2 * numel and plan.optimizer == 4 * numel + 8 * numel + 4 * len(opt.fragments)
     assert plan.optimizer > 0 and plan.total == plan.states + plan.activations
 
 
@@ -42,6 +49,8 @@ def test_planned_activations_are_what_the_forward_pass_leaves_allocated(precisio
     the backward pass), from torch's profiler. The plan runs the same step on fake tensors."""
     torch.manual_seed(0)
     model = TransformerModel(CFG)
+    if precision == "bf16":  # bf16 parameters, as the bf16 optimizer makes them
+        build_optimizer(model, OptimConfig(), precision="bf16")
     tokens = torch.randint(0, CFG.vocab_size, (4, 65))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     with autocast:  # first calls allocate what kernels keep (not activations)

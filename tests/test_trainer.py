@@ -85,18 +85,20 @@ def test_loss_falls_on_real_text(pretrain_data, tmp_path) -> None:
 
 
 @pytest.mark.device
-def test_resume_is_exact(pretrain_data, tmp_path) -> None:
-    """2N steps in one go == N steps, a restart from the step-N checkpoint, N more steps."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_exact(pretrain_data, tmp_path, precision) -> None:
+    """2N steps in one go == N steps, a restart from the step-N checkpoint, N more steps. bf16: the checkpoint
+    holds the fp32 master weights (not their bf16 rounding), so the resumed run steps from the same values."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     cfg = make_config(pretrain_data, straight, operation__train_steps=8, trainer__save_interval=4,
-                      model__dropout=0.1)
+                      model__dropout=0.1, trainer__precision=precision)
     Trainer(cfg).train()
     # A run that "crashed" right after saving step 4: its checkpoint folder and pointer, nothing else.
     (resumed / "checkpoints").mkdir(parents=True)
     os.system(f"cp -r {straight}/checkpoints/step_0000004 {resumed}/checkpoints/")
     checkpoint.update_latest(resumed / "checkpoints", resumed / "checkpoints" / "step_0000004")
     cfg2 = make_config(pretrain_data, resumed, operation__train_steps=8, trainer__save_interval=4,
-                       model__dropout=0.1)
+                       model__dropout=0.1, trainer__precision=precision)
     trainer = Trainer(cfg2)
     trainer.train()
     a, b = train_losses(straight), train_losses(resumed)
@@ -106,6 +108,10 @@ def test_resume_is_exact(pretrain_data, tmp_path) -> None:
     final_a = load_weights(straight)
     final_b = load_weights(resumed)
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    if precision == "bf16":
+        assert next(trainer.model.parameters()).dtype == torch.bfloat16
+        weight = final_a["layers.0.mlp.up.weight"]
+        assert weight.dtype == torch.float32 and not torch.equal(weight, weight.bfloat16().float())
 
 
 @pytest.mark.device

@@ -48,7 +48,11 @@ class TrainerConfig:
     output_dir: str = field("runs/default", help="Where config.yaml, metrics.jsonl and checkpoints/ go.")
     save_interval: int = field(100, help="Save a checkpoint every this many optimizer steps (0: only at the end).")
     keep_last_checkpoints: int = field(3, help="How many step_* checkpoints to keep (older ones are deleted).")
-    precision: Literal["fp32", "bf16"] = field("fp32", help="bf16 runs matmuls under bf16 autocast; weights stay fp32.")
+    precision: Literal["fp32", "bf16"] = field(
+        "fp32",
+        help="bf16: bf16 parameters and activations, fp32 main gradients, fp32 master weights and AdamW states "
+        "in the optimizer (Megatron's mixed precision; checkpoints hold the master weights).",
+    )
     device: str = field("auto", help="auto (cuda if available, else cpu), cpu or cuda.")
     compile: bool = field(False, help="Wrap the model in torch.compile.")
     activation_checkpointing: bool = field(False, help="Recompute each block's activations in the backward pass.")

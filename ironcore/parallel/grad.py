@@ -56,6 +56,12 @@ def mark_sequence_parallel_grads(module: M, names: list[str] | None = None) -> M
     return module
 
 
+def main_grad(param: torch.Tensor) -> torch.Tensor | None:
+    """The gradient the step uses: the fp32 ``main_grad`` of a low-precision parameter (the distributed
+    optimizer's mixed precision), else ``.grad``."""
+    return getattr(param, "main_grad", param.grad)
+
+
 def sync_tensor_parallel_grads(model: nn.Module) -> None:
     """Sum over TP ranks the gradients that each rank holds only a share of (see the module doc)."""
     tp, rank = state.tp_size(), state.tp_rank()
@@ -65,12 +71,12 @@ def sync_tensor_parallel_grads(model: nn.Module) -> None:
     write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
     for module in model.modules():
         if getattr(module, "tp_partial_grads", False):
-            to_sum += [p.grad for p in module.parameters(recurse=False) if p.grad is not None]
+            to_sum += [g for p in module.parameters(recurse=False) if (g := main_grad(p)) is not None]
         if state.sequence_parallel():
             params = (getattr(module, name) for name in getattr(module, "sequence_parallel_grads", ()))
-            to_sum += [p.grad for p in params if p is not None and p.grad is not None]
+            to_sum += [g for p in params if p is not None and (g := main_grad(p)) is not None]
         for name, split in getattr(module, "tp_splits", {}).items():
-            grad = getattr(module, name).grad
+            grad = main_grad(getattr(module, name))
             if grad is None or max(split.replicas) == 1:
                 continue
             for piece, reps in zip(grad.split(split.local_sizes(tp), dim=split.dim), split.replicas):

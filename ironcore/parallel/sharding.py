@@ -136,18 +136,21 @@ def full_shapes(model: nn.Module) -> dict[str, torch.Size]:
     }
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module, local: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The model's state dict as a TP=1 model without vocab padding would have it. Collective over TP.
 
     Every rank receives the full tensors (an all-gather, simple and symmetric);
-    the caller decides which rank writes them.
+    the caller decides which rank writes them. ``local`` replaces entries of the
+    model's own (TP-local) state dict, e.g. by fp32 master weights.
     """
     splits = named_splits(model)
-    return {name: gather_tensor(t.detach(), splits.get(name)) for name, t in model.state_dict().items()}
+    tensors = {**model.state_dict(), **(local or {})}
+    return {name: gather_tensor(t.detach(), splits.get(name)) for name, t in tensors.items()}
 
 
-def load_full_state_dict(model: nn.Module, full: Mapping[str, torch.Tensor]) -> None:
-    """Load a full (TP=1, unpadded) state dict into ``model`` built at any TP size.
+def load_full_state_dict(model: nn.Module, full: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Load a full (TP=1, unpadded) state dict into ``model`` built at any TP size; returns this rank's shards
+    (in the checkpoint's dtype, for fp32 master weights beside low-precision parameters).
 
     A model built on the meta device gets the shards assigned as its
     parameters; otherwise they are copied in place (an optimizer holding the
@@ -165,6 +168,7 @@ def load_full_state_dict(model: nn.Module, full: Mapping[str, torch.Tensor]) -> 
     local = {name: shard_tensor(t, splits.get(name)) for name, t in full.items()}
     on_meta = any(t.is_meta for t in model.state_dict().values())
     model.load_state_dict(local, strict=True, assign=on_meta)
+    return local
 
 
 def _named_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

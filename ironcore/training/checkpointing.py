@@ -40,6 +40,7 @@ from ironcore.parallel.sharding import (
     load_full_optimizer_state,
     load_full_state_dict,
 )
+from ironcore.training.distributed_optimizer import DistributedOptimizer
 
 log = logging.getLogger("ironcore.train")
 
@@ -72,7 +73,9 @@ def save_checkpoint(
     the previous, complete checkpoint.
     """
     folder = native.step_dir(checkpoints, state.step)
-    weights = full_state_dict(model)
+    # With low-precision parameters the weights are the optimizer's fp32 master weights.
+    weights = full_state_dict(model, optimizer.master_weights(model) if isinstance(optimizer, DistributedOptimizer)
+                              else None)  # fmt: skip
     optimizer_state = full_optimizer_state(model, optimizer)
     rngs = _gather_objects(rng_states())
     objective_states = _gather_objects(objective_state or {})
@@ -146,7 +149,9 @@ def _load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: missing")
     try:
-        load_full_state_dict(model, native.read_model(folder, device)[1])
+        weights = load_full_state_dict(model, native.read_model(folder, device)[1])
+        if isinstance(optimizer, DistributedOptimizer):
+            optimizer.load_master_weights(model, weights)
     except CheckpointError as err:
         raise CheckpointError(f"{folder / native.WEIGHTS}: {err}" if str(folder) not in str(err) else str(err)) \
             from None

@@ -39,6 +39,19 @@ size, and go through the TP gathering of ``parallel.sharding`` unchanged.
 
 With TP, each TP rank shards its own (TP-local) parameters over its DP
 group: the two compose without knowing of each other.
+
+**Mixed precision the Megatron way** (``param_dtype=torch.bfloat16``, what
+``trainer.precision: bf16`` builds, with or without sharding): the model's
+parameters become bf16 views of the flat buffer, so forward and backward
+run in bf16 without casting weights; each backward's bf16 gradient is
+added into an fp32 *main gradient* (``param.main_grad``, a view of the fp32
+flat gradient buffer) by a hook and dropped, so accumulation over
+micro-batches and the DP reduction are fp32; the inner optimizer steps fp32
+*master weights* of the owned shard, which are rounded into the bf16
+parameters after each step. Checkpoints take the master weights
+(:meth:`master_weights`) as the model's weights, so a resumed run continues
+from the fp32 values. ``shard=False`` keeps all of it but owns everything on
+every rank (plain data parallelism: an all-reduce per bucket).
 """
 
 from __future__ import annotations
@@ -99,31 +112,49 @@ class DistributedOptimizer:
     """
 
     def __init__(self, model: nn.Module, groups: list[dict], build: Callable[[list[dict]], torch.optim.Optimizer],
-                 bucket_bytes: int = comm.DEFAULT_BUCKET_BYTES, overlap: bool = False) -> None:  # fmt: skip
+                 bucket_bytes: int = comm.DEFAULT_BUCKET_BYTES, overlap: bool = False,
+                 param_dtype: torch.dtype | None = None, shard: bool = True) -> None:  # fmt: skip
         self.param_groups = groups
         params = [p for g in groups for p in g["params"]]
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
             raise ValueError(f"the distributed optimizer needs parameters of one dtype, got {sorted(map(str, dtypes))}")
         self.dp, self.rank = state.dp_size(), state.dp_rank()
-        self.buckets, starts = bucket_layout([p.numel() for p in params], self.dp,
+        # Ranks the state is sharded over, and this rank's place among them (1 and 0: every rank owns all).
+        self.shards, self.shard_rank = (self.dp, self.rank) if shard else (1, 0)
+        device, main_dtype = params[0].device, params[0].dtype
+        dtype = param_dtype or main_dtype
+        self.mixed = dtype != main_dtype  # low-precision parameters, fp32 main gradients and master weights
+        self.buckets, starts = bucket_layout([p.numel() for p in params], self.shards,
                                              bucket_bytes // params[0].element_size())  # fmt: skip
         offsets = dict(zip(params, starts, strict=True))
         self._bucket_of = {p: next(i for i, b in enumerate(self.buckets) if b.start <= offsets[p] < b.start + b.size)
                            for p in params}  # fmt: skip
         total = self.buckets[-1].start + self.buckets[-1].size
-        device, dtype = params[0].device, params[0].dtype
         self.params = torch.zeros(total, dtype=dtype, device=device)
-        self.grads = torch.zeros(total, dtype=dtype, device=device)
-        # With one DP rank the shard is everything: no second gradient buffer, no collectives.
-        shard = sum(b.size for b in self.buckets) // self.dp
-        self.shard_grads = self.grads if self.dp == 1 else torch.zeros(shard, dtype=dtype, device=device)
+        self.grads = torch.zeros(total, dtype=main_dtype, device=device)
+        # With one shard the shard is everything: no second gradient buffer, no reduce-scatter.
+        shard_numel = sum(b.size for b in self.buckets) // self.shards
+        self.shard_grads = self.grads if self.shards == 1 else torch.zeros(shard_numel, dtype=main_dtype, device=device)
+        self.master = torch.zeros(shard_numel, dtype=main_dtype, device=device) if self.mixed else None
         for p in params:  # parameters and gradients become views of the flat buffers
             start = offsets[p]
+            if self.master is not None:  # the owned elements' master weights, before rounding to ``dtype``
+                b = self.buckets[self._bucket_of[p]]
+                low, high = b.owned(self.shards, self.shard_rank)
+                begin, end = max(start, low), min(start + p.numel(), high)
+                if begin < end:
+                    at = b.shard + begin - low
+                    self.master[at : at + end - begin] = p.data.reshape(-1)[begin - start : end - start]
             view = self.params[start : start + p.numel()].view_as(p)
             view.copy_(p.data)
             p.data = view
-            p.grad = self.grads[start : start + p.numel()].view_as(p)
+            grad = self.grads[start : start + p.numel()].view_as(p)
+            if self.mixed:
+                p.main_grad = grad
+                p.register_post_accumulate_grad_hook(_accumulate_main_grad)
+            else:
+                p.grad = grad
         names = {p: n for n, p in model.named_parameters()}
         splits = named_splits(model)
         tp, tp_rank = state.tp_size(), state.tp_rank()
@@ -133,7 +164,7 @@ class DistributedOptimizer:
             fragments = []
             for p in group["params"]:
                 bucket = self.buckets[self._bucket_of[p]]
-                low, high = bucket.owned(self.dp, self.rank)
+                low, high = bucket.owned(self.shards, self.shard_rank)
                 begin, end = max(offsets[p], low) - offsets[p], min(offsets[p] + p.numel(), high) - offsets[p]
                 if begin >= end:
                     continue
@@ -145,9 +176,10 @@ class DistributedOptimizer:
                     for piece in split.owned_pieces(index, tp, tp_rank):
                         mask[piece.reshape(-1)] = True
                     counted = mask[begin:end]
-                tensor = self.params[offsets[p] + begin : offsets[p] + end]
-                shard = bucket.shard + offsets[p] + begin - low
-                tensor.grad = self.shard_grads[shard : shard + end - begin]
+                at = bucket.shard + offsets[p] + begin - low  # the fragment's place in the shard
+                tensor = (self.params[offsets[p] + begin : offsets[p] + end] if self.master is None
+                          else self.master[at : at + end - begin])  # fmt: skip
+                tensor.grad = self.shard_grads[at : at + end - begin]
                 fragments.append(_Fragment(p, begin, end, tensor, counted, split is not None))
             self.fragments += fragments
             inner_groups.append({**{k: v for k, v in group.items() if k != "params"},
@@ -156,7 +188,7 @@ class DistributedOptimizer:
         self.defaults = self.inner.defaults
         self._offsets = offsets
         # Overlap: how many of each bucket's parameters are done, the running reductions.
-        self.overlap = overlap and self.dp > 1
+        self.overlap = overlap and self.shards > 1
         self._armed = False
         self._sizes = [sum(1 for p in params if self._bucket_of[p] == i) for i in range(len(self.buckets))]
         self._done = [0] * len(self.buckets)
@@ -182,9 +214,11 @@ class DistributedOptimizer:
             self._pending[i] = self._reduce(i, async_op=True)
 
     def _reduce(self, i: int, async_op: bool = False) -> object:
-        """Start (or run) bucket ``i``'s reduction into this rank's shard."""
+        """Start (or run) bucket ``i``'s reduction into this rank's shard (unsharded: an all-reduce)."""
         b = self.buckets[i]
-        low, high = b.owned(self.dp, self.rank)
+        if self.shards == 1:
+            return comm.all_reduce(self.grads[b.start : b.start + b.size], state.dp_group())
+        low, high = b.owned(self.shards, self.shard_rank)
         return comm.reduce_scatter(self.grads[b.start : b.start + b.size],
                                    self.shard_grads[b.shard : b.shard + high - low], state.dp_group(),
                                    async_op=async_op)  # fmt: skip
@@ -207,7 +241,8 @@ class DistributedOptimizer:
         for f in self.fragments:
             grad = f.tensor.grad if f.counted is None else f.tensor.grad[f.counted]
             sums[0 if f.split else 1] += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
-        comm.all_reduce(sums, state.dp_group())
+        if self.shards > 1:
+            comm.all_reduce(sums, state.dp_group())
         split = comm.all_reduce(sums[:1].clone(), state.tp_group())
         return (split[0] + sums[1]).sqrt().float()
 
@@ -220,8 +255,11 @@ class DistributedOptimizer:
             self.shard_grads.mul_(scale)
         self.inner.step()
         for b in self.buckets:
-            low, high = b.owned(self.dp, self.rank)
-            comm.all_gather_into(self.params[b.start : b.start + b.size], self.params[low:high], state.dp_group())
+            low, high = b.owned(self.shards, self.shard_rank)
+            if self.master is not None:  # round the stepped master weights into the parameters
+                self.params[low:high] = self.master[b.shard : b.shard + high - low]
+            if self.shards > 1:
+                comm.all_gather_into(self.params[b.start : b.start + b.size], self.params[low:high], state.dp_group())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradient buffer (the ``.grad`` views stay: ``set_to_none`` is ignored; the shard's gradients
@@ -278,20 +316,48 @@ class DistributedOptimizer:
         for f in self.fragments:
             if id(f.tensor) in shard_values:
                 b = self.buckets[self._bucket_of[f.param]]
-                at = b.shard + self._offsets[f.param] + f.begin - b.owned(self.dp, self.rank)[0]
+                at = b.shard + self._offsets[f.param] + f.begin - b.owned(self.shards, self.shard_rank)[0]
                 shard[at : at + f.end - f.begin] = shard_values[id(f.tensor)]
+        if self.shards == 1:
+            return shard
         full = torch.zeros(self.params.numel(), dtype=torch.float32, device=self.params.device)
         for b in self.buckets:
-            n = b.size // self.dp
+            n = b.size // self.shards
             comm.all_gather_into(full[b.start : b.start + b.size], shard[b.shard : b.shard + n], state.dp_group())
         return full
 
+    def master_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """With low-precision parameters: the fp32 master weights by parameter name, in the parameters' (TP-local)
+        shapes, gathered over DP (collective); without: {} (the parameters are the weights)."""
+        if self.master is None:
+            return {}
+        full = self._gather({id(f.tensor): f.tensor for f in self.fragments})
+        return {name: full[self._offsets[p] : self._offsets[p] + p.numel()].view_as(p).clone()
+                for name, p in model.named_parameters() if p in self._offsets}  # fmt: skip
+
+    @torch.no_grad()
+    def load_master_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """Set the master weights from fp32 values in the parameters' (TP-local) shapes, e.g. a checkpoint's
+        (the parameters hold them rounded already); nothing to do without low-precision parameters."""
+        if self.master is None:
+            return
+        names = {p: n for n, p in model.named_parameters()}
+        for f in self.fragments:
+            f.tensor.copy_(weights[names[f.param]].reshape(-1)[f.begin : f.end])
+
     @property
     def state_bytes(self) -> int:
-        """Bytes of optimizer state this rank holds (the shard's AdamW moments)."""
-        return sum(v.numel() * v.element_size() for s in self.inner.state.values() for v in s.values()
-                   if _shardable(v))  # fmt: skip
+        """Bytes of optimizer state this rank holds (the shard's AdamW moments, and master weights if any)."""
+        master = 0 if self.master is None else self.master.numel() * self.master.element_size()
+        return master + sum(v.numel() * v.element_size() for s in self.inner.state.values() for v in s.values()
+                            if _shardable(v))  # fmt: skip
 
 
 def _shardable(value: object) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0
+
+
+def _accumulate_main_grad(param: nn.Parameter) -> None:
+    """Add a backward pass's low-precision gradient into the fp32 main gradient and drop it."""
+    param.main_grad.add_(param.grad)
+    param.grad = None

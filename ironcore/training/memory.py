@@ -3,13 +3,15 @@
 Four parts, per rank of a TP x DP layout:
 
 - **parameters**: the rank's share of every tensor (TP-split tensors in
-  their slice, vocabulary padding included; replicated ones whole), fp32 (a
-  ``bf16`` run keeps fp32 weights and runs its matmuls under autocast);
-- **gradients**: the same bytes again (``.grad``); the distributed optimizer
-  adds its buffer for the rank's shard of the reduced gradients;
+  their slice, vocabulary padding included; replicated ones whole), fp32,
+  or bf16 in a ``bf16`` run;
+- **gradients**: fp32, as many as parameters (``.grad``, or a ``bf16``
+  run's main gradients); the distributed optimizer adds its buffer for the
+  rank's shard of the reduced gradients;
 - **optimizer states**: AdamW's two fp32 moments per parameter and a step
-  counter per tensor (SGD: one momentum), for the rank's shard only with the
-  distributed optimizer (its buckets' padding counted);
+  counter per tensor (SGD: one momentum), plus a ``bf16`` run's fp32 master
+  weights, for the rank's shard only with the distributed optimizer (its
+  buckets' padding counted);
 - **activations**: what autograd keeps from the forward pass for the
   backward one, for one micro-batch, loss included. Not a formula: the
   planner runs the rank's forward pass and loss on *fake* tensors (shapes
@@ -46,6 +48,7 @@ from ironcore.parallel.sharding import full_shapes, named_splits
 from ironcore.training.distributed_optimizer import bucket_layout
 
 FP32 = 4
+BF16 = 2
 
 
 @dataclasses.dataclass
@@ -106,6 +109,8 @@ def activation_bytes(cfg: ModelConfig, micro_batch_size: int, seq_len: int, prec
     def saved(model_cfg: ModelConfig, checkpointing: bool) -> int:
         with FakeTensorMode():
             model = TransformerModel(model_cfg)
+            for p in model.parameters() if precision == "bf16" else ():  # what the bf16 optimizer does to them
+                p.data = p.data.to(torch.bfloat16)
             if checkpointing:
                 apply_activation_checkpointing(model)
             weights = {p.untyped_storage()._cdata for p in model.parameters()}
@@ -160,23 +165,27 @@ def _plan(cfg: ModelConfig, tp: int, dp: int, distributed_optimizer: bool, preci
           activation_checkpointing: bool, micro_batch_size: int, seq_len: int | None, optimizer: str,
           bucket_bytes: int) -> MemoryPlan:  # fmt: skip
     numels = local_numels(cfg, tp)
-    params = sum(numels) * FP32
-    grads = params
+    params = grads = sum(numels) * FP32
     moments = 1 if optimizer == "sgd" else 2
-    if distributed_optimizer:  # parameters and gradients in flat buffers of padded buckets
-        buckets, offsets = bucket_layout(numels, dp, bucket_bytes // FP32)
-        params = grads = sum(b.size for b in buckets) * FP32
+    master = 0
+    if distributed_optimizer or precision == "bf16":  # parameters and gradients in flat buffers of padded buckets
+        shards = dp if distributed_optimizer else 1
+        buckets, offsets = bucket_layout(numels, shards, bucket_bytes // FP32)
+        total = sum(b.size for b in buckets)
+        params, grads = total * (BF16 if precision == "bf16" else FP32), total * FP32
         owned = [0] * len(numels)  # elements of each tensor in rank 0's slices
         for i, n in enumerate(numels):
             start, size = next((b.start, b.size) for b in buckets if b.start <= offsets[i] < b.start + b.size)
-            low, high = start, start + size // dp
+            low, high = start, start + size // shards
             owned[i] = max(0, min(offsets[i] + n, high) - max(offsets[i], low))
-        if dp > 1:
-            grads += sum(b.size for b in buckets) // dp * FP32  # the shard's reduced gradients
+        if shards > 1:
+            grads += total // shards * FP32  # the shard's reduced gradients
+        if precision == "bf16":
+            master = total // shards * FP32
         counted = [n for n in owned if n]
     else:
         counted = numels
-    states = moments * sum(counted) * FP32 + (FP32 * len(counted) if optimizer != "sgd" else 0)  # + AdamW's steps
+    states = master + moments * sum(counted) * FP32 + (FP32 * len(counted) if optimizer != "sgd" else 0)  # + steps
     activations = activation_bytes(rank_config(cfg, tp), micro_batch_size,
                                    seq_len or cfg.max_position_embeddings, precision, activation_checkpointing)  # fmt: skip
     return MemoryPlan(params, grads, states, activations)
@@ -193,7 +202,8 @@ def measured_state_bytes(model: nn.Module, optimizer: object) -> tuple[int, int,
     params = [p for p in model.parameters()]
     grads = [p.grad for p in params if p.grad is not None]
     inner = getattr(optimizer, "inner", optimizer)
-    if inner is not optimizer:
-        grads.append(optimizer.shard_grads)
     states = [v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    if inner is not optimizer:  # the distributed optimizer's flat buffers (main gradients, master weights)
+        grads += [optimizer.grads, optimizer.shard_grads]
+        states += [] if optimizer.master is None else [optimizer.master]
     return nbytes(params), nbytes(grads), nbytes(states)

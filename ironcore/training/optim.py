@@ -37,11 +37,13 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, distributed: bool = False, overlap: bool = False
-                    ) -> torch.optim.Optimizer | DistributedOptimizer:  # fmt: skip
+def build_optimizer(model: nn.Module, cfg: OptimConfig, distributed: bool = False, overlap: bool = False,
+                    precision: str = "fp32") -> torch.optim.Optimizer | DistributedOptimizer:  # fmt: skip
     """AdamW (the fused single-kernel implementation: ~4x faster than the default on CPU) or SGD; with
     ``distributed`` its state sharded over the data-parallel ranks (:class:`DistributedOptimizer`, ``overlap``:
-    its reductions started during the backward pass)."""
+    its reductions started during the backward pass). ``precision="bf16"`` makes the parameters bf16 with
+    fp32 main gradients and master weights in the optimizer (the :class:`DistributedOptimizer`'s flat buffers,
+    sharded or not)."""
 
     def build(groups: list[dict]) -> torch.optim.Optimizer:
         if cfg.optimizer == "sgd":
@@ -50,6 +52,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, distributed: bool = Fals
         return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
     groups = parameter_groups(model, cfg.weight_decay)
+    if precision == "bf16":
+        return DistributedOptimizer(model, groups, build, overlap=overlap, param_dtype=torch.bfloat16,
+                                    shard=distributed)  # fmt: skip
     return DistributedOptimizer(model, groups, build, overlap=overlap) if distributed else build(groups)
 
 

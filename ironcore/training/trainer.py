@@ -116,7 +116,7 @@ class Trainer:
         torch.manual_seed(cfg.init.seed)
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, cfg.optim, distributed=cfg.trainer.distributed_optimizer,
-                                         overlap=cfg.trainer.overlap_grad_reduce)
+                                         overlap=cfg.trainer.overlap_grad_reduce, precision=cfg.trainer.precision)
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if cfg.trainer.precision == "bf16"
