@@ -16,7 +16,8 @@ Each layout runs ``--repeats`` times, interleaved, and the fastest run
 counts (a shared machine's background load only ever slows a run down); the
 distributed optimizer is also compared with plain DP=2 round by round (the
 median and spread of the per-round ratio). The optimizer state per rank is
-the bytes of AdamW's moments rank 0 holds.
+the bytes of AdamW's moments rank 0 holds. "reduction after backward" is the time
+the step spends in the gradient reduction and norm after the backward pass; with overlap what is left of it.
 Bytes are counted by IronCore's collective wrappers (``ironcore.parallel.comm``)
 on rank 0: the payload a rank hands to each all-reduce, and the gathered
 output of each all-gather. A ring all-reduce sends about 2(n-1)/n times its
@@ -114,6 +115,8 @@ def run_layout(rank: int, world: int, tp: int, distributed: bool | str, port: in
     inputs, targets = mine[:, :-1], mine[:, 1:]
     global_tokens = args.batch * args.seq
 
+    waits: list[float] = []  # the gradient reduction's time after the backward pass (its norm included)
+
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         logits = model(inputs, parallel_output=True)
@@ -121,11 +124,15 @@ def run_layout(rank: int, world: int, tp: int, distributed: bool | str, port: in
         if distributed == "overlap":
             optimizer.arm()
         loss.backward()
-        step_with_scaled_grads(optimizer, clip_factor(reduce_gradients(model, optimizer).item(), 1.0))
+        start = time.perf_counter()
+        norm = reduce_gradients(model, optimizer).item()
+        waits.append(time.perf_counter() - start)
+        step_with_scaled_grads(optimizer, clip_factor(norm, 1.0))
 
     for _ in range(args.warmup):
         step()
     comm.reset_traffic()
+    waits.clear()
     times = []
     for _ in range(args.steps):
         if ctx.device.type == "cuda":
@@ -143,7 +150,8 @@ def run_layout(rank: int, world: int, tp: int, distributed: bool | str, port: in
         calls = sum(n for _, n in comm.traffic().values()) / args.steps
         moments = (optimizer.state_bytes if distributed else
                    sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if v.dim()))
-        result = {"step_s": statistics.median(times), "bytes": per_group, "calls": calls, "state": moments}
+        result = {"step_s": statistics.median(times), "bytes": per_group, "calls": calls, "state": moments,
+                  "wait_s": statistics.median(waits)}
         Path(out).write_text(json.dumps(result))
     destroy_parallel()
 
@@ -183,18 +191,20 @@ def main() -> None:
                          join=True)  # fmt: skip
                 result = json.loads(Path(out.name).read_text())
             rounds[-1][name] = result["step_s"]
+            rounds[-1][name + "/wait"] = result["wait_s"]
             if name not in results or result["step_s"] < results[name]["step_s"]:
                 results[name] = result
     base = results["1 process"]["step_s"]
     tokens = args.batch * args.seq
-    print("\n| layout | step (ms) | vs 1 process | tokens/s | TP MB/step/rank | DP MB/step/rank | collectives/step "
-          "| optimizer state MB/rank |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| layout | step (ms) | vs 1 process | tokens/s | reduction after backward (ms) | TP MB/step/rank "
+          "| DP MB/step/rank | collectives/step | optimizer state MB/rank |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         mb = {k: v / 2**20 for k, v in r["bytes"].items()}
         print(
             f"| {name} | {r['step_s'] * 1e3:.1f} | {r['step_s'] / base:.2f}x | {tokens / r['step_s']:,.0f} | "
-            f"{mb.get('tp', 0):.2f} | {mb.get('dp', 0):.2f} | {r['calls']:.0f} | {r['state'] / 2**20:.2f} |"
+            f"{r['wait_s'] * 1e3:.1f} | {mb.get('tp', 0):.2f} | {mb.get('dp', 0):.2f} | {r['calls']:.0f} | "
+            f"{r['state'] / 2**20:.2f} |"
         )
     for a, b in (("DP=2 + dist. opt.", "DP=2"), ("DP=2 + dist. opt. + overlap", "DP=2"),
                  ("DP=2 + dist. opt. + overlap", "DP=2 + dist. opt.")):
@@ -202,6 +212,11 @@ def main() -> None:
             ratios = [r[a] / r[b] for r in rounds]
             print(f"{a} / {b} step time, per round: median {statistics.median(ratios):.3f} "
                   f"({min(ratios):.3f}-{max(ratios):.3f}), {len(ratios)} rounds")
+    overlap, after = "DP=2 + dist. opt. + overlap", "DP=2 + dist. opt."
+    if overlap in results and after in results:  # the reduction left to wait for, per round
+        hidden = [1 - r[overlap + "/wait"] / r[after + "/wait"] for r in rounds]
+        print(f"overlap: share of the reduction (and norm) time hidden in the backward pass, per round: median "
+              f"{statistics.median(hidden):.0%} ({min(hidden):.0%} to {max(hidden):.0%})")
 
 
 if __name__ == "__main__":

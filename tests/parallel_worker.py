@@ -281,6 +281,18 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if v.dim() > 0)
 
 
+def ring_check() -> tuple[float, float]:
+    """gloo's reduce-scatter and all-gather (rings of point-to-point exchanges) over 4 ranks, against the sums
+    and concatenation computed from every rank's input: the largest errors."""
+    rank, group = state.tp_rank(), state.tp_group()
+    inputs = [torch.randn(4 * 1000, generator=torch.Generator().manual_seed(r)) for r in range(4)]
+    out = torch.empty(1000)
+    comm.reduce_scatter(inputs[rank].clone(), out, group, async_op=True).wait()
+    want = sum(inputs)[rank * 1000 : (rank + 1) * 1000]
+    gathered = comm.all_gather_into(torch.empty(4 * 1000), inputs[rank][:1000], group)
+    return (out - want).abs().max().item(), (gathered - torch.cat([t[:1000] for t in inputs])).abs().max().item()
+
+
 def scenario_four(out: Path) -> dict:
     """4 processes: TP=2 x DP=2 with accumulation, then TP=4 (MQA/GQA replicated) and the TP=2 checkpoint."""
     results: dict = {}
@@ -294,6 +306,7 @@ def scenario_four(out: Path) -> dict:
     load_full_optimizer_state(model, optimizer, ckpt["optimizer"])
     results["tp2dp2/distopt/ckpt/next_losses"] = train("llama", 2, 2, 1, run=Run(model, optimizer), start=3).losses
     init_parallel(4, model_config("gemma"))
+    results["tp4/ring"] = ring_check()
     for case in ("llama", "gemma", "qwen3"):
         results[f"tp4/{case}"] = train(case, steps=4, micro_batch=2, accumulation=1).losses
     model, optimizer = build("llama")

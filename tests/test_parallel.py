@@ -230,6 +230,11 @@ def test_tp2_x_dp2_on_4_processes(four, two, case):
 
 
 @pytest.mark.slow
+def test_gloo_rings_reduce_scatter_and_all_gather_over_4_ranks(four):
+    reduce_scatter_error, all_gather_error = four["tp4/ring"]
+    assert reduce_scatter_error < 1e-5 and all_gather_error == 0.0
+
+
 @pytest.mark.parametrize("case", ["llama", "gemma", "qwen3"])
 def test_tp4_replicates_kv_heads(four, case):
     """TP=4 with 2 (llama) and 1 (gemma, qwen3) key/value heads: each KV head lives on 2 or 4 ranks."""

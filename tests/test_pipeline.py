@@ -203,39 +203,6 @@ def test_forcerun_train_reruns_train_and_what_follows(workdir):
     assert planned_jobs(workdir, "--forcerun", "train") == Counter(train=2, tasks=2, eval=2, summary=1, all=1)
 
 
-def test_killed_training_resumes_from_its_checkpoint(workdir):
-    """A long run of experiment a is killed after its first checkpoint, then completed by a rerun."""
-    long_run = json.loads(json.dumps(PIPELINE))
-    long_run["experiments"]["a"]["overrides"] = {
-        "operation.train_steps": 600, "operation.eval_interval": 0, "operation.log_interval": 100,
-    }
-    write_yaml(workdir / "pipeline_long.yaml", long_run)
-    target = "results/train/a/final_eval.json"
-    latest = workdir / "results" / "runs" / "a" / "checkpoints" / "latest"
-    latest.unlink()  # the finished 20-step run is cleared when the job starts: wait for a new checkpoint
-    command = snakemake_command(workdir, target, configfile="pipeline_long.yaml")
-    process = subprocess.Popen(command, env=environment(workdir), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    # Kill the training job the way a cluster does (SIGTERM to the launcher); Snakemake sees it fail.
-    launcher = subprocess.run(["pgrep", "-s", str(process.pid), "-f", "torchrun"], capture_output=True, text=True)
-    assert process.poll() is None and launcher.stdout.split(), "training ended before it could be killed"
-    for pid in launcher.stdout.split():
-        os.kill(int(pid), signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode != 0, output
-    assert not (workdir / target).exists()  # Snakemake removed the failed job's outputs ...
-    stopped_at = int(latest.read_text().strip().rsplit("_", 1)[-1])
-    assert 0 < stopped_at < 600  # ... but not its checkpoints, outside them
-
-    snakemake(workdir, target, configfile="pipeline_long.yaml")
-    log = (workdir / "logs" / "train" / "a.log").read_text()
-    assert re.search(rf"resumed from \S+ at step {stopped_at}\b", log), log[-2000:]
-    assert json.loads((workdir / target).read_text())["step"] == 600
-
-
 def test_optional_chain_pretrain_sft_dpo(workdir):
     """`snakemake chain`: SFT from experiment a's final weights, then DPO from the SFT weights;
     the default target does not include them."""
@@ -349,3 +316,37 @@ def test_rl_target_sft_then_grpo_with_accuracy_before_and_after(workdir):
     write_yaml(workdir / "rl_changed.yaml", changed)
     assert planned_jobs(workdir, "rl", configfile="rl_changed.yaml") == Counter(
         {"train": 1, "rl_eval": 1, "rl_summary": 1, "rl": 1})
+
+
+def test_killed_training_resumes_from_its_checkpoint(workdir):
+    """A long run of experiment a is killed after its first checkpoint, then completed by a rerun. (Last in the
+    file: it leaves experiment a trained by another configuration, which the tests before it would retrain.)"""
+    long_run = json.loads(json.dumps(PIPELINE))
+    long_run["experiments"]["a"]["overrides"] = {
+        "operation.train_steps": 120, "operation.eval_interval": 0, "operation.log_interval": 100,
+    }
+    write_yaml(workdir / "pipeline_long.yaml", long_run)
+    target = "results/train/a/final_eval.json"
+    latest = workdir / "results" / "runs" / "a" / "checkpoints" / "latest"
+    latest.unlink()  # the finished 20-step run is cleared when the job starts: wait for a new checkpoint
+    command = snakemake_command(workdir, target, configfile="pipeline_long.yaml")
+    process = subprocess.Popen(command, env=environment(workdir), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Kill the training job the way a cluster does (SIGTERM to the launcher); Snakemake sees it fail.
+    launcher = subprocess.run(["pgrep", "-s", str(process.pid), "-f", "torchrun"], capture_output=True, text=True)
+    assert process.poll() is None and launcher.stdout.split(), "training ended before it could be killed"
+    for pid in launcher.stdout.split():
+        os.kill(int(pid), signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0, output
+    assert not (workdir / target).exists()  # Snakemake removed the failed job's outputs ...
+    stopped_at = int(latest.read_text().strip().rsplit("_", 1)[-1])
+    assert 0 < stopped_at < 120  # ... but not its checkpoints, outside them
+
+    snakemake(workdir, target, configfile="pipeline_long.yaml")
+    log = (workdir / "logs" / "train" / "a.log").read_text()
+    assert re.search(rf"resumed from \S+ at step {stopped_at}\b", log), log[-2000:]
+    assert json.loads((workdir / target).read_text())["step"] == 120

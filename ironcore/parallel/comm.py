@@ -101,18 +101,16 @@ def reduce_scatter(x: torch.Tensor, out: torch.Tensor, group: dist.ProcessGroup 
     """``out`` = this rank's slice (``out.numel()`` elements, in rank order) of the sum of ``x`` over ``group``.
 
     ``x`` holds ``group size x out.numel()`` elements. Counts the payload ``x``. Returns ``out``, or with
-    ``async_op`` a handle whose ``wait()`` completes it. On gloo it is an all-reduce of ``x`` in place (which
-    ``x`` then holds) and a copy of the slice: gloo's reduce-scatter takes longer than its all-reduce of the
-    same tensor (38 vs 22 ms for 20 MB on 2 CPU processes).
+    ``async_op`` a handle whose ``wait()`` completes it. On gloo it is a ring of point-to-point exchanges
+    (:func:`_ring_reduce_scatter`, which uses ``x`` as its scratch space): gloo's own reduce-scatter, and
+    an all-reduce of ``x``, take about twice as long (45 and 31 ms for 20 MB on 2 CPU processes, against 18).
     """
     if group_size(group) == 1:
         done = out.copy_(x) if out.data_ptr() != x.data_ptr() else out
         return _Pending(_Done()) if async_op else done
     _count("reduce_scatter", group, x.numel() * x.element_size())
     if dist.get_backend(group) == "gloo":
-        n, rank = out.numel(), dist.get_rank(group)
-        work = dist.all_reduce(x, group=group, async_op=True)
-        pending = _Pending(work, lambda: out.view(-1).copy_(x.view(-1)[rank * n : (rank + 1) * n]))
+        pending = _ring_reduce_scatter(x.view(-1), out.view(-1), group)
     else:
         pending = _Pending(_REDUCE_SCATTER(out, x, group=group, async_op=True))
     if async_op:
@@ -122,13 +120,53 @@ def reduce_scatter(x: torch.Tensor, out: torch.Tensor, group: dist.ProcessGroup 
 
 
 def all_gather_into(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """``out`` = every rank's ``x`` one after another (``x`` may be this rank's slice of ``out``). Returns ``out``."""
+    """``out`` = every rank's ``x`` one after another (``x`` may be this rank's slice of ``out``). Returns ``out``.
+
+    On gloo a ring of point-to-point exchanges (15 vs 17 ms for 20 MB on 2 CPU processes)."""
     size = group_size(group)
     if size == 1:
         return out.copy_(x) if out.data_ptr() != x.data_ptr() else out
     _count("all_gather", group, size * x.numel() * x.element_size())
-    _ALL_GATHER(out, x, group=group)
+    if dist.get_backend(group) != "gloo":
+        _ALL_GATHER(out, x, group=group)
+        return out
+    chunks, rank = out.view(-1).chunk(size), dist.get_rank(group)
+    if chunks[rank].data_ptr() != x.data_ptr():
+        chunks[rank].copy_(x.view(-1))
+    for step in range(size - 1):  # pass the chunk received last on to the next rank
+        _exchange(chunks[(rank - step) % size], chunks[(rank - step - 1) % size], group).wait()
     return out
+
+
+def _exchange(send: torch.Tensor, recv: torch.Tensor, group: dist.ProcessGroup) -> _Pending:
+    """Send ``send`` to the next rank of the ring and receive ``recv`` from the previous one."""
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    works = [dist.isend(send, dist.get_global_rank(group, (rank + 1) % size), group=group),
+             dist.irecv(recv, dist.get_global_rank(group, (rank - 1) % size), group=group)]  # fmt: skip
+    return _Pending(_Done(), lambda: [w.wait() for w in works])
+
+
+def _ring_reduce_scatter(x: torch.Tensor, out: torch.Tensor, group: dist.ProcessGroup) -> _Pending:
+    """The ring reduce-scatter: in step s each rank passes its running sum of chunk (rank - s - 1) to the next
+    rank and adds the previous rank's sum of chunk (rank - s - 2) into its own; after size - 1 steps chunk
+    ``rank`` holds the total. The first exchange starts now, the rest run in the handle's ``wait()``."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    chunks, received = x.chunk(size), torch.empty_like(out)
+
+    def step(s: int) -> _Pending:
+        return _exchange(chunks[(rank - s - 1) % size], received, group)
+
+    first = step(0)
+
+    def finish() -> None:
+        first.wait()
+        for s in range(size - 1):
+            if s:
+                step(s).wait()
+            chunks[(rank - s - 2) % size].add_(received)
+        out.copy_(chunks[rank])
+
+    return _Pending(_Done(), finish)
 
 
 def all_reduce_coalesced(

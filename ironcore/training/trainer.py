@@ -144,7 +144,7 @@ class Trainer:
         for task in self.tasks:
             check_task(task)
         self.task_tokenizer = Tokenizer.from_path(self.data_dir) if self.tasks else None
-        if self.is_main:
+        if self.is_main and self.world_size > 1:
             log.info("layout: TP %d x DP %d%s%s on %s", self.ctx.tp_size, self.dp_size,
                      ", sequence parallel" if state.sequence_parallel() else "",
                      ", distributed optimizer" if cfg.trainer.distributed_optimizer else "", self.device)
