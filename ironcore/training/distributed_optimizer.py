@@ -238,7 +238,9 @@ class DistributedOptimizer:
     def grad_norm(self) -> torch.Tensor:
         """The L2 norm of the whole model's reduced gradient, from the shards (collective over DP and TP)."""
         sums = torch.zeros(2, dtype=torch.float64, device=self.grads.device)  # TP-split, replicated
-        for f in self.fragments:
+        if state.tp_size() == 1:  # every element counts once: one pass over the shard (its padding is zeros)
+            sums[1] = torch.linalg.vector_norm(self.shard_grads, dtype=torch.float64).square()
+        for f in self.fragments if state.tp_size() > 1 else ():
             grad = f.tensor.grad if f.counted is None else f.tensor.grad[f.counted]
             sums[0 if f.split else 1] += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
         if self.shards > 1:
