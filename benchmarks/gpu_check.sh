@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh            # from the repository root, in the environment that has ironcore
 #
 # 1. the tests that take a device (HF parity, trainer, resume, generation) with IRONCORE_TEST_DEVICE=cuda;
-# 2. `ironcore train` through the CLI on CUDA in bf16 with torch.compile (device-aware MFU in its log),
+# 2. `ironcore train` through the CLI on CUDA in bf16 with torch.compile (device-aware MFU in its log), and a
+#    ~1B LLaMA-shaped model in bf16 (MFU, the memory plan against max_memory_allocated),
 #    and under torchrun with TP=2 on nccl when the machine has two GPUs;
 # 3. the model, trainer and generation benchmarks in bf16 on CUDA, against HF in the same run.
 # Then one summary table. Each step has a time limit and a log under $GPU_CHECK_OUT (default $OUT, else
@@ -42,6 +43,12 @@ step preprocess 40 "$PYTHON" -m ironcore preprocess --config configs/data/pretra
 step train-cli 80 "$PYTHON" -m ironcore train --config configs/example.yaml trainer.device=cuda trainer.precision=bf16 \
   trainer.compile=true operation.train_steps=60 operation.eval_interval=30 trainer.output_dir="$OUT_DIR/run-cli" \
   utils.tracking=false
+# Issue 19 on one GPU: a ~1B LLaMA-shaped model (16 x 2048, GQA 32/8, FFN 8192) in bf16 with fp32 master
+# weights; its log holds the MFU per step and the memory planner against torch.cuda.max_memory_allocated.
+step train-1b 150 "$PYTHON" -m ironcore train --config configs/example.yaml model=llama-tiny model.hidden_size=2048 \
+  model.num_layers=16 model.num_attention_heads=32 model.num_key_value_heads=8 model.ffn_hidden_size=8192 \
+  trainer.device=cuda trainer.precision=bf16 trainer.micro_batch_size=8 operation.train_steps=30 \
+  operation.eval_interval=0 operation.log_interval=5 trainer.output_dir="$OUT_DIR/run-1b" utils.tracking=false
 if (( gpus >= 2 )); then
   step train-nccl-tp2 60 "$PYTHON" -m torch.distributed.run --nproc_per_node 2 -m ironcore train --config configs/example.yaml \
     --tensor-model-parallel-size 2 trainer.precision=bf16 operation.train_steps=60 \

@@ -323,7 +323,7 @@ def test_killed_training_resumes_from_its_checkpoint(workdir):
     file: it leaves experiment a trained by another configuration, which the tests before it would retrain.)"""
     long_run = json.loads(json.dumps(PIPELINE))
     long_run["experiments"]["a"]["overrides"] = {
-        "operation.train_steps": 120, "operation.eval_interval": 0, "operation.log_interval": 100,
+        "operation.train_steps": 60, "operation.eval_interval": 0, "operation.log_interval": 100,
     }
     write_yaml(workdir / "pipeline_long.yaml", long_run)
     target = "results/train/a/final_eval.json"
@@ -344,9 +344,9 @@ def test_killed_training_resumes_from_its_checkpoint(workdir):
     assert process.returncode != 0, output
     assert not (workdir / target).exists()  # Snakemake removed the failed job's outputs ...
     stopped_at = int(latest.read_text().strip().rsplit("_", 1)[-1])
-    assert 0 < stopped_at < 120  # ... but not its checkpoints, outside them
+    assert 0 < stopped_at < 60  # ... but not its checkpoints, outside them
 
     snakemake(workdir, target, configfile="pipeline_long.yaml")
     log = (workdir / "logs" / "train" / "a.log").read_text()
     assert re.search(rf"resumed from \S+ at step {stopped_at}\b", log), log[-2000:]
-    assert json.loads((workdir / target).read_text())["step"] == 120
+    assert json.loads((workdir / target).read_text())["step"] == 60

@@ -65,7 +65,7 @@ def test_data_and_training_through_the_slurm_profile(cluster, tmp_path):
     env = {**environment(workdir), **cluster}
     command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir), "--configfile",
                str(workdir / "pipeline.yaml"), "--workflow-profile", str(workdir / "profile"),
-               "--latency-wait", "5", "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "2"]
+               "--latency-wait", "5", "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "1"]
     done = subprocess.run([*command, "data", "results/train/a/final_eval.json"], env=env, capture_output=True,
                           text=True, timeout=600)
     output = done.stdout + done.stderr
