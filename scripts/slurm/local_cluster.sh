@@ -13,7 +13,8 @@
 # Everything lives in DIR (default /tmp/ironcore-slurm): its own munge key and socket, slurmctld and
 # slurmd on free ports, no accounting (no slurmdbd: status queries go through squeue, and finished jobs
 # stay visible to it for MinJobAge seconds). One partition `debug` with every CPU of the machine and its
-# memory less 1 GiB. Daemons run as the calling user (root in CI: slurmd starts jobs as their owner).
+# memory less 1 GiB, reached on 127.0.0.1 (the host name need not resolve). Daemons run as the calling
+# user (root in CI: slurmd starts jobs as their owner).
 set -euo pipefail
 
 cmd=${1:-}
@@ -61,7 +62,7 @@ start)
     user=$(id -un)
     cat >"$dir/slurm.conf" <<CONF
 ClusterName=ironcore-local
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$(free_port)
 SlurmdPort=$(free_port)
 SlurmUser=$user
@@ -85,7 +86,7 @@ AccountingStorageType=accounting_storage/none
 SchedulerType=sched/backfill
 ReturnToService=2
 MinJobAge=600
-NodeName=$host CPUs=$cpus RealMemory=$memory State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
     mkdir -p "$(dirname "$system_conf")"
