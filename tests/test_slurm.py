@@ -39,7 +39,11 @@ def cluster(tmp_path_factory) -> dict[str, str]:
     """A running one-node cluster; the environment its clients need."""
     assert not MISSING, f"missing: {', '.join(MISSING)}"
     folder = tmp_path_factory.mktemp("slurm")
-    subprocess.run(["bash", str(SCRIPT), "start", str(folder)], check=True, capture_output=True, timeout=120)
+    started = subprocess.run(["bash", str(SCRIPT), "start", str(folder)], capture_output=True, text=True, timeout=120)
+    if started.returncode != 0:
+        logs = "".join(f"\n--- {log.name}:\n{log.read_text()[-2000:]}" for log in sorted(folder.glob("*.log")))
+        subprocess.run(["bash", str(SCRIPT), "stop", str(folder)], timeout=60)
+        pytest.fail(f"the cluster did not start: {started.stderr[-2000:]}{logs}")
     try:
         yield {"SLURM_CONF": str(folder / "slurm.conf")}
     finally:
