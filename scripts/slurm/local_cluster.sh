@@ -13,8 +13,9 @@
 # Everything lives in DIR (default /tmp/ironcore-slurm): its own munge key and socket, slurmctld and
 # slurmd on free ports, no accounting (no slurmdbd: status queries go through squeue, and finished jobs
 # stay visible to it for MinJobAge seconds). One partition `debug` with every CPU of the machine and its
-# memory less 1 GiB, reached on 127.0.0.1 (the host name need not resolve). Daemons run as the calling
-# user (root in CI: slurmd starts jobs as their owner).
+# memory less 1 GiB; the node is called localhost and reached on 127.0.0.1 (jobs that look up their node
+# list, like torchrun's rendezvous, need no resolvable host name). Daemons run as the calling user (root in
+# CI: slurmd starts jobs as their owner).
 set -euo pipefail
 
 cmd=${1:-}
@@ -86,7 +87,7 @@ AccountingStorageType=accounting_storage/none
 SchedulerType=sched/backfill
 ReturnToService=2
 MinJobAge=600
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
+NodeName=localhost NodeHostname=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
     mkdir -p "$(dirname "$system_conf")"
@@ -97,7 +98,7 @@ CONF
     export SLURM_CONF=$dir/slurm.conf
     slurmctld -f "$SLURM_CONF"
     wait_for 30 slurmctld scontrol ping
-    slurmd -f "$SLURM_CONF"
+    slurmd -f "$SLURM_CONF" -N localhost
     wait_for 60 "the node" sh -c "sinfo -h -N -o %t | grep -qE '^(idle|mix|alloc)'"
     echo "export SLURM_CONF=$SLURM_CONF"
     ;;
