@@ -85,7 +85,7 @@ class _Done:
 
 
 class _Pending:
-    """A started reduce-scatter: ``wait()`` finishes it (on gloo: the copy of this rank's slice too)."""
+    """A started collective: ``wait()`` waits for ``work``, then runs ``finish`` (the ring's remaining steps)."""
 
     def __init__(self, work: dist.Work | _Done, finish: Callable[[], object] | None = None) -> None:
         self.work, self.finish = work, finish

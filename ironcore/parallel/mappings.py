@@ -57,7 +57,8 @@ def _reduce_scatter_sequence(x: torch.Tensor) -> torch.Tensor:
 
 
 def _split_sequence(x: torch.Tensor) -> torch.Tensor:
-    return x.narrow(1, state.tp_rank() * _sequence_shard(x.shape[1]), x.shape[1] // state.tp_size())
+    n = _sequence_shard(x.shape[1])
+    return x.narrow(1, state.tp_rank() * n, n)
 
 
 def _sequence_shard(length: int) -> int:
@@ -110,24 +111,16 @@ class _GatherFromSequence(torch.autograd.Function):
         return (_reduce_scatter_sequence(grad) if ctx.partial_grad else _split_sequence(grad).contiguous()), None
 
 
-class _ReduceScatterToSequence(torch.autograd.Function):
+class _ToSequenceShard(torch.autograd.Function):
+    """This rank's positions: of the sum over ranks (``reduce``, a row-parallel output) or of a whole tensor."""
+
     @staticmethod
-    def forward(ctx, x):  # noqa: D102
-        return _reduce_scatter_sequence(x)
+    def forward(ctx, x, reduce):  # noqa: D102
+        return _reduce_scatter_sequence(x) if reduce else _split_sequence(x).contiguous()
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        return _gather_sequence(grad)
-
-
-class _ScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):  # noqa: D102
-        return _split_sequence(x).contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        return _gather_sequence(grad)
+        return _gather_sequence(grad), None
 
 
 def _sequence_parallel() -> bool:
@@ -136,7 +129,7 @@ def _sequence_parallel() -> bool:
 
 def scatter_to_sequence(x: torch.Tensor) -> torch.Tensor:
     """Enter the sequence-parallel residual stream: keep this rank's T / tp positions (identity without SP)."""
-    return _ScatterToSequence.apply(x) if _sequence_parallel() else x
+    return _ToSequenceShard.apply(x, False) if _sequence_parallel() else x
 
 
 def gather_from_sequence(x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +145,7 @@ def column_input(x: torch.Tensor) -> torch.Tensor:
 
 def row_output(x: torch.Tensor) -> torch.Tensor:
     """A row-parallel layer's output: ``reduce_from_tp``, or under SP the sum reduce-scattered over positions."""
-    return _ReduceScatterToSequence.apply(x) if _sequence_parallel() else reduce_from_tp(x)
+    return _ToSequenceShard.apply(x, True) if _sequence_parallel() else reduce_from_tp(x)
 
 
 def copy_to_tp(x: torch.Tensor) -> torch.Tensor:

@@ -137,15 +137,9 @@ class DistributedOptimizer:
         shard_numel = sum(b.size for b in self.buckets) // self.shards
         self.shard_grads = self.grads if self.shards == 1 else torch.zeros(shard_numel, dtype=main_dtype, device=device)
         self.master = torch.zeros(shard_numel, dtype=main_dtype, device=device) if self.mixed else None
+        original = {p: p.data for p in params}  # the master weights start from these, before rounding to ``dtype``
         for p in params:  # parameters and gradients become views of the flat buffers
             start = offsets[p]
-            if self.master is not None:  # the owned elements' master weights, before rounding to ``dtype``
-                b = self.buckets[self._bucket_of[p]]
-                low, high = b.owned(self.shards, self.shard_rank)
-                begin, end = max(start, low), min(start + p.numel(), high)
-                if begin < end:
-                    at = b.shard + begin - low
-                    self.master[at : at + end - begin] = p.data.reshape(-1)[begin - start : end - start]
             view = self.params[start : start + p.numel()].view_as(p)
             view.copy_(p.data)
             p.data = view
@@ -177,8 +171,11 @@ class DistributedOptimizer:
                         mask[piece.reshape(-1)] = True
                     counted = mask[begin:end]
                 at = bucket.shard + offsets[p] + begin - low  # the fragment's place in the shard
-                tensor = (self.params[offsets[p] + begin : offsets[p] + end] if self.master is None
-                          else self.master[at : at + end - begin])  # fmt: skip
+                if self.master is None:
+                    tensor = self.params[offsets[p] + begin : offsets[p] + end]
+                else:
+                    tensor = self.master[at : at + end - begin]
+                    tensor.copy_(original[p].reshape(-1)[begin:end])
                 tensor.grad = self.shard_grads[at : at + end - begin]
                 fragments.append(_Fragment(p, begin, end, tensor, counted, split is not None))
             self.fragments += fragments
@@ -240,9 +237,10 @@ class DistributedOptimizer:
         sums = torch.zeros(2, dtype=torch.float64, device=self.grads.device)  # TP-split, replicated
         if state.tp_size() == 1:  # every element counts once: one pass over the shard (its padding is zeros)
             sums[1] = torch.linalg.vector_norm(self.shard_grads, dtype=torch.float64).square()
-        for f in self.fragments if state.tp_size() > 1 else ():
-            grad = f.tensor.grad if f.counted is None else f.tensor.grad[f.counted]
-            sums[0 if f.split else 1] += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
+        else:
+            for f in self.fragments:
+                grad = f.tensor.grad if f.counted is None else f.tensor.grad[f.counted]
+                sums[0 if f.split else 1] += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
         if self.shards > 1:
             comm.all_reduce(sums, state.dp_group())
         split = comm.all_reduce(sums[:1].clone(), state.tp_group())
