@@ -54,7 +54,14 @@ CASES = {
     "gemma": ("gemma-tiny", {"num_layers": 2}),  # MQA: 1 kv head, replicated when tp > 1
     # q/k norms (partial gradients) on a replicated KV head with a q/k/v bias: the hardest gradient sync
     "qwen3": ("qwen3-tiny", {"num_layers": 2, "vocab_size": 1000, "num_key_value_heads": 1, "attention_bias": True}),
+    # Sandwich norms, soft-capped scores and logits, a local (window 5 < 16 positions) and a global layer.
+    "gemma2": ("gemma2-tiny", {"num_layers": 2, "vocab_size": 1000, "sliding_window": 5, "attn_logit_softcap": 0.5,
+                               "final_logit_softcap": 2.0}),
+    "phi3": ("phi3-tiny", {"num_layers": 2, "vocab_size": 300}),  # fused q/k/v and gate/up in its HF checkpoint
+    # Experts sharded like the MLP, the router replicated, the load-balancing loss in the backward pass.
+    "mixtral": ("mixtral-tiny", {"num_layers": 2, "vocab_size": 1000, "moe_aux_loss_coef": 0.1}),
 }
+NEW_FAMILIES = ("gemma2", "phi3", "mixtral")
 SEQ = 16
 BUCKET_BYTES = 40_000  # the distributed optimizer's: several buckets, parameters split between ranks
 SEED = 1234
@@ -204,7 +211,7 @@ def scenario_two(out: Path) -> dict:
     """2 processes: TP=2 (training, gradients, CE, checkpoint), then DP=2."""
     results: dict = {}
     init_parallel(2, model_config("gemma"))
-    for case in ("gpt2", "llama", "gemma", "qwen3"):
+    for case in CASES:
         first = train(case, steps=1, micro_batch=2, accumulation=1)
         results[f"tp2/{case}/spread"] = replicated_grad_spread(first.model)
         run = train(case, steps=10, micro_batch=2, accumulation=1)
@@ -213,9 +220,12 @@ def scenario_two(out: Path) -> dict:
         results[f"tp2/{case}/numel"] = sum(p.numel() for p in run.model.parameters())  # rank 0's, for the planner
         plan = plan_memory(model_config(case), tp=2, micro_batch_size=2, seq_len=SEQ)  # planned inside a TP run
         results[f"tp2/{case}/plan"] = (plan.parameters, plan.gradients, plan.optimizer, plan.activations)
+        if case in NEW_FAMILIES:  # the trained TP=2 model as an HF checkpoint (rank 0 writes), and its logits
+            save_hf_model(run.model, out / f"{case}_tp2_hf")
+            results[f"tp2/{case}/hf_probe"] = checkpoint_probe(run.model)
     # Sequence parallelism on the same TP=2 layout: the residual stream split over the sequence.
     state.set_sequence_parallel(True)
-    for case in ("gpt2", "qwen3"):  # row-parallel biases, LayerNorm and tied weights; q/k norms, RMSNorm
+    for case in ("gpt2", "qwen3", "mixtral"):  # row-parallel biases, LayerNorm, tied weights; q/k norms; experts
         comm.reset_traffic()
         seen: list[torch.Size] = []  # what the final norm sees: this rank's positions only
         first = train(case, steps=1, micro_batch=2, accumulation=1)

@@ -42,6 +42,59 @@ CASES = {
     "gemma_mqa": dict(model_type="gemma", **BASE, num_key_value_heads=1, head_dim=16),
     "phi_partial_rotary": dict(model_type="phi", **BASE, partial_rotary_factor=0.5, resid_pdrop=0.0,
                                embd_pdrop=0.0, attention_dropout=0.0),
+    # Layer 0 local (window 5), layer 1 global; both soft-caps bind; a query scale other than head_dim's.
+    "gemma2_softcap_local_global": dict(model_type="gemma2", **BASE, num_key_value_heads=2, head_dim=16,
+                                        sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                                        final_logit_softcapping=3.0),
+    # q/k norms with Gemma's (1 + w); the local layer rotates with its own base, the global one with linear scaling.
+    "gemma3_qk_norm_local_rope": dict(model_type="gemma3_text", **BASE, num_key_value_heads=2, head_dim=16,
+                                      sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+                                      query_pre_attn_scalar=16,
+                                      rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 500.0,
+                                                                          "factor": 4.0},
+                                                       "sliding_attention": {"rope_type": "default",
+                                                                             "rope_theta": 50.0}}),
+    # Fused qkv_proj/gate_up_proj; LongRoPE past its original context (2): long factors and attention scaling.
+    "phi3_fused_longrope": dict(model_type="phi3", **BASE, num_key_value_heads=2, pad_token_id=0,
+                                original_max_position_embeddings=2,
+                                rope_parameters={"rope_type": "longrope", "rope_theta": 100.0,
+                                                 "partial_rotary_factor": 0.5, "short_factor": [1.0, 1.5],
+                                                 "long_factor": [2.0, 7.0]}),
+    # Phi-4-mini's 3/4 rotation, LongRoPE inside its original context: the short factors.
+    "phi4_mini_short_rope": dict(model_type="phi3", **BASE, num_key_value_heads=2, pad_token_id=0,
+                                 original_max_position_embeddings=64,
+                                 rope_parameters={"rope_type": "longrope", "rope_theta": 100.0,
+                                                  "partial_rotary_factor": 0.75, "short_factor": [1.0, 3.0, 5.0],
+                                                  "long_factor": [2.0, 7.0, 9.0]}),
+    "olmo2_output_norms": dict(model_type="olmo2", **BASE, num_key_value_heads=2, pad_token_id=0),
+    # Layer 1 of 2 without RoPE.
+    "smollm3_nope": dict(model_type="smollm3", **BASE, num_key_value_heads=2, pad_token_id=0,
+                         no_rope_layer_interval=2, rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+    "mixtral_top2": dict(model_type="mixtral", **BASE, num_key_value_heads=2, num_local_experts=4,
+                         num_experts_per_tok=2),
+    "qwen3_moe_top2": dict(model_type="qwen3_moe", **BASE, num_key_value_heads=2, head_dim=16, num_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True),
+    "olmoe_top2_no_renorm": dict(model_type="olmoe", **BASE, num_key_value_heads=2, num_experts=4,
+                                 num_experts_per_tok=2, pad_token_id=0),
+}
+UNIT_OFFSET = ("gemma", "gemma2", "gemma3_text")
+# A case's feature, switched off: HF's own logits must change, so the parity above cannot pass without it.
+FEATURE_OFF = {
+    "gemma2_softcap_local_global": [dict(attn_logit_softcapping=None), dict(final_logit_softcapping=None),
+                                    dict(layer_types=["full_attention"] * 2), dict(query_pre_attn_scalar=16)],
+    "gemma3_qk_norm_local_rope": [
+        dict(rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}}),
+        dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 500.0},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}),
+    ],
+    "phi3_fused_longrope": [dict(original_max_position_embeddings=64)],
+    "phi4_mini_short_rope": [dict(rope_parameters={"rope_type": "default", "rope_theta": 100.0,
+                                                   "partial_rotary_factor": 0.75})],
+    "smollm3_nope": [dict(no_rope_layer_interval=4)],
+    "mixtral_top2": [dict(num_experts_per_tok=1)],
+    "qwen3_moe_top2": [dict(norm_topk_prob=False)],
+    "olmoe_top2_no_renorm": [dict(norm_topk_prob=True)],
 }
 
 
@@ -50,7 +103,7 @@ def _hf_model(spec: dict) -> torch.nn.Module:
     config = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    _redraw(model, unit_offset=config.model_type == "gemma")
+    _redraw(model, unit_offset=config.model_type in UNIT_OFFSET)
     return model
 
 
@@ -105,6 +158,16 @@ def test_sliding_window_matters() -> None:
     ids = _inputs(97)
     with torch.no_grad():
         assert (windowed(ids).logits - full(ids).logits).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(("case", "off"), [(c, o) for c, offs in FEATURE_OFF.items() for o in offs],
+                         ids=lambda v: v if isinstance(v, str) else ",".join(v))
+def test_feature_changes_the_logits(case: str, off: dict) -> None:
+    """Each new family's parity case exercises its feature: without it HF's logits differ."""
+    ids = _inputs(97)
+    with torch.no_grad():
+        on, without = _hf_model(CASES[case])(ids).logits, _hf_model({**CASES[case], **off})(ids).logits
+    assert (on - without).abs().max() > 1e-2
 
 
 def test_sharded_checkpoint_round_trip(tmp_path) -> None:

@@ -47,6 +47,16 @@ PUBLISHED = {
     "phi-2": 2779.7,
     "mistral-7b": 7241.7,
     "smollm-135m": 134.5,
+    "gemma-2-2b": 2614.3,
+    "gemma-3-1b": 999.9,
+    "phi-3-mini": 3821.1,
+    "phi-4-mini": 3836.0,
+    "olmo-2-1b": 1484.9,
+    "smollm3-3b": 3075.1,
+    # Mixture of experts: every expert counted (total, not active, parameters).
+    "mixtral-8x7b": 46702.8,
+    "qwen3-30b-a3b": 30532.1,
+    "olmoe-1b-7b": 6919.2,
 }
 TOLERANCE = 0.02
 TINY_LIMIT = 20e6

@@ -24,7 +24,7 @@ from ironcore.training.memory import local_numels, plan_memory
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_RTOL = 1e-5
-CASES = ["gpt2", "llama", "gemma", "qwen3"]
+CASES = list(worker.CASES)
 
 
 def torchrun(nproc: int, scenario: str, out: Path) -> dict:
@@ -107,7 +107,7 @@ def test_vocab_parallel_cross_entropy_and_logsumexp_across_tp(two, case):
     assert diffs["lse"] < 1e-5 and diffs["lse_grad"] < 1e-7, diffs
 
 
-@pytest.mark.parametrize("case", ["gpt2", "qwen3"])
+@pytest.mark.parametrize("case", ["gpt2", "qwen3", "mixtral"])
 def test_sequence_parallel_equals_plain_tp(two, case):
     """TP=2 with the residual stream split over the sequence: the losses, norms and first gradients of TP=2
     without it (row-parallel biases and norms summed over the ranks' positions), and it did split."""
@@ -209,6 +209,20 @@ def test_checkpoint_saved_at_tp2_resumes_at_tp1(two, out_dir):
     resumed = worker.train("llama", 1, 2, 1, run=worker.Run(model, optimizer), start=3)
     assert_same_losses(resumed.losses, [two["tp2/ckpt/next_loss"]])
     assert_same_losses(resumed.losses, reference("llama", 4, 2, 1).losses[3:])  # as if never interrupted
+
+
+@pytest.mark.parametrize("case", worker.NEW_FAMILIES)
+def test_new_families_convert_both_ways_at_tp2(two, out_dir, case):
+    """Gemma 2, Phi-3 (fused HF tensors) and Mixtral (per-expert HF tensors) trained at TP=2, saved as HF
+    checkpoints, give the same logits in one process, through ours and through transformers."""
+    transformers = pytest.importorskip("transformers")
+    want = two[f"tp2/{case}/hf_probe"]
+    folder = out_dir / f"{case}_tp2_hf"
+    assert (worker.checkpoint_probe(load_model(folder)) - want).abs().max() < 1e-5
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        got = hf(worker.batch(77, 2, hf.config.vocab_size)[0]).logits
+    assert (got - want).abs().max() < 1e-4
 
 
 def test_hf_export_and_import_at_tp2(two, out_dir):

@@ -30,16 +30,19 @@ from ironcore.parallel.sharding import full_state_dict
 _IGNORED = re.compile(r"(\.attn\.(masked_)?bias|rotary_emb\.inv_freq)$")
 
 
-def _hf_sources(family: str, our_name: str) -> tuple[list[str], str]:
-    """HF tensor names holding our parameter ``our_name`` and how they combine."""
+def _hf_sources(family: str, our_name: str, experts: int = 0) -> tuple[list[str], str]:
+    """HF tensor names holding our parameter ``our_name`` and how they combine (``experts``: expert-major)."""
     table = FAMILIES[family].weights
-    module, _, kind = our_name.rpartition(".")
-    match = re.match(r"layers\.(\d+)\.(.*)", module)
-    key = f"layers.{{i}}.{match.group(2)}" if match else module
+    match = re.match(r"layers\.(\d+)\.(.*)", our_name)
+    index = match.group(1) if match else ""
+    generic = f"layers.{{i}}.{match.group(2)}" if match else our_name
+    if generic in table:  # a parameter of its own: the experts' stacked weights
+        modules, how = table[generic]
+        return [m.format(i=index, j=j) for j in range(experts) for m in modules], how
+    key, _, kind = generic.rpartition(".")
     if key not in table:
         raise CheckpointError(f"no HF name for parameter '{our_name}' in family {family}")
     modules, how = table[key]
-    index = match.group(1) if match else ""
     return [f"{m.format(i=index)}.{kind}" for m in modules], ("copy" if how == "conv1d" and kind == "bias" else how)
 
 
@@ -79,14 +82,17 @@ def read_hf_weights(
     tied = "lm_head.weight" not in shapes
     state, used, missing = {}, set(), []
     for name, shape in shapes.items():
-        sources, how = _hf_sources(family, name)
+        sources, how = _hf_sources(family, name, experts=shape[0])
         absent = [s for s in sources if s not in files.location]
         if absent:
             missing.extend(absent)
             continue
         tensors = [files.get(s) for s in sources]
         used.update(sources)
-        tensor = tensors[0].t() if how == "conv1d" else torch.cat(tensors, dim=0)
+        if how == "experts":  # each expert's tensors concatenated, then stacked over the experts
+            tensor = torch.stack([torch.cat(group) for group in _groups(tensors, shape[0])])
+        else:
+            tensor = tensors[0].t() if how == "conv1d" else torch.cat(tensors, dim=0)
         if tensor.shape != shape:
             raise CheckpointError(f"{folder}: tensor {sources} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
         state[name] = tensor.to(dtype=dtype, device=device).contiguous()
@@ -102,6 +108,12 @@ def read_hf_weights(
             problems.append(f"unexpected tensors: {_preview(unexpected)}")
         raise CheckpointError(f"{folder}: {'; '.join(problems)}")
     return state
+
+
+def _groups(items: list, n: int) -> list[list]:
+    """``items`` cut into ``n`` equal consecutive groups."""
+    size = len(items) // n
+    return [items[k * size : (k + 1) * size] for k in range(n)]
 
 
 def _preview(names: list[str], limit: int = 6) -> str:
@@ -125,12 +137,16 @@ def save_hf_model(
     modules = dict(model.named_modules())
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in full_state_dict(model).items():
-        sources, how = _hf_sources(family, name)
+        sources, how = _hf_sources(family, name, experts=tensor.shape[0])
         tensor = tensor.detach().to("cpu", dtype or tensor.dtype)
+        owner, _, kind = name.rpartition(".")
         if how == "conv1d":
             pieces = [tensor.t()]
         elif how == "cat":
-            pieces = tensor.split(modules[name.rpartition(".")[0]].output_parts, dim=0)
+            pieces = tensor.split(modules[owner].output_parts, dim=0)
+        elif how == "experts":  # [E, rows, cols] -> each expert's parts ([gate; up] split like the TP shards)
+            parts = modules[owner].tp_splits[kind].parts if kind == "up" else (tensor.shape[1],)
+            pieces = [p for expert in tensor for p in expert.split(list(parts), dim=0)]
         else:
             pieces = [tensor]
         tensors.update({s: p.contiguous() for s, p in zip(sources, pieces, strict=True)})

@@ -6,7 +6,10 @@ A record says everything family-specific about an HF checkpoint folder:
 * ``weights`` -- for every module of ours, the HF module(s) holding the same
   weights and how they combine: ``copy``, ``cat`` (our fused q/k/v and gate/up
   projections, concatenated along the output dimension) or ``conv1d``
-  (GPT-2's transposed ``Conv1D``); loading and saving read the same table;
+  (GPT-2's transposed ``Conv1D``); for our stacked expert weights
+  (``layers.{i}.mlp.up``, a parameter, not a module) ``experts``: expert
+  ``{j}``'s HF tensors, concatenated, stacked over the experts; loading and
+  saving read the same table;
 * ``read`` -- ``config.json`` -> the :class:`ModelConfig` fields;
 * ``write`` -- :class:`ModelConfig` -> the ``config.json`` keys;
 * ``expresses`` -- whether a config is saved as this family (the first
@@ -35,6 +38,7 @@ from ironcore.errors import CheckpointError, ConfigError
 from ironcore.files import read_json
 
 WeightTable = dict[str, tuple[list[str], str]]  # our module ("layers.{i}.attn.qkv") -> (HF modules, how)
+LAYER_TYPES = {"sliding_attention": True, "full_attention": False}  # HF's layer_types -> windowed
 
 # HF activation names -> ours; and ours -> the name each layout writes.
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "silu": "silu",
@@ -70,6 +74,40 @@ LLAMA_WEIGHTS: WeightTable = {
     "layers.{i}.mlp.down": (["model.layers.{i}.mlp.down_proj"], "copy"),
     "final_norm": (["model.norm"], "copy"),
     "lm_head": (["lm_head"], "copy"),
+}
+# Gemma 2 and 3: a norm before and after attention and MLP (HF's post_attention_layernorm follows attention).
+GEMMA2_WEIGHTS: WeightTable = {
+    **LLAMA_WEIGHTS,
+    "layers.{i}.attn_out_norm": (["model.layers.{i}.post_attention_layernorm"], "copy"),
+    "layers.{i}.mlp_norm": (["model.layers.{i}.pre_feedforward_layernorm"], "copy"),
+    "layers.{i}.mlp_out_norm": (["model.layers.{i}.post_feedforward_layernorm"], "copy"),
+}
+# OLMo 2: the norms act on the attention and MLP outputs only.
+OLMO2_WEIGHTS: WeightTable = {
+    **{k: v for k, v in LLAMA_WEIGHTS.items() if k not in ("layers.{i}.attn_norm", "layers.{i}.mlp_norm")},
+    "layers.{i}.attn_out_norm": (["model.layers.{i}.post_attention_layernorm"], "copy"),
+    "layers.{i}.mlp_out_norm": (["model.layers.{i}.post_feedforward_layernorm"], "copy"),
+}
+# Phi-3 / Phi-4-mini: LLaMA's network with q/k/v and gate/up fused in the checkpoint, as in our modules.
+PHI3_WEIGHTS: WeightTable = {
+    **LLAMA_WEIGHTS,
+    "layers.{i}.attn.qkv": (["model.layers.{i}.self_attn.qkv_proj"], "copy"),
+    "layers.{i}.mlp.up": (["model.layers.{i}.mlp.gate_up_proj"], "copy"),
+}
+# Mixture of experts: a router and experts {j} with their own gate/up/down projections (Qwen3-MoE, OLMoE).
+MOE_WEIGHTS: WeightTable = {
+    **{k: v for k, v in LLAMA_WEIGHTS.items() if not k.startswith("layers.{i}.mlp.")},
+    "layers.{i}.mlp.router": (["model.layers.{i}.mlp.gate"], "copy"),
+    "layers.{i}.mlp.up": (["model.layers.{i}.mlp.experts.{j}.gate_proj.weight",
+                           "model.layers.{i}.mlp.experts.{j}.up_proj.weight"], "experts"),
+    "layers.{i}.mlp.down": (["model.layers.{i}.mlp.experts.{j}.down_proj.weight"], "experts"),
+}
+MIXTRAL_WEIGHTS: WeightTable = {
+    **MOE_WEIGHTS,
+    "layers.{i}.mlp.router": (["model.layers.{i}.block_sparse_moe.gate"], "copy"),
+    "layers.{i}.mlp.up": (["model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight",
+                           "model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight"], "experts"),
+    "layers.{i}.mlp.down": (["model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight"], "experts"),
 }
 GPT2_WEIGHTS: WeightTable = {
     "embed": (["transformer.wte"], "copy"),
@@ -150,11 +188,21 @@ def write_gpt2(cfg: ModelConfig, gpt1: bool = False) -> dict[str, Any]:
     return hf
 
 
-def read_rope(hf: Mapping[str, Any], where: str) -> tuple[float, RopeScaling | None]:
-    """RoPE base and scaling from ``rope_parameters`` (transformers 5) or the older ``rope_theta``/``rope_scaling``."""
+def rope_parameters(hf: Mapping[str, Any], layer_type: str = "full_attention") -> dict[str, Any]:
+    """The RoPE parameters of ``rope_parameters`` (transformers 5; per layer type for Gemma 3) or the older keys."""
     params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    if layer_type in params:
+        params = dict(params[layer_type])
+    return params
+
+
+def read_rope(hf: Mapping[str, Any], where: str, layer_type: str = "full_attention") -> tuple[float, RopeScaling | None]:
+    """RoPE base and scaling of the layers of ``layer_type`` (the same for all layers but in Gemma 3)."""
+    params = rope_parameters(hf, layer_type)
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
+    original = int(hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+                   or hf.get("max_position_embeddings") or 0)  # fmt: skip (Phi-3 keeps it beside the RoPE parameters)
     if kind == "default":
         return theta, None
     if kind == "llama3":
@@ -162,9 +210,59 @@ def read_rope(hf: Mapping[str, Any], where: str) -> tuple[float, RopeScaling | N
             factor=float(params["factor"]),
             low_freq_factor=float(params["low_freq_factor"]),
             high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+            original_max_position_embeddings=original,
         )
-    raise ConfigError(f"{where}: unsupported rope type '{kind}' (supported: default, llama3)")
+    if kind == "linear":
+        return theta, RopeScaling(type="linear", factor=float(params["factor"]))
+    if kind in ("longrope", "su"):
+        if params.get("attention_factor") is not None or params.get("factor") is not None:
+            raise ConfigError(f"{where}: longrope with an explicit factor or attention_factor is not supported")
+        return theta, RopeScaling(
+            type="longrope", original_max_position_embeddings=original,
+            short_factor=[float(f) for f in params["short_factor"]], long_factor=[float(f) for f in params["long_factor"]],
+        )
+    raise ConfigError(f"{where}: unsupported rope type '{kind}' (supported: default, llama3, linear, longrope)")
+
+
+def write_rope(theta: float, scaling: RopeScaling | None) -> dict[str, Any]:
+    """HF's ``rope_parameters`` for one kind of layer."""
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": theta}
+    if scaling.type == "linear":
+        return {"rope_type": "linear", "rope_theta": theta, "factor": scaling.factor}
+    if scaling.type == "longrope":
+        return {"rope_type": "longrope", "rope_theta": theta, "short_factor": scaling.short_factor,
+                "long_factor": scaling.long_factor,
+                "original_max_position_embeddings": scaling.original_max_position_embeddings}
+    return {"rope_type": "llama3", "rope_theta": theta,
+            **{k: v for k, v in dataclasses.asdict(scaling).items()
+               if k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
+
+
+def read_layer_windows(hf: Mapping[str, Any], where: str, pattern: int) -> dict[str, Any]:
+    """sliding_window and sliding_window_pattern from HF's ``layer_types`` (every Nth layer global); configs
+    older than ``layer_types`` have every ``sliding_window_pattern``-th layer global (default ``pattern``)."""
+    types = hf.get("layer_types")
+    if not types:
+        every = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or pattern
+        types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(hf["num_hidden_layers"])]
+    windowed = [LAYER_TYPES.get(t) for t in types]
+    if None in windowed:
+        raise ConfigError(f"{where}: layer_types {types} (supported: {', '.join(LAYER_TYPES)})")
+    if not any(windowed):
+        return dict(sliding_window=None, sliding_window_pattern=None)
+    if all(windowed):
+        return dict(sliding_window=hf["sliding_window"], sliding_window_pattern=None)
+    pattern = windowed.index(False) + 1
+    if any(w != bool((i + 1) % pattern) for i, w in enumerate(windowed)):
+        raise ConfigError(f"{where}: layer_types {types} are not every Nth layer global, the rest "
+                          "sliding (the patterns supported)")
+    return dict(sliding_window=hf["sliding_window"], sliding_window_pattern=pattern)
+
+
+def write_layer_windows(cfg: ModelConfig) -> dict[str, Any]:
+    types = [("sliding_attention" if cfg.layer_window(i) else "full_attention") for i in range(cfg.num_layers)]
+    return dict(sliding_window=cfg.sliding_window, layer_types=types)
 
 
 def read_rotary_decoder(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -186,9 +284,7 @@ def read_rotary_decoder(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 def write_rotary_decoder(cfg: ModelConfig) -> dict[str, Any]:
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling is not None:
-        rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, **dataclasses.asdict(cfg.rope_scaling)}
+    rope = write_rope(cfg.rope_theta, cfg.rope_scaling)
     hf = dict(
         hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.kv_heads,
@@ -270,10 +366,138 @@ def write_phi(cfg: ModelConfig) -> dict[str, Any]:
     )
 
 
+def read_gemma2(hf: Mapping[str, Any], where: str, gemma3: bool = False) -> dict[str, Any]:
+    """Gemma 2 and 3: Gemma's network with sandwich norms, local/global layers, scaled (Gemma 2: capped) scores."""
+    out = dict(
+        read_llama(hf, where, head_dim=256, tied=True), **read_layer_windows(hf, where, 6 if gemma3 else 2),
+        norm_unit_offset=True, norm_position="sandwich", embedding_multiplier=math.sqrt(hf["hidden_size"]),
+        query_pre_attn_scalar=int(hf.get("query_pre_attn_scalar") or 256),
+        attn_logit_softcap=hf.get("attn_logit_softcapping"), final_logit_softcap=hf.get("final_logit_softcapping"),
+    )
+    if gemma3:
+        local_theta = float(hf.get("rope_local_base_freq", 10000.0))  # the config.json before transformers 5
+        if "sliding_attention" in (hf.get("rope_parameters") or {}):
+            local_theta, local_scaling = read_rope(hf, where, "sliding_attention")
+            if local_scaling is not None:
+                raise ConfigError(f"{where}: scaled RoPE on the sliding-window layers is not supported")
+        out.update(qk_norm=True, rope_local_theta=local_theta if out["sliding_window_pattern"] else None)
+    return out
+
+
+def write_gemma2(cfg: ModelConfig) -> dict[str, Any]:
+    hf = dict(write_llama(cfg, GEMMA_ACTIVATION), hidden_activation=GEMMA_ACTIVATION[cfg.activation],
+              query_pre_attn_scalar=cfg.query_pre_attn_scalar, attn_logit_softcapping=cfg.attn_logit_softcap,
+              final_logit_softcapping=cfg.final_logit_softcap, **write_layer_windows(cfg))  # fmt: skip
+    if cfg.qk_norm:  # Gemma 3: RoPE per layer type
+        local = write_rope(cfg.rope_local_theta or cfg.rope_theta, None)
+        hf["rope_parameters"] = {"full_attention": hf["rope_parameters"], "sliding_attention": local}
+        hf.pop("rope_scaling", None)
+    return hf
+
+
+def read_phi3(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Phi-3 / Phi-4-mini: LLaMA's network (fused weights), partial rotation, LongRoPE."""
+    rotary = rope_parameters(hf).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    return dict(read_llama(hf, where), rotary_percent=float(rotary), sliding_window=hf.get("sliding_window"),
+                hf_model_type="phi3")
+
+
+def write_phi3(cfg: ModelConfig) -> dict[str, Any]:
+    hf = dict(write_llama(cfg), sliding_window=cfg.sliding_window, partial_rotary_factor=cfg.rotary_percent)
+    hf["rope_parameters"]["partial_rotary_factor"] = cfg.rotary_percent
+    if cfg.rope_scaling is not None:
+        hf["original_max_position_embeddings"] = cfg.rope_scaling.original_max_position_embeddings
+    return hf
+
+
+def read_smollm3(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """SmolLM3: LLaMA's network with every Nth layer without RoPE (``no_rope_layers``: 0 there)."""
+    uses_rope = hf.get("no_rope_layers") or [1] * hf["num_hidden_layers"]
+    interval = None
+    if not all(uses_rope):
+        interval = uses_rope.index(0) + 1
+        if any(bool(r) != bool((i + 1) % interval) for i, r in enumerate(uses_rope)):
+            raise ConfigError(f"{where}: no_rope_layers {uses_rope} are not every Nth layer (the pattern supported)")
+    return dict(read_qwen(hf, where, tied=True), no_rope_layer_interval=interval)
+
+
+def write_smollm3(cfg: ModelConfig) -> dict[str, Any]:
+    uses_rope = [int(cfg.layer_has_rope(i)) for i in range(cfg.num_layers)]
+    return dict(write_qwen(cfg), no_rope_layers=uses_rope, no_rope_layer_interval=cfg.no_rope_layer_interval)
+
+
+def read_moe(hf: Mapping[str, Any], where: str, experts_key: str, renormalize: bool, **defaults: Any) -> dict[str, Any]:
+    """The mixture-of-experts fields every MoE family names alike (Mixtral, Qwen3-MoE, OLMoE)."""
+    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+        raise ConfigError(f"{where}: dense layers between the MoE layers (mlp_only_layers, decoder_sparse_step) are "
+                          "not supported")
+    if hf.get("clip_qkv") is not None:
+        raise ConfigError(f"{where}: clip_qkv is not supported")
+    return dict(
+        read_qwen(hf, where, **defaults),
+        num_experts=hf.get(experts_key) or hf["num_local_experts"],  # (transformers 5 saves Qwen3-MoE's so)
+        num_experts_per_token=hf.get("num_experts_per_tok", 2),
+        moe_ffn_hidden_size=hf.get("moe_intermediate_size"),
+        moe_renormalize=bool(hf.get("norm_topk_prob", renormalize)),
+        moe_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+    )
+
+
+def write_moe(cfg: ModelConfig, experts_key: str) -> dict[str, Any]:
+    return dict(write_qwen(cfg), **{experts_key: cfg.num_experts}, num_experts_per_tok=cfg.num_experts_per_token,
+                moe_intermediate_size=cfg.expert_ffn_size, norm_topk_prob=cfg.moe_renormalize,
+                router_aux_loss_coef=cfg.moe_aux_loss_coef, output_router_logits=False)
+
+
 # ---- the records, most specific first (export uses the first that expresses a config) ----------------------------
 FAMILIES: dict[str, HFFamily] = {
     family.model_type: family
     for family in (
+        HFFamily(
+            "olmoe", "OlmoeForCausalLM", MOE_WEIGHTS,
+            read=lambda hf, where: dict(read_moe(hf, where, "num_experts", False), qk_norm=True,
+                                        qk_norm_per_head=False, moe_ffn_hidden_size=None),
+            write=lambda cfg: dict(write_moe(cfg, "num_experts"), intermediate_size=cfg.expert_ffn_size),
+            expresses=lambda cfg: cfg.num_experts is not None and cfg.qk_norm and not cfg.qk_norm_per_head,
+        ),
+        HFFamily(
+            "qwen3_moe", "Qwen3MoeForCausalLM", MOE_WEIGHTS,
+            read=lambda hf, where: dict(read_moe(hf, where, "num_experts", False, head_dim=128), qk_norm=True),
+            write=lambda cfg: write_moe(cfg, "num_experts"),
+            expresses=lambda cfg: cfg.num_experts is not None and cfg.qk_norm,
+        ),
+        HFFamily(
+            "mixtral", "MixtralForCausalLM", MIXTRAL_WEIGHTS,
+            read=lambda hf, where: dict(read_moe(hf, where, "num_local_experts", True), moe_ffn_hidden_size=None,
+                                        sliding_window=hf.get("sliding_window")),
+            write=lambda cfg: dict(write_moe(cfg, "num_local_experts"), sliding_window=cfg.sliding_window),
+            expresses=lambda cfg: cfg.num_experts is not None and cfg.moe_renormalize,
+        ),
+        HFFamily(
+            "gemma3_text", "Gemma3ForCausalLM", GEMMA2_WEIGHTS,
+            read=lambda hf, where: read_gemma2(hf, where, gemma3=True),
+            write=write_gemma2,
+            expresses=lambda cfg: cfg.norm_position == "sandwich" and cfg.qk_norm,
+        ),
+        HFFamily(
+            "gemma2", "Gemma2ForCausalLM", GEMMA2_WEIGHTS, read=read_gemma2, write=write_gemma2,
+            expresses=lambda cfg: cfg.norm_position == "sandwich",
+        ),
+        HFFamily(
+            "olmo2", "Olmo2ForCausalLM", OLMO2_WEIGHTS,
+            read=lambda hf, where: dict(read_llama(hf, where), norm_position="output", qk_norm=True,
+                                        qk_norm_per_head=False),
+            write=write_llama,
+            expresses=lambda cfg: cfg.norm_position == "output",
+        ),
+        HFFamily(
+            "smollm3", "SmolLM3ForCausalLM", LLAMA_WEIGHTS, read=read_smollm3, write=write_smollm3,
+            expresses=lambda cfg: cfg.no_rope_layer_interval is not None,
+        ),
+        HFFamily(
+            "phi3", "Phi3ForCausalLM", PHI3_WEIGHTS, read=read_phi3, write=write_phi3,
+            expresses=lambda cfg: cfg.hf_model_type == "phi3",
+        ),
         HFFamily(
             "openai-gpt", "OpenAIGPTLMHeadModel", OPENAI_GPT_WEIGHTS,
             read=lambda hf, where: read_gpt2(hf, where, gpt1=True),
@@ -365,14 +589,18 @@ def model_config_from_hf(source: str | Path | Mapping[str, Any], where: str | No
 
 
 def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
-    """config.json for ``cfg`` in the one HF family that expresses it exactly, else ConfigError."""
-    family = next(f for f in FAMILIES.values() if f.expresses(cfg))
+    """config.json for ``cfg`` in its ``hf_model_type`` or else the first HF family that expresses it exactly;
+    ConfigError when that family cannot."""
+    if cfg.hf_model_type is not None and cfg.hf_model_type not in FAMILIES:
+        raise ConfigError(f"model.hf_model_type: '{cfg.hf_model_type}' is none of {', '.join(SUPPORTED_FAMILIES)}")
+    family = FAMILIES[cfg.hf_model_type] if cfg.hf_model_type else next(f for f in FAMILIES.values() if f.expresses(cfg))
     hf = {
         "architectures": [family.architecture],
         "model_type": family.model_type,
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "initializer_range": cfg.init_std,
+        "pad_token_id": None,  # a tokenizer's id, not the network's (some families' defaults lie past small vocabularies)
         "torch_dtype": "float32",
         **family.write(cfg),
     }
@@ -380,7 +608,8 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     return hf
 
 
-_NOT_ARCHITECTURE = ("name", "init_std", "dropout")
+# Training settings (HF has no token dropping: an exported MoE model routes every token).
+_NOT_ARCHITECTURE = ("name", "init_std", "dropout", "moe_aux_loss_coef", "moe_z_loss_coef", "moe_capacity_factor")
 
 
 def _check_round_trip(cfg: ModelConfig, hf: dict[str, Any], family: str) -> None:
@@ -399,7 +628,8 @@ def _check_round_trip(cfg: ModelConfig, hf: dict[str, Any], family: str) -> None
 
 def _normalised(cfg: ModelConfig, name: str) -> Any:
     """Field value with defaults made explicit, so e.g. head_dim None and 64 compare equal."""
-    derived = {"num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_size, "ffn_hidden_size": cfg.ffn_size}
+    derived = {"num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_size, "ffn_hidden_size": cfg.ffn_size,
+               "moe_ffn_hidden_size": cfg.expert_ffn_size if cfg.num_experts else None}
     value = derived.get(name, getattr(cfg, name))
     if name == "embedding_multiplier" and value is not None:
         return round(value, 6)

@@ -91,8 +91,9 @@ def load_model(
         load_full_state_dict(model, state)
     except CheckpointError as err:
         raise CheckpointError(f"{folder}: {err}") from None
-    if model.rope is not None:
-        model.rope.reset_parameters(device)
+    for rope in (model.rope, model.local_rope):
+        if rope is not None:
+            rope.reset_parameters(device)
     return model.eval()
 
 

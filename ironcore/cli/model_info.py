@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         ("model", cfg.name),
         ("parameters", f"{stats.params:,} ({stats.params / 1e9:.3f} B)"),
+        *([("active parameters per token", f"{stats.active_params:,} ({stats.active_params / 1e9:.3f} B)")]
+          if stats.active_params != stats.params else []),
         ("embedding parameters", f"{stats.embedding_params:,}"),
         ("matmul parameters", f"{stats.matmul_params:,}"),
         ("sequence length", f"{seq_len:,}"),

@@ -1,4 +1,5 @@
-"""The model architecture as data: one dataclass describes GPT-2, LLaMA, Gemma, Qwen, Phi and Mistral."""
+"""The model architecture as data: one dataclass describes GPT-2, LLaMA, Gemma, Qwen, Phi, Mistral, OLMo,
+SmolLM and the mixture-of-experts models (Mixtral, Qwen3-MoE, OLMoE)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,22 @@ from ironcore.config.base import InvalidValue, field
 
 @dataclasses.dataclass
 class RopeScaling:
-    """Llama-3 style frequency-dependent RoPE scaling (``rope_type: llama3`` in HF)."""
+    """RoPE scaling for contexts longer than pre-training's: HF's ``rope_type`` llama3, linear or longrope."""
 
-    factor: float = field(8.0, help="How much longer than the original context the model runs.")
-    low_freq_factor: float = field(1.0, help="Wavelengths above original_max/low_freq_factor are scaled fully.")
-    high_freq_factor: float = field(4.0, help="Wavelengths below original_max/high_freq_factor are kept.")
+    type: Literal["llama3", "linear", "longrope"] = field(
+        "llama3", help="llama3: per-wavelength (Llama 3.1); linear: positions / factor (Gemma 3's global layers); "
+        "longrope: per-dimension factors, long ones past the original context (Phi-3, Phi-4-mini).",
+    )
+    factor: float = field(8.0, help="How much longer than the original context the model runs (llama3, linear).")
+    low_freq_factor: float = field(1.0, help="llama3: wavelengths above original_max/low_freq_factor scale fully.")
+    high_freq_factor: float = field(4.0, help="llama3: wavelengths below original_max/high_freq_factor are kept.")
     original_max_position_embeddings: int = field(8192, help="Context length the base model was trained at.")
+    short_factor: list[float] | None = field(
+        None, help="longrope: one divisor per rotary frequency, used up to original_max_position_embeddings."
+    )
+    long_factor: list[float] | None = field(
+        None, help="longrope: the divisors used once a position passes original_max_position_embeddings."
+    )
 
 
 @dataclasses.dataclass
@@ -37,18 +48,30 @@ class ModelConfig:
     norm_type: Literal["layernorm", "rmsnorm"] = field("layernorm", help="Normalisation layer.")
     norm_eps: float = field(1e-5, help="Epsilon inside the norm.")
     norm_unit_offset: bool = field(False, help="RMSNorm scales by (1 + weight) as in Gemma; weights start at 0.")
-    norm_position: Literal["pre", "post"] = field(
-        "pre", help="pre: x + f(norm(x)) (GPT-2 onwards); post: norm(x + f(x)) (original Transformer)."
+    norm_position: Literal["pre", "post", "sandwich", "output"] = field(
+        "pre", help="pre: x + f(norm(x)) (GPT-2 onwards); post: norm(x + f(x)) (original Transformer); "
+        "sandwich: x + norm(f(norm(x))) (Gemma 2 and 3); output: x + norm(f(x)) (OLMo 2).",
     )
     final_norm: bool = field(True, help="Apply a norm after the last block (usual for pre-norm).")
-    qk_norm: bool = field(False, help="RMSNorm over each query and key head before RoPE (Qwen3).")
+    qk_norm: bool = field(False, help="RMSNorm over the queries and keys before RoPE (Qwen3, Gemma 3, OLMo 2).")
+    qk_norm_per_head: bool = field(
+        True, help="true: one norm over each head (Qwen3, Gemma 3); false: over the whole q and k projections "
+        "(OLMo 2, OLMoE).",
+    )
 
     position_embedding: Literal["learned", "rope", "none"] = field(
         "learned", help="learned absolute positions (GPT-2) or rotary embeddings (LLaMA and later)."
     )
     rope_theta: float = field(10000.0, help="RoPE base frequency.")
     rotary_percent: float = field(1.0, help="Share of each head's dimensions that rotate (Phi: 0.5).")
-    rope_scaling: RopeScaling | None = field(None, help="Llama-3 style RoPE scaling (null: none).")
+    rope_scaling: RopeScaling | None = field(None, help="RoPE scaling (null: none); with rope_local_theta, of the "
+                                             "global layers only.")
+    rope_local_theta: float | None = field(
+        None, help="RoPE base of the sliding-window layers, unscaled (Gemma 3: 10000); null: rope_theta for all."
+    )
+    no_rope_layer_interval: int | None = field(
+        None, help="Every Nth layer (N, 2N, ...) uses no position embedding at all (SmolLM3: 4); null: none."
+    )
 
     activation: Literal["gelu", "gelu_tanh", "silu", "relu"] = field("gelu_tanh", help="MLP non-linearity.")
     gated_mlp: bool = field(False, help="Gated MLP: act(gate(x)) * up(x) (SwiGLU with silu, GeGLU with gelu).")
@@ -62,6 +85,41 @@ class ModelConfig:
     sliding_window: int | None = field(
         None, help="Each token attends to itself and the previous window-1 tokens (Mistral); null: full causal."
     )
+    sliding_window_pattern: int | None = field(
+        None, help="Every Nth layer (N, 2N, ...) attends globally, the others through sliding_window "
+        "(Gemma 2: 2, Gemma 3: 6); null: sliding_window applies to every layer.",
+    )
+    query_pre_attn_scalar: int | None = field(
+        None, help="Attention scores are scaled by this^-0.5 (Gemma 2 and 3); null: head_dim^-0.5."
+    )
+    attn_logit_softcap: float | None = field(
+        None, help="Attention scores become cap * tanh(score / cap) before the softmax (Gemma 2); null: none."
+    )
+    final_logit_softcap: float | None = field(
+        None, help="Output logits become cap * tanh(logit / cap) (Gemma 2); null: none."
+    )
+
+    num_experts: int | None = field(
+        None, help="Mixture of experts: each MLP becomes this many experts and a router (null: dense MLP)."
+    )
+    num_experts_per_token: int = field(2, help="Experts each token is sent to (top-k).")
+    moe_ffn_hidden_size: int | None = field(None, help="Inner width of each expert (null: ffn_hidden_size).")
+    moe_renormalize: bool = field(
+        True, help="Renormalise the top-k routing probabilities to sum to 1 (Mixtral, Qwen3-MoE); false: keep the "
+        "softmax's (OLMoE).",
+    )
+    num_shared_experts: int = field(
+        0, help="Experts every token goes through besides its routed ones, as one dense MLP of this many times "
+        "moe_ffn_hidden_size (DeepSeek-style); 0: none.",
+    )
+    moe_capacity_factor: float | None = field(
+        None, help="Token dropping: each expert takes at most factor x tokens x top-k / experts assignments, the "
+        "rest pass by on the residual; null: no dropping.",
+    )
+    moe_aux_loss_coef: float = field(
+        0.01, help="Weight of the load-balancing loss (HF's router_aux_loss_coef) added to the objective."
+    )
+    moe_z_loss_coef: float = field(0.0, help="Weight of the router z-loss (ST-MoE) added to the objective.")
 
     tie_word_embeddings: bool = field(True, help="Output projection shares the input embedding matrix.")
     score_head: bool = field(
@@ -70,6 +128,10 @@ class ModelConfig:
     )
     embedding_multiplier: float | None = field(
         None, help="Scale token embeddings by this (Gemma: sqrt(hidden_size)); null: no scaling."
+    )
+    hf_model_type: str | None = field(
+        None, help="The HF model_type export writes (set on import where the network alone does not say, e.g. "
+        "phi3: LLaMA's network in fused tensors); null: the first HF family that expresses the config.",
     )
     init_std: float = field(0.02, help="Std of the normal initialisation (output projections get /sqrt(2L)).")
     dropout: float = field(0.0, help="Dropout on attention probabilities and residual branches.")
@@ -86,6 +148,22 @@ class ModelConfig:
     @property
     def ffn_size(self) -> int:
         return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def expert_ffn_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_size
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer`` (0-based), None where it attends globally."""
+        if self.sliding_window_pattern is not None and (layer + 1) % self.sliding_window_pattern == 0:
+            return None
+        return self.sliding_window
+
+    def layer_has_rope(self, layer: int) -> bool:
+        """Whether layer ``layer`` (0-based) rotates its queries and keys."""
+        if self.position_embedding != "rope":
+            return False
+        return self.no_rope_layer_interval is None or (layer + 1) % self.no_rope_layer_interval != 0
 
     @property
     def rotary_dim(self) -> int:
@@ -118,8 +196,30 @@ class ModelConfig:
                 fail("rotary_percent", f"rotary dimension {self.rotary_dim} of head_dim {self.head_size} must be even")
         if self.sliding_window is not None and self.sliding_window <= 0:
             fail("sliding_window", f"must be positive or null, got {self.sliding_window}")
+        for key in ("sliding_window_pattern", "no_rope_layer_interval", "num_experts"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                fail(key, f"must be positive or null, got {getattr(self, key)}")
+        if self.sliding_window_pattern is not None and self.sliding_window is None:
+            fail("sliding_window_pattern", "alternates sliding-window and global layers: set sliding_window too")
+        if self.rope_local_theta is not None and self.sliding_window_pattern is None:
+            fail("rope_local_theta", "is the RoPE base of the sliding-window layers: set sliding_window_pattern too")
+        for key in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap", "moe_capacity_factor"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                fail(key, f"must be positive or null, got {getattr(self, key)}")
+        if self.num_experts is not None and not 0 < self.num_experts_per_token <= self.num_experts:
+            fail("num_experts_per_token", f"must be in [1, num_experts={self.num_experts}], got "
+                 f"{self.num_experts_per_token}")
+        scaling = self.rope_scaling
+        if scaling is not None and scaling.type == "longrope":
+            for key in ("short_factor", "long_factor"):
+                factors = getattr(scaling, key)
+                if factors is None or len(factors) != self.rotary_dim // 2:
+                    fail(f"rope_scaling.{key}", f"longrope needs one factor per rotary frequency "
+                         f"({self.rotary_dim // 2}), got {None if factors is None else len(factors)}")
         if self.norm_unit_offset and self.norm_type != "rmsnorm":
             fail("norm_unit_offset", "the (1 + weight) form is only defined for rmsnorm")
+        if self.parallel_attn_mlp and self.num_experts is not None:
+            fail("num_experts", "mixture-of-experts MLPs in parallel attention + MLP blocks are not supported")
         if self.parallel_attn_mlp and self.norm_position != "pre":
             fail("parallel_attn_mlp", "parallel attention + MLP blocks need norm_position: pre")
         if self.lm_head_bias and self.tie_word_embeddings:

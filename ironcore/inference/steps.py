@@ -82,7 +82,6 @@ class DecodeArena:
     def __init__(self, model: TransformerModel, rows: int, capacity: int, key: tuple, graphs: bool = False) -> None:
         device = next(model.parameters()).device
         self.model, self.rows, self.capacity, self.key = model, rows, capacity, key
-        self.window = model.config.sliding_window
         self.run: Callable = forward_step
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)
@@ -121,8 +120,6 @@ class DecodeArena:
                 dst[:B, :, :written] = src[:, :, :written] if rows is None else src[rows, :, :written]
         self.mask[:B] = False
         self.mask[:B, 0, 0, :written] = key_valid[:, :written]
-        if self.window is not None:  # the slots before the next query's window
-            self.mask[:B, 0, 0, : max(written - self.window + 1, 0)] = False
         self.mask[B:] = self.mask[0]  # rows past the batch (computed in a bucket) attend like a real one
         self.count, self.report = B, report
 
@@ -140,9 +137,7 @@ class DecodeArena:
         self.token[:k] = token
         self.positions[:k] = positions
         self.slot.fill_(slot)
-        self.mask[:, 0, 0, slot] = True
-        if self.window is not None and slot - self.window >= 0:
-            self.mask[:, 0, 0, slot - self.window] = False  # fell out of the window
+        self.mask[:, 0, 0, slot] = True  # (the model narrows it to each layer's sliding window)
         b = self.bucket(k)
         if not self.capture:
             return self._run(b)[:k]

@@ -1,9 +1,12 @@
-"""Causal self-attention: MHA, GQA and MQA, optional q/k norm, RoPE and a sliding window.
+"""Causal self-attention: MHA, GQA and MQA, optional q/k norm, RoPE, a sliding window and a logit soft-cap.
 
 One fused column-parallel projection produces q, k and v (each split over
 tensor-parallel ranks by heads), the scores go through PyTorch's
 ``scaled_dot_product_attention`` (flash / memory-efficient kernels where the
 device has them), and a row-parallel projection brings the heads back.
+Gemma 2's soft-capped scores (``cap * tanh(score / cap)`` before the
+softmax) have no fused kernel in PyTorch: those layers compute the scores
+explicitly.
 
 With fewer key/value heads than tensor-parallel ranks (MQA, small GQA) the
 key/value heads are *replicated*: each rank holds the one key/value head its
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ironcore.config.model import ModelConfig
+from ironcore.errors import ConfigError
 from ironcore.layers.norm import RMSNorm
 from ironcore.layers.rope import apply_rotary
 from ironcore.parallel import state
@@ -139,6 +143,23 @@ def kv_cache_bytes(cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dty
     return cfg.num_layers * 2 * batch * kv_heads * cfg.head_size * capacity * torch.finfo(dtype).bits // 8
 
 
+def softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, cap: float,
+    dropout: float,
+) -> torch.Tensor:
+    """Attention with scores ``cap * tanh(q.k * scale / cap)``, softmax in fp32 (Gemma 2); ``mask`` None: causal."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = cap * torch.tanh(scores / cap)
+    if mask is None:
+        T, S = q.shape[2], k.shape[2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.dropout(scores.float().softmax(dim=-1).to(q.dtype), dropout)
+    return probs @ v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -148,12 +169,20 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_attention_heads // tp
         self.num_kv_heads = cfg.kv_heads * kv_replicas // tp
         self.dropout = cfg.dropout
+        self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
+        self.softcap = cfg.attn_logit_softcap
         q_size, kv_size = cfg.num_attention_heads * self.head_dim, cfg.kv_heads * self.head_dim
         self.qkv = ColumnParallelLinear(
             cfg.hidden_size, [q_size, kv_size, kv_size], bias=cfg.attention_bias, replicas=[1, kv_replicas, kv_replicas]
         )
-        self.q_norm = mark_partial_grads(RMSNorm(self.head_dim, cfg.norm_eps)) if cfg.qk_norm else None
-        self.k_norm = mark_partial_grads(RMSNorm(self.head_dim, cfg.norm_eps)) if cfg.qk_norm else None
+        # q/k norms over each head (Qwen3, Gemma 3), or over the whole projection (OLMo 2) before the head split.
+        self.qk_norm_per_head = cfg.qk_norm_per_head
+        if cfg.qk_norm and not cfg.qk_norm_per_head and tp > 1:
+            raise ConfigError("model.qk_norm_per_head: false (a norm over all heads) is not supported under tensor "
+                              "parallelism yet")  # its statistic would need a sum over the ranks' heads
+        q_dim, k_dim = (self.head_dim, self.head_dim) if cfg.qk_norm_per_head else (q_size, kv_size)
+        self.q_norm = mark_partial_grads(RMSNorm(q_dim, cfg.norm_eps, cfg.norm_unit_offset)) if cfg.qk_norm else None
+        self.k_norm = mark_partial_grads(RMSNorm(k_dim, cfg.norm_eps, cfg.norm_unit_offset)) if cfg.qk_norm else None
         self.out = RowParallelLinear(q_size, cfg.hidden_size, bias=cfg.attention_out_bias)
 
     def forward(
@@ -176,23 +205,25 @@ class Attention(nn.Module):
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
             dim=-1,
         )
+        if self.q_norm is not None and not self.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = (t.to(q.dtype) for t in rope)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and T == k.shape[2],
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
+        dropout = self.dropout if self.training else 0.0
+        if self.softcap is not None:
+            scale = self.scale if self.scale is not None else self.head_dim**-0.5
+            y = softcapped_attention(q, k, v, mask, scale, self.softcap, dropout)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T == k.shape[2],
+                enable_gqa=self.num_kv_heads != self.num_heads, scale=self.scale,
+            )
         return self.out(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

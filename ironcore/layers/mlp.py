@@ -25,11 +25,11 @@ class MLP(nn.Module):
     holds matching slices of both halves, so the product is local.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ffn: int | None = None) -> None:
         super().__init__()
         self.gated = cfg.gated_mlp
         self.act = ACTIVATIONS[cfg.activation]
-        ffn = cfg.ffn_size
+        ffn = ffn or cfg.ffn_size
         parts = [ffn, ffn] if self.gated else [ffn]
         self.up = ColumnParallelLinear(cfg.hidden_size, parts, bias=cfg.mlp_bias)
         self.down = RowParallelLinear(ffn, cfg.hidden_size, bias=cfg.mlp_bias)

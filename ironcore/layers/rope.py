@@ -1,4 +1,4 @@
-"""Rotary position embeddings (RoPE): full or partial rotation, optional Llama-3 scaling.
+"""Rotary position embeddings (RoPE): full or partial rotation; Llama-3, linear and LongRoPE scaling.
 
 We use the "rotate half" layout of GPT-NeoX and HF Transformers (the first
 and second halves of the rotated dimensions form the pairs), so imported HF
@@ -15,11 +15,17 @@ from torch import nn
 from ironcore.config.model import ModelConfig, RopeScaling
 
 
-def inverse_frequencies(dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
-    """theta^(-2i/dim) for i < dim/2, adjusted per wavelength when Llama-3 scaling is set."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+def inverse_frequencies(dim: int, theta: float, scaling: RopeScaling | None = None, long: bool = False) -> torch.Tensor:
+    """theta^(-2i/dim) for i < dim/2, adjusted as ``scaling`` says (LongRoPE: its ``long`` factors or short ones)."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if scaling is not None and scaling.type == "longrope":
+        factors = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float32)
+        return 1.0 / (factors * theta**exponents)
+    inv_freq = 1.0 / (theta**exponents)
     if scaling is None:
         return inv_freq
+    if scaling.type == "linear":
+        return inv_freq / scaling.factor
     old_len = scaling.original_max_position_embeddings
     low_freq_wavelen = old_len / scaling.low_freq_factor
     high_freq_wavelen = old_len / scaling.high_freq_factor
@@ -32,23 +38,47 @@ def inverse_frequencies(dim: int, theta: float, scaling: RopeScaling | None = No
     return torch.where(medium, smoothed, scaled)
 
 
-class RotaryEmbedding(nn.Module):
-    """Produces (cos, sin) of shape [B, 1, T, rotary_dim] for the given positions."""
+def longrope_attention_factor(cfg: ModelConfig, scaling: RopeScaling) -> float:
+    """LongRoPE's scale of cos and sin, sqrt(1 + ln(s) / ln(original context)) for s = context / original context."""
+    factor = cfg.max_position_embeddings / scaling.original_max_position_embeddings
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(scaling.original_max_position_embeddings))
 
-    def __init__(self, cfg: ModelConfig) -> None:
+
+class RotaryEmbedding(nn.Module):
+    """Produces (cos, sin) of shape [B, 1, T, rotary_dim] for the given positions.
+
+    ``theta`` and ``scaling`` default to the config's; Gemma 3's sliding-window
+    layers have a second, unscaled embedding with ``rope_local_theta``.
+    LongRoPE switches to its long factors for the whole call once a position
+    passes the original context, as HF's does.
+    """
+
+    def __init__(self, cfg: ModelConfig, theta: float | None = None, scaling: RopeScaling | None = None) -> None:
         super().__init__()
         self.rotary_dim = cfg.rotary_dim
-        self.theta, self.scaling = cfg.rope_theta, cfg.rope_scaling
-        self.register_buffer("inv_freq", inverse_frequencies(self.rotary_dim, self.theta, self.scaling), persistent=False)
+        self.theta, self.scaling = theta or cfg.rope_theta, scaling
+        longrope = scaling is not None and scaling.type == "longrope"
+        self.attention_factor = longrope_attention_factor(cfg, scaling) if longrope else 1.0
+        self.switch_at = scaling.original_max_position_embeddings if longrope else None
+        self.register_buffer("inv_freq", torch.empty(0), persistent=False)
+        self.register_buffer("long_inv_freq", torch.empty(0), persistent=False)
+        self.reset_parameters()
 
     def reset_parameters(self, device: torch.device | str | None = None) -> None:
         """Recompute the (non-persistent) frequencies, e.g. when weights were loaded onto a meta-built model."""
         device = device or self.inv_freq.device
         self.inv_freq = inverse_frequencies(self.rotary_dim, self.theta, self.scaling).to(device)
+        if self.switch_at is not None:
+            self.long_inv_freq = inverse_frequencies(self.rotary_dim, self.theta, self.scaling, long=True).to(device)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids.unsqueeze(-1).float() * self.inv_freq  # [B, T, rot/2]
+        inv_freq = self.inv_freq
+        if self.switch_at is not None and int(position_ids.max()) >= self.switch_at:
+            inv_freq = self.long_inv_freq
+        freqs = position_ids.unsqueeze(-1).float() * inv_freq  # [B, T, rot/2]
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, T, rot]
+        if self.attention_factor != 1.0:
+            return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
         return emb.cos(), emb.sin()
 
 

@@ -1,4 +1,5 @@
-"""The one decoder-only TransformerModel; GPT-2, LLaMA, Gemma, Qwen, Phi and Mistral are configs of it."""
+"""The one decoder-only TransformerModel; GPT-2, LLaMA, Gemma, Qwen, Phi, Mistral, OLMo, SmolLM and the
+mixture-of-experts families are configs of it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ironcore.config.base import validated
 from ironcore.config.model import ModelConfig
 from ironcore.layers.attention import Attention, KVCache, LayerKVCache
 from ironcore.layers.mlp import MLP
+from ironcore.layers.moe import MoE, attach_loss
 from ironcore.layers.norm import RMSNorm, build_norm
 from ironcore.layers.rope import RotaryEmbedding
 from ironcore.parallel import state
@@ -20,15 +22,24 @@ from ironcore.parallel.mappings import gather_from_sequence, gather_from_tp, sca
 
 
 class TransformerBlock(nn.Module):
-    """Attention and MLP with residuals, wired pre-norm, post-norm or in parallel (Phi)."""
+    """Attention and MLP with residuals, the norms placed as ``norm_position`` says, or in parallel (Phi).
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    Layer ``layer``'s own variant of the config: its sliding window (None:
+    global), whether it rotates queries and keys, a dense or MoE MLP.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.norm_position, self.parallel = cfg.norm_position, cfg.parallel_attn_mlp
-        self.attn_norm = mark_sequence_parallel_grads(build_norm(cfg))
+        self.window, self.uses_rope = cfg.layer_window(layer), cfg.layer_has_rope(layer)
+        inputs = self.norm_position != "output"  # OLMo 2 normalises the branch outputs only
+        outputs = self.norm_position in ("sandwich", "output")
+        self.attn_norm = mark_sequence_parallel_grads(build_norm(cfg)) if inputs else None
         self.attn = Attention(cfg)
-        self.mlp_norm = None if self.parallel else mark_sequence_parallel_grads(build_norm(cfg))
-        self.mlp = MLP(cfg)
+        self.attn_out_norm = mark_sequence_parallel_grads(build_norm(cfg)) if outputs else None
+        self.mlp_norm = mark_sequence_parallel_grads(build_norm(cfg)) if inputs and not self.parallel else None
+        self.mlp = MLP(cfg) if cfg.num_experts is None else MoE(cfg)
+        self.mlp_out_norm = mark_sequence_parallel_grads(build_norm(cfg)) if outputs else None
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -44,8 +55,12 @@ class TransformerBlock(nn.Module):
         if self.norm_position == "post":
             x = self.attn_norm(x + self.drop(self.attn(x, rope, mask, kv_cache)))
             return self.mlp_norm(x + self.drop(self.mlp(x)))
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, kv_cache))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        x = x + self.drop(_maybe(self.attn_out_norm, self.attn(_maybe(self.attn_norm, x), rope, mask, kv_cache)))
+        return x + self.drop(_maybe(self.mlp_out_norm, self.mlp(_maybe(self.mlp_norm, x))))
+
+
+def _maybe(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    return x if norm is None else norm(x)
 
 
 class TransformerModel(nn.Module):
@@ -66,9 +81,12 @@ class TransformerModel(nn.Module):
         self.pos_embed = (
             nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.position_embedding == "learned" else None
         )
-        self.rope = RotaryEmbedding(cfg) if cfg.position_embedding == "rope" else None
+        rope = cfg.position_embedding == "rope"
+        self.rope = RotaryEmbedding(cfg, scaling=cfg.rope_scaling) if rope else None
+        # Gemma 3: the sliding-window layers rotate with their own, unscaled base.
+        self.local_rope = RotaryEmbedding(cfg, cfg.rope_local_theta) if rope and cfg.rope_local_theta else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = mark_sequence_parallel_grads(build_norm(cfg)) if cfg.final_norm else None
         self.lm_head = (
             None if cfg.tie_word_embeddings or cfg.score_head
@@ -76,7 +94,11 @@ class TransformerModel(nn.Module):
         )
         # A reward model's scalar head: small, so every TP rank holds all of it (replicated, like the norms).
         self.score = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.score_head else None
-        self._mask_cache: tuple[int, int, torch.device, torch.Tensor] | None = None
+        self._mask_cache: dict[tuple[int, int, torch.device, int | None], torch.Tensor] = {}
+        # Mixture of experts: the weight of the auxiliary losses in the backward pass (the trainer sets it to
+        # 1 / micro-batches), and their values of the last forward pass, for logging.
+        self.aux_loss_scale = 1.0
+        self.aux_losses: dict[str, torch.Tensor] = {}
         self.reset_parameters()
 
     @torch.no_grad()
@@ -87,13 +109,17 @@ class TransformerModel(nn.Module):
         self.embed.reset_parameters(std)
         if self.pos_embed is not None and not self.pos_embed.weight.is_meta:
             nn.init.normal_(self.pos_embed.weight, 0.0, std)
-        if self.rope is not None:
-            self.rope.reset_parameters()
+        for rope in (self.rope, self.local_rope):
+            if rope is not None:
+                rope.reset_parameters()
         for block in self.layers:
             block.attn.qkv.reset_parameters(std)
             block.attn.out.reset_parameters(out_std)
-            block.mlp.up.reset_parameters(std)
-            block.mlp.down.reset_parameters(out_std)
+            if isinstance(block.mlp, MoE):
+                block.mlp.reset_parameters(std, out_std)
+            else:
+                block.mlp.up.reset_parameters(std)
+                block.mlp.down.reset_parameters(out_std)
         for module in self.modules():
             if isinstance(module, (nn.LayerNorm, RMSNorm)):
                 module.reset_parameters()
@@ -103,28 +129,59 @@ class TransformerModel(nn.Module):
             nn.init.normal_(self.score.weight, 0.0, std)
 
     def _mask(
-        self, T: int, device: torch.device, attention_mask: torch.Tensor | None, past: int = 0
+        self, T: int, device: torch.device, attention_mask: torch.Tensor | None, past: int, window: int | None
     ) -> torch.Tensor | None:
         """Bool mask [.., T, past + T], True where T queries after ``past`` cached positions may attend.
 
         None on the fast paths that attention handles without a mask: plain
         causal (nothing cached) and a single query that may see every key.
         """
-        window = self.config.sliding_window
         windowed = window is not None and window < past + T
         if T == 1 and not windowed:
             return attention_mask  # a decode step: the causal part allows every key
         if attention_mask is None and past == 0 and not windowed:
             return None
-        if self._mask_cache is None or self._mask_cache[:3] != (T, past, device):
+        key = (T, past, device, window)
+        if key not in self._mask_cache:
+            if any(k[:3] != key[:3] for k in self._mask_cache):
+                self._mask_cache.clear()  # one length at a time: it rarely changes within a run
             query = torch.arange(past, past + T, device=device)[:, None]
-            key = torch.arange(past + T, device=device)
-            allowed = key <= query
+            keys = torch.arange(past + T, device=device)
+            allowed = keys <= query
             if window is not None:
-                allowed &= key > query - window
-            self._mask_cache = (T, past, device, allowed)  # one entry: the length rarely changes within a run
-        mask = self._mask_cache[3]
+                allowed &= keys > query - window
+            self._mask_cache[key] = allowed
+        mask = self._mask_cache[key]
         return mask if attention_mask is None else mask & attention_mask
+
+    @staticmethod
+    def _static_mask(mask: torch.Tensor, slot: torch.Tensor, window: int | None) -> torch.Tensor:
+        """A static decode step's mask over every cache slot, narrowed to the ``window`` slots up to ``slot``."""
+        if window is None:
+            return mask
+        return mask & (torch.arange(mask.shape[-1], device=mask.device) > slot - window)
+
+    def _moe_losses(self, x: torch.Tensor) -> torch.Tensor:
+        """x, carrying the load-balancing and z-losses of this pass's routing into the backward pass.
+
+        HF's formula (Switch Transformer's): the assignment counts and router
+        probabilities of *all* layers are summed, then E x sum_e f_e P_e with
+        f and P their means over layers x tokens.
+        """
+        cfg = self.config
+        stats = [block.mlp.stats for block in self.layers if isinstance(block.mlp, MoE)]
+        rows = sum(s.tokens for s in stats)
+        fraction = sum(s.counts for s in stats).float() / rows
+        probability = sum(s.prob_sums for s in stats) / rows
+        aux = cfg.num_experts * (fraction * probability).sum()
+        z = sum(s.z_sum for s in stats) / rows
+        self.aux_losses = {"aux_loss": aux.detach(), "z_loss": z.detach(),
+                           "expert_load": torch.stack([s.counts for s in stats])}  # fmt: skip
+        if not torch.is_grad_enabled():
+            return x
+        loss = cfg.moe_aux_loss_coef * aux + cfg.moe_z_loss_coef * z
+        # Every TP rank computes the same loss, and sums the router's gradients over the ranks: 1/tp each.
+        return attach_loss(x, loss, self.aux_loss_scale / state.tp_size())
 
     def forward(
         self,
@@ -161,14 +218,23 @@ class TransformerModel(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
         rope = self.rope(position_ids) if self.rope is not None else None
-        static = kv_cache is not None and kv_cache.slot is not None and T == 1 and past > 0  # a static decode step
-        mask = attention_mask if static else self._mask(T, input_ids.device, attention_mask, past)
+        local_rope = self.local_rope(position_ids) if self.local_rope is not None else rope
+        # A static decode step: one position written at the cache's slot, the caller's mask over every slot.
+        static = kv_cache is not None and kv_cache.slot is not None and T == 1 and kv_cache.layers[0].keys is not None
+        masks = {
+            window: self._static_mask(attention_mask, kv_cache.slot, window) if static
+            else self._mask(T, input_ids.device, attention_mask, past, window)
+            for window in {block.window for block in self.layers}
+        }  # fmt: skip
         caches = [None] * len(self.layers) if kv_cache is None else kv_cache.layers
         generating = kv_cache is not None and state.sequence_parallel()  # one position at a time: no SP
         with state.sequence_parallel_paused() if generating else contextlib.nullcontext():
             x = self.drop(scatter_to_sequence(x))  # sequence parallel: this rank's positions from here on
             for block, cache in zip(self.layers, caches):
-                x = block(x, rope, mask, cache)
+                block_rope = None if not block.uses_rope else local_rope if block.window is not None else rope
+                x = block(x, block_rope, masks[block.window], cache)
+            if self.config.num_experts is not None:
+                x = self._moe_losses(x)
             if logits_to_keep:
                 x = x[:, -logits_to_keep:]
             if self.final_norm is not None:
@@ -176,6 +242,9 @@ class TransformerModel(nn.Module):
             if self.score is not None:
                 return self.score(gather_from_sequence(x))  # [B, T, 1]: reward models read the last token's
             logits = self.embed.project(x) if self.lm_head is None else self.lm_head(x)
+        if self.config.final_logit_softcap is not None:
+            cap = self.config.final_logit_softcap
+            logits = torch.where(logits.isneginf(), logits, cap * torch.tanh(logits / cap))  # padding stays -inf
         if parallel_output:
             return logits
         return gather_from_tp(logits)[..., : self.config.vocab_size]

@@ -43,14 +43,14 @@ def padded_vocab_size(vocab_size: int, tp: int | None = None) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def _local_size(split: TPSplit, what: str) -> int:
+def local_size(split: TPSplit, what: str) -> int:
     try:
         return sum(split.local_sizes(state.tp_size()))
     except ValueError as err:
         raise ValueError(f"{what}: {err}") from None
 
 
-def _init_from_full(param: torch.Tensor, full_shape: tuple[int, ...], std: float, split: TPSplit) -> None:
+def init_from_full(param: torch.Tensor, full_shape: tuple[int, ...], std: float, split: TPSplit) -> None:
     if param.is_meta:
         return
     full = torch.empty(full_shape, dtype=torch.float32, device=param.device).normal_(0.0, std)
@@ -80,14 +80,14 @@ class ColumnParallelLinear(nn.Module):
         self.out_features = sum(self.output_parts)
         padded = padded_vocab_size(self.out_features) if pad_vocab else None
         split = TPSplit(0, tuple(self.output_parts), tuple(replicas) if replicas else None, padded)
-        local = _local_size(split, "column-parallel output")
+        local = local_size(split, "column-parallel output")
         self.gather_output = gather_output
         self.weight = nn.Parameter(torch.empty(local, in_features))
         self.bias = nn.Parameter(torch.zeros(local)) if bias else None
         self.tp_splits = {"weight": split} | ({"bias": split} if bias else {})
 
     def reset_parameters(self, std: float) -> None:
-        _init_from_full(self.weight, (self.out_features, self.in_features), std, self.tp_splits["weight"])
+        init_from_full(self.weight, (self.out_features, self.in_features), std, self.tp_splits["weight"])
         if self.bias is not None and not self.bias.is_meta:
             nn.init.zeros_(self.bias)
 
@@ -103,13 +103,13 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         split = TPSplit(1, (in_features,))
-        self.weight = nn.Parameter(torch.empty(out_features, _local_size(split, "row-parallel input")))
+        self.weight = nn.Parameter(torch.empty(out_features, local_size(split, "row-parallel input")))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.tp_splits = {"weight": split}
         mark_sequence_parallel_grads(self, ["bias"])  # added after the reduce-scatter: to this rank's positions
 
     def reset_parameters(self, std: float) -> None:
-        _init_from_full(self.weight, (self.out_features, self.in_features), std, self.tp_splits["weight"])
+        init_from_full(self.weight, (self.out_features, self.in_features), std, self.tp_splits["weight"])
         if self.bias is not None and not self.bias.is_meta:
             nn.init.zeros_(self.bias)
 
@@ -125,13 +125,13 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         split = TPSplit(0, (num_embeddings,), padded=padded_vocab_size(num_embeddings))
-        local = _local_size(split, "vocabulary")
+        local = local_size(split, "vocabulary")
         self.vocab_start = state.tp_rank() * local
         self.weight = nn.Parameter(torch.empty(local, embedding_dim))
         self.tp_splits = {"weight": split}
 
     def reset_parameters(self, std: float) -> None:
-        _init_from_full(self.weight, (self.num_embeddings, self.embedding_dim), std, self.tp_splits["weight"])
+        init_from_full(self.weight, (self.num_embeddings, self.embedding_dim), std, self.tp_splits["weight"])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if state.tp_size() == 1:

@@ -66,6 +66,7 @@ from ironcore.training.optim import (
     total_steps,
 )
 from ironcore.training.perf import peak_flops, retain_freed_host_memory
+from ironcore.training.router_log import RouterLog, plot_expert_load
 from ironcore.training.tracking import RUN_FILE, Tracker, run_tags, tracked_names
 
 log = logging.getLogger("ironcore.train")
@@ -138,6 +139,7 @@ class Trainer:
         self.flops_per_token = model_stats(cfg.model, self.seq_len).train_flops_per_token
         self.peak = peak_flops(self.device, cfg.trainer.precision, cfg.trainer.peak_tflops)
         self.forward = torch.compile(self.model) if cfg.trainer.compile else self.model
+        self.router_log = RouterLog(self.model) if cfg.model.num_experts else None
         self.tracker: Tracker | None = None
         self._step_tokens = self.tokens_per_step
         self.tasks = [load_task(spec) for spec in cfg.operation.eval_tasks]  # checked now, not at the first eval
@@ -264,6 +266,8 @@ class Trainer:
                     tokens_per_sec=tokens_per_sec,
                     mfu=tokens_per_sec * self.flops_per_token / (self.peak * self.world_size),
                 )
+                if self.router_log is not None:
+                    metrics.update(self._log_expert_load(step))
                 self._log_line(metrics, time.perf_counter() - run_start, step - start_step)
                 self._write_metrics({"step": step, **metrics, "skipped_steps": self.state.skipped_steps})
                 self._track(metrics, step)
@@ -298,7 +302,11 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         micro_batches = self.train_data.step(self.state.consumed_samples)
+        # MoE: each pass's auxiliary losses weigh 1 / (passes of the global batch), like its mean.
+        self.model.aux_loss_scale = 1.0 / (len(micro_batches) * self.dp_size)
         result = self.objective.backward(self._forward_arming(len(micro_batches)), micro_batches)
+        if self.router_log is not None:
+            result.metrics.update(self.router_log.step_metrics(self.device))
         self._step_tokens = result.processed or self.tokens_per_step  # what tok/s and MFU count
         norm = reduce_gradients(self.model, self.optimizer).item()  # the only gradient communication of the step
         loss = result.metrics["loss"]
@@ -322,20 +330,35 @@ class Trainer:
 
     def _forward_arming(self, micro_batches: int) -> Callable[..., torch.Tensor]:
         """The forward pass the objective runs; with overlapped reduction, the last micro-batch's pass (counted
-        among those with gradients) arms the optimizer, so that its backward pass starts the reductions."""
-        if not (getattr(self.optimizer, "overlap", False) and self.objective.one_backward_per_micro_batch):
+        among those with gradients) arms the optimizer, so that its backward pass starts the reductions; a MoE
+        model's passes with gradients are recorded in the router log."""
+        arming = getattr(self.optimizer, "overlap", False) and self.objective.one_backward_per_micro_batch
+        if not arming and self.router_log is None:
             return self.forward
         passes = 0
 
         def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
             nonlocal passes
-            if torch.is_grad_enabled():
+            trained = torch.is_grad_enabled()
+            if arming and trained:
                 passes += 1
                 if passes == micro_batches:
                     self.optimizer.arm()
-            return self.forward(*args, **kwargs)
+            out = self.forward(*args, **kwargs)
+            if self.router_log is not None and trained:
+                self.router_log.record()
+            return out
 
         return forward
+
+    def _log_expert_load(self, step: int) -> dict[str, float]:
+        """The experts' load since the last log line: its metric, and (main rank) the heatmap as an artifact."""
+        metrics, shares = self.router_log.load_metrics(self.device)
+        if shares is not None and self.is_main:
+            path = plot_expert_load(shares, step, self.out_dir / "expert_load.png")
+            if self.tracker is not None:
+                self.tracker.log_artifact(path)
+        return metrics
 
     def _log_memory(self) -> None:
         """The memory planner's bytes per GPU for this run, beside what the first step holds (exact bytes of the
