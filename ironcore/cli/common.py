@@ -1,8 +1,10 @@
-"""Arguments shared by the sub-commands that read a training config."""
+"""What the sub-commands share: the arguments of those that read a training config, and their logging."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 
 from ironcore.config import Config, load_config
 
@@ -25,3 +27,25 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides, args.tensor_model_parallel_size)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when it writes, not to the one it was made with (a caller
+    that swaps stderr, such as pytest's capture, must not leave the handler on a closed stream)."""
+
+    @property
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001
+        pass
+
+
+def log_to_stderr(logger: logging.Logger, level: str | int, fmt: str) -> None:
+    """``logger`` logs at ``level`` to stderr in ``fmt``, unless it has handlers already."""
+    if not logger.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter(fmt))
+        logger.addHandler(handler)
+        logger.setLevel(level)

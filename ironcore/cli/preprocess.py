@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
+
+from ironcore.cli.common import log_to_stderr
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,12 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from ironcore.data.inspect import inspect_dataset, summary_lines
     from ironcore.data.preprocess import preprocess
 
-    logger = logging.getLogger("ironcore")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("ironcore preprocess: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    log_to_stderr(logging.getLogger("ironcore"), logging.INFO, "ironcore preprocess: %(message)s")
     config = load_data_config(args.config, args.overrides)
     if not args.only_inspect:
         metadata = preprocess(config, force=args.force, progress=not args.no_progress)

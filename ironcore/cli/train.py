@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ironcore.cli.common import add_config_arguments, config_from_args
+from ironcore.cli.common import add_config_arguments, config_from_args, log_to_stderr
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from ironcore.training.trainer import Trainer
 
     cfg = config_from_args(args)
-    logging.basicConfig(level=cfg.utils.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    log_to_stderr(logging.getLogger(), cfg.utils.log_level.upper(), "%(levelname)s %(name)s: %(message)s")
     try:
         Trainer(cfg).train()
     finally:

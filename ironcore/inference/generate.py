@@ -38,6 +38,7 @@ Decisions worth knowing:
   ``compile`` (the static step compiled by inductor on the CPU with the
   weights frozen; no compaction, since every batch size is another
   compilation). ``auto`` picks ``graph`` on CUDA without tensor parallelism
+  (nor a mixture of experts, whose blocks are sized by the routing)
   for ``max_new_tokens`` >= :data:`GRAPH_MIN_TOKENS`; on a CPU ``compile``
   when a compiled step for this shape and these weights exists already, or
   the generation is long enough to repay a compilation
@@ -212,10 +213,11 @@ def decode_mode(decode: Decode, model: TransformerModel, prompt: int, budgets: l
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
     device = next(model.parameters()).device
-    graphable = device.type == "cuda" and state.tp_size() == 1
+    # A mixture of experts sizes each expert's block of tokens from the routing: no static shapes to capture.
+    graphable = device.type == "cuda" and state.tp_size() == 1 and model.config.num_experts is None
     compilable = device.type == "cpu" and state.tp_size() == 1
     if decode == "graph" and not graphable:
-        raise ValueError("decode='graph' needs a CUDA device and no tensor parallelism")
+        raise ValueError("decode='graph' needs a CUDA device, no tensor parallelism and no mixture of experts")
     if decode == "compile" and not compilable:
         raise ValueError("decode='compile' needs a CPU and no tensor parallelism (on CUDA decode='graph')")
     if decode != "auto":

@@ -24,6 +24,7 @@ once (HF sums the counts of every layer before multiplying).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -102,8 +103,8 @@ class MoE(nn.Module):
         if self.capacity_factor is not None and not is_fake(order):  # (the planner: no dropping, an upper bound)
             order, counts = self._drop_over_capacity(order, counts, flat.shape[0])
         token = order // self.top_k
-        out = self._experts(flat[token], _block_sizes(counts, order.numel()))
-        out = out * weights.flatten()[order].unsqueeze(-1)
+        out = self._experts(flat.index_select(0, token), _block_sizes(counts, order.numel()))
+        out = out * weights.flatten().index_select(0, order).unsqueeze(-1)
         y = torch.zeros_like(flat).index_add_(0, token, out)
         y = row_output(y.view(*x.shape[:-1], -1))
         if self.shared is not None:
@@ -131,7 +132,7 @@ class MoE(nn.Module):
         self, order: torch.Tensor, counts: torch.Tensor, tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep each expert's first ``capacity`` assignments (in token order, like GShard); the rest are dropped."""
-        capacity = max(1, int(self.capacity_factor * tokens * self.top_k / self.num_experts + 0.999999))
+        capacity = max(1, math.ceil(self.capacity_factor * tokens * self.top_k / self.num_experts))
         starts = torch.cumsum(counts, 0) - counts
         rank_in_expert = torch.arange(order.numel(), device=order.device) - starts.repeat_interleave(counts)
         keep = rank_in_expert < capacity

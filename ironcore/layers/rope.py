@@ -73,8 +73,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
-        if self.switch_at is not None and int(position_ids.max()) >= self.switch_at:
-            inv_freq = self.long_inv_freq
+        if self.switch_at is not None:  # on the device, no host sync (a CUDA graph may capture it)
+            inv_freq = torch.where(position_ids.max() >= self.switch_at, self.long_inv_freq, inv_freq)
         freqs = position_ids.unsqueeze(-1).float() * inv_freq  # [B, T, rot/2]
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, T, rot]
         if self.attention_factor != 1.0:
