@@ -7,7 +7,10 @@
 # 2. `ironcore train` through the CLI on CUDA in bf16 with torch.compile (device-aware MFU in its log), and a
 #    ~1B LLaMA-shaped model in bf16 (MFU, the memory plan against max_memory_allocated),
 #    and under torchrun with TP=2 on nccl when the machine has two GPUs;
-# 3. the model, trainer and generation benchmarks in bf16 on CUDA, against HF in the same run.
+# 3. the model, trainer and generation benchmarks in bf16 on CUDA, against HF in the same run;
+# 4. the fused Triton kernels (benchmarks/kernels.py) and the trainer's MFU with and without them.
+# Issue 21's part alone, in under 10 minutes: GPU_CHECK_STEPS="tests kernels train-gpt2-torch train-gpt2-triton
+# train-1b-torch train-1b-triton" (the tests step runs the kernels' tests, which take the device).
 # Then one summary table. Each step has a time limit and a log under $GPU_CHECK_OUT (default $OUT, else
 # runs/gpu_check); a failed step does not stop the others, and the exit status is that of the worst one.
 # Without a CUDA device it stops at once with one line and exit status 2. Later GPU checks add a step here.
@@ -66,6 +69,20 @@ step grpo-gpt2 200 "$PYTHON" benchmarks/grpo_throughput.py --device cuda --model
   --prompts 16 --completion-len 128 --pairs 10 --json "$OUT_DIR/grpo_gpt2.json"
 # Evaluation against lm-eval's hf model (needs lm_eval): multiple choice and generation (issue 18).
 step eval 240 "$PYTHON" benchmarks/eval_throughput.py --device cuda
+# Issue 21: the fused kernels compiled (their tests, the sweep against torch and, when installed, Liger-Kernel),
+# and the trainer's MFU with model.kernels torch and triton for gpt2-small and the ~1B LLaMA shape in bf16.
+step kernels 240 "$PYTHON" benchmarks/kernels.py --device cuda --rounds 10
+for kernels in torch triton; do
+  step "train-gpt2-$kernels" 90 "$PYTHON" -m ironcore train --config configs/example.yaml model=gpt2-small \
+    model.kernels=$kernels trainer.device=cuda trainer.precision=bf16 trainer.micro_batch_size=16 \
+    operation.train_steps=30 operation.eval_interval=0 operation.log_interval=10 \
+    trainer.output_dir="$OUT_DIR/run-gpt2-$kernels" utils.tracking=false
+  step "train-1b-$kernels" 120 "$PYTHON" -m ironcore train --config configs/example.yaml model=llama-tiny \
+    model.hidden_size=2048 model.num_layers=16 model.num_attention_heads=32 model.num_key_value_heads=8 \
+    model.ffn_hidden_size=8192 model.kernels=$kernels trainer.device=cuda trainer.precision=bf16 \
+    trainer.micro_batch_size=8 operation.train_steps=20 operation.eval_interval=0 operation.log_interval=5 \
+    trainer.output_dir="$OUT_DIR/run-1b-$kernels" utils.tracking=false
+done
 
 worst=0
 for entry in "${STEPS[@]}"; do
@@ -90,6 +107,10 @@ done
   if [[ -f "$OUT_DIR/generate.log" ]]; then  # the generation figures: the limits, then each model's lines
     echo; echo "-- generate"
     grep -E '^torch |^[[:alnum:].-]+: [0-9]+ MB|^  (latency|rollout|KV cache|prefill)' "$OUT_DIR/generate.log"
+  fi
+  if [[ -f "$OUT_DIR/kernels.log" ]]; then  # the kernel sweep: every line from its header on
+    echo; echo "-- kernels"
+    sed -n '/^torch /,$p' "$OUT_DIR/kernels.log"
   fi
   for name in model train; do  # the benchmark tables themselves: header, rule and rows
     [[ -f "$OUT_DIR/$name.log" ]] || continue

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from run_helpers import DEVICE
+
+# Triton kernels run on CPU tensors in Triton's interpreter, which reads this when Triton is imported: set it
+# before any test imports Triton (on a CUDA machine the kernels run compiled).
+if os.environ.get("IRONCORE_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # ---- data pipeline fixtures (issue 3: tokenizer, preprocessing, data sets) ----------------------
 

@@ -201,6 +201,28 @@ def score_head_check() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return scores.detach(), {n: gather_tensor(p.grad, splits.get(n)) for n, p in model.named_parameters()}
 
 
+def fused_loss_check(case: str) -> dict[str, tuple[float, float]]:
+    """The fused linear + cross-entropy (chunked, triton) against the plain loss of the same model under the current
+    layout: (relative loss difference, largest gradient difference / largest gradient) per backend."""
+    inputs, targets, mask = batch(3, 2, model_config(case).vocab_size)
+    runs = {}
+    for backend in ("torch", "chunked", "triton"):
+        torch.manual_seed(SEED)
+        cfg = model_config(case)
+        cfg.kernel_options.cross_entropy = backend
+        cfg.kernel_options.chunk_tokens = 7  # chunks that do not divide the 32 tokens
+        model = TransformerModel(cfg)
+        loss = model(inputs, labels=targets, loss_weights=mask / mask.sum())
+        loss.backward()
+        reduce_gradients(model, torch.optim.SGD(model.parameters(), lr=0.0))
+        splits = named_splits(model)
+        runs[backend] = (loss.item(), {n: gather_tensor(p.grad, splits.get(n)) for n, p in model.named_parameters()})
+    plain_loss, plain_grads = runs.pop("torch")
+    return {backend: (abs(loss / plain_loss - 1),
+                      max((grads[n] - g).abs().max().item() / g.abs().max().item() for n, g in plain_grads.items()))
+            for backend, (loss, grads) in runs.items()}  # fmt: skip
+
+
 def checkpoint_probe(model: TransformerModel) -> torch.Tensor:
     """Full logits of a fixed batch, to compare a model before and after resharding."""
     with torch.no_grad():
@@ -217,6 +239,8 @@ def scenario_two(out: Path) -> dict:
         run = train(case, steps=10, micro_batch=2, accumulation=1)
         results[f"tp2/{case}"] = (run.losses, run.grad_norms, run.first_grads)
         results[f"tp2/{case}/ce"] = cross_entropy_check(case)
+        if case in ("llama", "gpt2"):  # untied, the last rank mostly vocabulary padding; the tied embedding
+            results[f"tp2/{case}/fused_ce"] = fused_loss_check(case)
         results[f"tp2/{case}/numel"] = sum(p.numel() for p in run.model.parameters())  # rank 0's, for the planner
         plan = plan_memory(model_config(case), tp=2, micro_batch_size=2, seq_len=SEQ)  # planned inside a TP run
         results[f"tp2/{case}/plan"] = (plan.parameters, plan.gradients, plan.optimizer, plan.activations)
@@ -236,6 +260,7 @@ def scenario_two(out: Path) -> dict:
         results[f"tp2sp/{case}"] = (run.losses, run.grad_norms, run.first_grads, seen[0][1],
                                     comm.traffic().get("reduce_scatter/tp", (0, 0))[1])  # fmt: skip
     results["tp2sp/score"] = score_head_check()
+    results["tp2sp/llama/fused_ce"] = fused_loss_check("llama")
     state.set_sequence_parallel(False)
     results["tp2/score"] = score_head_check()
     # Checkpoint after 3 steps (full tensors, written by rank 0), then one more step.

@@ -3,7 +3,7 @@
 Layers, top to bottom (a module may import its own package and the layers below it)::
 
     cli -> training, evaluation -> objectives -> rewards -> inference -> checkpoints -> models -> layers
-        -> parallel -> data -> config -> files (reading and writing files with one-line errors) -> errors
+        -> kernels -> parallel -> data -> config -> files (reading and writing files with one-line errors) -> errors
 
 Every import counts, also those inside functions.
 """
@@ -25,6 +25,7 @@ ORDER = [
     ["config"],
     ["data"],
     ["parallel"],
+    ["kernels"],
     ["layers"],
     ["models"],
     ["checkpoints"],

@@ -96,7 +96,7 @@ def _reference(moe: MoE, x: torch.Tensor, capacity: int | None = None) -> torch.
             taken[e] += 1
             if capacity is not None and taken[e] > capacity:
                 continue
-            gate, up = F.linear(flat[t], moe.up[e]).split(moe.local_ffn)
+            gate, up = F.linear(flat[t], moe.up[e]).chunk(2)
             out[t] += w * F.linear(F.silu(gate) * up, moe.down[e])
     if moe.shared is not None:
         out += moe.shared(flat)

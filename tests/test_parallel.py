@@ -107,6 +107,15 @@ def test_vocab_parallel_cross_entropy_and_logsumexp_across_tp(two, case):
     assert diffs["lse"] < 1e-5 and diffs["lse_grad"] < 1e-7, diffs
 
 
+@pytest.mark.parametrize("key", ["tp2/llama", "tp2/gpt2", "tp2sp/llama"])
+def test_fused_linear_cross_entropy_under_tp(two, key):
+    """The fused loss at TP=2 (vocab-parallel: max, sum of exponentials and target logit all-reduced per chunk),
+    with and without sequence parallelism, equals the plain loss of the same layout: loss and all gradients at
+    Liger-Kernel's fp32 tolerances."""
+    for backend, (loss_diff, grad_diff) in two[f"{key}/fused_ce"].items():
+        assert loss_diff < 5e-4 and grad_diff < 5e-4, (backend, loss_diff, grad_diff)
+
+
 @pytest.mark.parametrize("case", ["gpt2", "qwen3", "mixtral"])
 def test_sequence_parallel_equals_plain_tp(two, case):
     """TP=2 with the residual stream split over the sequence: the losses, norms and first gradients of TP=2

@@ -609,7 +609,8 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
 
 
 # Training settings (HF has no token dropping: an exported MoE model routes every token).
-_NOT_ARCHITECTURE = ("name", "init_std", "dropout", "moe_aux_loss_coef", "moe_z_loss_coef", "moe_capacity_factor")
+_NOT_ARCHITECTURE = ("name", "init_std", "dropout", "moe_aux_loss_coef", "moe_z_loss_coef", "moe_capacity_factor",
+                     "kernels", "kernel_options")
 
 
 def _check_round_trip(cfg: ModelConfig, hf: dict[str, Any], family: str) -> None:

@@ -4,6 +4,7 @@ SmolLM and the mixture-of-experts models (Mixtral, Qwen3-MoE, OLMoE)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Literal
 
 from ironcore.config.base import InvalidValue, field
@@ -26,6 +27,23 @@ class RopeScaling:
     )
     long_factor: list[float] | None = field(
         None, help="longrope: the divisors used once a position passes original_max_position_embeddings."
+    )
+
+
+@dataclasses.dataclass
+class KernelOptions:
+    """Per-kernel choices over ``model.kernels`` (null: follow it); see ``ironcore/kernels``."""
+
+    norm: Literal["torch", "triton"] | None = field(None, help="RMSNorm and LayerNorm.")
+    rope: Literal["torch", "triton"] | None = field(None, help="RoPE on queries and keys (Triton: in place).")
+    glu: Literal["torch", "triton"] | None = field(None, help="The gated activation of SwiGLU / GeGLU MLPs.")
+    cross_entropy: Literal["torch", "chunked", "triton"] | None = field(
+        None, help="The language-model loss: torch computes all logits, then the loss; chunked (pure PyTorch, any "
+        "device) and triton compute output projection and loss for chunks of tokens, so the [tokens x vocabulary] "
+        "logits never exist at once.",
+    )
+    chunk_tokens: int | None = field(
+        None, help="Tokens per chunk of the fused loss (null: chunk x vocabulary ~ tokens x hidden, Liger's rule)."
     )
 
 
@@ -133,6 +151,11 @@ class ModelConfig:
         None, help="The HF model_type export writes (set on import where the network alone does not say, e.g. "
         "phi3: LLaMA's network in fused tensors); null: the first HF family that expresses the config.",
     )
+    kernels: Literal["auto", "torch", "triton"] = field(
+        "auto", help="Fused Triton kernels (norms, RoPE, gated activation, linear + cross-entropy) or the torch "
+        "code; auto: Triton on a CUDA device when Triton imports, torch otherwise.",
+    )
+    kernel_options: KernelOptions = field(KernelOptions(), help="Per-kernel overrides of kernels.")
     init_std: float = field(0.02, help="Std of the normal initialisation (output projections get /sqrt(2L)).")
     dropout: float = field(0.0, help="Dropout on attention probabilities and residual branches.")
 
@@ -216,6 +239,13 @@ class ModelConfig:
                 if factors is None or len(factors) != self.rotary_dim // 2:
                     fail(f"rope_scaling.{key}", f"longrope needs one factor per rotary frequency "
                          f"({self.rotary_dim // 2}), got {None if factors is None else len(factors)}")
+        asked = [k for k in ("norm", "rope", "glu", "cross_entropy") if getattr(self.kernel_options, k) == "triton"]
+        if (self.kernels == "triton" or asked) and importlib.util.find_spec("triton") is None:
+            fail("kernels", "Triton kernels asked for, but triton is not installed (pip install triton)")
+        if self.final_logit_softcap is not None and self.kernel_options.cross_entropy in ("chunked", "triton"):
+            fail("kernel_options.cross_entropy", "the fused loss takes plain logits: not with final_logit_softcap")
+        if self.kernel_options.chunk_tokens is not None and self.kernel_options.chunk_tokens <= 0:
+            fail("kernel_options.chunk_tokens", f"must be positive or null, got {self.kernel_options.chunk_tokens}")
         if self.norm_unit_offset and self.norm_type != "rmsnorm":
             fail("norm_unit_offset", "the (1 + weight) form is only defined for rmsnorm")
         if self.parallel_attn_mlp and self.num_experts is not None:

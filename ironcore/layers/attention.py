@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ironcore import kernels
 from ironcore.config.model import ModelConfig
 from ironcore.errors import ConfigError
 from ironcore.layers.norm import RMSNorm
@@ -181,8 +182,10 @@ class Attention(nn.Module):
             raise ConfigError("model.qk_norm_per_head: false (a norm over all heads) is not supported under tensor "
                               "parallelism yet")  # its statistic would need a sum over the ranks' heads
         q_dim, k_dim = (self.head_dim, self.head_dim) if cfg.qk_norm_per_head else (q_size, kv_size)
-        self.q_norm = mark_partial_grads(RMSNorm(q_dim, cfg.norm_eps, cfg.norm_unit_offset)) if cfg.qk_norm else None
-        self.k_norm = mark_partial_grads(RMSNorm(k_dim, cfg.norm_eps, cfg.norm_unit_offset)) if cfg.qk_norm else None
+        norm = kernels.selected(cfg, "norm")
+        self.q_norm = mark_partial_grads(RMSNorm(q_dim, cfg.norm_eps, cfg.norm_unit_offset, norm)) if cfg.qk_norm else None
+        self.k_norm = mark_partial_grads(RMSNorm(k_dim, cfg.norm_eps, cfg.norm_unit_offset, norm)) if cfg.qk_norm else None
+        self.rope_kernel = kernels.selected(cfg, "rope")
         self.out = RowParallelLinear(q_size, cfg.hidden_size, bias=cfg.attention_out_bias)
 
     def forward(
@@ -201,6 +204,11 @@ class Attention(nn.Module):
         """
         qkv = self.qkv(x)  # under sequence parallelism x holds this rank's positions, qkv all of them
         B, T, _ = qkv.shape
+        fused_rope = rope is not None and kernels.runs_triton(self.rope_kernel, qkv.device)
+        if fused_rope and self.q_norm is None:  # rotate the q and k heads where the projection wrote them
+            heads = self.num_heads + self.num_kv_heads
+            kernels.module("rope").rotate_(qkv.view(B, T, heads + self.num_kv_heads, self.head_dim)[:, :, :heads],
+                                           *rope)  # fmt: skip
         q, k, v = qkv.split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
             dim=-1,
@@ -212,7 +220,10 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None and self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
+        if fused_rope and self.q_norm is not None:  # the norms' outputs are fresh tensors: rotated in place
+            kernels.module("rope").rotate_(q.transpose(1, 2), *rope)
+            kernels.module("rope").rotate_(k.transpose(1, 2), *rope)
+        elif rope is not None and not fused_rope:
             cos, sin = (t.to(q.dtype) for t in rope)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:

@@ -32,7 +32,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
 from ironcore.config.model import ModelConfig
-from ironcore.layers.mlp import ACTIVATIONS, MLP
+from ironcore.layers.mlp import MLP, activate, glu_kernel
 from ironcore.parallel.grad import mark_partial_grads
 from ironcore.parallel.layers import init_from_full, local_size
 from ironcore.parallel.mappings import column_input, row_output
@@ -57,13 +57,12 @@ class MoE(nn.Module):
         super().__init__()
         self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_token
         self.renormalize, self.capacity_factor = cfg.moe_renormalize, cfg.moe_capacity_factor
-        self.gated, self.act = cfg.gated_mlp, ACTIVATIONS[cfg.activation]
+        self.gated, self.activation, self.glu_kernel = cfg.gated_mlp, cfg.activation, glu_kernel(cfg)
         ffn, hidden = cfg.expert_ffn_size, cfg.hidden_size
         self.router = mark_partial_grads(nn.Linear(hidden, self.num_experts, bias=False))
         parts = (ffn, ffn) if self.gated else (ffn,)
         self.tp_splits = {"up": TPSplit(1, parts), "down": TPSplit(2, (ffn,))}
         local = local_size(TPSplit(0, (ffn,)), "expert hidden size")
-        self.local_ffn = local
         self.up = nn.Parameter(torch.empty(self.num_experts, local * len(parts), hidden))  # per expert [gate; up]
         self.down = nn.Parameter(torch.empty(self.num_experts, hidden, local))
         shared = cfg.num_shared_experts * ffn
@@ -119,12 +118,7 @@ class MoE(nn.Module):
         for e, block in enumerate(tokens.split(counts)):
             if not counts[e]:
                 continue
-            h = F.linear(block, ups[e])
-            if self.gated:
-                gate, up = h.split(self.local_ffn, dim=-1)
-                h = self.act(gate) * up
-            else:
-                h = self.act(h)
+            h = activate(F.linear(block, ups[e]), self.activation, self.gated, self.glu_kernel)
             outputs.append(F.linear(h, downs[e]))
         return torch.cat(outputs) if outputs else tokens.new_zeros(0, self.down.shape[1])
 

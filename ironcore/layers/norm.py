@@ -1,10 +1,12 @@
-"""LayerNorm and RMSNorm (including Gemma's ``(1 + weight)`` form)."""
+"""LayerNorm and RMSNorm (including Gemma's ``(1 + weight)`` form); with ``kernel`` Triton's fused kernels."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ironcore import kernels
 from ironcore.config.model import ModelConfig
 
 
@@ -15,9 +17,9 @@ class RMSNorm(nn.Module):
     (Gemma), so weight decay pulls the scale towards one rather than zero.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False, kernel: str = "torch") -> None:
         super().__init__()
-        self.eps, self.unit_offset = eps, unit_offset
+        self.eps, self.unit_offset, self.kernel = eps, unit_offset, kernel
         self.weight = nn.Parameter(torch.empty(dim))
         self.reset_parameters()
 
@@ -26,6 +28,8 @@ class RMSNorm(nn.Module):
             nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.runs_triton(self.kernel, x.device):
+            return kernels.module("norm").rms_norm(x, self.weight, self.eps, self.unit_offset)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.unit_offset:
@@ -33,9 +37,23 @@ class RMSNorm(nn.Module):
         return self.weight * h.type_as(x)
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters), or Triton's fused kernel with ``kernel``."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, kernel: str = "torch") -> None:
+        super().__init__(dim, eps=eps)
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.runs_triton(self.kernel, x.device):
+            return kernels.module("norm").layer_norm(x, self.weight, self.bias, self.eps)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
 def build_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     """The norm the config asks for, over ``dim`` features (default: hidden_size)."""
     dim = dim or cfg.hidden_size
+    kernel = kernels.selected(cfg, "norm")
     if cfg.norm_type == "rmsnorm":
-        return RMSNorm(dim, cfg.norm_eps, cfg.norm_unit_offset)
-    return nn.LayerNorm(dim, eps=cfg.norm_eps)
+        return RMSNorm(dim, cfg.norm_eps, cfg.norm_unit_offset, kernel)
+    return LayerNorm(dim, cfg.norm_eps, kernel)

@@ -8,14 +8,17 @@ import contextlib
 import torch
 from torch import nn
 
+from ironcore import kernels
 from ironcore.config.base import validated
 from ironcore.config.model import ModelConfig
+from ironcore.kernels.cross_entropy import linear_cross_entropy
 from ironcore.layers.attention import Attention, KVCache, LayerKVCache
 from ironcore.layers.mlp import MLP
 from ironcore.layers.moe import MoE, attach_loss
 from ironcore.layers.norm import RMSNorm, build_norm
 from ironcore.layers.rope import RotaryEmbedding
 from ironcore.parallel import state
+from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
 from ironcore.parallel.grad import mark_sequence_parallel_grads
 from ironcore.parallel.layers import VocabParallelEmbedding, VocabParallelOutput, residual_std
 from ironcore.parallel.mappings import gather_from_sequence, gather_from_tp, scatter_to_sequence
@@ -183,6 +186,25 @@ class TransformerModel(nn.Module):
         # Every TP rank computes the same loss, and sums the router's gradients over the ranks: 1/tp each.
         return attach_loss(x, loss, self.aux_loss_scale / state.tp_size())
 
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's vocab-parallel logits of the final hidden states (Gemma 2: soft-capped, padding still -inf)."""
+        logits = self.embed.project(x) if self.lm_head is None else self.lm_head(x)
+        if self.config.final_logit_softcap is not None:
+            cap = self.config.final_logit_softcap
+            logits = torch.where(logits.isneginf(), logits, cap * torch.tanh(logits / cap))
+        return logits
+
+    def _loss(self, x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """The weighted cross-entropy of the final hidden states ``x`` (see :meth:`forward`)."""
+        cfg = self.config
+        weights = torch.ones(labels.shape, device=labels.device) if weights is None else weights
+        backend = kernels.choice(cfg, "cross_entropy", x.device)
+        if backend == "torch":
+            return (vocab_parallel_cross_entropy(self._logits(x), labels) * weights).sum()
+        head = self.embed if self.lm_head is None else self.lm_head
+        return linear_cross_entropy(x, head.weight, getattr(head, "bias", None), labels, weights, cfg.vocab_size,
+                                    backend, cfg.kernel_options.chunk_tokens)  # fmt: skip
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -191,8 +213,16 @@ class TransformerModel(nn.Module):
         parallel_output: bool = False,
         kv_cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        labels: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for every position (for the last ``logits_to_keep`` ones when that is not 0).
+
+        With ``labels`` [B, T] (and ``loss_weights`` [B, T]) the language-model
+        loss ``sum(loss_weights * cross-entropy)`` instead, a scalar, computed
+        as ``model.kernel_options.cross_entropy`` says: from the logits
+        (torch), or fused with the output projection in chunks of tokens so
+        that the logits never exist whole (chunked, triton).
 
         ``position_ids`` [B, T] restart per document when sequences are packed;
         ``attention_mask`` bool [B, 1, T, T] further restricts the causal
@@ -241,10 +271,9 @@ class TransformerModel(nn.Module):
                 x = self.final_norm(x)
             if self.score is not None:
                 return self.score(gather_from_sequence(x))  # [B, T, 1]: reward models read the last token's
-            logits = self.embed.project(x) if self.lm_head is None else self.lm_head(x)
-        if self.config.final_logit_softcap is not None:
-            cap = self.config.final_logit_softcap
-            logits = torch.where(logits.isneginf(), logits, cap * torch.tanh(logits / cap))  # padding stays -inf
+            if labels is not None:
+                return self._loss(x, labels, loss_weights)
+            logits = self._logits(x)
         if parallel_output:
             return logits
         return gather_from_tp(logits)[..., : self.config.vocab_size]

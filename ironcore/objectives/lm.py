@@ -23,6 +23,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from ironcore import kernels
 from ironcore.data.batches import MicroBatch
 from ironcore.objectives.base import Forward, Objective, StepResult, global_sum
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -61,6 +62,12 @@ class LMObjective(Objective):
     task_types = ("pretrain", "sft")
     one_backward_per_micro_batch = True
 
+    @property
+    def fused_loss(self) -> bool:
+        """The fused linear + cross-entropy applies: it is asked for and the token losses are the plain ones."""
+        plain = type(self).token_losses is LMObjective.token_losses
+        return plain and kernels.choice(self.config.model, "cross_entropy", self.device) != "torch"
+
     def token_losses(self, logits: torch.Tensor, micro_batch: MicroBatch) -> torch.Tensor:
         """Per-token losses ``[B, T]`` (fp32) from vocab-parallel logits; masking and normalisation come after."""
         return vocab_parallel_cross_entropy(logits, micro_batch["labels"])
@@ -70,8 +77,11 @@ class LMObjective(Objective):
         loss_sum = torch.zeros((), device=self.device)
         for mb in micro_batches:
             with self.autocast:
-                logits = lm_logits(forward, mb)
-            micro = (self.token_losses(logits, mb) * mb["loss_mask"]).sum()
+                if self.fused_loss:  # the model computes the masked sum, logits never whole (model.kernel_options)
+                    micro = forward(mb["input_ids"], mb.get("position_ids"), mb.get("attention_mask"),
+                                    labels=mb["labels"], loss_weights=mb["loss_mask"])  # fmt: skip
+                else:
+                    micro = (self.token_losses(lm_logits(forward, mb), mb) * mb["loss_mask"]).sum()
             (micro / n_tokens).backward()
             loss_sum += micro.detach()
         loss = (global_sum(loss_sum) / n_tokens).item()
