@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CPU_STEP = """
-import json, resource, sys, time, torch
+CPU_STEP = r"""
+import json, re, sys, time, torch
 from ironcore.config import load_model_config
 from ironcore.models import TransformerModel
 torch.set_num_threads(int(sys.argv[3]))
@@ -48,14 +48,15 @@ model = TransformerModel(cfg)
 ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
 model(ids[:1, :33], labels=ids[:1, 1:34]).backward()  # warm-up: autograd's and the allocator's fixed costs
 model.zero_grad(set_to_none=False)
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
-before = rss()
+def peak_rss():  # the process's high-water mark of resident memory, bytes
+    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # the high-water mark starts again from what is resident now
+before = peak_rss()
 start = time.perf_counter()
 loss = model(ids[:, :-1], labels=ids[:, 1:], loss_weights=torch.full((batch, seq), 1 / (batch * seq)))
 loss.backward()
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss()
 print(json.dumps({"loss": loss.item(), "seconds": seconds, "step_peak": peak - before, "vocab": cfg.vocab_size}))
 """
 

@@ -91,3 +91,14 @@ def test_lm_objective_trains_the_same_with_the_fused_loss(tmp_path) -> None:
         logs[ce] = [(m["loss"], m["grad_norm"]) for m in read_metrics(tmp_path / ce) if "loss" in m]
     for (loss, norm), (want_loss, want_norm) in zip(logs["chunked"], logs["torch"], strict=True):
         assert abs(loss / want_loss - 1) < 1e-5 and abs(norm / want_norm - 1) < 1e-4
+
+
+def test_triton_on_a_cpu_without_the_interpreter_runs_the_torch_code(monkeypatch) -> None:
+    """A checkpoint trained with ``kernels: triton`` still runs on a CPU: without Triton's interpreter the layers
+    take their torch code and the loss its chunked form."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = from_dict(ModelConfig, {**BASE, "kernels": "triton"}, "model")
+    cpu = torch.device("cpu")
+    assert [kernels.choice(cfg, k, cpu) for k in kernels.KERNELS] == ["torch", "torch", "torch", "chunked"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert [kernels.choice(cfg, k, cpu) for k in kernels.KERNELS] == ["triton"] * 4

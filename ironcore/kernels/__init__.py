@@ -52,17 +52,21 @@ def selected(cfg: ModelConfig, kernel: str) -> str:
 
 
 def runs_triton(picked: str, device: torch.device) -> bool:
-    """Whether a kernel :func:`selected` as ``picked`` runs its Triton form on tensors on ``device``."""
-    return picked == "triton" or (picked == "auto" and device.type == "cuda" and triton_available())
+    """Whether a kernel :func:`selected` as ``picked`` runs its Triton form on tensors on ``device``: on CUDA, or
+    on a CPU in Triton's interpreter; elsewhere the torch code runs (a checkpoint trained with ``triton`` still
+    evaluates on a CPU)."""
+    if picked == "auto":
+        return device.type == "cuda" and triton_available()
+    return picked == "triton" and (device.type == "cuda" or interpreted())
 
 
 def choice(cfg: ModelConfig, kernel: str, device: torch.device) -> str:
     """The implementation of ``kernel`` for a model on ``device``: ``torch`` or ``triton`` (cross_entropy: also
     ``chunked``)."""
     picked = selected(cfg, kernel)
-    if picked == "auto":
-        return "triton" if runs_triton(picked, device) else "torch"
-    return picked
+    if picked in ("auto", "triton") and not runs_triton(picked, device):
+        return "chunked" if picked == "triton" and kernel == "cross_entropy" else "torch"
+    return "triton" if picked == "auto" else picked
 
 
 @functools.cache

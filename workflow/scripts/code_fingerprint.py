@@ -20,7 +20,8 @@ from pathlib import Path
 
 # Packages the data stages never import (they need no torch model).
 _MODEL_SIDE = tuple(f"{package}/**/*.py" for package in (
-    "training", "objectives", "rewards", "models", "layers", "parallel", "checkpoints", "inference", "evaluation"))
+    "training", "objectives", "rewards", "models", "layers", "kernels", "parallel", "checkpoints", "inference",
+    "evaluation"))
 _COMMANDS = ("corpus", "synthetic", "tokenizer", "preprocess", "train", "evaluate", "generate", "convert",
              "model_info", "reference", "common")
 _TRAINING = ("__init__", "trainer", "checkpointing", "optim", "perf", "tracking")
@@ -68,12 +69,12 @@ STAGES = {
     "preprocess": Stage(
         runs=("ironcore.cli.preprocess", "ironcore.data.preprocess"),
         excludes=(*_MODEL_SIDE, *_data_except("config", "tasks", "tokenizer", "sources", "encode", "preprocess",
-                                             "indexed", "metadata"), *_other_commands("preprocess")),
+                                             "indexed", "metadata"), *_other_commands("preprocess", "common")),
     ),
     "inspect": Stage(
         runs=("ironcore.cli.preprocess", "ironcore.data.inspect"),
         excludes=(*_MODEL_SIDE, *_data_except("config", "tasks", "tokenizer", "sources", "encode", "inspect",
-                                             "indexed", "metadata"), *_other_commands("preprocess")),
+                                             "indexed", "metadata"), *_other_commands("preprocess", "common")),
     ),
     "train": Stage(
         runs=("ironcore.cli.train", "ironcore.training.trainer"),
