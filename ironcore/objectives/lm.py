@@ -76,12 +76,11 @@ class LMObjective(Objective):
         n_tokens = global_sum(sum(mb["loss_mask"].sum() for mb in micro_batches).float()).clamp(min=1.0)
         loss_sum = torch.zeros((), device=self.device)
         for mb in micro_batches:
+            fused = self.fused_loss  # the model computes the masked sum, logits never whole (model.kernel_options)
             with self.autocast:
-                if self.fused_loss:  # the model computes the masked sum, logits never whole (model.kernel_options)
-                    micro = forward(mb["input_ids"], mb.get("position_ids"), mb.get("attention_mask"),
-                                    labels=mb["labels"], loss_weights=mb["loss_mask"])  # fmt: skip
-                else:
-                    micro = (self.token_losses(lm_logits(forward, mb), mb) * mb["loss_mask"]).sum()
+                out = forward(mb["input_ids"], mb.get("position_ids"), mb.get("attention_mask"), labels=mb["labels"],
+                              loss_weights=mb["loss_mask"]) if fused else lm_logits(forward, mb)  # fmt: skip
+            micro = out if fused else (self.token_losses(out, mb) * mb["loss_mask"]).sum()
             (micro / n_tokens).backward()
             loss_sum += micro.detach()
         loss = (global_sum(loss_sum) / n_tokens).item()
