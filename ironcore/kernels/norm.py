@@ -130,16 +130,27 @@ def _backward_grid(x: torch.Tensor) -> tuple[int, int]:
     return programs, math.ceil(n_rows / programs)
 
 
+def _output(x: torch.Tensor, n_rows: int, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output, shaped like ``x``, and its [rows, features] view for the kernel. The output is returned as
+    allocated, not as a view: the RoPE kernel rotates q/k norms' outputs in place, which autograd forbids on a
+    view made inside a custom Function."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return y, y.view(n_rows, n_cols)
+
+
+def _gradient_buffers(x2: torch.Tensor, programs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input gradient [rows, features] and one row of fp32 weight-gradient partials per program."""
+    dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    return dx, torch.empty((programs, x2.shape[1]), dtype=torch.float32, device=x2.device)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool) -> torch.Tensor:
         x2 = _rows(x)
         n_rows, n_cols = x2.shape
         block, warps = _block(n_cols)
-        # Returned as allocated, not as a view: the RoPE kernel rotates q/k norms' outputs in place, which autograd
-        # forbids on a view made inside a custom Function.
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        y2 = y.view(n_rows, n_cols)
+        y, y2 = _output(x, n_rows, n_cols)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         _rms_norm_fwd[(n_rows,)](
             x2, weight, y2, rstd, x2.stride(0), y2.stride(0), n_cols, eps,
@@ -156,8 +167,7 @@ class _RMSNorm(torch.autograd.Function):
         n_rows, n_cols = x2.shape
         block, warps = _block(n_cols)
         programs, rows_each = _backward_grid(x2)
-        dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
-        dw = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
+        dx, dw = _gradient_buffers(x2, programs)
         _rms_norm_bwd[(programs,)](
             dy2, x2, weight, rstd, dx, dw, dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols, rows_each,
             UNIT_OFFSET=ctx.unit_offset, BLOCK=block, num_warps=warps,
@@ -171,10 +181,7 @@ class _LayerNorm(torch.autograd.Function):
         x2 = _rows(x)
         n_rows, n_cols = x2.shape
         block, warps = _block(n_cols)
-        # Returned as allocated, not as a view: the RoPE kernel rotates q/k norms' outputs in place, which autograd
-        # forbids on a view made inside a custom Function.
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        y2 = y.view(n_rows, n_cols)
+        y, y2 = _output(x, n_rows, n_cols)
         mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
         _layer_norm_fwd[(n_rows,)](
@@ -191,8 +198,7 @@ class _LayerNorm(torch.autograd.Function):
         n_rows, n_cols = x2.shape
         block, warps = _block(n_cols)
         programs, rows_each = _backward_grid(x2)
-        dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
-        dw = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
+        dx, dw = _gradient_buffers(x2, programs)
         db = torch.empty_like(dw)
         _layer_norm_bwd[(programs,)](
             dy2, x2, weight, mean, rstd, dx, dw, db, dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols,
