@@ -445,7 +445,7 @@ def read_moe(hf: Mapping[str, Any], where: str, experts_key: str, renormalize: b
 
 def write_moe(cfg: ModelConfig, experts_key: str) -> dict[str, Any]:
     return dict(write_qwen(cfg), **{experts_key: cfg.num_experts}, num_experts_per_tok=cfg.num_experts_per_token,
-                moe_intermediate_size=cfg.expert_ffn_size, norm_topk_prob=cfg.moe_renormalize,
+                norm_topk_prob=cfg.moe_renormalize,
                 router_aux_loss_coef=cfg.moe_aux_loss_coef, output_router_logits=False)
 
 
@@ -456,19 +456,19 @@ FAMILIES: dict[str, HFFamily] = {
         HFFamily(
             "olmoe", "OlmoeForCausalLM", MOE_WEIGHTS,
             read=lambda hf, where: dict(read_moe(hf, where, "num_experts", False), qk_norm=True,
-                                        qk_norm_per_head=False, moe_ffn_hidden_size=None),
+                                        qk_norm_per_head=False),
             write=lambda cfg: dict(write_moe(cfg, "num_experts"), intermediate_size=cfg.expert_ffn_size),
             expresses=lambda cfg: cfg.num_experts is not None and cfg.qk_norm and not cfg.qk_norm_per_head,
         ),
         HFFamily(
             "qwen3_moe", "Qwen3MoeForCausalLM", MOE_WEIGHTS,
             read=lambda hf, where: dict(read_moe(hf, where, "num_experts", False, head_dim=128), qk_norm=True),
-            write=lambda cfg: write_moe(cfg, "num_experts"),
+            write=lambda cfg: dict(write_moe(cfg, "num_experts"), moe_intermediate_size=cfg.expert_ffn_size),
             expresses=lambda cfg: cfg.num_experts is not None and cfg.qk_norm,
         ),
         HFFamily(
             "mixtral", "MixtralForCausalLM", MIXTRAL_WEIGHTS,
-            read=lambda hf, where: dict(read_moe(hf, where, "num_local_experts", True), moe_ffn_hidden_size=None,
+            read=lambda hf, where: dict(read_moe(hf, where, "num_local_experts", True),
                                         sliding_window=hf.get("sliding_window")),
             write=lambda cfg: dict(write_moe(cfg, "num_local_experts"), sliding_window=cfg.sliding_window),
             expresses=lambda cfg: cfg.num_experts is not None and cfg.moe_renormalize,

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from ironcore.parallel import comm, state
+from ironcore.parallel.cross_entropy import softmax_loss_, target_logits
+from ironcore.parallel.layers import real_vocab_rows
 from ironcore.parallel.mappings import column_input
 
 
@@ -57,8 +59,7 @@ def linear_cross_entropy(
     flat = x.reshape(-1, x.shape[-1])
     targets = targets.reshape(-1)
     token_weights = token_weights.reshape(-1).float() * (targets >= 0)
-    local = weight.shape[0]
-    real = min(max(vocab_size - state.tp_rank() * local, 0), local)  # this rank's rows that are not padding
+    real = real_vocab_rows(vocab_size, weight.shape[0])
     if chunk_tokens is None:
         chunk_tokens = 2 ** math.ceil(math.log2(max(1, math.ceil(flat.shape[0] / math.ceil(vocab_size / x.shape[-1])))))
     return _LinearCrossEntropy.apply(flat, weight, bias, targets, token_weights, real, chunk_tokens, backend)
@@ -106,18 +107,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def _torch_chunk_loss(logits: torch.Tensor, local: torch.Tensor, mine: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The chunk's per-token losses; ``logits`` [n, real] (fp32) becomes ``w * (softmax - one_hot)`` in place."""
-    group = state.tp_group()
-    z_max = logits.max(dim=-1).values if logits.shape[1] else logits.new_full((logits.shape[0],), -math.inf)
-    comm.all_reduce(z_max, group, op="max")
-    z = logits.sub_(z_max.unsqueeze(-1))
-    target_z = z.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
-    sums = torch.stack([z.exp_().sum(dim=-1), target_z])
-    comm.all_reduce(sums, group)
-    sum_exp, target_z = sums
-    z.div_(sum_exp.unsqueeze(-1))
-    z.scatter_add_(-1, local.unsqueeze(-1), -mine.unsqueeze(-1).float())
-    z.mul_(w.unsqueeze(-1))
-    return sum_exp.log() - target_z
+    losses, softmax = softmax_loss_(logits, local, mine)
+    if softmax.shape[1]:  # (a rank whose slice is all padding has no columns)
+        softmax.scatter_add_(-1, local.unsqueeze(-1), -mine.unsqueeze(-1).float())
+        softmax.mul_(w.unsqueeze(-1))
+    return losses
 
 
 def _triton_chunk_loss(logits: torch.Tensor, local: torch.Tensor, mine: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -132,7 +126,7 @@ def _triton_chunk_loss(logits: torch.Tensor, local: torch.Tensor, mine: torch.Te
     else:  # a rank whose slice is all padding
         z_max, sum_exp = logits.new_full((n,), -math.inf), logits.new_zeros(n)
     global_max = comm.all_reduce(z_max.clone(), group, op="max")
-    target_z = logits.gather(-1, local.unsqueeze(-1)).squeeze(-1).sub(global_max).masked_fill(~mine, 0.0)
+    target_z = (target_logits(logits, local, mine) - global_max).masked_fill(~mine, 0.0)
     rescaled = torch.where(sum_exp > 0, sum_exp * (z_max - global_max).exp(), 0.0)
     sums = comm.all_reduce(torch.stack([rescaled, target_z]), group)
     sum_exp, target_z = sums

@@ -17,6 +17,8 @@ vocabulary is whole and a fused ``log_softmax`` does the same in one pass.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ironcore.parallel import comm, state
@@ -56,22 +58,36 @@ def _partial_sums_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Losses from this rank's vocab slice (steps 1-2 of the module doc); also the softmax for the backward,
     the local target indices and whether each target is in this rank's slice."""
-    group, vocab_local = state.tp_group(), logits.shape[-1]
-    z = logits.float()
-    z_max = z.max(dim=-1).values
-    comm.all_reduce(z_max, group, op="max")
-    z = z - z_max.unsqueeze(-1)
-
+    vocab_local = logits.shape[-1]
     local_target = targets - state.tp_rank() * vocab_local
     mine = (local_target >= 0) & (local_target < vocab_local)
     local_target = local_target.masked_fill(~mine, 0)
-    target_z = z.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
+    loss, softmax = softmax_loss_(logits.to(torch.float32, copy=True), local_target, mine)
+    return loss, softmax, local_target, mine
 
-    exp = z.exp_()  # z is ours (a fresh tensor); reuse its memory for the softmax
-    sums = torch.stack([exp.sum(dim=-1), target_z])
+
+def softmax_loss_(
+    z: torch.Tensor, local_target: torch.Tensor, mine: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-2 of the module doc on fp32 logits ``z`` [..., V/tp] of this rank's vocabulary columns: the losses,
+    and ``z`` overwritten by the softmax. ``local_target`` is each target's column where ``mine`` (it is in this
+    rank's slice). A slice without columns (all vocabulary padding, cut off) contributes nothing."""
+    group = state.tp_group()
+    z_max = z.max(dim=-1).values if z.shape[-1] else z.new_full(z.shape[:-1], -math.inf)
+    comm.all_reduce(z_max, group, op="max")
+    z.sub_(z_max.unsqueeze(-1))
+    target_z = target_logits(z, local_target, mine)
+    sums = torch.stack([z.exp_().sum(dim=-1), target_z])
     comm.all_reduce(sums, group)
     sum_exp, target_z = sums
-    return sum_exp.log() - target_z, exp.div_(sum_exp.unsqueeze(-1)), local_target, mine
+    return sum_exp.log() - target_z, z.div_(sum_exp.unsqueeze(-1))
+
+
+def target_logits(z: torch.Tensor, local_target: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+    """Each token's logit of its target where this rank holds it, else 0 (the all-reduce adds the owner's)."""
+    if not z.shape[-1]:
+        return z.new_zeros(z.shape[:-1])
+    return z.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
 
 
 def vocab_parallel_cross_entropy(

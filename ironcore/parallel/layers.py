@@ -156,10 +156,14 @@ class VocabParallelOutput(ColumnParallelLinear):
         return vocab_logits(x, self.weight, self.bias, self.out_features)
 
 
+def real_vocab_rows(vocab_size: int, local: int) -> int:
+    """How many of this rank's ``local`` rows of the padded vocabulary are real classes (the rest is padding)."""
+    return min(max(vocab_size - state.tp_rank() * local, 0), local)
+
+
 def vocab_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
     """This rank's logits ``x @ weight.T (+ bias)`` over its slice of the padded vocabulary; padding at -inf."""
-    local = weight.shape[0]
-    real = min(max(vocab_size - state.tp_rank() * local, 0), local)
+    real = real_vocab_rows(vocab_size, weight.shape[0])
     return _VocabProjection.apply(column_input(x), weight, bias, real)
 
 

@@ -26,24 +26,26 @@ class RouterLog:
 
     def __init__(self, model: TransformerModel) -> None:
         self.model = model
-        self.losses = torch.zeros(2, dtype=torch.float64)  # aux, z summed over this step's passes
+        # Summed on the model's device (no host sync per pass): aux and z of this step's passes, and each layer's
+        # expert assignments [layers, experts] since the last log line.
+        self.losses: torch.Tensor | None = None
         self.passes = 0
-        self.load: torch.Tensor | None = None  # [layers, experts] assignments since the last log line
+        self.load: torch.Tensor | None = None
 
     def record(self) -> None:
         """Take the model's last forward pass into this step (call after every forward pass with gradients)."""
         aux = self.model.aux_losses
-        self.losses += torch.stack([aux["aux_loss"], aux["z_loss"]]).double().cpu()
-        load = aux["expert_load"].double().cpu()
+        losses = torch.stack([aux["aux_loss"], aux["z_loss"]]).double()
+        load = aux["expert_load"].double()
+        self.losses = losses if self.losses is None else self.losses + losses
         self.load = load if self.load is None else self.load + load
         self.passes += 1
 
     def step_metrics(self, device: torch.device) -> dict[str, float]:
         """``aux_loss`` and ``z_loss`` of the step (mean over passes and DP ranks); starts the next step."""
-        mean = self.losses / max(self.passes, 1)
-        mean = comm.all_reduce(mean.to(device), state.dp_group()) / state.dp_size()
-        self.losses.zero_()
-        self.passes = 0
+        losses = self.losses if self.losses is not None else torch.zeros(2, dtype=torch.float64)
+        mean = comm.all_reduce(losses.to(device) / max(self.passes, 1), state.dp_group()) / state.dp_size()
+        self.losses, self.passes = None, 0
         return {"aux_loss": float(mean[0]), "z_loss": float(mean[1])}
 
     def load_metrics(self, device: torch.device) -> tuple[dict[str, float], torch.Tensor | None]:
