@@ -13,9 +13,20 @@
 # Settings: configs/pipeline.yaml (schema: workflow/schemas/pipeline.schema.yaml). Rules only call
 # the `ironcore` command line (and small evaluation and reporting scripts in workflow/scripts/).
 
+import sys
+from pathlib import Path
+
 from snakemake.utils import min_version
 
 min_version("8.0")
+
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
+from pipeline_config import read_config_files  # noqa: E402
+
+# Snakemake reads the config files itself and keeps the last of a key given twice: read them through IronCore's
+# YAML loader first, for one line naming the file and the line(s) of that, or of a syntax error (a file given
+# with --configfile is read by Snakemake before this, and a syntax error in it is Snakemake's own message).
+read_config_files(["configs/pipeline.yaml", *workflow.configfiles])
 
 
 configfile: "configs/pipeline.yaml"

@@ -1,10 +1,12 @@
 """Learning from a verifiable reward on 2 CPU cores: SFT on the synthetic addition task, then GRPO.
 
-    python benchmarks/grpo_learning.py [--workdir DIR] [--sft-steps N] [--grpo-steps N]
+    python benchmarks/grpo_learning.py [--workdir DIR] [--seed S] [--threads T] [--grpo-steps N]
 
 1. ``ironcore synthetic --task addition``: seeded train and held-out prompts.
-2. SFT of a ~1M-parameter LLaMA-style model on it, stopped early so that its
-   held-out greedy accuracy is neither 0 nor 1 (about 56 % after 2,000 steps).
+2. SFT of a ~1M-parameter LLaMA-style model on it, stopped early at the first
+   evaluation (every 100 steps) where its held-out greedy accuracy reaches
+   ``--stop-accuracy`` (0.5), so that GRPO starts from the same place on every
+   machine (a fixed step count gave 24-56 % on three CPUs).
 3. GRPO from that checkpoint with the ``exact`` reward on the prompts: the
    held-out greedy accuracy (and pass@k) at the start, every eval interval and
    at the end.
@@ -46,13 +48,13 @@ def data_config(path: Path, task: Path, out: Path, task_type: str) -> Path:
     return path
 
 
-def train_config(data: Path, out: Path, steps: int, lr: float, **extra) -> dict:
+def train_config(data: Path, out: Path, steps: int, lr: float, seed: int = 1, **extra) -> dict:
     config = {
         "model": MODEL, "data": {"config_path": str(data)},
         "trainer": {"micro_batch_size": 32, "gradient_accumulation_steps": 1, "output_dir": str(out),
                     "save_interval": 0},
         "operation": {"train_steps": steps, "eval_interval": 0, "eval_steps": 8, "log_interval": 10},
-        "optim": {"max_lr": lr, "min_lr": lr / 10, "warmup_steps": 10}, "init": {"seed": 1},
+        "optim": {"max_lr": lr, "min_lr": lr / 10, "warmup_steps": 10}, "init": {"seed": seed},
         "utils": {"tracking": False},
     }
     for group, values in extra.items():
@@ -64,7 +66,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", help="keep everything here (default: a temporary folder)")
     parser.add_argument("--digits", type=int, default=2)
-    parser.add_argument("--sft-steps", type=int, default=2000)
+    parser.add_argument("--sft-steps", type=int, default=4000, help="at most (the stop accuracy ends SFT first)")
+    parser.add_argument("--stop-accuracy", type=float, default=0.5, help="held-out greedy accuracy that ends SFT")
+    parser.add_argument("--seed", type=int, default=1, help="init.seed of both runs (weights, data order, rollouts)")
     parser.add_argument("--grpo-steps", type=int, default=1600)
     parser.add_argument("--grpo-lr", type=float, default=3e-4)
     parser.add_argument("--prompts-per-step", type=int, default=32)
@@ -94,14 +98,17 @@ def main() -> None:
 
     start = time.perf_counter()
     if not (root / "sft" / "final_eval.json").is_file():  # a rerun in the same workdir reuses the SFT start
-        Trainer(build_config(train_config(sft_data, root / "sft", args.sft_steps, 3e-3), world_size=1)).train()
+        sft = train_config(sft_data, root / "sft", args.sft_steps, 3e-3, args.seed,
+                           operation={"eval_interval": 100, "eval_tasks": [f"synthetic={task}"],
+                                      "stop_metric": "eval/synthetic/accuracy", "stop_threshold": args.stop_accuracy})
+        Trainer(build_config(sft, world_size=1)).train()
     sft_seconds = time.perf_counter() - start
     shutil.rmtree(root / "grpo", ignore_errors=True)
 
     options = {"num_generations": args.generations, "max_completion_length": 6, "temperature": 1.0,
                "rewards": [{"function": "exact"}], "eval_num_samples": 4}
     grpo = train_config(
-        rl_data, root / "grpo", args.grpo_steps, args.grpo_lr,
+        rl_data, root / "grpo", args.grpo_steps, args.grpo_lr, args.seed,
         trainer={"micro_batch_size": args.prompts_per_step, "objective_options": options},
         operation={"eval_interval": args.eval_interval, "eval_steps": 256 // args.prompts_per_step,
                    "eval_at_start": True, "log_interval": 5},
@@ -115,11 +122,13 @@ def main() -> None:
     curve = [(m["step"], m["val_accuracy"], m["val_pass_at_4"]) for m in lines if "val_accuracy" in m]
     rewards = [(m["step"], m["reward"]) for m in lines if "reward" in m]
     gain = 100 * (curve[-1][1] - curve[0][1])
-    result = {"digits": args.digits, "sft_steps": args.sft_steps, "grpo_steps": args.grpo_steps,
+    sft_steps = json.loads((root / "sft" / "final_eval.json").read_text())["step"]
+    result = {"digits": args.digits, "seed": args.seed, "threads": args.threads, "sft_steps": sft_steps,
+              "grpo_steps": args.grpo_steps,
               "sft_seconds": round(sft_seconds, 1), "grpo_seconds": round(grpo_seconds, 1),
               "accuracy": curve, "train_reward": rewards, "gain_points": round(gain, 1)}
     (root / "grpo_learning.json").write_text(json.dumps(result, indent=2))
-    print(f"SFT {args.sft_steps} steps: {sft_seconds:.0f} s; GRPO {args.grpo_steps} steps: {grpo_seconds:.0f} s")
+    print(f"SFT {sft_steps} steps: {sft_seconds:.0f} s; GRPO {args.grpo_steps} steps: {grpo_seconds:.0f} s")
     print("step  held-out greedy accuracy  pass@4")
     for step, accuracy, passed in curve:
         print(f"{step:>4}  {accuracy:>24.3f}  {passed:>6.3f}")

@@ -23,6 +23,7 @@ file (and line). Every output it writes goes through the rest:
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import shutil
@@ -38,11 +39,13 @@ class OutputError(UserError, OSError):
     """An output cannot be written: the message names the path and the reason."""
 
 
-def read_text(path: str | Path, what: str = "file", error: type[UserError] = DataError) -> str:
-    """The UTF-8 text of ``path``; ``error`` naming it (and saying it is the ``what``) when it cannot be read."""
+def read_text(path: str | Path, what: str = "file", error: type[UserError] = DataError,
+              keep_line_endings: bool = False) -> str:  # fmt: skip
+    """The UTF-8 text of ``path`` (``keep_line_endings``: CRLF kept, byte for byte); ``error`` naming it (and
+    saying it is the ``what``) when it cannot be read."""
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_bytes().decode("utf-8") if keep_line_endings else path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error(f"{path}: no such file ({what})") from None
     except IsADirectoryError:
@@ -69,23 +72,79 @@ def read_json(path: str | Path, what: str = "JSON file", error: type[UserError] 
 
 
 def read_yaml(path: str | Path, what: str = "config", error: type[UserError] = ConfigError) -> dict[str, Any]:
-    """The YAML mapping in ``path``, or ``error`` naming the file (and line): an empty file is an error too."""
-    import yaml  # here, not at the top: the CLI imports this module and `ironcore --help` stays fast
-
+    """The YAML mapping in ``path``, or ``error`` naming the file (and line): an empty file is an error too, and
+    so is a key given twice in one mapping (see :func:`parse_yaml`)."""
     path = Path(path)
-    text = read_text(path, what, error)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise error(f"{path}{where}: invalid YAML: {problem}") from None
+    data = parse_yaml(read_text(path, what, error), str(path), error)
     if data is None:
         raise error(f"{path}: empty file, expected the {what} (a mapping of keys to values)")
     if not isinstance(data, dict):
         raise error(f"{path}: expected a mapping of keys to values (the {what}), got {type(data).__name__}")
     return data
+
+
+def parse_yaml(text: str, source: str, error: type[UserError] = ConfigError) -> Any:
+    """The value of the YAML ``text`` (safe types only), or ``error`` naming ``source`` (and line) in one line.
+
+    Every YAML that IronCore (and its pipeline) reads is parsed here, with :func:`yaml_loader`: a key given
+    twice in one mapping is refused, naming the key and both lines, where PyYAML would keep the last one and
+    silently drop the first one's settings.
+    """
+    import yaml  # here, not at the top: the CLI imports this module and `ironcore --help` stays fast
+
+    try:
+        return load_yaml_text(text)
+    except DuplicateKeyError as err:
+        raise error(f"{source}: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise error(f"{source}{where}: invalid YAML: {problem}") from None
+
+
+class DuplicateKeyError(ValueError):
+    """A key given twice in one YAML mapping (raised by :func:`yaml_loader`'s loader; the message names both lines)."""
+
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        self.key, self.first, self.second = key, first, second
+        lines = f"line {first}" if first == second else f"lines {first} and {second}"
+        super().__init__(f"key {key!r} given twice ({lines})")
+
+
+@functools.cache
+def load_yaml_text(text: str) -> Any:
+    """The value of the YAML ``text`` through :func:`yaml_loader` (safe types only, a key given twice raises
+    :class:`DuplicateKeyError`); PyYAML's errors pass through."""
+    loader = yaml_loader()(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def yaml_loader() -> type:
+    """PyYAML's ``SafeLoader``, but a mapping that gives a key twice raises :class:`DuplicateKeyError` (keys
+    merged in with ``<<`` may be overridden, as YAML intends)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                    try:
+                        if key in seen:
+                            raise DuplicateKeyError(key, seen[key], line)
+                    except TypeError:  # an unhashable key: the SafeLoader's own error says so
+                        continue
+                    seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
 
 
 def _umask() -> int:

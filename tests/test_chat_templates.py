@@ -101,6 +101,41 @@ def test_loop_controls_and_generation_blocks_render_like_transformers() -> None:
     assert ours.apply_chat_template(messages) == hf_tokenizer(template).apply_chat_template(messages, tokenize=False)
 
 
+@pytest.mark.parametrize(("template", "problem"), [
+    ("{% for i in range(1000000) %}x{% endfor %}", "OverflowError: Range too big. The sandbox blocks ranges larger"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError: division by zero"),
+    ("{{ 'a' + 1 }}", "TypeError: can only concatenate str"),
+])  # fmt: skip
+def test_a_template_that_fails_while_rendering_is_one_line_naming_it(tmp_path, chat_tokenizer_dir, template,
+                                                                     problem) -> None:  # fmt: skip
+    """`range(1000000)` was an OverflowError out of a preprocessing worker: one line naming the template's file,
+    and in preprocessing (two workers) the record's line, like a template's own raise_exception."""
+    from ironcore.data.config import load_data_config
+    from ironcore.data.preprocess import preprocess
+    from ironcore.errors import DataError
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((chat_tokenizer_dir / name).read_bytes())
+    (folder / "chat_template.jinja").write_text(template)
+    with pytest.raises(ConfigError) as info:
+        Tokenizer.from_path(folder).apply_chat_template(CONVERSATIONS[0])
+    assert str(info.value).startswith(f"chat template: {problem}") and "\n" not in str(info.value)
+    assert str(info.value).endswith(f" (in {folder / 'chat_template.jinja'})")
+    if "range" not in template:
+        return
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(4)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "data.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "chat", "task_type": "sft", "source": {"path": str(tmp_path / "chat.jsonl")},
+        "fields": {"messages": "messages"}, "tokenizer": {"path": str(folder)}, "output_dir": str(tmp_path / "out"),
+        "num_workers": 2}))  # fmt: skip
+    with pytest.raises(DataError, match=r"chat\.jsonl:1: chat template: OverflowError: Range too big"):
+        preprocess(load_data_config(config), progress=False)
+
+
 def test_named_templates_round_trip_through_both_libraries(tmp_path) -> None:
     from transformers import AutoTokenizer
 

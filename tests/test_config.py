@@ -134,3 +134,42 @@ def test_build_config_without_a_file() -> None:
     cfg = build_config({"model": "phi-tiny", "operation": {"train_steps": 3}}, world_size=1)
     assert cfg.model.parallel_attn_mlp and cfg.operation.train_steps == 3
     assert yaml.safe_load(dump_config(cfg))["model"]["name"] == "phi-tiny"
+
+
+def _duplicate_optim(tmp_path: Path) -> Path:
+    return write(tmp_path, "model: llama-tiny\noptim:\n  max_lr: 1.0e-3\n  warmup_steps: 5\noperation:\n"
+                 "  train_steps: 3\noptim:\n  weight_decay: 0.0\n", "dup.yaml")
+
+
+def test_a_key_given_twice_is_refused_in_every_yaml_naming_the_key_and_both_lines(tmp_path: Path) -> None:
+    """Two `optim:` groups used to keep the last one only, dropping the first one's settings silently."""
+    from ironcore.data.config import load_data_config
+    from ironcore.evaluation.tasks import load_task
+
+    with pytest.raises(ConfigError) as info:
+        load_config(_duplicate_optim(tmp_path), world_size=1)
+    assert str(info.value) == f"{tmp_path / 'dup.yaml'}: key 'optim' given twice (lines 2 and 7)"
+    model = write(tmp_path, "name: m\nvocab_size: 64\nhidden_size: 16\nnum_layers: 1\nnum_attention_heads: 2\n"
+                  "hidden_size: 32\n", "model.yaml")
+    data = write(tmp_path, "name: d\nsource:\n  path: a.txt\n  path: b.txt\n", "data.yaml")
+    task = write(tmp_path, "path: items.jsonl\nprompt: 'Q: {q}'\nchecker: exact\nprompt: '{q}'\n", "task.yaml")
+    for load, path, key, lines in ((load_model_config, model, "hidden_size", (3, 6)),
+                                   (load_data_config, data, "path", (3, 4)),
+                                   (load_task, str(task), "prompt", (2, 4))):  # fmt: skip
+        with pytest.raises(ConfigError) as info:
+            load(path)
+        assert str(info.value) == f"{path}: key '{key}' given twice (lines {lines[0]} and {lines[1]})"
+    # ... nested and in flow style too; an override's value is YAML as well; `<<` merges may still override.
+    with pytest.raises(ConfigError, match=r"key 'max_lr' given twice \(line 1\)"):
+        load_config(EXAMPLE, ["optim={max_lr: 1, max_lr: 2}"], world_size=1)
+    from ironcore.files import read_yaml
+
+    assert read_yaml(write(tmp_path, "a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n", "m.yaml"))["b"] == {"x": 3, "y": 2}
+
+
+def test_a_key_given_twice_is_one_cli_line_with_exit_2(tmp_path: Path, capsys) -> None:
+    from ironcore.cli import main
+
+    assert main(["train", "--config", str(_duplicate_optim(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert err == f"ironcore train: error: {tmp_path / 'dup.yaml'}: key 'optim' given twice (lines 2 and 7)\n"

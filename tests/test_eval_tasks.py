@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ironcore.checkpoints import native
 from ironcore.cli import main
@@ -29,6 +30,7 @@ from ironcore.evaluation.tasks import (
     load_for_eval,
     load_task,
     pass_at_k,
+    render,
 )
 from ironcore.inference import generate
 from ironcore.models import TransformerModel
@@ -177,6 +179,32 @@ def test_bad_tasks_are_one_line_errors(tmp_path, rows, settings, error, message)
     path = _write(tmp_path / "items.jsonl", rows)
     with pytest.raises(error, match=message):
         check_task(load_task_from(path, settings))
+
+
+@pytest.mark.parametrize(("key", "template", "message"), [
+    ("prompt", "{question", "config key 'prompt': invalid template '{question': expected '}' before end of string"),
+    ("prompt", "{question.__class__.__mro__}", "config key 'prompt': {question.__class__.__mro__} is not a plain "
+                                               "field name (a template names fields as {name} only"),
+    ("prompt", "Q: {question[0]}", "{question[0]} is not a plain field name"),
+    ("prompt", "{question!r}", "{question!r} is not a plain field name"),
+    ("prompt", "{question:>99999}", "{question:>99999} is not a plain field name"),
+    ("prompt", "{} {0}", "{} is not a plain field name"),
+    ("target", "{answer} }", "config key 'target': invalid template '{answer} }': Single '}' encountered"),
+])  # fmt: skip
+def test_a_task_template_names_plain_fields_only_checked_at_load(tmp_path, key, template, message) -> None:
+    """`prompt: "{question"` was a raw ValueError at the first item, `{question.__class__.__mro__}` rendered
+    Python's internals: now one line at load naming the task file and the key."""
+    _write(tmp_path / "items.jsonl", [{"question": "q", "answer": "a"}])
+    path = tmp_path / "task.yaml"
+    path.write_text(yaml.safe_dump({"path": "items.jsonl", key: template}))
+    with pytest.raises(ConfigError) as info:
+        load_task(str(path))
+    text = str(info.value)
+    assert text.startswith(f"{path}: config key '{key}': ") and message in text and "\n" not in text, text
+    path.write_text(yaml.safe_dump({"path": "items.jsonl", "prompt": "{{literal}} {question}: {answer}\n"}))
+    task = load_task(str(path))
+    check_task(task)
+    assert render(task.prompt, {"question": "q", "answer": 3}, "x", "prompt") == "{literal} q: 3\n"
 
 
 def load_task_from(path: Path, settings: dict) -> TaskConfig:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -9,11 +11,15 @@ import torch
 import yaml
 from run_helpers import TINY_MODEL, cli_subprocess, launch_train, read_metrics, small_run_config
 
+from ironcore.checkpoints import native as checkpoint
 from ironcore.checkpoints.load import load_weights
 from ironcore.data.config import load_data_config
 from ironcore.data.preprocess import preprocess
 from ironcore.data.synthetic import write_task
-from ironcore.objectives.grpo import group_advantages, grpo_loss
+from ironcore.data.tokenizer import Tokenizer
+from ironcore.errors import ConfigError
+from ironcore.models import TransformerModel
+from ironcore.objectives.grpo import check_positions, group_advantages, grpo_loss
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
 from ironcore.training.trainer import Trainer
 
@@ -26,6 +32,11 @@ def digit_share(prompts: list[str], completions: list[str], **_) -> list[float]:
 def boom(prompts: list[str], completions: list[str], **_) -> list[float]:
     """A reward function with a bug on some samples."""
     return [1.0 if "1" in text else 1 / 0 for text in completions]
+
+
+def nothing(prompts: list[str], completions: list[str], **_) -> list[None]:
+    """A reward that applies to no sample at all (e.g. a checker whose field is missing everywhere)."""
+    return [None] * len(completions)
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +231,79 @@ def test_the_sample_tables_and_reward_metrics_reach_mlflow(rl_data, tmp_path, mo
                  "val/pass_at_4"):
         assert client.get_metric_history(run.info.run_id, name), name
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"step_0000001.html", "step_0000002.html"}
+
+
+# ---- mistakes caught at start-up, and what is logged when no reward applies -------------------------------
+
+
+def test_a_rollout_beyond_the_models_positions_is_refused_at_start_up(rl_data, tmp_path, monkeypatch) -> None:
+    """The data's prompt budget (max_seq_length 16) + max_completion_length must fit TINY_MODEL's 64 positions
+    (the last new token is not fed back): 49 fit, 50 are one line before anything is sampled."""
+    def no_rollout(*args, **kwargs):
+        raise AssertionError("sampled before the check")
+
+    monkeypatch.setattr("ironcore.objectives.grpo.generate", no_rollout)
+    with pytest.raises(ConfigError) as err:
+        Trainer(grpo_config(rl_data, tmp_path / "run", 1, options={"max_completion_length": 50}))
+    assert str(err.value) == (
+        "config key 'trainer.objective_options.max_completion_length': a prompt of the data's max_seq_length "
+        "(16 tokens) + 50 new tokens needs 65 positions, more than model.max_position_embeddings (64); at most 49 fit"
+    )
+    with pytest.raises(ConfigError, match="needs 77 positions, more than model.max_position_embeddings "
+                                          r"\(32\); at most 17 fit"):
+        Trainer(grpo_config(rl_data, tmp_path / "run2", 1, model__max_position_embeddings=32,
+                            options={"max_completion_length": 62}))
+    check_positions(49, 16, 64)  # exactly full: fine
+    with pytest.raises(ConfigError, match="lower the data's max_seq_length"):
+        check_positions(1, 65, 64)
+
+
+def test_a_reward_that_scores_nothing_warns_once_and_logs_valid_json(rl_data, tmp_path, caplog, capsys) -> None:
+    caplog.set_level(logging.WARNING, logger="ironcore")
+    Trainer(grpo_config(rl_data, tmp_path / "run", 2, rewards=[{"function": "test_grpo:nothing"}])).train()
+
+    def no_constants(name: str):
+        raise AssertionError(f"{name} in metrics.jsonl is not JSON")
+
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    steps = [m for m in (json.loads(line, parse_constant=no_constants) for line in lines) if "loss" in m]
+    assert len(steps) == 2
+    for step in steps:
+        assert step["reward"] is None and step["reward_std"] is None and step["rewards/nothing/mean"] is None
+        assert step["frac_reward_zero_std"] == 1.0  # no group has a spread: every advantage is 0
+        assert step["loss"] == 0.0
+    warnings = [r.getMessage() for r in caplog.records if "returned None for all" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("reward function nothing returned None for all 16 completions")
+    assert "reward n/a" in capsys.readouterr().out
+
+
+def test_frac_reward_zero_std_counts_the_groups_without_spread() -> None:
+    """A group with fewer than two scored completions has no spread (its advantages are all 0), as an all-None
+    group in TRL, whose nansum scores it 0."""
+    nan = float("nan")
+    rewards = torch.tensor([nan, nan, nan, nan, 1.0, nan, nan, nan, 1.0, 0.0, nan, 1.0, 2.0, 2.0, 2.0, 2.0])
+    for scale in ("group", "none"):
+        adv = group_advantages(rewards, 4, scale)
+        assert adv.is_std_zero.view(4, 4).all(dim=1).tolist() == [True, True, False, True]
+        assert (adv.advantages[:8] == 0).all() and (adv.advantages[12:] == 0).all()
+    assert group_advantages(torch.full((8,), nan), 4, "batch").is_std_zero.all()
+
+
+def test_a_data_tokenizer_can_be_a_run_folder_or_its_latest_pointer(rl_data, tmp_path) -> None:
+    """docs/rl.md's `tokenizer: {path: runs/sft/checkpoints/latest}`: the tokenizer saved with the checkpoint that
+    `latest` names, resolved as init.init_from resolves checkpoints (also the run folder itself)."""
+    data = yaml.safe_load(rl_data.read_text())
+    run = tmp_path / "sft"
+    step = checkpoint.save_model(TransformerModel(grpo_config(rl_data, run, 1).model),
+                                 run / "checkpoints" / "step_0000005")
+    checkpoint.copy_tokenizer(data["output_dir"], step)
+    checkpoint.update_latest(run / "checkpoints", step)
+    identity = Tokenizer.from_path(step).identity
+    for name, path in (("pointer", run / "checkpoints" / "latest"), ("run", run)):
+        assert Tokenizer.from_path(path).identity == identity
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump({**data, "tokenizer": {"path": str(path)},
+                                          "output_dir": str(tmp_path / f"data_{name}")}))
+        preprocess(load_data_config(config), progress=False)
+        assert json.loads((tmp_path / f"data_{name}" / "metadata.json").read_text())["tokenizer"]["identity"] == identity
+    assert set(load_weights(run / "checkpoints" / "latest")) == set(load_weights(run))  # as init_from reads it

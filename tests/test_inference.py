@@ -158,15 +158,108 @@ def test_sampling_is_reproducible_with_a_seed(imported) -> None:
     assert generate(model, PROMPTS, NEW, temperature=0.7, top_p=1e-6, seed=1) == greedy
 
 
-def test_sampling_draws_as_torch_multinomial_whatever_rows_remain() -> None:
-    """The draw is multinomial's (so seeds give what they gave before), and a row keeps its draw in a sub-batch."""
+def test_sampling_draws_one_uniform_per_row_whatever_rows_remain() -> None:
+    """One float64 uniform per row of the whole batch (the generator moves by exactly that), mapped through the
+    kept tokens' cumulative mass in vocabulary order; a row keeps its draw in a sub-batch, with any filter."""
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
-    drawn = sample_next(logits, 0.8, generator=torch.Generator().manual_seed(3))
-    probs = (logits / 0.8).softmax(-1)
-    assert drawn.tolist() == torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(3)).squeeze(1).tolist()
-    rows = torch.tensor([1, 4])
-    part = sample_next(logits[rows], 0.8, generator=torch.Generator().manual_seed(3), rows=rows, batch=6)
-    assert part.tolist() == drawn[rows].tolist()
+    for filters in ({}, {"top_p": 0.8}, {"top_k": 7}, {"top_k": 7, "top_p": 0.5}):
+        generator = torch.Generator().manual_seed(3)
+        drawn = sample_next(logits, 0.8, generator=generator, **filters)
+        u = torch.rand(6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        assert torch.equal(generator.get_state(), _after_uniforms(3, 6).get_state())
+        mass = _reference_filter(logits, 0.8, filters.get("top_k"), filters.get("top_p")).softmax(-1)
+        cumulative = mass.cumsum(-1)
+        assert drawn.tolist() == (cumulative < u[:, None] * cumulative[:, -1:]).sum(-1).tolist(), filters
+        rows = torch.tensor([1, 4])
+        part = sample_next(logits[rows], 0.8, generator=torch.Generator().manual_seed(3), rows=rows, batch=6,
+                           **filters)  # fmt: skip
+        assert part.tolist() == drawn[rows].tolist()
+
+
+def _after_uniforms(seed: int, n: int) -> torch.Generator:
+    generator = torch.Generator().manual_seed(seed)
+    torch.rand(n, generator=generator, dtype=torch.float64)
+    return generator
+
+
+def _reference_filter(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
+                      ) -> torch.Tensor:  # fmt: skip
+    """HF's filters by a full stable sort in float64 (the logits, -inf where dropped): top-k keeps the k-th's ties;
+    top-p keeps a token while the more likely ones hold < top_p, and every token tied with the last one kept."""
+    logits = logits.double() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        values = logits.sort(dim=-1, descending=True, stable=True).values
+        probs = values.softmax(-1)
+        kept = (probs.cumsum(-1) - probs < top_p).sum(-1, keepdim=True)
+        logits = logits.masked_fill(logits < values.gather(1, kept - 1), float("-inf"))
+    return logits
+
+
+def _old_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Today's (before the sort-free sampler) top-p: a float32 sort, drop once the more likely hold top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    drop = probs.cumsum(dim=-1) - probs >= top_p
+    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+@pytest.mark.parametrize("vocab", [50, 1000, 49152])
+def test_sort_free_filters_keep_the_sorts_tokens(vocab: int, monkeypatch) -> None:
+    """The histogram threshold search (CPU), the sort (GPU) and the top-k candidates keep exactly the tokens
+    of a full float64 sort, on random, peaked and heavily tied logits, also when the boundary bucket has to be
+    split again (NUCLEUS_SORTED small); and the same tokens as the old float32 sort where nothing ties."""
+    generator = torch.Generator().manual_seed(vocab)
+    kinds = {"random": torch.randn(16, vocab, generator=generator) * 2,
+             "peaked": torch.randn(16, vocab, generator=generator) * 8,
+             "flat": torch.randn(16, vocab, generator=generator) * 0.3,
+             "ties": torch.randint(0, 5, (16, vocab), generator=generator).float()}  # fmt: skip
+    kinds["ties"][:, 3] = 10.0  # one token far above the ties: the first token always stays
+    for kind, logits in kinds.items():
+        for top_k, top_p in ((None, 0.9), (20, 0.5), (None, 0.3), (300, 0.95), (None, 0.999), (7, None)):
+            want = _reference_filter(logits, 0.8, top_k, top_p) > float("-inf")
+            scaled = logits / 0.8
+            if top_k is not None and top_k < vocab:
+                scaled = scaled.masked_fill(scaled < scaled.topk(top_k).values[:, -1:], float("-inf"))
+            if top_p is not None:
+                mass = scaled.softmax(-1)
+                for nucleus in (generate_module._nucleus_by_histogram, generate_module._nucleus_by_sort):
+                    for sorted_at_most in (1024, 3):
+                        monkeypatch.setattr(generate_module, "NUCLEUS_SORTED", sorted_at_most)
+                        got = scaled >= nucleus(scaled, mass, top_p)
+                        assert torch.equal(got, want), (kind, top_k, top_p, nucleus.__name__, sorted_at_most)
+                if kind != "ties" and top_k is None and vocab <= 1000:  # (float32's cumsum is exact enough)
+                    assert torch.equal(_old_filter(scaled, top_p) > float("-inf"), want), (kind, top_p)
+            monkeypatch.setattr(generate_module, "NUCLEUS_SORTED", 1024)
+            for seed in range(3):  # every draw is a kept token; the candidates draw what the whole vocabulary does
+                drawn = sample_next(logits, 0.8, top_k, top_p, torch.Generator().manual_seed(seed))
+                assert want.gather(1, drawn[:, None]).all(), (kind, top_k, top_p)
+                if top_k is not None:
+                    monkeypatch.setattr(generate_module, "SAMPLE_CANDIDATES", 0)
+                    full = sample_next(logits, 0.8, top_k, top_p, torch.Generator().manual_seed(seed))
+                    monkeypatch.setattr(generate_module, "SAMPLE_CANDIDATES", 1024)
+                    assert torch.equal(full, drawn), (kind, top_k, top_p)
+
+
+def test_draws_follow_the_filtered_probabilities() -> None:
+    """Chi-square of 40,000 draws (fixed seed) against the filtered softmax, for each path: below the 0.999
+    quantile of chi-square with (kept tokens - 1) degrees of freedom."""
+    logits = torch.tensor([3.0, 2.5, 2.5, 2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0, 1.5, 0.2] * 2)  # ties, 24 tokens
+
+    def quantile_999(df: int) -> float:  # Wilson-Hilferty (within 1% here: 27.9 for 9, 49.7 for 23)
+        return df * (1 - 2 / (9 * df) + 3.0902 * (2 / (9 * df)) ** 0.5) ** 3
+
+    n = 40_000
+    for top_k, top_p in ((None, None), (None, 0.9), (10, None), (10, 0.8), (None, 0.999)):
+        probs = _reference_filter(logits[None], 0.7, top_k, top_p).softmax(-1)[0]
+        drawn = sample_next(logits.repeat(n, 1), 0.7, top_k, top_p, torch.Generator().manual_seed(11))
+        counts = torch.bincount(drawn, minlength=len(logits)).double()
+        kept = probs > 0
+        assert counts[~kept].sum() == 0
+        expected = n * probs[kept]
+        chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
+        assert chi2 < quantile_999(int(kept.sum()) - 1), (top_k, top_p, chi2)
 
 
 def test_finished_rows_stop_costing_compute(imported, monkeypatch) -> None:
@@ -234,6 +327,9 @@ def test_compiled_decode_is_reused_until_the_weights_change(imported, monkeypatc
     assert first.path == "compile" and first.compile_seconds > 0
     assert generate(model, PROMPTS, NEW, report=again) == before
     assert again.path == "compile" and again.compile_seconds == 0
+    sampled = dict(temperature=1.0, top_p=0.9, seed=5)  # the same draw on the compiled step (no new compilation)
+    assert generate(model, PROMPTS, NEW, decode="compile", **sampled) == generate(model, PROMPTS, NEW, decode="eager",
+                                                                                   **sampled)  # fmt: skip
     weight = max(model.parameters(), key=lambda p: p.numel())
     with torch.no_grad():
         weight.mul_(-1.0)  # an optimizer step, as the version counters see it
@@ -267,9 +363,10 @@ def test_every_decode_step_samples_the_same_tokens(decode: str, imported) -> Non
         pytest.skip("CUDA graphs need a CUDA device")
     for case in ("llama", "mistral_sliding_window", "gpt2"):
         _, model = imported(case, DEVICE)
-        options = dict(temperature=1.0, top_k=20, seed=5, eos_token_id=[3, 7])
-        assert generate(model, PROMPTS, NEW, decode=decode, **options) == generate(
-            model, PROMPTS, NEW, decode="eager", **options), case
+        for filters in (dict(top_k=20), dict(top_p=0.9), dict(top_k=40, top_p=0.8)):
+            options = dict(temperature=1.0, seed=5, eos_token_id=[3, 7], **filters)
+            assert generate(model, PROMPTS, NEW, decode=decode, **options) == generate(
+                model, PROMPTS, NEW, decode="eager", **options), (case, filters)
 
 
 def test_graph_buckets_compaction_and_reuse_give_the_same_tokens(imported, monkeypatch) -> None:

@@ -40,7 +40,9 @@ ORDER = [
 RANK = {name: rank for rank, names in enumerate(ORDER) for name in names}
 # The one import against the order: a training config may name an HF folder as its model, so the
 # config loader reads config.json through the HF family records (which import the config classes).
-EXCEPTIONS = {("config/loader.py", "ironcore.checkpoints.hf_families")}
+# And a data config's tokenizer may be the one saved with a run's checkpoint (tokenizer.path: a run folder or
+# its `latest` pointer), found as init.init_from finds it.
+EXCEPTIONS = {("config/loader.py", "ironcore.checkpoints.hf_families"), ("data/tokenizer.py", "ironcore.checkpoints")}
 
 
 def _component(module: str) -> str:

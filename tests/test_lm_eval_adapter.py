@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,51 @@ def test_our_multiple_choice_accuracy_equals_lm_evals(twin, runs) -> None:
     assert got["items"] == MC_ITEMS
     for metric in ("acc", "acc_norm"):
         assert got[metric] == runs["hf"]["results"]["toy_mc"][f"{metric},none"], metric
+
+
+def test_batch_size_in_model_args_and_lm_evals_own_options_both_work(twin) -> None:
+    """docs/evaluation.md's ``--model_args checkpoint=DIR,batch_size=16,max_gen_toks=256``: lm-eval constructs
+    the model with its own ``--batch_size`` and ``--device`` (defaults included) beside them; model_args win,
+    and lm-eval's options alone work too."""
+    from lm_eval.api.registry import get_model
+
+    model = get_model("ironcore")
+    defaults = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}  # lm-eval's, as its CLI passes them
+    lm = model.create_from_arg_string(f"checkpoint={twin['ours']},batch_size=16,max_gen_toks=256", defaults)
+    assert (lm.batch_size, lm.max_gen_toks) == (16, 256)
+    lm = model.create_from_arg_string(f"checkpoint={twin['ours']},device=cpu", {**defaults, "batch_size": "4"})
+    assert lm.batch_size == 4 and next(lm.model.parameters()).device.type == "cpu"
+    lm = model.create_from_arg_obj({"checkpoint": str(twin["ours"]), "batch_size": 8}, defaults)
+    assert lm.batch_size == 8
+
+
+def test_lm_eval_results_never_overwrite_a_task_of_our_own(twin, runs, tmp_path, capsys, monkeypatch) -> None:
+    """A --task and an --lm-eval task of one name: refused in one line before any work; a task lm-eval expands a
+    group into that is named like a --task: kept beside it as lm_eval:<name>."""
+
+    class LocalTasksOnly(TaskManager):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **{**kwargs, "include_defaults": False})
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasksOnly)
+    from ironcore.cli import main
+
+    ours = tmp_path / "toy_mc.yaml"  # our multiple-choice evaluation of the same items, with fewer of them
+    ours.write_text(f"path: {twin['mc']}\ntype: multiple_choice\nprompt: '{{question}}'\nlimit: 5\n")
+    (tmp_path / "lm").mkdir()
+    shutil.copytree(twin["tasks"], tmp_path / "lm", dirs_exist_ok=True)
+    (tmp_path / "lm" / "toy_group.yaml").write_text("group: toy_group\ntask: [toy_mc]\n"
+                                                    "aggregate_metric_list: [{metric: acc}]\n")
+    output = tmp_path / "eval.json"
+    args = ["eval", "--checkpoint", str(twin["ours"]), "--include-path", str(tmp_path / "lm"), "--output", str(output),
+            "--task", str(ours)]  # fmt: skip
+    assert main([*args, "--lm-eval", "toy_mc"]) == 2
+    err = capsys.readouterr().err
+    assert "--lm-eval toy_mc and --task" in err and "both name a task 'toy_mc'" in err and not output.exists()
+    assert main([*args, "--lm-eval", "toy_group"]) == 0
+    result = json.loads(output.read_text())
+    assert result["tasks"]["toy_mc"]["items"] == 5  # ours, not overwritten
+    assert result["eval/lm_eval:toy_mc/acc"] == runs["hf"]["results"]["toy_mc"]["acc,none"]
 
 
 def test_lm_eval_command_finds_the_ironcore_model(twin, tmp_path) -> None:

@@ -76,3 +76,39 @@ def test_model_info_memory_says_whether_it_fits(capsys) -> None:
     half = json.loads((main([*args, "--json", "--dp", "2", "--distributed-optimizer"]), capsys.readouterr().out)[1])
     assert abs(half["optimizer"] - got["optimizer"] / 2) <= 0.001 * got["optimizer"]
     assert main([*args, "--tp", "0"]) == 2 and "--tp must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--tp", "3"], "model.num_attention_heads 4 is not divisible by --tp 3"),
+    (["--tp", "1024"], "model.num_attention_heads 4 is not divisible by --tp 1024"),
+    (["--tp", "4"], "model.qk_norm_per_head: false (a norm over all heads) is not supported under tensor parallelism "
+                    "yet (--tp 4)"),
+    (["--seq-len", "-5"], "--seq-len -5: must be in 1..256 (model.max_position_embeddings of olmoe-tiny)"),
+    (["--seq-len", "0"], "--seq-len 0: must be in 1..256"),
+    (["--seq-len", "1000000"], "--seq-len 1000000: must be in 1..256"),
+    (["--micro-batch-size", "99999999999999"], "--micro-batch-size 99999999999999 x sequence length 256 = "),
+    (["--gpu-memory", "0"], "--gpu-memory must be a positive number of GiB, got 0"),
+    (["--gpu-memory", "-1"], "--gpu-memory must be a positive number of GiB, got -1"),
+    (["--gpu-memory", "nan"], "--gpu-memory must be a positive number of GiB, got nan"),
+])  # fmt: skip
+def test_model_info_memory_refuses_what_it_cannot_plan_in_one_line(args, message, capsys) -> None:
+    """Each was a traceback, a silent default (--seq-len 0 meant the model's maximum), a plan for a layout the
+    trainer refuses (olmoe-tiny's q/k norm over all heads at TP 4), or an answer to a GPU of no memory."""
+    assert main(["model-info", "--model", "olmoe-tiny", "--memory", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ironcore model-info: error: {message}") and err.count("\n") == 1, err
+
+
+def test_the_planner_refuses_the_tp_layouts_the_trainer_refuses() -> None:
+    """The planner and the trainer's layout check (``check_parallel_layout``) share one TP check."""
+    from ironcore.config import ConfigError, load_model_config
+    from ironcore.parallel.setup import check_parallel_layout
+
+    for name, tp in (("olmoe-tiny", 4), ("llama-tiny", 3)):
+        cfg = load_model_config(name)
+        with pytest.raises(ConfigError) as trainer:
+            check_parallel_layout(tp, tp, cfg)
+        with pytest.raises(ConfigError) as planner:
+            plan_memory(cfg, tp=tp)
+        assert str(planner.value) == str(trainer.value).replace("trainer.tensor_model_parallel_size", "tp")
+    assert plan_memory(load_model_config("llama-tiny"), tp=2).parameters > 0

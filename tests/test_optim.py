@@ -15,6 +15,7 @@ from ironcore.training.optim import (
     build_optimizer,
     learning_rate,
     parameter_groups,
+    reduce_gradients,
     step_with_scaled_grads,
     total_steps,
 )
@@ -83,3 +84,26 @@ def test_step_with_scaled_grads_equals_scaling_then_stepping(name: str, factor: 
 def test_clip_factor() -> None:
     assert clip_factor(0.5, 1.0) == 1.0 and clip_factor(4.0, 0.0) == 1.0
     assert clip_factor(4.0, 1.0) == pytest.approx(0.25)
+
+
+def test_distributed_optimizer_in_one_process_steps_bit_for_bit_like_plain_adamw() -> None:
+    """The sharded optimizer's arithmetic is plain training's, element by element: the same float64 gradient
+    norm (rounded to fp32 once), the same clipping factor applied the same way (the fused kernel's
+    ``grad_scale``), so the same parameters bit for bit -- what makes DP=2 with it equal plain DP=2 bitwise
+    (tests/test_parallel.py). Clipping is on in every step."""
+    torch.manual_seed(0)
+    models = [TransformerModel(load_model_config("gpt2-tiny")) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    cfg = OptimConfig(max_lr=1e-2, weight_decay=0.1)
+    optimizers = [build_optimizer(models[0], cfg), build_optimizer(models[1], cfg, distributed=True)]
+    for step in range(3):
+        ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(step))
+        norms = []
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad()
+            model(ids).logsumexp(-1).mean().backward()
+            norms.append(reduce_gradients(model, optimizer).item())
+            step_with_scaled_grads(optimizer, clip_factor(norms[-1], 0.1))
+        assert norms[0] == norms[1] and clip_factor(norms[0], 0.1) < 1
+        for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+            assert torch.equal(a, b), (step, name)

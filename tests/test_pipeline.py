@@ -193,6 +193,57 @@ def test_mlflow_settings_rerun_nothing(workdir):
         assert planned_jobs(workdir, configfile="pipeline_mlflow.yaml") == Counter()
 
 
+def _config_error(tmp_path: Path, pipeline: dict | str, default: bool = False) -> str:
+    """What a dry run prints for ``pipeline`` (a mapping, or YAML text): given with --configfile, or as the
+    default configs/pipeline.yaml of the working directory. The pipeline must refuse it."""
+    write_yaml(tmp_path / "cfg" / "data.yaml", DATA_CONFIG)
+    write_yaml(tmp_path / "cfg" / "a.yaml", training_config("tiny-gpt", "layernorm"))
+    text = pipeline if isinstance(pipeline, str) else yaml.safe_dump(pipeline, sort_keys=False)
+    path = tmp_path / ("configs/pipeline.yaml" if default else "bad.yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(tmp_path), "--cores", "1",
+               "--dry-run", *([] if default else ["--configfile", str(path)])]
+    done = subprocess.run(command, env=environment(tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    return (done.stdout + done.stderr).strip()
+
+
+BASE = {**PIPELINE, "experiments": {"a": {"config": "cfg/a.yaml"}}}  # (its training config only is written)
+RL_EXPERIMENTS = {"s": {"config": "cfg/a.yaml", "optional": True, "target": "rl"},
+                  "g": {"config": "cfg/a.yaml", "optional": True, "target": "rl", "init_from_experiment": "s"}}
+
+
+@pytest.mark.parametrize(("pipeline", "message"), [
+    ({**BASE, "bogus": 1}, "bad.yaml: unknown key 'bogus' (known: mlflow, corpus, tokenizer, "),
+    ({**BASE, "mlflow": {"experimnt": "x"}}, "bad.yaml: unknown key 'mlflow.experimnt' (did you mean 'experiment'?)"),
+    ({**BASE, "tokenizer": {"vocab_size": "big"}}, "bad.yaml: 'tokenizer.vocab_size': expected integer, got 'big'"),
+    ({**BASE, "experiments": {"a": {"config": "cfg/a.yaml", "nprocs": 2}}},
+     "bad.yaml: unknown key 'experiments.a.nprocs' (did you mean 'nproc'?)"),
+    ({**BASE, "experiments": {"a": {"config": "cfg/missing.yaml"}}},
+     "experiment a: cfg/missing.yaml: no such file (config)"),
+    ({**BASE, "rl": {"start": "s", "policy": "gg"}, "experiments": {**BASE["experiments"], **RL_EXPERIMENTS}},
+     "bad.yaml: 'rl.policy': 'gg' is not an experiment of the pipeline config (did you mean 'g'?)"),
+    (yaml.safe_dump(BASE, sort_keys=False) + "eval: {}\n", "bad.yaml: key 'eval' given twice (lines 5 and 13)"),
+])  # fmt: skip
+def test_a_bad_pipeline_config_is_one_line_naming_the_key(tmp_path, pipeline, message):
+    """Not the whole config (an unknown key), nor a traceback (an unknown rl.policy, a missing training config),
+    nor a silently dropped group (a key given twice): one line naming the file and the key."""
+    output = _config_error(tmp_path, pipeline)
+    assert output == f"pipeline: error: {tmp_path / 'bad.yaml'}: {message}" or (
+        output.startswith("pipeline: error: ") and message in output and "\n" not in output), output
+
+
+def test_the_default_pipeline_config_is_read_through_ironcores_yaml_loader(tmp_path):
+    """configs/pipeline.yaml, which Snakemake reads itself: its syntax error names the line, a key given twice
+    both lines."""
+    text = yaml.safe_dump(BASE, sort_keys=False)
+    assert _config_error(tmp_path, text + "corpus: x: y\n", default=True) == (
+        "pipeline: error: configs/pipeline.yaml:13: invalid YAML: mapping values are not allowed here")
+    assert _config_error(tmp_path, text + "corpus: {}\n", default=True) == (
+        "pipeline: error: configs/pipeline.yaml: key 'corpus' given twice (lines 1 and 13)")
+
+
 def test_workflow_lint_is_clean():
     done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--lint"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
@@ -253,6 +304,29 @@ def test_optional_chain_pretrain_sft_dpo(workdir):
     assert run.data.metrics["eval/toy/accuracy"] == tasks["eval/toy/accuracy"]
 
 
+# Metrics that measure the machine (time, speed, memory) rather than the run.
+MACHINE_METRIC = re.compile(r"(^|/)time|_s$|_sec|seconds|mfu|elapsed|memory|throughput|tok", re.IGNORECASE)
+
+
+def rl_numbers(results: Path) -> dict:
+    """What the `rl` target computed: both training runs' metrics, both evaluations and the summary, without
+    the metrics that time the machine."""
+    def strip(record):
+        if isinstance(record, dict):
+            return {key: strip(value) for key, value in record.items() if not MACHINE_METRIC.search(key)}
+        if isinstance(record, list):
+            return [strip(value) for value in record]
+        return record
+
+    numbers = {f"eval/{exp}": strip(json.loads((results / "rl" / "eval" / f"{exp}.json").read_text()))
+               for exp in ("s", "g")}
+    numbers["summary"] = strip(json.loads((results / "rl" / "summary.json").read_text()))
+    for exp in ("s", "g"):
+        lines = (results / "train" / exp / "metrics.jsonl").read_text().splitlines()
+        numbers[f"train/{exp}"] = [strip(json.loads(line)) for line in lines]
+    return numbers
+
+
 def test_rl_target_sft_then_grpo_with_accuracy_before_and_after(workdir):
     """`snakemake rl`: the synthetic task, its tokenizer, SFT, GRPO from it, the held-out evaluation of both
     (logged to their MLflow parent runs) and the summary; a GRPO setting reruns only what follows from it."""
@@ -311,6 +385,11 @@ def test_rl_target_sft_then_grpo_with_accuracy_before_and_after(workdir):
         (parent,) = client.search_runs([experiment.experiment_id],
                                        filter_string=f"tags.pipeline_experiment = '{exp}'", max_results=1)
         assert parent.info.status == "FINISHED" and "val/accuracy" in parent.data.metrics
+    # Deterministic: the whole target again from its first stage gives the same numbers, to the last bit.
+    first, trained = rl_numbers(results), (results / "train" / "g" / "metrics.jsonl").stat().st_mtime_ns
+    snakemake(workdir, "rl", "--forcerun", "synthetic", configfile="rl.yaml")
+    assert (results / "train" / "g" / "metrics.jsonl").stat().st_mtime_ns != trained  # trained again
+    assert rl_numbers(results) == first
     changed = {**pipeline, "experiments": {**pipeline["experiments"], "g": {
         **pipeline["experiments"]["g"], "overrides": {"trainer.objective_options.temperature": 0.7}}}}
     write_yaml(workdir / "rl_changed.yaml", changed)

@@ -206,6 +206,46 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(data_a, tmp_pa
     assert sorted(losses(run))[-4:] == [3, 4, 5, 6]  # steps 3 and 4 were run again from step 2
 
 
+@pytest.mark.parametrize("pointer", ["", "\n", "nothing", "step_0000099"])
+def test_a_latest_pointer_that_names_no_checkpoint_resumes_from_the_newest(data_a, tmp_path, capsys, caplog,
+                                                                           pointer) -> None:
+    """An empty ``latest``, or one naming a folder that is not there: a warning, and the newest checkpoint that
+    loads; ``eval`` and ``convert`` of the run folder use the newest complete checkpoint the same way."""
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "train.yaml", data_a, run)
+    assert run_cli(capsys, "train", "--config", str(config))[0] == 0
+    (run / "checkpoints" / native.LATEST).write_text(pointer)
+    assert native.pointed(run / "checkpoints") is None
+    assert run_cli(capsys, "train", "--config", str(config), "operation.train_steps=6")[0] == 0
+    assert "cannot resume from" in caplog.text and "resuming from" in caplog.text, caplog.text
+    assert sorted(losses(run))[-2:] == [5, 6] and 4 in losses(run)  # continued after step 4, nothing run again
+    (run / "checkpoints" / native.LATEST).write_text(pointer)
+    caplog.clear()
+    assert native.resolve(run) == run / "checkpoints" / "step_0000006"
+    assert "step_0000006, the newest complete checkpoint" in caplog.text
+    assert run_cli(capsys, "convert", "--to-hf", "--checkpoint", str(run), "--output", str(tmp_path / "hf"))[0] == 0
+    for folder in (run / "checkpoints").glob("step_*"):
+        shutil.rmtree(folder)
+    code, err = run_cli(capsys, "convert", "--to-hf", "--checkpoint", str(run), "--output", str(tmp_path / "hf2"))
+    assert code == 2 and "no complete checkpoint is left" in one_line(err)
+
+
+def test_resuming_at_another_data_parallel_size_is_said_once(data_a, tmp_path, capsys, caplog) -> None:
+    """A checkpoint written by two data-parallel ranks (two RNG states) resumed by one process: one warning
+    (GRPO's rollouts and the ranks' random states differ from a run at the saved size: docs/rl.md)."""
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "train.yaml", data_a, run)
+    assert run_cli(capsys, "train", "--config", str(config))[0] == 0
+    rng = run / "checkpoints" / "step_0000004" / native.RNG
+    torch.save(torch.load(rng, weights_only=True) * 2, rng)  # as saved by world size 2 at TP 1
+    assert run_cli(capsys, "train", "--config", str(config), "operation.train_steps=6")[0] == 0
+    said = [r.getMessage() for r in caplog.records if "data-parallel size" in r.getMessage()]
+    assert len(said) == 1 and "saved at data-parallel size 2, this run has 1" in said[0], said
+    caplog.clear()
+    assert run_cli(capsys, "train", "--config", str(config), "operation.train_steps=8")[0] == 0
+    assert "data-parallel size" not in caplog.text  # step 6 was saved by this layout
+
+
 def test_resuming_with_another_optimizer_is_one_line(data_a, tmp_path, capsys) -> None:
     run = tmp_path / "run"
     config = write_config(tmp_path / "train.yaml", data_a, run)
@@ -344,7 +384,8 @@ def test_an_unwritable_tracking_store_is_one_warning_and_no_stray_mlruns(data_a,
             lock.close()
         db.parent.chmod(0o755)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    noise = [line for line in proc.stderr.splitlines() if line.strip() and "step " not in line]
+    noise = [line for line in proc.stderr.splitlines()  # the warnings (INFO lines say what MFU and memory are)
+             if line.strip() and "step " not in line and not line.startswith("INFO ")]  # fmt: skip
     assert len(noise) == 1 and "MLflow tracking disabled" in noise[0] and str(db) in noise[0], proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "mlruns").exists()
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]

@@ -21,6 +21,7 @@ from ironcore.config import ConfigError
 from ironcore.config.model import ModelConfig
 from ironcore.data.tokenizer import Tokenizer
 from ironcore.errors import CheckpointError
+from ironcore.evaluation.tasks import load_for_eval
 from ironcore.models import TransformerModel
 from ironcore.objectives.reward_model import bradley_terry_losses, last_token_scores
 from ironcore.rewards import RewardSet, RewardSpec, load_reward
@@ -194,6 +195,24 @@ def test_reward_model_mistakes_are_one_line_even_when_errors_are_skipped(dpo_dat
     rewards = RewardSet([load_reward(RewardSpec("reward_model", options={"checkpoint": str(lm)}), "r[0]")])
     with pytest.raises(CheckpointError, match="reward function reward_model: .*not a reward model"):
         rewards.score(["a"], ["b"], {}, on_error="skip")
+
+
+def test_generation_and_evaluation_refuse_a_reward_model(dpo_data, tmp_path) -> None:  # noqa: F811
+    """A score head gives one number per position, not next-token logits: `ironcore generate` printed token 0
+    forever and `ironcore eval --task` crashed; both (and the validation loss) refuse it in one line."""
+    rm = checkpoint.save_model(TransformerModel(_config(dpo_data, tmp_path / "unused", 1).model), tmp_path / "rm")
+    checkpoint.copy_tokenizer(yaml.safe_load(dpo_data.read_text())["output_dir"], rm)
+    gsm8k = Path(__file__).parent / "data" / "gsm8k_sample.jsonl"
+    for command in (["generate", "--checkpoint", str(rm), "--prompt", "Hello", "--max-new-tokens", "4"],
+                    ["eval", "--checkpoint", str(rm), "--task", f"gsm8k={gsm8k}", "--limit", "1", "--no-mlflow"]):
+        done = cli_subprocess(command, cwd=tmp_path)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"ironcore {command[0]}: error: {rm}: a reward model (score_head), not a language model")
+        assert "!" not in done.stdout
+    with pytest.raises(CheckpointError, match="a reward model"):
+        load_for_eval(rm)
+    assert reward_model(["a"], ["b"], checkpoint=str(rm))  # it is still a reward
 
 
 @pytest.mark.slow

@@ -20,7 +20,9 @@ from ironcore.rewards import (
     gsm8k_answer,
     load_reward,
     regex_match,
+    reward_options,
 )
+from ironcore.rewards.base import positive_int
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "gsm8k_sample.jsonl"
 NOT_CALLABLE = 3
@@ -31,6 +33,16 @@ NOT_CALLABLE = 3
 
 def ends_with_answer(prompts: list[str], completions: list[str], answer: list[str], suffix: str = "") -> list:
     return [1.0 if c.endswith(a + suffix) else 0.0 for c, a in zip(completions, answer)]
+
+
+def _positive_limit(options: dict) -> None:
+    positive_int(options, "limit")
+
+
+@reward_options("limit", check=_positive_limit)
+def declared(prompts: list[str], completions: list[str], limit: int, **_) -> list:
+    """A user function declaring its options: ``**_`` takes the data's columns, not misspelt options."""
+    return [1.0 if len(c) <= limit else 0.0 for c in completions]
 
 
 def _returns(values):
@@ -135,7 +147,8 @@ def test_exact_answer_compares_the_first_line(completion: str, answer: str | int
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))
 def test_every_builtin_loads_under_its_name(name: str) -> None:
-    options = {"checkpoint": "runs/rm"} if name == "reward_model" else {}  # checked when first called
+    options = {"reward_model": {"checkpoint": "runs/rm"},  # the checkpoint is checked when first called
+               "regex": {"pattern": THINK}}.get(name, {})
     reward = load_reward(RewardSpec(function=name, options=options), "rl.rewards[0]")
     assert reward.name == name and reward.weight == 1.0 and callable(reward.fn)
 
@@ -177,6 +190,44 @@ def test_load_errors_are_one_line_and_name_the_key(spec: RewardSpec, key: str, n
         load_reward(spec, "rl.rewards[1]")
     message = _one_line(err)
     assert f"config key 'rl.rewards[1].{key}'" in message and needle in message, message
+
+
+@pytest.mark.parametrize(
+    ("spec", "key", "needle"),
+    [
+        (RewardSpec("exact", options={"answer_field": "x"}), "options.answer_field", "'exact' takes no options"),
+        (RewardSpec("gsm8k", options={"tolerance": 0.1}), "options.tolerance", "'gsm8k' takes no options"),
+        (RewardSpec("regex"), "options.pattern", "'regex' needs it"),
+        (RewardSpec("regex", options={"patern": "x"}), "options.patern", "no option 'patern' (did you mean 'pattern'?)"),
+        (RewardSpec("regex", options={"pattern": "(a"}), "options.pattern", "not a regular expression (missing )"),
+        (RewardSpec("regex", options={"pattern": 3}), "options.pattern", "must be a string, got 3 (int)"),
+        (RewardSpec("regex", options={"pattern": "a", "flags": 2}), "options.flags", "takes no option 'flags'"),
+        (RewardSpec("reward_model", options={"checkpoint": "r", "prompt_template": "Q:"}),
+         "options.prompt_template", "has no '{prompt}'"),
+        (RewardSpec("reward_model", options={"checkpoint": "r", "batch_size": 0}),
+         "options.batch_size", "must be a positive integer, got 0"),
+        (RewardSpec("reward_model", options={"checkpoint": "r", "batch_size": 2.5}),
+         "options.batch_size", "must be a positive integer, got 2.5"),
+        (RewardSpec("reward_model", options={"checkpoint": "r", "batchsize": 8}),
+         "options.batchsize", "did you mean 'batch_size'?"),
+        (RewardSpec("test_rewards:declared", options={"limit": -1}), "options.limit", "must be a positive integer"),
+        (RewardSpec("test_rewards:declared", options={"limit": 2, "answer": "x"}), "options.answer",
+         "takes no option 'answer' (its options: limit)"),
+    ],
+)
+def test_builtin_options_are_checked_when_the_reward_loads(spec: RewardSpec, key: str, needle: str) -> None:
+    """Each built-in (and any function using ``reward_options``) declares its options: an unknown one, a missing
+    one or a bad value is one line at load (start-up), not a swallowed option or a failure at the first rollout."""
+    with pytest.raises(ConfigError) as err:
+        load_reward(spec, "rl.rewards[1]")
+    message = _one_line(err)
+    assert message.startswith(f"config key 'rl.rewards[1].{key}': reward function '{spec.function}'"), message
+    assert needle in message, message
+
+
+def test_a_declared_function_gets_its_options_bound() -> None:
+    reward = load_reward(RewardSpec("test_rewards:declared", options={"limit": 2}), "rl.rewards[0]")
+    assert reward.fn(["p"] * 2, ["abc", "a"], answer=["x", "y"]) == [0.0, 1.0]
 
 
 def test_a_module_that_fails_to_import_is_named_with_its_errors_first_line(tmp_path, monkeypatch) -> None:
@@ -222,6 +273,9 @@ def test_fields_reach_the_functions_as_keyword_arguments() -> None:
         ([1.0, "yes", 0.0], "returned 'yes' (str) for sample 1"),
         ([1.0, 0.0, math.nan], "returned nan for sample 2"),
         ([math.inf, 0.0, 0.0], "returned inf for sample 0"),
+        ([1.0, 1e308, 0.0], "returned 1e+308 for sample 1, beyond the float32 range of rewards"),
+        ([-3.5e38, 1.0, 0.0], "returned -3.5e+38 for sample 0, beyond the float32 range"),
+        ([1.0, 1.0, 10**400], "for sample 2, beyond the float32 range"),
     ],
 )
 def test_a_malformed_return_is_a_one_line_error_naming_the_function(values, needle: str) -> None:
@@ -231,6 +285,17 @@ def test_a_malformed_return_is_a_one_line_error_naming_the_function(values, need
         rewards.score(["p"] * 3, ["c"] * 3, {})
     message = _one_line(err)
     assert message.startswith("reward function shaky ") and needle in message, message
+
+
+def test_a_weighted_total_beyond_float32_is_one_line_naming_the_functions() -> None:
+    rewards = RewardSet([NamedReward("big", 4.0, _returns([1.0, 3e38])), NamedReward("other", 1.0, _returns([0, 0]))])
+    with pytest.raises(DataError) as err:
+        rewards.score(["p"] * 2, ["c"] * 2, {})
+    assert _one_line(err).startswith("reward functions big, other: the weighted total of sample 1 is beyond the "
+                                     "float32 range")
+    huge = RewardSet([NamedReward("huge", 1.0, _returns([1e308]))])  # under skip too: a bug, not one sample
+    with pytest.raises(DataError, match="reward function huge returned 1e"):
+        huge.score(["p"], ["c"], {}, on_error="skip")
 
 
 def test_a_raising_function_is_one_line_under_raise() -> None:

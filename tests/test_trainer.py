@@ -261,6 +261,31 @@ def test_a_run_started_outside_any_checkout_carries_the_code_version(pretrain_da
     assert tags["ironcore_version"] == __version__
 
 
+def test_mlflow_runs_and_pipeline_parents_show_their_source(pretrain_data, tmp_path, monkeypatch) -> None:
+    """The runs table's "Source": mlflow.source.name/type and the commit, on training runs and on the pipeline's
+    parent runs (workflow/scripts/mlflow_runs.py), in a store in tmp_path."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    Trainer(make_config(pretrain_data, tmp_path / "run", utils__tracking=True, utils__experiment_name="src",
+                        operation__train_steps=1)).train()  # fmt: skip
+    env = {**os.environ, "IRONCORE_PIPELINE_INVOCATION": "inv1", "IRONCORE_MLFLOW_EXPERIMENT": "src",
+           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    done = subprocess.run([sys.executable, str(ROOT / "workflow" / "scripts" / "mlflow_runs.py"), "parent", "--run",
+                           "a"], env=env, capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0 and "skipped" not in done.stderr, done.stderr
+    client = MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("src").experiment_id])}
+    assert set(runs) == {"run", "a"}
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    for name, source in (("run", "ironcore train"), ("a", "snakemake (workflow/Snakefile)")):
+        tags = runs[name].data.tags
+        assert tags["mlflow.source.name"] == source and tags["mlflow.source.type"] == "LOCAL", tags
+        if head.returncode == 0:  # a git checkout: the commit beside the source
+            assert tags["mlflow.source.git.commit"] == head.stdout.strip()
+
+
 def test_dead_tracking_server_does_not_stop_training(pretrain_data, tmp_path, monkeypatch, caplog) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on the discard port
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -315,6 +340,47 @@ def test_init_from_hf_folder_fine_tunes_those_weights(pretrain_data, tmp_path) -
     assert all(torch.equal(a.cpu(), b) for a, b in zip(trainer.model.state_dict().values(), source.state_dict().values()))
 
 
+def _exported_ids(folder: Path) -> tuple:
+    """(bos, eos, pad) of an HF export's config.json and (bos, eos, pad) of its generation config, as transformers
+    reads them."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config, generation = AutoConfig.from_pretrained(folder), GenerationConfig.from_pretrained(folder)
+    return ((config.bos_token_id, config.eos_token_id, config.pad_token_id),
+            (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id))  # fmt: skip
+
+
+def test_an_export_of_a_model_trained_from_scratch_names_its_tokenizers_ids(pretrain_data, tmp_path) -> None:
+    """Not LLaMA's defaults (BOS 1, EOS 2: other tokens of this vocabulary): the tokenizer's end-of-document
+    token, where every document starts and ends, in config.json and in a generation_config.json."""
+    from ironcore.cli import main
+    from ironcore.data.tokenizer import Tokenizer
+
+    Trainer(make_config(pretrain_data, tmp_path / "run", operation__train_steps=1)).train()
+    assert main(["convert", "--to-hf", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "hf")]) == 0
+    eod = Tokenizer.from_path(load_data_config(pretrain_data).output_dir).eod_id
+    assert _exported_ids(tmp_path / "hf") == ((eod, eod, None), (eod, eod, None))
+
+
+def test_an_export_keeps_the_token_ids_of_the_imported_hf_folder(pretrain_data, tmp_path) -> None:
+    """An HF folder whose config.json says BOS 1, EOS 2, PAD 2 (SmolLM2's), fine-tuned and exported, or converted
+    there and back: the export says the same (not the tokenizer's end-of-document id, not PAD null)."""
+    from ironcore.checkpoints.hf import save_hf_model
+    from ironcore.cli import main
+
+    cfg = make_config(pretrain_data, tmp_path / "run", operation__train_steps=1)
+    hf_dir = save_hf_model(TransformerModel(cfg.model), tmp_path / "hf")
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}))
+    (hf_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    checkpoint.copy_tokenizer(load_data_config(pretrain_data).output_dir, hf_dir)  # its end-of-document id is 0
+    Trainer(make_config(pretrain_data, tmp_path / "run", operation__train_steps=1, init__init_from=str(hf_dir))).train()
+    assert main(["convert", "--from-hf", str(hf_dir), "--output", str(tmp_path / "imported")]) == 0
+    for source, out in ((tmp_path / "run", "trained_hf"), (tmp_path / "imported", "converted_hf")):
+        assert main(["convert", "--to-hf", "--checkpoint", str(source), "--output", str(tmp_path / out)]) == 0
+        assert _exported_ids(tmp_path / out) == ((1, 2, 2), (1, 2, None)), out
+
+
 @pytest.mark.device
 def test_eval_command_reproduces_the_final_validation_loss(pretrain_data, tmp_path) -> None:
     from ironcore.cli import main
@@ -351,9 +417,53 @@ def test_recompute_compile_and_bf16_train(pretrain_data, tmp_path, option) -> No
         assert all(abs(a[s] - b[s]) < 0.05 for s in a) and a != b
 
 
+def test_a_cpu_run_logs_what_it_measures(pretrain_data, tmp_path, monkeypatch, capsys, caplog) -> None:
+    """Memory per process (not per GPU) on a CPU, the peak MFU is taken against, and every validation on the
+    console beside the step lines, the one of eval_at_start included."""
+    import logging
+
+    monkeypatch.setenv("IRONCORE_CACHE_DIR", str(tmp_path / "cache"))
+    caplog.set_level(logging.INFO, logger="ironcore")
+    cfg = make_config(pretrain_data, tmp_path / "run", operation__train_steps=2, operation__eval_at_start=True)
+    final = Trainer(cfg).train()
+    out = capsys.readouterr().out
+    assert "memory per process: planned" in caplog.text and "per GPU" not in caplog.text
+    peak = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("MFU is taken against"))
+    assert "FLOP/s per process (fp32 matmul peak of this CPU" in peak and "cpu_peak.json" in peak, peak
+    start = next(m for m in read_metrics(tmp_path / "run") if m["step"] == 0)
+    evals = [line for line in out.splitlines() if "| eval |" in line]
+    assert evals == [f"step 0/2 | eval | val_loss {start['val_loss']:.4f} | val_ppl {start['val_ppl']:.4f}",
+                     f"step 2/2 | eval | val_loss {final['val_loss']:.4f} | val_ppl {final['val_ppl']:.4f}"], out
+
+
 @pytest.mark.parametrize("retain", [True, False])
 def test_cpu_trainer_keeps_freed_host_memory_unless_told_not_to(pretrain_data, tmp_path, monkeypatch, retain):
     calls = []
     monkeypatch.setattr(trainer_module, "retain_freed_host_memory", lambda: calls.append(True))
     Trainer(make_config(pretrain_data, tmp_path / "run", trainer__retain_host_memory=retain))
     assert calls == ([True] if retain else [])
+
+
+def test_stop_metric_ends_the_run_at_the_first_evaluation_that_reaches_it(pretrain_data, tmp_path) -> None:
+    """operation.stop_metric: the run stops at the evaluation that reaches the threshold, saves its final
+    checkpoint there, and a rerun trains no further; an unknown metric is one line naming the key."""
+    cfg = make_config(pretrain_data, tmp_path, operation__train_steps=40, operation__eval_interval=5,
+                      operation__stop_metric="val_loss", operation__stop_threshold=100.0, operation__stop_mode="min")
+    final = Trainer(cfg).train()
+    assert checkpoint.resolve(tmp_path).name == "step_0000005"  # the first evaluation already met val_loss <= 100
+    assert json.loads((tmp_path / "final_eval.json").read_text()) == {"step": 5, **final}
+    assert [m["step"] for m in read_metrics(tmp_path) if "val_loss" in m] == [5]  # no second final evaluation
+    Trainer(make_config(pretrain_data, tmp_path, operation__train_steps=40, operation__eval_interval=5,
+                        operation__stop_metric="val_loss", operation__stop_threshold=100.0,
+                        operation__stop_mode="min")).train()
+    assert checkpoint.resolve(tmp_path).name == "step_0000005"  # resumed: stopped, trains no further
+
+    never = make_config(pretrain_data, tmp_path / "never", operation__train_steps=10, operation__eval_interval=5,
+                        operation__stop_metric="val_loss", operation__stop_threshold=0.0, operation__stop_mode="min")
+    Trainer(never).train()
+    assert checkpoint.resolve(tmp_path / "never").name == "step_0000010"  # not reached: the whole run
+
+    wrong = make_config(pretrain_data, tmp_path / "wrong", operation__train_steps=10, operation__eval_interval=5,
+                        operation__stop_metric="val_acc")
+    with pytest.raises(ConfigError, match=r"operation.stop_metric.*'val_acc'.*val_loss"):
+        Trainer(wrong).train()

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from ironcore.checkpoints import native
 from ironcore.checkpoints.hf_families import FAMILIES, hf_config_from_model
 from ironcore.checkpoints.native import open_safetensors
+from ironcore.data.tokenizer import Tokenizer
 from ironcore.errors import CheckpointError
 from ironcore.files import read_json
 from ironcore.models.transformer import TransformerModel
@@ -110,6 +114,46 @@ def read_hf_weights(
     return state
 
 
+def export_token_ids(folder: str | Path) -> dict[str, Any]:
+    """``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` for the ``config.json`` of an export of ``folder``.
+
+    What the HF folder the weights came from said (:func:`~ironcore.checkpoints.native.recorded_token_ids`,
+    carried from the import through training), else the tokenizer's own: the BOS and EOS it declares, else its
+    end-of-document token (a new document starts after it: GPT-2's convention, and what IronCore's generation
+    starts an empty prompt from), the PAD it declares, else null. Without a tokenizer, only what was recorded.
+    Without these, ``transformers`` takes the family's defaults (LLaMA: BOS 1, EOS 2), other tokens or none.
+    """
+    recorded = native.recorded_token_ids(folder)
+    tokenizer = _tokenizer(folder)
+    if tokenizer is None:
+        return recorded
+    own = {f"{name}_id": _token_id(tokenizer, name) for name in ("bos_token", "eos_token", "pad_token")}
+    for name in ("bos_token_id", "eos_token_id"):
+        own[name] = tokenizer.eod_id if own[name] is None else own[name]
+    return {**own, **recorded}
+
+
+def generation_config(folder: str | Path, token_ids: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``generation_config.json`` for an export of ``folder`` that came without one: its token ids, ending
+    generation where IronCore's does (at the EOS and at the tokenizer's end-of-document token)."""
+    config = {key: token_ids[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+              if token_ids.get(key) is not None}  # fmt: skip
+    tokenizer = _tokenizer(folder)
+    eos = config.get("eos_token_id")
+    if tokenizer is not None and isinstance(eos, int) and eos != tokenizer.eod_id:
+        config["eos_token_id"] = [eos, tokenizer.eod_id]
+    return config
+
+
+def _tokenizer(folder: str | Path) -> Tokenizer | None:
+    return Tokenizer.from_path(folder) if (Path(folder) / "tokenizer.json").is_file() else None
+
+
+def _token_id(tokenizer: Tokenizer, name: str) -> int | None:
+    token = tokenizer.special_tokens.get(name)
+    return tokenizer.backend.token_to_id(token) if token else None
+
+
 def _groups(items: list, n: int) -> list[list]:
     """``items`` cut into ``n`` equal consecutive groups."""
     size = len(items) // n
@@ -122,17 +166,19 @@ def _preview(names: list[str], limit: int = 6) -> str:
 
 
 def save_hf_model(
-    model: TransformerModel, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30
+    model: TransformerModel, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30,
+    token_ids: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` as an HF checkpoint folder that ``AutoModelForCausalLM.from_pretrained`` loads.
 
     Tensors larger in total than ``max_shard_bytes`` are split into several
     files with a ``model.safetensors.index.json``, as HF does. Under tensor
     parallelism the full tensors are gathered first: every rank must call it,
-    and global rank 0 writes.
+    and global rank 0 writes. ``token_ids`` (``bos_token_id``, ``eos_token_id``,
+    ``pad_token_id``; see :func:`export_token_ids`) go into ``config.json``.
     """
     cfg = model.config
-    hf_config = hf_config_from_model(cfg)
+    hf_config = {**hf_config_from_model(cfg), **(token_ids or {})}
     family = hf_config["model_type"]
     modules = dict(model.named_modules())
     tensors: dict[str, torch.Tensor] = {}

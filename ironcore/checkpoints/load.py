@@ -11,7 +11,7 @@ A *source* is
 
 :func:`load_model` builds the model on the meta device (no memory, no
 initialisation) and assigns the weights, each rank taking its tensor-parallel
-shard; :func:`load_weights` gives the full weights alone (for ``init.init_from``),
+shard (:func:`load_language_model`: the same, refusing a reward model); :func:`load_weights` gives the full weights alone (for ``init.init_from``),
 and :func:`weight_files` the files they come from (to fingerprint them).
 """
 
@@ -95,6 +95,17 @@ def load_model(
         if rope is not None:
             rope.reset_parameters(device)
     return model.eval()
+
+
+def load_language_model(
+    source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> TransformerModel:
+    """:func:`load_model` for what reads next-token logits (generation, evaluation): a reward model, whose
+    score head gives one number per position instead, is refused in one line."""
+    model = load_model(source, device, dtype)
+    if model.score is not None:
+        raise CheckpointError(f"{source}: a reward model (score_head), not a language model")
+    return model
 
 
 def load_weights(source: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ Layout of a checkpoint folder::
     model_config.yaml    # the ModelConfig, so the folder is self-describing
     tokenizer.json       # the tokenizer of the training data (+ tokenizer_config.json, chat_template.jinja)
     generation_config.json   # HF generation defaults (end tokens, sampling), when the model came with them
+    hf_token_ids.json    # bos/eos/pad ids of the HF config.json the weights came from (kept for an export)
     optimizer.pt         # training checkpoints: optimizer state keyed by parameter name
     trainer_state.json   # step, consumed samples, tokens, skipped steps
     rng.pt               # RNG states (python, numpy, torch, cuda) of every rank
@@ -21,6 +22,8 @@ complete checkpoints. Pruning never removes the checkpoints they name.
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -38,7 +41,13 @@ from ironcore.config.loader import load_model_config
 from ironcore.config.model import ModelConfig
 from ironcore.data.tokenizer import definition_files
 from ironcore.errors import CheckpointError, ConfigError
-from ironcore.files import build_folder, describe_os_error, remove_stale_temps, write_text_atomically
+from ironcore.files import (
+    build_folder,
+    describe_os_error,
+    read_json,
+    remove_stale_temps,
+    write_text_atomically,
+)
 from ironcore.models.transformer import TransformerModel
 from ironcore.parallel.sharding import full_state_dict
 
@@ -51,12 +60,18 @@ OBJECTIVE = "objective.pt"
 LATEST = "latest"
 HEALTHY = "healthy"
 GENERATION_CONFIG = "generation_config.json"
+HF_TOKEN_IDS = "hf_token_ids.json"
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+log = logging.getLogger(__name__)
 
 
 def is_checkpoint_source(path: str | Path) -> bool:
     """Does ``path`` look like a checkpoint folder, a ``checkpoints/`` folder or a run folder? (Whether it is a
     complete one, :func:`resolve` says.)"""
     path = Path(path)
+    if path.name == LATEST and path.is_file():  # the pointer file itself: checkpoints/latest
+        return True
     return any((path / name).exists() for name in (LATEST, f"checkpoints/{LATEST}", WEIGHTS, MODEL_CONFIG))
 
 
@@ -117,6 +132,26 @@ def copy_generation_config(source: str | Path, folder: Path) -> None:
         shutil.copy2(Path(source) / GENERATION_CONFIG, folder / GENERATION_CONFIG)
 
 
+def copy_model_metadata(source: str | Path, folder: Path) -> None:
+    """What ``folder``, holding the weights of ``source`` (an HF folder or an IronCore checkpoint), keeps of it
+    besides the weights and tokenizer: its ``generation_config.json`` and its HF token ids
+    (:func:`recorded_token_ids`), so that an export says what the imported folder said."""
+    copy_generation_config(source, folder)
+    ids = recorded_token_ids(source)
+    if ids:
+        (folder / HF_TOKEN_IDS).write_text(json.dumps(ids, indent=2) + "\n")
+
+
+def recorded_token_ids(folder: str | Path) -> dict[str, Any]:
+    """The ``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` (those it has, null included) of an HF folder's
+    ``config.json``, or of an IronCore checkpoint's record of them (:data:`HF_TOKEN_IDS`); empty without."""
+    for path in (Path(folder) / HF_TOKEN_IDS, Path(folder) / "config.json"):
+        if path.is_file():
+            data = read_json(path, "HF token ids" if path.name == HF_TOKEN_IDS else "HF model config", CheckpointError)
+            return {key: data[key] for key in TOKEN_ID_KEYS if key in data}
+    return {}
+
+
 def save_model(model: TransformerModel, path: str | Path) -> Path:
     """Write ``model`` (at any TP size: every rank calls, rank 0 writes) as an IronCore checkpoint folder."""
     state = full_state_dict(model)
@@ -126,22 +161,67 @@ def save_model(model: TransformerModel, path: str | Path) -> Path:
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint folder from itself, a ``checkpoints/`` folder or a run folder (via ``latest``)."""
+    """A checkpoint folder from itself, a ``checkpoints/`` folder or a run folder (via ``latest``), or from the
+    ``checkpoints/latest`` pointer itself.
+
+    A ``latest`` that is empty or names a folder that is not there falls back, with a warning, to the newest
+    complete step folder (older than the one it names); with none, it is one line naming the pointer.
+    """
     folder = Path(path)
     if not is_checkpoint_source(folder):
         raise CheckpointError(f"{folder}: not an IronCore checkpoint (expected {WEIGHTS} and {MODEL_CONFIG})")
+    if folder.is_file():  # the pointer file itself (checkpoints/latest): the folder that holds it
+        folder = folder.parent
     for candidate in (folder, folder / "checkpoints"):
-        pointer = candidate / LATEST
-        if pointer.is_file():
-            folder = candidate / pointer.read_text().strip()
-            if not folder.is_dir():
-                raise CheckpointError(f"{pointer} names {folder.name}, which is missing")
+        if (candidate / LATEST).is_file():
+            folder = _resolve_latest(candidate)
             break
     for name in (MODEL_CONFIG, WEIGHTS):
         if not (folder / name).is_file():
             what = "is a folder" if (folder / name).exists() else "missing"
             raise CheckpointError(f"{folder / name}: {what} (an incomplete checkpoint)")
     return folder
+
+
+def _resolve_latest(checkpoints: Path) -> Path:
+    """The folder ``checkpoints/latest`` names or, when it names none, the newest complete one before it."""
+    candidates, problem = newest_first(checkpoints)
+    if problem is None:
+        return candidates[0]
+    complete = [c for c in candidates if (c / MODEL_CONFIG).is_file() and (c / WEIGHTS).is_file()]
+    if not complete:
+        raise CheckpointError(f"{checkpoints / LATEST}: {problem}, and no complete checkpoint is left to use instead")
+    log.warning("%s: %s: using %s, the newest complete checkpoint", checkpoints / LATEST, problem, complete[0])
+    return complete[0]
+
+
+def newest_first(checkpoints: Path) -> tuple[list[Path], str | None]:
+    """Where to look for the newest checkpoint of a ``checkpoints/`` folder, in order, and what is wrong with its
+    ``latest`` pointer (None: it names a step folder that exists, the first of the list).
+
+    The list is the folder ``latest`` names followed by the step folders older than it, newest first; when the
+    pointer is empty, names no step folder or one that is missing, the step folders that exist (older than
+    the one it names, if it names one). No pointer: an empty list (nothing was saved).
+    """
+    pointer = checkpoints / LATEST
+    if not pointer.is_file():
+        return [], None
+    try:
+        name = pointer.read_text(errors="replace").strip()
+    except OSError as err:
+        raise CheckpointError(describe_os_error(err, pointer)) from None
+    steps = sorted((p for p in checkpoints.glob("step_*") if p.is_dir()), reverse=True)
+    if not is_step_name(name):
+        return steps, "is empty" if not name else f"names {name!r}, not a checkpoint folder"
+    older = [p for p in steps if p.name < name]
+    if (checkpoints / name).is_dir():
+        return [checkpoints / name, *older], None
+    return older, f"names {name}, which is missing"
+
+
+def is_step_name(name: str) -> bool:
+    """Is ``name`` (a pointer file's text) the name of a step folder beside the pointer?"""
+    return name.startswith("step_") and "/" not in name and "\\" not in name
 
 
 def read_model(folder: Path, device: str | torch.device = "cpu") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -178,8 +258,9 @@ def pointed(checkpoints: Path, name: str = LATEST) -> Path | None:
     pointer = checkpoints / name
     if not pointer.is_file():
         return None
-    folder = checkpoints / pointer.read_text().strip()
-    return folder if folder.is_dir() else None
+    named = pointer.read_text(errors="replace").strip()
+    folder = checkpoints / named
+    return folder if is_step_name(named) and folder.is_dir() else None
 
 
 def prune(checkpoints: Path, keep: int) -> None:

@@ -15,6 +15,23 @@ from ironcore.errors import UserError
 from ironcore.files import describe_os_error
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A sub-command's parser whose KEY=VALUE positionals may come before, between and after its options
+    (``train --config C a=1 --tensor-model-parallel-size 1 b=2``, as torchrun users write it): plain argparse
+    takes the positionals up to the first option and calls the rest unrecognized."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 (argparse's signature)
+        if self._intermixing or not any(a.nargs in ("*", "+") for a in self._get_positional_actions()):
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls back here (Python < 3.12)
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ironcore.cli import (
         convert,
@@ -31,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="ironcore", description="IronCore LLM training framework")
     parser.add_argument("--version", action="version", version=f"ironcore {__version__}")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_IntermixedParser)
     for module in (corpus, synthetic, tokenizer, preprocess, train, evaluate, generate, convert, model_info,
                    reference):
         module.register(subparsers)

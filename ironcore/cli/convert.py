@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from ironcore.errors import ConfigError
@@ -19,9 +20,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ironcore.checkpoints.hf import save_hf_model
+    from ironcore.checkpoints.hf import export_token_ids, generation_config, save_hf_model
     from ironcore.checkpoints.load import load_model, locate
-    from ironcore.checkpoints.native import copy_generation_config, copy_tokenizer, write_model_files
+    from ironcore.checkpoints.native import (
+        GENERATION_CONFIG,
+        copy_generation_config,
+        copy_model_metadata,
+        copy_tokenizer,
+        write_model_files,
+    )
     from ironcore.files import build_folder, check_writable
     from ironcore.parallel.sharding import full_state_dict
 
@@ -33,14 +40,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         _, folder = locate(args.from_hf, expect="hf")
     model = load_model(folder)
+    # The special token ids an HF config.json names: what the imported folder said, else the tokenizer's own.
+    token_ids = export_token_ids(folder) if args.to_hf else {}
 
     def write(tmp: Path) -> None:
+        copy_tokenizer(folder, tmp)  # so the converted folder can tokenize, render chats and generate on its own
         if args.to_hf:
-            save_hf_model(model, tmp)
+            save_hf_model(model, tmp, token_ids=token_ids)
+            copy_generation_config(folder, tmp)
+            if not (tmp / GENERATION_CONFIG).is_file() and token_ids:
+                (tmp / GENERATION_CONFIG).write_text(json.dumps(generation_config(tmp, token_ids), indent=2) + "\n")
         else:
             write_model_files(tmp, full_state_dict(model), model.config)
-        copy_tokenizer(folder, tmp)  # so the converted folder can tokenize, render chats and generate on its own
-        copy_generation_config(folder, tmp)
+            copy_model_metadata(folder, tmp)  # generation_config.json and config.json's token ids, for an export
 
     out = build_folder(args.output, write)
     print(f"wrote {out}")

@@ -80,6 +80,10 @@ def _tasks(args: argparse.Namespace) -> tuple[dict, str]:
         task.limit = args.limit or task.limit
         check_task(task)
     lm_tasks = [t for t in (args.lm_eval or "").split(",") if t]
+    for name in lm_tasks:  # one eval.json entry and one set of eval/<task>/<metric> names per task
+        if name in names:
+            raise ConfigError(f"--lm-eval {name} and --task {args.task[names.index(name)]} both name a task "
+                              f"'{name}': give the task YAML a 'name' of its own")  # fmt: skip
     if lm_tasks:
         try:
             from ironcore.evaluation.harness import IronCoreLM, run_lm_eval
@@ -95,7 +99,11 @@ def _tasks(args: argparse.Namespace) -> tuple[dict, str]:
         _say(f"{task.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[task.name].items()))
     if lm_tasks:
         lm = IronCoreLM(loaded=(model, tokenizer), device=args.device, batch_size=args.micro_batch_size)
-        results.update(run_lm_eval(lm, lm_tasks, args.include_path, args.limit))
+        for name, values in run_lm_eval(lm, lm_tasks, args.include_path, args.limit).items():
+            if name in results:  # a subtask or group lm-eval expanded a task into, named like one of ours
+                _say(f"lm-eval's task '{name}' is named like a --task: its results are 'lm_eval:{name}'")
+                name = f"lm_eval:{name}"
+            results[name] = values
     step = trained_step(folder) if kind == "ironcore" else None
     metrics = {f"eval/{task}/{metric}": value for task, values in results.items() for metric, value in values.items()
                if metric not in ("items", "seconds")}  # fmt: skip

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ironcore.errors import ConfigError, DataError
+from ironcore.files import read_text
 
 if TYPE_CHECKING:
     from ironcore.data.tokenizer import Tokenizer
@@ -165,10 +166,7 @@ def _pieces(tokenizer: Tokenizer, tokens: Iterator[int]) -> Iterator[str]:
 
 def read_prompts(path: Path) -> list[str]:
     """Prompts of a text file (one per non-empty line) or a .jsonl file (a string or {"prompt": ...} per line)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read prompts: {err.strerror}") from None
+    lines = read_text(path, "prompts file").splitlines()  # missing, a folder, not UTF-8 (the byte): one line
     prompts = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -201,12 +199,12 @@ def load(args: argparse.Namespace) -> TransformerModel:
     """The model of ``--checkpoint`` or ``--from-hf``, in eval mode on the chosen device."""
     import torch
 
-    from ironcore.checkpoints.load import load_model
+    from ironcore.checkpoints.load import load_language_model
 
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_model(source_of(args)[0], device)
+    return load_language_model(source_of(args)[0], device)
 
 
 def load_tokenizer(args: argparse.Namespace) -> Tokenizer:

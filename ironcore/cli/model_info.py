@@ -6,12 +6,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from ironcore.config import load_config, load_model_config
 from ironcore.config.model import ModelConfig
 from ironcore.errors import ConfigError
 from ironcore.files import read_yaml
+
+# Tokens in one micro-batch the planner plans for at most: no GPU holds the activations of more (even a
+# hidden size of 32 is 512 GiB of them), and beyond it the byte counts of a tensor leave int64.
+MAX_TOKENS = 2**32
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, world_size=1).model
     else:
         cfg = load_model_config(args.config)
-    seq_len = args.seq_len or cfg.max_position_embeddings
+    if args.seq_len is not None and not 1 <= args.seq_len <= cfg.max_position_embeddings:
+        raise ConfigError(f"--seq-len {args.seq_len}: must be in 1..{cfg.max_position_embeddings} "
+                          f"(model.max_position_embeddings of {cfg.name})")  # fmt: skip
+    seq_len = cfg.max_position_embeddings if args.seq_len is None else args.seq_len
     if args.memory:
         return _memory(cfg, seq_len, args)
     stats = model_stats(cfg, seq_len)
@@ -73,6 +81,14 @@ def _memory(cfg: ModelConfig, seq_len: int, args: argparse.Namespace) -> int:
     for key in ("tp", "dp", "micro_batch_size"):
         if getattr(args, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    cfg.check_tensor_parallel(args.tp, "--tp")  # the trainer's own checks: a layout it would refuse is no plan
+    tokens = args.micro_batch_size * seq_len
+    if tokens > MAX_TOKENS:
+        raise ConfigError(f"--micro-batch-size {args.micro_batch_size} x sequence length {seq_len} = {tokens:,} "
+                          f"tokens in one micro-batch: more than any GPU holds the activations of (at most "
+                          f"{MAX_TOKENS:,})")  # fmt: skip
+    if args.gpu_memory is not None and not (math.isfinite(args.gpu_memory) and args.gpu_memory > 0):
+        raise ConfigError(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory:g}")
     plan = plan_memory(cfg, args.tp, args.dp, args.distributed_optimizer, args.precision,
                        args.activation_checkpointing, args.micro_batch_size, seq_len, args.optimizer)  # fmt: skip
     fits = None if args.gpu_memory is None else plan.total <= args.gpu_memory * 2**30

@@ -59,6 +59,37 @@ def field(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> 
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
+def template_fields(template: str, key: str) -> list[str]:
+    """The fields a ``"Question: {question}"`` template names, in order. Plain field names only: a syntax
+    error (``"{question"``), an attribute or index lookup (``{q.__class__}``, ``{q[0]}``), a conversion, a
+    format spec or a positional ``{}`` is an :class:`InvalidValue` naming ``key`` (a template of user data
+    must not reach Python's internals through ``str.format``). Fill it with :func:`fill_template`."""
+    import string
+
+    hint = "a template names fields as {name} only, with {{ and }} for literal braces"
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise InvalidValue(key, f"invalid template {template!r}: {err} ({hint})") from None
+    names = []
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if not name or name.isdigit() or any(c in name for c in ".[]") or spec or conversion:
+            text = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise InvalidValue(key, f"{text} is not a plain field name ({hint})")
+        names.append(name)
+    return names
+
+
+def fill_template(template: str, values: Mapping[str, Any]) -> str:
+    """``template`` (checked by :func:`template_fields`) with each ``{name}`` replaced by ``str(values[name])``."""
+    import string
+
+    return "".join(literal + ("" if name is None else str(values[name]))
+                   for literal, name, _, _ in string.Formatter().parse(template))  # fmt: skip
+
+
 def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest option, or '' when none is close."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)

@@ -20,7 +20,7 @@ from ironcore.config.base import did_you_mean, from_dict, to_dict
 from ironcore.config.model import ModelConfig
 from ironcore.config.training import Config
 from ironcore.errors import ConfigError
-from ironcore.files import read_yaml
+from ironcore.files import DuplicateKeyError, load_yaml_text, read_yaml
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -76,7 +76,9 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[list[str], Any]]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override '{item}': expected KEY=VALUE with a dotted key, e.g. optim.max_lr=3e-4")
         try:
-            value = yaml.safe_load(text) if text else ""
+            value = load_yaml_text(text) if text else ""
+        except DuplicateKeyError as err:
+            raise ConfigError(f"override '{item}': {err}") from None
         except yaml.YAMLError:
             value = text
         parsed.append((key.split("."), value))
@@ -147,21 +149,7 @@ def validate_config(cfg: Config, world_size: int | None = None) -> Config:
         raise ConfigError(f"trainer.tensor_model_parallel_size {tp} is larger than the world size {world_size}")
     if world_size % tp:
         raise ConfigError(f"world size {world_size} is not a multiple of trainer.tensor_model_parallel_size {tp}")
-    m = cfg.model
-    if m.num_attention_heads % tp:
-        raise ConfigError(
-            f"model.num_attention_heads {m.num_attention_heads} is not divisible by "
-            f"trainer.tensor_model_parallel_size {tp}"
-        )
-    if m.kv_heads % tp and tp % m.kv_heads:
-        raise ConfigError(
-            f"model.num_key_value_heads {m.kv_heads} must divide or be divisible by "
-            f"trainer.tensor_model_parallel_size {tp}"
-        )
-    if m.ffn_size % tp:
-        raise ConfigError(
-            f"model.ffn_hidden_size {m.ffn_size} is not divisible by trainer.tensor_model_parallel_size {tp}"
-        )
+    cfg.model.check_tensor_parallel(tp)  # heads, key/value groups, MLP and expert widths, q/k norms vs TP
     dp = world_size // tp
     if tr.micro_batch_size < 1:
         raise ConfigError(f"trainer.micro_batch_size must be >= 1, got {tr.micro_batch_size}")

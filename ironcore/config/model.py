@@ -8,6 +8,7 @@ import importlib.util
 from typing import Literal
 
 from ironcore.config.base import InvalidValue, field
+from ironcore.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -256,3 +257,24 @@ class ModelConfig:
             fail("lm_head_bias", "an output bias needs an untied output projection (tie_word_embeddings: false)")
         if not 0 <= self.dropout < 1:
             fail("dropout", f"must be in [0, 1), got {self.dropout}")
+
+    def check_tensor_parallel(self, tp: int, setting: str = "trainer.tensor_model_parallel_size") -> None:
+        """A one-line ConfigError naming ``setting`` (the TP size as the user gave it: a config key, ``--tp``)
+        when this model cannot be split over ``tp`` ranks: every check that the trainer's model makes, in the
+        one place the config loader, the trainer's layout check, the attention layer and the memory planner
+        share."""
+        if tp < 1:
+            raise ConfigError(f"{setting} must be >= 1, got {tp}")
+        size = f"{setting} {tp}"
+        if self.num_attention_heads % tp:
+            raise ConfigError(f"model.num_attention_heads {self.num_attention_heads} is not divisible by {size}")
+        if self.kv_heads % tp and tp % self.kv_heads:
+            raise ConfigError(f"model.num_key_value_heads {self.kv_heads} must divide or be divisible by {size}")
+        if self.ffn_size % tp:
+            raise ConfigError(f"model.ffn_hidden_size {self.ffn_size} is not divisible by {size}")
+        if self.num_experts is not None and self.expert_ffn_size % tp:
+            raise ConfigError(f"model.moe_ffn_hidden_size {self.expert_ffn_size} (an expert's width) is not "
+                              f"divisible by {size}")  # fmt: skip
+        if self.qk_norm and not self.qk_norm_per_head and tp > 1:  # its statistic would need a sum over the ranks
+            raise ConfigError(f"model.qk_norm_per_head: false (a norm over all heads) is not supported under tensor "
+                              f"parallelism yet ({size})")  # fmt: skip

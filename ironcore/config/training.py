@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 from ironcore.config.base import InvalidValue, field
@@ -152,10 +153,20 @@ class OperationConfig:
     log_interval: int = field(1, help="Log (stdout, metrics.jsonl, MLflow) every this many steps.")
     eval_tasks: list[str] = field(
         [], help="Tasks evaluated with the validation (ironcore eval --task specs: a task YAML or NAME=DATA), logged "
-        "as eval/<task>/<metric>; every rank runs them (tensor parallelism needs all)."
+        "as eval/<task>/<metric>; the first data-parallel replica runs them and sends the numbers to the others."
+    )
+    stop_metric: str | None = field(
+        None, help="Stop early once this evaluation metric (e.g. eval/synthetic/accuracy or val_loss) reaches "
+        "operation.stop_threshold: the run ends there as if it were its last step (final checkpoint and final_eval.json)."
+    )
+    stop_threshold: float = field(0.0, help="The value of operation.stop_metric that stops the run.")
+    stop_mode: Literal["max", "min"] = field(
+        "max", help="max: stop once the metric is >= stop_threshold (an accuracy); min: once it is <= (a loss)."
     )
 
     def validate(self) -> None:
+        if self.stop_metric is not None and not math.isfinite(self.stop_threshold):
+            raise InvalidValue("stop_threshold", f"must be a finite number, got {self.stop_threshold}")
         for key in ("train_steps", "train_tokens"):
             value = getattr(self, key)
             if value is not None and value < 1:

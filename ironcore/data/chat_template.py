@@ -91,13 +91,20 @@ def render(
     messages: list[Mapping[str, Any]],
     special_tokens: Mapping[str, str],
     add_generation_prompt: bool = False,
+    origin: str | None = None,
     **variables: Any,
 ) -> str:
-    """The text of ``messages`` under the template ``source``; a template's own error is a ConfigError."""
+    """The text of ``messages`` under the template ``source``; a template's own error is a one-line ConfigError
+    (naming ``origin``, the template's file, when given): a ``raise_exception``, a sandbox refusal (a
+    ``range`` over 100,000), or a Python error of its expressions (``1 / 0``, ``'a' + 1``, a missing key)."""
     try:
         return compile_template(source).render(
             messages=[_with_reasoning_aliases(m) for m in messages], tools=None, documents=None,
             add_generation_prompt=add_generation_prompt, **{**special_tokens, **variables},
         )
     except jinja2.TemplateError as err:
-        raise ConfigError(f"chat template: {err.message or err}") from None
+        problem = err.message or str(err)
+    except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as err:  # OverflowError: range
+        problem = f"{type(err).__name__}: {err}"
+    problem = " ".join(str(problem).splitlines())  # one line
+    raise ConfigError(f"chat template: {problem}" + (f" (in {origin})" if origin else ""))

@@ -64,7 +64,7 @@ class TokenizerConfig:
     path: str | None = field(
         None,
         help="tokenizer.json, or a folder as transformers saves it (tokenizer.json, tokenizer_config.json, "
-        "chat_template.jinja)",
+        "chat_template.jinja), or a checkpoint, run folder or checkpoints/latest (the tokenizer saved with it)",
     )
     hf_name: str | None = field(None, help="hub tokenizer name (needs network), e.g. gpt2")
     train: TrainTokenizerConfig | None = field(None, help="train a byte-level BPE on the source instead")

@@ -35,8 +35,8 @@ import numpy as np
 import tokenizers
 
 from ironcore.data import chat_template
-from ironcore.errors import ConfigError, DataError
-from ironcore.files import read_json
+from ironcore.errors import CheckpointError, ConfigError, DataError
+from ironcore.files import read_json, read_text
 
 # Special tokens that mark the end of a document in common vocabularies, in order of preference
 # (a chat model's eos_token, e.g. Qwen's <|im_end|>, ends a turn, not a document).
@@ -67,15 +67,19 @@ class Tokenizer:
         if eod_id is None:
             raise ConfigError(f"tokenizer has no token '{self.eod_token}' (tokenizer.eod_token)")
         self.eod_id: int = eod_id
+        self.chat_template_origin: str | None = None  # the file the default template came from (for errors)
 
     # ---- loading -------------------------------------------------------------------------
 
     @classmethod
     def from_path(cls, path: str | Path, eod_token: str | None = None) -> Tokenizer:
-        """Load a ``tokenizer.json`` file, or a folder holding one with its config and chat templates."""
+        """Load a ``tokenizer.json`` file, or a folder holding one with its config and chat templates, or the
+        one saved with a checkpoint (a run folder, its ``checkpoints/`` folder or ``latest``: see
+        :func:`tokenizer_source`)."""
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"tokenizer path {path} does not exist")
+        path = tokenizer_source(path)
         json_path, config_path = tokenizer_files(path)
         if not json_path.exists():
             raise ConfigError(
@@ -89,7 +93,13 @@ class Tokenizer:
         config = None
         if config_path is not None and config_path.exists():
             config = read_json(config_path, "tokenizer config", ConfigError)
-        return cls(backend, config, eod_token, _template_files(path) if path.is_dir() else None)
+        files = _template_files(path) if path.is_dir() else {}
+        tokenizer = cls(backend, config, eod_token, files)
+        if DEFAULT_TEMPLATE in files:
+            tokenizer.chat_template_origin = str(path / CHAT_TEMPLATE_FILE)
+        elif tokenizer.chat_template is not None:
+            tokenizer.chat_template_origin = str(config_path)
+        return tokenizer
 
     @classmethod
     def from_hub(cls, name: str, eod_token: str | None = None) -> Tokenizer:
@@ -224,7 +234,7 @@ class Tokenizer:
         ``variables`` reach the template too (e.g. ``enable_thinking=False``).
         """
         return chat_template.render(self.require_chat_template(), messages, self.special_tokens,
-                                    add_generation_prompt, **variables)
+                                    add_generation_prompt, origin=self.chat_template_origin, **variables)
 
     def require_chat_template(self) -> str:
         """The default chat template, or the one-line error that says where one comes from."""
@@ -236,10 +246,29 @@ class Tokenizer:
         return self.chat_template
 
 
+def tokenizer_source(path: str | Path) -> Path:
+    """Where the tokenizer of ``path`` is: ``path`` itself (``tokenizer.json`` or a folder holding one), else
+    the checkpoint folder that a run folder, a run's ``checkpoints/`` folder or a pointer file
+    (``checkpoints/latest``) names, resolved as ``init.init_from``, ``eval`` and ``convert`` resolve them."""
+    from ironcore.checkpoints import native  # it imports this module
+
+    path = Path(path)
+    pointer = path.name == native.LATEST and path.is_file()
+    run = path.is_dir() and not (path / "tokenizer.json").is_file() and any(
+        (path / name).is_file() for name in (native.LATEST, f"checkpoints/{native.LATEST}"))
+    if not (pointer or run):  # a tokenizer file or folder, or a checkpoint folder (it holds its tokenizer.json)
+        return path
+    try:
+        return native.resolve(path)
+    except CheckpointError as err:
+        raise ConfigError(f"tokenizer path {path}: {err}") from None
+
+
 def definition_files(path: str | Path) -> list[Path]:
     """The files that define a tokenizer file or folder, as far as they exist: ``tokenizer.json``,
-    ``tokenizer_config.json`` and the chat templates (what a fingerprint reads, what a copy takes)."""
-    path = Path(path)
+    ``tokenizer_config.json`` and the chat templates (what a fingerprint reads, what a copy takes); a run
+    folder or ``latest`` pointer stands for its checkpoint's (:func:`tokenizer_source`)."""
+    path = tokenizer_source(path) if Path(path).exists() else Path(path)
     if not path.is_dir():
         return [path] if path.is_file() else []
     candidates = [path / "tokenizer.json", path / "tokenizer_config.json", path / CHAT_TEMPLATE_FILE,
@@ -281,8 +310,7 @@ def _template_files(folder: Path) -> dict[str, str]:
 
 def _read_exactly(path: Path) -> str:
     """The file's text with its line endings as they are (``read_text`` would turn CRLF into LF)."""
-    with open(path, encoding="utf-8", newline="") as f:
-        return f.read()
+    return read_text(path, "chat template", ConfigError, keep_line_endings=True)
 
 
 def _identity(backend: tokenizers.Tokenizer) -> str:

@@ -63,6 +63,19 @@ class IronCoreLM(TemplateLM):
         self._eot = self.tokenizer_.backend.token_to_id(eos) if eos else self.tokenizer_.eod_id
         self._prefix = prefix_token(self.tokenizer_)
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> IronCoreLM:
+        """``lm_eval --model ironcore --model_args ARGS [--batch_size N] [--device D]``: lm-eval passes its
+        ``--batch_size`` and ``--device`` (set or default) beside ``--model_args``; a key given in both is taken
+        from ``--model_args`` (the documented ``checkpoint=DIR,batch_size=16``), never given twice."""
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> IronCoreLM:
+        """As :meth:`create_from_arg_string`, for model arguments given as a dict (``simple_evaluate``)."""
+        extra = {key: value for key, value in (additional_config or {}).items() if value is not None}
+        return cls(**{**extra, **arg_dict})
+
     @property
     def eot_token_id(self) -> int:
         return self._eot

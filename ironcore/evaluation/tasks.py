@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import string
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,8 +41,8 @@ from typing import Any
 import torch
 
 from ironcore.checkpoints import native
-from ironcore.checkpoints.load import load_model, locate
-from ironcore.config.base import InvalidValue, did_you_mean, field, from_dict
+from ironcore.checkpoints.load import load_language_model, locate
+from ironcore.config.base import InvalidValue, did_you_mean, field, fill_template, from_dict, template_fields
 from ironcore.data.tokenizer import Tokenizer
 from ironcore.errors import CheckpointError, ConfigError, DataError, UserError
 from ironcore.evaluation.likelihood import encode_pair, loglikelihoods
@@ -65,7 +64,8 @@ class FewShot:
 
 @dataclass
 class TaskConfig:
-    """One task. Templates are Python format strings over an item's fields: ``"Question: {question}"``."""
+    """One task. Templates name an item's fields, ``"Question: {question}"``: plain names only (no attribute,
+    index or format spec), ``{{`` and ``}}`` for braces (``template_fields``, checked at load)."""
 
     name: str = field(help="the metrics' prefix: eval/<name>/<metric>")
     path: str = field(help="JSONL file of items")
@@ -92,6 +92,8 @@ class TaskConfig:
     target_delimiter: str = field(" ", help="multiple choice: between the context and each choice")
 
     def validate(self) -> None:
+        for key in ("prompt", "target"):
+            template_fields(getattr(self, key), key)  # plain {field} names only, one line for anything else
         if self.type not in ("generate", "multiple_choice"):
             raise InvalidValue("type", f"must be generate or multiple_choice, got {self.type!r}")
         for key in ("batch_size", "max_new_tokens"):
@@ -159,7 +161,7 @@ def load_for_eval(source: str | Path, device: str = "cpu") -> tuple[TransformerM
     _, folder = locate(source)
     if not (folder / "tokenizer.json").exists():
         raise ConfigError(f"{folder}: no tokenizer.json saved with the model (evaluation needs its tokenizer)")
-    return load_model(source, device), Tokenizer.from_path(folder)
+    return load_language_model(source, device), Tokenizer.from_path(folder)
 
 
 def read_items(path: str | Path, limit: int | None = None) -> list[tuple[int, dict[str, Any]]]:
@@ -184,11 +186,11 @@ def read_items(path: str | Path, limit: int | None = None) -> list[tuple[int, di
 
 def render(template: str, record: dict[str, Any], where: str, key: str) -> str:
     """``template`` filled from ``record``; a field it names that the record lacks is a one-line error."""
-    for _, name, _, _ in string.Formatter().parse(template):
-        if name is not None and name.split(".")[0].split("[")[0] not in record:
+    for name in template_fields(template, key):  # plain names only (checked when the task was loaded)
+        if name not in record:
             raise DataError(f"{where}: no field '{name}' (the task's '{key}' template uses it; the item has "
                             f"{', '.join(sorted(record)) or 'no fields'})")  # fmt: skip
-    return template.format_map(record)
+    return fill_template(template, record)
 
 
 def prefix_token(tokenizer: Tokenizer) -> int:

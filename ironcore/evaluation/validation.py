@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ironcore.checkpoints import native
-from ironcore.checkpoints.load import load_model
+from ironcore.checkpoints.load import load_language_model
 from ironcore.data.batches import StepBatches
 from ironcore.data.config import load_data_config
 from ironcore.data.metadata import load_metadata
@@ -57,7 +57,7 @@ def evaluate_checkpoint(
         check_same_tokenizer(folder, metadata["tokenizer"]["identity"], f"the one that tokenized {data_cfg.output_dir}",
                              "--allow-other-tokenizer")
     step = trained_step(folder)  # read before the work: a bad file must not cost the evaluation
-    model = load_model(folder, device)
+    model = load_language_model(folder, device)
     dataset = build_dataset(data_cfg.output_dir, metadata, "valid", data_cfg.max_seq_length, seed=0)
     batches = StepBatches(dataset, micro_batch_size, micro_batch_size, 0, 1, 0, False, torch.device(device))
     total, count = loss_sums(model, batches.eval_steps(max_batches))

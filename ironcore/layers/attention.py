@@ -30,7 +30,6 @@ from torch import nn
 
 from ironcore import kernels
 from ironcore.config.model import ModelConfig
-from ironcore.errors import ConfigError
 from ironcore.layers.norm import RMSNorm
 from ironcore.layers.rope import apply_rotary
 from ironcore.parallel import state
@@ -178,9 +177,7 @@ class Attention(nn.Module):
         )
         # q/k norms over each head (Qwen3, Gemma 3), or over the whole projection (OLMo 2) before the head split.
         self.qk_norm_per_head = cfg.qk_norm_per_head
-        if cfg.qk_norm and not cfg.qk_norm_per_head and tp > 1:
-            raise ConfigError("model.qk_norm_per_head: false (a norm over all heads) is not supported under tensor "
-                              "parallelism yet")  # its statistic would need a sum over the ranks' heads
+        cfg.check_tensor_parallel(tp)  # e.g. q/k norms over all heads: their statistic would need the ranks' sum
         q_dim, k_dim = (self.head_dim, self.head_dim) if cfg.qk_norm_per_head else (q_size, kv_size)
         norm = kernels.selected(cfg, "norm")
         self.q_norm = mark_partial_grads(RMSNorm(q_dim, cfg.norm_eps, cfg.norm_unit_offset, norm)) if cfg.qk_norm else None

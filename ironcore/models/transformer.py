@@ -99,7 +99,9 @@ class TransformerModel(nn.Module):
         self.score = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.score_head else None
         self._mask_cache: dict[tuple[int, int, torch.device, int | None], torch.Tensor] = {}
         # Mixture of experts: the weight of the auxiliary losses in the backward pass (the trainer sets it to
-        # 1 / micro-batches), and their values of the last forward pass, for logging.
+        # 1 / (micro-batches x DP size), each pass's share of the global batch, since the DP reduction sums the
+        # ranks' gradients; under TP each rank adds 1/tp of it, _moe_losses), and their values of the last
+        # forward pass, for logging.
         self.aux_loss_scale = 1.0
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.reset_parameters()

@@ -21,6 +21,7 @@ import dataclasses
 import html
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -65,7 +66,8 @@ class GRPOOptions:
     top_p: float = field(1.0, help="Nucleus sampling: the most probable tokens of this mass, in (0, 1].")
     top_k: int = field(0, help="Sample among the k most probable tokens (0: all).")
     max_completion_length: int = field(
-        512, help="Most tokens a completion may have; also dr_grpo's constant normaliser."
+        512, help="Most tokens a completion may have; also dr_grpo's constant normaliser. With the data's prompt "
+        "budget (max_seq_length) it must fit model.max_position_embeddings: budget + this - 1 <= positions."
     )
     scale_rewards: Literal["group", "batch", "none"] = field(
         "group",
@@ -147,7 +149,7 @@ class Advantages:
 
     advantages: torch.Tensor
     std: torch.Tensor  # the group's std, or the batch's for scale_rewards=batch (NaN under 2 rewards)
-    is_std_zero: torch.Tensor  # bool; its mean is TRL's frac_reward_zero_std
+    is_std_zero: torch.Tensor  # bool (a NaN std counts: no spread); its mean is TRL's frac_reward_zero_std
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str) -> Advantages:
@@ -155,7 +157,9 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
 
     A NaN reward (no reward function could score the completion) is left out
     of its group's mean and std and gets advantage 0: it must not move the
-    policy. So does a whole group whose std is NaN (one scored completion).
+    policy. So does a whole group whose std is NaN (one scored completion, or
+    none). Such a group has no spread, so ``is_std_zero`` counts it, as TRL
+    counts a group of all-None rewards (its ``nansum`` scores them 0, whose std is 0).
     """
     grouped = rewards.view(-1, num_generations)
     mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
@@ -168,7 +172,7 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     advantages = rewards - mean
     if scale_rewards != "none":
         advantages = advantages / (std + 1e-4)
-    is_std_zero = torch.isclose(std, torch.zeros_like(std))
+    is_std_zero = torch.isclose(std, torch.zeros_like(std)) | std.isnan()
     return Advantages(torch.nan_to_num(advantages, nan=0.0), std, is_std_zero)
 
 
@@ -253,6 +257,24 @@ def grpo_loss(
 
 # ---- the objective ---------------------------------------------------------------------------------------
 
+
+def check_positions(max_completion_length: int, prompt_budget: int, positions: int) -> None:
+    """Refuse at start-up a prompt of the full budget + ``max_completion_length`` beyond the model's positions.
+
+    A rollout feeds the prompt and every new token but the last, and the update runs over the same positions,
+    so ``prompt_budget + max_completion_length - 1`` must fit in ``model.max_position_embeddings``.
+    """
+    needed = prompt_budget + max_completion_length - 1
+    if needed > positions:
+        fits = positions - prompt_budget + 1
+        advice = f"at most {fits} fit" if fits >= 1 else "lower the data's max_seq_length"
+        raise ConfigError(
+            f"config key 'trainer.objective_options.max_completion_length': a prompt of the data's max_seq_length "
+            f"({prompt_budget} tokens) + {max_completion_length} new tokens needs {needed} positions, more than "
+            f"model.max_position_embeddings ({positions}); {advice}"
+        )
+
+
 SAMPLE_ROWS = 16  # held-out prompts shown with their completions at each evaluation
 
 
@@ -312,6 +334,8 @@ class GRPOObjective(Objective):
         self.pad_id = context.metadata["tokenizer"]["eod_id"]
         self.rewards = RewardSet([load_reward(spec, f"trainer.objective_options.rewards[{i}]")
                                   for i, spec in enumerate(options.rewards)])
+        check_positions(options.max_completion_length, context.seq_len, context.config.model.max_position_embeddings)
+        self._unscored: set[str] = set()  # reward functions already warned about scoring no completion
         self.reference = frozen_reference(context) if options.beta != 0.0 else None
         self.prompts: dict[str, PromptDataset] = {}
         self.split = "train"
@@ -476,6 +500,7 @@ class GRPOObjective(Objective):
         lengths, truncated = everyone[:, -2], everyone[:, -1]
         metrics = {"reward": float(torch.nanmean(rewards)), "reward_std": float(nanstd(rewards)),
                    "frac_reward_zero_std": float(adv.is_std_zero.float().mean())}
+        self._warn_unscored(per_function)
         for j, name in enumerate(self.rewards.names):
             metrics[f"rewards/{name}/mean"] = float(torch.nanmean(per_function[:, j]))
             metrics[f"rewards/{name}/std"] = float(nanstd(per_function[:, j]))
@@ -489,6 +514,22 @@ class GRPOObjective(Objective):
         metrics["completions/max_length"] = float(lengths.max())
         metrics["completions/clipped_ratio"] = float(truncated.mean())
         return metrics
+
+    def _warn_unscored(self, per_function: torch.Tensor) -> None:
+        """Warn, once per function, when one returned None for all of a global batch's completions: its
+        metrics are then null (NaN); when no function scored any, so is ``reward``, and every advantage is 0."""
+        nothing = bool(per_function.isnan().all())
+        for j, name in enumerate(self.rewards.names):
+            if name not in self._unscored and bool(per_function[:, j].isnan().all()):
+                self._unscored.add(name)
+                if dist.is_initialized() and dist.get_rank():  # every rank has the gathered rewards: one says it
+                    continue
+                log.warning(
+                    "reward function %s returned None for all %d completions of step %d: its metrics are null%s "
+                    "(warned once)", name, len(per_function), self.context.step(),
+                    "; no reward function scored any, so reward is null and nothing is learnt from them"
+                    if nothing else "",
+                )
 
     # ---- validation --------------------------------------------------------------------------------------
     def evaluate(self, forward: Forward, batches: Iterable[list[MicroBatch]]) -> dict[str, float]:
@@ -550,7 +591,9 @@ class GRPOObjective(Objective):
         return written
 
     def log_fields(self, metrics: dict[str, float]) -> str:
-        return f" | reward {metrics['reward']:.3f} | len {metrics['completions/mean_length']:.1f}"
+        reward = metrics["reward"]
+        shown = f"{reward:.3f}" if math.isfinite(reward) else "n/a (none scored)"
+        return f" | reward {shown} | len {metrics['completions/mean_length']:.1f}"
 
 
 def _gathered(x: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,21 @@ as keyword arguments::
           weight: 0.5
         - function: regex          # a built-in: gsm8k, regex, exact, reward_model
           options: {pattern: '<think>.*</think>.*'}
+
+An option the function does not take is refused when the run starts. A function that takes ``**_`` (the
+columns it does not use) would accept any option name, so declare its options, and check their values, with
+``@reward_options("limit", check=fn)`` (see :func:`~ironcore.rewards.base.reward_options`): the built-ins do.
 """
 
-from ironcore.rewards.base import BUILTIN, NamedReward, RewardScores, RewardSet, RewardSpec, load_reward
+from ironcore.rewards.base import (
+    BUILTIN,
+    NamedReward,
+    RewardScores,
+    RewardSet,
+    RewardSpec,
+    load_reward,
+    reward_options,
+)
 from ironcore.rewards.exact import exact_answer
 from ironcore.rewards.format import regex_match
 from ironcore.rewards.gsm8k import gsm8k_answer
@@ -34,4 +46,5 @@ __all__ = [
     "gsm8k_answer",
     "load_reward",
     "regex_match",
+    "reward_options",
 ]

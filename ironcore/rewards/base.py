@@ -4,6 +4,11 @@ A reward function has TRL's signature, ``fn(prompts, completions, **fields) -> l
 ``fields`` are the data's per-sample columns (``answer=[...]``), passed to every function, so a function
 takes the ones it needs by name and swallows the rest with ``**_``. ``None`` means "does not apply to
 this sample"; the total reward then sums the functions that did apply (TRL's ``nansum``).
+
+A function may declare its options with :func:`reward_options`: then an option it does not declare is
+refused (a function that swallows the data's columns with ``**_`` would otherwise swallow a misspelt option
+too), a declared option without a default is required, and its ``check`` sees the options when the reward
+is loaded, so that a bad value stops the run at start-up, not at the first rollout.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from typing import Any
 
 import torch
 
-from ironcore.config.base import did_you_mean
+from ironcore.config.base import InvalidValue, did_you_mean
 from ironcore.errors import ConfigError, DataError, UserError
 
 RewardFn = Callable[..., Sequence[float | None]]
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # rewards are kept as float32
 
 # Built-in reward functions by name; adding one is one line here.
 BUILTIN: dict[str, str] = {
@@ -31,6 +37,36 @@ BUILTIN: dict[str, str] = {
     "exact": "ironcore.rewards.exact:exact_answer",
     "reward_model": "ironcore.rewards.model:reward_model",
 }
+
+
+def reward_options(*names: str, check: Callable[[dict[str, Any]], None] | None = None) -> Callable[[RewardFn], RewardFn]:
+    """Declare the options a reward function takes (``names``) and a ``check`` of their values.
+
+    ``check(options)`` gets the options as configured (those given; defaults are not filled in) and raises
+    :class:`~ironcore.config.base.InvalidValue` naming the option at fault, e.g.
+    ``InvalidValue("pattern", "not a regular expression (...)")``; :func:`load_reward` puts the config key
+    in front. It runs once, when the reward is loaded.
+    """
+
+    def declare(fn: RewardFn) -> RewardFn:
+        fn.reward_options = frozenset(names)  # type: ignore[attr-defined]
+        fn.check_options = check  # type: ignore[attr-defined]
+        return fn
+
+    return declare
+
+
+def positive_int(options: dict[str, Any], name: str) -> None:
+    """For a ``check``: ``options[name]``, when given, must be an int >= 1 (not a bool)."""
+    value = options.get(name, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidValue(name, f"must be a positive integer, got {value!r}")
+
+
+def string_option(options: dict[str, Any], name: str) -> None:
+    """For a ``check``: ``options[name]``, when given, must be a string."""
+    if name in options and not isinstance(options[name], str):
+        raise InvalidValue(name, f"must be a string, got {_short(options[name])} ({type(options[name]).__name__})")
 
 
 @dataclass
@@ -101,31 +137,47 @@ def load_reward(spec: RewardSpec, key: str) -> NamedReward:
     fn = getattr(module, attr)
     if not callable(fn):
         raise ConfigError(f"config key '{key}.function': '{path}' is a {type(fn).__name__}, not a function")
-    _check_options(fn, spec.options, path, key)
+    _check_options(fn, spec.options, spec.function, key)
     name = spec.name or (spec.function if spec.function in BUILTIN else getattr(fn, "__name__", attr))
     bound = functools.partial(fn, **spec.options) if spec.options else fn
     return NamedReward(name=name, weight=float(spec.weight), fn=bound)
 
 
 def _check_options(fn: Callable, options: dict[str, Any], path: str, key: str) -> None:
-    """Each option must be a keyword argument ``fn`` takes (anything goes if it takes ``**kwargs``)."""
+    """Each option must be a keyword argument ``fn`` takes (anything goes if it takes ``**kwargs``), or one it
+    declares with :func:`reward_options`, whose ``check`` then sees them."""
+    declared: frozenset[str] | None = getattr(fn, "reward_options", None)
     try:
-        params = inspect.signature(fn).parameters.values()
+        params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):  # some C callables have no signature: nothing to check against
-        return
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+        params = []
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params) and declared is None
     takes = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    for p in params:
-        if p.kind is p.KEYWORD_ONLY and p.default is p.empty and p.name not in options:
-            raise ConfigError(f"config key '{key}.options.{p.name}': reward function '{path}' needs it")
+    if declared is not None:
+        takes = sorted(declared)
     for option in options:
         if option in ("prompts", "completions"):
             raise ConfigError(f"config key '{key}.options.{option}': the trainer passes '{option}' itself")
-        if not takes_any and option not in takes:
+        if declared is not None and not declared:
+            raise ConfigError(f"config key '{key}.options.{option}': reward function '{path}' takes no options")
+        if (params or declared) and not takes_any and option not in takes:
+            kind = "option" if declared is not None else "argument"
+            hint = did_you_mean(option, [t for t in takes if t not in ("prompts", "completions")])
+            if not hint and declared:
+                hint = f" (its options: {', '.join(takes)})"
             raise ConfigError(
-                f"config key '{key}.options.{option}': reward function '{path}' takes no argument '{option}'"
-                + did_you_mean(option, [t for t in takes if t not in ("prompts", "completions")])
+                f"config key '{key}.options.{option}': reward function '{path}' takes no {kind} '{option}'{hint}"
             )
+    for p in params:  # after the unknown ones: a misspelt option is named as such, not as a missing one
+        needed = p.kind is p.KEYWORD_ONLY or (declared is not None and p.name in declared)
+        if needed and p.default is p.empty and p.name not in options:
+            raise ConfigError(f"config key '{key}.options.{p.name}': reward function '{path}' needs it")
+    check = getattr(fn, "check_options", None)
+    if check is not None:
+        try:
+            check(dict(options))
+        except InvalidValue as err:
+            raise ConfigError(f"config key '{key}.options.{err.key}': reward function '{path}': {err.problem}") from None
 
 
 class RewardSet:
@@ -180,6 +232,13 @@ class RewardSet:
                 if value is not None:
                     per_function[i, j] = float(value)
         total = (per_function * self.weights).nansum(dim=1)
+        overflow = total.isinf().nonzero()
+        if len(overflow):
+            i = int(overflow[0])
+            raise DataError(
+                f"reward functions {', '.join(self.names)}: the weighted total of sample {i} is beyond the float32 "
+                f"range of rewards (|r| <= {FLOAT32_MAX:.4g})"
+            )
         total[per_function.isnan().all(dim=1)] = math.nan
         return RewardScores(per_function=per_function, total=total, names=list(self.names), errors=errors)
 
@@ -209,7 +268,8 @@ def _checked(name: str, out: Any, n: int) -> list[float | None]:
     """What a function returned, checked: a sequence of ``n`` finite numbers or None.
 
     bool counts as a number (0/1), so a checker may return ``x == y``; NaN and inf are refused because None
-    already says "not scored" and an infinite reward would swamp the group's baseline.
+    already says "not scored" and an infinite reward would swamp the group's baseline, and so is a finite
+    number that float32 (what rewards are kept in) cannot hold.
     """
     if not isinstance(out, Sequence) or isinstance(out, (str, bytes)):
         kind = type(out).__name__
@@ -224,6 +284,15 @@ def _checked(name: str, out: Any, n: int) -> list[float | None]:
                 f"reward function {name} returned {_short(value)} ({type(value).__name__}) for sample {i}; "
                 "expected a number or None"
             )
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float64
+            number = None
+        if number is not None and not math.isfinite(number):
             raise DataError(f"reward function {name} returned {value} for sample {i}; None means 'no score'")
+        if number is None or abs(number) > FLOAT32_MAX:
+            raise DataError(
+                f"reward function {name} returned {_short(value)} for sample {i}, beyond the float32 range of "
+                f"rewards (|r| <= {FLOAT32_MAX:.4g})"
+            )
     return list(out)

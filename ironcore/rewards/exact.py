@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from ironcore.rewards.base import reward_options
 
+
+@reward_options()  # none: an option given is a mistake
 def exact_answer(prompts: list[str], completions: list[str], answer: list[str], **_) -> list[float | None]:
     """1.0 when the completion's first line, stripped, equals the stripped answer, else 0.0.
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
+from ironcore.rewards.base import reward_options
+
 # Optional sign (a '-' right after a digit is subtraction), integer part with or without thousands commas,
 # optional decimals, optional '/denominator' (a denominator of zero is not a fraction).
 _NUMBER = re.compile(r"(?:(?<!\d)-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/(?=\d*[1-9])\d+)?")
@@ -35,6 +37,7 @@ def reference_answer(answer: str) -> Fraction | None:
     return parse_number(match.group()) if match else None
 
 
+@reward_options()  # none: an option given is a mistake
 def gsm8k_answer(prompts: list[str], completions: list[str], answer: list[str], **_) -> list[float | None]:
     """1.0 when the completion's last number equals the reference, 0.0 when not (or it has no number).
 

@@ -15,14 +15,17 @@ Use it as ``{function: reward_model, options: {checkpoint: runs/rm}}``.
 from __future__ import annotations
 
 import functools
+from os import PathLike
 from typing import Any
 
 import torch
 
 from ironcore.checkpoints.load import load_model, locate
+from ironcore.config.base import InvalidValue
 from ironcore.data.tokenizer import Tokenizer
 from ironcore.errors import CheckpointError, ConfigError
 from ironcore.models.transformer import TransformerModel
+from ironcore.rewards.base import positive_int, reward_options, string_option
 
 
 def _device() -> torch.device:
@@ -48,6 +51,17 @@ def _prompt_text(prompt: Any, tokenizer: Tokenizer, prompt_template: str) -> str
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
 
 
+def _check_options(options: dict[str, Any]) -> None:
+    """At load: a path, a template that places the prompt, a positive batch size."""
+    if "checkpoint" in options and not isinstance(options["checkpoint"], (str, PathLike)):
+        raise InvalidValue("checkpoint", f"must be a path, got {options['checkpoint']!r}")
+    string_option(options, "prompt_template")
+    if "{prompt}" not in options.get("prompt_template", "{prompt}"):
+        raise InvalidValue("prompt_template", "has no '{prompt}': the reward model would score completions alone")
+    positive_int(options, "batch_size")
+
+
+@reward_options("checkpoint", "prompt_template", "batch_size", check=_check_options)
 @torch.no_grad()
 def reward_model(
     prompts: list[Any],

@@ -5,7 +5,7 @@ A training checkpoint is an IronCore checkpoint folder
 on its own) plus the optimizer state keyed by parameter name, the trainer's
 counters (:class:`TrainState`), the RNG states of every rank, the resolved
 run config, the data's tokenizer (with its chat templates) and the starting
-model's ``generation_config.json`` when it had one. Tensors are stored full
+model's ``generation_config.json`` and HF token ids when it had them. Tensors are stored full
 (TP=1), so a run saved at one TP/DP layout resumes at another; a resized
 world reuses the saved RNG states cyclically.
 
@@ -32,8 +32,9 @@ import torch.distributed as dist
 
 from ironcore.checkpoints import native
 from ironcore.config import Config, dump_config
-from ironcore.errors import CheckpointError, ConfigError
-from ironcore.files import OutputError, build_folder, describe_os_error, read_json
+from ironcore.errors import CheckpointError, ConfigError, UserError
+from ironcore.files import OutputError, build_folder, describe_os_error, read_json, read_yaml
+from ironcore.parallel import state as parallel_state
 from ironcore.parallel.sharding import (
     full_optimizer_state,
     full_state_dict,
@@ -53,6 +54,7 @@ class TrainState:
     consumed_samples: int = 0  # global samples drawn from the training data
     tokens: int = 0  # trained (loss-mask) tokens seen
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient
+    stopped_early: bool = False  # operation.stop_metric ended the run here: a resume trains no further
 
 
 def save_checkpoint(
@@ -90,8 +92,8 @@ def save_checkpoint(
             (tmp / native.TRAINER_STATE).write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n")
             (tmp / "config.yaml").write_text(dump_config(config))
             native.copy_tokenizer(tokenizer_dir, tmp)
-            if generation_source is not None:
-                native.copy_generation_config(generation_source, tmp)
+            if generation_source is not None:  # its generation_config.json and HF token ids, for an export
+                native.copy_model_metadata(generation_source, tmp)
 
         try:
             build_folder(folder, write)
@@ -113,9 +115,21 @@ def load_checkpoint(
     checkpoints: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, rank: int
 ) -> tuple[Path, TrainState] | None:
     """Load the newest checkpoint that loads (``latest`` first) into ``model``, ``optimizer`` and this rank's
-    RNGs; None when there is none. Each one that fails is named in a warning; if none loads, the error of
-    ``latest`` is raised."""
-    candidates = _newest_first(checkpoints)
+    RNGs; None when there is none. Each one that fails is named in a warning, and so is a ``latest`` pointer
+    that is empty or names no folder (the step folders before it are then tried, newest first); if none
+    loads, the first error is raised."""
+    candidates, problem = native.newest_first(checkpoints)
+    if problem is not None:
+        pointer = checkpoints / native.LATEST
+        named = pointer.read_text(errors="replace").strip()
+        log.warning("cannot resume from %s: %s %s", named if native.is_step_name(named) else "latest", pointer,
+                    problem)
+        if not candidates:
+            if any(p.is_dir() for p in checkpoints.glob("step_*")):
+                raise CheckpointError(f"{pointer}: {problem}, and no checkpoint before it is left to resume from: "
+                                      "point it at a step_* folder, or remove it to start afresh")
+            log.warning("%s: no checkpoint to resume from: starting afresh", checkpoints)
+            return None
     if not candidates:
         return None
     first_error: CheckpointError | None = None
@@ -126,21 +140,35 @@ def load_checkpoint(
             first_error = first_error or err
             log.warning("cannot resume from %s: %s", folder.name, err)
             continue
-        if folder != candidates[0]:
+        if folder != candidates[0] or problem is not None:
             log.warning("resuming from %s, the newest checkpoint that loads", folder)
+        _warn_if_other_layout(folder, rank)
         return folder, state
     assert first_error is not None
     raise first_error
 
 
-def _newest_first(checkpoints: Path) -> list[Path]:
-    """The folder ``latest`` names, then the older step folders, newest first (empty when nothing was saved)."""
-    pointer = checkpoints / native.LATEST
-    if not pointer.is_file():
-        return []
-    latest = checkpoints / pointer.read_text().strip()
-    older = sorted((p for p in checkpoints.glob("step_*") if p.is_dir() and p.name < latest.name), reverse=True)
-    return [latest, *older]
+def resume_folder(checkpoints: Path) -> Path | None:
+    """The checkpoint folder a resume tries first (``latest``, or the newest step folder before it when
+    ``latest`` names none); None when there is nothing to resume from."""
+    return next(iter(native.newest_first(checkpoints)[0]), None)
+
+
+def _warn_if_other_layout(folder: Path, rank: int) -> None:
+    """Say once (rank 0) that the checkpoint was written at another data-parallel size: the weights, optimizer
+    and data position resume exactly, but what the ranks draw at random can differ (GRPO's rollouts)."""
+    if rank != 0:
+        return
+    try:
+        saved_world = len(_safe_load(folder / native.RNG, torch.device("cpu")))
+        trainer = read_yaml(folder / "config.yaml", "training config", CheckpointError).get("trainer") or {}
+        saved_dp = max(saved_world // max(int(trainer.get("tensor_model_parallel_size") or 1), 1), 1)
+    except (UserError, TypeError, ValueError, AttributeError):  # an older or hand-made checkpoint: nothing to say
+        return
+    if saved_dp != parallel_state.dp_size():
+        log.warning("%s was saved at data-parallel size %d, this run has %d: the ranks' random states are reused "
+                    "cyclically, and GRPO draws other rollouts than a run at the saved size would (docs/rl.md)",
+                    folder.name, saved_dp, parallel_state.dp_size())
 
 
 def _load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,

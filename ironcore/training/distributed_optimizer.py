@@ -29,8 +29,12 @@ pass (accumulation steps before it communicate nothing), and
 :meth:`reduce_gradients` waits for the reductions and runs those of buckets
 that did not complete (parameters without a gradient in that pass).
 
-The arithmetic is that of plain DP: the same sums, the same AdamW update
-element by element, so losses and parameters agree to rounding.
+The arithmetic is that of plain DP: the same sums, the same float64 gradient
+norm (``parallel.grad.sum_of_squares``), the clipping factor applied the same
+way (:func:`scaled_step`), the same AdamW update element by element. At DP=2
+the losses and parameters are those of plain DP bit for bit (a reduction of
+two numbers has one order); with more ranks the ring adds three or more in
+another grouping than the all-reduce, and they agree to rounding.
 
 ``state_dict()`` gathers the shards into the per-parameter layout of the
 inner optimizer's own state dict (``exp_avg`` with its parameter's shape), so
@@ -63,6 +67,7 @@ import torch
 from torch import nn
 
 from ironcore.parallel import comm, state
+from ironcore.parallel.grad import sum_of_squares
 from ironcore.parallel.sharding import named_splits
 
 
@@ -236,11 +241,11 @@ class DistributedOptimizer:
         """The L2 norm of the whole model's reduced gradient, from the shards (collective over DP and TP)."""
         sums = torch.zeros(2, dtype=torch.float64, device=self.grads.device)  # TP-split, replicated
         if state.tp_size() == 1:  # every element counts once: one pass over the shard (its padding is zeros)
-            sums[1] = torch.linalg.vector_norm(self.shard_grads, dtype=torch.float64).square()
+            sums[1] = sum_of_squares([self.shard_grads], sums.device)
         else:
             for f in self.fragments:
                 grad = f.tensor.grad if f.counted is None else f.tensor.grad[f.counted]
-                sums[0 if f.split else 1] += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
+                sums[0 if f.split else 1] += sum_of_squares([grad], sums.device)
         if self.shards > 1:
             comm.all_reduce(sums, state.dp_group())
         split = comm.all_reduce(sums[:1].clone(), state.tp_group())
@@ -251,9 +256,7 @@ class DistributedOptimizer:
         """Step the shard (gradients times ``scale``, the clipping factor), then all-gather the parameters."""
         for outer, inner in zip(self.param_groups, self.inner.param_groups, strict=True):
             inner.update({k: v for k, v in outer.items() if k != "params"})
-        if scale != 1.0:
-            self.shard_grads.mul_(scale)
-        self.inner.step()
+        scaled_step(self.inner, scale)
         for b in self.buckets:
             low, high = b.owned(self.shards, self.shard_rank)
             if self.master is not None:  # round the stepped master weights into the parameters
@@ -351,6 +354,30 @@ class DistributedOptimizer:
         master = 0 if self.master is None else self.master.numel() * self.master.element_size()
         return master + sum(v.numel() * v.element_size() for s in self.inner.state.values() for v in s.values()
                             if _shardable(v))  # fmt: skip
+
+
+def scaled_step(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """``optimizer.step()`` on its gradients times ``factor`` (the clipping factor; 1 costs nothing): the one
+    spelling of it for plain training (``optim.step_with_scaled_grads``) and for the shards here, so that both
+    do the same arithmetic.
+
+    A fused optimizer (``_step_supports_amp_scaling``) divides each gradient by its ``grad_scale`` attribute
+    inside its one kernel -- the hook ``torch.amp.GradScaler`` uses -- saving a separate read and write of
+    every gradient (on CPU the kernel also leaves the scaled gradients in ``.grad``). Others get the factor
+    multiplied in first.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # a shard's group may be empty
+    if factor == 1.0 or not params:
+        optimizer.step()
+    elif getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.grad_scale = torch.tensor(1.0 / factor, dtype=torch.float32, device=params[0].device)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+    else:
+        torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
+        optimizer.step()
 
 
 def _shardable(value: object) -> bool:

@@ -155,7 +155,9 @@ def plan_memory(cfg: ModelConfig, tp: int = 1, dp: int = 1, distributed_optimize
                 precision: str = "fp32", activation_checkpointing: bool = False, micro_batch_size: int = 1,
                 seq_len: int | None = None, optimizer: str = "adamw",
                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> MemoryPlan:  # fmt: skip
-    """The bytes of one training step on rank 0 of a TP x DP layout (see the module doc)."""
+    """The bytes of one training step on rank 0 of a TP x DP layout (see the module doc); a ConfigError when the
+    trainer would refuse to split the model ``tp`` ways."""
+    cfg.check_tensor_parallel(tp, "tp")
     with _as_one_process():
         return _plan(cfg, tp, dp, distributed_optimizer, precision, activation_checkpointing, micro_batch_size,
                      seq_len, optimizer, bucket_bytes)  # fmt: skip

@@ -17,7 +17,7 @@ from torch import nn
 from ironcore.config.training import OperationConfig, OptimConfig
 from ironcore.parallel.grad import finalize_grads, grad_norm, sync_tensor_parallel_grads
 from ironcore.parallel.layers import VocabParallelEmbedding
-from ironcore.training.distributed_optimizer import DistributedOptimizer
+from ironcore.training.distributed_optimizer import DistributedOptimizer, scaled_step
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -73,27 +73,15 @@ def reduce_gradients(model: nn.Module, optimizer: torch.optim.Optimizer | Distri
 def step_with_scaled_grads(optimizer: torch.optim.Optimizer | DistributedOptimizer, factor: float) -> None:
     """``optimizer.step()`` on the gradients times ``factor`` (the gradient-clipping factor; 1 costs nothing).
 
-    A fused optimizer (``_step_supports_amp_scaling``) divides each gradient by
-    its ``grad_scale`` attribute inside its one kernel -- the hook
-    ``torch.amp.GradScaler`` uses, which also multiplies in a scale the user
-    set -- saving a separate read and write of every gradient. Others get the
-    factor multiplied in first. The update is the same either way (tested on
-    CPU, where the fused kernel also leaves the scaled gradients in ``.grad``).
+    Plain optimizers and the distributed optimizer's shards go through the same
+    :func:`~ironcore.training.distributed_optimizer.scaled_step` (a fused optimizer divides by ``grad_scale``
+    inside its kernel; others multiply first), so plain DP and the sharded optimizer update every element with
+    the same arithmetic. It equals clipping, then stepping, to rounding (``tests/test_optim.py``).
     """
     if isinstance(optimizer, DistributedOptimizer):
         optimizer.step(factor)
-    elif factor == 1.0:
-        optimizer.step()
-    elif getattr(optimizer, "_step_supports_amp_scaling", False):
-        device = optimizer.param_groups[0]["params"][0].device
-        optimizer.grad_scale = torch.tensor(1.0 / factor, dtype=torch.float32, device=device)
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.grad_scale
     else:
-        torch._foreach_mul_([p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None], factor)
-        optimizer.step()
+        scaled_step(optimizer, factor)
 
 
 def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:

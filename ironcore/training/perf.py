@@ -2,7 +2,13 @@
 
 GPUs: dense (no sparsity) tensor-core figures from the vendors' data sheets.
 CPU: the best observed fp32 matmul rate of this process's threads, measured
-once (about half a second) unless the config gives a figure.
+the first time a CPU model, thread count and torch version trains and kept
+in ``cpu_peak.json`` of IronCore's cache folder (``$IRONCORE_CACHE_DIR``,
+else ``$XDG_CACHE_HOME/ironcore``, else ``~/.cache/ironcore``): a rate
+measured at every start-up on a shared machine moves with the load, and the
+same tokens per second would read as another MFU in each run. Delete the
+entry to measure again; ``trainer.peak_tflops`` pins a figure of your own.
+:func:`device_peak` says which of these a run's MFU is taken against.
 
 Also here: the host-allocator setting that keeps a CPU training step from
 paying page faults for memory it freed a moment ago.
@@ -12,11 +18,20 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import datetime
 import functools
+import json
+import math
+import os
+import platform
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from ironcore.files import write_text_atomically
 
 # name fragment -> (bf16 TFLOP/s, fp32 TFLOP/s without TF32)
 GPU_PEAK_TFLOPS = {
@@ -45,17 +60,90 @@ def measured_cpu_peak(n: int = 1024, repeats: int = 8) -> float:
     return 2 * n**3 / best
 
 
-def peak_flops(device: torch.device, precision: str, configured_tflops: float | None = None) -> float:
-    """Peak FLOP/s of one device for the precision the matmuls run in."""
+CPU_PEAK_FILE = "cpu_peak.json"
+
+
+@dataclass(frozen=True)
+class Peak:
+    """The peak FLOP/s of one device that MFU is taken against, and where the figure comes from."""
+
+    flops: float
+    basis: str
+
+    def __str__(self) -> str:
+        return f"{format_rate(self.flops)} ({self.basis})"
+
+
+def format_rate(flops: float) -> str:
+    """``1.2e11`` -> ``"120 GFLOP/s"``, ``9.89e14`` -> ``"989 TFLOP/s"``."""
+    if not math.isfinite(flops):
+        return "unknown FLOP/s"
+    return f"{flops / 1e12:,.4g} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:,.4g} GFLOP/s"
+
+
+def device_peak(device: torch.device, precision: str, configured_tflops: float | None = None) -> Peak:
+    """Peak FLOP/s of one device for the precision the matmuls run in, and its source (see the module doc)."""
     if configured_tflops:
-        return configured_tflops * 1e12
+        return Peak(configured_tflops * 1e12, "trainer.peak_tflops")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for fragment, (bf16, fp32) in GPU_PEAK_TFLOPS.items():
             if fragment in name:
-                return (bf16 if precision == "bf16" else fp32) * 1e12
-        return float("nan")  # unknown GPU: MFU is reported as nan rather than a made-up number
-    return measured_cpu_peak()
+                kind = "bf16" if precision == "bf16" else "fp32"
+                return Peak((bf16 if kind == "bf16" else fp32) * 1e12, f"{name}: data-sheet dense {kind} peak")
+        # An unknown GPU: MFU is reported as nan rather than a made-up number.
+        return Peak(float("nan"), f"{name} is not in the data-sheet table: set trainer.peak_tflops")
+    return cpu_peak()
+
+
+def cache_dir() -> Path:
+    """IronCore's cache folder: ``$IRONCORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/ironcore``, else
+    ``~/.cache/ironcore``."""
+    if os.environ.get("IRONCORE_CACHE_DIR"):
+        return Path(os.environ["IRONCORE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ironcore"
+
+
+def cpu_peak() -> Peak:
+    """This CPU's fp32 matmul peak at this process's thread count: kept in :data:`CPU_PEAK_FILE` after its first
+    measurement, so that every later run of this machine takes MFU against the same figure."""
+    threads = torch.get_num_threads()
+    key = f"{_cpu_name()} | {threads} threads | torch {torch.__version__}"
+    path = cache_dir() / CPU_PEAK_FILE
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+        table = table if isinstance(table, dict) else {}
+    except (OSError, ValueError):
+        table = {}
+    entry = table.get(key)
+    what = f"fp32 matmul peak of this CPU at {threads} thread{'s' if threads > 1 else ''}"
+    if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0:
+        return Peak(float(entry["flops"]), f"{what}, measured {entry.get('measured', 'earlier')}, kept in {path}")
+    flops, today = measured_cpu_peak(1024, 16), datetime.date.today().isoformat()
+    table[key] = {"flops": flops, "measured": today}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(path, json.dumps(table, indent=2, sort_keys=True) + "\n")
+        kept = f"kept in {path}"
+    except OSError:
+        kept = f"measured at start-up: {path} cannot be written"
+    return Peak(flops, f"{what}, measured {today}, {kept}")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def peak_flops(device: torch.device, precision: str, configured_tflops: float | None = None) -> float:
+    """Peak FLOP/s of one device for the precision the matmuls run in (:func:`device_peak` without its source)."""
+    return device_peak(device, precision, configured_tflops).flops
 
 
 # glibc <malloc.h> mallopt parameters

@@ -10,7 +10,9 @@ off for the rest of the run; training goes on. HTTP retries are kept short
 A run is tagged with the code that ran: MLflow's standard
 ``mlflow.source.git.commit`` (and branch) of the IronCore checkout the
 package was imported from -- not of the working directory, which may be any
-folder -- plus ``git_dirty`` and ``ironcore_version``.
+folder -- plus ``git_dirty`` and ``ironcore_version``; and with its source,
+``mlflow.source.name`` (the command) and ``mlflow.source.type`` (``LOCAL``),
+which the runs table shows as "Source" (:func:`source_tags`).
 """
 
 from __future__ import annotations
@@ -86,12 +88,19 @@ def code_version_tags(package_dir: Path = PACKAGE_DIR) -> dict[str, str]:
     return tags
 
 
+def source_tags(name: str, package_dir: Path = PACKAGE_DIR) -> dict[str, str]:
+    """MLflow's source tags of a run started by the command ``name`` (what the runs table shows as "Source",
+    with the commit beside it) and the code version (:func:`code_version_tags`)."""
+    return {"mlflow.source.name": name, "mlflow.source.type": "LOCAL", **code_version_tags(package_dir)}
+
+
 def run_tags(
     config: Config, metadata: Mapping[str, Any], objective: str, dp_size: int, world_size: int
 ) -> dict[str, str]:
-    """The tags of a training run: the code version, what is trained on what, and the parallel layout."""
+    """The tags of a training run: its source and code version, what is trained on what, and the parallel
+    layout."""
     return {
-        **code_version_tags(),
+        **source_tags("ironcore train"),
         "task_type": str(metadata.get("task_type")),
         "objective": objective,
         "model_name": config.model.name,

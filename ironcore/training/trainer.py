@@ -41,7 +41,7 @@ from ironcore.data.metadata import load_metadata
 from ironcore.data.tasks import build_dataset
 from ironcore.data.tokenizer import Tokenizer, check_data_set_tokenizer, check_same_tokenizer
 from ironcore.errors import ConfigError, UserError
-from ironcore.evaluation.tasks import check_task, evaluate_task, load_task
+from ironcore.evaluation.tasks import TaskConfig, check_task, evaluate_task, load_task
 from ironcore.files import (
     OutputError,
     check_writable,
@@ -56,7 +56,13 @@ from ironcore.parallel import state
 from ironcore.parallel.grad import clip_factor
 from ironcore.parallel.setup import init_parallel
 from ironcore.parallel.sharding import load_full_state_dict
-from ironcore.training.checkpointing import TrainState, load_checkpoint, load_objective_state, save_checkpoint
+from ironcore.training.checkpointing import (
+    TrainState,
+    load_checkpoint,
+    load_objective_state,
+    resume_folder,
+    save_checkpoint,
+)
 from ironcore.training.memory import measured_state_bytes, plan_memory
 from ironcore.training.optim import (
     build_optimizer,
@@ -65,7 +71,7 @@ from ironcore.training.optim import (
     step_with_scaled_grads,
     total_steps,
 )
-from ironcore.training.perf import peak_flops, retain_freed_host_memory
+from ironcore.training.perf import device_peak, format_rate, retain_freed_host_memory
 from ironcore.training.router_log import RouterLog, plot_expert_load
 from ironcore.training.tracking import RUN_FILE, Tracker, run_tags, tracked_names
 
@@ -137,7 +143,11 @@ class Trainer:
         self.tokens_per_step = cfg.trainer.train_batch_size * self.seq_len * self.objective.sequences_per_sample
         self.total_steps = total_steps(cfg.operation, self.tokens_per_step)
         self.flops_per_token = model_stats(cfg.model, self.seq_len).train_flops_per_token
-        self.peak = peak_flops(self.device, cfg.trainer.precision, cfg.trainer.peak_tflops)
+        peak = device_peak(self.device, cfg.trainer.precision, cfg.trainer.peak_tflops)
+        self.peak = peak.flops
+        if self.is_main:
+            log.info("MFU is taken against %s per %s (%s)", format_rate(peak.flops),
+                     "GPU" if self.device.type == "cuda" else "process", peak.basis)  # fmt: skip
         self.forward = torch.compile(self.model) if cfg.trainer.compile else self.model
         self.router_log = RouterLog(self.model) if cfg.model.num_experts else None
         self.tracker: Tracker | None = None
@@ -158,8 +168,8 @@ class Trainer:
         check_data_set_tokenizer(self.data_dir, identity)
         if self.cfg.data.allow_other_tokenizer:
             return
-        latest = native.pointed(self.ckpt_dir)
-        for folder in (latest,) if latest is not None else (self.init_folder,):
+        latest = resume_folder(self.ckpt_dir)
+        for folder in (latest,) if latest is not None and latest.is_dir() else (self.init_folder,):
             if folder is not None:
                 check_same_tokenizer(folder, identity, f"the one that tokenized {self.data_dir}",
                                      "data.allow_other_tokenizer=true")
@@ -167,7 +177,7 @@ class Trainer:
     def _build_model(self) -> TransformerModel:
         model = TransformerModel(self.cfg.model)
         init_from = self.cfg.init.init_from
-        if init_from and not (self.ckpt_dir / "latest").is_file():  # a resumed run loads its checkpoint instead
+        if init_from and resume_folder(self.ckpt_dir) is None:  # a resumed run loads its checkpoint instead
             try:
                 load_full_state_dict(model, reward_model_start(load_weights(init_from), model))
             except UserError as err:
@@ -209,11 +219,13 @@ class Trainer:
                 log.info("resumed from %s at step %d", resumed, self.state.step)
             if cfg.operation.eval_at_start and not resumed and self.valid_data is not None:
                 start = self.evaluate()
+                self._eval_line(start, 0)
                 self._write_metrics({"step": 0, **start})
                 self._track(start, 0)
-            self._loop()
-            final = self.evaluate() if self.valid_data is not None else {}
-            if final:
+            stopped = self._loop()
+            final = stopped or (self.evaluate() if self.valid_data is not None else {})
+            if final and not stopped:
+                self._eval_line(final, self.state.step)
                 self._write_metrics({"step": self.state.step, **final})
                 self._track(final, self.state.step)
             self.save()
@@ -237,13 +249,14 @@ class Trainer:
         # Finish the current step, then save and stop (see _loop): never stop mid-update.
         self._stop_signal = signum
 
-    def _loop(self) -> None:
+    def _loop(self) -> dict[str, float] | None:
+        """Train to the last step; returns the evaluation that met ``operation.stop_metric`` if one stopped it."""
         cfg, op = self.cfg, self.cfg.operation
         window_start, window_tokens = time.perf_counter(), 0
         run_start = time.perf_counter()
         start_step = self.state.step
         consecutive_bad = 0
-        while self.state.step < self.total_steps:
+        while self.state.step < self.total_steps and not self.state.stopped_early:
             metrics = self.train_step()
             window_tokens += self._step_tokens
             self._last_step_finite = metrics is not None
@@ -274,8 +287,12 @@ class Trainer:
                 window_start, window_tokens = time.perf_counter(), 0
             if self.valid_data is not None and op.eval_interval and step % op.eval_interval == 0 and step < self.total_steps:
                 result = self.evaluate()
+                self._eval_line(result, step)
                 self._write_metrics({"step": step, **result})
                 self._track(result, step)
+                if self._stop_metric_reached(result):
+                    self.state.stopped_early = True
+                    return result
                 window_start = time.perf_counter()
             if cfg.trainer.save_interval and step % cfg.trainer.save_interval == 0 and step < self.total_steps:
                 self.save()
@@ -286,6 +303,22 @@ class Trainer:
                     f"stopped by signal {signal.Signals(self._stop_signal or signal.SIGTERM).name} at step {step}; "
                     + where
                 )
+
+    def _stop_metric_reached(self, result: dict[str, float]) -> bool:
+        """Has ``operation.stop_metric`` reached its threshold (the same answer on every rank: evaluation metrics
+        are reduced or broadcast)?"""
+        op = self.cfg.operation
+        if op.stop_metric is None:
+            return False
+        if op.stop_metric not in result:
+            raise ConfigError(f"config key 'operation.stop_metric': {op.stop_metric!r} is not an evaluation metric "
+                              f"of this run (it has {', '.join(sorted(result))})")
+        value = result[op.stop_metric]
+        reached = value >= op.stop_threshold if op.stop_mode == "max" else value <= op.stop_threshold
+        if reached and self.is_main:
+            log.info("step %d: %s %.4g reached operation.stop_threshold %.4g: stopping here", self.state.step,
+                     op.stop_metric, value, op.stop_threshold)
+        return reached
 
     def _stop_requested(self) -> bool:
         """Did any rank get SIGTERM/SIGINT? All ranks must agree, since saving is collective."""
@@ -308,7 +341,7 @@ class Trainer:
         if self.router_log is not None:
             result.metrics.update(self.router_log.step_metrics(self.device))
         self._step_tokens = result.processed or self.tokens_per_step  # what tok/s and MFU count
-        norm = reduce_gradients(self.model, self.optimizer).item()  # the only gradient communication of the step
+        norm = reduce_gradients(self.model, self.optimizer).item()  # TP sums, DP reduction (or waits for overlap's)
         loss = result.metrics["loss"]
         lr = learning_rate(self.state.step, self.total_steps, cfg.optim)
         self.state.step += 1
@@ -361,8 +394,8 @@ class Trainer:
         return metrics
 
     def _log_memory(self) -> None:
-        """The memory planner's bytes per GPU for this run, beside what the first step holds (exact bytes of the
-        parameters, gradients and optimizer states; on a GPU also the peak allocated)."""
+        """The memory planner's bytes per GPU (per process on a CPU) for this run, beside what the first step
+        holds (exact bytes of the parameters, gradients and optimizer states; on a GPU also the peak allocated)."""
         self._memory_logged = True
         if not self.is_main:
             return
@@ -380,8 +413,9 @@ class Trainer:
         mib = 2**20
         peak = (f"; peak allocated {torch.cuda.max_memory_allocated(self.device) / mib:,.1f} MiB"
                 if self.device.type == "cuda" else "")  # fmt: skip
-        log.info("memory per GPU: planned %s MiB (parameters %s, gradients %s, optimizer %s, activations %s of a "
+        log.info("memory per %s: planned %s MiB (parameters %s, gradients %s, optimizer %s, activations %s of a "
                  "language-model micro-batch); measured after step 1: parameters %s, gradients %s, optimizer %s%s",
+                 "GPU" if self.device.type == "cuda" else "process",
                  *(f"{n / mib:,.1f}" for n in (plan.total, plan.parameters, plan.gradients, plan.optimizer,
                                                plan.activations, params, grads, states)), peak)  # fmt: skip
 
@@ -392,15 +426,35 @@ class Trainer:
         try:
             metrics = self.objective.evaluate(self.forward, self.valid_data.eval_steps(self.cfg.operation.eval_steps))
             for task in self.tasks:
-                with self.autocast:
-                    result = evaluate_task(self.model, self.task_tokenizer, task)
-                metrics |= {f"eval/{task.name}/{k}": v for k, v in result.items() if k not in ("items", "seconds")}
+                metrics |= self._task_metrics(task)
             return metrics
         finally:
             self.model.train()
             for path in self.objective.artifacts():
                 if self.is_main and self.tracker is not None:
                     self.tracker.log_artifact(path)
+
+    def _task_metrics(self, task: TaskConfig) -> dict[str, float]:
+        """``eval/<task>/<metric>`` of one of ``operation.eval_tasks``, computed once: by the first data-parallel
+        replica (all ranks of its tensor-parallel group generate together) and sent to the others, so that the
+        numbers are one process's and no replica repeats the work; its error, if any, is raised on every rank."""
+        result: dict[str, float] | None = None
+        error: UserError | None = None
+        if self.dp_rank == 0:
+            try:
+                with self.autocast:
+                    done = evaluate_task(self.model, self.task_tokenizer, task)
+                result = {f"eval/{task.name}/{k}": v for k, v in done.items() if k not in ("items", "seconds")}
+            except UserError as err:
+                error = err
+        if self.dp_size > 1:
+            box = [(result, error)]
+            dist.broadcast_object_list(box, src=0)  # global rank 0 is a rank of the first replica
+            result, error = box[0]
+        if error is not None:
+            raise error
+        assert result is not None
+        return result
 
     # ---- output -----------------------------------------------------------------------------------------
     def _log_line(self, m: dict[str, float], elapsed: float, steps_done: int) -> None:
@@ -415,12 +469,19 @@ class Trainer:
             flush=True,
         )
 
+    def _eval_line(self, m: dict[str, float], step: int) -> None:
+        """An evaluation's metrics on the console, beside the step lines (also the one of eval_at_start)."""
+        if self.is_main and m:
+            fields = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) and abs(v) < 1e5 else f"{k} {v:.6g}"
+                                for k, v in m.items() if isinstance(v, (int, float)))  # fmt: skip
+            print(f"step {step:>{len(str(self.total_steps))}}/{self.total_steps} | eval | {fields}", flush=True)
+
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if self.is_main:
             path = self.out_dir / "metrics.jsonl"
             try:
                 with open(path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                    f.write(json.dumps(json_finite(record), allow_nan=False) + "\n")
             except OSError as err:  # a full disk: one line, and the last checkpoint stays as it was
                 raise OutputError(describe_os_error(err, path)) from None
 
@@ -541,6 +602,17 @@ def check_data_fits_model(metadata: dict[str, Any], cfg: Config, where: str | Pa
             f"{where}: max_seq_length {seq_len} exceeds model.max_position_embeddings "
             f"{cfg.model.max_position_embeddings}"
         )
+
+
+def json_finite(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) as None, so that it is valid JSON (``null``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_finite(item) for item in value]
+    return value
 
 
 def _clock(seconds: float) -> str:

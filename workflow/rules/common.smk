@@ -16,9 +16,20 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from ironcore.config import load_config, to_dict
+from ironcore.config.base import did_you_mean
+from ironcore.errors import UserError
 from ironcore.data.config import load_data_config
 
-validate(config, "../schemas/pipeline.schema.yaml")  # also fills in the schema's defaults
+REPO = Path(workflow.current_basedir).parents[1]  # the checkout holding this workflow
+SCRIPTS = REPO / "workflow" / "scripts"  # the pipeline's own helpers (run with `python`, or imported here)
+sys.path.insert(0, str(SCRIPTS))
+from code_fingerprint import fingerprint_text  # noqa: E402
+from pipeline_config import check_config, fail, one_line_errors  # noqa: E402
+
+# Every problem of the config is one line naming the file and the key (workflow/scripts/pipeline_config.py).
+CONFIG_FILES = workflow.configfiles
+check_config(config, CONFIG_FILES)
+validate(config, "../schemas/pipeline.schema.yaml")  # valid by now: fills in the schema's defaults
 
 EXPERIMENTS = config["experiments"]
 # The default target trains and compares these; optional ones are built by their own target:
@@ -27,11 +38,8 @@ DEFAULT_EXPERIMENTS = [exp for exp, e in EXPERIMENTS.items() if not e["optional"
 CHAIN_EXPERIMENTS = [exp for exp, e in EXPERIMENTS.items() if e["optional"] and e["target"] == "chain"]
 for _exp, _e in EXPERIMENTS.items():
     if _e["init_from_experiment"] not in (None, *EXPERIMENTS):
-        raise ValueError(f"experiment {_exp}: init_from_experiment {_e['init_from_experiment']!r} is not an experiment")
-REPO = Path(workflow.current_basedir).parents[1]  # the checkout holding this workflow
-SCRIPTS = REPO / "workflow" / "scripts"  # the pipeline's own helpers (run with `python`, or imported here)
-sys.path.insert(0, str(SCRIPTS))
-from code_fingerprint import fingerprint_text  # noqa: E402
+        fail(f"{', '.join(map(str, CONFIG_FILES))}: 'experiments.{_exp}.init_from_experiment': "
+             f"{_e['init_from_experiment']!r} is not an experiment")
 
 # With --software-deployment-method conda every rule runs in this environment; it installs
 # IronCore from ${IRONCORE_ROOT}, which is this checkout.
@@ -65,9 +73,12 @@ def train_overrides(exp):
 
 @cache
 def training_config(exp):
-    """The experiment's fully resolved ironcore training Config (errors surface at parse time)."""
+    """The experiment's fully resolved ironcore training Config (errors surface at parse time, one line)."""
     e = EXPERIMENTS[exp]
-    return load_config(e["config"], train_overrides(exp), e["tensor_parallel"], world_size=e["nproc"] * e["nodes"])
+    try:
+        return load_config(e["config"], train_overrides(exp), e["tensor_parallel"], world_size=e["nproc"] * e["nodes"])
+    except UserError as err:
+        fail(f"experiment {exp}: {err}")
 
 
 def hyperparameters(exp):
@@ -79,6 +90,7 @@ def hyperparameters(exp):
 
 
 @cache
+@one_line_errors
 def data_config(path):
     return load_data_config(path)
 
@@ -100,12 +112,12 @@ def _datasets(experiments):
     for exp in experiments:
         path = training_config(exp).data.config_path
         if path is None:
-            raise ValueError(f"experiment {exp}: its training config has no data.config_path")
+            fail(f"experiment {exp}: its training config {EXPERIMENTS[exp]['config']} has no data.config_path")
         output_dir = Path(data_config(path).output_dir)
         if output_dir != Path("results/data") / output_dir.name:
-            raise ValueError(f"{path}: output_dir must be results/data/<name> in the pipeline, not {output_dir}")
+            fail(f"{path}: output_dir must be results/data/<name> in the pipeline, not {output_dir}")
         if found.setdefault(output_dir.name, path) != path:
-            raise ValueError(f"{path} and {found[output_dir.name]} both write {output_dir}")
+            fail(f"{path} and {found[output_dir.name]} both write {output_dir}")
     return found
 
 
@@ -148,6 +160,7 @@ def task_args(exp):
     return shlex.join([arg for spec in EXPERIMENTS[exp]["tasks"] for arg in ("--task", spec)])
 
 
+@one_line_errors
 def task_inputs(exp):
     """The files the experiment's tasks read (task YAML files, their items and few-shot examples)."""
     from ironcore.evaluation.tasks import load_task
@@ -167,10 +180,17 @@ RL_TASK = f"results/synthetic/{RL['task']['name']}"
 
 
 def rl_experiment(key):
-    """The experiment that rl.<key> names (checked only when the `rl` target is built)."""
+    """The experiment that rl.<key> names (checked when the Snakefile is parsed if an experiment has target: rl,
+    else when the `rl` target is built)."""
     if RL[key] not in EXPERIMENTS:
-        raise ValueError(f"rl.{key}: {RL[key]!r} is not an experiment of the pipeline config")
+        fail(f"{', '.join(map(str, CONFIG_FILES))}: 'rl.{key}': {RL[key]!r} is not an experiment of the pipeline "
+             f"config{did_you_mean(RL[key], EXPERIMENTS)}")
     return RL[key]
+
+
+if any(e["optional"] and e["target"] == "rl" for e in EXPERIMENTS.values()):  # the rl target is set up: check now
+    for _key in ("start", "policy"):
+        rl_experiment(_key)
 
 
 # ---- code fingerprints ---------------------------------------------------------------------------

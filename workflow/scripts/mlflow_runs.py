@@ -18,7 +18,8 @@ The settings come from the environment the workflow sets (common.smk): ``IRONCOR
 ``IRONCORE_PIPELINE_INVOCATION``; the options override them.
 
 Parent runs are found by their tags (``pipeline_invocation``, ``pipeline_experiment``), so jobs
-need no shared state but the invocation id. Like ``ironcore.training.tracking``, a tracking failure is
+need no shared state but the invocation id; they carry MLflow's source tags (``mlflow.source.name``,
+``.type``, ``.git.commit``) as training runs do. Like ``ironcore.training.tracking``, a tracking failure is
 never fatal: it prints one warning and exits 0 (``parent`` then prints nothing).
 """
 
@@ -31,13 +32,13 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
-from ironcore.training.tracking import flatten, tracking_uri
+from ironcore.files import read_yaml
+from ironcore.training.tracking import flatten, source_tags, tracking_uri
 
 INVOCATION_TAG = "pipeline_invocation"
 EXPERIMENT_TAG = "pipeline_experiment"
 PARAMS_PER_CALL = 100
+SOURCE = "snakemake (workflow/Snakefile)"  # the parent runs' mlflow.source.name
 
 
 def main() -> int:
@@ -101,7 +102,8 @@ def _parent_id(client, experiment_id: str, invocation: str, run: str) -> str:
     found = _parents(client, experiment_id, invocation, run)
     if found:
         return found[0].info.run_id
-    tags = {INVOCATION_TAG: invocation, EXPERIMENT_TAG: run, "mlflow.note.content": f"pipeline run {invocation}"}
+    tags = {INVOCATION_TAG: invocation, EXPERIMENT_TAG: run, "mlflow.note.content": f"pipeline run {invocation}",
+            **source_tags(SOURCE)}  # fmt: skip
     return client.create_run(experiment_id, run_name=run, tags=tags).info.run_id
 
 
@@ -124,7 +126,7 @@ def finish(client, experiment_id: str, args: argparse.Namespace) -> None:
     from mlflow.entities import Metric, Param
 
     run_id = _parent_id(client, experiment_id, args.invocation, args.run)
-    settings = flatten(yaml.safe_load(Path(args.config).read_text()))
+    settings = flatten(read_yaml(args.config, "resolved training config"))
     params = [Param(key, str(value)[:6000]) for key, value in settings.items()]
     for start in range(0, len(params), PARAMS_PER_CALL):
         client.log_batch(run_id, params=params[start : start + PARAMS_PER_CALL])
