@@ -4,7 +4,7 @@
 
 1. ``ironcore synthetic --task addition``: seeded train and held-out prompts.
 2. SFT of a ~1M-parameter LLaMA-style model on it, stopped early at the first
-   evaluation (every 100 steps) where its held-out greedy accuracy reaches
+   evaluation (every 50 steps) where its held-out greedy accuracy reaches
    ``--stop-accuracy`` (0.5), so that GRPO starts from the same place on every
    machine (a fixed step count gave 24-56 % on three CPUs).
 3. GRPO from that checkpoint with the ``exact`` reward on the prompts: the
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=4000, help="at most (the stop accuracy ends SFT first)")
     parser.add_argument("--stop-accuracy", type=float, default=0.5, help="held-out greedy accuracy that ends SFT")
     parser.add_argument("--seed", type=int, default=1, help="init.seed of both runs (weights, data order, rollouts)")
-    parser.add_argument("--grpo-steps", type=int, default=1600)
+    parser.add_argument("--grpo-steps", type=int, default=800)
     parser.add_argument("--grpo-lr", type=float, default=3e-4)
     parser.add_argument("--prompts-per-step", type=int, default=32)
     parser.add_argument("--generations", type=int, default=8)
@@ -99,7 +99,7 @@ def main() -> None:
     start = time.perf_counter()
     if not (root / "sft" / "final_eval.json").is_file():  # a rerun in the same workdir reuses the SFT start
         sft = train_config(sft_data, root / "sft", args.sft_steps, 3e-3, args.seed,
-                           operation={"eval_interval": 100, "eval_tasks": [f"synthetic={task}"],
+                           operation={"eval_interval": 50, "eval_tasks": [f"synthetic={task}"],
                                       "stop_metric": "eval/synthetic/accuracy", "stop_threshold": args.stop_accuracy})
         Trainer(build_config(sft, world_size=1)).train()
     sft_seconds = time.perf_counter() - start
