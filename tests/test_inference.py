@@ -339,10 +339,29 @@ def test_compiled_decode_is_reused_until_the_weights_change(imported, monkeypatc
     assert after.compile_seconds > 0
     with torch.no_grad():
         weight.mul_(-1.0)
-    monkeypatch.setattr(generate_module, "COMPILE_MIN_TOKENS", NEW)  # long enough to compile, but in training
+    monkeypatch.setattr(generate_module, "COMPILE_MIN_STEPS", NEW)  # long enough to compile, but in training
     report = DecodeReport()
     assert generate(model, PROMPTS, NEW, report=report) == before
     assert report.path == "eager"
+
+
+def test_auto_compiles_by_the_work_of_the_whole_call(imported, monkeypatch) -> None:
+    """On a CPU ``auto`` counts the steps of the whole call (its batches' longest budgets, so many prompts
+    decoded a few rows at a time add up), for batches of up to COMPILE_MAX_ROWS rows; a model in training, a
+    wide batch or a short call stays eager (a compiled step at hand is reused: the test above)."""
+    _, model = imported("llama")
+    steps_module.release(model)
+    monkeypatch.setattr(generate_module, "COMPILE_MIN_STEPS", 40)
+    monkeypatch.setattr(generate_module, "COMPILE_MAX_ROWS", 4)
+    mode = functools.partial(generate_module.decode_mode, "auto", model, 12)
+    assert mode([16] * 3) == "eager"  # 16 steps
+    assert mode([16] * 9, 3) == "compile"  # 3 batches of 3 rows: 48 steps
+    assert mode([16, 2, 2] * 3, 3) == "compile"  # each batch's longest counts
+    assert mode([16, 2, 2] * 2, 3) == "eager"  # 32 steps
+    assert mode([50] * 6, 6) == "eager"  # 6 rows a step: matmul-bound, compiling saves little
+    assert mode([50] * 6, 2) == "compile"
+    monkeypatch.setattr(steps_module, "weights_changed", lambda model: True)
+    assert mode([16] * 9, 3) == "eager"  # in training: the weights would go stale
 
 
 def test_top_k_and_top_p_filter_the_distribution() -> None:

@@ -44,12 +44,22 @@ Decisions worth knowing:
   weights frozen; no compaction, since every batch size is another
   compilation). ``auto`` picks ``graph`` on CUDA without tensor parallelism
   (nor a mixture of experts, whose blocks are sized by the routing)
-  for ``max_new_tokens`` >= :data:`GRAPH_MIN_TOKENS`; on a CPU ``compile``
-  when a compiled step for this shape and these weights exists already, or
-  the generation is long enough to repay a compilation
-  (:data:`COMPILE_MIN_TOKENS` new tokens) and the weights have not changed
-  since the model was last compiled (a model in training stays eager);
-  else ``eager``. Sampling
+  for ``max_new_tokens`` >= :data:`GRAPH_MIN_TOKENS`. On a CPU it chooses by
+  the work of the whole call: ``compile`` when a compiled step for this
+  shape (batch, cache bucket, dtypes) and these weights is at hand (nothing
+  to pay), or when the call repays a compilation (tens of seconds to two
+  minutes): its decode steps -- the longest budget of each batch of
+  ``max_batch`` rows, summed over the batches, so a long evaluation of many
+  prompts a few at a time counts them all -- reach
+  :data:`COMPILE_MIN_STEPS`, its batches have at most
+  :data:`COMPILE_MAX_ROWS` rows, and the weights have not changed since the
+  model was last compiled. The saving is per step (the frozen, packed
+  weights are read faster), so it is counted in steps; a wider step is
+  bound by its matrix products, which compiling hardly speeds up, and a
+  compiled step drops no finished rows; a model in training stays eager
+  (frozen weights go stale at every update; why a step compiled with the
+  weights as inputs does not pay on a CPU either: docs/inference.md).
+  Else ``eager``. Sampling
   stays outside the compiled or captured step, so every path draws the same
   tokens for the same seed, and greedy decoding agrees up to the rounding of
   attention over a longer (masked) key range. A :class:`DecodeReport`
@@ -82,7 +92,8 @@ Prompts = Sequence[Sequence[int]] | torch.Tensor
 Decode = Literal["auto", "eager", "static", "graph", "compile"]
 DECODES = ("auto", "eager", "static", "graph", "compile")
 GRAPH_MIN_TOKENS = 16  # auto: shorter generations do not repay capturing the step
-COMPILE_MIN_TOKENS = 2048  # auto on a CPU: new tokens that repay a compilation (tens of seconds; ~20 ms a token saved)
+COMPILE_MIN_STEPS = 4096  # auto on a CPU: decode steps of a call that repay a compilation (see the module doc)
+COMPILE_MAX_ROWS = 8  # ... of this many rows at most (wider steps are bound by matmul FLOPs; compiling saves little)
 COMPACT_AT = 0.125  # drop the finished rows once this share of the batch has finished
 SYNC_EVERY = 4  # on a GPU, look at "all finished?" (a host sync) every this many steps
 SAMPLE_CANDIDATES = 1024  # top_k up to this draws among the k candidates alone (on a CPU)
@@ -321,7 +332,7 @@ def stream(
         return sample_next(logits, temperature, top_k, top_p, generator, rows if len(rows) < batch else None, batch)
 
     report = report if report is not None else DecodeReport()
-    report.path = decode_mode(decode, model, max(len(p) for p in prompts), budgets[:width])
+    report.path = decode_mode(decode, model, max(len(p) for p in prompts), budgets, width)
     if stop_rows is not None and stop_rows.shape != (batch,):
         raise ValueError(f"stop_rows must be a bool tensor [{batch}], got shape {tuple(stop_rows.shape)}")
     if width < batch and report.path != "eager":
@@ -329,8 +340,11 @@ def stream(
     return _decode(model, prompts, budgets, stops, pick, report, stop_rows, width)
 
 
-def decode_mode(decode: Decode, model: TransformerModel, prompt: int, budgets: list[int]) -> str:
-    """The decode step ``decode`` asks for on the model's device ("auto" resolved; see the module doc)."""
+def decode_mode(decode: Decode, model: TransformerModel, prompt: int, budgets: list[int],
+                width: int | None = None) -> str:  # fmt: skip
+    """The decode step ``decode`` asks for on the model's device ("auto" resolved; see the module doc) for a call
+    whose prompts (the longest ``prompt`` tokens) have new-token ``budgets``, decoded ``width`` rows at a time
+    (all at once when None)."""
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
     device = next(model.parameters()).device
@@ -343,15 +357,18 @@ def decode_mode(decode: Decode, model: TransformerModel, prompt: int, budgets: l
         raise ValueError("decode='compile' needs a CPU and no tensor parallelism (on CUDA decode='graph')")
     if decode != "auto":
         return decode
-    longest = max(budgets)
+    width = len(budgets) if width is None else min(width, len(budgets))
+    longest = max(budgets[:width])
     if graphable:
         return "graph" if longest >= GRAPH_MIN_TOKENS else "eager"
     if compilable and longest > 0:
-        # A model whose weights changed since it was compiled is being trained: compiling again every time
-        # its weights change would never pay.
-        if steps.has_compiled(model, _compile_key(model, len(budgets), prompt + longest)):
-            return "compile"
-        if longest >= COMPILE_MIN_TOKENS and not steps.weights_changed(model):
+        if steps.has_compiled(model, _compile_key(model, width, prompt + longest)):
+            return "compile"  # at hand: nothing to pay
+        # The work of the whole call: the steps it decodes (its batches' longest budgets) and the rows in each.
+        work = sum(max(budgets[i : i + width]) for i in range(0, len(budgets), width))
+        # A model whose weights changed since it was compiled is being trained: compiling again every time its
+        # weights change would never pay.
+        if work >= COMPILE_MIN_STEPS and width <= COMPILE_MAX_ROWS and not steps.weights_changed(model):
             return "compile"
     return "eager"
 
