@@ -22,7 +22,12 @@ lets the step be
   :data:`COMPILED` while the weights stay unchanged; a weight update (an
   optimizer step, a loaded checkpoint) makes the next call compile again,
   because frozen weights would be stale. (A graph reads the weights where
-  they are, so an optimizer step needs no new capture.)
+  they are, so an optimizer step needs no new capture.) A step compiled
+  with the weights as inputs (``freezing`` off) would survive the updates,
+  and was measured for RL on a CPU (issue 32, docs/inference.md): it does
+  not pay -- no faster for the RL pipeline's tiny model, and for a 135M
+  model its gain per full step is lost to the finished rows it cannot drop
+  (each batch size would be another compilation) -- so training stays eager.
 """
 
 from __future__ import annotations
