@@ -112,7 +112,6 @@ class DuplicateKeyError(ValueError):
         super().__init__(f"key {key!r} given twice ({lines})")
 
 
-@functools.cache
 def load_yaml_text(text: str) -> Any:
     """The value of the YAML ``text`` through :func:`yaml_loader` (safe types only, a key given twice raises
     :class:`DuplicateKeyError`); PyYAML's errors pass through."""
@@ -123,6 +122,7 @@ def load_yaml_text(text: str) -> Any:
         loader.dispose()
 
 
+@functools.cache
 def yaml_loader() -> type:
     """PyYAML's ``SafeLoader``, but a mapping that gives a key twice raises :class:`DuplicateKeyError` (keys
     merged in with ``<<`` may be overridden, as YAML intends)."""

@@ -192,7 +192,7 @@ def _nucleus_by_histogram(logits: torch.Tensor, mass: torch.Tensor, top_p: float
     if bool(top.isnan().any()):
         raise ValueError("sampling: the logits hold NaN")
     start = torch.zeros_like(top)  # the distance from the top where the buckets start
-    width = (top - bottom).clamp_(min=1e-30, max=NUCLEUS_DEPTH)  # that they cover
+    width = (top - bottom).clamp_(min=1e-6, max=NUCLEUS_DEPTH)  # that they cover (closer logits share a bucket)
     first = torch.arange(B, device=logits.device, dtype=torch.int32)[:, None] * n  # each row's first bucket
     above = torch.zeros(B, dtype=torch.float64, device=logits.device)  # the mass ranked before the buckets
     inside: torch.Tensor | None = None  # the tokens in the buckets (all at first)
