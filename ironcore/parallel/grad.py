@@ -144,6 +144,9 @@ def grad_norm(model: nn.Module) -> torch.Tensor:
     return (sharded_sq + sum_of_squares(replicated, device)).sqrt().float()
 
 
+SQUARES_CHUNK = 1 << 22  # elements per float64 pass of sum_of_squares (32 MiB of float64)
+
+
 def sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The sum of the squares of ``tensors``' elements, in float64 (a 0-dim tensor on ``device``).
 
@@ -158,7 +161,9 @@ def sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.T
     """
     total = torch.zeros((), dtype=torch.float64, device=device)
     for t in tensors:
-        total += torch.linalg.vector_norm(t, dtype=torch.float64).square()
+        # In pieces: the float64 copy of a whole gradient (an embedding's: 4x its fp32 bytes) never exists at once.
+        for piece in t.reshape(-1).split(SQUARES_CHUNK):
+            total += torch.linalg.vector_norm(piece, dtype=torch.float64).square()
     return total
 
 
