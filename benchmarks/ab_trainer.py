@@ -86,8 +86,12 @@ def build(package: str, args: argparse.Namespace, data_config: Path, out: Path):
         "operation": {"train_steps": 10**6, "eval_interval": 0},
         "optim": {"max_lr": 3e-4, "warmup_steps": 2}, "utils": {"tracking": False},
     }
-    if args.task == "dpo":
-        raw["dpo"] = {"reference": args.dpo_reference}
+    if args.task == "dpo":  # a `dpo:` group until issue 33, trainer.objective_options since
+        options = {"reference": args.dpo_reference}
+        if hasattr(__import__(f"{package}.config.training", fromlist=["Config"]), "DPOConfig"):
+            raw["dpo"] = options
+        else:
+            raw["trainer"]["objective_options"] = options
     return _trainer_class(package)(config_module.build_config(raw, world_size=1))
 
 

@@ -1,7 +1,7 @@
 """DPO training throughput: pairs/s with a live reference model vs precomputed reference log-probs.
 
 Both runs use the real trainer (``Trainer.train_step``) on the same
-preprocessed HH-RLHF pairs, model, batch and seed; only ``dpo.reference``
+preprocessed HH-RLHF pairs, model, batch and seed; only the ``reference`` option
 differs. A live reference costs one extra forward pass over both responses
 per step (and the reference's memory); the precomputed one costs a single
 pass over the data set before training, reported separately and amortised
@@ -49,16 +49,17 @@ def prepare(root: Path, seq_len: int) -> Path:
 
 
 def trainer(args: argparse.Namespace, data: Path, out: Path, reference: str) -> tuple[Trainer, float]:
-    """A trainer with ``dpo.reference`` set, and the seconds its set-up took (precomputation included)."""
+    """A trainer with the dpo ``reference`` option set, and the seconds its set-up took (precomputation included)."""
     model = to_dict(load_model_config(args.model))
     model.update(vocab_size=max(model["vocab_size"], 50257), max_position_embeddings=max(
         model["max_position_embeddings"], args.seq_len))
     cfg = build_config({
         "model": model, "data": {"config_path": str(data)},
         "trainer": {"micro_batch_size": args.micro_batch, "output_dir": str(out), "save_interval": 0,
-                    "device": args.device, "precision": args.precision},
+                    "device": args.device, "precision": args.precision,
+                    "objective_options": {"reference": reference}},
         "operation": {"train_steps": 10**6, "eval_interval": 0},
-        "optim": {"max_lr": 1e-5}, "utils": {"tracking": False}, "dpo": {"reference": reference},
+        "optim": {"max_lr": 1e-5}, "utils": {"tracking": False},
     }, world_size=1)
     start = time.perf_counter()
     built = Trainer(cfg)

@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=4000, help="at most (the stop accuracy ends SFT first)")
     parser.add_argument("--stop-accuracy", type=float, default=0.5, help="held-out greedy accuracy that ends SFT")
     parser.add_argument("--seed", type=int, default=1, help="init.seed of both runs (weights, data order, rollouts)")
-    parser.add_argument("--grpo-steps", type=int, default=800)
+    parser.add_argument("--grpo-steps", type=int, default=1600)
     parser.add_argument("--grpo-lr", type=float, default=3e-4)
     parser.add_argument("--prompts-per-step", type=int, default=32)
     parser.add_argument("--generations", type=int, default=8)

@@ -37,7 +37,9 @@ def main() -> None:
             continue
         cells = []
         for cfg in configs.values():
-            plan = plan_memory(cfg, tp, dp, zero, args.precision, recompute, args.micro_batch_size, args.seq_len)
+            plan = plan_memory(cfg, tp=tp, dp=dp, distributed_optimizer=zero, precision=args.precision,
+                               activation_checkpointing=recompute, micro_batch_size=args.micro_batch_size,
+                               seq_len=args.seq_len)
             gib = plan.total / 2**30
             cells.append(f"{gib:.1f} GiB {'fits' if gib <= args.gpu_memory else '—'}")
         layout = f"TP={tp} x DP={dp}" + (", dist. opt." if zero else "") + (", recompute" if recompute else "")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ironcore.checkpoints.load import load_model
 from ironcore.checkpoints.native import save_model
@@ -130,3 +132,196 @@ def test_convert_carries_the_tokenizer(tmp_path: Path) -> None:
     (tmp_path / "ckpt" / "tokenizer.json").write_text((ROOT / "examples/data/gpt2/tokenizer.json").read_text())
     assert main(["convert", "--to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+# ---- the options for a workflow manager: train --signature/--export/--mlflow-parent, eval --as-validation -----
+
+@pytest.fixture(scope="module")
+def tiny_train_config(tmp_path_factory) -> Path:
+    """A 2-step run of a tiny model on a slice of tinyshakespeare (with validation data: final_eval.json)."""
+    from run_helpers import TINY_MODEL, shakespeare_slice
+
+    root = tmp_path_factory.mktemp("train")
+    data = shakespeare_slice(root, 20_000)
+    config = {"model": TINY_MODEL, "data": {"config_path": str(data)},
+              "trainer": {"micro_batch_size": 4, "gradient_accumulation_steps": 1, "save_interval": 0,
+                          "output_dir": str(root / "run")},
+              "operation": {"train_steps": 2, "eval_interval": 0, "eval_steps": 1, "log_interval": 1},
+              "optim": {"max_lr": 3e-3, "warmup_steps": 1}, "utils": {"tracking": False}}  # fmt: skip
+    path = root / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_train_signature_resumes_the_same_unfinished_run_and_restarts_the_others(tiny_train_config, tmp_path,
+                                                                                 caplog) -> None:  # fmt: skip
+    """--signature: an unfinished run of the same settings and files resumes; a finished one, or one whose
+    files (or settings) changed, is cleared; --export copies the finished run's outputs."""
+    run = tmp_path / "run"
+    extra = tmp_path / "fingerprint.txt"
+    extra.write_text("code v1\n")
+    train = ["train", "--config", str(tiny_train_config), f"trainer.output_dir={run}", "--signature", str(extra),
+             "--export", str(tmp_path / "out")]  # fmt: skip
+    assert main(train) == 0
+    for name in ("final_eval.json", "metrics.jsonl", "config.yaml"):
+        assert (tmp_path / "out" / name).read_bytes() == (run / name).read_bytes()
+    recorded = (run / "signature").read_text()
+
+    (run / "final_eval.json").unlink()  # killed before the end: resumed, what the folder holds is kept
+    (run / "marker").touch()
+    caplog.set_level("INFO")
+    assert main(train) == 0
+    assert (run / "marker").exists() and "resumed from" in caplog.text and (run / "signature").read_text() == recorded
+    assert main(train) == 0  # finished: trained again from scratch
+    assert not (run / "marker").exists() and (run / "signature").read_text() == recorded
+
+    (run / "final_eval.json").unlink()
+    (run / "marker").touch()
+    extra.write_text("code v2\n")  # another signature: cleared although unfinished
+    assert main(train) == 0
+    assert not (run / "marker").exists() and (run / "signature").read_text() != recorded
+    changed = (run / "signature").read_text()
+    (run / "final_eval.json").unlink()
+    (run / "marker").touch()
+    assert main([*train, "optim.max_lr=1e-3"]) == 0  # a hyperparameter is part of the signature
+    assert not (run / "marker").exists() and (run / "signature").read_text() != changed
+
+
+def test_train_signature_never_clears_a_folder_that_holds_no_run(tiny_train_config, tmp_path, capsys) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["train", "--config", str(tiny_train_config), f"trainer.output_dir={tmp_path}", "--signature",
+                 str(tiny_train_config)]) == 2  # fmt: skip
+    assert "holds files but no training run: refusing to clear it" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert main(["train", "--config", str(tiny_train_config), f"trainer.output_dir={tmp_path / 'r'}", "--signature",
+                 str(tmp_path / "missing")]) == 2  # fmt: skip
+    assert "missing: no such file or directory" in capsys.readouterr().err
+
+
+def test_train_signature_is_the_one_the_pipeline_computed_with_sha256sum(tiny_train_config, tmp_path) -> None:
+    """An unfinished run of the former shell rule (`echo DIGEST | cat - DATA CODE | sha256sum`) still resumes."""
+    import hashlib
+
+    from ironcore.cli.train import signature
+    from ironcore.config import load_config, to_dict
+
+    cfg = load_config(tiny_train_config)
+    settings = to_dict(cfg)
+    settings.pop("utils")
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    files = [tmp_path / "a.json", tmp_path / "b.sha256"]
+    files[0].write_text('{"x": 1}\n')
+    files[1].write_bytes(b"\x00\xffcode\n")
+    done = subprocess.run(f"echo {digest} | cat - {files[0]} {files[1]} | sha256sum | cut -c1-16", shell=True,
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert signature(cfg, [str(f) for f in files]) == done.stdout.strip()
+
+
+@pytest.mark.slow
+def test_train_under_torchrun_clears_the_stale_run_on_rank_zero_first(tiny_train_config, tmp_path) -> None:
+    """Two processes: rank 0 clears the run of another signature while rank 1 waits, then both train."""
+    from run_helpers import launch_train
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "signature").write_text("0123456789abcdef\n")
+    (run / "marker").touch()
+    launch_train(tiny_train_config, 2, f"trainer.output_dir={run}", "--signature", str(tiny_train_config),
+                 "--export", str(tmp_path / "out"), "--threads", "2")  # fmt: skip
+    assert not (run / "marker").exists() and (run / "signature").read_text() != "0123456789abcdef\n"
+    assert json.loads((tmp_path / "out" / "final_eval.json").read_text())["step"] == 2
+
+
+def test_train_mlflow_parent_and_mlflow_finish(tiny_train_config, tmp_path, monkeypatch) -> None:
+    """--mlflow-parent NAME: the training run is a child of NAME's parent run of this invocation;
+    `ironcore mlflow finish` logs the eval results to the parent and closes it."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("IRONCORE_PIPELINE_INVOCATION", "inv1")
+    monkeypatch.setenv("IRONCORE_MLFLOW_EXPERIMENT", "pipe")
+    monkeypatch.delenv("MLFLOW_PARENT_RUN_ID", raising=False)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(tiny_train_config), f"trainer.output_dir={run}", "--mlflow-parent", "x",
+                 "utils.tracking=true", "utils.experiment_name=pipe", "utils.run_name=x/train"]) == 0  # fmt: skip
+    monkeypatch.delenv("MLFLOW_PARENT_RUN_ID")  # set for the trainer's tracker
+    assert main(["mlflow", "finish", "--run", "x", "--eval", str(run / "final_eval.json"), "--config",
+                 str(run / "config.yaml"), "--artifacts", "train", str(run / "metrics.jsonl")]) == 0  # fmt: skip
+    client = MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("pipe").experiment_id])}
+    assert set(runs) == {"x", "x/train"}
+    parent, child = runs["x"], runs["x/train"]
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.data.tags["pipeline_invocation"] == "inv1" and parent.info.status == "FINISHED"
+    assert parent.data.metrics["val/loss"] == json.loads((run / "final_eval.json").read_text())["val_loss"]
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["train"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A run folder of a tiny random model with its BPE, and a synthetic task folder whose answers are the
+    model's own greedy completions for half the prompts (so the accuracy is neither 0 nor 1)."""
+    from ironcore.checkpoints import native
+    from ironcore.config.model import ModelConfig
+    from ironcore.data.tokenizer import Tokenizer
+    from ironcore.evaluation.tasks import complete
+
+    root = tmp_path_factory.mktemp("synthetic")
+    task = root / "task"
+    assert main(["synthetic", "--task", "addition", "--output", str(task), "--train", "40", "--heldout", "12"]) == 0
+    rows = [json.loads(line) for line in (task / "train.jsonl").read_text().splitlines()]
+    tokenizer = Tokenizer.train_bpe([r["prompt"] + r["answer"] for r in rows], vocab_size=280)
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="tiny", vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=2, num_attention_heads=4,
+                      max_position_embeddings=64, position_embedding="rope", norm_type="rmsnorm")  # fmt: skip
+    model = TransformerModel(cfg)
+    with torch.no_grad():  # sharp logits (tied embedding): samples at temperature 0.7 are often the greedy tokens
+        model.embed.weight.mul_(8.0)
+    folder = native.save_model(model, root / "run" / "checkpoints" / "step_0000005")
+    tokenizer.save(folder)
+    (folder / native.TRAINER_STATE).write_text(json.dumps({"step": 5}))
+    (root / "run" / "checkpoints" / "latest").write_text("step_0000005")
+    heldout = [json.loads(line) for line in (task / "heldout.jsonl").read_text().splitlines()]
+    prompts = [tokenizer.backend.encode(r["prompt"], add_special_tokens=True).ids for r in heldout]
+    greedy = complete(model.eval(), tokenizer, prompts, 3, [], 0.0, 0, 8)
+    for i, (record, text) in enumerate(zip(heldout, greedy, strict=True)):
+        record["answer"] = text if i % 2 == 0 else record["answer"]
+    (task / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
+    return root / "run", task
+
+
+def test_eval_as_validation_computes_what_rl_eval_did(synthetic_run, tmp_path, capsys) -> None:
+    """`eval --task synthetic=DIR --as-validation --pass-at K ...`: the numbers and names of the pipeline's former
+    rl_eval.py (the synthetic task with samples=K, pass_at=[K] and the settings given), and its Markdown table."""
+    from ironcore.evaluation.tasks import evaluate_task, load_for_eval, load_task
+
+    run, task_dir = synthetic_run
+    task = load_task(f"synthetic={task_dir}")  # what rl_eval.py computed
+    task.samples, task.pass_at = 3, [3]
+    task.max_new_tokens, task.temperature, task.seed, task.batch_size = 3, 0.7, 2, 5
+    details: list[dict] = []
+    metrics = evaluate_task(*load_for_eval(run), task, details=details)
+    expected = {"step": 5, "prompts": 12, "val_accuracy": metrics["accuracy"], "val_pass_at_3": metrics["pass_at_3"],
+                "eval/synthetic/accuracy": metrics["accuracy"], "eval/synthetic/pass_at_3": metrics["pass_at_3"]}
+    assert 0 < metrics["accuracy"] < 1
+
+    out, table = tmp_path / "e.json", tmp_path / "e.md"
+    assert main(["eval", "--checkpoint", str(run), "--task", f"synthetic={task_dir}", "--as-validation", "--pass-at",
+                 "3", "--max-new-tokens", "3", "--temperature", "0.7", "--seed", "2", "--micro-batch-size", "5",
+                 "--no-mlflow", "--output", str(out), "--samples-markdown", str(table)]) == 0  # fmt: skip
+    result = json.loads(out.read_text())
+    assert {key: value for key, value in result.items() if key not in ("checkpoint", "tasks")} == expected
+    assert list(result)[:5] == ["checkpoint", "step", "prompts", "val_accuracy", "val_pass_at_3"]
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| `")]
+    assert len(rows) == 12 and rows[0] == f"| `{details[0]['prompt']}` | `{details[0]['completion']}` | " \
+                                          f"{details[0]['score']:g} |"  # fmt: skip
+    assert f"accuracy {metrics['accuracy']:.3f}, pass_at_3 {metrics['pass_at_3']:.3f}" in table.read_text()
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--task", f"synthetic={task_dir}", "--task",
+                 str(ROOT / "configs/eval/gsm8k.yaml"), "--as-validation"]) == 2  # fmt: skip
+    assert "--as-validation reports one generation task" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(run), "--pass-at", "2"]) == 2
+    assert "--pass-at is an option of --task evaluations" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(run), "--task", f"synthetic={task_dir}", "--temperature", "0"]) == 2
+    assert "samples need a temperature > 0" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from ironcore.checkpoints.hf import save_hf_model
+from ironcore.checkpoints.hf_families import model_config_from_folder
 from ironcore.config import ConfigError, build_config, dump_config, load_config, load_model_config
 from ironcore.models import TransformerModel
 
@@ -55,10 +56,15 @@ def test_model_can_be_swapped_by_override_and_inline_mapping(tmp_path: Path) -> 
 def test_model_from_hf_folder(tmp_path: Path) -> None:
     tiny = load_model_config("llama-tiny")
     save_hf_model(TransformerModel(tiny), tmp_path / "hf")
-    cfg = load_config(write(tmp_path, f"model: {tmp_path / 'hf'}\n"), world_size=1)
+    train = write(tmp_path, f"model: {tmp_path / 'hf'}\n")
+    cfg = load_config(train, world_size=1, read_folder=model_config_from_folder)
     assert cfg.model.hidden_size == tiny.hidden_size
     assert cfg.model.kv_heads == tiny.kv_heads
     assert cfg.model.gated_mlp and cfg.model.norm_type == "rmsnorm"
+    with pytest.raises(ConfigError, match=r"^\S*train\.yaml: model: \S+ is a folder; an HF checkpoint folder is not accepted"):
+        load_config(train, world_size=1)  # the config package reads no HF folder by itself (layers)
+    with pytest.raises(ConfigError, match="folder without config.json"):
+        load_config(write(tmp_path, f"model: {tmp_path}\n"), world_size=1, read_folder=model_config_from_folder)
 
 
 def test_tensor_parallel_flag_sets_the_trainer_key() -> None:

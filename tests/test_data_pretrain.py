@@ -48,7 +48,8 @@ def test_too_little_data_is_an_error(tmp_path) -> None:
 
 
 def _batches(size: int, global_batch: int, micro: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 3):
-    return StepBatches(IndexDataset(size), global_batch, micro, dp_rank, dp_size, seed, True, torch.device("cpu"))
+    return StepBatches(IndexDataset(size), global_batch_size=global_batch, micro_batch_size=micro, dp_rank=dp_rank,
+                       dp_size=dp_size, seed=seed, shuffle=True, device=torch.device("cpu"))
 
 
 def _indices(micro_batches: list[dict[str, torch.Tensor]]) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from ironcore.data.preprocess import preprocess
 from ironcore.data.tasks import build_dataset
 from ironcore.models import TransformerModel
 from ironcore.objectives import ObjectiveContext
-from ironcore.objectives.dpo import CACHE_DIR, DPOObjective, preference_losses
+from ironcore.objectives.dpo import CACHE_DIR, DPOObjective, DPOOptions, preference_losses
 from ironcore.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,8 +77,9 @@ def start_checkpoint(tmp_path_factory, dpo_data) -> Path:
     return checkpoint.save_model(model, tmp_path_factory.mktemp("start") / "ckpt")
 
 
-def make_config(data_config: Path, out: Path, **overrides):
-    return small_run_config(TINY_MODEL, data_config, out, 3, **overrides)
+def make_config(data_config: Path, out: Path, options: dict | None = None, **overrides):
+    """A 3-step run on the pairs; ``options``: the DPO objective's (trainer.objective_options)."""
+    return small_run_config(TINY_MODEL, data_config, out, 3, trainer__objective_options=options or {}, **overrides)
 
 
 def train_lines(out: Path) -> dict[int, dict]:
@@ -130,7 +132,7 @@ def _logps_by_hand(model: TransformerModel, mb: dict, side: str) -> torch.Tensor
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
 def test_objective_scores_responses_only_against_the_reference(dpo_data, tmp_path, loss_type) -> None:
     """Policy and reference log-probs over response tokens only; ipo length-normalises all four."""
-    cfg = make_config(dpo_data, tmp_path, dpo__loss_type=loss_type, dpo__beta=0.5)
+    cfg = make_config(dpo_data, tmp_path)
     torch.manual_seed(1)
     policy = TransformerModel(cfg.model)
     torch.manual_seed(2)
@@ -138,10 +140,10 @@ def test_objective_scores_responses_only_against_the_reference(dpo_data, tmp_pat
     data_cfg = load_data_config(dpo_data)
     metadata = load_metadata(data_cfg.output_dir)
     dataset = build_dataset(data_cfg.output_dir, metadata, "train", 96, seed=0)
-    (mb,) = StepBatches(dataset, 4, 4, 0, 1, 0, False, torch.device("cpu")).step(0)
+    (mb,) = StepBatches(dataset, global_batch_size=4, micro_batch_size=4, device=torch.device("cpu")).step(0)
     assert (mb["chosen_loss_mask"].sum(-1) < (mb["chosen_labels"] != 0).sum(-1)).all()  # prompts unscored
     objective = DPOObjective(ObjectiveContext(cfg, torch.device("cpu"), nullcontext(), Path(data_cfg.output_dir),
-                                              metadata, 96, policy, lambda: 0))
+                                              metadata, 96, policy, lambda: 0), DPOOptions(loss_type, beta=0.5))
     objective.reference = reference
     with torch.no_grad():
         terms = objective.terms(policy, mb)
@@ -158,11 +160,30 @@ def test_objective_scores_responses_only_against_the_reference(dpo_data, tmp_pat
     torch.testing.assert_close(terms.rejected_rewards.double(), 0.5 * (pr - rr), rtol=1e-4, atol=1e-5)
 
 
-def test_dpo_config_is_checked() -> None:
-    with pytest.raises(ConfigError, match="dpo.label_smoothing': only the sigmoid loss"):
-        build_config({"dpo": {"loss_type": "ipo", "label_smoothing": 0.1}}, world_size=1)
-    with pytest.raises(ConfigError, match="dpo.beta"):
-        build_config({"dpo": {"beta": 0}}, world_size=1)
+def test_dpo_options_are_checked(dpo_data, tmp_path) -> None:
+    for options, message in (
+        ({"loss_type": "ipo", "label_smoothing": 0.1}, "trainer.objective_options.label_smoothing': only the sigmoid"),
+        ({"beta": 0}, "trainer.objective_options.beta': must be positive"),
+        ({"betta": 0.2}, "unknown config key 'trainer.objective_options.betta' (did you mean 'beta'?)"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            Trainer(make_config(dpo_data, tmp_path, options))
+
+
+def test_the_deprecated_dpo_group_is_read_as_the_objective_options(caplog) -> None:
+    """``dpo:`` still works, as trainer.objective_options, with one warning line; not both; and the all-defaults
+    group that every run's config.yaml saved before is read silently, beside any objective's options."""
+    with caplog.at_level("WARNING"):
+        cfg = build_config({"dpo": {"loss_type": "ipo", "beta": 0.5}}, world_size=1)
+    assert cfg.trainer.objective_options == {"loss_type": "ipo", "beta": 0.5} and cfg.dpo is None
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "'dpo' is deprecated" in warning and "trainer.objective_options" in warning and "\n" not in warning
+    with pytest.raises(ConfigError, match="config key 'dpo': deprecated, and trainer.objective_options is given too"):
+        build_config({"dpo": {"beta": 0.5}, "trainer": {"objective_options": {"beta": 0.2}}}, world_size=1)
+    caplog.clear()
+    saved = {"loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "sft_weight": 0.0, "reference": "live"}
+    grpo = build_config({"dpo": saved, "trainer": {"objective_options": {"num_generations": 4}}}, world_size=1)
+    assert grpo.trainer.objective_options == {"num_generations": 4} and not caplog.records
 
 
 # ---- training ----------------------------------------------------------------------------------------
@@ -170,9 +191,9 @@ def test_dpo_config_is_checked() -> None:
 
 def test_precomputed_reference_gives_the_live_numbers(dpo_data, start_checkpoint, tmp_path, monkeypatch) -> None:
     live = make_config(dpo_data, tmp_path / "live", init__init_from=str(start_checkpoint), operation__eval_interval=3)
-    pre = make_config(dpo_data, tmp_path / "pre", init__init_from=str(start_checkpoint), operation__eval_interval=3,
-                      dpo__reference="precomputed", dpo__sft_weight=0.5)
-    live.dpo.sft_weight = 0.5
+    pre = make_config(dpo_data, tmp_path / "pre", {"reference": "precomputed", "sft_weight": 0.5},
+                      init__init_from=str(start_checkpoint), operation__eval_interval=3)
+    live.trainer.objective_options["sft_weight"] = 0.5
     final_live = Trainer(live).train()
     final_pre = Trainer(pre).train()
     assert_same_metrics(train_lines(tmp_path / "live"), train_lines(tmp_path / "pre"))
@@ -183,16 +204,16 @@ def test_precomputed_reference_gives_the_live_numbers(dpo_data, start_checkpoint
     import ironcore.objectives.dpo as dpo_module
 
     monkeypatch.setattr(dpo_module, "compute_reference_logps", lambda *a, **k: pytest.fail("recomputed"))
-    Trainer(make_config(dpo_data, tmp_path / "again", init__init_from=str(start_checkpoint),
-                        dpo__reference="precomputed", operation__train_steps=1))
+    Trainer(make_config(dpo_data, tmp_path / "again", {"reference": "precomputed"},
+                        init__init_from=str(start_checkpoint), operation__train_steps=1))
     # Other reference weights: another key, so the cache is not reused.
     monkeypatch.undo()
-    Trainer(make_config(dpo_data, tmp_path / "other", dpo__reference="precomputed", operation__train_steps=1))
+    Trainer(make_config(dpo_data, tmp_path / "other", {"reference": "precomputed"}, operation__train_steps=1))
     assert len(list(cache.glob("train-*.npy"))) == 2
 
 
 def test_short_run_learns_the_training_preferences(dpo_data, start_checkpoint, tmp_path) -> None:
-    cfg = make_config(dpo_data, tmp_path, init__init_from=str(start_checkpoint), dpo__reference="precomputed",
+    cfg = make_config(dpo_data, tmp_path, {"reference": "precomputed"}, init__init_from=str(start_checkpoint),
                       operation__train_steps=24, optim__max_lr=3e-3)
     trainer = Trainer(cfg)
     before = trainer.objective.evaluate(trainer.forward, trainer.train_data.eval_steps())
@@ -207,10 +228,10 @@ def test_short_run_learns_the_training_preferences(dpo_data, start_checkpoint, t
 
 def test_accumulation_equals_larger_micro_batch(dpo_data, start_checkpoint, tmp_path) -> None:
     init = str(start_checkpoint)
-    Trainer(make_config(dpo_data, tmp_path / "a", init__init_from=init, trainer__micro_batch_size=2,
-                        trainer__gradient_accumulation_steps=1, dpo__sft_weight=0.3)).train()
-    Trainer(make_config(dpo_data, tmp_path / "b", init__init_from=init, trainer__micro_batch_size=1,
-                        trainer__gradient_accumulation_steps=2, dpo__sft_weight=0.3)).train()
+    Trainer(make_config(dpo_data, tmp_path / "a", {"sft_weight": 0.3}, init__init_from=init,
+                        trainer__micro_batch_size=2, trainer__gradient_accumulation_steps=1)).train()
+    Trainer(make_config(dpo_data, tmp_path / "b", {"sft_weight": 0.3}, init__init_from=init,
+                        trainer__micro_batch_size=1, trainer__gradient_accumulation_steps=2)).train()
     assert_same_metrics(train_lines(tmp_path / "a"), train_lines(tmp_path / "b"))
 
 
@@ -221,13 +242,12 @@ def test_resume_keeps_the_starting_weights_as_reference(dpo_data, tmp_path) -> N
     torch.manual_seed(11)
     hf_dir = save_hf_model(TransformerModel(make_config(dpo_data, tmp_path).model), tmp_path / "hf")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    options = {"init__init_from": str(hf_dir), "operation__train_steps": 4, "trainer__save_interval": 2,
-               "dpo__loss_type": "ipo"}
-    Trainer(make_config(dpo_data, straight, **options)).train()
+    options = {"init__init_from": str(hf_dir), "operation__train_steps": 4, "trainer__save_interval": 2}
+    Trainer(make_config(dpo_data, straight, {"loss_type": "ipo"}, **options)).train()
     (resumed / "checkpoints").mkdir(parents=True)
     os.system(f"cp -r {straight}/checkpoints/step_0000002 {resumed}/checkpoints/")
     checkpoint.update_latest(resumed / "checkpoints", resumed / "checkpoints" / "step_0000002")
-    Trainer(make_config(dpo_data, resumed, **options)).train()
+    Trainer(make_config(dpo_data, resumed, {"loss_type": "ipo"}, **options)).train()
     a, b = train_lines(straight), train_lines(resumed)
     assert sorted(b) == [3, 4]
     assert_same_metrics({s: a[s] for s in b}, b, tol=1e-6)
@@ -238,8 +258,8 @@ def test_metrics_reach_console_jsonl_and_mlflow(dpo_data, tmp_path, monkeypatch,
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    cfg = make_config(dpo_data, tmp_path / "run", utils__tracking=True, utils__experiment_name="dpo",
-                      operation__train_steps=2, operation__eval_interval=1, dpo__sft_weight=0.1)
+    cfg = make_config(dpo_data, tmp_path / "run", {"sft_weight": 0.1}, utils__tracking=True,
+                      utils__experiment_name="dpo", operation__train_steps=2, operation__eval_interval=1)
     Trainer(cfg).train()
     assert "| acc " in capsys.readouterr().out
     lines = read_metrics(tmp_path / "run")
@@ -247,7 +267,7 @@ def test_metrics_reach_console_jsonl_and_mlflow(dpo_data, tmp_path, monkeypatch,
     assert {"val_loss", *(f"val_{m}" for m in METRICS)} <= set(lines[1])
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("dpo").experiment_id])
-    assert run.data.tags["task_type"] == "dpo" and run.data.params["dpo.loss_type"] == "sigmoid"
+    assert run.data.tags["task_type"] == "dpo" and run.data.params["trainer.objective_options.sft_weight"] == "0.1"
     for name in ("train/loss", "train/nll_loss", *METRICS, "val/loss", *(f"val/{m}" for m in METRICS)):
         assert [m.step for m in client.get_metric_history(run.info.run_id, name)][:1] == [1], name
 
@@ -287,13 +307,13 @@ def test_data_and_tensor_parallel_match_one_process(dpo_data, start_checkpoint, 
     """DP=2 (precomputed reference, spread over the ranks) and TP=2 (live, sharded reference) == 1 process."""
     config = _write_yaml(tmp_path / "dpo.yaml", {
         "model": TINY_MODEL, "data": {"config_path": str(dpo_data)},
-        "trainer": {"micro_batch_size": 2, "save_interval": 0},
+        "trainer": {"micro_batch_size": 2, "save_interval": 0, "objective_options": {"sft_weight": 0.2}},
         "operation": {"train_steps": 4, "eval_interval": 2, "eval_steps": 2, "log_interval": 1},
         "optim": {"max_lr": 3e-3, "warmup_steps": 2}, "init": {"init_from": str(start_checkpoint)},
-        "dpo": {"sft_weight": 0.2}, "utils": {"tracking": False},
+        "utils": {"tracking": False},
     })
     single = _torchrun(config, 1, f"trainer.output_dir={tmp_path / 'one'}", "trainer.gradient_accumulation_steps=2")
-    dp2 = _torchrun(config, 2, f"trainer.output_dir={tmp_path / 'dp2'}", "dpo.reference=precomputed")
+    dp2 = _torchrun(config, 2, f"trainer.output_dir={tmp_path / 'dp2'}", "trainer.objective_options.reference=precomputed")
     tp2 = _torchrun(config, 2, "--tensor-model-parallel-size", "2", f"trainer.output_dir={tmp_path / 'tp2'}",
                     "trainer.gradient_accumulation_steps=2")
     assert_same_metrics(single, dp2, tol=1e-4)
@@ -344,7 +364,8 @@ def test_chat_sft_trains_on_assistant_turns_only(tmp_path, chat_tokenizer_dir) -
     # Step 1's loss by hand: the same initial weights and batch, CE averaged over the trained tokens only.
     torch.manual_seed(cfg.init.seed)
     start = TransformerModel(cfg.model)
-    (mb,) = StepBatches(dataset, 2, 2, 0, 1, cfg.init.seed, True, torch.device("cpu")).step(0)
+    (mb,) = StepBatches(dataset, global_batch_size=2, micro_batch_size=2, seed=cfg.init.seed, shuffle=True,
+                        device=torch.device("cpu")).step(0)
     with torch.no_grad():
         ce = torch.nn.functional.cross_entropy(start(mb["input_ids"]).transpose(1, 2), mb["labels"], reduction="none")
     assert losses[1] == pytest.approx(((ce * mb["loss_mask"]).sum() / mb["loss_mask"].sum()).item(), rel=1e-5)

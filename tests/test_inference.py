@@ -33,6 +33,7 @@ from ironcore.models import TransformerModel
 
 generate_module = importlib.import_module("ironcore.inference.generate")  # the package exports the function
 steps_module = importlib.import_module("ironcore.inference.steps")
+sampling_module = importlib.import_module("ironcore.inference.sampling")
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
 NEW = 16
@@ -224,21 +225,24 @@ def test_sort_free_filters_keep_the_sorts_tokens(vocab: int, monkeypatch) -> Non
                 scaled = scaled.masked_fill(scaled < scaled.topk(top_k).values[:, -1:], float("-inf"))
             if top_p is not None:
                 mass = scaled.softmax(-1)
-                for nucleus in (generate_module._nucleus_by_histogram, generate_module._nucleus_by_sort):
+                for nucleus in (sampling_module._nucleus_by_histogram, sampling_module._nucleus_by_sort):
                     for sorted_at_most in (1024, 3):
-                        monkeypatch.setattr(generate_module, "NUCLEUS_SORTED", sorted_at_most)
+                        monkeypatch.setattr(sampling_module, "NUCLEUS_SORTED", sorted_at_most)
                         got = scaled >= nucleus(scaled, mass, top_p)
                         assert torch.equal(got, want), (kind, top_k, top_p, nucleus.__name__, sorted_at_most)
-                if kind != "ties" and top_k is None and vocab <= 1000:  # (float32's cumsum is exact enough)
+                # The old float32 sort agrees where its cumsum's rounding cannot move the boundary: not at
+                # top_p 0.999, whose boundary lies among masses of ~1e-6 that float32 sums differently with
+                # the CPU's vector width and thread count (it failed at 1 thread on an AVX-512 machine).
+                if kind != "ties" and top_k is None and vocab <= 1000 and top_p < 0.99:
                     assert torch.equal(_old_filter(scaled, top_p) > float("-inf"), want), (kind, top_p)
-            monkeypatch.setattr(generate_module, "NUCLEUS_SORTED", 1024)
+            monkeypatch.setattr(sampling_module, "NUCLEUS_SORTED", 1024)
             for seed in range(3):  # every draw is a kept token; the candidates draw what the whole vocabulary does
                 drawn = sample_next(logits, 0.8, top_k, top_p, torch.Generator().manual_seed(seed))
                 assert want.gather(1, drawn[:, None]).all(), (kind, top_k, top_p)
                 if top_k is not None:
-                    monkeypatch.setattr(generate_module, "SAMPLE_CANDIDATES", 0)
+                    monkeypatch.setattr(sampling_module, "SAMPLE_CANDIDATES", 0)
                     full = sample_next(logits, 0.8, top_k, top_p, torch.Generator().manual_seed(seed))
-                    monkeypatch.setattr(generate_module, "SAMPLE_CANDIDATES", 1024)
+                    monkeypatch.setattr(sampling_module, "SAMPLE_CANDIDATES", 1024)
                     assert torch.equal(full, drawn), (kind, top_k, top_p)
 
 

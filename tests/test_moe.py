@@ -168,3 +168,6 @@ def test_moe_training_logs_aux_loss_and_expert_load(tmp_path, monkeypatch) -> No
     (run,) = client.search_runs([client.get_experiment_by_name("moe").experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/aux_loss")] == [3, 6]
     assert "expert_load.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # Without tracking the heatmap is still written, and no missing tracker is asked to store it.
+    Trainer(small_run_config(model, data, tmp_path / "untracked", 2, operation__log_interval=1)).train()
+    assert (tmp_path / "untracked" / "expert_load.png").stat().st_size > 1000

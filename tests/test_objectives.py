@@ -101,7 +101,8 @@ def test_a_users_objective_trains_through_the_cli_with_the_hand_computed_loss(pr
     cfg = load_config(config, world_size=1)
     data_cfg = load_data_config(pretrain_data)
     dataset = build_dataset(data_cfg.output_dir, load_metadata(data_cfg.output_dir), "train", 32, cfg.init.seed)
-    batches = StepBatches(dataset, 4, 2, 0, 1, cfg.init.seed, True, torch.device("cpu"))
+    batches = StepBatches(dataset, global_batch_size=4, micro_batch_size=2, seed=cfg.init.seed, shuffle=True,
+                          device=torch.device("cpu"))
     torch.manual_seed(cfg.init.seed)
     weights = {1: TransformerModel(cfg.model).eval()}  # step k runs on the weights saved after step k - 1
     weights.update({k: load_model(tmp_path / "run" / "checkpoints" / f"step_{k - 1:07d}") for k in (2, 3)})

@@ -199,7 +199,7 @@ def test_reward_model_mistakes_are_one_line_even_when_errors_are_skipped(dpo_dat
 
 def test_generation_and_evaluation_refuse_a_reward_model(dpo_data, tmp_path) -> None:  # noqa: F811
     """A score head gives one number per position, not next-token logits: `ironcore generate` printed token 0
-    forever and `ironcore eval --task` crashed; both (and the validation loss) refuse it in one line."""
+    forever and `ironcore eval --task` crashed; both refuse it in one line, and so does the LM loss of `load_for_eval`."""
     rm = checkpoint.save_model(TransformerModel(_config(dpo_data, tmp_path / "unused", 1).model), tmp_path / "rm")
     checkpoint.copy_tokenizer(yaml.safe_load(dpo_data.read_text())["output_dir"], rm)
     gsm8k = Path(__file__).parent / "data" / "gsm8k_sample.jsonl"

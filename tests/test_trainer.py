@@ -138,7 +138,8 @@ def test_sft_loss_is_the_masked_token_average(sft_data, tmp_path) -> None:
     data_cfg = load_data_config(sft_data)
     meta = load_metadata(data_cfg.output_dir)
     dataset = build_dataset(data_cfg.output_dir, meta, "train", data_cfg.max_seq_length, cfg.init.seed)
-    batches = StepBatches(dataset, 4, 4, 0, 1, cfg.init.seed, True, torch.device("cpu")).step(0)
+    batches = StepBatches(dataset, global_batch_size=4, micro_batch_size=4, seed=cfg.init.seed, shuffle=True,
+                          device=torch.device("cpu")).step(0)
     (batch,) = batches
     with torch.no_grad():
         logits = model(batch["input_ids"])
@@ -263,7 +264,7 @@ def test_a_run_started_outside_any_checkout_carries_the_code_version(pretrain_da
 
 def test_mlflow_runs_and_pipeline_parents_show_their_source(pretrain_data, tmp_path, monkeypatch) -> None:
     """The runs table's "Source": mlflow.source.name/type and the commit, on training runs and on the pipeline's
-    parent runs (workflow/scripts/mlflow_runs.py), in a store in tmp_path."""
+    parent runs (`ironcore mlflow parent`), in a store in tmp_path."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -272,8 +273,8 @@ def test_mlflow_runs_and_pipeline_parents_show_their_source(pretrain_data, tmp_p
                         operation__train_steps=1)).train()  # fmt: skip
     env = {**os.environ, "IRONCORE_PIPELINE_INVOCATION": "inv1", "IRONCORE_MLFLOW_EXPERIMENT": "src",
            "PYTHONPATH": str(ROOT)}  # fmt: skip
-    done = subprocess.run([sys.executable, str(ROOT / "workflow" / "scripts" / "mlflow_runs.py"), "parent", "--run",
-                           "a"], env=env, capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "ironcore", "mlflow", "parent", "--run", "a"], env=env,
+                          capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0 and "skipped" not in done.stderr, done.stderr
     client = MlflowClient(uri)
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("src").experiment_id])}

@@ -10,25 +10,34 @@ A record says everything family-specific about an HF checkpoint folder:
   (``layers.{i}.mlp.up``, a parameter, not a module) ``experts``: expert
   ``{j}``'s HF tensors, concatenated, stacked over the experts; loading and
   saving read the same table;
-* ``read`` -- ``config.json`` -> the :class:`ModelConfig` fields;
-* ``write`` -- :class:`ModelConfig` -> the ``config.json`` keys;
-* ``expresses`` -- whether a config is saved as this family (the first
-  record in :data:`FAMILIES` that says yes is used, and a round trip through
-  ``write`` and ``read`` must give the config back, else export refuses).
+* ``keys`` -- for every :class:`ModelConfig` field that ``config.json`` keeps
+  under a key of its own, that key, its default and how its values are spelt;
+  reading and writing read the same table;
+* ``read`` and ``write`` -- the rest of the translation, both ways: the
+  fields the family fixes (LLaMA: RMSNorm) and the settings spread over
+  several keys (RoPE, sliding-window layers);
+* ``expresses`` -- the configs saved as this family: those with the network
+  features it requires, any of those it allows, and no other
+  (:class:`Expresses`). No two records express one config
+  (``tests/test_hf_families.py``), so the records' order decides nothing. A
+  round trip through ``write`` and ``read`` must give the config back, else
+  export refuses, naming what the family (for a config no record expresses,
+  the family whose round trip loses the fewest fields) cannot say.
 
 Most families are variations of a few layouts (GPT-2's, LLaMA's, Phi's), so
-the records share the layout helpers below and state only what differs.
-Adding a family is one record plus its parity test in
+the records share the layout tables and helpers below and state only what
+differs. Adding a family is one record plus its parity test in
 ``tests/test_hf_parity.py`` (see ``docs/adding-a-model-family.md``). Nothing
-here imports torch or ``transformers``: the config loader reads HF folders
-through these records.
+here imports torch or ``transformers``: a training config's ``model:`` may be
+an HF folder, read by :func:`model_config_from_folder`, which the commands hand
+to the config loader (it sits below this package).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,24 +49,207 @@ from ironcore.files import read_json
 WeightTable = dict[str, tuple[list[str], str]]  # our module ("layers.{i}.attn.qkv") -> (HF modules, how)
 LAYER_TYPES = {"sliding_attention": True, "full_attention": False}  # HF's layer_types -> windowed
 
-# HF activation names -> ours; and ours -> the name each layout writes.
+
+# ---- config.json keys: one declaration per field, read and written -------------------------------------------
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "silu": "silu",
-               "swish": "silu", "relu": "relu"}
-HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu", "relu": "relu"}
-GEMMA_ACTIVATION = {**HF_ACTIVATION, "gelu_tanh": "gelu_pytorch_tanh"}
-OPENAI_GPT_ACTIVATION = {"gelu_tanh": "gelu", "relu": "relu", "silu": "silu"}  # GPT-1's "gelu" is the tanh form
+               "swish": "silu", "relu": "relu"}  # HF's activation names -> ours
+
+
+@dataclasses.dataclass(frozen=True)
+class Activations:
+    """How a layout spells our activations: ``read`` HF's names -> ours, ``write`` ours -> HF's (one without an
+    HF name is written as ours, and the round trip refuses it)."""
+
+    write: Mapping[str, str]
+    read: Mapping[str, str] = dataclasses.field(default_factory=lambda: ACTIVATIONS)
+
+    def ours(self, name: Any, where: str) -> str:
+        """Our name of HF's activation ``name``; a ConfigError naming ``where`` (the file) for one we lack."""
+        if name not in self.read:
+            raise ConfigError(f"{where}: unsupported activation '{name}' (supported: {', '.join(self.read)})")
+        return self.read[name]
+
+
+HF_ACTIVATIONS = Activations({"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu", "relu": "relu"})
+GEMMA_ACTIVATIONS = Activations({**HF_ACTIVATIONS.write, "gelu_tanh": "gelu_pytorch_tanh"})
+GPT1_ACTIVATIONS = Activations({"gelu_tanh": "gelu", "relu": "relu", "silu": "silu"},  # GPT-1's "gelu": tanh form
+                               {**ACTIVATIONS, "gelu": "gelu_tanh"})
+
+
+REQUIRED: Any = object()  # the default of a key config.json must have
+
+
+@dataclasses.dataclass(frozen=True)
+class HFKey:
+    """Where ``config.json`` keeps one of our fields.
+
+    ``default`` is what a missing or null key means, as config.json would spell it (a function of the whole
+    config.json where it depends on other keys; none: the key is required). ``also``: more keys written with
+    the same value, and read where ``name`` is missing. ``written``: False for a field read from a key that
+    another field writes.
+    """
+
+    name: str
+    default: Any = REQUIRED
+    names: Activations | None = None
+    also: tuple[str, ...] = ()
+    written: bool = True
+
+
+KeyTable = dict[str, HFKey]  # our field -> its config.json key
+# Fields written as the size they resolve to (null there means: derived from other fields).
+DERIVED: dict[str, Callable[[ModelConfig], Any]] = {
+    "num_key_value_heads": lambda cfg: cfg.kv_heads, "head_dim": lambda cfg: cfg.head_size,
+    "ffn_hidden_size": lambda cfg: cfg.ffn_size,
+    "moe_ffn_hidden_size": lambda cfg: cfg.expert_ffn_size if cfg.num_experts else None,
+}
+
+
+def read_keys(hf: Mapping[str, Any], where: str, table: KeyTable) -> dict[str, Any]:
+    """Our fields from ``config.json`` by ``table``."""
+    fields = {}
+    for ours, key in table.items():
+        value = next((hf[name] for name in (key.name, *key.also) if hf.get(name) is not None), None)
+        if value is None:
+            if key.default is REQUIRED:
+                value = hf[key.name]  # KeyError: "missing key"; a null stays null
+            else:
+                value = key.default(hf) if callable(key.default) else key.default
+        fields[ours] = key.names.ours(value, where) if key.names else value
+    return fields
+
+
+def write_keys(cfg: ModelConfig, table: KeyTable) -> dict[str, Any]:
+    """The ``config.json`` keys of ``cfg``'s fields by ``table``."""
+    hf: dict[str, Any] = {}
+    for ours, key in table.items():
+        if key.written:
+            value = DERIVED[ours](cfg) if ours in DERIVED else getattr(cfg, ours)
+            if key.names:
+                value = key.names.write.get(value, value)
+            hf.update(dict.fromkeys((key.name, *key.also), value))
+    return hf
+
+
+COMMON_KEYS: KeyTable = {"vocab_size": HFKey("vocab_size"), "init_std": HFKey("initializer_range", 0.02)}
+GPT_KEYS: KeyTable = {
+    "hidden_size": HFKey("n_embd"), "num_layers": HFKey("n_layer"), "num_attention_heads": HFKey("n_head"),
+    "max_position_embeddings": HFKey("n_positions"), "norm_eps": HFKey("layer_norm_epsilon", 1e-5),
+    "tie_word_embeddings": HFKey("tie_word_embeddings", True),
+}
+GPT2_KEYS: KeyTable = {
+    **GPT_KEYS, "max_position_embeddings": HFKey("n_positions", also=("n_ctx",)),
+    "ffn_hidden_size": HFKey("n_inner", lambda hf: 4 * hf["n_embd"]),
+    "activation": HFKey("activation_function", "gelu_new", HF_ACTIVATIONS),
+}
+GPT1_KEYS: KeyTable = {**GPT_KEYS, "activation": HFKey("afn", "gelu", GPT1_ACTIVATIONS)}
+ROTARY_KEYS: KeyTable = {  # every RoPE decoder (LLaMA's and Phi's layouts)
+    "hidden_size": HFKey("hidden_size"), "num_layers": HFKey("num_hidden_layers"),
+    "num_attention_heads": HFKey("num_attention_heads"),
+    "num_key_value_heads": HFKey("num_key_value_heads", lambda hf: hf["num_attention_heads"]),
+    "ffn_hidden_size": HFKey("intermediate_size"), "max_position_embeddings": HFKey("max_position_embeddings"),
+}
+LLAMA_KEYS: KeyTable = {
+    **ROTARY_KEYS, "head_dim": HFKey("head_dim", lambda hf: hf["hidden_size"] // hf["num_attention_heads"]),
+    "norm_eps": HFKey("rms_norm_eps", 1e-6), "activation": HFKey("hidden_act", "silu", HF_ACTIVATIONS),
+    # LLaMA's one attention_bias biases q, k, v and the output (Qwen2 fixes both of ours in its read).
+    "attention_bias": HFKey("attention_bias", False, written=False),
+    "attention_out_bias": HFKey("attention_bias", False), "mlp_bias": HFKey("mlp_bias", False),
+    "tie_word_embeddings": HFKey("tie_word_embeddings", False),
+}
+MISTRAL_KEYS: KeyTable = {**LLAMA_KEYS, "sliding_window": HFKey("sliding_window", None)}
+QWEN3_KEYS: KeyTable = {**LLAMA_KEYS, "head_dim": HFKey("head_dim", 128)}
+SMOLLM3_KEYS: KeyTable = {**LLAMA_KEYS, "tie_word_embeddings": HFKey("tie_word_embeddings", True)}
+GEMMA_KEYS: KeyTable = {
+    **LLAMA_KEYS, "head_dim": HFKey("head_dim", 256), "tie_word_embeddings": HFKey("tie_word_embeddings", True),
+    "activation": HFKey("hidden_activation", "silu", GEMMA_ACTIVATIONS, also=("hidden_act",)),
+}
+GEMMA2_KEYS: KeyTable = {
+    **GEMMA_KEYS, "query_pre_attn_scalar": HFKey("query_pre_attn_scalar", 256),
+    "attn_logit_softcap": HFKey("attn_logit_softcapping", None),
+    "final_logit_softcap": HFKey("final_logit_softcapping", None),
+}
+PHI_KEYS: KeyTable = {
+    **ROTARY_KEYS, "norm_eps": HFKey("layer_norm_eps", 1e-5), "rotary_percent": HFKey("partial_rotary_factor", 0.5),
+    "activation": HFKey("hidden_act", "gelu_new", HF_ACTIVATIONS),
+    "tie_word_embeddings": HFKey("tie_word_embeddings", False),
+}
+MOE_KEYS: KeyTable = {
+    **LLAMA_KEYS, "num_experts_per_token": HFKey("num_experts_per_tok", 2),
+    "moe_aux_loss_coef": HFKey("router_aux_loss_coef", 0.001),
+    # transformers 5 saves Qwen3-MoE's and OLMoE's expert count as num_local_experts
+    "num_experts": HFKey("num_experts", lambda hf: hf["num_local_experts"]),
+    "moe_renormalize": HFKey("norm_topk_prob", False),
+}
+MIXTRAL_KEYS: KeyTable = {
+    **MOE_KEYS, "num_experts": HFKey("num_local_experts"), "moe_renormalize": HFKey("norm_topk_prob", True),
+    "sliding_window": HFKey("sliding_window", None),
+}
+QWEN3_MOE_KEYS: KeyTable = {
+    **MOE_KEYS, "head_dim": HFKey("head_dim", 128), "moe_ffn_hidden_size": HFKey("moe_intermediate_size", None),
+}
+
+
+# ---- which family a config is saved as -----------------------------------------------------------------------
+# The network features that tell the families apart.
+FEATURES: dict[str, Callable[[ModelConfig], bool]] = {
+    "experts": lambda cfg: cfg.num_experts is not None,
+    "experts_not_renormalized": lambda cfg: cfg.num_experts is not None and not cfg.moe_renormalize,
+    "qk_norm": lambda cfg: cfg.qk_norm and cfg.qk_norm_per_head,
+    "qk_norm_over_heads": lambda cfg: cfg.qk_norm and not cfg.qk_norm_per_head,
+    "sandwich_norms": lambda cfg: cfg.norm_position == "sandwich",
+    "output_norms": lambda cfg: cfg.norm_position == "output",
+    "post_norm": lambda cfg: cfg.norm_position == "post",
+    "learned_positions": lambda cfg: cfg.position_embedding == "learned",
+    "parallel_blocks": lambda cfg: cfg.parallel_attn_mlp,
+    "unit_offset_norm": lambda cfg: cfg.norm_unit_offset,
+    "no_rope_layers": lambda cfg: cfg.no_rope_layer_interval is not None,
+    "sliding_window": lambda cfg: cfg.sliding_window is not None,
+    "qkv_bias": lambda cfg: cfg.attention_bias and not cfg.attention_out_bias,
+}
+
+
+def features(cfg: ModelConfig) -> frozenset[str]:
+    """The :data:`FEATURES` ``cfg`` has."""
+    return frozenset(name for name, has in FEATURES.items() if has(cfg))
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Expresses:
+    """The configs a family is saved as: those with every ``required`` feature, any ``optional`` ones and no
+    other (:data:`FEATURES`)."""
+
+    required: frozenset[str]
+    optional: frozenset[str] = frozenset()
+
+    def __init__(self, required: Iterable[str], optional: Iterable[str] = ()) -> None:
+        required, optional = frozenset(required), frozenset(optional)
+        unknown = (required | optional) - FEATURES.keys()
+        if unknown:  # a misspelt feature would silently express nothing
+            raise ValueError(f"unknown features {sorted(unknown)} (known: {', '.join(FEATURES)})")
+        object.__setattr__(self, "required", required)
+        object.__setattr__(self, "optional", optional)
+
+    def __call__(self, cfg: ModelConfig) -> bool:
+        return self.holds(features(cfg))
+
+    def holds(self, found: Iterable[str]) -> bool:
+        """Whether a config with the features ``found`` (and no other) is saved as this family."""
+        return self.required <= frozenset(found) <= self.required | self.optional
 
 
 @dataclasses.dataclass(frozen=True)
 class HFFamily:
-    """One HF ``model_type`` (see the module doc)."""
+    """One HF ``model_type`` (see the module doc); ``expresses`` None: saved as it only where a config's
+    ``hf_model_type`` names it."""
 
     model_type: str
     architecture: str
     weights: WeightTable
+    keys: KeyTable
     read: Callable[[Mapping[str, Any], str], dict[str, Any]]
     write: Callable[[ModelConfig], dict[str, Any]]
-    expresses: Callable[[ModelConfig], bool]
+    expresses: Expresses | None
 
 
 # ---- weight tables -------------------------------------------------------------------------------------------
@@ -140,52 +332,19 @@ PHI_WEIGHTS: WeightTable = {
 }
 
 
-# ---- layouts: config.json <-> ModelConfig fields -------------------------------------------------------------
-def activation(name: str | None, where: str) -> str:
-    if name not in ACTIVATIONS:
-        raise ConfigError(f"{where}: unsupported activation '{name}' (supported: {', '.join(ACTIVATIONS)})")
-    return ACTIVATIONS[name]
-
-
+# ---- layouts: what the key tables cannot say -----------------------------------------------------------------
 def read_gpt2(hf: Mapping[str, Any], where: str, gpt1: bool = False) -> dict[str, Any]:
-    """GPT-2's layout; GPT-1 is the same, post-norm without a final norm, its "gelu" being the tanh form."""
-    if gpt1:
-        act = "gelu_new" if hf.get("afn", "gelu") == "gelu" else hf["afn"]
-    else:
-        act = hf.get("activation_function", "gelu_new")
+    """GPT-2's layout; GPT-1 is the same, post-norm without a final norm and its MLP 4x wide."""
     return dict(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["n_embd"],
-        num_layers=hf["n_layer"],
-        num_attention_heads=hf["n_head"],
-        ffn_hidden_size=(None if gpt1 else hf.get("n_inner")) or 4 * hf["n_embd"],
-        max_position_embeddings=hf["n_positions"],
-        norm_type="layernorm",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        norm_position="post" if gpt1 else "pre",
-        final_norm=not gpt1,
-        position_embedding="learned",
-        activation=activation(act, where),
-        attention_bias=True,
-        attention_out_bias=True,
-        mlp_bias=True,
-        tie_word_embeddings=hf.get("tie_word_embeddings", True),
-        init_std=hf.get("initializer_range", 0.02),
+        norm_type="layernorm", norm_position="post" if gpt1 else "pre", final_norm=not gpt1,
+        position_embedding="learned", attention_bias=True, attention_out_bias=True, mlp_bias=True,
+        **({"ffn_hidden_size": 4 * hf["n_embd"]} if gpt1 else {}),
     )
 
 
-def write_gpt2(cfg: ModelConfig, gpt1: bool = False) -> dict[str, Any]:
-    hf: dict[str, Any] = dict(
-        n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_attention_heads,
-        n_positions=cfg.max_position_embeddings, layer_norm_epsilon=cfg.norm_eps,
-        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-    )
-    if gpt1:
-        hf["afn"] = OPENAI_GPT_ACTIVATION.get(cfg.activation, cfg.activation)
-    else:
-        hf.update(n_inner=cfg.ffn_size, n_ctx=cfg.max_position_embeddings,
-                  activation_function=HF_ACTIVATION[cfg.activation])
-    return hf
+def write_gpt2(cfg: ModelConfig) -> dict[str, Any]:
+    """GPT-1/2's dropout keys (written for HF's training defaults; an imported model starts without dropout)."""
+    return dict(resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout)
 
 
 def rope_parameters(hf: Mapping[str, Any], layer_type: str = "full_attention") -> dict[str, Any]:
@@ -265,63 +424,28 @@ def write_layer_windows(cfg: ModelConfig) -> dict[str, Any]:
     return dict(sliding_window=cfg.sliding_window, layer_types=types)
 
 
-def read_rotary_decoder(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The fields every RoPE decoder (LLaMA's and Phi's layouts) names the same way."""
+
+def read_rotary(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """What every RoPE decoder (LLaMA's and Phi's layouts) says the same way beyond :data:`ROTARY_KEYS`."""
     theta, scaling = read_rope(hf, where)
-    return dict(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_attention_heads=hf["num_attention_heads"],
-        num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        ffn_hidden_size=hf["intermediate_size"],
-        max_position_embeddings=hf["max_position_embeddings"],
-        position_embedding="rope",
-        rope_theta=theta,
-        rope_scaling=scaling,
-        init_std=hf.get("initializer_range", 0.02),
-    )
+    return dict(position_embedding="rope", rope_theta=theta, rope_scaling=scaling)
 
 
-def write_rotary_decoder(cfg: ModelConfig) -> dict[str, Any]:
+def write_rotary(cfg: ModelConfig) -> dict[str, Any]:
+    """RoPE in both spellings of it, and the attention dropout."""
     rope = write_rope(cfg.rope_theta, cfg.rope_scaling)
-    hf = dict(
-        hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.kv_heads,
-        max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta, rope_parameters=rope,
-        attention_dropout=cfg.dropout,
-    )
+    hf = dict(rope_theta=cfg.rope_theta, rope_parameters=rope, attention_dropout=cfg.dropout)
     if cfg.rope_scaling is not None:
         hf["rope_scaling"] = rope  # transformers 4 reads this key
     return hf
 
 
-def read_llama(
-    hf: Mapping[str, Any], where: str, head_dim: int | None = None, qkv_bias: bool = False, tied: bool = False
-) -> dict[str, Any]:
-    """LLaMA's layout (RMSNorm, gated MLP); the arguments are the defaults a family's config.json leaves out."""
-    return dict(
-        read_rotary_decoder(hf, where),
-        head_dim=hf.get("head_dim") or head_dim or hf["hidden_size"] // hf["num_attention_heads"],
-        norm_type="rmsnorm",
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        activation=activation(hf.get("hidden_activation") or hf.get("hidden_act", "silu"), where),
-        gated_mlp=True,
-        attention_bias=bool(hf.get("attention_bias", False)) or qkv_bias,
-        attention_out_bias=bool(hf.get("attention_bias", False)) and not qkv_bias,
-        mlp_bias=bool(hf.get("mlp_bias", False)),
-        tie_word_embeddings=hf.get("tie_word_embeddings", tied),
-    )
+def read_llama(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """LLaMA's layout: RMSNorm, gated MLP."""
+    return dict(read_rotary(hf, where), norm_type="rmsnorm", gated_mlp=True)
 
 
-def write_llama(cfg: ModelConfig, activations: Mapping[str, str] = HF_ACTIVATION) -> dict[str, Any]:
-    return dict(
-        write_rotary_decoder(cfg), head_dim=cfg.head_size, rms_norm_eps=cfg.norm_eps,
-        hidden_act=activations[cfg.activation], attention_bias=cfg.attention_out_bias, mlp_bias=cfg.mlp_bias,
-    )
-
-
-def read_qwen(hf: Mapping[str, Any], where: str, **defaults: Any) -> dict[str, Any]:
+def read_qwen(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Qwen2/3: LLaMA's layout with a sliding window that may cover all layers (not some of them)."""
     window = None
     if hf.get("use_sliding_window"):
@@ -332,48 +456,36 @@ def read_qwen(hf: Mapping[str, Any], where: str, **defaults: Any) -> dict[str, A
                 "use_sliding_window: false or all layers sliding are"
             )
         window = hf.get("sliding_window")
-    return dict(read_llama(hf, where, **defaults), sliding_window=window)
+    return dict(read_llama(hf, where), sliding_window=window)
 
 
 def write_qwen(cfg: ModelConfig) -> dict[str, Any]:
-    return dict(write_llama(cfg), sliding_window=cfg.sliding_window,
+    """The window on every layer (``max_window_layers: 0``) or on none: the only patterns read back."""
+    return dict(write_rotary(cfg), sliding_window=cfg.sliding_window,
                 use_sliding_window=cfg.sliding_window is not None, max_window_layers=0)
 
 
 def read_phi(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Phi-1/2: LayerNorm, attention and MLP in parallel from one norm, biases everywhere."""
     if hf.get("qk_layernorm"):
         raise ConfigError(f"{where}: Phi with qk_layernorm is not supported")
-    return dict(
-        read_rotary_decoder(hf, where),
-        norm_type="layernorm",
-        norm_eps=hf.get("layer_norm_eps", 1e-5),
-        rotary_percent=hf.get("partial_rotary_factor", 0.5),
-        activation=activation(hf.get("hidden_act", "gelu_new"), where),
-        parallel_attn_mlp=True,
-        attention_bias=True,
-        attention_out_bias=True,
-        mlp_bias=True,
-        lm_head_bias=True,
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
-    )
+    return dict(read_rotary(hf, where), norm_type="layernorm", parallel_attn_mlp=True,
+                attention_bias=True, attention_out_bias=True, mlp_bias=True, lm_head_bias=True)
 
 
 def write_phi(cfg: ModelConfig) -> dict[str, Any]:
-    return dict(
-        write_rotary_decoder(cfg), layer_norm_eps=cfg.norm_eps, partial_rotary_factor=cfg.rotary_percent,
-        hidden_act=HF_ACTIVATION[cfg.activation], qk_layernorm=False, resid_pdrop=cfg.dropout,
-        embd_pdrop=cfg.dropout,
-    )
+    """RoPE, no q/k norms, the dropout keys."""
+    return dict(write_rotary(cfg), qk_layernorm=False, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout)
+
+
+def read_gemma(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Gemma: LLaMA's network with (1 + weight) norms and embeddings scaled by sqrt(hidden_size)."""
+    return dict(read_llama(hf, where), norm_unit_offset=True, embedding_multiplier=math.sqrt(hf["hidden_size"]))
 
 
 def read_gemma2(hf: Mapping[str, Any], where: str, gemma3: bool = False) -> dict[str, Any]:
     """Gemma 2 and 3: Gemma's network with sandwich norms, local/global layers, scaled (Gemma 2: capped) scores."""
-    out = dict(
-        read_llama(hf, where, head_dim=256, tied=True), **read_layer_windows(hf, where, 6 if gemma3 else 2),
-        norm_unit_offset=True, norm_position="sandwich", embedding_multiplier=math.sqrt(hf["hidden_size"]),
-        query_pre_attn_scalar=int(hf.get("query_pre_attn_scalar") or 256),
-        attn_logit_softcap=hf.get("attn_logit_softcapping"), final_logit_softcap=hf.get("final_logit_softcapping"),
-    )
+    out = dict(read_gemma(hf, where), **read_layer_windows(hf, where, 6 if gemma3 else 2), norm_position="sandwich")
     if gemma3:
         local_theta = float(hf.get("rope_local_base_freq", 10000.0))  # the config.json before transformers 5
         if "sliding_attention" in (hf.get("rope_parameters") or {}):
@@ -385,9 +497,8 @@ def read_gemma2(hf: Mapping[str, Any], where: str, gemma3: bool = False) -> dict
 
 
 def write_gemma2(cfg: ModelConfig) -> dict[str, Any]:
-    hf = dict(write_llama(cfg, GEMMA_ACTIVATION), hidden_activation=GEMMA_ACTIVATION[cfg.activation],
-              query_pre_attn_scalar=cfg.query_pre_attn_scalar, attn_logit_softcapping=cfg.attn_logit_softcap,
-              final_logit_softcapping=cfg.final_logit_softcap, **write_layer_windows(cfg))  # fmt: skip
+    """The layer types; for Gemma 3 the local layers' RoPE as well."""
+    hf = dict(write_rotary(cfg), **write_layer_windows(cfg))
     if cfg.qk_norm:  # Gemma 3: RoPE per layer type
         local = write_rope(cfg.rope_local_theta or cfg.rope_theta, None)
         hf["rope_parameters"] = {"full_attention": hf["rope_parameters"], "sliding_attention": local}
@@ -398,12 +509,12 @@ def write_gemma2(cfg: ModelConfig) -> dict[str, Any]:
 def read_phi3(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Phi-3 / Phi-4-mini: LLaMA's network (fused weights), partial rotation, LongRoPE."""
     rotary = rope_parameters(hf).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    return dict(read_llama(hf, where), rotary_percent=float(rotary), sliding_window=hf.get("sliding_window"),
-                hf_model_type="phi3")
+    return dict(read_llama(hf, where), rotary_percent=float(rotary), hf_model_type="phi3")
 
 
 def write_phi3(cfg: ModelConfig) -> dict[str, Any]:
-    hf = dict(write_llama(cfg), sliding_window=cfg.sliding_window, partial_rotary_factor=cfg.rotary_percent)
+    """The rotated share in both places transformers reads it, and LongRoPE's original context."""
+    hf = dict(write_rotary(cfg), partial_rotary_factor=cfg.rotary_percent)
     hf["rope_parameters"]["partial_rotary_factor"] = cfg.rotary_percent
     if cfg.rope_scaling is not None:
         hf["original_max_position_embeddings"] = cfg.rope_scaling.original_max_position_embeddings
@@ -418,131 +529,108 @@ def read_smollm3(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
         interval = uses_rope.index(0) + 1
         if any(bool(r) != bool((i + 1) % interval) for i, r in enumerate(uses_rope)):
             raise ConfigError(f"{where}: no_rope_layers {uses_rope} are not every Nth layer (the pattern supported)")
-    return dict(read_qwen(hf, where, tied=True), no_rope_layer_interval=interval)
+    return dict(read_qwen(hf, where), no_rope_layer_interval=interval)
 
 
 def write_smollm3(cfg: ModelConfig) -> dict[str, Any]:
+    """The layers without RoPE, per layer and as the interval."""
     uses_rope = [int(cfg.layer_has_rope(i)) for i in range(cfg.num_layers)]
     return dict(write_qwen(cfg), no_rope_layers=uses_rope, no_rope_layer_interval=cfg.no_rope_layer_interval)
 
 
-def read_moe(hf: Mapping[str, Any], where: str, experts_key: str, renormalize: bool, **defaults: Any) -> dict[str, Any]:
-    """The mixture-of-experts fields every MoE family names alike (Mixtral, Qwen3-MoE, OLMoE)."""
+def read_moe(hf: Mapping[str, Any], where: str, layout: Callable[..., dict[str, Any]] = read_qwen) -> dict[str, Any]:
+    """A mixture-of-experts family's ``layout`` (the expert fields are in :data:`MOE_KEYS`), where it has only
+    MoE layers."""
     if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
         raise ConfigError(f"{where}: dense layers between the MoE layers (mlp_only_layers, decoder_sparse_step) are "
                           "not supported")
     if hf.get("clip_qkv") is not None:
         raise ConfigError(f"{where}: clip_qkv is not supported")
-    return dict(
-        read_qwen(hf, where, **defaults),
-        num_experts=hf.get(experts_key) or hf["num_local_experts"],  # (transformers 5 saves Qwen3-MoE's so)
-        num_experts_per_token=hf.get("num_experts_per_tok", 2),
-        moe_ffn_hidden_size=hf.get("moe_intermediate_size"),
-        moe_renormalize=bool(hf.get("norm_topk_prob", renormalize)),
-        moe_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
-    )
+    return layout(hf, where)
 
 
-def write_moe(cfg: ModelConfig, experts_key: str) -> dict[str, Any]:
-    return dict(write_qwen(cfg), **{experts_key: cfg.num_experts}, num_experts_per_tok=cfg.num_experts_per_token,
-                norm_topk_prob=cfg.moe_renormalize,
-                router_aux_loss_coef=cfg.moe_aux_loss_coef, output_router_logits=False)
+def write_moe(cfg: ModelConfig, layout: Callable[[ModelConfig], dict[str, Any]] = write_qwen) -> dict[str, Any]:
+    """``layout``'s keys, and no router logits in HF's outputs (its default)."""
+    return dict(layout(cfg), output_router_logits=False)
 
 
-# ---- the records, most specific first (export uses the first that expresses a config) ----------------------------
+# ---- the records (no two express one config: their order decides nothing) ------------------------------------
 FAMILIES: dict[str, HFFamily] = {
     family.model_type: family
     for family in (
         HFFamily(
-            "olmoe", "OlmoeForCausalLM", MOE_WEIGHTS,
-            read=lambda hf, where: dict(read_moe(hf, where, "num_experts", False), qk_norm=True,
-                                        qk_norm_per_head=False),
-            write=lambda cfg: dict(write_moe(cfg, "num_experts"), intermediate_size=cfg.expert_ffn_size),
-            expresses=lambda cfg: cfg.num_experts is not None and cfg.qk_norm and not cfg.qk_norm_per_head,
+            "olmoe", "OlmoeForCausalLM", MOE_WEIGHTS, MOE_KEYS,
+            read=lambda hf, where: dict(read_moe(hf, where), qk_norm=True, qk_norm_per_head=False),
+            # OLMoE's one MLP width is its experts'
+            write=lambda cfg: dict(write_moe(cfg), intermediate_size=cfg.expert_ffn_size),
+            expresses=Expresses({"experts", "qk_norm_over_heads"}, {"experts_not_renormalized", "sliding_window"}),
         ),
         HFFamily(
-            "qwen3_moe", "Qwen3MoeForCausalLM", MOE_WEIGHTS,
-            read=lambda hf, where: dict(read_moe(hf, where, "num_experts", False, head_dim=128), qk_norm=True),
-            write=lambda cfg: dict(write_moe(cfg, "num_experts"), moe_intermediate_size=cfg.expert_ffn_size),
-            expresses=lambda cfg: cfg.num_experts is not None and cfg.qk_norm,
+            "qwen3_moe", "Qwen3MoeForCausalLM", MOE_WEIGHTS, QWEN3_MOE_KEYS,
+            read=lambda hf, where: dict(read_moe(hf, where), qk_norm=True), write=write_moe,
+            expresses=Expresses({"experts", "qk_norm"}, {"experts_not_renormalized", "sliding_window"}),
         ),
         HFFamily(
-            "mixtral", "MixtralForCausalLM", MIXTRAL_WEIGHTS,
-            read=lambda hf, where: dict(read_moe(hf, where, "num_local_experts", True),
-                                        sliding_window=hf.get("sliding_window")),
-            write=lambda cfg: dict(write_moe(cfg, "num_local_experts"), sliding_window=cfg.sliding_window),
-            expresses=lambda cfg: cfg.num_experts is not None and cfg.moe_renormalize,
+            "mixtral", "MixtralForCausalLM", MIXTRAL_WEIGHTS, MIXTRAL_KEYS,
+            read=lambda hf, where: read_moe(hf, where, read_llama), write=lambda cfg: write_moe(cfg, write_rotary),
+            expresses=Expresses({"experts"}, {"sliding_window"}),
         ),
         HFFamily(
-            "gemma3_text", "Gemma3ForCausalLM", GEMMA2_WEIGHTS,
-            read=lambda hf, where: read_gemma2(hf, where, gemma3=True),
-            write=write_gemma2,
-            expresses=lambda cfg: cfg.norm_position == "sandwich" and cfg.qk_norm,
+            "gemma3_text", "Gemma3ForCausalLM", GEMMA2_WEIGHTS, GEMMA2_KEYS,
+            read=lambda hf, where: read_gemma2(hf, where, gemma3=True), write=write_gemma2,
+            expresses=Expresses({"sandwich_norms", "unit_offset_norm", "qk_norm"}, {"sliding_window"}),
         ),
         HFFamily(
-            "gemma2", "Gemma2ForCausalLM", GEMMA2_WEIGHTS, read=read_gemma2, write=write_gemma2,
-            expresses=lambda cfg: cfg.norm_position == "sandwich",
+            "gemma2", "Gemma2ForCausalLM", GEMMA2_WEIGHTS, GEMMA2_KEYS, read=read_gemma2, write=write_gemma2,
+            expresses=Expresses({"sandwich_norms", "unit_offset_norm"}, {"sliding_window"}),
         ),
         HFFamily(
-            "olmo2", "Olmo2ForCausalLM", OLMO2_WEIGHTS,
+            "olmo2", "Olmo2ForCausalLM", OLMO2_WEIGHTS, LLAMA_KEYS,
             read=lambda hf, where: dict(read_llama(hf, where), norm_position="output", qk_norm=True,
                                         qk_norm_per_head=False),
-            write=write_llama,
-            expresses=lambda cfg: cfg.norm_position == "output",
+            write=write_rotary, expresses=Expresses({"output_norms", "qk_norm_over_heads"}),
         ),
         HFFamily(
-            "smollm3", "SmolLM3ForCausalLM", LLAMA_WEIGHTS, read=read_smollm3, write=write_smollm3,
-            expresses=lambda cfg: cfg.no_rope_layer_interval is not None,
+            "smollm3", "SmolLM3ForCausalLM", LLAMA_WEIGHTS, SMOLLM3_KEYS, read=read_smollm3, write=write_smollm3,
+            expresses=Expresses({"no_rope_layers"}, {"sliding_window"}),
+        ),
+        HFFamily(  # LLaMA's network in fused tensors: saved as Phi-3 where its hf_model_type says so (set on import)
+            "phi3", "Phi3ForCausalLM", PHI3_WEIGHTS, MISTRAL_KEYS, read=read_phi3, write=write_phi3, expresses=None,
         ),
         HFFamily(
-            "phi3", "Phi3ForCausalLM", PHI3_WEIGHTS, read=read_phi3, write=write_phi3,
-            expresses=lambda cfg: cfg.hf_model_type == "phi3",
+            "openai-gpt", "OpenAIGPTLMHeadModel", OPENAI_GPT_WEIGHTS, GPT1_KEYS,
+            read=lambda hf, where: read_gpt2(hf, where, gpt1=True), write=write_gpt2,
+            expresses=Expresses({"learned_positions", "post_norm"}),
         ),
         HFFamily(
-            "openai-gpt", "OpenAIGPTLMHeadModel", OPENAI_GPT_WEIGHTS,
-            read=lambda hf, where: read_gpt2(hf, where, gpt1=True),
-            write=lambda cfg: write_gpt2(cfg, gpt1=True),
-            expresses=lambda cfg: cfg.position_embedding == "learned" and cfg.norm_position == "post",
+            "gpt2", "GPT2LMHeadModel", GPT2_WEIGHTS, GPT2_KEYS, read=read_gpt2, write=write_gpt2,
+            expresses=Expresses({"learned_positions"}),
         ),
         HFFamily(
-            "gpt2", "GPT2LMHeadModel", GPT2_WEIGHTS, read=read_gpt2, write=write_gpt2,
-            expresses=lambda cfg: cfg.position_embedding == "learned",
+            "phi", "PhiForCausalLM", PHI_WEIGHTS, PHI_KEYS, read=read_phi, write=write_phi,
+            expresses=Expresses({"parallel_blocks"}),
         ),
         HFFamily(
-            "phi", "PhiForCausalLM", PHI_WEIGHTS, read=read_phi, write=write_phi,
-            expresses=lambda cfg: cfg.parallel_attn_mlp,
+            "gemma", "GemmaForCausalLM", LLAMA_WEIGHTS, GEMMA_KEYS, read=read_gemma, write=write_rotary,
+            expresses=Expresses({"unit_offset_norm"}),
         ),
         HFFamily(
-            "gemma", "GemmaForCausalLM", LLAMA_WEIGHTS,
-            read=lambda hf, where: dict(
-                read_llama(hf, where, head_dim=256, tied=True), norm_unit_offset=True,
-                embedding_multiplier=math.sqrt(hf["hidden_size"]),
-            ),
-            write=lambda cfg: dict(write_llama(cfg, GEMMA_ACTIVATION),
-                                   hidden_activation=GEMMA_ACTIVATION[cfg.activation]),
-            expresses=lambda cfg: cfg.norm_unit_offset,
+            "qwen3", "Qwen3ForCausalLM", LLAMA_WEIGHTS, QWEN3_KEYS,
+            read=lambda hf, where: dict(read_qwen(hf, where), qk_norm=True), write=write_qwen,
+            expresses=Expresses({"qk_norm"}, {"sliding_window"}),
         ),
         HFFamily(
-            "qwen3", "Qwen3ForCausalLM", LLAMA_WEIGHTS,
-            read=lambda hf, where: dict(read_qwen(hf, where, head_dim=128), qk_norm=True),
-            write=write_qwen,
-            expresses=lambda cfg: cfg.qk_norm,
+            "qwen2", "Qwen2ForCausalLM", LLAMA_WEIGHTS, LLAMA_KEYS,  # q, k and v biased, the output not
+            read=lambda hf, where: dict(read_qwen(hf, where), attention_bias=True, attention_out_bias=False),
+            write=write_qwen, expresses=Expresses({"qkv_bias"}, {"sliding_window"}),
         ),
         HFFamily(
-            "qwen2", "Qwen2ForCausalLM", LLAMA_WEIGHTS,
-            read=lambda hf, where: read_qwen(hf, where, qkv_bias=True),
-            write=write_qwen,
-            expresses=lambda cfg: cfg.attention_bias and not cfg.attention_out_bias,
+            "mistral", "MistralForCausalLM", LLAMA_WEIGHTS, MISTRAL_KEYS, read=read_llama, write=write_rotary,
+            expresses=Expresses({"sliding_window"}),
         ),
         HFFamily(
-            "mistral", "MistralForCausalLM", LLAMA_WEIGHTS,
-            read=lambda hf, where: dict(read_llama(hf, where), sliding_window=hf.get("sliding_window")),
-            write=lambda cfg: dict(write_llama(cfg), sliding_window=cfg.sliding_window),
-            expresses=lambda cfg: cfg.sliding_window is not None,
-        ),
-        HFFamily(
-            "llama", "LlamaForCausalLM", LLAMA_WEIGHTS, read=read_llama, write=write_llama,
-            expresses=lambda cfg: True,
+            "llama", "LlamaForCausalLM", LLAMA_WEIGHTS, LLAMA_KEYS, read=read_llama, write=write_rotary,
+            expresses=Expresses(()),
         ),
     )
 }
@@ -580,7 +668,8 @@ def model_config_from_hf(source: str | Path | Mapping[str, Any], where: str | No
     family = family_of(hf, where)
     name = Path(str(hf.get("_name_or_path") or family.model_type)).name or family.model_type
     try:
-        return from_dict(ModelConfig, {"name": name, **family.read(hf, where)}, "model")
+        fields = {**read_keys(hf, where, COMMON_KEYS), **read_keys(hf, where, family.keys), **family.read(hf, where)}
+        return from_dict(ModelConfig, {"name": name, **fields}, "model")
     except KeyError as err:
         raise ConfigError(f"{where}: missing key {err.args[0]!r} for model_type '{family.model_type}'") from None
     except ConfigError as err:
@@ -588,24 +677,46 @@ def model_config_from_hf(source: str | Path | Mapping[str, Any], where: str | No
         raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
 
 
+
+def model_config_from_folder(path: Path) -> ModelConfig:
+    """The ``model:`` of a training config that names a folder: an HF checkpoint's ModelConfig (the config
+    loader's ``read_folder``; it sits below this module, so the commands hand this to it)."""
+    if not is_hf_folder(path):
+        raise ConfigError(f"model: {path} is a folder without config.json (expected an HF checkpoint)")
+    return model_config_from_hf(path)
+
+def export_family(cfg: ModelConfig) -> HFFamily | None:
+    """The family ``cfg`` is saved as: the one its ``hf_model_type`` names, else the one record that expresses
+    it; None where none does."""
+    if cfg.hf_model_type is not None:
+        if cfg.hf_model_type not in FAMILIES:
+            raise ConfigError(f"model.hf_model_type: '{cfg.hf_model_type}' is none of {', '.join(SUPPORTED_FAMILIES)}")
+        return FAMILIES[cfg.hf_model_type]
+    expressing = [f for f in FAMILIES.values() if f.expresses is not None and f.expresses(cfg)]
+    (family,) = expressing or [None]  # (two would be a ValueError: the records forbid it)
+    return family
+
+
 def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
-    """config.json for ``cfg`` in its ``hf_model_type`` or else the first HF family that expresses it exactly;
-    ConfigError when that family cannot."""
-    if cfg.hf_model_type is not None and cfg.hf_model_type not in FAMILIES:
-        raise ConfigError(f"model.hf_model_type: '{cfg.hf_model_type}' is none of {', '.join(SUPPORTED_FAMILIES)}")
-    family = FAMILIES[cfg.hf_model_type] if cfg.hf_model_type else next(f for f in FAMILIES.values() if f.expresses(cfg))
-    hf = {
-        "architectures": [family.architecture],
-        "model_type": family.model_type,
-        "vocab_size": cfg.vocab_size,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "initializer_range": cfg.init_std,
-        "pad_token_id": None,  # a tokenizer's id, not the network's (some families' defaults lie past small vocabularies)
-        "torch_dtype": "float32",
-        **family.write(cfg),
-    }
-    _check_round_trip(cfg, hf, family.model_type)
+    """config.json for ``cfg`` as its :func:`export_family`; a ConfigError naming what HF cannot say where that
+    family's round trip loses fields, or where no family expresses ``cfg`` (naming the closest one)."""
+    family = export_family(cfg)
+    if family is None:
+        closest = min(FAMILIES.values(), key=lambda f: len(_round_trip(cfg, f)[1]))
+        lost = _round_trip(cfg, closest)[1]
+        if not lost:  # its read could say it, its HF model cannot (Mixtral renormalizes the routing)
+            raise ConfigError(f"model '{cfg.name}' has no HF equivalent: no HF family has the features "
+                              f"{', '.join(sorted(features(cfg)))} together")
+        raise ConfigError(_no_equivalent(cfg, closest, lost))
+    hf, lost = _round_trip(cfg, family)
+    if lost:
+        raise ConfigError(_no_equivalent(cfg, family, lost))
     return hf
+
+
+def _no_equivalent(cfg: ModelConfig, family: HFFamily, lost: list[str]) -> str:
+    return (f"model '{cfg.name}' has no HF equivalent: the closest family, {family.model_type}, cannot express "
+            + ", ".join(f"{name}={getattr(cfg, name)!r}" for name in lost))
 
 
 # Training settings (HF has no token dropping: an exported MoE model routes every token).
@@ -613,25 +724,29 @@ _NOT_ARCHITECTURE = ("name", "init_std", "dropout", "moe_aux_loss_coef", "moe_z_
                      "kernels", "kernel_options")
 
 
-def _check_round_trip(cfg: ModelConfig, hf: dict[str, Any], family: str) -> None:
-    back = model_config_from_hf(hf)
-    diffs = [
-        f.name
-        for f in dataclasses.fields(ModelConfig)
-        if f.name not in _NOT_ARCHITECTURE and _normalised(cfg, f.name) != _normalised(back, f.name)
-    ]
-    if diffs:
-        raise ConfigError(
-            f"model '{cfg.name}' has no HF equivalent: the closest family, {family}, cannot express "
-            + ", ".join(f"{d}={getattr(cfg, d)!r}" for d in diffs)
-        )
+def _round_trip(cfg: ModelConfig, family: HFFamily) -> tuple[dict[str, Any], list[str]]:
+    """config.json for ``cfg`` as ``family``, and the fields of ``cfg`` that reading it back loses (all where
+    it cannot be read back)."""
+    hf = {
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
+        **write_keys(cfg, COMMON_KEYS),
+        "pad_token_id": None,  # a tokenizer's id, not the network's (some families' defaults lie past small vocabularies)
+        "torch_dtype": "float32",
+        **write_keys(cfg, family.keys),
+        **family.write(cfg),
+    }
+    names = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in _NOT_ARCHITECTURE]
+    try:
+        back = model_config_from_hf(hf)
+    except ConfigError:
+        return hf, names
+    return hf, [name for name in names if _normalised(cfg, name) != _normalised(back, name)]
 
 
 def _normalised(cfg: ModelConfig, name: str) -> Any:
     """Field value with defaults made explicit, so e.g. head_dim None and 64 compare equal."""
-    derived = {"num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_size, "ffn_hidden_size": cfg.ffn_size,
-               "moe_ffn_hidden_size": cfg.expert_ffn_size if cfg.num_experts else None}
-    value = derived.get(name, getattr(cfg, name))
+    value = DERIVED[name](cfg) if name in DERIVED else getattr(cfg, name)
     if name == "embedding_multiplier" and value is not None:
         return round(value, 6)
     return value

@@ -36,6 +36,16 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+# One implementation of the pointer logic, torch-free for data/tokenizer.py; these names stay native's too.
+from ironcore.checkpoints.pointers import (  # noqa: F401
+    LATEST,
+    MODEL_CONFIG,
+    WEIGHTS,
+    is_checkpoint_source,
+    is_step_name,
+    newest_first,
+    resolve,
+)
 from ironcore.config.base import to_dict
 from ironcore.config.loader import load_model_config
 from ironcore.config.model import ModelConfig
@@ -51,28 +61,16 @@ from ironcore.files import (
 from ironcore.models.transformer import TransformerModel
 from ironcore.parallel.sharding import full_state_dict
 
-WEIGHTS = "model.safetensors"
-MODEL_CONFIG = "model_config.yaml"
 OPTIMIZER = "optimizer.pt"
 TRAINER_STATE = "trainer_state.json"
 RNG = "rng.pt"
 OBJECTIVE = "objective.pt"
-LATEST = "latest"
 HEALTHY = "healthy"
 GENERATION_CONFIG = "generation_config.json"
 HF_TOKEN_IDS = "hf_token_ids.json"
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 log = logging.getLogger(__name__)
-
-
-def is_checkpoint_source(path: str | Path) -> bool:
-    """Does ``path`` look like a checkpoint folder, a ``checkpoints/`` folder or a run folder? (Whether it is a
-    complete one, :func:`resolve` says.)"""
-    path = Path(path)
-    if path.name == LATEST and path.is_file():  # the pointer file itself: checkpoints/latest
-        return True
-    return any((path / name).exists() for name in (LATEST, f"checkpoints/{LATEST}", WEIGHTS, MODEL_CONFIG))
 
 
 def _weights_error(path: Path, err: Exception) -> CheckpointError:
@@ -158,70 +156,6 @@ def save_model(model: TransformerModel, path: str | Path) -> Path:
     if dist.is_initialized() and dist.get_rank() != 0:
         return Path(path)
     return build_folder(path, lambda tmp: write_model_files(tmp, state, model.config))
-
-
-def resolve(path: str | Path) -> Path:
-    """A checkpoint folder from itself, a ``checkpoints/`` folder or a run folder (via ``latest``), or from the
-    ``checkpoints/latest`` pointer itself.
-
-    A ``latest`` that is empty or names a folder that is not there falls back, with a warning, to the newest
-    complete step folder (older than the one it names); with none, it is one line naming the pointer.
-    """
-    folder = Path(path)
-    if not is_checkpoint_source(folder):
-        raise CheckpointError(f"{folder}: not an IronCore checkpoint (expected {WEIGHTS} and {MODEL_CONFIG})")
-    if folder.is_file():  # the pointer file itself (checkpoints/latest): the folder that holds it
-        folder = folder.parent
-    for candidate in (folder, folder / "checkpoints"):
-        if (candidate / LATEST).is_file():
-            folder = _resolve_latest(candidate)
-            break
-    for name in (MODEL_CONFIG, WEIGHTS):
-        if not (folder / name).is_file():
-            what = "is a folder" if (folder / name).exists() else "missing"
-            raise CheckpointError(f"{folder / name}: {what} (an incomplete checkpoint)")
-    return folder
-
-
-def _resolve_latest(checkpoints: Path) -> Path:
-    """The folder ``checkpoints/latest`` names or, when it names none, the newest complete one before it."""
-    candidates, problem = newest_first(checkpoints)
-    if problem is None:
-        return candidates[0]
-    complete = [c for c in candidates if (c / MODEL_CONFIG).is_file() and (c / WEIGHTS).is_file()]
-    if not complete:
-        raise CheckpointError(f"{checkpoints / LATEST}: {problem}, and no complete checkpoint is left to use instead")
-    log.warning("%s: %s: using %s, the newest complete checkpoint", checkpoints / LATEST, problem, complete[0])
-    return complete[0]
-
-
-def newest_first(checkpoints: Path) -> tuple[list[Path], str | None]:
-    """Where to look for the newest checkpoint of a ``checkpoints/`` folder, in order, and what is wrong with its
-    ``latest`` pointer (None: it names a step folder that exists, the first of the list).
-
-    The list is the folder ``latest`` names followed by the step folders older than it, newest first; when the
-    pointer is empty, names no step folder or one that is missing, the step folders that exist (older than
-    the one it names, if it names one). No pointer: an empty list (nothing was saved).
-    """
-    pointer = checkpoints / LATEST
-    if not pointer.is_file():
-        return [], None
-    try:
-        name = pointer.read_text(errors="replace").strip()
-    except OSError as err:
-        raise CheckpointError(describe_os_error(err, pointer)) from None
-    steps = sorted((p for p in checkpoints.glob("step_*") if p.is_dir()), reverse=True)
-    if not is_step_name(name):
-        return steps, "is empty" if not name else f"names {name!r}, not a checkpoint folder"
-    older = [p for p in steps if p.name < name]
-    if (checkpoints / name).is_dir():
-        return [checkpoints / name, *older], None
-    return older, f"names {name}, which is missing"
-
-
-def is_step_name(name: str) -> bool:
-    """Is ``name`` (a pointer file's text) the name of a step folder beside the pointer?"""
-    return name.startswith("step_") and "/" not in name and "\\" not in name
 
 
 def read_model(folder: Path, device: str | torch.device = "cpu") -> tuple[ModelConfig, dict[str, torch.Tensor]]:

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         corpus,
         evaluate,
         generate,
+        mlflow_runs,
         model_info,
         preprocess,
         reference,
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ironcore {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_IntermixedParser)
     for module in (corpus, synthetic, tokenizer, preprocess, train, evaluate, generate, convert, model_info,
-                   reference):
+                   reference, mlflow_runs):
         module.register(subparsers)
     return parser
 

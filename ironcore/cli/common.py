@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from ironcore.checkpoints.hf_families import model_config_from_folder
 from ironcore.config import Config, load_config
 
 
@@ -26,7 +27,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides, args.tensor_model_parallel_size)
+    """The training config of ``--config`` and the overrides; its ``model:`` may be an HF checkpoint folder."""
+    return load_config(args.config, args.overrides, args.tensor_model_parallel_size,
+                       read_folder=model_config_from_folder)
 
 
 class _StderrHandler(logging.StreamHandler):

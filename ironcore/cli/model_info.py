@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+from ironcore.checkpoints.hf_families import model_config_from_folder
 from ironcore.config import load_config, load_model_config
 from ironcore.config.model import ModelConfig
 from ironcore.errors import ConfigError
@@ -43,11 +44,11 @@ def run(args: argparse.Namespace) -> int:
     from ironcore.models.stats import model_stats
 
     if args.model:
-        cfg = load_model_config(args.model)
+        cfg = load_model_config(args.model, read_folder=model_config_from_folder)
     elif Path(args.config).is_file() and "model" in read_yaml(args.config):
-        cfg = load_config(args.config, world_size=1).model
+        cfg = load_config(args.config, world_size=1, read_folder=model_config_from_folder).model
     else:
-        cfg = load_model_config(args.config)
+        cfg = load_model_config(args.config, read_folder=model_config_from_folder)
     if args.seq_len is not None and not 1 <= args.seq_len <= cfg.max_position_embeddings:
         raise ConfigError(f"--seq-len {args.seq_len}: must be in 1..{cfg.max_position_embeddings} "
                           f"(model.max_position_embeddings of {cfg.name})")  # fmt: skip
@@ -89,8 +90,9 @@ def _memory(cfg: ModelConfig, seq_len: int, args: argparse.Namespace) -> int:
                           f"{MAX_TOKENS:,})")  # fmt: skip
     if args.gpu_memory is not None and not (math.isfinite(args.gpu_memory) and args.gpu_memory > 0):
         raise ConfigError(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory:g}")
-    plan = plan_memory(cfg, args.tp, args.dp, args.distributed_optimizer, args.precision,
-                       args.activation_checkpointing, args.micro_batch_size, seq_len, args.optimizer)  # fmt: skip
+    plan = plan_memory(cfg, tp=args.tp, dp=args.dp, distributed_optimizer=args.distributed_optimizer,
+                       precision=args.precision, activation_checkpointing=args.activation_checkpointing,
+                       micro_batch_size=args.micro_batch_size, seq_len=seq_len, optimizer=args.optimizer)
     fits = None if args.gpu_memory is None else plan.total <= args.gpu_memory * 2**30
     if args.json:
         print(json.dumps({"name": cfg.name, "seq_len": seq_len, **dataclasses.asdict(plan), "total": plan.total,

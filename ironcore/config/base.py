@@ -10,7 +10,7 @@ key when something is wrong.
 Validation is one phase, inside :func:`from_dict`: after coercing a group's
 values it calls the group's ``validate()`` method, if it has one, and puts the
 group's dotted path in front of the key that :class:`InvalidValue` names. So
-``DPOConfig.validate`` says ``beta`` and the user reads ``dpo.beta``. Checks
+``OptimConfig.validate`` says ``max_lr`` and the user reads ``optim.max_lr``. Checks
 across groups (batch sizes against the world size, heads against the TP size)
 follow in :func:`ironcore.config.loader.validate_config`.
 """
@@ -153,40 +153,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
         return from_dict(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value.replace("_", ""))
-            except ValueError:
-                number = None
-            if number is not None and number.is_integer():
-                return int(number)
-        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    if tp in _SCALARS:
+        return _SCALARS[tp](value, key)
     if typing.get_origin(tp) is typing.Literal:
         choices = typing.get_args(tp)
         if value in choices:
@@ -198,6 +166,52 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if isinstance(value, tp):
         return value
     raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def _to_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        return value.lower() in ("true", "yes", "1", "on")
+    raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+
+
+def _to_int(value: Any, key: str) -> int:
+    """Integers, integral floats and their text (``1e6``, ``1_000``); never a bool."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            number = float(value.replace("_", ""))
+        except ValueError:
+            number = None
+        if number is not None and number.is_integer():
+            return int(number)
+    raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+
+
+def _to_float(value: Any, key: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+
+
+def _to_str(value: Any, key: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def _matches(value: Any, tp: Any) -> bool:

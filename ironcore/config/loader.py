@@ -10,7 +10,7 @@ working directory, then in the IronCore checkout itself.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +36,24 @@ def known_models(config_dir: Path | None = None) -> list[str]:
     return sorted(names)
 
 
-def load_model_config(spec: str | Path | Mapping[str, Any], config_dir: Path | None = None) -> ModelConfig:
-    """A validated ModelConfig from a name, a model YAML, an HF checkpoint folder or a mapping."""
+# Reads an HF checkpoint folder's model config (checkpoints.hf_families.model_config_from_folder): passed in by
+# the callers that accept a folder, as the HF family records sit above the config package.
+FolderReader = Callable[[Path], ModelConfig]
+
+
+def load_model_config(
+    spec: str | Path | Mapping[str, Any], config_dir: Path | None = None, read_folder: FolderReader | None = None
+) -> ModelConfig:
+    """A validated ModelConfig from a name, a model YAML, a mapping or (with ``read_folder``) an HF
+    checkpoint folder."""
     if isinstance(spec, Mapping):
         return from_dict(ModelConfig, spec, "model")
     path = Path(spec)
     if path.is_dir():
-        # The HF family records translate config.json; they import this package, hence the late import.
-        from ironcore.checkpoints.hf_families import is_hf_folder, model_config_from_hf
-
-        if not is_hf_folder(path):
-            raise ConfigError(f"model: {path} is a folder without config.json (expected an HF checkpoint)")
-        return model_config_from_hf(path)
+        if read_folder is None:
+            raise ConfigError(f"model: {path} is a folder; an HF checkpoint folder is not accepted here "
+                              "(name a model YAML or a known model)")
+        return read_folder(path)
     if path.is_file():
         return _model_from_yaml(path)
     for directory in _model_dirs(config_dir):
@@ -100,8 +106,10 @@ def build_config(
     overrides: Iterable[str] = (),
     config_dir: Path | None = None,
     world_size: int | None = None,
+    read_folder: FolderReader | None = None,
 ) -> Config:
-    """Resolve the model reference, apply overrides, type-check and validate."""
+    """Resolve the model reference (an HF folder only with ``read_folder``), apply overrides, type-check and
+    validate."""
     raw = dict(raw)
     parsed = parse_overrides(overrides)
     for keys, value in parsed:
@@ -109,7 +117,7 @@ def build_config(
             raw["model"] = value
     model = raw.get("model", {})
     if not isinstance(model, Mapping):
-        model = to_dict(load_model_config(model, config_dir))
+        model = to_dict(load_model_config(model, config_dir, read_folder))
     raw["model"] = dict(model)
     for keys, value in parsed:
         if keys != ["model"]:
@@ -123,14 +131,16 @@ def load_config(
     overrides: Iterable[str] = (),
     tensor_model_parallel_size: int | None = None,
     world_size: int | None = None,
+    read_folder: FolderReader | None = None,
 ) -> Config:
-    """Read a training config file; ConfigError messages name the file."""
+    """Read a training config file (``read_folder``: see :func:`build_config`); ConfigError messages name the
+    file."""
     path = Path(path)
     overrides = list(overrides)
     if tensor_model_parallel_size is not None:
         overrides.append(f"trainer.tensor_model_parallel_size={tensor_model_parallel_size}")
     try:
-        return build_config(read_yaml(path), overrides, path.parent, world_size)
+        return build_config(read_yaml(path), overrides, path.parent, world_size, read_folder)
     except ConfigError as err:
         message = str(err)
         raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from None

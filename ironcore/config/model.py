@@ -150,7 +150,7 @@ class ModelConfig:
     )
     hf_model_type: str | None = field(
         None, help="The HF model_type export writes (set on import where the network alone does not say, e.g. "
-        "phi3: LLaMA's network in fused tensors); null: the first HF family that expresses the config.",
+        "phi3: LLaMA's network in fused tensors); null: the one HF family whose features the config has.",
     )
     kernels: Literal["auto", "torch", "triton"] = field(
         "auto", help="Fused Triton kernels (norms, RoPE, gated activation, linear + cross-entropy) or the torch "

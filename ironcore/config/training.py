@@ -1,13 +1,20 @@
-"""The training config groups: model, data, trainer, optim, operation, init, utils, dpo, and the whole Config."""
+"""The training config groups: model, data, trainer, optim, operation, init, utils, and the whole Config.
+
+An objective's options are ``trainer.objective_options``; the top-level ``dpo`` group that DPO once had is
+still read, as those, with a deprecation warning.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Literal
 
 from ironcore.config.base import InvalidValue, field
 from ironcore.config.model import ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -127,6 +134,12 @@ class OptimConfig:
     beta2: float = field(0.95, help="Adam beta2.")
     eps: float = field(1e-8, help="Adam epsilon.")
     momentum: float = field(0.9, help="SGD momentum.")
+    implementation: str | None = field(
+        None,
+        help="Your own optimizer as module:Class, built as Class(model, config): the TrainingOptimizer interface "
+        "of ironcore/training/optimizer.py (docs/training.md); null: the built-in one (optim.optimizer, "
+        "trainer.distributed_optimizer, trainer.precision).",
+    )
 
     def validate(self) -> None:
         for key in ("max_lr", "min_lr", "weight_decay", "warmup_steps", "momentum"):
@@ -196,37 +209,11 @@ class UtilsConfig:
     log_level: Literal["debug", "info", "warning", "error"] = field("info", help="Python logging level.")
 
 
-@dataclasses.dataclass
-class DPOConfig:
-    """Options of the dpo objective (preference training, see docs/dpo.md)."""
-
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = field(
-        "sigmoid",
-        help="sigmoid (DPO; conservative DPO with label_smoothing), ipo (on length-normalised log-probs) "
-        "or hinge (RSO); TRL's formulas.",
-    )
-    beta: float = field(0.1, help="Temperature: how far the policy may move from the reference (IPO's tau).")
-    label_smoothing: float = field(
-        0.0, help="sigmoid only: probability that a preference label is flipped (conservative DPO), in [0, 0.5)."
-    )
-    sft_weight: float = field(
-        0.0, help="Weight of an added SFT term: the mean NLL of the chosen responses' tokens (TRL's rpo_alpha)."
-    )
-    reference: Literal["live", "precomputed"] = field(
-        "live",
-        help="live: a frozen copy of the starting weights runs beside the policy; precomputed: its log-probs "
-        "are computed once and cached beside the shards (same numbers, no second model while training).",
-    )
-
-    def validate(self) -> None:
-        if self.beta <= 0:
-            raise InvalidValue("beta", f"must be positive, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise InvalidValue("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise InvalidValue("label_smoothing", f"only the sigmoid loss uses it, not {self.loss_type}")
-        if self.sft_weight < 0:
-            raise InvalidValue("sft_weight", f"must be >= 0, got {self.sft_weight}")
+# The ``dpo`` group that every run's config.yaml held before it moved to trainer.objective_options (whatever
+# the objective): a saved config whose group says nothing more is read without a warning, also beside a GRPO
+# run's options. A record of the past, not the dpo objective's defaults (DPOOptions in ironcore.objectives.dpo).
+_DUMPED_DPO_DEFAULTS = {"loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "sft_weight": 0.0,
+                        "reference": "live"}
 
 
 @dataclasses.dataclass
@@ -242,4 +229,19 @@ class Config:
     operation: OperationConfig = field(OperationConfig(), help="Steps and intervals.")
     init: InitConfig = field(InitConfig(), help="Seed and starting weights.")
     utils: UtilsConfig = field(UtilsConfig(), help="Logging and tracking.")
-    dpo: DPOConfig = field(DPOConfig(), help="Options of the dpo objective (docs/dpo.md).")
+    dpo: dict[str, Any] | None = field(
+        None, help="Deprecated: the dpo objective's options, now trainer.objective_options (same keys, docs/dpo.md); "
+        "still read as those, with a warning, when trainer.objective_options is not given too.",
+    )
+
+    def validate(self) -> None:
+        """Fold the deprecated ``dpo`` group into ``trainer.objective_options``, where every objective reads
+        its options, so that the run (and the config.yaml it saves) has them in one place."""
+        dpo, self.dpo = self.dpo, None
+        if not dpo or dpo == _DUMPED_DPO_DEFAULTS:
+            return
+        if self.trainer.objective_options:
+            raise InvalidValue("dpo", "deprecated, and trainer.objective_options is given too: give the DPO "
+                               "options as trainer.objective_options only")
+        log.warning("config group 'dpo' is deprecated: give its keys as trainer.objective_options (read as such)")
+        self.trainer.objective_options = dict(dpo)

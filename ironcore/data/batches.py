@@ -24,18 +24,20 @@ MicroBatch = dict[str, torch.Tensor]
 
 
 class StepBatches:
-    """Micro-batches (on ``device``) of each optimizer step for one data-parallel rank."""
+    """Micro-batches (on ``device``) of each optimizer step for one data-parallel rank (by default the only one,
+    in data set order)."""
 
     def __init__(
         self,
         dataset: torch.utils.data.Dataset,
+        *,
         global_batch_size: int,
         micro_batch_size: int,
-        dp_rank: int,
-        dp_size: int,
-        seed: int,
-        shuffle: bool,
         device: torch.device,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = False,
     ) -> None:
         if len(dataset) < 1:
             raise ConfigError("the data set has no samples")

@@ -195,7 +195,13 @@ def _build(config: DataConfig, folder: Path, progress: bool) -> dict[str, Any]:
         raise DataError(f"{config.source.describe()}: no usable records (counts: {dict(counts)})")
     if "valid" in stats and not stats["valid"]["documents"]:
         logger.warning("warning: the validation split is empty (source too small for valid_fraction?)")
-    seconds = time.perf_counter() - start
+    return _metadata(config, tokenizer, dtype, task, stats, counts, time.perf_counter() - start)
+
+
+def _metadata(config: DataConfig, tokenizer: Tokenizer, dtype: np.dtype, task: TaskSpec,
+              stats: dict[str, Counter], counts: Counter, seconds: float) -> dict[str, Any]:
+    """The dataset's ``metadata.json``: what was built, from what, and how many of each thing."""
+    splits = list(stats)
     return {
         "name": config.name,
         "task_type": config.task_type,

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 
+from ironcore.checkpoints import pointers  # torch-free: finds a run's checkpoint folder
 from ironcore.data import chat_template
 from ironcore.errors import CheckpointError, ConfigError, DataError
 from ironcore.files import read_json, read_text
@@ -250,16 +251,14 @@ def tokenizer_source(path: str | Path) -> Path:
     """Where the tokenizer of ``path`` is: ``path`` itself (``tokenizer.json`` or a folder holding one), else
     the checkpoint folder that a run folder, a run's ``checkpoints/`` folder or a pointer file
     (``checkpoints/latest``) names, resolved as ``init.init_from``, ``eval`` and ``convert`` resolve them."""
-    from ironcore.checkpoints import native  # it imports this module
-
     path = Path(path)
-    pointer = path.name == native.LATEST and path.is_file()
+    pointer = path.name == pointers.LATEST and path.is_file()
     run = path.is_dir() and not (path / "tokenizer.json").is_file() and any(
-        (path / name).is_file() for name in (native.LATEST, f"checkpoints/{native.LATEST}"))
+        (path / name).is_file() for name in (pointers.LATEST, f"checkpoints/{pointers.LATEST}"))
     if not (pointer or run):  # a tokenizer file or folder, or a checkpoint folder (it holds its tokenizer.json)
         return path
     try:
-        return native.resolve(path)
+        return pointers.resolve(path)
     except CheckpointError as err:
         raise ConfigError(f"tokenizer path {path}: {err}") from None
 

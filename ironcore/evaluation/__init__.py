@@ -1,4 +1,4 @@
 """Evaluating checkpoints.
 
-validation   validation loss and perplexity of a checkpoint on a data set (``ironcore eval``)
+validation   a checkpoint's validation metrics on a data set, through its objective's own ``evaluate`` (``ironcore eval``)
 """

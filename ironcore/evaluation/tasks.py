@@ -116,7 +116,7 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
     # GSM8K test as in its release ({"question", "answer": "... #### 18"}), prompted like the pipeline's SFT data.
     "gsm8k": {"prompt": "Question: {question}\nAnswer:\n", "checker": "gsm8k", "target": "{answer}",
               "max_new_tokens": 256, "stop": ["\n\n", "Question:"]},  # fmt: skip
-    # ``ironcore synthetic`` held-out records ({"prompt", "answer"}): greedy accuracy and pass@4, as rl_eval.
+    # ``ironcore synthetic`` held-out records ({"prompt", "answer"}): greedy accuracy and pass@4 (the rl target's evaluation).
     "synthetic": {"prompt": "{prompt}", "checker": "exact", "max_new_tokens": 8, "samples": 4,
                   "pass_at": [1, 4], "temperature": 1.0},  # fmt: skip
 }

@@ -98,10 +98,10 @@ class TransformerModel(nn.Module):
         # A reward model's scalar head: small, so every TP rank holds all of it (replicated, like the norms).
         self.score = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.score_head else None
         self._mask_cache: dict[tuple[int, int, torch.device, int | None], torch.Tensor] = {}
-        # Mixture of experts: the weight of the auxiliary losses in the backward pass (the trainer sets it to
-        # 1 / (micro-batches x DP size), each pass's share of the global batch, since the DP reduction sums the
-        # ranks' gradients; under TP each rank adds 1/tp of it, _moe_losses), and their values of the last
-        # forward pass, for logging.
+        # Mixture of experts: the weight of the auxiliary losses in the backward pass (the MoE step hook,
+        # training/router_log.py, sets it to 1 / (micro-batches x DP size), each pass's share of the global
+        # batch, since the DP reduction sums the ranks' gradients; under TP each rank adds 1/tp of it,
+        # _moe_losses), and their values of the last forward pass, for logging.
         self.aux_loss_scale = 1.0
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.reset_parameters()

@@ -18,7 +18,7 @@ them, so the prompt (and padding) is never scored. With
 likewise; ``rewards/accuracies`` is the share of pairs whose chosen reward is
 the larger, ``rewards/margins`` the mean difference, ``logps/*`` the policy's
 mean log-probs (length-normalised for ipo, like the loss sees them). The
-optional SFT term (``dpo.sft_weight``, TRL's ``rpo_alpha``) adds the mean NLL
+optional SFT term (``sft_weight``, TRL's ``rpo_alpha``) adds the mean NLL
 of the chosen responses' tokens.
 
 Normalisation follows the objectives' contract that the step loss belongs to the
@@ -27,9 +27,9 @@ N_pairs`` (N_pairs over all micro-batches and DP ranks) and the SFT term
 ``sum(chosen NLL) / N_chosen_tokens``; DP gradients are summed. So gradient
 accumulation and the DP layout change neither gradients nor logged metrics.
 
-Options are the run config's ``dpo`` group. The reference is the policy's
-*starting* weights (``init.init_from``, else the seed's initialisation — also
-on resume). ``dpo.reference: live`` keeps a
+Options (:class:`DPOOptions`) are ``trainer.objective_options``, as for every
+objective. The reference is the policy's *starting* weights (``init.init_from``,
+else the seed's initialisation — also on resume). ``reference: live`` keeps a
 frozen copy and runs it on every micro-batch; ``precomputed`` runs it once per
 split before training and caches the log-probs beside the shards in
 ``reference_logps/SPLIT-KEY.npy``, where KEY hashes the data set's
@@ -49,7 +49,7 @@ from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ironcore.checkpoints.load import weight_files
-from ironcore.config.base import to_dict
+from ironcore.config.base import InvalidValue, field, to_dict
 from ironcore.config.model import ModelConfig
 from ironcore.data.batches import MicroBatch
 from ironcore.data.dpo import both_sides
@@ -77,6 +77,39 @@ log = logging.getLogger(__name__)
 
 REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
 CACHE_DIR = "reference_logps"
+
+
+@dataclass
+class DPOOptions:
+    """``trainer.objective_options`` of the dpo objective (TRL ``DPOConfig`` names where TRL has the option)."""
+
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = field(
+        "sigmoid",
+        help="sigmoid (DPO; conservative DPO with label_smoothing), ipo (on length-normalised log-probs) "
+        "or hinge (RSO); TRL's formulas.",
+    )
+    beta: float = field(0.1, help="Temperature: how far the policy may move from the reference (IPO's tau).")
+    label_smoothing: float = field(
+        0.0, help="sigmoid only: probability that a preference label is flipped (conservative DPO), in [0, 0.5)."
+    )
+    sft_weight: float = field(
+        0.0, help="Weight of an added SFT term: the mean NLL of the chosen responses' tokens (TRL's rpo_alpha)."
+    )
+    reference: Literal["live", "precomputed"] = field(
+        "live",
+        help="live: a frozen copy of the starting weights runs beside the policy; precomputed: its log-probs "
+        "are computed once and cached beside the shards (same numbers, no second model while training).",
+    )
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise InvalidValue("beta", f"must be positive, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise InvalidValue("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise InvalidValue("label_smoothing", f"only the sigmoid loss uses it, not {self.loss_type}")
+        if self.sft_weight < 0:
+            raise InvalidValue("sft_weight", f"must be >= 0, got {self.sft_weight}")
 
 
 # ---- log-probs and losses --------------------------------------------------------------------------------
@@ -143,13 +176,13 @@ class DPOObjective(Objective):
     sequences_per_sample = 2  # a (chosen, rejected) pair
     task_types = ("dpo",)
     one_backward_per_micro_batch = True
+    Options = DPOOptions
 
-    def __init__(self, context: ObjectiveContext, options: None = None) -> None:
-        super().__init__(context, options)
-        self.dpo = self.config.dpo
+    def __init__(self, context: ObjectiveContext, options: DPOOptions | None = None) -> None:
+        super().__init__(context, options or DPOOptions())
         # Live: the frozen reference runs beside the policy. Precomputed: built in prepare() only when a
         # split's log-probs are not cached yet, and dropped once they are.
-        self.reference: TransformerModel | None = self._reference() if self.dpo.reference == "live" else None
+        self.reference: TransformerModel | None = self._reference() if self.options.reference == "live" else None
 
     def _reference(self) -> TransformerModel:
         if not self.config.init.init_from:
@@ -158,7 +191,7 @@ class DPOObjective(Objective):
 
     def prepare(self, datasets: dict[str, torch.utils.data.Dataset]) -> dict[str, torch.utils.data.Dataset]:
         """Precomputed reference: each split's pairs with their cached reference log-probs."""
-        if self.dpo.reference == "live":
+        if self.options.reference == "live":
             return datasets
         cfg = self.config
         key = reference_cache_key(self.context.metadata, self.context.seq_len, cfg.model, cfg.trainer.precision,
@@ -177,7 +210,7 @@ class DPOObjective(Objective):
         return prepared
 
     def terms(self, forward: Forward, mb: MicroBatch) -> PairTerms:
-        cfg = self.dpo
+        opts = self.options
         chosen, rejected = response_logps(forward, mb, self.autocast)
         if self.reference is None:
             ref_chosen, ref_rejected = (mb[key] for key in REFERENCE_KEYS)
@@ -185,18 +218,18 @@ class DPOObjective(Objective):
             with torch.no_grad():
                 ref_chosen, ref_rejected = response_logps(self.reference, mb, self.autocast)
         chosen_nll = -chosen
-        if cfg.loss_type == "ipo":
+        if opts.loss_type == "ipo":
             chosen_len, rejected_len = mb["chosen_loss_mask"].sum(-1), mb["rejected_loss_mask"].sum(-1)
             chosen, ref_chosen = chosen / chosen_len, ref_chosen / chosen_len
             rejected, ref_rejected = rejected / rejected_len, ref_rejected / rejected_len
         losses = preference_losses(
-            chosen, rejected, ref_chosen, ref_rejected, cfg.loss_type, cfg.beta, cfg.label_smoothing
+            chosen, rejected, ref_chosen, ref_rejected, opts.loss_type, opts.beta, opts.label_smoothing
         )
         return PairTerms(
             losses=losses,
             chosen_nll=chosen_nll,
-            chosen_rewards=cfg.beta * (chosen - ref_chosen).detach(),
-            rejected_rewards=cfg.beta * (rejected - ref_rejected).detach(),
+            chosen_rewards=opts.beta * (chosen - ref_chosen).detach(),
+            rejected_rewards=opts.beta * (rejected - ref_rejected).detach(),
             chosen_logps=chosen.detach(),
             rejected_logps=rejected.detach(),
         )
@@ -207,8 +240,8 @@ class DPOObjective(Objective):
         for mb in micro_batches:
             terms = self.terms(forward, mb)
             loss = terms.losses.sum() / n_pairs
-            if self.dpo.sft_weight:
-                loss = loss + self.dpo.sft_weight * terms.chosen_nll.sum() / n_chosen
+            if self.options.sft_weight:
+                loss = loss + self.options.sft_weight * terms.chosen_nll.sum() / n_chosen
             loss.backward()
             sums += terms.sums()
         sums = global_sum(sums)
@@ -242,8 +275,8 @@ class DPOObjective(Objective):
     def _metrics(self, sums: torch.Tensor, n_pairs: float, n_chosen: float) -> dict[str, float]:
         s = dict(zip(_SUMS, sums.tolist(), strict=True))
         nll = s["chosen_nll"] / n_chosen
-        metrics = {"loss": s["losses"] / n_pairs + self.dpo.sft_weight * nll}
-        if self.dpo.sft_weight:
+        metrics = {"loss": s["losses"] / n_pairs + self.options.sft_weight * nll}
+        if self.options.sft_weight:
             metrics["nll_loss"] = nll
         return metrics | {
             "rewards/chosen": s["chosen_rewards"] / n_pairs,

@@ -13,6 +13,11 @@ Nothing read back can run code: the optimizer and RNG files hold tensors,
 numbers and strings only and are loaded with ``weights_only=True``. A
 checkpoint that does not load (a truncated file, a foreign optimizer) is
 named in the warning, and the newest older one that loads is used instead.
+
+The optimizer's part goes through the trainer's optimizer interface
+(``full_state_dict``, ``master_weights``), so any implementation checkpoints
+the same way. Which checkpoints are healthy (followed by finite steps: kept
+by pruning, gone back to after non-finite steps) is :class:`CheckpointHealth`'s.
 """
 
 from __future__ import annotations
@@ -35,13 +40,8 @@ from ironcore.config import Config, dump_config
 from ironcore.errors import CheckpointError, ConfigError, UserError
 from ironcore.files import OutputError, build_folder, describe_os_error, read_json, read_yaml
 from ironcore.parallel import state as parallel_state
-from ironcore.parallel.sharding import (
-    full_optimizer_state,
-    full_state_dict,
-    load_full_optimizer_state,
-    load_full_state_dict,
-)
-from ironcore.training.distributed_optimizer import DistributedOptimizer
+from ironcore.parallel.sharding import full_state_dict, load_full_state_dict
+from ironcore.training.optimizer import TrainingOptimizer
 
 log = logging.getLogger("ironcore.train")
 
@@ -57,11 +57,71 @@ class TrainState:
     stopped_early: bool = False  # operation.stop_metric ended the run here: a resume trains no further
 
 
+class CheckpointHealth:
+    """Which of this run's checkpoints are healthy: pruning keeps the newest healthy one, and after non-finite
+    steps ``latest`` goes back to it.
+
+    A checkpoint is healthy once ``healthy_after_steps`` finite steps followed it (or the run ended after it
+    with a finite step); non-finite steps cancel the count of those saved before them. Only a state whose last
+    step was finite is saved at all (:attr:`last_step_finite`).
+    """
+
+    def __init__(self, checkpoints: Path, healthy_after_steps: int, is_main: bool) -> None:
+        self.checkpoints, self.healthy_after_steps, self.is_main = checkpoints, healthy_after_steps, is_main
+        self.last_step_finite = True
+        self.saved_step: int | None = None  # the step this process last saved
+        self._pending: dict[Path, int] = {}  # checkpoints not yet known healthy -> finite steps since
+
+    def saved(self, folder: Path, step: int) -> None:
+        """A checkpoint of ``step`` was written: the finite steps after it will tell."""
+        self.saved_step = step
+        self._pending[folder] = 0
+
+    def resumed(self, folder: Path) -> None:
+        """The run resumed from ``folder``: unless it is known healthy, the steps after it will tell."""
+        if folder != native.pointed(self.checkpoints, native.HEALTHY):
+            self._pending[folder] = 0
+
+    def step_done(self, finite: bool) -> None:
+        """Count a step: a finite one for the checkpoints before it, a non-finite one against them."""
+        self.last_step_finite = finite
+        if finite:
+            self._confirm(final=False)
+        else:
+            self._pending.clear()  # what was saved just before non-finite steps is not healthy
+
+    def run_done(self) -> None:
+        """The run ended: no step follows the last one, so its own finite loss is the evidence."""
+        if self.last_step_finite:
+            self._confirm(final=True)
+
+    def _confirm(self, final: bool) -> None:
+        confirmed = None
+        for folder in list(self._pending):
+            self._pending[folder] += 1
+            if final or self._pending[folder] >= self.healthy_after_steps:
+                confirmed = folder
+                del self._pending[folder]
+        if confirmed is not None and confirmed.is_dir() and self.is_main:  # a pruned one stays unconfirmed
+            native.mark_healthy(self.checkpoints, confirmed)
+
+    def back_to_healthy(self) -> str:
+        """After non-finite steps: point ``latest`` back at the newest healthy checkpoint; say where to resume."""
+        healthy = native.pointed(self.checkpoints, native.HEALTHY)
+        if healthy is None:
+            return "no checkpoint of this run is known healthy: start again, e.g. with a lower learning rate"
+        if self.is_main:
+            native.update_latest(self.checkpoints, healthy)
+        return (f"{healthy} is the newest healthy checkpoint and `latest` again: rerun (with a lower learning "
+                "rate?) to resume from it")
+
+
 def save_checkpoint(
     checkpoints: Path,
+    *,
     state: TrainState,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: TrainingOptimizer,
     config: Config,
     tokenizer_dir: str | Path,
     generation_source: Path | None = None,
@@ -76,9 +136,8 @@ def save_checkpoint(
     """
     folder = native.step_dir(checkpoints, state.step)
     # With low-precision parameters the weights are the optimizer's fp32 master weights.
-    weights = full_state_dict(model, optimizer.master_weights(model) if isinstance(optimizer, DistributedOptimizer)
-                              else None)  # fmt: skip
-    optimizer_state = full_optimizer_state(model, optimizer)
+    weights = full_state_dict(model, optimizer.master_weights())
+    optimizer_state = optimizer.full_state_dict()
     rngs = _gather_objects(rng_states())
     objective_states = _gather_objects(objective_state or {})
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -112,7 +171,7 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    checkpoints: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, rank: int
+    checkpoints: Path, *, model: torch.nn.Module, optimizer: TrainingOptimizer, device: torch.device, rank: int
 ) -> tuple[Path, TrainState] | None:
     """Load the newest checkpoint that loads (``latest`` first) into ``model``, ``optimizer`` and this rank's
     RNGs; None when there is none. Each one that fails is named in a warning, and so is a ``latest`` pointer
@@ -171,15 +230,13 @@ def _warn_if_other_layout(folder: Path, rank: int) -> None:
                     folder.name, saved_dp, parallel_state.dp_size())
 
 
-def _load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+def _load(folder: Path, model: torch.nn.Module, optimizer: TrainingOptimizer, device: torch.device,
           rank: int) -> TrainState:
     """One checkpoint into the model, optimizer and RNGs; CheckpointError naming the file that does not load."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: missing")
     try:
-        weights = load_full_state_dict(model, native.read_model(folder, device)[1])
-        if isinstance(optimizer, DistributedOptimizer):
-            optimizer.load_master_weights(model, weights)
+        optimizer.load_master_weights(load_full_state_dict(model, native.read_model(folder, device)[1]))
     except CheckpointError as err:
         raise CheckpointError(f"{folder / native.WEIGHTS}: {err}" if str(folder) not in str(err) else str(err)) \
             from None
@@ -190,15 +247,15 @@ def _load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     missing = sorted(set(optimizer.defaults) - set(groups[0]))
     if missing:  # torch would load it and fail at the first step
         raise ConfigError(
-            f"{folder / native.OPTIMIZER}: was written by another optimizer than this run's "
-            f"{type(optimizer).__name__} (it has no {', '.join(missing)}): was optim.optimizer changed?"
+            f"{folder / native.OPTIMIZER}: was written by another optimizer than this run's (it has no "
+            f"{', '.join(missing)}): was optim.optimizer changed?"
         )
     try:
-        load_full_optimizer_state(model, optimizer, optimizer_state)
+        optimizer.load_full_state_dict(optimizer_state)
     except (KeyError, ValueError, TypeError, IndexError) as err:
         raise ConfigError(
-            f"{folder / native.OPTIMIZER}: does not fit the optimizer of this run ({type(optimizer).__name__}): "
-            f"was optim.optimizer changed? ({_first_line(err)})"
+            f"{folder / native.OPTIMIZER}: does not fit the optimizer of this run: was optim.optimizer changed? "
+            f"({_first_line(err)})"
         ) from None
     path = folder / native.TRAINER_STATE
     try:

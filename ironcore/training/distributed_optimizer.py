@@ -67,8 +67,9 @@ import torch
 from torch import nn
 
 from ironcore.parallel import comm, state
-from ironcore.parallel.grad import sum_of_squares
-from ironcore.parallel.sharding import named_splits
+from ironcore.parallel.grad import sum_of_squares, sync_tensor_parallel_grads
+from ironcore.parallel.sharding import full_optimizer_state, load_full_optimizer_state, named_splits
+from ironcore.training.optimizer import scaled_step
 
 
 @dataclasses.dataclass
@@ -110,16 +111,16 @@ def bucket_layout(numels: list[int], dp: int, bucket_numel: int) -> tuple[list[_
 class DistributedOptimizer:
     """``build(groups)``'s optimizer over this DP rank's shard of ``groups``' parameters (see the module doc).
 
-    Speaks the optimizer protocol the trainer uses (``param_groups`` of the
-    model's parameters, ``step``, ``zero_grad``, ``state_dict``,
-    ``load_state_dict``) plus :meth:`reduce_gradients` and :meth:`grad_norm`,
-    which replace the DP all-reduce and the norm of plain training.
+    A :class:`~ironcore.training.optimizer.TrainingOptimizer`: :meth:`finish_grad_sync` (the TP sums, then
+    :meth:`reduce_gradients`) and :meth:`grad_norm` replace the DP all-reduce and the norm of plain training.
+    ``state_dict`` and ``load_state_dict`` speak torch's per-parameter layout, so the TP gathering of
+    ``parallel.sharding`` takes this optimizer as it takes a torch one.
     """
 
     def __init__(self, model: nn.Module, groups: list[dict], build: Callable[[list[dict]], torch.optim.Optimizer],
                  bucket_bytes: int = comm.DEFAULT_BUCKET_BYTES, overlap: bool = False,
                  param_dtype: torch.dtype | None = None, shard: bool = True) -> None:  # fmt: skip
-        self.param_groups = groups
+        self.model, self.param_groups = model, groups
         params = [p for g in groups for p in g["params"]]
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
@@ -127,68 +128,15 @@ class DistributedOptimizer:
         self.dp, self.rank = state.dp_size(), state.dp_rank()
         # Ranks the state is sharded over, and this rank's place among them (1 and 0: every rank owns all).
         self.shards, self.shard_rank = (self.dp, self.rank) if shard else (1, 0)
-        device, main_dtype = params[0].device, params[0].dtype
-        dtype = param_dtype or main_dtype
-        self.mixed = dtype != main_dtype  # low-precision parameters, fp32 main gradients and master weights
         self.buckets, starts = bucket_layout([p.numel() for p in params], self.shards,
                                              bucket_bytes // params[0].element_size())  # fmt: skip
-        offsets = dict(zip(params, starts, strict=True))
-        self._bucket_of = {p: next(i for i, b in enumerate(self.buckets) if b.start <= offsets[p] < b.start + b.size)
-                           for p in params}  # fmt: skip
-        total = self.buckets[-1].start + self.buckets[-1].size
-        self.params = torch.zeros(total, dtype=dtype, device=device)
-        self.grads = torch.zeros(total, dtype=main_dtype, device=device)
-        # With one shard the shard is everything: no second gradient buffer, no reduce-scatter.
-        shard_numel = sum(b.size for b in self.buckets) // self.shards
-        self.shard_grads = self.grads if self.shards == 1 else torch.zeros(shard_numel, dtype=main_dtype, device=device)
-        self.master = torch.zeros(shard_numel, dtype=main_dtype, device=device) if self.mixed else None
-        original = {p: p.data for p in params}  # the master weights start from these, before rounding to ``dtype``
-        for p in params:  # parameters and gradients become views of the flat buffers
-            start = offsets[p]
-            view = self.params[start : start + p.numel()].view_as(p)
-            view.copy_(p.data)
-            p.data = view
-            grad = self.grads[start : start + p.numel()].view_as(p)
-            if self.mixed:
-                p.main_grad = grad
-                p.register_post_accumulate_grad_hook(_accumulate_main_grad)
-            else:
-                p.grad = grad
-        names = {p: n for n, p in model.named_parameters()}
-        splits = named_splits(model)
-        tp, tp_rank = state.tp_size(), state.tp_rank()
+        self._offsets = dict(zip(params, starts, strict=True))
+        self._bucket_of = {p: next(i for i, b in enumerate(self.buckets)
+                                   if b.start <= self._offsets[p] < b.start + b.size) for p in params}  # fmt: skip
+        original = self._flat_buffers(params, param_dtype or params[0].dtype)
         self.fragments: list[_Fragment] = []
-        inner_groups = []
-        for group in groups:
-            fragments = []
-            for p in group["params"]:
-                bucket = self.buckets[self._bucket_of[p]]
-                low, high = bucket.owned(self.shards, self.shard_rank)
-                begin, end = max(offsets[p], low) - offsets[p], min(offsets[p] + p.numel(), high) - offsets[p]
-                if begin >= end:
-                    continue
-                split = splits.get(names[p])
-                counted = None
-                if split is not None and max(split.replicas) > 1:  # replicated KV heads count on one rank only
-                    mask = torch.zeros(p.numel(), dtype=torch.bool, device=device)
-                    index = torch.arange(p.numel(), device=device).view_as(p)
-                    for piece in split.owned_pieces(index, tp, tp_rank):
-                        mask[piece.reshape(-1)] = True
-                    counted = mask[begin:end]
-                at = bucket.shard + offsets[p] + begin - low  # the fragment's place in the shard
-                if self.master is None:
-                    tensor = self.params[offsets[p] + begin : offsets[p] + end]
-                else:
-                    tensor = self.master[at : at + end - begin]
-                    tensor.copy_(original[p].reshape(-1)[begin:end])
-                tensor.grad = self.shard_grads[at : at + end - begin]
-                fragments.append(_Fragment(p, begin, end, tensor, counted, split is not None))
-            self.fragments += fragments
-            inner_groups.append({**{k: v for k, v in group.items() if k != "params"},
-                                 "params": [f.tensor for f in fragments]})  # fmt: skip
-        self.inner = build(inner_groups)
+        self.inner = build([self._shard_group(group, original) for group in groups])
         self.defaults = self.inner.defaults
-        self._offsets = offsets
         # Overlap: how many of each bucket's parameters are done, the running reductions.
         self.overlap = overlap and self.shards > 1
         self._armed = False
@@ -200,9 +148,68 @@ class DistributedOptimizer:
             for p in params:
                 p.register_post_accumulate_grad_hook(self._ready)
 
+    def _flat_buffers(self, params: list[nn.Parameter], dtype: torch.dtype) -> dict[nn.Parameter, torch.Tensor]:
+        """Allocate the flat buffers and make the parameters (in ``dtype``) and their gradients views of them;
+        returns the parameters' original values (the master weights start from these, before rounding)."""
+        device, main_dtype = params[0].device, params[0].dtype
+        self.mixed = dtype != main_dtype  # low-precision parameters, fp32 main gradients and master weights
+        total = self.buckets[-1].start + self.buckets[-1].size
+        self.params = torch.zeros(total, dtype=dtype, device=device)
+        self.grads = torch.zeros(total, dtype=main_dtype, device=device)
+        # With one shard the shard is everything: no second gradient buffer, no reduce-scatter.
+        shard_numel = sum(b.size for b in self.buckets) // self.shards
+        self.shard_grads = self.grads if self.shards == 1 else torch.zeros(shard_numel, dtype=main_dtype, device=device)
+        self.master = torch.zeros(shard_numel, dtype=main_dtype, device=device) if self.mixed else None
+        original = {p: p.data for p in params}
+        for p in params:  # parameters and gradients become views of the flat buffers
+            start = self._offsets[p]
+            view = self.params[start : start + p.numel()].view_as(p)
+            view.copy_(p.data)
+            p.data = view
+            grad = self.grads[start : start + p.numel()].view_as(p)
+            if self.mixed:
+                p.main_grad = grad
+                p.register_post_accumulate_grad_hook(_accumulate_main_grad)
+            else:
+                p.grad = grad
+        return original
+
+    def _shard_group(self, group: dict, original: dict[nn.Parameter, torch.Tensor]) -> dict:
+        """``group`` for the inner optimizer: one fragment per parameter that meets this rank's slices (added to
+        ``self.fragments``), a view of the flat parameter buffer or of the master weights."""
+        names = {p: n for n, p in self.model.named_parameters()}
+        splits = named_splits(self.model)
+        tp, tp_rank = state.tp_size(), state.tp_rank()
+        fragments = []
+        for p in group["params"]:
+            offset, bucket = self._offsets[p], self.buckets[self._bucket_of[p]]
+            low, high = bucket.owned(self.shards, self.shard_rank)
+            begin, end = max(offset, low) - offset, min(offset + p.numel(), high) - offset
+            if begin >= end:
+                continue
+            split = splits.get(names[p])
+            counted = None
+            if split is not None and max(split.replicas) > 1:  # replicated KV heads count on one rank only
+                mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+                index = torch.arange(p.numel(), device=p.device).view_as(p)
+                for piece in split.owned_pieces(index, tp, tp_rank):
+                    mask[piece.reshape(-1)] = True
+                counted = mask[begin:end]
+            at = bucket.shard + offset + begin - low  # the fragment's place in the shard
+            if self.master is None:
+                tensor = self.params[offset + begin : offset + end]
+            else:
+                tensor = self.master[at : at + end - begin]
+                tensor.copy_(original[p].reshape(-1)[begin:end])
+            tensor.grad = self.shard_grads[at : at + end - begin]
+            fragments.append(_Fragment(p, begin, end, tensor, counted, split is not None))
+        self.fragments += fragments
+        return {**{k: v for k, v in group.items() if k != "params"}, "params": [f.tensor for f in fragments]}
+
     def arm(self) -> None:
-        """The next backward pass is the step's last: its finished buckets start their reductions at once."""
-        self._armed = True
+        """The next backward pass is the step's last: with ``overlap`` its finished buckets start their reductions
+        at once (without, nothing happens)."""
+        self._armed = self.overlap
 
     def _ready(self, param: nn.Parameter) -> None:
         if not self._armed:
@@ -224,6 +231,11 @@ class DistributedOptimizer:
         return comm.reduce_scatter(self.grads[b.start : b.start + b.size],
                                    self.shard_grads[b.shard : b.shard + high - low], state.dp_group(),
                                    async_op=async_op)  # fmt: skip
+
+    def finish_grad_sync(self) -> None:
+        """The TP sums of the gradients, then their DP reduction into the shards (:meth:`reduce_gradients`)."""
+        sync_tensor_parallel_grads(self.model)
+        self.reduce_gradients()
 
     def reduce_gradients(self) -> None:
         """Each rank receives the sum over DP ranks of its shard's gradients (call after the TP sums)."""
@@ -329,22 +341,30 @@ class DistributedOptimizer:
             comm.all_gather_into(full[b.start : b.start + b.size], shard[b.shard : b.shard + n], state.dp_group())
         return full
 
-    def master_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def full_state_dict(self) -> dict:
+        """The checkpoint's optimizer state: :meth:`state_dict` keyed by parameter name, gathered over TP."""
+        return full_optimizer_state(self.model, self)
+
+    def load_full_state_dict(self, state_dict: dict) -> None:
+        """Load a checkpoint's optimizer state (written at any TP/DP layout, with or without this optimizer)."""
+        load_full_optimizer_state(self.model, self, state_dict)
+
+    def master_weights(self) -> dict[str, torch.Tensor]:
         """With low-precision parameters: the fp32 master weights by parameter name, in the parameters' (TP-local)
         shapes, gathered over DP (collective); without: {} (the parameters are the weights)."""
         if self.master is None:
             return {}
         full = self._gather({id(f.tensor): f.tensor for f in self.fragments})
         return {name: full[self._offsets[p] : self._offsets[p] + p.numel()].view_as(p).clone()
-                for name, p in model.named_parameters() if p in self._offsets}  # fmt: skip
+                for name, p in self.model.named_parameters() if p in self._offsets}  # fmt: skip
 
     @torch.no_grad()
-    def load_master_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    def load_master_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Set the master weights from fp32 values in the parameters' (TP-local) shapes, e.g. a checkpoint's
         (the parameters hold them rounded already); nothing to do without low-precision parameters."""
         if self.master is None:
             return
-        names = {p: n for n, p in model.named_parameters()}
+        names = {p: n for n, p in self.model.named_parameters()}
         for f in self.fragments:
             f.tensor.copy_(weights[names[f.param]].reshape(-1)[f.begin : f.end])
 
@@ -355,29 +375,17 @@ class DistributedOptimizer:
         return master + sum(v.numel() * v.element_size() for s in self.inner.state.values() for v in s.values()
                             if _shardable(v))  # fmt: skip
 
+    def memory_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The flat gradient buffers (main gradients, the shard's reduced ones); the inner optimizer's state and
+        the master weights."""
+        states = [v for s in self.inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        return [self.grads, self.shard_grads], states + ([] if self.master is None else [self.master])
 
-def scaled_step(optimizer: torch.optim.Optimizer, factor: float) -> None:
-    """``optimizer.step()`` on its gradients times ``factor`` (the clipping factor; 1 costs nothing): the one
-    spelling of it for plain training (``optim.step_with_scaled_grads``) and for the shards here, so that both
-    do the same arithmetic.
-
-    A fused optimizer (``_step_supports_amp_scaling``) divides each gradient by its ``grad_scale`` attribute
-    inside its one kernel -- the hook ``torch.amp.GradScaler`` uses -- saving a separate read and write of
-    every gradient (on CPU the kernel also leaves the scaled gradients in ``.grad``). Others get the factor
-    multiplied in first.
-    """
-    params = [p for g in optimizer.param_groups for p in g["params"]]  # a shard's group may be empty
-    if factor == 1.0 or not params:
-        optimizer.step()
-    elif getattr(optimizer, "_step_supports_amp_scaling", False):
-        optimizer.grad_scale = torch.tensor(1.0 / factor, dtype=torch.float32, device=params[0].device)
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.grad_scale
-    else:
-        torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
-        optimizer.step()
+    def report(self) -> str | None:
+        """With ``overlap``: how many buckets the last step reduced during its backward pass."""
+        if not self.overlap:
+            return None
+        return f"gradient reduction: {self.early} of {len(self.buckets)} buckets started during the backward pass"
 
 
 def _shardable(value: object) -> bool:

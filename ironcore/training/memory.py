@@ -46,6 +46,7 @@ from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
 from ironcore.parallel.layers import padded_vocab_size
 from ironcore.parallel.sharding import full_shapes, named_splits
 from ironcore.training.distributed_optimizer import bucket_layout
+from ironcore.training.optimizer import TrainingOptimizer, as_training_optimizer
 
 FP32 = 4
 BF16 = 2
@@ -151,7 +152,7 @@ def _as_one_process() -> Iterator[None]:
         state.set_data_parallel_group(dp)
 
 
-def plan_memory(cfg: ModelConfig, tp: int = 1, dp: int = 1, distributed_optimizer: bool = False,
+def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, distributed_optimizer: bool = False,
                 precision: str = "fp32", activation_checkpointing: bool = False, micro_batch_size: int = 1,
                 seq_len: int | None = None, optimizer: str = "adamw",
                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> MemoryPlan:  # fmt: skip
@@ -159,14 +160,16 @@ def plan_memory(cfg: ModelConfig, tp: int = 1, dp: int = 1, distributed_optimize
     trainer would refuse to split the model ``tp`` ways."""
     cfg.check_tensor_parallel(tp, "tp")
     with _as_one_process():
-        return _plan(cfg, tp, dp, distributed_optimizer, precision, activation_checkpointing, micro_batch_size,
-                     seq_len, optimizer, bucket_bytes)  # fmt: skip
+        params, grads, states = _state_bytes(local_numels(cfg, tp), dp=dp, precision=precision, optimizer=optimizer,
+                                             distributed_optimizer=distributed_optimizer, bucket_bytes=bucket_bytes)
+        activations = activation_bytes(rank_config(cfg, tp), micro_batch_size,
+                                       seq_len or cfg.max_position_embeddings, precision, activation_checkpointing)
+    return MemoryPlan(params, grads, states, activations)
 
 
-def _plan(cfg: ModelConfig, tp: int, dp: int, distributed_optimizer: bool, precision: str,
-          activation_checkpointing: bool, micro_batch_size: int, seq_len: int | None, optimizer: str,
-          bucket_bytes: int) -> MemoryPlan:  # fmt: skip
-    numels = local_numels(cfg, tp)
+def _state_bytes(numels: list[int], *, dp: int, distributed_optimizer: bool, precision: str, optimizer: str,
+                 bucket_bytes: int) -> tuple[int, int, int]:  # fmt: skip
+    """Parameters, gradients and optimizer states of one rank whose parameter tensors have ``numels``."""
     params = grads = sum(numels) * FP32
     moments = 1 if optimizer == "sgd" else 2
     master = 0
@@ -188,12 +191,11 @@ def _plan(cfg: ModelConfig, tp: int, dp: int, distributed_optimizer: bool, preci
     else:
         counted = numels
     states = master + moments * sum(counted) * FP32 + (FP32 * len(counted) if optimizer != "sgd" else 0)  # + steps
-    activations = activation_bytes(rank_config(cfg, tp), micro_batch_size,
-                                   seq_len or cfg.max_position_embeddings, precision, activation_checkpointing)  # fmt: skip
-    return MemoryPlan(params, grads, states, activations)
+    return params, grads, states
 
 
-def measured_state_bytes(model: nn.Module, optimizer: object) -> tuple[int, int, int]:
+def measured_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | TrainingOptimizer
+                         ) -> tuple[int, int, int]:  # fmt: skip
     """The bytes that parameters, gradients and optimizer states hold now (each storage once): what
     :func:`plan_memory` predicts, read from the real tensors."""
 
@@ -202,10 +204,6 @@ def measured_state_bytes(model: nn.Module, optimizer: object) -> tuple[int, int,
         return sum(storages.values())
 
     params = [p for p in model.parameters()]
-    grads = [p.grad for p in params if p.grad is not None]
-    inner = getattr(optimizer, "inner", optimizer)
-    states = [v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    if inner is not optimizer:  # the distributed optimizer's flat buffers (main gradients, master weights)
-        grads += [optimizer.grads, optimizer.shard_grads]
-        states += [] if optimizer.master is None else [optimizer.master]
+    buffers, states = as_training_optimizer(optimizer, model).memory_tensors()
+    grads = [p.grad for p in params if p.grad is not None] + buffers
     return nbytes(params), nbytes(grads), nbytes(states)

@@ -5,19 +5,30 @@ layers: norms, biases and embeddings (tokens and positions) are not decayed,
 as in GPT-3/Megatron practice, since shrinking them towards zero only removes
 capacity without regularising anything useful. ``optimizer: adam`` is an
 alias of adamw.
+
+The trainer gets a :class:`~ironcore.training.optimizer.TrainingOptimizer`
+(:func:`build_training_optimizer`): the built-in one the config asks for, or
+``optim.implementation``'s ``module:Class``. :func:`reduce_gradients` and
+:func:`step_with_scaled_grads` are the same steps as functions, for scripts
+and tests that hold a bare torch optimizer.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 
 import torch
 from torch import nn
 
-from ironcore.config.training import OperationConfig, OptimConfig
-from ironcore.parallel.grad import finalize_grads, grad_norm, sync_tensor_parallel_grads
+from ironcore.config.training import Config, OperationConfig, OptimConfig
+from ironcore.errors import ConfigError
 from ironcore.parallel.layers import VocabParallelEmbedding
-from ironcore.training.distributed_optimizer import DistributedOptimizer, scaled_step
+from ironcore.training.distributed_optimizer import DistributedOptimizer
+from ironcore.training.optimizer import METHODS, TrainingOptimizer, as_training_optimizer, scaled_step
+
+KEY = "optim.implementation"
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -58,30 +69,61 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, distributed: bool = Fals
     return DistributedOptimizer(model, groups, build, overlap=overlap) if distributed else build(groups)
 
 
-def reduce_gradients(model: nn.Module, optimizer: torch.optim.Optimizer | DistributedOptimizer) -> torch.Tensor:
+def build_training_optimizer(model: nn.Module, cfg: Config) -> TrainingOptimizer:
+    """The run's optimizer: ``optim.implementation``'s class built as ``Class(model, cfg)``, or the built-in one
+    of ``optim.optimizer``, ``trainer.distributed_optimizer`` (and ``overlap_grad_reduce``) and
+    ``trainer.precision``."""
+    if cfg.optim.implementation:
+        return optimizer_class(cfg.optim.implementation)(model, cfg)
+    built = build_optimizer(model, cfg.optim, distributed=cfg.trainer.distributed_optimizer,
+                            overlap=cfg.trainer.overlap_grad_reduce, precision=cfg.trainer.precision)  # fmt: skip
+    return as_training_optimizer(built, model)
+
+
+def optimizer_class(spec: str) -> type:
+    """The class an ``optim.implementation`` value (``module:Class``) names; ConfigError naming the key when it
+    cannot be imported or lacks a :class:`TrainingOptimizer` method."""
+    module_name, sep, name = spec.partition(":")
+    if not sep or not module_name or not name:
+        raise ConfigError(f"{KEY}: '{spec}' is not module:Class")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"{KEY}: cannot import module '{module_name}' ({err})") from None
+    cls = getattr(module, name, None)
+    if not isinstance(cls, type):
+        raise ConfigError(f"{KEY}: module '{module_name}' has no class '{name}'")
+    missing = [method for method in METHODS if not callable(getattr(cls, method, None))]
+    if missing:
+        raise ConfigError(f"{KEY}: {spec} does not implement the TrainingOptimizer interface "
+                          f"(ironcore/training/optimizer.py); missing: {', '.join(missing)}")
+    return cls
+
+
+def reduce_gradients(model: nn.Module, optimizer: torch.optim.Optimizer | TrainingOptimizer) -> torch.Tensor:
     """The step's gradient communication, then the global gradient norm: TP sums and a DP all-reduce
-    (``finalize_grads``, ``grad_norm``), or with the distributed optimizer the TP sums, its reduce-scatter and
-    the norm from its shards."""
-    if isinstance(optimizer, DistributedOptimizer):
-        sync_tensor_parallel_grads(model)
-        optimizer.reduce_gradients()
-        return optimizer.grad_norm()
-    finalize_grads(model, dp_reduction="sum")
-    return grad_norm(model)
+    (``finalize_grads``, ``grad_norm``) for a torch optimizer, or the optimizer's own (the distributed
+    optimizer: TP sums, its reduce-scatter, the norm from its shards)."""
+    training = as_training_optimizer(optimizer, model)
+    training.finish_grad_sync()
+    return training.grad_norm()
 
 
-def step_with_scaled_grads(optimizer: torch.optim.Optimizer | DistributedOptimizer, factor: float) -> None:
+@functools.singledispatch
+def step_with_scaled_grads(optimizer: TrainingOptimizer, factor: float) -> None:
     """``optimizer.step()`` on the gradients times ``factor`` (the gradient-clipping factor; 1 costs nothing).
 
-    Plain optimizers and the distributed optimizer's shards go through the same
-    :func:`~ironcore.training.distributed_optimizer.scaled_step` (a fused optimizer divides by ``grad_scale``
-    inside its kernel; others multiply first), so plain DP and the sharded optimizer update every element with
-    the same arithmetic. It equals clipping, then stepping, to rounding (``tests/test_optim.py``).
+    Torch optimizers and the distributed optimizer's shards go through the same
+    :func:`~ironcore.training.optimizer.scaled_step` (a fused optimizer divides by ``grad_scale`` inside its
+    kernel; others multiply first), so plain DP and the sharded optimizer update every element with the same
+    arithmetic. It equals clipping, then stepping, to rounding (``tests/test_optim.py``).
     """
-    if isinstance(optimizer, DistributedOptimizer):
-        optimizer.step(factor)
-    else:
-        scaled_step(optimizer, factor)
+    optimizer.step(factor)
+
+
+@step_with_scaled_grads.register
+def _(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    scaled_step(optimizer, factor)
 
 
 def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -1,4 +1,10 @@
-"""What a mixture-of-experts run logs of its routing: the auxiliary losses per step and the experts' load.
+"""What a mixture-of-experts run needs from each training step: its auxiliary losses' weight and its routing log.
+
+A :class:`~ironcore.training.hooks.StepHook`, so the loop knows nothing of
+experts. Before a step's backward passes it sets the weight of the
+auxiliary losses (``TransformerModel.aux_loss_scale``): 1 / (forward passes
+of the global batch), each pass's share, since the DP reduction sums the
+ranks' gradients.
 
 The model computes the load-balancing loss (and z-loss) of every forward
 pass and keeps the values of the last one (``TransformerModel.aux_losses``);
@@ -22,17 +28,22 @@ from ironcore.parallel import comm, state
 
 
 class RouterLog:
-    """Auxiliary losses and expert loads of a MoE model over training steps (see the module doc)."""
+    """Auxiliary-loss weight, auxiliary losses and expert loads of a MoE model over training steps (see the
+    module doc); ``out_dir`` receives the heatmap on the main rank."""
 
-    def __init__(self, model: TransformerModel) -> None:
-        self.model = model
+    def __init__(self, model: TransformerModel, device: torch.device, out_dir: Path, is_main: bool) -> None:
+        self.model, self.device, self.out_dir, self.is_main = model, device, out_dir, is_main
         # Summed on the model's device (no host sync per pass): aux and z of this step's passes, and each layer's
         # expert assignments [layers, experts] since the last log line.
         self.losses: torch.Tensor | None = None
         self.passes = 0
         self.load: torch.Tensor | None = None
 
-    def record(self) -> None:
+    def start_step(self, passes: int) -> None:
+        """Each of the global batch's ``passes`` forward passes weighs its auxiliary losses 1 / passes."""
+        self.model.aux_loss_scale = 1.0 / passes
+
+    def after_forward(self) -> None:
         """Take the model's last forward pass into this step (call after every forward pass with gradients)."""
         aux = self.model.aux_losses
         losses = torch.stack([aux["aux_loss"], aux["z_loss"]]).double()
@@ -41,22 +52,23 @@ class RouterLog:
         self.load = load if self.load is None else self.load + load
         self.passes += 1
 
-    def step_metrics(self, device: torch.device) -> dict[str, float]:
+    def step_metrics(self) -> dict[str, float]:
         """``aux_loss`` and ``z_loss`` of the step (mean over passes and DP ranks); starts the next step."""
         losses = self.losses if self.losses is not None else torch.zeros(2, dtype=torch.float64)
-        mean = comm.all_reduce(losses.to(device) / max(self.passes, 1), state.dp_group()) / state.dp_size()
+        mean = comm.all_reduce(losses.to(self.device) / max(self.passes, 1), state.dp_group()) / state.dp_size()
         self.losses, self.passes = None, 0
         return {"aux_loss": float(mean[0]), "z_loss": float(mean[1])}
 
-    def load_metrics(self, device: torch.device) -> tuple[dict[str, float], torch.Tensor | None]:
-        """``expert_load_max`` and the [layers, experts] shares of the assignments since the last call (all DP
-        ranks), or nothing when no pass was recorded."""
+    def log_metrics(self, step: int) -> tuple[dict[str, float], list[Path]]:
+        """At a log line: ``expert_load_max`` over the assignments since the last one (all DP ranks), and (main
+        rank) the heatmap of their shares; nothing when no pass was recorded."""
         if self.load is None:
-            return {}, None
-        load = comm.all_reduce(self.load.to(device), state.dp_group()).cpu()
+            return {}, []
+        load = comm.all_reduce(self.load.to(self.device), state.dp_group()).cpu()
         self.load = None
         shares = load / load.sum(dim=1, keepdim=True).clamp(min=1)
-        return {"expert_load_max": float(shares.max() * shares.shape[1])}, shares
+        plots = [plot_expert_load(shares, step, self.out_dir / "expert_load.png")] if self.is_main else []
+        return {"expert_load_max": float(shares.max() * shares.shape[1])}, plots
 
 
 def plot_expert_load(shares: torch.Tensor, step: int, path: Path) -> Path:

@@ -4,10 +4,14 @@ One optimizer step = ``gradient_accumulation_steps`` micro-batches on every
 data-parallel rank. The objective (:mod:`ironcore.objectives`, chosen by
 ``trainer.objective`` or the data set) runs the forward and backward passes
 of the step's micro-batches and normalises them over the whole global batch;
-the trainer sums the gradients over the DP ranks, measures and clips their
-global norm, skips a step whose loss or gradient is not finite, and steps
-the optimizer on the learning-rate schedule. Around that: validation,
-logging (console, ``metrics.jsonl``, MLflow), checkpoints, automatic resume
+the optimizer (a :class:`~ironcore.training.optimizer.TrainingOptimizer`,
+whatever it shards or casts underneath) sums the gradients over the DP ranks
+and measures their global norm; the trainer clips it, skips a step whose loss
+or gradient is not finite, and steps the optimizer on the learning-rate
+schedule. What a model family needs of a step is in its step hooks
+(:mod:`ironcore.training.hooks`). Around that: validation, logging (console,
+``metrics.jsonl``, MLflow), checkpoints (their health:
+:class:`~ironcore.training.checkpointing.CheckpointHealth`), automatic resume
 and a clean stop on SIGTERM/SIGINT.
 
 A run writes into ``trainer.output_dir``: ``config.yaml`` (resolved),
@@ -57,22 +61,17 @@ from ironcore.parallel.grad import clip_factor
 from ironcore.parallel.setup import init_parallel
 from ironcore.parallel.sharding import load_full_state_dict
 from ironcore.training.checkpointing import (
+    CheckpointHealth,
     TrainState,
     load_checkpoint,
     load_objective_state,
     resume_folder,
     save_checkpoint,
 )
+from ironcore.training.hooks import step_hooks
 from ironcore.training.memory import measured_state_bytes, plan_memory
-from ironcore.training.optim import (
-    build_optimizer,
-    learning_rate,
-    reduce_gradients,
-    step_with_scaled_grads,
-    total_steps,
-)
+from ironcore.training.optim import build_training_optimizer, learning_rate, total_steps
 from ironcore.training.perf import device_peak, format_rate, retain_freed_host_memory
-from ironcore.training.router_log import RouterLog, plot_expert_load
 from ironcore.training.tracking import RUN_FILE, Tracker, run_tags, tracked_names
 
 log = logging.getLogger("ironcore.train")
@@ -101,10 +100,7 @@ class Trainer:
         self.state = TrainState()
         self._stop_signal: int | None = None
         self._memory_logged = False  # the memory plan is logged beside the first step's bytes
-        self._last_step_finite = True  # checkpoints are only written from a state whose last step was finite
-        # Checkpoints saved but not yet followed by trainer.healthy_after_steps finite steps, and that count.
-        self._pending: dict[Path, int] = {}
-        self._saved_step: int | None = None  # the step this process last saved
+        self.health = CheckpointHealth(self.ckpt_dir, cfg.trainer.healthy_after_steps, self.is_main)
         check_writable(self.out_dir, "folder")  # before any work: a bad output path must not cost it
 
         if not cfg.data.config_path:
@@ -122,8 +118,7 @@ class Trainer:
 
         torch.manual_seed(cfg.init.seed)
         self.model = self._build_model()
-        self.optimizer = build_optimizer(self.model, cfg.optim, distributed=cfg.trainer.distributed_optimizer,
-                                         overlap=cfg.trainer.overlap_grad_reduce, precision=cfg.trainer.precision)
+        self.optimizer = build_training_optimizer(self.model, cfg)
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if cfg.trainer.precision == "bf16"
@@ -149,7 +144,7 @@ class Trainer:
             log.info("MFU is taken against %s per %s (%s)", format_rate(peak.flops),
                      "GPU" if self.device.type == "cuda" else "process", peak.basis)  # fmt: skip
         self.forward = torch.compile(self.model) if cfg.trainer.compile else self.model
-        self.router_log = RouterLog(self.model) if cfg.model.num_experts else None
+        self.hooks = step_hooks(self.model, self.device, self.out_dir, self.is_main)
         self.tracker: Tracker | None = None
         self._step_tokens = self.tokens_per_step
         self.tasks = [load_task(spec) for spec in cfg.operation.eval_tasks]  # checked now, not at the first eval
@@ -188,10 +183,9 @@ class Trainer:
 
     def _batches(self, dataset: torch.utils.data.Dataset, shuffle: bool) -> StepBatches:
         cfg = self.cfg
-        return StepBatches(
-            dataset, cfg.trainer.train_batch_size, cfg.trainer.micro_batch_size, self.dp_rank, self.dp_size,
-            cfg.init.seed, shuffle, self.device,
-        )
+        return StepBatches(dataset, global_batch_size=cfg.trainer.train_batch_size,
+                           micro_batch_size=cfg.trainer.micro_batch_size, device=self.device, dp_rank=self.dp_rank,
+                           dp_size=self.dp_size, seed=cfg.init.seed, shuffle=shuffle)
 
     def _start_tracking(self) -> Tracker:
         cfg = self.cfg
@@ -229,8 +223,7 @@ class Trainer:
                 self._write_metrics({"step": self.state.step, **final})
                 self._track(final, self.state.step)
             self.save()
-            if self._last_step_finite:
-                self._finite_step(final=True)  # no step follows the last one: its own finite loss is the evidence
+            self.health.run_done()
             if self.is_main and final:
                 result = json.dumps({"step": self.state.step, **final}, indent=2)
                 write_text_atomically(self.out_dir / "final_eval.json", result)
@@ -259,18 +252,13 @@ class Trainer:
         while self.state.step < self.total_steps and not self.state.stopped_early:
             metrics = self.train_step()
             window_tokens += self._step_tokens
-            self._last_step_finite = metrics is not None
-            if metrics is None:
-                consecutive_bad += 1
-                if consecutive_bad >= cfg.trainer.max_consecutive_skips:
-                    raise TrainingStopped(
-                        f"stopped at step {self.state.step}: {consecutive_bad} steps in a row had a non-finite "
-                        f"loss or gradient; {self._back_to_healthy()}"
-                    )
-                self._pending.clear()  # what was saved just before non-finite steps is not healthy
-            else:
-                consecutive_bad = 0
-                self._finite_step()
+            self.health.step_done(finite=metrics is not None)
+            consecutive_bad = 0 if metrics is not None else consecutive_bad + 1
+            if consecutive_bad >= cfg.trainer.max_consecutive_skips:
+                raise TrainingStopped(
+                    f"stopped at step {self.state.step}: {consecutive_bad} steps in a row had a non-finite "
+                    f"loss or gradient; {self.health.back_to_healthy()}"
+                )
             step = self.state.step
             if metrics is not None and (step % op.log_interval == 0 or step == self.total_steps):
                 elapsed = time.perf_counter() - window_start
@@ -279,8 +267,7 @@ class Trainer:
                     tokens_per_sec=tokens_per_sec,
                     mfu=tokens_per_sec * self.flops_per_token / (self.peak * self.world_size),
                 )
-                if self.router_log is not None:
-                    metrics.update(self._log_expert_load(step))
+                metrics.update(self._hook_log_metrics(step))
                 self._log_line(metrics, time.perf_counter() - run_start, step - start_step)
                 self._write_metrics({"step": step, **metrics, "skipped_steps": self.state.skipped_steps})
                 self._track(metrics, step)
@@ -298,7 +285,7 @@ class Trainer:
                 self.save()
             if self._stop_requested():
                 saved = self.save()
-                where = f"checkpoint saved in {saved}, rerun to resume" if saved else self._back_to_healthy()
+                where = f"checkpoint saved in {saved}, rerun to resume" if saved else self.health.back_to_healthy()
                 raise TrainingStopped(
                     f"stopped by signal {signal.Signals(self._stop_signal or signal.SIGTERM).name} at step {step}; "
                     + where
@@ -335,38 +322,39 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         micro_batches = self.train_data.step(self.state.consumed_samples)
-        # MoE: each pass's auxiliary losses weigh 1 / (passes of the global batch), like its mean.
-        self.model.aux_loss_scale = 1.0 / (len(micro_batches) * self.dp_size)
-        result = self.objective.backward(self._forward_arming(len(micro_batches)), micro_batches)
-        if self.router_log is not None:
-            result.metrics.update(self.router_log.step_metrics(self.device))
+        for hook in self.hooks:
+            hook.start_step(len(micro_batches) * self.dp_size)
+        result = self.objective.backward(self._hooked_forward(len(micro_batches)), micro_batches)
+        for hook in self.hooks:
+            result.metrics.update(hook.step_metrics())
         self._step_tokens = result.processed or self.tokens_per_step  # what tok/s and MFU count
-        norm = reduce_gradients(self.model, self.optimizer).item()  # TP sums, DP reduction (or waits for overlap's)
+        self.optimizer.finish_grad_sync()  # TP sums, DP reduction (or waits for overlapped ones)
+        norm = self.optimizer.grad_norm().item()
         loss = result.metrics["loss"]
         lr = learning_rate(self.state.step, self.total_steps, cfg.optim)
         self.state.step += 1
         self.state.consumed_samples += cfg.trainer.train_batch_size
         if not (math.isfinite(loss) and math.isfinite(norm)):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             self.state.skipped_steps += 1
             log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): step skipped",
                         self.state.step, loss, norm)
             return None
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        step_with_scaled_grads(self.optimizer, clip_factor(norm, cfg.trainer.grad_clip))  # clipping
+        self.optimizer.step(clip_factor(norm, cfg.trainer.grad_clip))  # clipping
         if not self._memory_logged:  # everything a step holds exists now
             self._log_memory()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         self.state.tokens += result.tokens
         return {**result.metrics, "lr": lr, "grad_norm": norm}
 
-    def _forward_arming(self, micro_batches: int) -> Callable[..., torch.Tensor]:
-        """The forward pass the objective runs; with overlapped reduction, the last micro-batch's pass (counted
-        among those with gradients) arms the optimizer, so that its backward pass starts the reductions; a MoE
-        model's passes with gradients are recorded in the router log."""
-        arming = getattr(self.optimizer, "overlap", False) and self.objective.one_backward_per_micro_batch
-        if not arming and self.router_log is None:
+    def _hooked_forward(self, micro_batches: int) -> Callable[..., torch.Tensor]:
+        """The forward pass the objective runs. With one backward pass per micro-batch, the last micro-batch's
+        pass (counted among those with gradients) arms the optimizer, whose reductions may then start during its
+        backward pass; the step hooks see every pass with gradients."""
+        arming = self.objective.one_backward_per_micro_batch
+        if not arming and not self.hooks:
             return self.forward
         passes = 0
 
@@ -378,18 +366,19 @@ class Trainer:
                 if passes == micro_batches:
                     self.optimizer.arm()
             out = self.forward(*args, **kwargs)
-            if self.router_log is not None and trained:
-                self.router_log.record()
+            for hook in self.hooks if trained else ():
+                hook.after_forward()
             return out
 
         return forward
 
-    def _log_expert_load(self, step: int) -> dict[str, float]:
-        """The experts' load since the last log line: its metric, and (main rank) the heatmap as an artifact."""
-        metrics, shares = self.router_log.load_metrics(self.device)
-        if shares is not None and self.is_main:
-            path = plot_expert_load(shares, step, self.out_dir / "expert_load.png")
-            if self.tracker is not None:
+    def _hook_log_metrics(self, step: int) -> dict[str, float]:
+        """The step hooks' metrics for a log line; the files they wrote go to the tracker."""
+        metrics: dict[str, float] = {}
+        for hook in self.hooks:
+            values, files = hook.log_metrics(step)
+            metrics.update(values)
+            for path in files if self.tracker is not None else ():
                 self.tracker.log_artifact(path)
         return metrics
 
@@ -399,13 +388,16 @@ class Trainer:
         self._memory_logged = True
         if not self.is_main:
             return
-        if getattr(self.optimizer, "overlap", False):
-            log.info("gradient reduction: %d of %d buckets started during the backward pass", self.optimizer.early,
-                     len(self.optimizer.buckets))  # fmt: skip
+        report = self.optimizer.report()
+        if report:
+            log.info("%s", report)
         t = self.cfg.trainer
         try:  # a plan is information: a model the planner cannot trace must still train
-            plan = plan_memory(self.cfg.model, self.ctx.tp_size, self.dp_size, t.distributed_optimizer, t.precision,
-                               t.activation_checkpointing, t.micro_batch_size, self.seq_len, self.cfg.optim.optimizer)  # fmt: skip
+            plan = plan_memory(self.cfg.model, tp=self.ctx.tp_size, dp=self.dp_size,
+                               distributed_optimizer=t.distributed_optimizer, precision=t.precision,
+                               activation_checkpointing=t.activation_checkpointing,
+                               micro_batch_size=t.micro_batch_size, seq_len=self.seq_len,
+                               optimizer=self.cfg.optim.optimizer)  # fmt: skip
         except Exception as err:  # noqa: BLE001
             log.warning("memory plan unavailable: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
             return
@@ -496,48 +488,26 @@ class Trainer:
         Not when the last step was non-finite: weights that just produced a NaN
         are no state to resume from (returns None then).
         """
-        if not self._last_step_finite:
+        if not self.health.last_step_finite:
             log.warning("step %d had a non-finite loss or gradient: not saving a checkpoint of it", self.state.step)
             return None
-        if self._saved_step == self.state.step:  # e.g. a signal right after a periodic save
+        if self.health.saved_step == self.state.step:  # e.g. a signal right after a periodic save
             return native.step_dir(self.ckpt_dir, self.state.step)
-        folder = save_checkpoint(self.ckpt_dir, self.state, self.model, self.optimizer, self.cfg, self.data_dir,
-                                 self.init_folder, self.objective.state_dict())
-        self._saved_step = self.state.step
-        self._pending[folder] = 0
+        folder = save_checkpoint(self.ckpt_dir, state=self.state, model=self.model, optimizer=self.optimizer,
+                                 config=self.cfg, tokenizer_dir=self.data_dir, generation_source=self.init_folder,
+                                 objective_state=self.objective.state_dict())  # fmt: skip
+        self.health.saved(folder, self.state.step)
         return folder
-
-    def _finite_step(self, final: bool = False) -> None:
-        """Count a finite step for the checkpoints saved before it; ``trainer.healthy_after_steps`` of them
-        (or the end of the run) make a checkpoint healthy: pruning keeps it, non-finite steps go back to it."""
-        confirmed = None
-        for folder in list(self._pending):
-            self._pending[folder] += 1
-            if final or self._pending[folder] >= self.cfg.trainer.healthy_after_steps:
-                confirmed = folder
-                del self._pending[folder]
-        if confirmed is not None and confirmed.is_dir() and self.is_main:  # a pruned one stays unconfirmed
-            native.mark_healthy(self.ckpt_dir, confirmed)
-
-    def _back_to_healthy(self) -> str:
-        """After non-finite steps: point ``latest`` back at the newest healthy checkpoint; say where to resume."""
-        healthy = native.pointed(self.ckpt_dir, native.HEALTHY)
-        if healthy is None:
-            return "no checkpoint of this run is known healthy: start again, e.g. with a lower learning rate"
-        if self.is_main:
-            native.update_latest(self.ckpt_dir, healthy)
-        return (f"{healthy} is the newest healthy checkpoint and `latest` again: rerun (with a lower learning "
-                "rate?) to resume from it")
 
     def _resume(self) -> Path | None:
         """Load the ``latest`` checkpoint, whatever TP/DP layout wrote it (tensors are stored full)."""
-        loaded = load_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.device, self.rank)
+        loaded = load_checkpoint(self.ckpt_dir, model=self.model, optimizer=self.optimizer, device=self.device,
+                                 rank=self.rank)
         if loaded is None:
             return None
         folder, self.state = loaded
         self.objective.load_state_dict(load_objective_state(folder, self.rank, self.world_size))
-        if folder != native.pointed(self.ckpt_dir, native.HEALTHY):
-            self._pending[folder] = 0  # not known healthy yet: the steps after it will tell
+        self.health.resumed(folder)
         self._truncate_metrics(self.state.step)
         return folder
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from ironcore.checkpoints.hf_families import model_config_from_folder
 from ironcore.config import load_config, to_dict
 from ironcore.config.base import did_you_mean
 from ironcore.errors import UserError
@@ -76,7 +77,8 @@ def training_config(exp):
     """The experiment's fully resolved ironcore training Config (errors surface at parse time, one line)."""
     e = EXPERIMENTS[exp]
     try:
-        return load_config(e["config"], train_overrides(exp), e["tensor_parallel"], world_size=e["nproc"] * e["nodes"])
+        return load_config(e["config"], train_overrides(exp), e["tensor_parallel"], world_size=e["nproc"] * e["nodes"],
+                           read_folder=model_config_from_folder)  # a model: may be an HF folder, as in `ironcore train`
     except UserError as err:
         fail(f"experiment {exp}: {err}")
 
@@ -194,9 +196,9 @@ if any(e["optional"] and e["target"] == "rl" for e in EXPERIMENTS.values()):  # 
 
 
 # ---- code fingerprints ---------------------------------------------------------------------------
-# Each stage takes results/code/<stage>.sha256 as an input: a digest of every ironcore file except
-# those the stage is stated not to run (workflow/scripts/code_fingerprint.py), rewritten only when
-# the digest changes, so a code change reruns exactly the stages that run it.
+# Each stage takes results/code/<stage>.sha256 as an input: a digest of every ironcore file its entry
+# points import, directly or not (workflow/scripts/code_fingerprint.py walks the imports), rewritten
+# only when the digest changes, so a code change reruns exactly the stages that run it.
 
 PACKAGE = Path(find_spec("ironcore").origin).parent  # the installed package the `ironcore` command runs
 
@@ -240,21 +242,20 @@ def train_command(exp):
 
 # ---- MLflow ---------------------------------------------------------------------------------------
 # One parent run per experiment and invocation, created by the first job of the experiment that
-# runs (train, or eval when only eval reruns); the training run is its child (MLFLOW_PARENT_RUN_ID),
-# the eval job logs val metrics, configs, reports and samples to it and closes it.
+# runs (train, or eval when only eval reruns); the training run is its child (`ironcore train
+# --mlflow-parent`), the eval job logs val metrics, configs, reports and samples to it and closes it
+# (`ironcore mlflow finish`; ironcore/cli/mlflow_runs.py).
 #
 # The settings reach the jobs as environment variables, not as params: switching MLflow off or
 # renaming its experiment changes no result, so it must not rerun anything. Shell commands call
-# `python "$IRONCORE_MLFLOW_RUNS" ...` (a no-op when tracking is off) and pass
-# utils.tracking=$IRONCORE_TRACKING utils.experiment_name=$IRONCORE_MLFLOW_EXPERIMENT to training.
+# `ironcore mlflow ...` (a no-op when tracking is off) and pass utils.tracking=$IRONCORE_TRACKING
+# utils.experiment_name=$IRONCORE_MLFLOW_EXPERIMENT to training.
 
-MLFLOW_SCRIPT = str(SCRIPTS / "mlflow_runs.py")
 os.environ.update(
-    IRONCORE_MLFLOW_RUNS=MLFLOW_SCRIPT,
     IRONCORE_TRACKING="true" if config["mlflow"]["enabled"] else "false",
     IRONCORE_MLFLOW_EXPERIMENT=config["mlflow"]["experiment"],
 )
-MLFLOW_RUNS = shlex.join([sys.executable, MLFLOW_SCRIPT])
+MLFLOW_RUNS = shlex.join([sys.executable, "-m", "ironcore", "mlflow"])
 
 
 onstart:

@@ -76,7 +76,7 @@ rule eval:
         ironcore eval --checkpoint {params.run} --output {output.eval} {params.eval_args} > {log} 2>&1
         python {input.samples_script} --checkpoint {params.run} --output {output.samples} \\
             --output-json {output.samples_json} {params.sample_args} >> {log} 2>&1
-        python "$IRONCORE_MLFLOW_RUNS" finish --run {wildcards.exp} --eval {output.eval} {input.tasks} \\
+        ironcore mlflow finish --run {wildcards.exp} --eval {output.eval} {input.tasks} \\
             --config {input.config} --artifacts eval {output.eval} {input.tasks} {output.samples} {output.samples_json} \\
             --artifacts config {input.config} {input.data_config} \\
             --artifacts train {input.metrics} \\
@@ -115,7 +115,7 @@ rule summary:
             --samples {input.samples} --tasks {input.tasks} --metrics {input.metrics} --configs {input.configs} \\
             --data {input.data} \\
             --output-dir results/summary > {log} 2>&1
-        python "$IRONCORE_MLFLOW_RUNS" attach --artifacts summary {output.markdown} {output.html} {output.plot} >> {log} 2>&1
+        ironcore mlflow attach --artifacts summary {output.markdown} {output.html} {output.plot} >> {log} 2>&1
         """
 
 

@@ -48,8 +48,9 @@ rule rl_tokenizer:
 
 
 rule rl_eval:
-    """Held-out greedy accuracy and pass@k of one RL experiment's final checkpoint; logs them to the
-    experiment's MLflow parent run and closes it (the `eval` rule's job for the other experiments)."""
+    """Held-out greedy accuracy and pass@k of one RL experiment's final checkpoint (`ironcore eval --task
+    synthetic=...`, under the names the GRPO run logs); logs them to the experiment's MLflow parent run and
+    closes it (the `eval` rule's job for the other experiments)."""
     input:
         final=rules.train.output.final,
         config=rules.train.output.config,
@@ -57,7 +58,6 @@ rule rl_eval:
         heldout=rules.synthetic.output.heldout,
         manifest=rules.synthetic.output.manifest,
         code=code_fingerprint("eval"),
-        script=SCRIPTS / "rl_eval.py",
     output:
         eval="results/rl/eval/{exp}.json",
         samples="results/rl/eval/{exp}.md",
@@ -67,6 +67,7 @@ rule rl_eval:
         max_new_tokens=RL["eval"]["max_new_tokens"],
         temperature=RL["eval"]["temperature"],
         seed=RL["eval"]["seed"],
+        batch_size=64,  # prompts per batch: the samples' draws depend on it
         device=config["eval"]["device"],
         task=lambda wildcards, input: os.path.dirname(input.manifest),
     threads: config["threads_per_process"]
@@ -77,10 +78,11 @@ rule rl_eval:
     shell:
         """
         export OMP_NUM_THREADS={threads}
-        python {input.script} --checkpoint {params.run} --task {params.task} --output {output.eval} \\
-            --markdown {output.samples} --k {params.k} --max-new-tokens {params.max_new_tokens} \\
-            --temperature {params.temperature} --seed {params.seed} --device {params.device} > {log} 2>&1
-        python "$IRONCORE_MLFLOW_RUNS" finish --run {wildcards.exp} --eval {output.eval} --config {input.config} \\
+        ironcore eval --checkpoint {params.run} --task synthetic={params.task} --as-validation --pass-at {params.k} \\
+            --max-new-tokens {params.max_new_tokens} --temperature {params.temperature} --seed {params.seed} \\
+            --micro-batch-size {params.batch_size} --device {params.device} --no-mlflow --output {output.eval} \\
+            --samples-markdown {output.samples} > {log} 2>&1
+        ironcore mlflow finish --run {wildcards.exp} --eval {output.eval} --config {input.config} \\
             --artifacts eval {output.eval} {output.samples} --artifacts train {input.metrics} >> {log} 2>&1
         """
 
@@ -109,6 +111,6 @@ rule rl_summary:
         """
         python {input.script} --before {input.before} --after {input.after} --metrics {input.metrics} \\
             --names {params.names} --output-dir results/rl > {log} 2>&1
-        python "$IRONCORE_MLFLOW_RUNS" attach --runs {params.names} \\
+        ironcore mlflow attach --runs {params.names} \\
             --artifacts summary {output.markdown} {output.html} {output.plot} {output.json} >> {log} 2>&1
         """

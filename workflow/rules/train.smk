@@ -7,13 +7,14 @@
 # train` resumes from checkpoints/latest by itself). The declared outputs are copies made when
 # training has finished.
 #
-# Resume or start over? The job writes a signature (hyperparameters, data and code) into the run
-# folder. An unfinished run with the same signature resumes; a finished run (Snakemake only
-# reruns one because something changed or --forcerun asked for it) or one with another signature
-# is cleared and trained from scratch.
+# Resume or start over? `ironcore train --signature` keeps a signature (hyperparameters, data and code) in
+# the run folder. An unfinished run with the same signature resumes; a finished run (Snakemake only reruns
+# one because something changed or --forcerun asked for it) or one with another signature is cleared and
+# trained from scratch. `--export` then copies the declared outputs out of the finished run.
 #
 # MLflow settings arrive as environment variables set by common.smk, not as params, on purpose:
-# they change no result and must not rerun training.
+# they change no result and must not rerun training. `--mlflow-parent` makes the training run a child of
+# the experiment's parent run of this invocation (`ironcore mlflow`).
 
 
 rule train:
@@ -27,11 +28,9 @@ rule train:
         metrics="results/train/{exp}/metrics.jsonl",
         config="results/train/{exp}/config.yaml",
     params:
-        hparams=lambda wildcards: hyperparameters(wildcards.exp),  # every hyperparameter, resolved
-        hparams_digest=lambda wildcards: hashlib.sha256(hyperparameters(wildcards.exp).encode()).hexdigest(),
-        run=lambda wildcards: run_dir(wildcards.exp),
+        hparams=lambda wildcards: hyperparameters(wildcards.exp),  # every hyperparameter, resolved: a change reruns
         command=lambda wildcards: train_command(wildcards.exp),
-        nproc=lambda wildcards: EXPERIMENTS[wildcards.exp]["nproc"],
+        export=lambda wildcards, output: os.path.dirname(output.final),
     threads: lambda wildcards: EXPERIMENTS[wildcards.exp]["nproc"] * config["threads_per_process"]
     resources:
         nodes=lambda wildcards: EXPERIMENTS[wildcards.exp]["nodes"],
@@ -46,17 +45,7 @@ rule train:
     benchmark:
         "benchmarks/pipeline/train/{exp}.tsv"
     shell:
-        """
-        signature=$(echo {params.hparams_digest} | cat - {input.data} {input.code} | sha256sum | cut -c1-16)
-        if [ -f {params.run}/final_eval.json ] || [ "$(cat {params.run}/signature 2>/dev/null)" != "$signature" ]; then
-            rm -rf {params.run}
-        fi
-        mkdir -p {params.run} && echo "$signature" > {params.run}/signature
-        export MLFLOW_PARENT_RUN_ID=$(python "$IRONCORE_MLFLOW_RUNS" parent --run {wildcards.exp})
-        export OMP_NUM_THREADS=$(( {threads} / {params.nproc} > 0 ? {threads} / {params.nproc} : 1 ))
-        {params.command} utils.tracking="$IRONCORE_TRACKING" utils.experiment_name="$IRONCORE_MLFLOW_EXPERIMENT" \
-            utils.run_name={wildcards.exp}/train > {log} 2>&1
-        cp {params.run}/final_eval.json {output.final}
-        cp {params.run}/metrics.jsonl {output.metrics}
-        cp {params.run}/config.yaml {output.config}
-        """
+        "{params.command} --signature {input.data} --signature {input.code} --export {params.export}"
+        " --mlflow-parent {wildcards.exp} --threads {threads}"
+        ' utils.tracking="$IRONCORE_TRACKING" utils.experiment_name="$IRONCORE_MLFLOW_EXPERIMENT"'
+        " utils.run_name={wildcards.exp}/train > {log} 2>&1"

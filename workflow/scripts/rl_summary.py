@@ -1,6 +1,6 @@
 """The `rl` target's summary: held-out accuracy before and after GRPO, and the reward curve.
 
-Reads the before/after evaluations (workflow/scripts/rl_eval.py) and the GRPO
+Reads the before/after evaluations (`ironcore eval --as-validation`, the rl_eval rule) and the GRPO
 run's metrics.jsonl; writes a Markdown and an HTML page, the figure (training
 reward per step, held-out greedy accuracy and pass@k at each evaluation) and
 the numbers as JSON.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", required=True, help="rl_eval JSON of the starting (SFT) checkpoint")
-    parser.add_argument("--after", required=True, help="rl_eval JSON of the GRPO run's final checkpoint")
+    parser.add_argument("--before", required=True, help="evaluation JSON of the starting (SFT) checkpoint")
+    parser.add_argument("--after", required=True, help="evaluation JSON of the GRPO run's final checkpoint")
     parser.add_argument("--metrics", required=True, help="the GRPO run's metrics.jsonl")
     parser.add_argument("--names", nargs=2, default=["sft", "grpo"], help="the two experiments' names")
     parser.add_argument("--output-dir", required=True)

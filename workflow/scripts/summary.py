@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from task_table import cell, task_columns  # noqa: E402 (beside this script)
 
+from ironcore.checkpoints.hf_families import model_config_from_folder  # noqa: E402
 from ironcore.config import load_config  # noqa: E402
 from ironcore.data.indexed import IndexedDataset  # noqa: E402
 from ironcore.data.metadata import load_metadata  # noqa: E402
@@ -91,7 +92,7 @@ def unigram_baseline(data_dir: str) -> dict[str, Any]:
 
 
 def experiment_row(exp: str, args: argparse.Namespace, i: int, baseline: dict[str, Any]) -> dict[str, Any]:
-    cfg = load_config(args.configs[i])
+    cfg = load_config(args.configs[i], read_folder=model_config_from_folder)  # `model:` may name an HF folder
     seq_len = load_metadata(Path(args.data[i]).parent)["max_seq_length"]
     stats = model_stats(cfg.model, seq_len)
     lines = [json.loads(line) for line in Path(args.metrics[i]).read_text().splitlines() if line.strip()]
