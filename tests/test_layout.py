@@ -99,3 +99,14 @@ def test_nothing_points_outside_the_repository() -> None:
             if outside in path.read_text(errors="ignore"):
                 hits.append(name)
     assert not hits, hits
+
+
+def test_the_design_map_names_every_folder_of_the_package() -> None:
+    """docs/design.md's map of the package lists exactly its sub-packages and top-level modules, so a folder
+    added, moved or removed shows up in the one page a newcomer reads first."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    block = text.split("## The package", 1)[1].split("```", 2)[1]
+    mapped = set(re.findall(r"^(\w+/|\w+\.py)\s", block, flags=re.M))
+    actual = {f"{p.name}/" for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    actual |= {p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    assert mapped == actual, f"in the map only: {sorted(mapped - actual)}; in the package only: {sorted(actual - mapped)}"
