@@ -58,7 +58,7 @@ start)
     [ -f "$dir/munge/munge.key" ] || dd if=/dev/urandom of="$dir/munge/munge.key" bs=1024 count=1 status=none
     chmod 600 "$dir/munge/munge.key"
     host=$(hostname -s)
-    cpus=$(nproc)
+    cpus=$(nproc --all)  # --all: plain nproc honours OMP_NUM_THREADS, and a 1-CPU node never runs a 2-thread job
     memory=$(($(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) - 1024))
     user=$(id -un)
     cat >"$dir/slurm.conf" <<CONF
