@@ -69,7 +69,7 @@ from torch import nn
 from ironcore.parallel import comm, state
 from ironcore.parallel.grad import sum_of_squares, sync_tensor_parallel_grads
 from ironcore.parallel.sharding import full_optimizer_state, load_full_optimizer_state, named_splits
-from ironcore.training.optimizer import scaled_step
+from ironcore.training.optimizer import scaled_step, state_tensors
 
 
 @dataclasses.dataclass
@@ -378,8 +378,8 @@ class DistributedOptimizer:
     def memory_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The flat gradient buffers (main gradients, the shard's reduced ones); the inner optimizer's state and
         the master weights."""
-        states = [v for s in self.inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        return [self.grads, self.shard_grads], states + ([] if self.master is None else [self.master])
+        master = [] if self.master is None else [self.master]
+        return [self.grads, self.shard_grads], state_tensors(self.inner) + master
 
     def report(self) -> str | None:
         """With ``overlap``: how many buckets the last step reduced during its backward pass."""

@@ -132,7 +132,7 @@ class DataParallelOptimizer:
 
     def memory_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """No buffers of its own; the torch optimizer's state tensors."""
-        return [], [v for s in self.inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        return [], state_tensors(self.inner)
 
     def report(self) -> str | None:
         """Nothing to add."""
@@ -149,6 +149,11 @@ def as_training_optimizer(optimizer: TrainingOptimizer, model: nn.Module) -> Tra
 @as_training_optimizer.register
 def _(optimizer: torch.optim.Optimizer, model: nn.Module) -> TrainingOptimizer:
     return DataParallelOptimizer(optimizer, model)
+
+
+def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors of a torch optimizer's state (moments, device-side step counts), for the memory log."""
+    return [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
 
 
 def scaled_step(optimizer: torch.optim.Optimizer, factor: float) -> None:
