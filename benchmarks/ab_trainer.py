@@ -50,8 +50,8 @@ def prepare(workdir: Path, task: str, seq_len: int) -> Path:
     """The benchmark's data set, preprocessed with this tree's code (the shard format is the same on both sides)."""
     import yaml
 
-    from ironcore.data.config import load_data_config
-    from ironcore.data.preprocess import preprocess
+    from ironcore.data.preprocessing.config import load_data_config
+    from ironcore.data.preprocessing.preprocess import preprocess
 
     if task == "pretrain":
         source = {"path": str(DATA / "tinyshakespeare.txt"), "document_split": "paragraph"}

@@ -27,8 +27,8 @@ import torch
 import yaml
 
 from ironcore.config import build_config, load_model_config, to_dict
-from ironcore.data.config import load_data_config
-from ironcore.data.preprocess import preprocess
+from ironcore.data.preprocessing.config import load_data_config
+from ironcore.data.preprocessing.preprocess import preprocess
 from ironcore.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

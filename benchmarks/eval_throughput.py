@@ -54,7 +54,7 @@ from lm_eval.models.huggingface import HFLM
 from ironcore.checkpoints import native
 from ironcore.checkpoints.hf import save_hf_model
 from ironcore.config import load_model_config
-from ironcore.data.tokenizer import Tokenizer
+from ironcore.data.preprocessing.tokenizer import Tokenizer
 from ironcore.evaluation.harness import IronCoreLM
 from ironcore.inference import generate
 from ironcore.models import TransformerModel

@@ -79,9 +79,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from ironcore.config import build_config
-    from ironcore.data.config import load_data_config
-    from ironcore.data.preprocess import preprocess
-    from ironcore.data.synthetic import write_task
+    from ironcore.data.demo.synthetic import write_task
+    from ironcore.data.preprocessing.config import load_data_config
+    from ironcore.data.preprocessing.preprocess import preprocess
     from ironcore.training.trainer import Trainer
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="grpo-learning-"))

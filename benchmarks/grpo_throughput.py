@@ -47,9 +47,9 @@ def prepare(root: Path, args: argparse.Namespace) -> tuple[Path, Path, list[dict
     """Addition prompts preprocessed for IronCore, the shared model as an HF folder, the prompts as rows."""
     from ironcore.checkpoints.hf import save_hf_model
     from ironcore.config.model import ModelConfig
-    from ironcore.data.config import load_data_config
-    from ironcore.data.preprocess import preprocess
-    from ironcore.data.synthetic import write_task
+    from ironcore.data.demo.synthetic import write_task
+    from ironcore.data.preprocessing.config import load_data_config
+    from ironcore.data.preprocessing.preprocess import preprocess
     from ironcore.models import TransformerModel
 
     write_task(root / "task", "addition", 4000, 64, seed=0, overrides={"digits": "2"})

@@ -48,8 +48,8 @@ def prepare_data(workdir: Path, seq_len: int) -> Path:
     """tinyshakespeare tokenized with the GPT-2 tokenizer; returns the data config path."""
     import yaml
 
-    from ironcore.data.config import load_data_config
-    from ironcore.data.preprocess import preprocess
+    from ironcore.data.preprocessing.config import load_data_config
+    from ironcore.data.preprocessing.preprocess import preprocess
 
     path = workdir / "data.yaml"
     path.write_text(yaml.safe_dump({

@@ -34,7 +34,7 @@ def pytest_configure(config) -> None:
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
     """The GPT-2 tokenizer shipped in examples/data/gpt2."""
-    from ironcore.data.tokenizer import Tokenizer
+    from ironcore.data.preprocessing.tokenizer import Tokenizer
 
     return Tokenizer.from_path(EXAMPLES / "gpt2")
 
@@ -80,7 +80,7 @@ def big_vocab_tokenizer_dir(tmp_path_factory) -> Path:
 def data_config(tmp_path):
     """``make(**keys)``: a DataConfig writing to tmp_path/out with the GPT-2 tokenizer, in-process."""
     from ironcore.config.base import from_dict
-    from ironcore.data.config import DataConfig
+    from ironcore.data.preprocessing.config import DataConfig
 
     def make(**values):
         base = {

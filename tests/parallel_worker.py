@@ -41,7 +41,11 @@ from ironcore.parallel.sharding import (
     load_full_state_dict,
     named_splits,
 )
-from ironcore.training.distributed_optimizer import DistributedOptimizer
+from ironcore.training.distributed_optimizer import (
+    DistributedOptimizer,
+    FlatBufferOptimizer,
+    MixedPrecisionOptimizer,
+)
 from ironcore.training.memory import measured_state_bytes, plan_memory
 from ironcore.training.optim import parameter_groups, reduce_gradients, step_with_scaled_grads
 
@@ -109,8 +113,10 @@ def build(case: str, distributed: bool = False, overlap: bool = False, bf16: boo
     groups = parameter_groups(model, 0.1)
     if not distributed and not bf16:
         return model, adamw(groups)
+    if not distributed:
+        return model, MixedPrecisionOptimizer(model, groups, adamw, bucket_bytes=BUCKET_BYTES)
     return model, DistributedOptimizer(model, groups, adamw, bucket_bytes=BUCKET_BYTES, overlap=overlap,
-                                       param_dtype=torch.bfloat16 if bf16 else None, shard=distributed)  # fmt: skip
+                                       param_dtype=torch.bfloat16 if bf16 else None)  # fmt: skip
 
 
 def train(
@@ -138,7 +144,7 @@ def train(
             loss.backward()
             loss_sum += loss.detach()
         run.grad_norms.append(reduce_gradients(model, optimizer).item())
-        if step == 0 and not isinstance(optimizer, DistributedOptimizer):  # reduced in place (not in shards)
+        if step == 0 and not isinstance(optimizer, FlatBufferOptimizer):  # reduced in place (not in shards)
             run.first_grads = {n: gather_tensor(p.grad, splits.get(n)).clone() for n, p in model.named_parameters()}
         step_with_scaled_grads(optimizer, clip_factor(run.grad_norms[-1], 1.0))
         run.losses.append(comm.all_reduce(loss_sum, state.dp_group()).item())

@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 
 from ironcore.config import Config, build_config
-from ironcore.data.config import load_data_config
-from ironcore.data.preprocess import preprocess
+from ironcore.data.preprocessing.config import load_data_config
+from ironcore.data.preprocessing.preprocess import preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where the tests marked `device` run: cpu, or cuda (benchmarks/gpu_check.sh sets IRONCORE_TEST_DEVICE).

@@ -23,7 +23,7 @@ import yaml
 from run_helpers import read_metrics
 
 from ironcore.cli import main
-from ironcore.data.tokenizer import Tokenizer
+from ironcore.data.preprocessing.tokenizer import Tokenizer
 from ironcore.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,8 +110,8 @@ def test_a_template_that_fails_while_rendering_is_one_line_naming_it(tmp_path, c
                                                                      problem) -> None:  # fmt: skip
     """`range(1000000)` was an OverflowError out of a preprocessing worker: one line naming the template's file,
     and in preprocessing (two workers) the record's line, like a template's own raise_exception."""
-    from ironcore.data.config import load_data_config
-    from ironcore.data.preprocess import preprocess
+    from ironcore.data.preprocessing.config import load_data_config
+    from ironcore.data.preprocessing.preprocess import preprocess
     from ironcore.errors import DataError
 
     folder = tmp_path / "tok"

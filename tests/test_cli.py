@@ -85,7 +85,7 @@ def test_generate_from_missing_checkpoint_is_one_line(capsys) -> None:
 def test_user_files_that_are_not_utf8_are_one_line_naming_the_file_and_byte(tmp_path: Path, capsys) -> None:
     """`generate --prompts-file` of a Latin-1 file was a UnicodeDecodeError; so was a tokenizer folder's
     chat_template.jinja."""
-    from ironcore.data.tokenizer import Tokenizer
+    from ironcore.data.preprocessing.tokenizer import Tokenizer
     from ironcore.errors import ConfigError
 
     for name in ("prompts.txt", "prompts.jsonl"):
@@ -264,7 +264,7 @@ def synthetic_run(tmp_path_factory) -> tuple[Path, Path]:
     model's own greedy completions for half the prompts (so the accuracy is neither 0 nor 1)."""
     from ironcore.checkpoints import native
     from ironcore.config.model import ModelConfig
-    from ironcore.data.tokenizer import Tokenizer
+    from ironcore.data.preprocessing.tokenizer import Tokenizer
     from ironcore.evaluation.tasks import complete
 
     root = tmp_path_factory.mktemp("synthetic")

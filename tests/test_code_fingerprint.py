@@ -84,7 +84,7 @@ def _copy_package(tmp_path: Path) -> Path:
     return package
 
 
-IMPORTS = {  # each way of importing the new module, appended to ironcore/data/corpus.py
+IMPORTS = {  # each way of importing the new module, appended to ironcore/data/demo/corpus.py
     "top level": "import ironcore.newthing.module\n",
     "in a function": "def late():\n    from ironcore.newthing import module\n",
     "relative": "from ..newthing.module import VALUE\n",

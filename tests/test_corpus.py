@@ -1,4 +1,4 @@
-"""The built-in corpus (ironcore.data.corpus) and the `ironcore corpus` / `ironcore tokenizer` commands."""
+"""The built-in corpus (ironcore.data.demo.corpus) and the `ironcore corpus` / `ironcore tokenizer` commands."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 
 from ironcore.cli import main
-from ironcore.data.corpus import build_corpus, module_documents, stdlib_documents, topic_documents
-from ironcore.data.tokenizer import Tokenizer
+from ironcore.data.demo.corpus import build_corpus, module_documents, stdlib_documents, topic_documents
+from ironcore.data.preprocessing.tokenizer import Tokenizer
 from ironcore.errors import ConfigError
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from ironcore.data.indexed import IndexedDataset, IndexedDatasetWriter, token_dtype
-from ironcore.data.preprocess import preprocess
+from ironcore.data.preprocessing.indexed import IndexedDataset, IndexedDatasetWriter, token_dtype
+from ironcore.data.preprocessing.preprocess import preprocess
 from ironcore.errors import DataError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"

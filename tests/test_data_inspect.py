@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from ironcore.cli import preprocess as preprocess_cli
-from ironcore.data.inspect import inspect_dataset
-from ironcore.data.preprocess import preprocess
+from ironcore.data.demo.inspect import inspect_dataset
+from ironcore.data.preprocessing.preprocess import preprocess
 from ironcore.errors import DataError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]

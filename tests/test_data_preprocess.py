@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ironcore.data import encode, sources
-from ironcore.data.config import load_data_config
-from ironcore.data.indexed import IndexedDataset
-from ironcore.data.metadata import load_metadata
-from ironcore.data.preprocess import preprocess
+from ironcore.data.preprocessing import encode, sources
+from ironcore.data.preprocessing.config import load_data_config
+from ironcore.data.preprocessing.indexed import IndexedDataset
+from ironcore.data.preprocessing.metadata import load_metadata
+from ironcore.data.preprocessing.preprocess import preprocess
 from ironcore.errors import ConfigError, DataError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ironcore.data.batches import IndexDataset, StepBatches
-from ironcore.data.indexed import IndexedDatasetWriter
-from ironcore.data.pretrain import PretrainDataset
+from ironcore.data.preprocessing.indexed import IndexedDatasetWriter
+from ironcore.data.samples.batches import IndexDataset, StepBatches
+from ironcore.data.samples.pretrain import PretrainDataset
 from ironcore.errors import ConfigError, DataError
 
 
@@ -77,3 +77,11 @@ def test_a_step_depends_on_consumed_samples_only() -> None:
     assert _indices(_batches(30, 6, 3, seed=10).step(0)) != history[0]
     with pytest.raises(ConfigError, match="not a multiple"):
         _batches(30, 6, 4)
+
+
+def test_every_task_type_has_a_sample_builder_and_no_builder_lacks_a_task_type() -> None:
+    """The preprocessing half (TASKS) and the runtime half (BUILDERS) of a task type name the same types."""
+    from ironcore.data.preprocessing.tasks import TASKS
+    from ironcore.data.samples.build import BUILDERS
+
+    assert set(BUILDERS) == set(TASKS)

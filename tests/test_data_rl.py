@@ -10,13 +10,13 @@ import pytest
 
 from ironcore.cli import main
 from ironcore.config.base import InvalidValue
-from ironcore.data.indexed import IndexedDataset
-from ironcore.data.inspect import inspect_dataset
-from ironcore.data.preprocess import preprocess
-from ironcore.data.rl import PromptDataset
-from ironcore.data.synthetic import write_task
-from ironcore.data.tasks import build_dataset
-from ironcore.data.tokenizer import Tokenizer
+from ironcore.data.demo.inspect import inspect_dataset
+from ironcore.data.demo.synthetic import write_task
+from ironcore.data.preprocessing.indexed import IndexedDataset
+from ironcore.data.preprocessing.preprocess import preprocess
+from ironcore.data.preprocessing.tokenizer import Tokenizer
+from ironcore.data.samples.build import build_dataset
+from ironcore.data.samples.rl import PromptDataset
 from ironcore.errors import ConfigError, DataError
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from ironcore.data.dpo import DPODataset
-from ironcore.data.indexed import IndexedDataset
-from ironcore.data.preprocess import preprocess
-from ironcore.data.sft import SFTDataset, next_fit_bins, packed_attention_mask
-from ironcore.data.tokenizer import Tokenizer
+from ironcore.data.preprocessing.indexed import IndexedDataset
+from ironcore.data.preprocessing.preprocess import preprocess
+from ironcore.data.preprocessing.tokenizer import Tokenizer
+from ironcore.data.samples.dpo import DPODataset
+from ironcore.data.samples.sft import SFTDataset, next_fit_bins, packed_attention_mask
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 TEMPLATE = "Question: {prompt}\nAnswer:\n"

@@ -28,7 +28,7 @@ import pytest
 
 from ironcore.cli import build_parser
 from ironcore.config.training import Config
-from ironcore.data.config import DataConfig
+from ironcore.data.preprocessing.config import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

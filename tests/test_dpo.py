@@ -21,11 +21,11 @@ from run_helpers import launch_train, read_metrics, small_run_config
 
 from ironcore.checkpoints import native as checkpoint
 from ironcore.config import ConfigError, build_config
-from ironcore.data.batches import StepBatches
-from ironcore.data.config import load_data_config
-from ironcore.data.metadata import load_metadata
-from ironcore.data.preprocess import preprocess
-from ironcore.data.tasks import build_dataset
+from ironcore.data.preprocessing.config import load_data_config
+from ironcore.data.preprocessing.metadata import load_metadata
+from ironcore.data.preprocessing.preprocess import preprocess
+from ironcore.data.samples.batches import StepBatches
+from ironcore.data.samples.build import build_dataset
 from ironcore.models import TransformerModel
 from ironcore.objectives import ObjectiveContext
 from ironcore.objectives.dpo import CACHE_DIR, DPOObjective, DPOOptions, preference_losses
@@ -328,7 +328,7 @@ def test_data_and_tensor_parallel_match_one_process(dpo_data, start_checkpoint, 
 def test_chat_sft_trains_on_assistant_turns_only(tmp_path, chat_tokenizer_dir) -> None:
     """``messages`` data with the Qwen3 chat template, multi-turn: the loss is the assistant tokens' mean."""
     tokenizer_dir = chat_tokenizer_dir
-    from ironcore.data.tokenizer import Tokenizer
+    from ironcore.data.preprocessing.tokenizer import Tokenizer
 
     single = [json.loads(line) for line in (EXAMPLES / "gsm8k" / "gsm8k_chat_200.jsonl").read_text().splitlines()]
     # Two-turn conversations too: a second question follows the first answer.

@@ -21,7 +21,7 @@ from test_grpo import grpo_config, rl_data  # noqa: F401  (rl_data is a fixture)
 from ironcore.checkpoints import native as checkpoint
 from ironcore.cli import main
 from ironcore.config import Config
-from ironcore.data.config import load_data_config
+from ironcore.data.preprocessing.config import load_data_config
 from ironcore.training.trainer import Trainer
 
 # The trainer evaluates every validation sample at the end: eval_steps global batches hold more than the split.

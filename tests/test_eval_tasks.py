@@ -18,7 +18,7 @@ import yaml
 from ironcore.checkpoints import native
 from ironcore.cli import main
 from ironcore.config.model import ModelConfig
-from ironcore.data.tokenizer import Tokenizer
+from ironcore.data.preprocessing.tokenizer import Tokenizer
 from ironcore.errors import ConfigError, DataError
 from ironcore.evaluation.tasks import (
     FewShot,

@@ -13,10 +13,10 @@ from run_helpers import TINY_MODEL, cli_subprocess, launch_train, read_metrics, 
 
 from ironcore.checkpoints import native as checkpoint
 from ironcore.checkpoints.load import load_weights
-from ironcore.data.config import load_data_config
-from ironcore.data.preprocess import preprocess
-from ironcore.data.synthetic import write_task
-from ironcore.data.tokenizer import Tokenizer
+from ironcore.data.demo.synthetic import write_task
+from ironcore.data.preprocessing.config import load_data_config
+from ironcore.data.preprocessing.preprocess import preprocess
+from ironcore.data.preprocessing.tokenizer import Tokenizer
 from ironcore.errors import ConfigError
 from ironcore.models import TransformerModel
 from ironcore.objectives.grpo import check_positions, group_advantages, grpo_loss

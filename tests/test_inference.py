@@ -538,7 +538,7 @@ def _tp_worker(root: Path) -> None:
 def hf_folder_with_tokenizer(tmp_path_factory) -> Path:
     """A small Llama-style model exported to an HF folder, with a BPE tokenizer trained for it."""
     from ironcore.config.model import ModelConfig
-    from ironcore.data.tokenizer import Tokenizer
+    from ironcore.data.preprocessing.tokenizer import Tokenizer
 
     texts = ["the quick brown fox jumps over the lazy dog", "hello world, hello there"] * 20
     tokenizer = Tokenizer.train_bpe(texts, vocab_size=300)
@@ -563,7 +563,7 @@ def test_cli_streams_one_prompt(hf_folder_with_tokenizer, capsys) -> None:
 
 def test_cli_checkpoint_folder_gives_the_same_text(hf_folder_with_tokenizer, tmp_path, capsys) -> None:
     from ironcore.checkpoints.native import save_model
-    from ironcore.data.tokenizer import Tokenizer
+    from ironcore.data.preprocessing.tokenizer import Tokenizer
 
     ckpt = save_model(load_model(hf_folder_with_tokenizer), tmp_path / "ckpt")
     Tokenizer.from_path(hf_folder_with_tokenizer).save(ckpt)
@@ -575,7 +575,7 @@ def test_cli_checkpoint_folder_gives_the_same_text(hf_folder_with_tokenizer, tmp
 
 
 def test_cli_batch_json_matches_the_python_api(hf_folder_with_tokenizer, tmp_path, capsys) -> None:
-    from ironcore.data.tokenizer import Tokenizer
+    from ironcore.data.preprocessing.tokenizer import Tokenizer
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('"hello world"\n{"prompt": "the quick"}\n\n"fox"\n')

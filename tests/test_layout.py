@@ -11,6 +11,7 @@ Every import counts, also those inside functions, and so does a module named in 
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -47,7 +48,7 @@ RANK = {name: rank for rank, names in enumerate(ORDER) for name in names}
 # (tokenizer.path: a run folder or its `latest` pointer), found as init.init_from finds it, through the
 # torch-free pointer module only (the data stages' code digests stay clear of the model side).
 # (A training config's `model:` may be an HF folder: the config loader takes the reader as an argument.)
-EXCEPTIONS = {("data/tokenizer.py", "ironcore.checkpoints.pointers")}
+EXCEPTIONS = {("data/preprocessing/tokenizer.py", "ironcore.checkpoints.pointers")}
 
 
 def _component(module: str) -> str:
@@ -73,6 +74,40 @@ def test_imports_run_one_way() -> None:
             if RANK[target] >= RANK[own]:
                 wrong.append(f"{relative} imports {module}")
     assert not wrong, "imports against the layer order:\n" + "\n".join(wrong)
+
+
+# Inside data/, by when the code runs: preprocessing below the samples and the demo data (neither imports
+# the other); preprocessing is the torch-free stage and must stay so by structure, not by lazy imports.
+DATA_ORDER = {"preprocessing": 0, "samples": 1, "demo": 1}
+
+
+def _imports_torch(path: Path) -> bool:
+    """Whether ``path`` imports torch anywhere (top level, in a function or under TYPE_CHECKING)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        if any(name.split(".")[0] == "torch" for name in names):
+            return True
+    return False
+
+
+def test_data_folders_follow_the_lifecycle_and_preprocessing_never_imports_torch() -> None:
+    package, data = Package(PACKAGE), PACKAGE / "data"
+    assert {p.name for p in data.iterdir() if (p / "__init__.py").is_file()} == set(DATA_ORDER)
+    assert sorted(p.name for p in data.glob("*.py")) == ["__init__.py"], "every data module sits in a lifecycle folder"
+    wrong = []
+    for path in sorted(data.glob("*/*.py")):
+        own = path.parent.name
+        for module in (i.module for i in package.imports(path)):
+            parts = module.split(".")
+            if parts[:2] == ["ironcore", "data"] and len(parts) > 2 and parts[2] != own:
+                if DATA_ORDER[parts[2]] >= DATA_ORDER[own]:
+                    wrong.append(f"{path.relative_to(PACKAGE)} imports {module}")
+    assert not wrong, "imports against data's lifecycle order:\n" + "\n".join(wrong)
+    stage = package.closure(f"ironcore.data.preprocessing.{p.stem}" for p in (data / "preprocessing").glob("*.py")
+                            if p.stem != "__init__")
+    with_torch = [str(p.relative_to(PACKAGE)) for p in stage if _imports_torch(p)]
+    assert not with_torch, f"the preprocessing stage's code imports torch: {with_torch}"
 
 
 def test_the_training_loop_names_no_objective_and_no_task_type() -> None:

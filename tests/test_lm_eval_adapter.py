@@ -22,7 +22,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from ironcore.checkpoints import native  # noqa: E402
 from ironcore.checkpoints.hf import save_hf_model  # noqa: E402
 from ironcore.config.model import ModelConfig  # noqa: E402
-from ironcore.data.tokenizer import Tokenizer  # noqa: E402
+from ironcore.data.preprocessing.tokenizer import Tokenizer  # noqa: E402
 from ironcore.evaluation.harness import IronCoreLM  # noqa: E402
 from ironcore.evaluation.tasks import TaskConfig, evaluate_task  # noqa: E402
 from ironcore.models import TransformerModel  # noqa: E402

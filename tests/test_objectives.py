@@ -21,10 +21,10 @@ from run_helpers import TINY_MODEL, read_metrics, shakespeare_slice
 from ironcore.checkpoints.load import load_model
 from ironcore.cli import main
 from ironcore.config import load_config
-from ironcore.data.batches import StepBatches
-from ironcore.data.config import load_data_config
-from ironcore.data.metadata import load_metadata
-from ironcore.data.tasks import build_dataset
+from ironcore.data.preprocessing.config import load_data_config
+from ironcore.data.preprocessing.metadata import load_metadata
+from ironcore.data.samples.batches import StepBatches
+from ironcore.data.samples.build import build_dataset
 from ironcore.models import TransformerModel
 from ironcore.objectives import Objective
 from ironcore.objectives.lm import LMObjective

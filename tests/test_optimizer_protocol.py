@@ -19,7 +19,7 @@ from ironcore.config.model import ModelConfig
 from ironcore.config.training import OptimConfig
 from ironcore.errors import ConfigError
 from ironcore.models import TransformerModel
-from ironcore.training.distributed_optimizer import DistributedOptimizer
+from ironcore.training.distributed_optimizer import DistributedOptimizer, MixedPrecisionOptimizer
 from ironcore.training.optim import build_optimizer, optimizer_class
 from ironcore.training.optimizer import METHODS, DataParallelOptimizer, as_training_optimizer
 
@@ -149,7 +149,9 @@ def test_the_built_in_optimizers_speak_the_interface(distributed, precision) -> 
     model = TransformerModel(ModelConfig(**TINY_MODEL))
     built = build_optimizer(model, OptimConfig(), distributed=distributed, precision=precision)
     optimizer = as_training_optimizer(built, model)  # what build_training_optimizer hands the trainer
-    assert type(optimizer) is (DistributedOptimizer if distributed or precision == "bf16" else DataParallelOptimizer)
+    expected = DistributedOptimizer if distributed else MixedPrecisionOptimizer if precision == "bf16" else \
+        DataParallelOptimizer
+    assert type(optimizer) is expected
     assert {"arm", "finish_grad_sync", "grad_norm", "step", "full_state_dict", "report"} <= set(METHODS)
     assert all(callable(getattr(optimizer, method)) for method in METHODS)
     assert optimizer.param_groups and optimizer.defaults["lr"] == OptimConfig().max_lr

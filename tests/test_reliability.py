@@ -22,8 +22,8 @@ from run_helpers import TINY_MODEL, cli_subprocess, read_metrics, shakespeare_sl
 import ironcore.training.checkpointing as checkpointing
 from ironcore.checkpoints import native
 from ironcore.cli import main
-from ironcore.data.config import load_data_config
-from ironcore.data.preprocess import preprocess
+from ironcore.data.preprocessing.config import load_data_config
+from ironcore.data.preprocessing.preprocess import preprocess
 from ironcore.files import describe_os_error
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from ironcore.checkpoints import native as checkpoint
 from ironcore.checkpoints.load import load_model
 from ironcore.config import ConfigError
 from ironcore.config.model import ModelConfig
-from ironcore.data.tokenizer import Tokenizer
+from ironcore.data.preprocessing.tokenizer import Tokenizer
 from ironcore.errors import CheckpointError
 from ironcore.evaluation.tasks import load_for_eval
 from ironcore.models import TransformerModel

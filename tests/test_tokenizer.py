@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ironcore.data.tokenizer import Tokenizer
+from ironcore.data.preprocessing.tokenizer import Tokenizer
 from ironcore.errors import ConfigError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"

@@ -20,11 +20,11 @@ import ironcore.training.trainer as trainer_module
 from ironcore.checkpoints import native as checkpoint
 from ironcore.checkpoints.load import load_weights
 from ironcore.config import ConfigError
-from ironcore.data.batches import StepBatches
-from ironcore.data.config import load_data_config
-from ironcore.data.metadata import load_metadata
-from ironcore.data.preprocess import preprocess
-from ironcore.data.tasks import build_dataset
+from ironcore.data.preprocessing.config import load_data_config
+from ironcore.data.preprocessing.metadata import load_metadata
+from ironcore.data.preprocessing.preprocess import preprocess
+from ironcore.data.samples.batches import StepBatches
+from ironcore.data.samples.build import build_dataset
 from ironcore.models import TransformerModel
 from ironcore.objectives.lm import LMObjective
 from ironcore.training.trainer import Trainer, TrainingStopped
@@ -355,7 +355,7 @@ def test_an_export_of_a_model_trained_from_scratch_names_its_tokenizers_ids(pret
     """Not LLaMA's defaults (BOS 1, EOS 2: other tokens of this vocabulary): the tokenizer's end-of-document
     token, where every document starts and ends, in config.json and in a generation_config.json."""
     from ironcore.cli import main
-    from ironcore.data.tokenizer import Tokenizer
+    from ironcore.data.preprocessing.tokenizer import Tokenizer
 
     Trainer(make_config(pretrain_data, tmp_path / "run", operation__train_steps=1)).train()
     assert main(["convert", "--to-hf", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "hf")]) == 0

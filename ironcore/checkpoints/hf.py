@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from ironcore.checkpoints import native
 from ironcore.checkpoints.hf_families import FAMILIES, hf_config_from_model
 from ironcore.checkpoints.native import open_safetensors
-from ironcore.data.tokenizer import Tokenizer
+from ironcore.data.preprocessing.tokenizer import Tokenizer
 from ironcore.errors import CheckpointError
 from ironcore.files import read_json
 from ironcore.models.transformer import TransformerModel

@@ -49,7 +49,7 @@ from ironcore.checkpoints.pointers import (  # noqa: F401
 from ironcore.config.base import to_dict
 from ironcore.config.loader import load_model_config
 from ironcore.config.model import ModelConfig
-from ironcore.data.tokenizer import definition_files
+from ironcore.data.preprocessing.tokenizer import definition_files
 from ironcore.errors import CheckpointError, ConfigError
 from ironcore.files import (
     build_folder,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ironcore.data.corpus import DEFAULT_MAX_FILE_BYTES
+from ironcore.data.demo.corpus import DEFAULT_MAX_FILE_BYTES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ironcore.data.corpus import build_corpus
+    from ironcore.data.demo.corpus import build_corpus
     from ironcore.files import check_writable
 
     check_writable(args.output, "folder")

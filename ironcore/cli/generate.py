@@ -26,7 +26,7 @@ from ironcore.errors import ConfigError, DataError
 from ironcore.files import read_text
 
 if TYPE_CHECKING:
-    from ironcore.data.tokenizer import Tokenizer
+    from ironcore.data.preprocessing.tokenizer import Tokenizer
     from ironcore.models.transformer import TransformerModel
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -209,7 +209,7 @@ def load(args: argparse.Namespace) -> TransformerModel:
 
 def load_tokenizer(args: argparse.Namespace) -> Tokenizer:
     """``--tokenizer``, else the tokenizer saved with the model (in its checkpoint or HF folder)."""
-    from ironcore.data.tokenizer import Tokenizer, check_same_tokenizer
+    from ironcore.data.preprocessing.tokenizer import Tokenizer, check_same_tokenizer
 
     folder = source_of(args)[1]
     if args.tokenizer is not None:

@@ -29,9 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Heavy imports stay here so that `ironcore --help` stays fast.
-    from ironcore.data.config import load_data_config
-    from ironcore.data.inspect import inspect_dataset, summary_lines
-    from ironcore.data.preprocess import preprocess
+    from ironcore.data.demo.inspect import inspect_dataset, summary_lines
+    from ironcore.data.preprocessing.config import load_data_config
+    from ironcore.data.preprocessing.preprocess import preprocess
 
     log_to_stderr(logging.getLogger("ironcore"), logging.INFO, "ironcore preprocess: %(message)s")
     config = load_data_config(args.config, args.overrides)

@@ -6,7 +6,7 @@ import argparse
 
 from ironcore.config.base import field_docs
 from ironcore.config.training import Config
-from ironcore.data.config import DataConfig
+from ironcore.data.preprocessing.config import DataConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

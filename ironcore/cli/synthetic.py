@@ -8,7 +8,7 @@ from ironcore.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ironcore.data.synthetic import TASKS
+    from ironcore.data.demo.synthetic import TASKS
 
     tasks = "; ".join(f"{name}: {task.description} ({', '.join(f'{k}={v}' for k, v in task.defaults.items())}, "
                       f"reward {task.reward})" for name, task in TASKS.items())
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ironcore.data.synthetic import write_task
+    from ironcore.data.demo.synthetic import write_task
     from ironcore.files import check_writable
 
     for flag in ("train", "heldout"):

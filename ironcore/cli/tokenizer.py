@@ -31,9 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ironcore.data.config import SourceConfig
-    from ironcore.data.sources import read_all_texts
-    from ironcore.data.tokenizer import Tokenizer
+    from ironcore.data.preprocessing.config import SourceConfig
+    from ironcore.data.preprocessing.sources import read_all_texts
+    from ironcore.data.preprocessing.tokenizer import Tokenizer
     from ironcore.files import check_writable
 
     output = Path(args.output)

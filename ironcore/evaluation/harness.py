@@ -35,7 +35,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
-from ironcore.data.tokenizer import Tokenizer
+from ironcore.data.preprocessing.tokenizer import Tokenizer
 from ironcore.errors import ConfigError
 from ironcore.evaluation.likelihood import loglikelihoods
 from ironcore.evaluation.tasks import complete, load_for_eval, prefix_token

@@ -43,7 +43,7 @@ import torch
 from ironcore.checkpoints import native
 from ironcore.checkpoints.load import load_language_model, locate
 from ironcore.config.base import InvalidValue, did_you_mean, field, fill_template, from_dict, template_fields
-from ironcore.data.tokenizer import Tokenizer
+from ironcore.data.preprocessing.tokenizer import Tokenizer
 from ironcore.errors import CheckpointError, ConfigError, DataError, UserError
 from ironcore.evaluation.likelihood import encode_pair, loglikelihoods
 from ironcore.files import read_json, read_text, read_yaml

@@ -23,11 +23,12 @@ from ironcore.checkpoints import native
 from ironcore.checkpoints.load import load_language_model, load_model
 from ironcore.config.base import from_dict
 from ironcore.config.training import Config
-from ironcore.data.batches import StepBatches
-from ironcore.data.config import load_data_config
-from ironcore.data.metadata import load_metadata
-from ironcore.data.tasks import build_dataset, dataset_task
-from ironcore.data.tokenizer import check_same_tokenizer
+from ironcore.data.preprocessing.config import load_data_config
+from ironcore.data.preprocessing.metadata import load_metadata
+from ironcore.data.preprocessing.tasks import dataset_task
+from ironcore.data.preprocessing.tokenizer import check_same_tokenizer
+from ironcore.data.samples.batches import StepBatches
+from ironcore.data.samples.build import build_dataset
 from ironcore.errors import ConfigError, DataError
 from ironcore.evaluation.tasks import trained_step
 from ironcore.files import read_yaml

@@ -28,7 +28,7 @@ from ironcore.errors import ConfigError
 from ironcore.files import read_json
 
 if TYPE_CHECKING:
-    from ironcore.data.tokenizer import Tokenizer
+    from ironcore.data.preprocessing.tokenizer import Tokenizer
 
 GENERATION_CONFIG = "generation_config.json"
 HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}

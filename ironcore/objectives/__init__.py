@@ -8,7 +8,7 @@ reward_model  RewardModelObjective: a scalar head trained on preference pairs (B
 
 ``trainer.objective`` picks one: a built-in name (:data:`BUILTIN`) or
 ``module:Class`` of your own; left null, the data set's task type decides
-(:mod:`ironcore.data.tasks`). See ``docs/objectives.md``.
+(:mod:`ironcore.data.preprocessing.tasks`). See ``docs/objectives.md``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import inspect
 from typing import Any
 
 from ironcore.config.base import did_you_mean, from_dict
-from ironcore.data.tasks import dataset_task
+from ironcore.data.preprocessing.tasks import dataset_task
 from ironcore.errors import ConfigError
 from ironcore.objectives.base import Objective, ObjectiveContext, StepResult, global_sum
 from ironcore.objectives.dpo import DPOObjective

@@ -39,7 +39,7 @@ import torch
 
 from ironcore.checkpoints.load import load_weights
 from ironcore.config.training import Config
-from ironcore.data.batches import MicroBatch
+from ironcore.data.samples.batches import MicroBatch
 from ironcore.errors import UserError
 from ironcore.models.transformer import TransformerModel
 from ironcore.parallel import comm, state
@@ -77,7 +77,7 @@ class Objective(ABC):
     """A training objective: subclass it and implement :meth:`backward` and :meth:`evaluate`."""
 
     sequences_per_sample: ClassVar[int] = 1  # sequences of max_seq_length tokens in one sample
-    task_types: ClassVar[tuple[str, ...] | None] = None  # data it can read (ironcore.data.tasks); None: any
+    task_types: ClassVar[tuple[str, ...] | None] = None  # data it can read (ironcore.data.preprocessing.tasks); None: any
     Options: ClassVar[type | None] = None  # a dataclass: trainer.objective_options is checked against it
     score_head: ClassVar[bool] = False  # True: trains a reward model (model.score_head), not a language model
     # True: backward() runs one forward pass with gradients per micro-batch, each followed by its backward pass,

@@ -59,8 +59,8 @@ import torch.nn.functional as F
 from ironcore.checkpoints.load import weight_files
 from ironcore.config.base import InvalidValue, field, to_dict
 from ironcore.config.model import ModelConfig
-from ironcore.data.batches import MicroBatch
-from ironcore.data.dpo import both_sides
+from ironcore.data.samples.batches import MicroBatch
+from ironcore.data.samples.dpo import both_sides
 from ironcore.models.transformer import TransformerModel
 from ironcore.objectives.base import (
     Forward,

@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 
 from ironcore.config.base import InvalidValue, field
-from ironcore.data.batches import IndexDataset, MicroBatch
-from ironcore.data.rl import Prompt, PromptDataset
-from ironcore.data.tokenizer import Tokenizer
+from ironcore.data.preprocessing.tokenizer import Tokenizer
+from ironcore.data.samples.batches import IndexDataset, MicroBatch
+from ironcore.data.samples.rl import Prompt, PromptDataset
 from ironcore.errors import ConfigError
 from ironcore.files import write_text_atomically
 from ironcore.inference import generate

@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 from ironcore import kernels
-from ironcore.data.batches import MicroBatch
+from ironcore.data.samples.batches import MicroBatch
 from ironcore.objectives.base import Forward, Objective, StepResult, global_sum
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
 

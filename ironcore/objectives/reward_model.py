@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ironcore.config.base import InvalidValue, field
-from ironcore.data.batches import MicroBatch
-from ironcore.data.dpo import both_sides
+from ironcore.data.samples.batches import MicroBatch
+from ironcore.data.samples.dpo import both_sides
 from ironcore.objectives.base import Forward, Objective, ObjectiveContext, StepResult, global_sum
 from ironcore.parallel import comm, state
 

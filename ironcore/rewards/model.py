@@ -22,7 +22,7 @@ import torch
 
 from ironcore.checkpoints.load import load_model, locate
 from ironcore.config.base import InvalidValue
-from ironcore.data.tokenizer import Tokenizer
+from ironcore.data.preprocessing.tokenizer import Tokenizer
 from ironcore.errors import CheckpointError, ConfigError
 from ironcore.models.transformer import TransformerModel
 from ironcore.rewards.base import positive_int, reward_options, string_option

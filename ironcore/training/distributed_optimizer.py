@@ -54,8 +54,12 @@ micro-batches and the DP reduction are fp32; the inner optimizer steps fp32
 *master weights* of the owned shard, which are rounded into the bf16
 parameters after each step. Checkpoints take the master weights
 (:meth:`master_weights`) as the model's weights, so a resumed run continues
-from the fp32 values. ``shard=False`` keeps all of it but owns everything on
-every rank (plain data parallelism: an all-reduce per bucket).
+from the fp32 values. :class:`MixedPrecisionOptimizer` keeps all of it but
+owns everything on every rank (plain data parallelism: an all-reduce per
+bucket).
+
+One class, :class:`FlatBufferOptimizer`, does both; the two names say which
+one a run has.
 """
 
 from __future__ import annotations
@@ -108,8 +112,10 @@ def bucket_layout(numels: list[int], dp: int, bucket_numel: int) -> tuple[list[_
     return buckets, offsets
 
 
-class DistributedOptimizer:
-    """``build(groups)``'s optimizer over this DP rank's shard of ``groups``' parameters (see the module doc).
+class FlatBufferOptimizer:
+    """``build(groups)``'s optimizer over flat parameter and gradient buffers (see the module doc); with
+    ``shard`` each DP rank owns a shard of them (:class:`DistributedOptimizer`), without every rank owns
+    everything (:class:`MixedPrecisionOptimizer`).
 
     A :class:`~ironcore.training.optimizer.TrainingOptimizer`: :meth:`finish_grad_sync` (the TP sums, then
     :meth:`reduce_gradients`) and :meth:`grad_norm` replace the DP all-reduce and the norm of plain training.
@@ -118,13 +124,13 @@ class DistributedOptimizer:
     """
 
     def __init__(self, model: nn.Module, groups: list[dict], build: Callable[[list[dict]], torch.optim.Optimizer],
-                 bucket_bytes: int = comm.DEFAULT_BUCKET_BYTES, overlap: bool = False,
+                 *, bucket_bytes: int = comm.DEFAULT_BUCKET_BYTES, overlap: bool = False,
                  param_dtype: torch.dtype | None = None, shard: bool = True) -> None:  # fmt: skip
         self.model, self.param_groups = model, groups
         params = [p for g in groups for p in g["params"]]
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
-            raise ValueError(f"the distributed optimizer needs parameters of one dtype, got {sorted(map(str, dtypes))}")
+            raise ValueError(f"the flat-buffer optimizer needs parameters of one dtype, got {sorted(map(str, dtypes))}")
         self.dp, self.rank = state.dp_size(), state.dp_rank()
         # Ranks the state is sharded over, and this rank's place among them (1 and 0: every rank owns all).
         self.shards, self.shard_rank = (self.dp, self.rank) if shard else (1, 0)
@@ -386,6 +392,27 @@ class DistributedOptimizer:
         if not self.overlap:
             return None
         return f"gradient reduction: {self.early} of {len(self.buckets)} buckets started during the backward pass"
+
+
+class DistributedOptimizer(FlatBufferOptimizer):
+    """ZeRO-1 (Megatron-LM's ``DistributedOptimizer``): the optimizer state, and with ``param_dtype`` the master
+    weights, sharded over the data-parallel ranks; ``overlap`` starts each bucket's reduce-scatter during the
+    step's last backward pass."""
+
+    def __init__(self, model: nn.Module, groups: list[dict], build: Callable[[list[dict]], torch.optim.Optimizer],
+                 *, bucket_bytes: int = comm.DEFAULT_BUCKET_BYTES, overlap: bool = False,
+                 param_dtype: torch.dtype | None = None) -> None:  # fmt: skip
+        super().__init__(model, groups, build, bucket_bytes=bucket_bytes, overlap=overlap, param_dtype=param_dtype,
+                         shard=True)  # fmt: skip
+
+
+class MixedPrecisionOptimizer(FlatBufferOptimizer):
+    """Low-precision (bf16) parameters with fp32 main gradients and master weights, unsharded: every rank keeps
+    all of the state and all-reduces each bucket (Megatron's ``Float16OptimizerWithFloat16Params``)."""
+
+    def __init__(self, model: nn.Module, groups: list[dict], build: Callable[[list[dict]], torch.optim.Optimizer],
+                 *, bucket_bytes: int = comm.DEFAULT_BUCKET_BYTES, param_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__(model, groups, build, bucket_bytes=bucket_bytes, param_dtype=param_dtype, shard=False)
 
 
 def _shardable(value: object) -> bool:

@@ -25,7 +25,11 @@ from torch import nn
 from ironcore.config.training import Config, OperationConfig, OptimConfig
 from ironcore.errors import ConfigError
 from ironcore.parallel.layers import VocabParallelEmbedding
-from ironcore.training.distributed_optimizer import DistributedOptimizer
+from ironcore.training.distributed_optimizer import (
+    DistributedOptimizer,
+    FlatBufferOptimizer,
+    MixedPrecisionOptimizer,
+)
 from ironcore.training.optimizer import METHODS, TrainingOptimizer, as_training_optimizer, scaled_step
 
 KEY = "optim.implementation"
@@ -49,12 +53,12 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, distributed: bool = False, overlap: bool = False,
-                    precision: str = "fp32") -> torch.optim.Optimizer | DistributedOptimizer:  # fmt: skip
+                    precision: str = "fp32") -> torch.optim.Optimizer | FlatBufferOptimizer:  # fmt: skip
     """AdamW (the fused single-kernel implementation: ~4x faster than the default on CPU) or SGD; with
     ``distributed`` its state sharded over the data-parallel ranks (:class:`DistributedOptimizer`, ``overlap``:
     its reductions started during the backward pass). ``precision="bf16"`` makes the parameters bf16 with
-    fp32 main gradients and master weights in the optimizer (the :class:`DistributedOptimizer`'s flat buffers,
-    sharded or not)."""
+    fp32 main gradients and master weights in the optimizer (the flat buffers of :class:`DistributedOptimizer`,
+    or unsharded: :class:`MixedPrecisionOptimizer`)."""
 
     def build(groups: list[dict]) -> torch.optim.Optimizer:
         if cfg.optimizer == "sgd":
@@ -63,10 +67,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, distributed: bool = Fals
         return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
     groups = parameter_groups(model, cfg.weight_decay)
-    if precision == "bf16":
-        return DistributedOptimizer(model, groups, build, overlap=overlap, param_dtype=torch.bfloat16,
-                                    shard=distributed)  # fmt: skip
-    return DistributedOptimizer(model, groups, build, overlap=overlap) if distributed else build(groups)
+    param_dtype = torch.bfloat16 if precision == "bf16" else None
+    if distributed:
+        return DistributedOptimizer(model, groups, build, overlap=overlap, param_dtype=param_dtype)
+    return MixedPrecisionOptimizer(model, groups, build) if param_dtype else build(groups)
 
 
 def build_training_optimizer(model: nn.Module, cfg: Config) -> TrainingOptimizer:

@@ -16,9 +16,10 @@ Checkpoints hold the model's weights (``master_weights()`` in place of the param
 optimizer keeps more precise copies) and ``full_state_dict()``: the state keyed by parameter name in
 full (TP=1) shapes, so a run resumes with another implementation or layout.
 
-Built in: :class:`DataParallelOptimizer` (a torch optimizer, gradients all-reduced over DP) and
-:class:`~ironcore.training.distributed_optimizer.DistributedOptimizer` (flat buffers: ZeRO-1 sharding,
-bf16 parameters with fp32 master weights, overlapped reduction). ``optim.implementation`` names one of
+Built in: :class:`DataParallelOptimizer` (a torch optimizer, gradients all-reduced over DP) and two on
+flat buffers (:mod:`~ironcore.training.distributed_optimizer`): ``DistributedOptimizer`` (ZeRO-1 sharding,
+overlapped reduction, optionally bf16 parameters) and ``MixedPrecisionOptimizer`` (bf16 parameters with
+fp32 main gradients and master weights, unsharded). ``optim.implementation`` names one of
 your own (:func:`~ironcore.training.optim.build_training_optimizer`).
 """
 

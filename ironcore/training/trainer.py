@@ -39,11 +39,11 @@ from torch.utils.checkpoint import checkpoint as recompute
 from ironcore.checkpoints import native
 from ironcore.checkpoints.load import load_weights, locate, reward_model_start
 from ironcore.config import Config, dump_config, to_dict
-from ironcore.data.batches import StepBatches
-from ironcore.data.config import load_data_config
-from ironcore.data.metadata import load_metadata
-from ironcore.data.tasks import build_dataset
-from ironcore.data.tokenizer import Tokenizer, check_data_set_tokenizer, check_same_tokenizer
+from ironcore.data.preprocessing.config import load_data_config
+from ironcore.data.preprocessing.metadata import load_metadata
+from ironcore.data.preprocessing.tokenizer import Tokenizer, check_data_set_tokenizer, check_same_tokenizer
+from ironcore.data.samples.batches import StepBatches
+from ironcore.data.samples.build import build_dataset
 from ironcore.errors import ConfigError, UserError
 from ironcore.evaluation.tasks import TaskConfig, check_task, evaluate_task, load_task
 from ironcore.files import (

@@ -19,7 +19,7 @@ from ironcore.checkpoints.hf_families import model_config_from_folder
 from ironcore.config import load_config, to_dict
 from ironcore.config.base import did_you_mean
 from ironcore.errors import UserError
-from ironcore.data.config import load_data_config
+from ironcore.data.preprocessing.config import load_data_config
 
 REPO = Path(workflow.current_basedir).parents[1]  # the checkout holding this workflow
 SCRIPTS = REPO / "workflow" / "scripts"  # the pipeline's own helpers (run with `python`, or imported here)

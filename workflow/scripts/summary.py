@@ -26,8 +26,8 @@ from task_table import cell, task_columns  # noqa: E402 (beside this script)
 
 from ironcore.checkpoints.hf_families import model_config_from_folder  # noqa: E402
 from ironcore.config import load_config  # noqa: E402
-from ironcore.data.indexed import IndexedDataset  # noqa: E402
-from ironcore.data.metadata import load_metadata  # noqa: E402
+from ironcore.data.preprocessing.indexed import IndexedDataset  # noqa: E402
+from ironcore.data.preprocessing.metadata import load_metadata  # noqa: E402
 from ironcore.models.stats import model_stats  # noqa: E402
 
 NOTE = (

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ironcore.data.indexed import IndexedDataset
+from ironcore.data.preprocessing.indexed import IndexedDataset
 from ironcore.errors import DataError
 
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from ironcore.data.indexed import IndexedDataset
-from ironcore.data.metadata import load_metadata, shard_prefix
-from ironcore.data.tokenizer import Tokenizer
+from ironcore.data.preprocessing.indexed import IndexedDataset
+from ironcore.data.preprocessing.metadata import load_metadata, shard_prefix
+from ironcore.data.preprocessing.tokenizer import Tokenizer
 
 PERCENTILES = (0, 10, 50, 90, 99, 100)
 SAMPLE_TOKENS = 400  # tokens shown per sample in the HTML report

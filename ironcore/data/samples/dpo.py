@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ironcore.data.indexed import IndexedDataset
-from ironcore.data.sft import _shifted
+from ironcore.data.preprocessing.indexed import IndexedDataset
+from ironcore.data.samples.sft import _shifted
 from ironcore.errors import DataError
 
 SIDES = ("chosen", "rejected")

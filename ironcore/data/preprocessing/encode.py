@@ -1,7 +1,7 @@
 """Worker side of preprocessing: a chunk of raw records -> token (and loss-mask) arrays.
 
 One :class:`Encoder` per kind of record (the task types of
-:mod:`ironcore.data.tasks` pick theirs). Each returns an :class:`Encoded` batch of
+:mod:`ironcore.data.preprocessing.tasks` pick theirs). Each returns an :class:`Encoded` batch of
 flat numpy arrays (all examples concatenated, plus lengths) so the main process
 writes a whole chunk with one ``write`` per shard.
 
@@ -45,12 +45,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ironcore.data.sources import Chunk, Records, read_records
+from ironcore.data.preprocessing.sources import Chunk, Records, read_records
 from ironcore.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from ironcore.data.config import DataConfig
-    from ironcore.data.tokenizer import Tokenizer
+    from ironcore.data.preprocessing.config import DataConfig
+    from ironcore.data.preprocessing.tokenizer import Tokenizer
 
 # The streams of a preference pair: each response's tokens and loss mask.
 PAIR_STREAMS = ("chosen", "chosen_loss_mask", "rejected", "rejected_loss_mask")

@@ -29,7 +29,7 @@ from ironcore.errors import ConfigError, DataError
 from ironcore.files import describe_os_error
 
 if TYPE_CHECKING:
-    from ironcore.data.config import SourceConfig
+    from ironcore.data.preprocessing.config import SourceConfig
 
 CHUNK_BYTES = 1 << 20
 ROWS_PER_CHUNK = 2048

@@ -1,8 +1,8 @@
 """Source -> tokens (+ loss masks) -> Megatron shards: the ``ironcore preprocess`` engine.
 
 Flow: the main process lists the source and cuts it into ~1 MiB chunks
-(:mod:`ironcore.data.sources`); ``num_workers`` forked processes each decode,
-parse and tokenize whole chunks (:mod:`ironcore.data.encode`), returning flat
+(:mod:`ironcore.data.preprocessing.sources`); ``num_workers`` forked processes each decode,
+parse and tokenize whole chunks (:mod:`ironcore.data.preprocessing.encode`), returning flat
 numpy arrays; the main process writes them, in source order, with one write
 per shard. At most ``2 * num_workers`` chunks are in flight, so memory does
 not grow with the corpus.
@@ -41,11 +41,11 @@ import numpy as np
 
 from ironcore import __version__
 from ironcore.config.base import to_dict
-from ironcore.data import sources
-from ironcore.data.config import DataConfig, SourceConfig, TokenizerConfig
-from ironcore.data.encode import Encoded, Encoder
-from ironcore.data.indexed import IndexedDatasetWriter, token_dtype
-from ironcore.data.metadata import (
+from ironcore.data.preprocessing import sources
+from ironcore.data.preprocessing.config import DataConfig, SourceConfig, TokenizerConfig
+from ironcore.data.preprocessing.encode import Encoded, Encoder
+from ironcore.data.preprocessing.indexed import IndexedDatasetWriter, token_dtype
+from ironcore.data.preprocessing.metadata import (
     FORMAT_VERSION,
     METADATA_FILE,
     fields_path,
@@ -53,8 +53,8 @@ from ironcore.data.metadata import (
     shard_prefix,
     write_metadata,
 )
-from ironcore.data.tasks import TaskSpec, task_spec
-from ironcore.data.tokenizer import Tokenizer, definition_files
+from ironcore.data.preprocessing.tasks import TaskSpec, task_spec
+from ironcore.data.preprocessing.tokenizer import Tokenizer, definition_files
 from ironcore.errors import ConfigError, DataError
 from ironcore.files import build_folder, check_writable, remove_stale_temps
 

@@ -13,7 +13,7 @@ chat template in ``chat_template.jinja`` -- or, in older folders, in
 access); or a byte-level BPE trained here with :meth:`Tokenizer.train_bpe`.
 :meth:`Tokenizer.save` writes the same layout, so a template survives a round
 trip byte for byte. The fast Rust tokenizer does all encoding; chat templates
-render with jinja2 (:mod:`ironcore.data.chat_template`), ``transformers`` is
+render with jinja2 (:mod:`ironcore.data.preprocessing.chat_template`), ``transformers`` is
 not needed.
 
 Text is always encoded with ``add_special_tokens=False``: IronCore adds the
@@ -35,7 +35,7 @@ import numpy as np
 import tokenizers
 
 from ironcore.checkpoints import pointers  # torch-free: finds a run's checkpoint folder
-from ironcore.data import chat_template
+from ironcore.data.preprocessing import chat_template
 from ironcore.errors import CheckpointError, ConfigError, DataError
 from ironcore.files import read_json, read_text
 

@@ -7,10 +7,7 @@ A :class:`TaskSpec` says, for one ``task_type`` of a data config,
 * ``streams`` -- the shards each split of a preprocessed data set holds (the
   first is a token stream);
 * ``encoder`` -- how a chunk of records becomes tokens and loss masks
-  (:mod:`ironcore.data.encode`, run in the preprocessing workers);
-* ``dataset`` -- how a split's shards become training samples
-  (:mod:`ironcore.data.pretrain`, :mod:`~ironcore.data.sft`, :mod:`~ironcore.data.dpo`,
-  :mod:`~ironcore.data.rl`);
+  (:mod:`ironcore.data.preprocessing.encode`, run in the preprocessing workers);
 * ``objective`` -- the training objective used unless ``trainer.objective``
   names another (:mod:`ironcore.objectives`);
 * ``text_files`` -- whether plain text files are records of it (only
@@ -18,9 +15,11 @@ A :class:`TaskSpec` says, for one ``task_type`` of a data config,
 * ``keeps_fields`` -- whether each split keeps its records' fields in a JSONL
   beside the shards (RL prompts: what the reward functions need).
 
-Adding a task type is an encoder, a dataset class and one entry in
-:data:`TASKS`. The dataset builders import their classes when called, so
-that preprocessing (which never builds samples) does not import torch.
+How a split's shards become training samples is the other half of a task
+type, and lives with the runtime data (:mod:`ironcore.data.samples.build`):
+preprocessing never builds samples, so it never imports torch. Adding a task
+type is an encoder and one entry in :data:`TASKS` here, a dataset class and
+one builder there (a test checks that both tables name the same types).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ironcore.config.base import InvalidValue, did_you_mean
-from ironcore.data.encode import (
+from ironcore.data.preprocessing.encode import (
     PAIR_STREAMS,
     ChatEncoder,
     DPOEncoder,
@@ -40,17 +39,11 @@ from ironcore.data.encode import (
     RLEncoder,
     SFTEncoder,
 )
-from ironcore.data.metadata import shard_prefix
-from ironcore.errors import ConfigError, DataError
+from ironcore.errors import DataError
 
 if TYPE_CHECKING:
-    import torch
-
-    from ironcore.data.config import DataConfig
-    from ironcore.data.tokenizer import Tokenizer
-
-# (output folder, metadata, split, sequence length, seed, packing) -> the split's samples
-DatasetBuilder = Callable[[Path, dict[str, Any], str, int, int, bool], "torch.utils.data.Dataset"]
+    from ironcore.data.preprocessing.config import DataConfig
+    from ironcore.data.preprocessing.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -61,7 +54,6 @@ class TaskSpec:
     layouts: tuple[tuple[str, ...], ...]
     streams: tuple[str, ...]
     encoder: Callable[[Tokenizer, DataConfig], Encoder]
-    dataset: DatasetBuilder
     objective: str
     text_files: bool = False
     keeps_fields: bool = False
@@ -79,44 +71,6 @@ class TaskSpec:
         return " or ".join("{" + ", ".join(layout) + "}" for layout in self.layouts)
 
 
-def _pretrain_samples(
-    output_dir: Path, metadata: dict[str, Any], split: str, seq_len: int, seed: int, packing: bool
-) -> torch.utils.data.Dataset:
-    from ironcore.data.pretrain import PretrainDataset
-
-    # Windows over the concatenated documents are always full: packing has nothing to add.
-    return PretrainDataset(shard_prefix(output_dir, split, "tokens"), seq_len, seed=seed, shuffle=split == "train")
-
-
-def _sft_samples(
-    output_dir: Path, metadata: dict[str, Any], split: str, seq_len: int, seed: int, packing: bool
-) -> torch.utils.data.Dataset:
-    from ironcore.data.sft import SFTDataset
-
-    prefix = shard_prefix(output_dir, split, "tokens")
-    return SFTDataset(prefix, seq_len, pad_id=metadata["tokenizer"]["eod_id"], packing=packing, seed=seed)
-
-
-def _dpo_samples(
-    output_dir: Path, metadata: dict[str, Any], split: str, seq_len: int, seed: int, packing: bool
-) -> torch.utils.data.Dataset:
-    from ironcore.data.dpo import DPODataset
-
-    if packing:
-        raise ConfigError("data.packing: DPO pairs are not packed (each pair is compared as a whole)")
-    return DPODataset(output_dir, split, seq_len, pad_id=metadata["tokenizer"]["eod_id"])
-
-
-def _rl_prompts(
-    output_dir: Path, metadata: dict[str, Any], split: str, seq_len: int, seed: int, packing: bool
-) -> torch.utils.data.Dataset:
-    from ironcore.data.rl import PromptDataset
-
-    if packing:
-        raise ConfigError("data.packing: RL prompts are not packed (each one is completed on its own)")
-    return PromptDataset(output_dir, split)
-
-
 def _sft_encoder(tokenizer: Tokenizer, config: DataConfig) -> Encoder:
     return ChatEncoder(tokenizer, config) if config.is_chat else SFTEncoder(tokenizer, config)
 
@@ -126,19 +80,19 @@ TASKS: dict[str, TaskSpec] = {
     for spec in (
         TaskSpec(
             name="pretrain", layouts=(("text",),), streams=("tokens",), encoder=PretrainEncoder,
-            dataset=_pretrain_samples, objective="lm", text_files=True,
+            objective="lm", text_files=True,
         ),
         TaskSpec(
             name="sft", layouts=(("prompt", "response"), ("messages",)), streams=("tokens", "loss_mask"),
-            encoder=_sft_encoder, dataset=_sft_samples, objective="lm",
+            encoder=_sft_encoder, objective="lm",
         ),
         TaskSpec(
             name="dpo", layouts=(("prompt", "chosen", "rejected"),), streams=PAIR_STREAMS, encoder=DPOEncoder,
-            dataset=_dpo_samples, objective="dpo",
+            objective="dpo",
         ),
         TaskSpec(
             name="rl", layouts=(("prompt",), ("messages",)), streams=("prompt",), encoder=RLEncoder,
-            dataset=_rl_prompts, objective="grpo", keeps_fields=True,
+            objective="grpo", keeps_fields=True,
         ),
     )
 }
@@ -157,10 +111,3 @@ def dataset_task(metadata: dict[str, Any], where: str | Path) -> TaskSpec:
         return task_spec(metadata.get("task_type", ""))
     except InvalidValue as err:
         raise DataError(f"{where}: {err.problem}") from None
-
-
-def build_dataset(
-    output_dir: str | Path, metadata: dict[str, Any], split: str, seq_len: int, seed: int, packing: bool = False
-) -> torch.utils.data.Dataset:
-    """The training samples of one split of a preprocessed data set, built the way its task type says."""
-    return dataset_task(metadata, output_dir).dataset(Path(output_dir), metadata, split, seq_len, seed, packing)

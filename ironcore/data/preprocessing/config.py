@@ -1,7 +1,7 @@
 """The data config (``configs/data/*.yaml``): what to tokenize, how, and where to put it.
 
 One file describes one preprocessed data set of any task type
-(:mod:`ironcore.data.tasks`: pretrain, sft, dpo); ``ironcore preprocess
+(:mod:`ironcore.data.preprocessing.tasks`: pretrain, sft, dpo); ``ironcore preprocess
 --config FILE`` builds it and training reads the result. Relative paths in a
 data config are resolved against the current working directory (run
 ``ironcore`` from the project root), like every other IronCore path.
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from ironcore.config.base import InvalidValue, field, from_dict
-from ironcore.data.tasks import TASKS, task_spec
+from ironcore.data.preprocessing.tasks import TASKS, task_spec
 from ironcore.errors import ConfigError
 from ironcore.files import read_yaml
 
@@ -83,7 +83,7 @@ class DataConfig:
     """One data set: source records -> tokenizer -> Megatron shards in ``output_dir``."""
 
     name: str = field(help="name of the data set (used in reports and metadata)")
-    task_type: str = field("pretrain", help=" | ".join(TASKS) + " (see ironcore/data/tasks.py)")
+    task_type: str = field("pretrain", help=" | ".join(TASKS) + " (see ironcore/data/preprocessing/tasks.py)")
     source: SourceConfig = field(help="the training records")
     fields: dict[str, str] = field(
         {},

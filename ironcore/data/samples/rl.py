@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ironcore.data.indexed import IndexedDataset
-from ironcore.data.metadata import fields_path, shard_prefix
+from ironcore.data.preprocessing.indexed import IndexedDataset
+from ironcore.data.preprocessing.metadata import fields_path, shard_prefix
 from ironcore.errors import DataError
 
 

@@ -1,0 +1,1 @@
+"""The torch-free preprocessing stage: data config, task types, tokenizer, sources, encoders, shards."""
