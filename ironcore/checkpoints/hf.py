@@ -34,7 +34,7 @@ from ironcore.parallel.sharding import full_state_dict
 _IGNORED = re.compile(r"(\.attn\.(masked_)?bias|rotary_emb\.inv_freq)$")
 
 
-def _hf_sources(family: str, our_name: str, experts: int = 0) -> tuple[list[str], str]:
+def hf_sources(family: str, our_name: str, experts: int = 0) -> tuple[list[str], str]:
     """HF tensor names holding our parameter ``our_name`` and how they combine (``experts``: expert-major)."""
     table = FAMILIES[family].weights
     match = re.match(r"layers\.(\d+)\.(.*)", our_name)
@@ -86,7 +86,7 @@ def read_hf_weights(
     tied = "lm_head.weight" not in shapes
     state, used, missing = {}, set(), []
     for name, shape in shapes.items():
-        sources, how = _hf_sources(family, name, experts=shape[0])
+        sources, how = hf_sources(family, name, experts=shape[0])
         absent = [s for s in sources if s not in files.location]
         if absent:
             missing.extend(absent)
@@ -183,7 +183,7 @@ def save_hf_model(
     modules = dict(model.named_modules())
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in full_state_dict(model).items():
-        sources, how = _hf_sources(family, name, experts=tensor.shape[0])
+        sources, how = hf_sources(family, name, experts=tensor.shape[0])
         tensor = tensor.detach().to("cpu", dtype or tensor.dtype)
         owner, _, kind = name.rpartition(".")
         if how == "conv1d":

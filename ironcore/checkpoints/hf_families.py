@@ -719,9 +719,10 @@ def _no_equivalent(cfg: ModelConfig, family: HFFamily, lost: list[str]) -> str:
             + ", ".join(f"{name}={getattr(cfg, name)!r}" for name in lost))
 
 
-# Training settings (HF has no token dropping: an exported MoE model routes every token).
+# Training settings (HF has no token dropping: an exported MoE model routes every token; LoRA adapters are
+# exported as a PEFT folder beside the base, or merged into its weights).
 _NOT_ARCHITECTURE = ("name", "init_std", "dropout", "moe_aux_loss_coef", "moe_z_loss_coef", "moe_capacity_factor",
-                     "kernels", "kernel_options")
+                     "kernels", "kernel_options", "lora")
 
 
 def _round_trip(cfg: ModelConfig, family: HFFamily) -> tuple[dict[str, Any], list[str]]:

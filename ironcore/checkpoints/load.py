@@ -17,12 +17,14 @@ and :func:`weight_files` the files they come from (to fingerprint them).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from ironcore.checkpoints import hf, native
 from ironcore.checkpoints.hf_families import family_of, is_hf_folder, model_config_from_hf, read_hf_config
+from ironcore.checkpoints.peft import is_peft_folder, lora_config_from_peft, read_peft_adapter
 from ironcore.config.model import ModelConfig
 from ironcore.errors import CheckpointError
 from ironcore.models.transformer import TransformerModel
@@ -37,8 +39,9 @@ def locate(source: str | Path, expect: str | None = None) -> tuple[str, Path]:
     path = Path(source)
     if is_hf_folder(path):
         return "hf", path
-    hub_name = not path.exists() and not str(source).startswith((".", "/")) and str(source).count("/") == 1
-    if hub_name:
+    if is_peft_folder(path):
+        return "peft", path
+    if locate_hub_name(str(source)):
         from huggingface_hub import snapshot_download  # a hub name "owner/model": needs network
 
         return "hf", Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors"]))
@@ -63,7 +66,7 @@ def _meta_model(cfg: ModelConfig) -> TransformerModel:
 def _read(
     source: str | Path, device: str | torch.device, dtype: torch.dtype | None
 ) -> tuple[TransformerModel, dict[str, torch.Tensor], Path]:
-    """The model on the meta device, its full weights and the folder they came from."""
+    """The model on the meta device, its full weights and the folder they came from (LoRA: base + adapters)."""
     kind, folder = locate(source)
     if kind == "hf":
         config = read_hf_config(folder)
@@ -72,10 +75,45 @@ def _read(
         family = family_of(config, where).model_type
         state = hf.read_hf_weights(folder, family, full_shapes(model), dtype or torch.float32, device)
         return model, state, folder
+    if kind == "peft":
+        return _read_peft(folder, device, dtype)
     cfg, state = native.read_model(folder, device)
+    if cfg.lora is not None:  # the adapters, on the base they were trained on
+        record = native.read_base_record(folder)
+        base = _base_source(folder, record)
+        base_state = _read(base, device, None)[1]
+        native.check_base(folder, record, base_state)
+        state = {**base_state, **state}
     if dtype is not None:
         state = {name: tensor.to(dtype) for name, tensor in state.items()}
     return _meta_model(cfg), state, folder
+
+
+def _base_source(folder: Path, record: dict[str, str]) -> str:
+    """Where a LoRA checkpoint's base is now: as recorded (relative to the working folder), else its
+    recorded absolute path; CheckpointError naming both when neither exists."""
+    for candidate in (record.get("base"), record.get("base_path")):
+        if candidate and (Path(candidate).exists() or locate_hub_name(candidate)):
+            return candidate
+    raise CheckpointError(f"{folder / native.ADAPTER_BASE}: the base model {record.get('base')!r} "
+                          f"({record.get('base_path')}) is not found: the adapters need it")
+
+
+def locate_hub_name(source: str) -> bool:
+    """Whether ``source`` reads as an HF hub name (``owner/model``) rather than a local path."""
+    path = Path(source)
+    return not path.exists() and not source.startswith((".", "/")) and source.count("/") == 1
+
+
+def _read_peft(folder: Path, device: str | torch.device,
+               dtype: torch.dtype | None) -> tuple[TransformerModel, dict[str, torch.Tensor], Path]:  # fmt: skip
+    """A PEFT adapter folder on its base (``base_model_name_or_path``, an HF folder or hub name)."""
+    lora, base = lora_config_from_peft(folder)
+    if not base:
+        raise CheckpointError(f"{folder / 'adapter_config.json'}: names no base_model_name_or_path")
+    base_model, state, _ = _read(base, device, dtype)
+    model = _meta_model(dataclasses.replace(base_model.config, lora=lora))
+    return model, {**state, **read_peft_adapter(folder, model)}, folder
 
 
 def load_model(

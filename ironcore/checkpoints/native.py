@@ -22,6 +22,7 @@ complete checkpoints. Pruning never removes the checkpoints they name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -69,6 +70,7 @@ HEALTHY = "healthy"
 GENERATION_CONFIG = "generation_config.json"
 HF_TOKEN_IDS = "hf_token_ids.json"
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+ADAPTER_BASE = "adapter_base.json"  # a LoRA checkpoint's base: {"base": source, "fingerprint": ...}
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +109,46 @@ def open_safetensors(path: Path) -> Iterator[Any]:
         raise _weights_error(path, err) from None
 
 
-def write_model_files(folder: Path, state: Mapping[str, torch.Tensor], config: ModelConfig) -> None:
-    """The two files that make ``folder`` a loadable model (full, TP=1 tensors)."""
+def write_model_files(folder: Path, state: Mapping[str, torch.Tensor], config: ModelConfig,
+                      base: Mapping[str, str] | None = None) -> None:  # fmt: skip
+    """The files that make ``folder`` a loadable model (full, TP=1 tensors). With LoRA (``config.lora``)
+    ``state`` holds the adapters (and modules trained in full) only, and ``base`` says which weights they sit
+    on (:func:`base_record`)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(tensors, folder / WEIGHTS, metadata={"format": "ironcore"})
     (folder / MODEL_CONFIG).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    if config.lora is not None:
+        if base is None:
+            raise ValueError("a LoRA checkpoint needs the record of its base")
+        (folder / ADAPTER_BASE).write_text(json.dumps(dict(base), indent=2) + "\n")
+
+
+def base_record(source: str | Path | None, weights: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """What a LoRA checkpoint records of its base: the source as given, its absolute path, and a fingerprint
+    of the weights (names, shapes and a few values of each), so that loading onto other weights is refused."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().reshape(-1)
+        digest.update(f"{name}{tuple(weights[name].shape)}".encode())
+        sample = torch.cat([tensor[:8], tensor[-8:]]).to("cpu", torch.float32)
+        digest.update(sample.numpy().tobytes())
+    where = "" if source is None else str(source)
+    absolute = str(Path(where).resolve()) if where and Path(where).exists() else where
+    return {"base": where, "base_path": absolute, "fingerprint": digest.hexdigest()[:16]}
+
+
+def read_base_record(folder: Path) -> dict[str, str]:
+    """A LoRA checkpoint's :func:`base_record`; CheckpointError naming the file when it is missing."""
+    return read_json(folder / ADAPTER_BASE, "LoRA base record", CheckpointError)
+
+
+def check_base(folder: Path, record: Mapping[str, str], weights: Mapping[str, torch.Tensor]) -> None:
+    """One line when ``weights`` are not the base the adapters of ``folder`` were trained on."""
+    found = base_record(None, weights)["fingerprint"]
+    if found != record.get("fingerprint"):
+        raise CheckpointError(f"{folder / ADAPTER_BASE}: the adapters were trained on {record.get('base')!r} "
+                              f"(fingerprint {record.get('fingerprint')}), these base weights are another model "
+                              f"(fingerprint {found})")
 
 
 def copy_tokenizer(source: str | Path, folder: Path) -> None:

@@ -7,7 +7,7 @@ import dataclasses
 import importlib.util
 from typing import Literal
 
-from ironcore.config.base import InvalidValue, field
+from ironcore.config.base import InvalidValue, field, validated
 from ironcore.errors import ConfigError
 
 
@@ -46,6 +46,62 @@ class KernelOptions:
     chunk_tokens: int | None = field(
         None, help="Tokens per chunk of the fused loss (null: chunk x vocabulary ~ tokens x hidden, Liger's rule)."
     )
+
+
+# The projections LoRA can adapt, by the names every family shares (ironcore/models/lora.py maps them onto the
+# fused layers), and PEFT's target_modules names for them.
+LORA_TARGETS = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
+PEFT_TARGETS = {
+    "q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "o_proj": ("o",), "gate_proj": ("gate",),
+    "up_proj": ("up",), "down_proj": ("down",), "qkv_proj": ("qkv",), "gate_up_proj": ("gate_up",),
+    "c_attn": ("qkv",), "c_proj": ("o", "down"), "c_fc": ("up",), "dense": ("o",), "fc1": ("up",), "fc2": ("down",),
+    "all-linear": ("q", "k", "v", "o", "gate", "up", "down"),
+}
+
+
+@dataclasses.dataclass
+class LoRAConfig:
+    """Low-rank adapters on the linear layers, the base weights frozen (PEFT's LoRA; docs/lora.md)."""
+
+    rank: int = field(8, help="r: the adapters' inner dimension.")
+    alpha: float = field(16.0, help="The update is scaled by alpha / rank (alpha / sqrt(rank) with use_rslora).")
+    dropout: float = field(0.0, help="Dropout on the adapters' input (PEFT's lora_dropout).")
+    targets: list[str] = field(
+        ["q", "k", "v", "o", "gate", "up", "down"],
+        help="Projections to adapt: q k v o gate up down (each its own adapter), qkv and gate_up (one adapter over "
+        "the fused projection, as PEFT on GPT-2's c_attn or Phi-3's qkv_proj), or PEFT's target_modules names "
+        "(q_proj, ..., all-linear).",
+    )
+    use_rslora: bool = field(False, help="Rank-stabilised scaling alpha / sqrt(rank) (PEFT's use_rslora).")
+    modules_to_save: list[str] = field(
+        [], help="Base modules trained in full beside the adapters: embed, lm_head, norm, score (a reward model's "
+        "score head is always trained); PEFT's embed_tokens is embed.",
+    )
+    quantize_base: Literal["nf4"] | None = field(
+        None, help="QLoRA: the frozen base's linear weights stored in 4-bit NF4 with double quantisation (torchao)."
+    )
+
+    def projections(self) -> list[str]:
+        """``targets`` as our projection names (PEFT's names translated), in a fixed order, without repeats."""
+        names = {n for target in self.targets for n in PEFT_TARGETS.get(target, (target,))}
+        return [n for n in LORA_TARGETS if n in names]
+
+    def validate(self) -> None:
+        if self.rank <= 0:
+            raise InvalidValue("rank", f"must be positive, got {self.rank}")
+        if not 0 <= self.dropout < 1:
+            raise InvalidValue("dropout", f"must be in [0, 1), got {self.dropout}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS and t not in PEFT_TARGETS]
+        if unknown or not self.targets:
+            raise InvalidValue("targets", f"unknown projection {unknown[0]!r} ({', '.join(LORA_TARGETS)}, or PEFT's "
+                               "names such as q_proj)" if unknown else "names no projection")
+        names = self.projections()
+        for fused, parts in (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up"))):
+            if fused in names and set(parts) & set(names):
+                raise InvalidValue("targets", f"{fused} is one adapter over {', '.join(parts)}: not both")
+        saved = [m for m in self.modules_to_save if m not in ("embed", "embed_tokens", "lm_head", "norm", "score")]
+        if saved:
+            raise InvalidValue("modules_to_save", f"unknown module {saved[0]!r} (embed, lm_head, norm, score)")
 
 
 @dataclasses.dataclass
@@ -159,6 +215,9 @@ class ModelConfig:
     kernel_options: KernelOptions = field(KernelOptions(), help="Per-kernel overrides of kernels.")
     init_std: float = field(0.02, help="Std of the normal initialisation (output projections get /sqrt(2L)).")
     dropout: float = field(0.0, help="Dropout on attention probabilities and residual branches.")
+    lora: LoRAConfig | None = field(
+        None, help="Train low-rank adapters instead of the weights (null: every weight trains); see docs/lora.md."
+    )
 
     # ---- derived sizes -------------------------------------------------------------------------------
     @property
@@ -257,6 +316,14 @@ class ModelConfig:
             fail("lm_head_bias", "an output bias needs an untied output projection (tie_word_embeddings: false)")
         if not 0 <= self.dropout < 1:
             fail("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.lora is not None:
+            validated(self.lora, "lora")
+            mlp = {"gate", "up", "gate_up", "down"} & set(self.lora.projections())
+            if mlp and self.num_experts is not None:
+                fail("lora.targets", f"{sorted(mlp)[0]}: adapters on the experts' MLPs are not supported (adapt the "
+                     "attention: q, k, v, o)")
+            if {"gate", "gate_up"} & set(self.lora.projections()) and not self.gated_mlp:
+                fail("lora.targets", "gate: this model's MLP has no gate (up and down only)")
 
     def check_tensor_parallel(self, tp: int, setting: str = "trainer.tensor_model_parallel_size") -> None:
         """A one-line ConfigError naming ``setting`` (the TP size as the user gave it: a config key, ``--tp``)

@@ -17,6 +17,7 @@ from ironcore.layers.mlp import MLP
 from ironcore.layers.moe import MoE, attach_loss
 from ironcore.layers.norm import RMSNorm, build_norm
 from ironcore.layers.rope import RotaryEmbedding
+from ironcore.models.lora import add_adapters, reset_adapters
 from ironcore.parallel import state
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
 from ironcore.parallel.grad import mark_sequence_parallel_grads
@@ -104,6 +105,8 @@ class TransformerModel(nn.Module):
         # _moe_losses), and their values of the last forward pass, for logging.
         self.aux_loss_scale = 1.0
         self.aux_losses: dict[str, torch.Tensor] = {}
+        if cfg.lora is not None:  # low-rank adapters on the targeted layers, everything else frozen
+            add_adapters(self, cfg.lora)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -132,6 +135,7 @@ class TransformerModel(nn.Module):
             self.lm_head.reset_parameters(std)
         if self.score is not None and not self.score.weight.is_meta:
             nn.init.normal_(self.score.weight, 0.0, std)
+        reset_adapters(self)  # last: the base draws the same numbers with or without adapters
 
     def _mask(
         self, T: int, device: torch.device, attention_mask: torch.Tensor | None, past: int, window: int | None

@@ -85,6 +85,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(local, in_features))
         self.bias = nn.Parameter(torch.zeros(local)) if bias else None
         self.tp_splits = {"weight": split} | ({"bias": split} if bias else {})
+        self.lora: nn.Module | None = None  # low-rank adapters (ironcore/layers/lora.py), added by models/lora.py
 
     def reset_parameters(self, std: float) -> None:
         init_from_full(self.weight, (self.out_features, self.in_features), std, self.tp_splits["weight"])
@@ -92,7 +93,10 @@ class ColumnParallelLinear(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(column_input(x), self.weight, self.bias)
+        x = column_input(x)
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora is not None and self.lora.enabled:
+            y = y + self.lora(x)
         return gather_from_tp(y) if self.gather_output else y
 
 
@@ -106,6 +110,7 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, local_size(split, "row-parallel input")))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.tp_splits = {"weight": split}
+        self.lora: nn.Module | None = None  # low-rank adapters (ironcore/layers/lora.py), added by models/lora.py
         mark_sequence_parallel_grads(self, ["bias"])  # added after the reduce-scatter: to this rank's positions
 
     def reset_parameters(self, std: float) -> None:
@@ -114,7 +119,10 @@ class RowParallelLinear(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = row_output(F.linear(x, self.weight))
+        y = F.linear(x, self.weight)
+        if self.lora is not None and self.lora.enabled:  # a partial sum like the base's: one reduction for both
+            y = y + self.lora(x)
+        y = row_output(y)
         return y if self.bias is None else y + self.bias
 
 

@@ -1,0 +1,107 @@
+"""LoRA on a TransformerModel: which layers ``model.lora.targets`` names, freezing the base, switching the
+adapters off, merging them, and which tensors a LoRA checkpoint holds (docs/lora.md).
+
+The projection names mean the same for every family: ``q``, ``k``, ``v`` are the parts of the fused
+``attn.qkv`` layer, ``o`` is ``attn.out``, ``gate`` and ``up`` the parts of ``mlp.up`` (``up`` alone when the
+MLP has no gate), ``down`` is ``mlp.down``; ``qkv`` and ``gate_up`` are one adapter over a whole fused layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ironcore.config.model import LoRAConfig
+from ironcore.layers.lora import LoRA
+from ironcore.parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+# projection -> (layer within a block, its output parts; None: the whole layer)
+_PARTS = {"q": ("attn.qkv", (0,)), "k": ("attn.qkv", (1,)), "v": ("attn.qkv", (2,)), "qkv": ("attn.qkv", (0, 1, 2)),
+          "o": ("attn.out", (0,)), "down": ("mlp.down", (0,)), "gate": ("mlp.up", (0,)), "gate_up": ("mlp.up", (0, 1))}
+
+
+def targeted_layers(cfg: LoRAConfig, gated: bool) -> dict[str, list[tuple[int, ...]]]:
+    """Layer within a block -> the groups of its output parts that get an adapter."""
+    layers: dict[str, list[tuple[int, ...]]] = {}
+    for name in cfg.projections():
+        layer, parts = _PARTS.get(name) or ("mlp.up", (1,) if gated else (0,))  # "up"
+        layers.setdefault(layer, []).append(parts)
+    return layers
+
+
+def add_adapters(model: nn.Module, cfg: LoRAConfig) -> None:
+    """Give ``model``'s targeted layers their :class:`LoRA` and freeze everything but the adapters and
+    ``modules_to_save`` (a reward model's score head always trains). Initialise with :func:`reset_adapters`."""
+    gated = model.config.gated_mlp
+    for block in model.layers:
+        for path, groups in targeted_layers(cfg, gated).items():
+            layer = block.get_submodule(path)
+            assert isinstance(layer, (ColumnParallelLinear, RowParallelLinear))
+            layer.lora = LoRA(layer, groups, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora)
+    model.requires_grad_(False)
+    for module in adapters(model):
+        module.requires_grad_(True)
+    for name, param in model.named_parameters():
+        if _saved(name, cfg.modules_to_save):
+            param.requires_grad_(True)
+
+
+def _saved(name: str, modules: list[str]) -> bool:
+    """Whether base parameter ``name`` trains in full (``modules_to_save``)."""
+    top = name.split(".")[0]
+    wanted = {"embed_tokens": "embed"}.get
+    names = {wanted(m, m) for m in modules} | {"score"}
+    if top == "score" or (top in ("embed", "pos_embed") and "embed" in names) or (top == "lm_head" and "lm_head" in names):
+        return True
+    return "norm" in names and "norm" in name.rpartition(".")[0].rpartition(".")[2]
+
+
+def adapters(model: nn.Module) -> Iterator[LoRA]:
+    """Every :class:`LoRA` of ``model``."""
+    return (m for m in model.modules() if isinstance(m, LoRA))
+
+
+def reset_adapters(model: nn.Module) -> None:
+    """PEFT's initialisation of every adapter, in module order from the global RNG (after the base's)."""
+    for module in adapters(model):
+        if not module.A.weight.is_meta:
+            module.reset_parameters()
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """The state-dict names a LoRA checkpoint holds: the adapters and the base modules trained in full."""
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as its frozen base: adapters off (and dropout off: the base is a reference), restored
+    on exit."""
+    modules, training = list(adapters(model)), model.training
+    for module in modules:
+        module.enabled = False
+    model.eval()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.enabled = True
+        model.train(training)
+
+
+@torch.no_grad()
+def merge_adapters(model: nn.Module) -> None:
+    """Add every adapter's ``B A * scale`` into its base weight and remove the adapters (an export's weights:
+    PEFT's ``merge_and_unload``). Works on each rank's shards; the model is a plain one afterwards (no
+    ``config.lora``, every weight trainable)."""
+    for module in model.modules():
+        lora = getattr(module, "lora", None)
+        if isinstance(lora, LoRA):
+            module.weight.add_(lora.delta_weight().to(module.weight.dtype))
+            module.lora = None
+    model.config = dataclasses.replace(model.config, lora=None)
+    model.requires_grad_(True)
