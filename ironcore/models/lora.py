@@ -105,3 +105,16 @@ def merge_adapters(model: nn.Module) -> None:
             module.lora = None
     model.config = dataclasses.replace(model.config, lora=None)
     model.requires_grad_(True)
+
+
+class AdaptersOff(nn.Module):
+    """``model`` run with its adapters switched off: the frozen base, as DPO's and GRPO's reference, without a
+    second copy of the weights (TRL does the same with PEFT's ``disable_adapter``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        with adapters_disabled(self.model):
+            return self.model(*args, **kwargs)

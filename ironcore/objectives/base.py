@@ -41,6 +41,7 @@ from ironcore.checkpoints.load import load_weights
 from ironcore.config.training import Config
 from ironcore.data.samples.batches import MicroBatch
 from ironcore.errors import UserError
+from ironcore.models.lora import AdaptersOff
 from ironcore.models.transformer import TransformerModel
 from ironcore.parallel import comm, state
 from ironcore.parallel.sharding import load_full_state_dict
@@ -134,13 +135,16 @@ def global_sum(values: torch.Tensor) -> torch.Tensor:
     return comm.all_reduce(values, state.dp_group())
 
 
-def frozen_reference(context: ObjectiveContext) -> TransformerModel:
+def frozen_reference(context: ObjectiveContext) -> torch.nn.Module:
     """A frozen copy of the run's starting weights (DPO's and GRPO's reference), also when the policy resumes.
 
     That is ``init.init_from`` when set, else the seed's initialisation
-    (rebuilt under a forked RNG so the policy's random streams are untouched).
+    (rebuilt under a forked RNG so the policy's random streams are untouched). With LoRA it is the policy
+    itself with its adapters switched off: the frozen base, no second copy.
     """
     cfg = context.config
+    if cfg.model.lora is not None:
+        return AdaptersOff(context.model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init.seed)
         reference = TransformerModel(cfg.model)

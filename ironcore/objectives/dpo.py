@@ -61,7 +61,6 @@ from ironcore.config.base import InvalidValue, field, to_dict
 from ironcore.config.model import ModelConfig
 from ironcore.data.samples.batches import MicroBatch
 from ironcore.data.samples.dpo import both_sides
-from ironcore.models.transformer import TransformerModel
 from ironcore.objectives.base import (
     Forward,
     Objective,
@@ -182,9 +181,9 @@ class DPOObjective(Objective):
         super().__init__(context, options or DPOOptions())
         # Live: the frozen reference runs beside the policy. Precomputed: built in prepare() only when a
         # split's log-probs are not cached yet, and dropped once they are.
-        self.reference: TransformerModel | None = self._reference() if self.options.reference == "live" else None
+        self.reference: torch.nn.Module | None = self._reference() if self.options.reference == "live" else None
 
-    def _reference(self) -> TransformerModel:
+    def _reference(self) -> torch.nn.Module:
         if not self.config.init.init_from:
             log.warning("DPO without init.init_from: policy and reference start from random weights")
         return frozen_reference(self.context)

@@ -26,7 +26,7 @@ the tensor-parallel group must call it, in the same order.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import nn
@@ -136,28 +136,33 @@ def full_shapes(model: nn.Module) -> dict[str, torch.Size]:
     }
 
 
-def full_state_dict(model: nn.Module, local: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module, local: Mapping[str, torch.Tensor] | None = None,
+                    only: Collection[str] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """The model's state dict as a TP=1 model without vocab padding would have it. Collective over TP.
 
     Every rank receives the full tensors (an all-gather, simple and symmetric);
     the caller decides which rank writes them. ``local`` replaces entries of the
-    model's own (TP-local) state dict, e.g. by fp32 master weights.
+    model's own (TP-local) state dict, e.g. by fp32 master weights; ``only`` keeps those names (a LoRA
+    checkpoint's adapters).
     """
     splits = named_splits(model)
     tensors = {**model.state_dict(), **(local or {})}
-    return {name: gather_tensor(t.detach(), splits.get(name)) for name, t in tensors.items()}
+    return {name: gather_tensor(t.detach(), splits.get(name)) for name, t in tensors.items()
+            if only is None or name in only}  # fmt: skip
 
 
-def load_full_state_dict(model: nn.Module, full: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def load_full_state_dict(model: nn.Module, full: Mapping[str, torch.Tensor],
+                         absent: Collection[str] = ()) -> dict[str, torch.Tensor]:  # fmt: skip
     """Load a full (TP=1, unpadded) state dict into ``model`` built at any TP size; returns this rank's shards
     (in the checkpoint's dtype, for fp32 master weights beside low-precision parameters).
 
     A model built on the meta device gets the shards assigned as its
     parameters; otherwise they are copied in place (an optimizer holding the
     parameters stays valid). Missing, unexpected or misshapen tensors raise
-    CheckpointError naming them.
+    CheckpointError naming them; the names in ``absent`` may be missing and keep their values (a LoRA
+    model's adapters when its base loads, its base when the adapters load).
     """
-    expected = full_shapes(model)
+    expected = {name: shape for name, shape in full_shapes(model).items() if name not in absent or name in full}
     missing, unexpected = sorted(set(expected) - set(full)), sorted(set(full) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"state dict does not fit the model: missing {missing}, unexpected {unexpected}")
@@ -167,7 +172,7 @@ def load_full_state_dict(model: nn.Module, full: Mapping[str, torch.Tensor]) -> 
     splits = named_splits(model)
     local = {name: shard_tensor(t, splits.get(name)) for name, t in full.items()}
     on_meta = any(t.is_meta for t in model.state_dict().values())
-    model.load_state_dict(local, strict=True, assign=on_meta)
+    model.load_state_dict(local, strict=not absent, assign=on_meta)
     return local
 
 

@@ -28,6 +28,7 @@ import logging
 import pickle
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from ironcore.checkpoints import native
 from ironcore.config import Config, dump_config
 from ironcore.errors import CheckpointError, ConfigError, UserError
 from ironcore.files import OutputError, build_folder, describe_os_error, read_json, read_yaml
+from ironcore.models.lora import trainable_names
 from ironcore.parallel import state as parallel_state
 from ironcore.parallel.sharding import full_state_dict, load_full_state_dict
 from ironcore.training.optimizer import TrainingOptimizer
@@ -126,24 +128,27 @@ def save_checkpoint(
     tokenizer_dir: str | Path,
     generation_source: Path | None = None,
     objective_state: dict[str, Any] | None = None,
+    base: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``checkpoints/step_NNNNNNN`` atomically, then move ``latest`` to it, then prune old ones.
 
     Collective: every rank takes part in gathering the full (TP=1) tensors
     and its RNG state; rank 0 writes (replacing a folder of the same step).
     A full disk is one line naming the folder; ``latest`` then still names
-    the previous, complete checkpoint.
+    the previous, complete checkpoint. ``base``: a LoRA run's base record (``native.base_record``).
     """
     folder = native.step_dir(checkpoints, state.step)
-    # With low-precision parameters the weights are the optimizer's fp32 master weights.
-    weights = full_state_dict(model, optimizer.master_weights())
+    # With low-precision parameters the weights are the optimizer's fp32 master weights; with LoRA only the
+    # adapters (and modules trained in full) are saved, beside the record of the base they need.
+    only = trainable_names(model) if config.model.lora is not None else None
+    weights = full_state_dict(model, optimizer.master_weights(), only=only)
     optimizer_state = optimizer.full_state_dict()
     rngs = _gather_objects(rng_states())
     objective_states = _gather_objects(objective_state or {})
     if not dist.is_initialized() or dist.get_rank() == 0:
 
         def write(tmp: Path) -> None:
-            native.write_model_files(tmp, weights, config.model)
+            native.write_model_files(tmp, weights, config.model, base)
             torch.save(optimizer_state, tmp / native.OPTIMIZER)
             torch.save(rngs, tmp / native.RNG)
             if any(objective_states):
@@ -171,12 +176,14 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    checkpoints: Path, *, model: torch.nn.Module, optimizer: TrainingOptimizer, device: torch.device, rank: int
+    checkpoints: Path, *, model: torch.nn.Module, optimizer: TrainingOptimizer, device: torch.device, rank: int,
+    base: Mapping[str, str] | None = None,
 ) -> tuple[Path, TrainState] | None:
     """Load the newest checkpoint that loads (``latest`` first) into ``model``, ``optimizer`` and this rank's
     RNGs; None when there is none. Each one that fails is named in a warning, and so is a ``latest`` pointer
     that is empty or names no folder (the step folders before it are then tried, newest first); if none
-    loads, the first error is raised."""
+    loads, the first error is raised. ``base``: a LoRA run's base record, which the checkpoint's must match (its
+    adapters load onto the base already in ``model``)."""
     candidates, problem = native.newest_first(checkpoints)
     if problem is not None:
         pointer = checkpoints / native.LATEST
@@ -194,7 +201,7 @@ def load_checkpoint(
     first_error: CheckpointError | None = None
     for folder in candidates:
         try:
-            state = _load(folder, model, optimizer, device, rank)
+            state = _load(folder, model, optimizer, device, rank, base)
         except CheckpointError as err:
             first_error = first_error or err
             log.warning("cannot resume from %s: %s", folder.name, err)
@@ -231,12 +238,20 @@ def _warn_if_other_layout(folder: Path, rank: int) -> None:
 
 
 def _load(folder: Path, model: torch.nn.Module, optimizer: TrainingOptimizer, device: torch.device,
-          rank: int) -> TrainState:
+          rank: int, base: Mapping[str, str] | None = None) -> TrainState:
     """One checkpoint into the model, optimizer and RNGs; CheckpointError naming the file that does not load."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: missing")
+    absent: list[str] = []
+    if base is not None:  # LoRA: the adapters, onto the base the run stands on (the one they were trained on)
+        recorded = native.read_base_record(folder)
+        if recorded.get("fingerprint") != base["fingerprint"]:
+            raise CheckpointError(f"{folder / native.ADAPTER_BASE}: its adapters were trained on "
+                                  f"{recorded.get('base')!r}, this run's base is {base['base']!r} (other weights)")
+        trained = set(trainable_names(model))
+        absent = [name for name in model.state_dict() if name not in trained]
     try:
-        optimizer.load_master_weights(load_full_state_dict(model, native.read_model(folder, device)[1]))
+        optimizer.load_master_weights(load_full_state_dict(model, native.read_model(folder, device)[1], absent))
     except CheckpointError as err:
         raise CheckpointError(f"{folder / native.WEIGHTS}: {err}" if str(folder) not in str(err) else str(err)) \
             from None

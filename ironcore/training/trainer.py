@@ -54,12 +54,13 @@ from ironcore.files import (
     write_text_atomically,
 )
 from ironcore.models import TransformerModel
+from ironcore.models.lora import trainable_names
 from ironcore.models.stats import model_stats
 from ironcore.objectives import ObjectiveContext, build_objective
 from ironcore.parallel import state
 from ironcore.parallel.grad import clip_factor
 from ironcore.parallel.setup import init_parallel
-from ironcore.parallel.sharding import load_full_state_dict
+from ironcore.parallel.sharding import full_state_dict, load_full_state_dict
 from ironcore.training.checkpointing import (
     CheckpointHealth,
     TrainState,
@@ -98,6 +99,7 @@ class Trainer:
         self.out_dir = Path(cfg.trainer.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.state = TrainState()
+        self.base: dict[str, str] | None = None  # LoRA: the frozen base's record (_build_model)
         self._stop_signal: int | None = None
         self._memory_logged = False  # the memory plan is logged beside the first step's bytes
         self.health = CheckpointHealth(self.ckpt_dir, cfg.trainer.healthy_after_steps, self.is_main)
@@ -170,13 +172,22 @@ class Trainer:
                                      "data.allow_other_tokenizer=true")
 
     def _build_model(self) -> TransformerModel:
+        """The model at its starting weights; with LoRA also the record of its frozen base (``self.base``),
+        which every checkpoint carries and a resumed run's base must match."""
         model = TransformerModel(self.cfg.model)
-        init_from = self.cfg.init.init_from
-        if init_from and resume_folder(self.ckpt_dir) is None:  # a resumed run loads its checkpoint instead
+        init_from, lora = self.cfg.init.init_from, self.cfg.model.lora is not None
+        adapters = trainable_names(model) if lora else []
+        weights = None
+        # A resumed run loads its checkpoint instead; with LoRA that holds the adapters only: the base loads too.
+        if init_from and (lora or resume_folder(self.ckpt_dir) is None):
             try:
-                load_full_state_dict(model, reward_model_start(load_weights(init_from), model))
+                weights = reward_model_start(load_weights(init_from), model)
+                load_full_state_dict(model, weights, absent=adapters)
             except UserError as err:
                 raise UserError(f"init.init_from {init_from}: {err}") from None
+        if lora:
+            base = weights if weights is not None else full_state_dict(model)
+            self.base = native.base_record(init_from, {n: t for n, t in base.items() if n not in set(adapters)})
         if self.cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(model)
         return model.to(self.device)
@@ -495,14 +506,14 @@ class Trainer:
             return native.step_dir(self.ckpt_dir, self.state.step)
         folder = save_checkpoint(self.ckpt_dir, state=self.state, model=self.model, optimizer=self.optimizer,
                                  config=self.cfg, tokenizer_dir=self.data_dir, generation_source=self.init_folder,
-                                 objective_state=self.objective.state_dict())  # fmt: skip
+                                 objective_state=self.objective.state_dict(), base=self.base)  # fmt: skip
         self.health.saved(folder, self.state.step)
         return folder
 
     def _resume(self) -> Path | None:
         """Load the ``latest`` checkpoint, whatever TP/DP layout wrote it (tensors are stored full)."""
         loaded = load_checkpoint(self.ckpt_dir, model=self.model, optimizer=self.optimizer, device=self.device,
-                                 rank=self.rank)
+                                 rank=self.rank, base=self.base)
         if loaded is None:
             return None
         folder, self.state = loaded

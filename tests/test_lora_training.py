@@ -1,0 +1,122 @@
+"""LoRA in the trainer: adapters-only checkpoints that resume exactly on a bit-identical base, optimizer state
+for the adapters only, the base's record checked, and DPO's reference as the base with adapters off."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from run_helpers import TINY_MODEL, read_metrics, shakespeare_slice, small_run_config
+
+from ironcore.checkpoints import native
+from ironcore.checkpoints.load import load_model, load_weights
+from ironcore.errors import CheckpointError
+from ironcore.models import TransformerModel
+from ironcore.models.lora import trainable_names
+from ironcore.training.trainer import Trainer
+
+MODEL = {**TINY_MODEL, "max_position_embeddings": 128}  # room for the DPO pairs' 96 positions
+LORA = {"rank": 4, "alpha": 8.0, "targets": ["q", "k", "v", "o", "gate", "up", "down"]}
+
+
+@pytest.fixture(scope="module")
+def pretrain_data(tmp_path_factory):
+    return shakespeare_slice(tmp_path_factory.mktemp("lora-data"), 40_000)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, pretrain_data):
+    torch.manual_seed(11)
+    return native.save_model(TransformerModel(small_run_config(MODEL, pretrain_data, tmp_path_factory.mktemp(
+        "unused"), 1).model), tmp_path_factory.mktemp("base") / "ckpt")
+
+
+def _config(data, out, base, **overrides):
+    return small_run_config({**MODEL, "lora": LORA}, data, out, 8, init__init_from=str(base),
+                            trainer__save_interval=4, **overrides)
+
+
+def _losses(out) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
+
+
+def test_adapters_only_checkpoints_resume_exactly_on_a_frozen_base(pretrain_data, base, tmp_path) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    trainer = Trainer(_config(pretrain_data, straight, base))
+    trainer.train()
+    losses = _losses(straight)
+    assert losses[8] < losses[1]  # the adapters learn
+    step4 = straight / "checkpoints" / "step_0000004"
+    saved = native.read_safetensors(step4 / native.WEIGHTS)
+    assert set(saved) == set(trainable_names(trainer.model)) and all(".lora." in n for n in saved)
+    record = json.loads((step4 / native.ADAPTER_BASE).read_text())
+    assert record["base"] == str(base) and record["fingerprint"]
+    # Optimizer state for the adapters only: AdamW's two moments per adapter element, nothing for the base.
+    adapter_numel = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    state = trainer.optimizer.full_state_dict()["state"]
+    assert set(state) == set(saved)
+    moments = sum(v.numel() * v.element_size() for s in state.values() for v in s.values() if v.dim() > 0)
+    assert moments == 2 * 4 * adapter_numel
+    # The base is bit-identical after training.
+    start = load_weights(base)
+    assert all(torch.equal(p.detach(), start[n]) for n, p in trainer.model.named_parameters() if not p.requires_grad)
+    # A crash after step 4: the resumed run loads the base, then the adapters, and continues exactly.
+    (resumed / "checkpoints").mkdir(parents=True)
+    os.system(f"cp -r {step4} {resumed}/checkpoints/")
+    native.update_latest(resumed / "checkpoints", resumed / "checkpoints" / "step_0000004")
+    Trainer(_config(pretrain_data, resumed, base)).train()
+    again = _losses(resumed)
+    assert sorted(again) == [5, 6, 7, 8] and all(abs(again[s] - losses[s]) <= 1e-6 for s in again)
+    # Loading the run gives base + adapters; the final adapters are those of the straight run.
+    model = load_model(straight)
+    with torch.no_grad():
+        tokens = torch.randint(0, 512, (1, 16))
+        torch.testing.assert_close(model(tokens), trainer.model.eval()(tokens))
+
+
+def test_a_checkpoint_on_another_base_is_one_line(pretrain_data, base, tmp_path) -> None:
+    Trainer(_config(pretrain_data, tmp_path / "run", base, operation__train_steps=4)).train()
+    other = native.save_model(TransformerModel(load_model(base).config), tmp_path / "other")
+    record = tmp_path / "run" / "checkpoints" / "step_0000004" / native.ADAPTER_BASE
+    data = json.loads(record.read_text())
+    record.write_text(json.dumps({**data, "base": str(other), "base_path": str(other)}))
+    with pytest.raises(CheckpointError, match="adapters were trained on .* these base weights are another model"):
+        load_model(tmp_path / "run")
+
+
+def test_dpo_reference_is_the_base_with_adapters_off_and_no_second_copy(base, tmp_path) -> None:
+    import test_dpo  # the DPO tests' data: 100 HH-RLHF pairs
+
+    data = test_dpo.dpo_data.__wrapped__(_Factory(tmp_path))
+    cfg = small_run_config({**MODEL, "lora": LORA}, data, tmp_path / "dpo", 2, init__init_from=str(base),
+                           trainer__objective="dpo")
+    trainer = Trainer(cfg)
+    reference = trainer.objective.reference
+    policy_storage = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
+    assert {p.untyped_storage().data_ptr() for p in reference.parameters()} <= policy_storage  # no second copy
+    with torch.no_grad():  # adapters with non-zero B: the policy differs from the base, the reference does not
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.1)
+    frozen = load_model(base)
+    tokens = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(reference(tokens), frozen(tokens), rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(trainer.model(tokens), frozen(tokens), atol=1e-3)
+    assert trainer.model.training  # switching the adapters off for the reference left the policy as it was
+    trainer.train()
+    assert _losses(tmp_path / "dpo")
+
+
+class _Factory:
+    """The one call of ``tmp_path_factory`` the DPO data fixture makes."""
+
+    def __init__(self, root) -> None:
+        self.root = root
+
+    def mktemp(self, name: str):
+        path = self.root / name
+        path.mkdir()
+        return path
