@@ -27,7 +27,7 @@ from ironcore.checkpoints.hf import save_hf_model
 from ironcore.checkpoints.load import load_model
 from ironcore.config import load_model_config
 from ironcore.config.base import validated
-from ironcore.config.model import ModelConfig
+from ironcore.config.model import LoRAConfig, ModelConfig
 from ironcore.models import TransformerModel
 from ironcore.parallel import comm, state
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_logsumexp
@@ -40,6 +40,7 @@ from ironcore.parallel.sharding import (
     load_full_optimizer_state,
     load_full_state_dict,
     named_splits,
+    shard_tensor,
 )
 from ironcore.training.distributed_optimizer import (
     DistributedOptimizer,
@@ -64,7 +65,15 @@ CASES = {
     "phi3": ("phi3-tiny", {"num_layers": 2, "vocab_size": 300}),  # fused q/k/v and gate/up in its HF checkpoint
     # Experts sharded like the MLP, the router replicated, the load-balancing loss in the backward pass.
     "mixtral": ("mixtral-tiny", {"num_layers": 2, "vocab_size": 1000, "moe_aux_loss_coef": 0.1}),
+    # LoRA: B split like its column-parallel base (q/k/v and gate/up parts; GQA), A like its row-parallel base.
+    "llama_lora": ("llama-tiny", {"num_layers": 2, "vocab_size": 300, "lora": LoRAConfig(rank=4, alpha=8.0)}),
+    # ... with the key/value head replicated over both ranks (MQA), and adapters on some projections only.
+    "gemma_lora": ("gemma-tiny", {"num_layers": 2, "lora": LoRAConfig(rank=4, targets=["q", "v", "o", "down"])}),
+    # ... and one adapter over GPT-2's fused q/k/v (c_attn), norms trained in full.
+    "gpt2_lora": ("gpt2-tiny", {"num_layers": 2, "vocab_size": 1000,
+                                "lora": LoRAConfig(rank=4, targets=["qkv", "o", "up", "down"], modules_to_save=["norm"])}),
 }
+LORA_CASES = ("llama_lora", "gemma_lora", "gpt2_lora")
 NEW_FAMILIES = ("gemma2", "phi3", "mixtral")
 SEQ = 16
 BUCKET_BYTES = 40_000  # the distributed optimizer's: several buckets, parameters split between ranks
@@ -99,15 +108,25 @@ class Run:
     first_grads: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # full form, step 0
 
 
-def build(case: str, distributed: bool = False, overlap: bool = False, bf16: bool = False
+def build(case: str, distributed: bool = False, overlap: bool = False, bf16: bool = False, sgd: bool = False
           ) -> tuple[TransformerModel, torch.optim.Optimizer]:  # fmt: skip
     """The model and AdamW (decay on matrices only); ``distributed``: sharded over DP, in small buckets
     (``overlap``: reduced during the last micro-batch's backward pass); ``bf16``: bf16 parameters, fp32 main
-    gradients and master weights (sharded or not)."""
+    gradients and master weights (sharded or not); ``sgd``: SGD with momentum instead of AdamW (its update is
+    proportional to the gradient, so fp32 rounding stays rounding: Adam's first step is the gradient's sign)."""
     torch.manual_seed(SEED)
     model = TransformerModel(model_config(case))
+    if model.config.lora is not None:  # non-zero B from the start, drawn in full: every adapter gradient counts
+        generator, splits = torch.Generator().manual_seed(SEED), named_splits(model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora." in name:
+                    full = splits[name].full_shape(p.shape) if name in splits else p.shape
+                    p.copy_(shard_tensor(torch.randn(full, generator=generator) * 0.05, splits.get(name)))
 
     def adamw(groups: list[dict]) -> torch.optim.Optimizer:
+        if sgd:
+            return torch.optim.SGD(groups, lr=0.1, momentum=0.9)
         return torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95))
 
     groups = parameter_groups(model, 0.1)
@@ -121,10 +140,10 @@ def build(case: str, distributed: bool = False, overlap: bool = False, bf16: boo
 
 def train(
     case: str, steps: int, micro_batch: int, accumulation: int, run: Run | None = None, start: int = 0,
-    distributed: bool = False, overlap: bool = False, bf16: bool = False,
+    distributed: bool = False, overlap: bool = False, bf16: bool = False, sgd: bool = False,
 ) -> Run:
     """``steps`` optimizer steps on the global batches ``start``, ``start + 1``, ...; returns the Run."""
-    run = run or Run(*build(case, distributed, overlap, bf16))
+    run = run or Run(*build(case, distributed, overlap, bf16, sgd))
     model, optimizer = run.model, run.optimizer
     dp, dp_rank = state.dp_size(), state.dp_rank()
     per_rank = micro_batch * accumulation
@@ -145,7 +164,8 @@ def train(
             loss_sum += loss.detach()
         run.grad_norms.append(reduce_gradients(model, optimizer).item())
         if step == 0 and not isinstance(optimizer, FlatBufferOptimizer):  # reduced in place (not in shards)
-            run.first_grads = {n: gather_tensor(p.grad, splits.get(n)).clone() for n, p in model.named_parameters()}
+            run.first_grads = {n: gather_tensor(p.grad, splits.get(n)).clone() for n, p in model.named_parameters()
+                               if p.requires_grad}  # fmt: skip
         step_with_scaled_grads(optimizer, clip_factor(run.grad_norms[-1], 1.0))
         run.losses.append(comm.all_reduce(loss_sum, state.dp_group()).item())
     return run
@@ -244,6 +264,9 @@ def scenario_two(out: Path) -> dict:
         results[f"tp2/{case}/spread"] = replicated_grad_spread(first.model)
         run = train(case, steps=10, micro_batch=2, accumulation=1)
         results[f"tp2/{case}"] = (run.losses, run.grad_norms, run.first_grads)
+        if case in LORA_CASES:  # the adapters after 10 SGD steps, in full form
+            results[f"tp2/{case}/trained"] = trained(train(case, steps=10, micro_batch=2, accumulation=1,
+                                                           sgd=True).model)
         results[f"tp2/{case}/ce"] = cross_entropy_check(case)
         if case in ("llama", "gpt2"):  # untied, the last rank mostly vocabulary padding; the tied embedding
             results[f"tp2/{case}/fused_ce"] = fused_loss_check(case)
@@ -282,7 +305,7 @@ def scenario_two(out: Path) -> dict:
     results["tp2/ckpt/next_loss"] = train("llama", 1, 2, 1, run=run, start=3).losses[-1]
 
     init_parallel(1, model_config("gemma"))  # same processes, now data parallel: TP groups of one
-    for case in ("gpt2", "llama"):
+    for case in ("gpt2", "llama", "llama_lora"):
         plain = train(case, steps=4, micro_batch=2, accumulation=1)
         sharded = train(case, steps=4, micro_batch=2, accumulation=1, distributed=True)
         overlapped = train(case, steps=4, micro_batch=1, accumulation=2, distributed=True, overlap=True)
@@ -317,6 +340,11 @@ def scenario_two(out: Path) -> dict:
     return results
 
 
+def trained(model: TransformerModel) -> dict[str, torch.Tensor]:
+    """The trainable tensors (LoRA: the adapters and modules trained in full) in full form."""
+    return full_state_dict(model, only={n for n, p in model.named_parameters() if p.requires_grad})
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of a plain optimizer's per-parameter state tensors (AdamW's moments)."""
     return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if v.dim() > 0)
@@ -338,9 +366,12 @@ def scenario_four(out: Path) -> dict:
     """4 processes: TP=2 x DP=2 with accumulation, then TP=4 (MQA/GQA replicated) and the TP=2 checkpoint."""
     results: dict = {}
     init_parallel(2, model_config("gemma"))
-    for case in ("llama", "gemma"):
+    for case in ("llama", "gemma", "llama_lora"):
         results[f"tp2dp2/{case}"] = train(case, steps=4, micro_batch=2, accumulation=2).losses
         results[f"tp2dp2/{case}/distopt"] = train(case, steps=4, micro_batch=2, accumulation=2, distributed=True).losses
+        if case in LORA_CASES:  # the distributed optimizer's adapters after SGD steps
+            sharded = train(case, steps=4, micro_batch=2, accumulation=2, distributed=True, sgd=True)
+            results[f"tp2dp2/{case}/trained"] = trained(sharded.model)
     model, optimizer = build("llama", distributed=True)  # the DP=2 distributed optimizer's checkpoint
     ckpt = torch.load(out / "llama_dp2_distopt_step3.pt")
     load_full_state_dict(model, ckpt["model"])

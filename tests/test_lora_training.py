@@ -120,3 +120,34 @@ class _Factory:
         path = self.root / name
         path.mkdir()
         return path
+
+
+def test_convert_exports_adapters_for_peft_and_a_merged_hf_model(pretrain_data, base, tmp_path, capsys) -> None:
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from ironcore.cli import main
+
+    trainer = Trainer(_config(pretrain_data, tmp_path / "run", base, operation__train_steps=4))
+    trainer.train()
+    run = str(tmp_path / "run")
+    assert main(["convert", "--to-hf", "--checkpoint", run, "--output", str(tmp_path / "plain")]) != 0
+    assert "a LoRA checkpoint: export its adapters as a PEFT folder" in capsys.readouterr().err
+    assert main(["convert", "--to-hf", "--checkpoint", str(base), "--output", str(tmp_path / "hf_base")]) == 0
+    assert main(["convert", "--to-hf", "--checkpoint", run, "--adapter-only", "--output", str(tmp_path / "peft")]) == 0
+    assert main(["convert", "--to-hf", "--checkpoint", run, "--merge", "--output", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "peft" / "adapter_model.safetensors").stat().st_size < 200_000  # adapters only
+    tokens = torch.randint(0, 512, (2, 16))
+    ours = load_model(tmp_path / "run")
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_base").eval()
+    with torch.no_grad():
+        expected = ours(tokens)
+        adapted = peft.PeftModel.from_pretrained(hf_base, tmp_path / "peft").eval()
+        torch.testing.assert_close(adapted(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+        merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        torch.testing.assert_close(merged(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+    # The PEFT folder (with the HF base it names) loads back into IronCore with the same logits.
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(
+        {**config, "base_model_name_or_path": str(tmp_path / "hf_base")}))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "peft")(tokens), expected, rtol=1e-5, atol=1e-5)

@@ -4,6 +4,7 @@ forward pass and loss leave allocated (torch's profiler). The TP=2 and DP=2 case
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -112,3 +113,36 @@ def test_the_planner_refuses_the_tp_layouts_the_trainer_refuses() -> None:
             plan_memory(cfg, tp=tp)
         assert str(planner.value) == str(trainer.value).replace("trainer.tensor_model_parallel_size", "tp")
     assert plan_memory(load_model_config("llama-tiny"), tp=2).parameters > 0
+
+
+@pytest.mark.parametrize(("precision", "quantize", "distributed"), [
+    ("fp32", None, False), ("bf16", None, False), ("bf16", None, True), ("bf16", "nf4", False),
+    ("fp32", "nf4", False)])  # fmt: skip
+def test_planned_lora_and_qlora_states_are_the_bytes_after_a_step(precision, quantize, distributed) -> None:
+    """LoRA: the frozen base in the compute dtype (QLoRA: its projections in NF4, the rest bf16/fp32), gradients
+    and optimizer states for the adapters only."""
+    from ironcore.config.model import LoRAConfig
+    from ironcore.models.lora import cast_base, quantize_base
+
+    if quantize:
+        pytest.importorskip("torchao")
+    cfg = ModelConfig(**{**CFG.__dict__, "lora": LoRAConfig(rank=4, quantize_base=quantize)})
+    torch.manual_seed(0)
+    model = TransformerModel(cfg)
+    if precision == "bf16":
+        cast_base(model, torch.bfloat16)
+    if quantize:
+        quantize_base(model)
+    opt = build_optimizer(model, OptimConfig(), distributed=distributed, precision=precision)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(tokens[:, :-1])
+    torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    opt.step()
+    plan = plan_memory(cfg, precision=precision, distributed_optimizer=distributed, micro_batch_size=2, seq_len=16)
+    assert (plan.parameters, plan.gradients, plan.optimizer) == measured_state_bytes(model, opt)
+    full = plan_memory(CFG, precision=precision, micro_batch_size=2, seq_len=16)
+    assert plan.optimizer < full.optimizer / 10 and plan.gradients < full.gradients / 10
+    if quantize:
+        assert plan.parameters < 0.7 * plan_memory(dataclasses.replace(cfg, lora=LoRAConfig(rank=4)),
+                                                   precision=precision).parameters

@@ -80,7 +80,8 @@ def test_tp2_same_losses_for_10_steps(two, case):
     assert_same_losses(norms[:1], ref.grad_norms[:1])
     # Later grad norms amplify fp32 rounding through AdamW's normalised updates.
     assert max(abs(n / r - 1) for n, r in zip(norms, ref.grad_norms)) < 1e-3
-    assert ref.losses[-1] < 0.8 * ref.losses[0]  # it trains
+    # It trains (rank-4 adapters on a random base learn slowly: they only have to learn).
+    assert ref.losses[-1] < (1.0 if case in worker.LORA_CASES else 0.8) * ref.losses[0]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -139,13 +140,28 @@ def test_sequence_parallel_reward_model_head(two):
         assert torch.allclose(grads[name], want, rtol=1e-4, atol=1e-7), name
 
 
-@pytest.mark.parametrize("case", ["gpt2", "llama"])
+@pytest.mark.parametrize("case", worker.LORA_CASES)
+def test_lora_at_tp2_trains_the_same_adapters_as_one_process(two, case):
+    """Adapters split like their base layers (B by output rows on q/k/v and gate/up parts, replicated with an MQA
+    key/value head; A by input columns on row-parallel layers), their partial gradients summed over TP: after
+    10 SGD steps the adapters (and norms trained in full) equal one process's to 1e-5. (With AdamW the losses
+    agree, test_tp2_same_losses_for_10_steps; its parameters do not to 1e-5 for any model: its first update is
+    the gradient's sign, which fp32 rounding flips where a gradient is near zero.)"""
+    got = two[f"tp2/{case}/trained"]
+    want = worker.trained(worker.train(case, 10, 2, 1, sgd=True).model)
+    assert got.keys() == want.keys() and all(".lora." in n or "norm" in n for n in got)
+    for name, tensor in want.items():
+        err = (got[name] - tensor).abs().max().item() / tensor.abs().max().item()
+        assert err <= 1e-5, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama", "llama_lora"])
 def test_dp2_equals_gradient_accumulation(two, case):
     """DP=2 x micro-batch 2 == one process x micro-batch 2 x accumulation 2."""
     assert_same_losses(two[f"dp2/{case}"], reference(case, 4, 2, 2).losses)
 
 
-@pytest.mark.parametrize("case", ["gpt2", "llama"])
+@pytest.mark.parametrize("case", ["gpt2", "llama", "llama_lora"])
 def test_distributed_optimizer_equals_plain_dp_and_accumulation(two, case):
     """DP=2 with the optimizer state sharded (tied embeddings, biases, weight decay on matrices, clipping; the
     buckets split parameters between ranks): bit for bit the losses and parameters of plain DP=2, and the losses
@@ -255,13 +271,19 @@ def test_hf_export_and_import_at_tp2(two, out_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["llama", "gemma"])
+@pytest.mark.parametrize("case", ["llama", "gemma", "llama_lora"])
 def test_tp2_x_dp2_on_4_processes(four, two, case):
     """Also with the distributed optimizer (sharding each TP rank's parameters over its DP group), and its DP=2
-    checkpoint resumed there."""
+    checkpoint resumed there. LoRA: the distributed optimizer shards the adapters only and trains the same
+    adapters as one process."""
     assert_same_losses(four[f"tp2dp2/{case}"], reference(case, 4, 2, 4).losses)
     assert four[f"tp2dp2/{case}/distopt"] == four[f"tp2dp2/{case}"]  # bit for bit, as at DP=2 alone
     assert_same_losses(four["tp2dp2/distopt/ckpt/next_losses"], two["dp2/distopt/ckpt/next_losses"])
+    if case in worker.LORA_CASES:
+        want = worker.trained(worker.train(case, 4, 2, 4, sgd=True).model)
+        for name, tensor in want.items():
+            err = (four[f"tp2dp2/{case}/trained"][name] - tensor).abs().max().item() / tensor.abs().max().item()
+            assert err <= 1e-5, f"{name}: relative error {err:.2e}"
 
 
 @pytest.mark.slow

@@ -165,12 +165,12 @@ def test_interrupted_checkpoint_write_keeps_latest(pretrain_data, tmp_path, monk
     real = checkpoint.write_model_files
     calls = []
 
-    def crash_on_second(folder, state, config):
+    def crash_on_second(folder, state, config, base=None):
         calls.append(folder)
         if len(calls) == 2:
-            real(folder, state, config)
+            real(folder, state, config, base)
             raise OSError("disk full")
-        real(folder, state, config)
+        real(folder, state, config, base)
 
     monkeypatch.setattr(checkpoint, "write_model_files", crash_on_second)
     with pytest.raises(OSError, match="disk full"):

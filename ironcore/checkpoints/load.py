@@ -27,6 +27,7 @@ from ironcore.checkpoints.hf_families import family_of, is_hf_folder, model_conf
 from ironcore.checkpoints.peft import is_peft_folder, lora_config_from_peft, read_peft_adapter
 from ironcore.config.model import ModelConfig
 from ironcore.errors import CheckpointError
+from ironcore.models.lora import quantize_base
 from ironcore.models.transformer import TransformerModel
 from ironcore.parallel.sharding import full_shapes, load_full_state_dict
 
@@ -81,7 +82,7 @@ def _read(
     if cfg.lora is not None:  # the adapters, on the base they were trained on
         record = native.read_base_record(folder)
         base = _base_source(folder, record)
-        base_state = _read(base, device, None)[1]
+        base_state = {n: t for n, t in _read(base, device, None)[1].items() if n not in state}
         native.check_base(folder, record, base_state)
         state = {**base_state, **state}
     if dtype is not None:
@@ -132,6 +133,8 @@ def load_model(
     for rope in (model.rope, model.local_rope):
         if rope is not None:
             rope.reset_parameters(device)
+    if model.config.lora is not None and model.config.lora.quantize_base == "nf4":
+        quantize_base(model)
     return model.eval()
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from ironcore.config.model import LoRAConfig
+from ironcore.errors import ConfigError
 from ironcore.layers.lora import LoRA
 from ironcore.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -101,7 +103,12 @@ def merge_adapters(model: nn.Module) -> None:
     for module in model.modules():
         lora = getattr(module, "lora", None)
         if isinstance(lora, LoRA):
-            module.weight.add_(lora.delta_weight().to(module.weight.dtype))
+            weight = module.weight
+            if is_quantized(weight):  # QLoRA: the merged weight is the dequantised base plus the update
+                weight = weight.get_original_weight()
+                module.weight = nn.Parameter(weight + lora.delta_weight().to(weight.dtype))
+            else:
+                weight.add_(lora.delta_weight().to(weight.dtype))
             module.lora = None
     model.config = dataclasses.replace(model.config, lora=None)
     model.requires_grad_(True)
@@ -118,3 +125,46 @@ class AdaptersOff(nn.Module):
     def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
         with adapters_disabled(self.model):
             return self.model(*args, **kwargs)
+
+
+NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # QLoRA's: 64 weights per absmax scale, 256 scales per second-level scale
+
+
+def quantize_base(model: nn.Module) -> None:
+    """QLoRA: the frozen base's projection weights (every block's q/k/v, o, MLP) stored in 4-bit NF4 with double
+    quantisation (torchao's ``NF4Tensor``, dequantised to the weights' dtype in each matmul). Call after the base
+    weights are loaded. Embeddings, norms and the output projection keep their dtype, as in the QLoRA paper."""
+    try:
+        from torchao.quantization import to_nf4
+    except ImportError:
+        raise ConfigError("model.lora.quantize_base: nf4 needs torchao (pip install torchao)") from None
+    for name, module in model.layers.named_modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and not module.weight.requires_grad:
+            weight = module.weight.detach()
+            blocks = weight.numel() // NF4_BLOCK
+            if weight.numel() % NF4_BLOCK:
+                raise ConfigError(f"model.lora.quantize_base: layers.{name}.weight has {weight.numel()} elements, "
+                                  f"not a multiple of the NF4 block ({NF4_BLOCK})")
+            scaler_block = math.gcd(blocks, NF4_SCALER_BLOCK)  # 256 unless the tensor is tiny
+            module.weight = nn.Parameter(to_nf4(weight, NF4_BLOCK, scaler_block), requires_grad=False)
+
+
+def is_quantized(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is an NF4-quantised base weight."""
+    return type(tensor).__name__ == "NF4Tensor" or type(getattr(tensor, "data", None)).__name__ == "NF4Tensor"
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes ``tensor`` holds: an NF4 weight's packed 4-bit values and its (double-quantised) scales."""
+    if is_quantized(tensor):
+        data = tensor.data if type(tensor.data).__name__ == "NF4Tensor" else tensor
+        return sum(getattr(data, name).numel() * getattr(data, name).element_size()
+                   for name in data.__tensor_flatten__()[0])  # fmt: skip
+    return tensor.numel() * tensor.element_size()
+
+
+def cast_base(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store the frozen base in ``dtype`` (bf16 training: the base is never stepped, so it needs no fp32 copy)."""
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and not is_quantized(param):
+            param.data = param.data.to(dtype)

@@ -4,7 +4,10 @@ Four parts, per rank of a TP x DP layout:
 
 - **parameters**: the rank's share of every tensor (TP-split tensors in
   their slice, vocabulary padding included; replicated ones whole), fp32,
-  or bf16 in a ``bf16`` run;
+  or bf16 in a ``bf16`` run; with LoRA the frozen base is stored in that
+  dtype too, or (QLoRA) its projections in NF4, ~0.52 bytes per weight;
+- gradients and optimizer states below are those of the *trained* tensors
+  only (with LoRA: the adapters and ``modules_to_save``);
 - **gradients**: fp32, as many as parameters (``.grad``, or a ``bf16``
   run's main gradients); the distributed optimizer adds its buffer for the
   rank's shard of the reduced gradients;
@@ -32,6 +35,8 @@ CUDA context or workspace in the sum: leave a margin of a few GB on a GPU.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -40,6 +45,7 @@ from torch import nn
 
 from ironcore.config.model import ModelConfig
 from ironcore.models import TransformerModel
+from ironcore.models.lora import NF4_BLOCK, NF4_SCALER_BLOCK, is_quantized, tensor_bytes
 from ironcore.parallel import state
 from ironcore.parallel.comm import DEFAULT_BUCKET_BYTES
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -73,19 +79,35 @@ class MemoryPlan:
 
 def local_numels(cfg: ModelConfig, tp: int) -> list[int]:
     """Elements of each parameter tensor on one TP rank (tied tensors once), in ``model.parameters()`` order."""
+    return [numel for numel, _, _ in local_parameters(cfg, tp)]
+
+
+def local_parameters(cfg: ModelConfig, tp: int) -> list[tuple[int, bool, bool]]:
+    """(elements on one TP rank, trained, stored in NF4) of each parameter tensor, in ``model.parameters()``
+    order: with LoRA only the adapters (and ``modules_to_save``) train, and QLoRA's frozen projections are NF4."""
     with torch.device("meta"):
         model = TransformerModel(cfg)
     shapes, splits = full_shapes(model), named_splits(model)
-    numels = []
-    for name, _ in model.named_parameters():
+    nf4 = cfg.lora is not None and cfg.lora.quantize_base == "nf4"
+    found = []
+    for name, param in model.named_parameters():
         split = splits.get(name)
-        if split is None:
-            numels.append(shapes[name].numel())
-            continue
-        if split.padded is not None:  # the padding grows with TP: a multiple of 128 x tp
+        if split is not None and split.padded is not None:  # the padding grows with TP: a multiple of 128 x tp
             split = dataclasses.replace(split, padded=padded_vocab_size(split.parts[0], tp))
-        numels.append(split.local_shape(shapes[name], tp).numel())
-    return numels
+        numel = shapes[name].numel() if split is None else split.local_shape(shapes[name], tp).numel()
+        quantized = nf4 and not param.requires_grad and bool(_PROJECTION.fullmatch(name))
+        found.append((numel, param.requires_grad, quantized))
+    return found
+
+
+_PROJECTION = re.compile(r"layers\.\d+\.(attn\.qkv|attn\.out|mlp\.up|mlp\.down)\.weight")  # what QLoRA quantises
+
+
+def nf4_bytes(numel: int, dtype_bytes: int) -> int:
+    """Bytes of torchao's NF4 tensor of ``numel`` weights: 4 bits each, an int8 scale per 64 weights, a scale of
+    those scales per 256 of them, their mean and the 16-value code book in the weights' dtype."""
+    blocks = numel // NF4_BLOCK
+    return numel // 2 + blocks + dtype_bytes * (blocks // math.gcd(blocks, NF4_SCALER_BLOCK) + 1 + 16)
 
 
 def rank_config(cfg: ModelConfig, tp: int) -> ModelConfig:
@@ -160,8 +182,12 @@ def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, distributed_optim
     trainer would refuse to split the model ``tp`` ways."""
     cfg.check_tensor_parallel(tp, "tp")
     with _as_one_process():
-        params, grads, states = _state_bytes(local_numels(cfg, tp), dp=dp, precision=precision, optimizer=optimizer,
+        tensors = local_parameters(cfg, tp)
+        trained = [numel for numel, train, _ in tensors if train]
+        params, grads, states = _state_bytes(trained, dp=dp, precision=precision, optimizer=optimizer,
                                              distributed_optimizer=distributed_optimizer, bucket_bytes=bucket_bytes)
+        base = BF16 if precision == "bf16" else FP32  # LoRA's frozen base: stored in the compute dtype
+        params += sum(nf4_bytes(numel, base) if nf4 else numel * base for numel, train, nf4 in tensors if not train)
         activations = activation_bytes(rank_config(cfg, tp), micro_batch_size,
                                        seq_len or cfg.max_position_embeddings, precision, activation_checkpointing)
     return MemoryPlan(params, grads, states, activations)
@@ -200,8 +226,8 @@ def measured_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | Tr
     :func:`plan_memory` predicts, read from the real tensors."""
 
     def nbytes(tensors: list[torch.Tensor]) -> int:
-        storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
-        return sum(storages.values())
+        storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors if not is_quantized(t)}
+        return sum(storages.values()) + sum(tensor_bytes(t) for t in tensors if is_quantized(t))
 
     params = [p for p in model.parameters()]
     buffers, states = as_training_optimizer(optimizer, model).memory_tensors()

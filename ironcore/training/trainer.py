@@ -54,7 +54,7 @@ from ironcore.files import (
     write_text_atomically,
 )
 from ironcore.models import TransformerModel
-from ironcore.models.lora import trainable_names
+from ironcore.models.lora import cast_base, quantize_base, trainable_names
 from ironcore.models.stats import model_stats
 from ironcore.objectives import ObjectiveContext, build_objective
 from ironcore.parallel import state
@@ -188,6 +188,10 @@ class Trainer:
         if lora:
             base = weights if weights is not None else full_state_dict(model)
             self.base = native.base_record(init_from, {n: t for n, t in base.items() if n not in set(adapters)})
+            if self.cfg.trainer.precision == "bf16":
+                cast_base(model, torch.bfloat16)
+            if self.cfg.model.lora.quantize_base == "nf4":
+                quantize_base(model)
         if self.cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(model)
         return model.to(self.device)
