@@ -2,6 +2,7 @@
 
     python scripts/memory_table.py                                   # the seed's hardware: 2 x 24 GB, seq 2048
     python scripts/memory_table.py --gpus 8 --gpu-memory 80 --models llama3-8b   # 8 x 80 GB
+    python scripts/memory_table.py --lora                            # LoRA / QLoRA of 8B models, 1 and 2 x 24 GB
 
 Each row is one layout over ``--gpus`` GPUs (every TP x DP split, with and
 without the distributed optimizer and activation checkpointing), bf16,
@@ -12,9 +13,11 @@ micro-batch 1; a cell is the planner's total per GPU and whether it fits
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 
 from ironcore.config import load_model_config
+from ironcore.config.model import LoRAConfig
 from ironcore.training.memory import plan_memory
 
 
@@ -26,7 +29,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--lora", action="store_true", help="the LoRA table: LoRA and QLoRA, SFT and DPO, 1 and 2 GPUs")
     args = parser.parse_args()
+    if args.lora:
+        lora_table(args)
+        return
     configs = {name: load_model_config(name) for name in args.models}
     splits = [(tp, args.gpus // tp) for tp in range(1, args.gpus + 1) if args.gpus % tp == 0]
     print(f"| layout ({args.gpus} GPUs, {args.precision}, micro-batch {args.micro_batch_size} x {args.seq_len}) | "
@@ -44,6 +51,29 @@ def main() -> None:
             cells.append(f"{gib:.1f} GiB {'fits' if gib <= args.gpu_memory else '—'}")
         layout = f"TP={tp} x DP={dp}" + (", dist. opt." if zero else "") + (", recompute" if recompute else "")
         print(f"| {layout} | " + " | ".join(cells) + " |", flush=True)
+
+
+def lora_table(args: argparse.Namespace) -> None:
+    """Rank-16 adapters on every projection of Llama-3-8B and Qwen3-8B: a frozen bf16 base (LoRA) or an NF4 one
+    (QLoRA), bf16 compute; SFT of one 2048-token sequence, DPO of one pair (the chosen and rejected sequences in
+    one forward pass; the reference is the base with the adapters off, so no second copy). On 2 GPUs: TP=2,
+    every tensor (the frozen base included) split in two."""
+    models = ["llama3-8b", "qwen3-8b"]
+    print(f"| run (bf16, {args.seq_len} tokens, rank-16 adapters on q k v o gate up down) | "
+          + " | ".join(f"{m}, 1 GPU | {m}, 2 GPUs (TP=2)" for m in models) + " |")
+    print("|---|" + "---:|" * 2 * len(models))
+    for quantize, objective, recompute in itertools.product((None, "nf4"), ("SFT", "DPO"), (False, True)):
+        cells = []
+        for name in models:
+            cfg = dataclasses.replace(load_model_config(name), lora=LoRAConfig(rank=16, alpha=32.0,
+                                                                                  quantize_base=quantize))
+            for tp in (1, 2):
+                plan = plan_memory(cfg, tp=tp, precision="bf16", activation_checkpointing=recompute,
+                                   micro_batch_size=2 if objective == "DPO" else 1, seq_len=args.seq_len)
+                gib = plan.total / 2**30
+                cells.append(f"{gib:.1f} GiB {'fits' if gib <= args.gpu_memory else '—'}")
+        run = f"{'QLoRA (NF4 base)' if quantize else 'LoRA (bf16 base)'}, {objective}" + (", recompute" if recompute else "")
+        print(f"| {run} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

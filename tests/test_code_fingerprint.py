@@ -87,7 +87,7 @@ def _copy_package(tmp_path: Path) -> Path:
 IMPORTS = {  # each way of importing the new module, appended to ironcore/data/demo/corpus.py
     "top level": "import ironcore.newthing.module\n",
     "in a function": "def late():\n    from ironcore.newthing import module\n",
-    "relative": "from ..newthing.module import VALUE\n",
+    "relative": "from ...newthing.module import VALUE\n",
     "module:attribute": 'PLUGIN = "ironcore.newthing.module:VALUE"\n',
     "f-string": 'def plugin(name):\n    return importlib.import_module(f"ironcore.newthing.{name}")\n',
 }
@@ -98,10 +98,10 @@ def test_a_new_import_joins_the_digests_of_the_stages_that_reach_it(form: str, t
     package = _copy_package(tmp_path)
     before = {stage: fingerprint_text(package, stage) for stage in STAGES}
     assert not any("newthing" in text for text in before.values())  # a module nothing imports reruns nothing
-    corpus = package / "data" / "corpus.py"
+    corpus = package / "data" / "demo" / "corpus.py"
     corpus.write_text(corpus.read_text() + "\n\n" + IMPORTS[form])
     for stage in STAGES:
-        reaches = package / "data" / "corpus.py" in stage_files(package, stage)
+        reaches = corpus in stage_files(package, stage)
         joined = package / "newthing" / "module.py" in stage_files(package, stage)
         assert joined == reaches, stage
         assert (fingerprint_text(package, stage) != before[stage]) == reaches, stage

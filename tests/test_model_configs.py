@@ -41,6 +41,7 @@ PUBLISHED = {
     "qwen2.5-1.5b": 1543.7,
     "qwen2.5-7b": 7615.6,
     "qwen3-0.6b": 596.0,
+    "qwen3-8b": 8190.7,
     # The Hub's "2.03B" counts lm_head.weight again: the checkpoint stores it although it is tied.
     "qwen3-1.7b": 1720.6,
     "phi-1": 1418.3,

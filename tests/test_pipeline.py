@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ironcore.checkpoints import native
+
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = ROOT / "Snakefile"
 
@@ -266,10 +268,12 @@ def test_optional_chain_pretrain_sft_dpo(workdir):
             "name": stage, "task_type": stage, "source": {"path": str(workdir / "pairs.jsonl")}, "fields": fields,
             "tokenizer": {"path": "results/tokenizer"}, "max_seq_length": 64, "valid_fraction": 0.1,
             "output_dir": f"results/data/{stage}", "num_workers": 0})
-    for stage in ("sft", "dpo"):
+    for stage in ("sft", "dpo", "lora"):
         cfg = training_config("tiny-gpt", "layernorm")  # the model of experiment a
-        cfg["data"]["config_path"] = f"cfg/{stage}_data.yaml"
+        cfg["data"]["config_path"] = f"cfg/{'sft' if stage == 'lora' else stage}_data.yaml"
         cfg["operation"].update(train_steps=6, eval_interval=0)
+        if stage == "lora":  # LoRA SFT on experiment a's frozen weights
+            cfg["model"]["lora"] = {"rank": 4, "alpha": 8, "targets": ["qkv", "o", "up", "down"]}
         write_yaml(workdir / "cfg" / f"{stage}.yaml", cfg)
     # A generation task for the SFT model (ironcore eval --task): the prompts it was trained on, an exact checker.
     (workdir / "cfg" / "toy.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["chosen"]})
@@ -279,16 +283,23 @@ def test_optional_chain_pretrain_sft_dpo(workdir):
         **PIPELINE["experiments"],
         "sft": {"config": "cfg/sft.yaml", "init_from_experiment": "a", "optional": True, "tasks": ["cfg/toy.yaml"]},
         "dpo": {"config": "cfg/dpo.yaml", "init_from_experiment": "sft", "optional": True},
+        "lora": {"config": "cfg/lora.yaml", "init_from_experiment": "a", "optional": True, "tasks": ["cfg/toy.yaml"]},
     }}
     write_yaml(workdir / "chain.yaml", pipeline)
     snakemake(workdir)  # bring the default target up to date (earlier tests changed things)
     assert planned_jobs(workdir, configfile="chain.yaml") == Counter()  # optional experiments add nothing to it
     assert planned_jobs(workdir, "chain", configfile="chain.yaml") == Counter(
-        {"preprocess": 2, "train": 2, "tasks": 2, "chain_summary": 1, "chain": 1})
+        {"preprocess": 2, "train": 3, "tasks": 3, "chain_summary": 1, "chain": 1})
     snakemake(workdir, "chain", configfile="chain.yaml")
     sft = yaml.safe_load((workdir / "results" / "train" / "sft" / "config.yaml").read_text())
     dpo = yaml.safe_load((workdir / "results" / "train" / "dpo" / "config.yaml").read_text())
     assert sft["init"]["init_from"] == "results/runs/a" and dpo["init"]["init_from"] == "results/runs/sft"
+    # The LoRA experiment: adapters-only checkpoints on a's frozen weights, evaluated through them.
+    lora_run = workdir / "results" / "runs" / "lora"
+    assert (native.resolve(lora_run) / native.ADAPTER_BASE).is_file()
+    assert all(".lora." in name for name in native.read_safetensors(native.resolve(lora_run) / native.WEIGHTS))
+    lora_tasks = json.loads((workdir / "results" / "eval" / "lora" / "tasks.json").read_text())
+    assert lora_tasks["tasks"]["toy"]["items"] == 8
     final = json.loads((workdir / "results" / "train" / "dpo" / "final_eval.json").read_text())
     assert "val_rewards/accuracies" in final
     # The task's accuracy: in the chain's table (the DPO experiment configures none), and on the SFT training run.

@@ -108,8 +108,8 @@ def build_config(
     world_size: int | None = None,
     read_folder: FolderReader | None = None,
 ) -> Config:
-    """Resolve the model reference (an HF folder only with ``read_folder``), apply overrides, type-check and
-    validate."""
+    """Resolve the model reference (an HF folder only with ``read_folder``; ``model: {from: NAME, ...}`` is that
+    model with the fields given changed), apply overrides, type-check and validate."""
     raw = dict(raw)
     parsed = parse_overrides(overrides)
     for keys, value in parsed:
@@ -118,6 +118,9 @@ def build_config(
     model = raw.get("model", {})
     if not isinstance(model, Mapping):
         model = to_dict(load_model_config(model, config_dir, read_folder))
+    elif "from" in model:  # a named model (or HF folder) with some fields changed, e.g. its lora
+        changed = {key: value for key, value in model.items() if key != "from"}
+        model = {**to_dict(load_model_config(model["from"], config_dir, read_folder)), **changed}
     raw["model"] = dict(model)
     for keys, value in parsed:
         if keys != ["model"]:

@@ -1,0 +1,228 @@
+"""LoRA's memory and speed: against full fine-tuning of the same model, and against a PEFT + HF training loop.
+
+Part 1, one fresh process per row (so each peak RSS is its own): IronCore's model of ``--model`` (a real-size
+config, random weights), ``--steps`` AdamW steps of one micro-batch, fully fine-tuned, with LoRA, and with
+QLoRA (NF4 base; bf16 compute, as QLoRA runs); reported: the median step time; the peak bytes allocated in a
+step (the states measured, plus the most one profiled step allocated beyond them: the CPU analogue of CUDA's
+``max_memory_allocated``) beside the planner's figure; the peak RSS above the imports (which adds what the
+allocator keeps after freeing and the model's initialisation); the trained parameters.
+
+Part 2, one process: the same base and LoRA adapters in IronCore and in HF Transformers + PEFT (ours exported
+with ``save_hf_model``, PEFT's fresh adapters saved and loaded into IronCore, so both hold the same weights),
+the same batches, AdamW on the adapters; their steps alternate (ABBA) for ``--pairs`` pairs. Reported: the
+step-1 losses (equal weights and data must give equal losses), the median and range of the per-pair ratio of
+step times (HF + PEFT / IronCore: > 1 is faster), and the matmul peak measured in the same run (the physical
+limit of a CPU step: 6 x trained-path FLOPs per token).
+
+    python benchmarks/lora_throughput.py                         # qwen2.5-0.5b, 256 tokens, 10 pairs
+    python benchmarks/lora_throughput.py --model llama-tiny --seq-len 64 --steps 3 --pairs 4   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+# This folder's kernels.py would shadow the `kernels` package that transformers imports.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _config(args: argparse.Namespace, kind: str):
+    from ironcore.config import load_model_config
+    from ironcore.config.model import LoRAConfig
+
+    cfg = load_model_config(args.model)
+    if kind == "full":
+        return cfg
+    lora = LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, targets=list(TARGETS),
+                      quantize_base="nf4" if kind == "qlora" else None)  # fmt: skip
+    import dataclasses
+
+    return dataclasses.replace(cfg, lora=lora)
+
+
+def _batch(step: int, args: argparse.Namespace, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (args.micro_batch, args.seq_len + 1), generator=torch.Generator().manual_seed(step))
+
+
+def child(args: argparse.Namespace) -> None:
+    """One row of part 1, in its own process: prints one JSON line."""
+    from ironcore.config.training import OptimConfig
+    from ironcore.models import TransformerModel
+    from ironcore.models.lora import cast_base, quantize_base
+    from ironcore.training.memory import measured_state_bytes, plan_memory
+    from ironcore.training.optim import build_optimizer
+
+    torch.set_num_threads(args.threads)
+    kind = args.child
+    precision = "bf16" if kind == "qlora" else "fp32"
+    cfg = _config(args, kind)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Python, torch: not the step's
+    torch.manual_seed(0)
+    model = TransformerModel(cfg)
+    if kind == "qlora":
+        cast_base(model, torch.bfloat16)
+        quantize_base(model)
+    optimizer = build_optimizer(model, OptimConfig(max_lr=1e-4), precision=precision)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def train_step(tokens: torch.Tensor) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model(tokens[:, :-1], labels=tokens[:, 1:], loss_weights=torch.full(tokens[:, 1:].shape,
+                                                                                        1.0 / tokens[:, 1:].numel()))
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    times = []
+    for step in range(args.steps + 1):
+        start = time.perf_counter()
+        loss = train_step(_batch(step, args, cfg.vocab_size))
+        if step:  # the first step allocates the optimizer state
+            times.append(time.perf_counter() - start)
+    plan = plan_memory(cfg, precision=precision, micro_batch_size=args.micro_batch, seq_len=args.seq_len)
+    states = sum(measured_state_bytes(model, optimizer))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:  # one more step, profiled
+        train_step(_batch(args.steps + 1, args, cfg.vocab_size))
+    print(json.dumps({
+        "kind": kind, "step_s": statistics.median(times), "times": times, "loss": loss.item(),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "start_rss_gib": before,
+        "trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "planned_gib": plan.total / 2**30, "planned_states_gib": plan.states / 2**30,
+        "peak_allocated_gib": (states + step_peak(prof)) / 2**30, "states_gib": states / 2**30,
+    }))
+
+
+def step_peak(prof: profile) -> int:
+    """The most bytes a profiled step had allocated beyond what it started with (the CPU analogue of CUDA's
+    ``max_memory_allocated``): each operator's own allocations and frees, summed in the order they started."""
+    running = peak = 0
+    for event in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+        running += event.self_cpu_memory_usage
+        peak = max(peak, running)
+    return peak
+
+
+def matmul_peak(threads: int, size: int = 1024, repeat: int = 10) -> float:
+    """fp32 GEMM rate of this CPU now (FLOP/s): the limit a training step's matmuls run against."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peer(args: argparse.Namespace) -> dict:
+    """Part 2: IronCore LoRA vs HF + PEFT LoRA on the same weights and batches, interleaved."""
+    import peft
+    import transformers
+
+    from ironcore.checkpoints.hf import save_hf_model
+    from ironcore.checkpoints.load import load_model
+    from ironcore.config.training import OptimConfig
+    from ironcore.models import TransformerModel
+    from ironcore.training.optim import build_optimizer
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        save_hf_model(TransformerModel(_config(args, "full")), Path(tmp) / "base")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "base", attn_implementation="sdpa")
+        theirs = peft.get_peft_model(hf, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                                         target_modules=TARGETS))  # fmt: skip
+        theirs.save_pretrained(Path(tmp) / "adapter")
+        ours = load_model(Path(tmp) / "adapter").train()
+    theirs.train()
+    opt_ours = build_optimizer(ours, OptimConfig(max_lr=1e-4))
+    opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    vocab = ours.config.vocab_size
+
+    def ours_step(tokens: torch.Tensor) -> float:
+        opt_ours.zero_grad(set_to_none=True)
+        weights = torch.full(tokens[:, 1:].shape, 1.0 / tokens[:, 1:].numel())
+        loss = ours(tokens[:, :-1], labels=tokens[:, 1:], loss_weights=weights)
+        loss.backward()
+        opt_ours.step()
+        return loss.item()
+
+    def theirs_step(tokens: torch.Tensor) -> float:
+        opt_theirs.zero_grad(set_to_none=True)
+        logits = theirs(input_ids=tokens[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        opt_theirs.step()
+        return loss.item()
+
+    first = (ours_step(_batch(0, args, vocab)), theirs_step(_batch(0, args, vocab)))
+    ratios, ours_times, their_times = [], [], []
+    for pair in range(args.pairs):
+        tokens = _batch(pair + 1, args, vocab)
+        timed = {}
+        for name, step in (("ours", ours_step), ("theirs", theirs_step))[:: 1 if pair % 2 == 0 else -1]:
+            start = time.perf_counter()
+            step(tokens)
+            timed[name] = time.perf_counter() - start
+        ours_times.append(timed["ours"])
+        their_times.append(timed["theirs"])
+        ratios.append(timed["theirs"] / timed["ours"])
+    return {"first_losses": first, "ratio_median": statistics.median(ratios), "ratios": ratios,
+            "ours_step_s": statistics.median(ours_times), "theirs_step_s": statistics.median(their_times),
+            "matmul_peak_gflops": matmul_peak(args.threads) / 1e9}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2.5-0.5b")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per part-1 row (after one untimed)")
+    parser.add_argument("--pairs", type=int, default=10, help="interleaved step pairs of part 2")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kinds", nargs="+", default=["full", "lora", "qlora"])
+    parser.add_argument("--child", choices=["full", "lora", "qlora"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    print(f"{args.model}, {args.micro_batch} x {args.seq_len} tokens, LoRA rank {args.rank} on {', '.join(TARGETS)}, "
+          f"{args.threads} threads", flush=True)
+    rows = []
+    for kind in args.kinds:
+        cmd = [sys.executable, __file__, "--child", kind, *sys.argv[1:]]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        rows.append(json.loads(out))
+        r = rows[-1]
+        print(f"{kind:6s} step {r['step_s']:.2f} s (median of {len(r['times'])}; "
+              f"{min(r['times']):.2f}-{max(r['times']):.2f}); peak allocated {r['peak_allocated_gib']:.2f} GiB "
+              f"(states {r['states_gib']:.2f}), planned {r['planned_gib']:.2f} (states "
+              f"{r['planned_states_gib']:.2f}); peak RSS {r['peak_rss_gib'] - r['start_rss_gib']:.2f} GiB above the "
+              f"imports; trained {r['trained'] / 1e6:.2f} M parameters", flush=True)
+    result = peer(args)
+    print(f"IronCore LoRA vs HF + PEFT LoRA, {args.pairs} interleaved pairs: step-1 losses "
+          f"{result['first_losses'][0]:.4f} / {result['first_losses'][1]:.4f}; step {result['ours_step_s']:.2f} s "
+          f"vs {result['theirs_step_s']:.2f} s; speed ratio median {result['ratio_median']:.2f} "
+          f"(range {min(result['ratios']):.2f}-{max(result['ratios']):.2f}); fp32 matmul peak "
+          f"{result['matmul_peak_gflops']:.0f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
