@@ -118,7 +118,7 @@ class _Factory:
 
     def mktemp(self, name: str):
         path = self.root / name
-        path.mkdir()
+        path.mkdir(parents=True)
         return path
 
 
@@ -151,3 +151,33 @@ def test_convert_exports_adapters_for_peft_and_a_merged_hf_model(pretrain_data, 
         {**config, "base_model_name_or_path": str(tmp_path / "hf_base")}))
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "peft")(tokens), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grpo_and_reward_model_train_adapters_on_a_frozen_base(tmp_path) -> None:
+    """GRPO samples from the adapted policy and takes its KL (beta > 0) against the base with adapters off; a
+    reward model trains its adapters and its score head. Both leave the base bit-identical."""
+    import test_dpo
+    import test_grpo
+
+    from ironcore.models.lora import AdaptersOff
+
+    rl = test_grpo.rl_data.__wrapped__(_Factory(tmp_path))
+    options = test_grpo.grpo_config(rl, tmp_path / "unused", 2, options={"beta": 0.05}).trainer.objective_options
+    cfg = small_run_config({**TINY_MODEL, "lora": LORA}, rl, tmp_path / "grpo", 2, trainer__micro_batch_size=2,
+                           trainer__gradient_accumulation_steps=2, trainer__objective_options=options,
+                           optim__max_lr=1e-2)
+    trainer = Trainer(cfg)
+    assert isinstance(trainer.objective.reference, AdaptersOff)
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    trainer.train()
+    lines = [m for m in read_metrics(tmp_path / "grpo") if "loss" in m]
+    assert len(lines) == 2 and all("kl" in m for m in lines)
+    assert all(torch.equal(p, frozen[n]) for n, p in trainer.model.named_parameters() if not p.requires_grad)
+
+    pairs = test_dpo.dpo_data.__wrapped__(_Factory(tmp_path / "rm"))
+    rm = small_run_config({**MODEL, "score_head": True, "lora": LORA}, pairs, tmp_path / "rm_run", 2,
+                          trainer__objective="reward_model")
+    trainer = Trainer(rm)
+    assert "score.weight" in trainable_names(trainer.model)
+    trainer.train()
+    assert [m for m in read_metrics(tmp_path / "rm_run") if "loss" in m]

@@ -21,7 +21,7 @@ from ironcore.errors import ConfigError
 from ironcore.layers.lora import LoRA
 from ironcore.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-# projection -> (layer within a block, its output parts; None: the whole layer)
+# projection -> (layer within a block, the output parts its one adapter covers); "up": targeted_layers
 _PARTS = {"q": ("attn.qkv", (0,)), "k": ("attn.qkv", (1,)), "v": ("attn.qkv", (2,)), "qkv": ("attn.qkv", (0, 1, 2)),
           "o": ("attn.out", (0,)), "down": ("mlp.down", (0,)), "gate": ("mlp.up", (0,)), "gate_up": ("mlp.up", (0, 1))}
 
@@ -52,14 +52,16 @@ def add_adapters(model: nn.Module, cfg: LoRAConfig) -> None:
             param.requires_grad_(True)
 
 
+# modules_to_save name -> the top-level modules it trains in full (norms: every norm, found by name)
+_SAVED = {"embed": ("embed", "pos_embed"), "embed_tokens": ("embed", "pos_embed"), "lm_head": ("lm_head",)}
+
+
 def _saved(name: str, modules: list[str]) -> bool:
-    """Whether base parameter ``name`` trains in full (``modules_to_save``)."""
-    top = name.split(".")[0]
-    wanted = {"embed_tokens": "embed"}.get
-    names = {wanted(m, m) for m in modules} | {"score"}
-    if top == "score" or (top in ("embed", "pos_embed") and "embed" in names) or (top == "lm_head" and "lm_head" in names):
+    """Whether base parameter ``name`` trains in full (``modules_to_save``; a reward model's score head always)."""
+    top, owner = name.split(".")[0], name.rpartition(".")[0].rpartition(".")[2]
+    if top == "score" or ("norm" in modules and "norm" in owner):
         return True
-    return "norm" in names and "norm" in name.rpartition(".")[0].rpartition(".")[2]
+    return any(top in _SAVED.get(module, ()) for module in modules)
 
 
 def adapters(model: nn.Module) -> Iterator[LoRA]:
