@@ -43,9 +43,9 @@ def _hf_base(spec: dict, folder) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
 
 
-def _peft_model(case: str, tmp_path, rslora: bool = False):
+def _peft_model(case: str, tmp_path, rslora: bool = False, spec: dict | None = None):
     """(HF + PEFT model with random non-zero adapters, the PEFT folder); the base is saved in tmp_path/base."""
-    spec, targets = CASES[case]
+    spec, targets = spec or CASES[case][0], CASES[case][1]
     base = _hf_base(spec, tmp_path / "base")
     config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets,
                              use_rslora=rslora, fan_in_fan_out=case == "gpt2")
@@ -159,3 +159,29 @@ def test_targets_modules_to_save_and_errors() -> None:
         ModelConfig(gated_mlp=False, lora=LoRAConfig(targets=["gate"])).validate()
     with pytest.raises(Exception, match="lora.targets.*unknown projection 'qq'"):
         ModelConfig(lora=LoRAConfig(targets=["qq"])).validate()
+
+
+def test_a_peft_folder_is_a_starting_point_for_training(tmp_path) -> None:
+    """init.init_from: a PEFT folder (with model: {from: its HF base, lora: ...}): the run starts from the
+    folder's adapters on its base, and trains on."""
+    from run_helpers import read_metrics, shakespeare_slice
+
+    from ironcore.checkpoints.hf_families import model_config_from_folder
+    from ironcore.config import build_config
+    from ironcore.training.trainer import Trainer
+
+    spec, targets = CASES["llama"]
+    _, folder = _peft_model("llama", tmp_path, spec={**spec, "vocab_size": 512})
+    (tmp_path / "data").mkdir()
+    data = shakespeare_slice(tmp_path / "data", 20_000)
+    raw = {"model": {"from": str(tmp_path / "base"), "lora": {"rank": RANK, "alpha": ALPHA, "targets": targets}},
+           "data": {"config_path": str(data)}, "init": {"init_from": str(folder), "seed": 1},
+           "trainer": {"micro_batch_size": 2, "output_dir": str(tmp_path / "run"), "save_interval": 0},
+           "operation": {"train_steps": 2, "eval_interval": 0, "log_interval": 1}, "utils": {"tracking": False}}
+    trainer = Trainer(build_config(raw, world_size=1, read_folder=model_config_from_folder))
+    tokens = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.model.eval()(tokens), load_model(folder)(tokens), rtol=1e-6, atol=1e-6)
+    trainer.model.train()
+    trainer.train()
+    assert len([m for m in read_metrics(tmp_path / "run") if "loss" in m]) == 2
