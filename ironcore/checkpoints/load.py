@@ -83,7 +83,7 @@ def _read(
         record = native.read_base_record(folder)
         base = _base_source(folder, record)
         base_state = {n: t for n, t in _read(base, device, None)[1].items() if n not in state}
-        native.check_base(folder, record, base_state)
+        native.check_base(folder, native.base_record(None, base_state)["fingerprint"], base)
         state = {**base_state, **state}
     if dtype is not None:
         state = {name: tensor.to(dtype) for name, tensor in state.items()}

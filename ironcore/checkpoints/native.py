@@ -142,13 +142,14 @@ def read_base_record(folder: Path) -> dict[str, str]:
     return read_json(folder / ADAPTER_BASE, "LoRA base record", CheckpointError)
 
 
-def check_base(folder: Path, record: Mapping[str, str], weights: Mapping[str, torch.Tensor]) -> None:
-    """One line when ``weights`` are not the base the adapters of ``folder`` were trained on."""
-    found = base_record(None, weights)["fingerprint"]
-    if found != record.get("fingerprint"):
+def check_base(folder: Path, fingerprint: str, base: str) -> None:
+    """One line when the base weights with ``fingerprint`` (from ``base``) are not those the adapters of the LoRA
+    checkpoint ``folder`` were trained on."""
+    record = read_base_record(folder)
+    if record.get("fingerprint") != fingerprint:
         raise CheckpointError(f"{folder / ADAPTER_BASE}: the adapters were trained on {record.get('base')!r} "
-                              f"(fingerprint {record.get('fingerprint')}), these base weights are another model "
-                              f"(fingerprint {found})")
+                              f"(fingerprint {record.get('fingerprint')}), the base {base!r} is other weights "
+                              f"(fingerprint {fingerprint})")
 
 
 def copy_tokenizer(source: str | Path, folder: Path) -> None:

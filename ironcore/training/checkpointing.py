@@ -244,10 +244,7 @@ def _load(folder: Path, model: torch.nn.Module, optimizer: TrainingOptimizer, de
         raise CheckpointError(f"{folder}: missing")
     absent: list[str] = []
     if base is not None:  # LoRA: the adapters, onto the base the run stands on (the one they were trained on)
-        recorded = native.read_base_record(folder)
-        if recorded.get("fingerprint") != base["fingerprint"]:
-            raise CheckpointError(f"{folder / native.ADAPTER_BASE}: its adapters were trained on "
-                                  f"{recorded.get('base')!r}, this run's base is {base['base']!r} (other weights)")
+        native.check_base(folder, base["fingerprint"], base["base"])
         trained = set(trainable_names(model))
         absent = [name for name in model.state_dict() if name not in trained]
     try:
