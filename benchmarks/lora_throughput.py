@@ -2,7 +2,8 @@
 
 Part 1, one fresh process per row (so each peak RSS is its own): IronCore's model of ``--model`` (a real-size
 config, random weights), ``--steps`` AdamW steps of one micro-batch, fully fine-tuned, with LoRA, and with
-QLoRA (NF4 base; bf16 compute, as QLoRA runs); reported: the median step time; the peak bytes allocated in a
+QLoRA (NF4 base, dequantised to the compute dtype in each matmul: ``--precision``, fp32 by default since a
+CPU's bf16 matmuls are slower than its fp32 ones; QLoRA on a GPU computes in bf16); reported: the median step time; the peak bytes allocated in a
 step (the states measured, plus the most one profiled step allocated beyond them: the CPU analogue of CUDA's
 ``max_memory_allocated``) beside the planner's figure; the peak RSS above the imports (which adds what the
 allocator keeps after freeing and the model's initialisation); the trained parameters.
@@ -68,13 +69,14 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     kind = args.child
-    precision = "bf16" if kind == "qlora" else "fp32"
+    precision = args.precision
     cfg = _config(args, kind)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Python, torch: not the step's
     torch.manual_seed(0)
     model = TransformerModel(cfg)
     if kind == "qlora":
-        cast_base(model, torch.bfloat16)
+        if precision == "bf16":
+            cast_base(model, torch.bfloat16)
         quantize_base(model)
     optimizer = build_optimizer(model, OptimConfig(max_lr=1e-4), precision=precision)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
@@ -139,9 +141,13 @@ def peer(args: argparse.Namespace) -> dict:
     from ironcore.checkpoints.load import load_model
     from ironcore.config.training import OptimConfig
     from ironcore.models import TransformerModel
+    from ironcore.models.stats import model_stats
     from ironcore.training.optim import build_optimizer
+    from ironcore.training.perf import retain_freed_host_memory
 
     torch.set_num_threads(args.threads)
+    if args.retain:  # what the trainer does on a CPU (trainer.retain_host_memory), for both: one process
+        retain_freed_host_memory()
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         save_hf_model(TransformerModel(_config(args, "full")), Path(tmp) / "base")
@@ -183,9 +189,13 @@ def peer(args: argparse.Namespace) -> dict:
         ours_times.append(timed["ours"])
         their_times.append(timed["theirs"])
         ratios.append(timed["theirs"] / timed["ours"])
+    # The frozen base's step: the forward pass and the backward pass's input gradients (no weight gradients), two
+    # forward passes' FLOPs; the adapters add ~2 % at rank 16. At the measured matmul peak that is the fastest step.
+    flops = 2 * model_stats(ours.config, args.seq_len).forward_flops_per_token * args.seq_len * args.micro_batch
+    peak = matmul_peak(args.threads)
     return {"first_losses": first, "ratio_median": statistics.median(ratios), "ratios": ratios,
             "ours_step_s": statistics.median(ours_times), "theirs_step_s": statistics.median(their_times),
-            "matmul_peak_gflops": matmul_peak(args.threads) / 1e9}  # fmt: skip
+            "matmul_peak_gflops": peak / 1e9, "matmul_bound_s": flops / peak}  # fmt: skip
 
 
 def main() -> None:
@@ -197,7 +207,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per part-1 row (after one untimed)")
     parser.add_argument("--pairs", type=int, default=10, help="interleaved step pairs of part 2")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--kinds", nargs="+", default=["full", "lora", "qlora"])
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="part 1's compute (bf16 on a GPU; this CPU's bf16 matmuls are ~3.5x slower than fp32)")
+    parser.add_argument("--kinds", nargs="*", default=["full", "lora", "qlora"], help="part 1's rows (none: skip it)")
+    parser.add_argument("--retain", action="store_true",
+                        help="part 2 with freed host memory kept for reuse, as the trainer runs on a CPU")
     parser.add_argument("--child", choices=["full", "lora", "qlora"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -221,7 +235,9 @@ def main() -> None:
           f"{result['first_losses'][0]:.4f} / {result['first_losses'][1]:.4f}; step {result['ours_step_s']:.2f} s "
           f"vs {result['theirs_step_s']:.2f} s; speed ratio median {result['ratio_median']:.2f} "
           f"(range {min(result['ratios']):.2f}-{max(result['ratios']):.2f}); fp32 matmul peak "
-          f"{result['matmul_peak_gflops']:.0f} GFLOP/s")
+          f"{result['matmul_peak_gflops']:.0f} GFLOP/s, at which the step's matmuls take "
+          f"{result['matmul_bound_s']:.2f} s: IronCore {result['matmul_bound_s'] / result['ours_step_s']:.0%} of that "
+          f"bound, HF + PEFT {result['matmul_bound_s'] / result['theirs_step_s']:.0%}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Low-rank adapters (LoRA) on a tensor-parallel linear layer: ``y = base(x) + B(A(dropout(x))) * scale``.
+"""Low-rank adapters (LoRA) on a tensor-parallel linear layer: ``y = base(x) + B(A(dropout(x)) * scale)``.
 
 PEFT's LoRA (Hu et al. 2021) with its initialisation (A Kaiming-uniform, B zero, so training starts at the
 base model) and scale ``alpha / rank`` (``alpha / sqrt(rank)`` rank-stabilised). Our column-parallel layers
@@ -88,19 +88,21 @@ class LoRA(nn.Module):
             self.A.weight.copy_(full if a_full is None else a_full.shard(full, state.tp_size(), state.tp_rank()))
             self.B.weight.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The update to add to the base's (local, pre-reduction) output for input ``x`` as the base sees it."""
-        h = F.linear(self.drop(x), self.A.weight)
+    def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y`` (the base's local, pre-reduction output for input ``x`` as the base sees it) plus the update,
+        added in place into the columns of each group: no zeros for the parts without an adapter, no
+        concatenation, and the scale applied to the rank-wide ``A x`` instead of the output (10 % of a LoRA step
+        of a 0.5B model on CPU went into those full-width copies)."""
+        h = F.linear(self.drop(x), self.A.weight) * self.scale
         if len(self.slots) == 1:
-            return F.linear(h, self.B.weight) * self.scale
-        hs, pieces, row = h.split(self.rank, dim=-1), [], 0
+            return y.add_(F.linear(h, self.B.weight))
+        hs, column, row = h.split(self.rank, dim=-1), 0, 0
         for g, rows in self.slots:
-            if g is None:
-                pieces.append(h.new_zeros(*h.shape[:-1], rows))
-            else:
-                pieces.append(F.linear(hs[g], self.B.weight[row : row + rows]))
+            if g is not None:
+                y.narrow(-1, column, rows).add_(F.linear(hs[g], self.B.weight[row : row + rows]))
                 row += rows
-        return torch.cat(pieces, dim=-1) * self.scale
+            column += rows
+        return y
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

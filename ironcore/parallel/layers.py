@@ -96,7 +96,7 @@ class ColumnParallelLinear(nn.Module):
         x = column_input(x)
         y = F.linear(x, self.weight, self.bias)
         if self.lora is not None and self.lora.enabled:
-            y = y + self.lora(x)
+            y = self.lora(y, x)  # adds its update into y
         return gather_from_tp(y) if self.gather_output else y
 
 
@@ -121,7 +121,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
         if self.lora is not None and self.lora.enabled:  # a partial sum like the base's: one reduction for both
-            y = y + self.lora(x)
+            y = self.lora(y, x)
         y = row_output(y)
         return y if self.bias is None else y + self.bias
 
