@@ -106,7 +106,14 @@ def child(args: argparse.Namespace) -> None:
         "trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "planned_gib": plan.total / 2**30, "planned_states_gib": plan.states / 2**30,
         "peak_allocated_gib": (states + step_peak(prof)) / 2**30, "states_gib": states / 2**30,
+        "matmul_share": matmul_share(prof),
     }))
+
+
+def matmul_share(prof: profile) -> float:
+    """The share of a profiled step's CPU time in GEMMs (aten::mm, addmm, bmm)."""
+    times = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    return sum(times.get(name, 0) for name in ("aten::mm", "aten::addmm", "aten::bmm")) / sum(times.values())
 
 
 def step_peak(prof: profile) -> int:
@@ -229,7 +236,10 @@ def main() -> None:
               f"{min(r['times']):.2f}-{max(r['times']):.2f}); peak allocated {r['peak_allocated_gib']:.2f} GiB "
               f"(states {r['states_gib']:.2f}), planned {r['planned_gib']:.2f} (states "
               f"{r['planned_states_gib']:.2f}); peak RSS {r['peak_rss_gib'] - r['start_rss_gib']:.2f} GiB above the "
-              f"imports; trained {r['trained'] / 1e6:.2f} M parameters", flush=True)
+              f"imports; trained {r['trained'] / 1e6:.2f} M parameters; GEMMs {r['matmul_share']:.0%} of a step",
+              flush=True)
+    if not args.pairs:
+        return
     result = peer(args)
     print(f"IronCore LoRA vs HF + PEFT LoRA, {args.pairs} interleaved pairs: step-1 losses "
           f"{result['first_losses'][0]:.4f} / {result['first_losses'][1]:.4f}; step {result['ours_step_s']:.2f} s "
