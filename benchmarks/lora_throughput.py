@@ -22,6 +22,7 @@ limit of a CPU step: 6 x trained-path FLOPs per token).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -50,8 +51,6 @@ def _config(args: argparse.Namespace, kind: str):
         return cfg
     lora = LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, targets=list(TARGETS),
                       quantize_base="nf4" if kind == "qlora" else None)  # fmt: skip
-    import dataclasses
-
     return dataclasses.replace(cfg, lora=lora)
 
 
