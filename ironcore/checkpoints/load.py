@@ -93,6 +93,9 @@ def _read(
 def _base_source(folder: Path, record: dict[str, str]) -> str:
     """Where a LoRA checkpoint's base is now: as recorded (relative to the working folder), else its
     recorded absolute path; CheckpointError naming both when neither exists."""
+    if not record.get("base"):
+        raise CheckpointError(f"{folder / native.ADAPTER_BASE}: the adapters were trained on a seed-initialised base "
+                              "(no init.init_from): there are no base weights to load them on")
     for candidate in (record.get("base"), record.get("base_path")):
         if candidate and (Path(candidate).exists() or locate_hub_name(candidate)):
             return candidate
