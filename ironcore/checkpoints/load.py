@@ -42,7 +42,7 @@ def locate(source: str | Path, expect: str | None = None) -> tuple[str, Path]:
         return "hf", path
     if is_peft_folder(path):
         return "peft", path
-    if locate_hub_name(str(source)):
+    if is_hub_name(str(source)):
         from huggingface_hub import snapshot_download  # a hub name "owner/model": needs network
 
         return "hf", Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors"]))
@@ -97,13 +97,13 @@ def _base_source(folder: Path, record: dict[str, str]) -> str:
         raise CheckpointError(f"{folder / native.ADAPTER_BASE}: the adapters were trained on a seed-initialised base "
                               "(no init.init_from): there are no base weights to load them on")
     for candidate in (record.get("base"), record.get("base_path")):
-        if candidate and (Path(candidate).exists() or locate_hub_name(candidate)):
+        if candidate and (Path(candidate).exists() or is_hub_name(candidate)):
             return candidate
     raise CheckpointError(f"{folder / native.ADAPTER_BASE}: the base model {record.get('base')!r} "
                           f"({record.get('base_path')}) is not found: the adapters need it")
 
 
-def locate_hub_name(source: str) -> bool:
+def is_hub_name(source: str) -> bool:
     """Whether ``source`` reads as an HF hub name (``owner/model``) rather than a local path."""
     path = Path(source)
     return not path.exists() and not source.startswith((".", "/")) and source.count("/") == 1

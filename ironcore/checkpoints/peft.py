@@ -12,6 +12,7 @@ one-line error. ``peft`` itself is never imported: it is a test dependency.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +64,15 @@ def _tensor_names(model: TransformerModel) -> dict[str, tuple[str, slice]]:
     return names
 
 
-def _saved_names(model: TransformerModel, full: dict[str, torch.Tensor]) -> dict[str, str]:
-    """PEFT key -> our name for the base tensors trained in full (``modules_to_save``)."""
+def _saved_names(model: TransformerModel, names: Iterable[str]) -> dict[str, str]:
+    """PEFT key -> our name for the base tensors ``names`` trained in full (``modules_to_save``)."""
     family = hf_config_from_model(model.config)["model_type"]
-    lora_names = {name for name, _ in _tensor_names(model).values()}
     out = {}
-    for name in full:
-        if name not in lora_names:
-            sources, how = hf_sources(family, name)
-            if len(sources) != 1 or how != "copy":
-                raise CheckpointError(f"{name}: a fused tensor trained in full has no PEFT equivalent")
-            out[f"{PREFIX}{sources[0]}"] = name
+    for name in names:
+        sources, how = hf_sources(family, name)
+        if len(sources) != 1 or how != "copy":
+            raise CheckpointError(f"{name}: a fused tensor trained in full has no PEFT equivalent")
+        out[f"{PREFIX}{sources[0]}"] = name
     return out
 
 
@@ -97,7 +96,7 @@ def write_peft_adapter(model: TransformerModel, full: dict[str, torch.Tensor], f
     """Write ``model``'s adapters (``full``: its trainable tensors in full form) as a PEFT folder."""
     folder = Path(folder)
     tensors = {key: full[name][rows].contiguous() for key, (name, rows) in _tensor_names(model).items()}
-    for key, name in _saved_names(model, {n: t for n, t in full.items() if ".lora." not in n}).items():
+    for key, name in _saved_names(model, (n for n in full if ".lora." not in n)).items():
         tensors[key] = full[name].contiguous()
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: t.detach().cpu() for k, t in tensors.items()}, folder / WEIGHTS, metadata={"format": "pt"})
@@ -138,15 +137,14 @@ def read_peft_adapter(folder: str | Path, model: TransformerModel) -> dict[str, 
     missing = sorted(set(names) - set(found))
     if missing:
         raise CheckpointError(f"{path}: missing adapter tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    pieces: dict[str, list[tuple[slice, torch.Tensor]]] = {}
-    for key, (name, rows) in names.items():
-        pieces.setdefault(name, []).append((rows, found.pop(key)))
-    full = {name: torch.cat([t for _, t in sorted(parts, key=lambda p: p[0].start)]) for name, parts in pieces.items()}
-    saved_expected = {n for n, p in model.named_parameters() if p.requires_grad and ".lora." not in n}
-    by_key = {f"{PREFIX}{k.removeprefix(PREFIX)}": k for k in found}
-    for key, name in _saved_names(model, dict.fromkeys(saved_expected)).items():
-        if key in by_key:
-            full[name] = found.pop(by_key[key])
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for key, (name, _) in names.items():  # in row order: groups are listed first to last
+        pieces.setdefault(name, []).append(found.pop(key))
+    full = {name: torch.cat(parts) for name, parts in pieces.items()}
+    saved = (n for n, p in model.named_parameters() if p.requires_grad and ".lora." not in n)
+    for key, name in _saved_names(model, saved).items():
+        if key in found:
+            full[name] = found.pop(key)
     if found:
         raise CheckpointError(f"{path}: unexpected tensors {sorted(found)[:3]}")
     return full

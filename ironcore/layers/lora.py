@@ -107,7 +107,7 @@ class LoRA(nn.Module):
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """``B A * scale`` in the base weight's local shape (what merging adds to it)."""
-        if len(self.slots) == 1 and len(self.groups) == 1:
+        if len(self.slots) == 1:  # one group over the whole output
             return self.B.weight @ self.A.weight * self.scale
         a, pieces, row = self.A.weight.split(self.rank), [], 0
         for g, rows in self.slots:

@@ -140,28 +140,34 @@ def quantize_base(model: nn.Module) -> None:
         from torchao.quantization import to_nf4
     except ImportError:
         raise ConfigError("model.lora.quantize_base: nf4 needs torchao (pip install torchao)") from None
+    for name, module in base_projections(model):
+        weight = module.weight.detach()
+        blocks = weight.numel() // NF4_BLOCK
+        if weight.numel() % NF4_BLOCK:
+            raise ConfigError(f"model.lora.quantize_base: {name} has {weight.numel()} elements, not a multiple of "
+                              f"the NF4 block ({NF4_BLOCK})")
+        scaler_block = math.gcd(blocks, NF4_SCALER_BLOCK)  # 256 unless the tensor is tiny
+        module.weight = nn.Parameter(to_nf4(weight, NF4_BLOCK, scaler_block), requires_grad=False)
+
+
+def base_projections(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(weight name, layer) of every frozen projection of the blocks: what QLoRA quantises (and the memory
+    planner counts in NF4)."""
     for name, module in model.layers.named_modules():
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and not module.weight.requires_grad:
-            weight = module.weight.detach()
-            blocks = weight.numel() // NF4_BLOCK
-            if weight.numel() % NF4_BLOCK:
-                raise ConfigError(f"model.lora.quantize_base: layers.{name}.weight has {weight.numel()} elements, "
-                                  f"not a multiple of the NF4 block ({NF4_BLOCK})")
-            scaler_block = math.gcd(blocks, NF4_SCALER_BLOCK)  # 256 unless the tensor is tiny
-            module.weight = nn.Parameter(to_nf4(weight, NF4_BLOCK, scaler_block), requires_grad=False)
+            yield f"layers.{name}.weight", module
 
 
 def is_quantized(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is an NF4-quantised base weight."""
-    return type(tensor).__name__ == "NF4Tensor" or type(getattr(tensor, "data", None)).__name__ == "NF4Tensor"
+    """Whether ``tensor`` is an NF4-quantised base weight (torchao's ``NF4Tensor``; a parameter of one is one)."""
+    return type(tensor).__name__ == "NF4Tensor"
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
     """Bytes ``tensor`` holds: an NF4 weight's packed 4-bit values and its (double-quantised) scales."""
     if is_quantized(tensor):
-        data = tensor.data if type(tensor.data).__name__ == "NF4Tensor" else tensor
-        return sum(getattr(data, name).numel() * getattr(data, name).element_size()
-                   for name in data.__tensor_flatten__()[0])  # fmt: skip
+        inner = (getattr(tensor, name) for name in tensor.__tensor_flatten__()[0])
+        return sum(part.numel() * part.element_size() for part in inner)
     return tensor.numel() * tensor.element_size()
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -45,7 +44,7 @@ from torch import nn
 
 from ironcore.config.model import ModelConfig
 from ironcore.models import TransformerModel
-from ironcore.models.lora import NF4_BLOCK, NF4_SCALER_BLOCK, is_quantized, tensor_bytes
+from ironcore.models.lora import NF4_BLOCK, NF4_SCALER_BLOCK, base_projections, is_quantized, tensor_bytes
 from ironcore.parallel import state
 from ironcore.parallel.comm import DEFAULT_BUCKET_BYTES
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -88,19 +87,15 @@ def local_parameters(cfg: ModelConfig, tp: int) -> list[tuple[int, bool, bool]]:
     with torch.device("meta"):
         model = TransformerModel(cfg)
     shapes, splits = full_shapes(model), named_splits(model)
-    nf4 = cfg.lora is not None and cfg.lora.quantize_base == "nf4"
+    nf4 = {name for name, _ in base_projections(model)} if cfg.lora and cfg.lora.quantize_base == "nf4" else set()
     found = []
     for name, param in model.named_parameters():
         split = splits.get(name)
         if split is not None and split.padded is not None:  # the padding grows with TP: a multiple of 128 x tp
             split = dataclasses.replace(split, padded=padded_vocab_size(split.parts[0], tp))
         numel = shapes[name].numel() if split is None else split.local_shape(shapes[name], tp).numel()
-        quantized = nf4 and not param.requires_grad and bool(_PROJECTION.fullmatch(name))
-        found.append((numel, param.requires_grad, quantized))
+        found.append((numel, param.requires_grad, name in nf4))
     return found
-
-
-_PROJECTION = re.compile(r"layers\.\d+\.(attn\.qkv|attn\.out|mlp\.up|mlp\.down)\.weight")  # what QLoRA quantises
 
 
 def nf4_bytes(numel: int, dtype_bytes: int) -> int:

@@ -176,7 +176,7 @@ class Trainer:
         which every checkpoint carries and a resumed run's base must match."""
         model = TransformerModel(self.cfg.model)
         init_from, lora = self.cfg.init.init_from, self.cfg.model.lora is not None
-        adapters = trainable_names(model) if lora else []
+        adapters = set(trainable_names(model)) if lora else set()
         weights = None
         # A resumed run loads its checkpoint instead; with LoRA that holds the adapters only: the base loads too.
         if init_from and (lora or resume_folder(self.ckpt_dir) is None):
@@ -187,7 +187,7 @@ class Trainer:
                 raise UserError(f"init.init_from {init_from}: {err}") from None
         if lora:
             base = weights if weights is not None else full_state_dict(model)
-            self.base = native.base_record(init_from, {n: t for n, t in base.items() if n not in set(adapters)})
+            self.base = native.base_record(init_from, {n: t for n, t in base.items() if n not in adapters})
             if self.cfg.trainer.precision == "bf16":
                 cast_base(model, torch.bfloat16)
             if self.cfg.model.lora.quantize_base == "nf4":
