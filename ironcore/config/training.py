@@ -65,11 +65,29 @@ class TrainerConfig:
     compile: bool = field(False, help="Wrap the model in torch.compile.")
     activation_checkpointing: bool = field(False, help="Recompute each block's activations in the backward pass.")
     grad_clip: float = field(1.0, help="Clip the global gradient norm to this (0: no clipping).")
+    data_parallel: Literal["ddp", "zero1", "fsdp"] | None = field(
+        None,
+        help="How the data-parallel ranks share the training state. ddp: every rank holds everything, gradients "
+        "all-reduced. zero1: the optimizer state sharded (Megatron's distributed optimizer): gradients "
+        "reduce-scattered, each rank steps its shard, parameters all-gathered. fsdp: parameters, gradients and "
+        "optimizer state sharded per transformer block (PyTorch's FSDP2), each block's weights all-gathered "
+        "for its forward and backward pass. Same losses either way; null: zero1 when "
+        "trainer.distributed_optimizer is set, else ddp.",
+    )
     distributed_optimizer: bool = field(
-        False,
-        help="Shard the optimizer state over the data-parallel ranks (ZeRO-1, Megatron's distributed optimizer): "
-        "gradients reduce-scattered, each rank steps its shard, parameters all-gathered. Same losses; checkpoints "
-        "as without it.",
+        False, help="Alias of trainer.data_parallel: zero1 (the optimizer state sharded over the DP ranks)."
+    )
+    offload: Literal["none", "params"] = field(
+        "none",
+        help="With data_parallel fsdp: params keeps the sharded fp32 parameters, their gradients and the "
+        "optimizer state in host memory and runs the optimizer step there (FSDP2's CPUOffloadPolicy); the GPU "
+        "holds one block's gathered weights at a time, and the activations.",
+    )
+    checkpoint_format: Literal["auto", "full", "sharded"] = field(
+        "auto",
+        help="full: full (TP=1) tensors gathered and written by rank 0. sharded: every rank writes its own shards "
+        "in parallel (torch.distributed.checkpoint), nothing gathered; both resume at any layout. auto: sharded "
+        "with data_parallel fsdp, else full.",
     )
     sequence_parallel: bool = field(
         False,
@@ -111,11 +129,35 @@ class TrainerConfig:
                 raise InvalidValue(key, f"must be >= 1, got {getattr(self, key)}")
         if not self.grad_clip >= 0:
             raise InvalidValue("grad_clip", f"must be >= 0, got {self.grad_clip}")
+        self._resolve_data_parallel()
         if self.overlap_grad_reduce and not self.distributed_optimizer:
-            raise InvalidValue("overlap_grad_reduce", "needs trainer.distributed_optimizer: true")
+            raise InvalidValue("overlap_grad_reduce", "needs trainer.data_parallel: zero1 (FSDP overlaps its own)")
         if self.overlap_grad_reduce and self.tensor_model_parallel_size > 1:
             raise InvalidValue("overlap_grad_reduce", "is not supported with tensor parallelism yet (the TP "
                                "gradient sums must come before the DP reduction)")  # fmt: skip
+
+    def _resolve_data_parallel(self) -> None:
+        """``distributed_optimizer`` is the old spelling of ``data_parallel: zero1``: fill in whichever is unset,
+        refuse a contradiction, and the options that only one layout has."""
+        if self.data_parallel is None:
+            self.data_parallel = "zero1" if self.distributed_optimizer else "ddp"
+        elif self.distributed_optimizer and self.data_parallel != "zero1":
+            raise InvalidValue("distributed_optimizer", f"true means data_parallel: zero1, but data_parallel is "
+                               f"{self.data_parallel}: set one of them")  # fmt: skip
+        self.distributed_optimizer = self.data_parallel == "zero1"
+        if self.offload != "none" and self.data_parallel != "fsdp":
+            raise InvalidValue("offload", f"needs trainer.data_parallel: fsdp (it is {self.data_parallel})")
+        flat_buffers = self.data_parallel == "zero1" or (self.data_parallel == "ddp" and self.precision == "bf16")
+        if self.checkpoint_format == "sharded" and flat_buffers:
+            raise InvalidValue("checkpoint_format", "sharded checkpoints are written by data_parallel fsdp, and by "
+                               "ddp in fp32; this layout writes full ones (checkpoint_format: full)")
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether this run writes sharded checkpoints (``checkpoint_format``, auto resolved)."""
+        if self.checkpoint_format == "auto":
+            return self.data_parallel == "fsdp"
+        return self.checkpoint_format == "sharded"
 
 
 @dataclasses.dataclass

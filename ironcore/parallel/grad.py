@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ironcore.parallel import comm, state
-from ironcore.parallel.sharding import named_splits
+from ironcore.parallel.sharding import local_tensor, named_splits
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -71,10 +71,10 @@ def sync_tensor_parallel_grads(model: nn.Module) -> None:
     write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
     for module in model.modules():
         if getattr(module, "tp_partial_grads", False):
-            to_sum += [g for p in module.parameters(recurse=False) if (g := main_grad(p)) is not None]
+            to_sum += [local_tensor(g) for p in module.parameters(recurse=False) if (g := main_grad(p)) is not None]
         if state.sequence_parallel():
             params = (getattr(module, name) for name in getattr(module, "sequence_parallel_grads", ()))
-            to_sum += [g for p in params if p is not None and (g := main_grad(p)) is not None]
+            to_sum += [local_tensor(g) for p in params if p is not None and (g := main_grad(p)) is not None]
         for name, split in getattr(module, "tp_splits", {}).items():
             grad = main_grad(getattr(module, name))
             if grad is None or max(split.replicas) == 1:

@@ -21,6 +21,12 @@ same functions.
 
 ``gather_tensor`` and everything built on it is a collective: every rank of
 the tensor-parallel group must call it, in the same order.
+
+Under FSDP (``trainer.data_parallel: fsdp``) a parameter is a DTensor: its
+TP-local form sharded over the data-parallel ranks along dim 0. The functions
+here take it as its TP-local form (gathered over DP where they gather, split
+back where they load), and :func:`full_pieces` says where each rank's piece
+lies in the full tensor, for sharded checkpoints and the gradient norm.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from collections.abc import Collection, Mapping
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ironcore.errors import CheckpointError
 from ironcore.parallel import comm, state
@@ -106,13 +113,67 @@ class TPSplit:
         return [p for p, reps in zip(pieces, self.replicas) if rank % reps == 0]
 
 
+@dataclasses.dataclass(frozen=True)
+class FullPiece:
+    """A rectangular piece of a full tensor that this rank holds: where it starts in the full tensor, a view of
+    it in the rank's own tensor, and whether this rank is its one owner (the first of the ranks holding it)."""
+
+    offsets: tuple[int, ...]
+    view: torch.Tensor
+    owner: bool
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds: an FSDP DTensor's local shard, any other tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full_pieces(tensor: torch.Tensor, split: TPSplit | None) -> list[FullPiece]:
+    """Where this rank's part of ``tensor`` (TP-local; a DTensor: its DP shard of that) lies in the full (TP=1,
+    unpadded) tensor, as rectangles: one per logical part of a split (fused q/k/v, gate/up), vocab padding
+    left out. No communication."""
+    local = local_tensor(tensor)
+    offsets = list(tensor.__create_chunk_list__()[0].offsets) if isinstance(tensor, DTensor) else [0] * local.dim()
+    tp, rank = state.tp_size(), state.tp_rank()
+    if split is None:
+        return [FullPiece(tuple(offsets), local, rank == 0)] if local.numel() else []
+    dim, start, pieces = split.dim, offsets[split.dim], []
+    segment = full_start = 0  # where the part's slice starts here, and where its part starts in the full tensor
+    for full, size, reps in zip(split.parts, split.local_sizes(tp), split.replicas):
+        first = (rank // reps) * size  # this rank's slice of the part starts here in the full part
+        valid = max(0, min(size, full - first))  # padding rows beyond the full part are left out
+        lo, hi = max(start, segment), min(start + local.shape[dim], segment + valid)
+        if lo < hi:
+            at = list(offsets)
+            at[dim] = full_start + first + lo - segment
+            pieces.append(FullPiece(tuple(at), local.narrow(dim, lo - start, hi - lo), rank % reps == 0))
+        segment, full_start = segment + size, full_start + full
+    return pieces
+
+
+def owned_full_pieces(tensor: torch.Tensor, split: TPSplit | None) -> list[torch.Tensor]:
+    """The views of :func:`full_pieces` this rank owns: every element of the full tensor on exactly one rank."""
+    return [piece.view for piece in full_pieces(tensor, split) if piece.owner]
+
+
+def like_param(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``local`` (a TP-local tensor) in ``param``'s layout: sharded like an FSDP DTensor parameter (each rank
+    keeps its own slice, no communication), or as it is."""
+    if not isinstance(param, DTensor):
+        return local
+    return distribute_tensor(local.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
 def shard_tensor(full: torch.Tensor, split: TPSplit | None) -> torch.Tensor:
     """This rank's form of a full tensor (replicated tensors are returned as they are)."""
     return full if split is None else split.shard(full, state.tp_size(), state.tp_rank())
 
 
 def gather_tensor(local: torch.Tensor, split: TPSplit | None) -> torch.Tensor:
-    """The full form of this rank's tensor (a replicated one is returned as it is). Collective over TP."""
+    """The full form of this rank's tensor (a replicated one is returned as it is). Collective over TP (and
+    over DP for an FSDP DTensor)."""
+    if isinstance(local, DTensor):
+        local = local.full_tensor()
     if split is None:
         return local
     return split.assemble(comm.all_gather(local.detach(), state.tp_group()))
@@ -170,8 +231,9 @@ def load_full_state_dict(model: nn.Module, full: Mapping[str, torch.Tensor],
     if wrong:
         raise CheckpointError(f"state dict does not fit the model: shapes {', '.join(wrong)}")
     splits = named_splits(model)
-    local = {name: shard_tensor(t, splits.get(name)) for name, t in full.items()}
-    on_meta = any(t.is_meta for t in model.state_dict().values())
+    own = model.state_dict()
+    local = {name: like_param(shard_tensor(t, splits.get(name)), own[name]) for name, t in full.items()}
+    on_meta = any(t.is_meta for t in own.values())
     model.load_state_dict(local, strict=not absent, assign=on_meta)
     return local
 
@@ -219,7 +281,7 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     for name, values in full["state"].items():
         param, split = params[name], splits.get(name)
         local_state[index[name]] = {
-            k: shard_tensor(v, split) if _full_param_shaped(v, param, split) else v
+            k: like_param(shard_tensor(v, split), param) if _full_param_shaped(v, param, split) else v
             for k, v in values.items()
         }
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]

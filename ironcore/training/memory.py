@@ -49,7 +49,7 @@ from ironcore.parallel import state
 from ironcore.parallel.comm import DEFAULT_BUCKET_BYTES
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
 from ironcore.parallel.layers import padded_vocab_size
-from ironcore.parallel.sharding import full_shapes, named_splits
+from ironcore.parallel.sharding import full_shapes, local_tensor, named_splits
 from ironcore.training.distributed_optimizer import bucket_layout
 from ironcore.training.optimizer import TrainingOptimizer, as_training_optimizer
 
@@ -221,6 +221,7 @@ def measured_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | Tr
     :func:`plan_memory` predicts, read from the real tensors."""
 
     def nbytes(tensors: list[torch.Tensor]) -> int:
+        tensors = [local_tensor(t) for t in tensors]  # an FSDP shard's storage, padding included
         storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors if not is_quantized(t)}
         return sum(storages.values()) + sum(tensor_bytes(t) for t in tensors if is_quantized(t))
 

@@ -24,12 +24,14 @@ from torch import nn
 
 from ironcore.config.training import Config, OperationConfig, OptimConfig
 from ironcore.errors import ConfigError
+from ironcore.parallel import state
 from ironcore.parallel.layers import VocabParallelEmbedding
 from ironcore.training.distributed_optimizer import (
     DistributedOptimizer,
     FlatBufferOptimizer,
     MixedPrecisionOptimizer,
 )
+from ironcore.training.fsdp import FSDPOptimizer, apply_fsdp
 from ironcore.training.optimizer import METHODS, TrainingOptimizer, as_training_optimizer, scaled_step
 
 KEY = "optim.implementation"
@@ -75,10 +77,15 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, distributed: bool = Fals
 
 def build_training_optimizer(model: nn.Module, cfg: Config) -> TrainingOptimizer:
     """The run's optimizer: ``optim.implementation``'s class built as ``Class(model, cfg)``, or the built-in one
-    of ``optim.optimizer``, ``trainer.distributed_optimizer`` (and ``overlap_grad_reduce``) and
-    ``trainer.precision``."""
+    of ``optim.optimizer``, ``trainer.data_parallel`` (and ``overlap_grad_reduce``, ``offload``) and
+    ``trainer.precision``. With ``fsdp`` the model is sharded in place first (at DP size 1 there is nothing to
+    shard: it trains as ``ddp``)."""
     if cfg.optim.implementation:
         return optimizer_class(cfg.optim.implementation)(model, cfg)
+    t = cfg.trainer
+    if t.data_parallel == "fsdp" and state.dp_size() > 1:
+        apply_fsdp(model, bf16=t.precision == "bf16", offload=t.offload == "params")
+        return FSDPOptimizer(build_optimizer(model, cfg.optim), model)
     built = build_optimizer(model, cfg.optim, distributed=cfg.trainer.distributed_optimizer,
                             overlap=cfg.trainer.overlap_grad_reduce, precision=cfg.trainer.precision)  # fmt: skip
     return as_training_optimizer(built, model)
