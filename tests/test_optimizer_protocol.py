@@ -68,6 +68,12 @@ class SignDescent:
     def load_full_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = self.loaded = state["param_groups"][0]["sign_steps"]
 
+    def local_state_dict(self) -> dict[str, Any]:
+        return self.full_state_dict()  # no tensors: the same on every rank
+
+    def load_local_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_full_state_dict(state)
+
     def master_weights(self) -> dict[str, torch.Tensor]:
         return {}
 

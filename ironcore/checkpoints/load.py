@@ -175,4 +175,5 @@ def weight_files(source: str | Path) -> list[Path]:
     kind, folder = locate(source)
     if kind == "hf":
         return [folder / "config.json", *sorted(folder.glob("*.safetensors"))]
-    return [folder / native.MODEL_CONFIG, folder / native.WEIGHTS]
+    weights = native.weights_path(folder)
+    return [folder / native.MODEL_CONFIG, *(sorted(weights.iterdir()) if weights.is_dir() else [weights])]

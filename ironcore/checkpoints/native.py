@@ -3,6 +3,9 @@
 Layout of a checkpoint folder::
 
     model.safetensors    # full (TP-gathered) weights under IronCore's parameter names
+    shards/              # or, in a sharded checkpoint: every rank's pieces of the weights and optimizer state
+                         # (torch.distributed.checkpoint; :mod:`ironcore.checkpoints.sharded`), in place of
+                         # model.safetensors and optimizer.pt
     model_config.yaml    # the ModelConfig, so the folder is self-describing
     tokenizer.json       # the tokenizer of the training data (+ tokenizer_config.json, chat_template.jinja)
     generation_config.json   # HF generation defaults (end tokens, sampling), when the model came with them
@@ -38,14 +41,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 # One implementation of the pointer logic, torch-free for data/tokenizer.py; these names stay native's too.
+from ironcore.checkpoints import sharded
 from ironcore.checkpoints.pointers import (  # noqa: F401
     LATEST,
     MODEL_CONFIG,
+    SHARDS,
     WEIGHTS,
+    has_weights,
     is_checkpoint_source,
     is_step_name,
     newest_first,
     resolve,
+    weights_path,
 )
 from ironcore.config.base import to_dict
 from ironcore.config.loader import load_model_config
@@ -71,6 +78,8 @@ GENERATION_CONFIG = "generation_config.json"
 HF_TOKEN_IDS = "hf_token_ids.json"
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 ADAPTER_BASE = "adapter_base.json"  # a LoRA checkpoint's base: {"base": source, "fingerprint": ...}
+MODEL_PREFIX = "model/"  # a sharded checkpoint's weights: "model/<name>" in shards/ (optimizer: OPTIMIZER_PREFIX)
+OPTIMIZER_PREFIX = "optimizer/"
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +118,15 @@ def open_safetensors(path: Path) -> Iterator[Any]:
         raise _weights_error(path, err) from None
 
 
-def write_model_files(folder: Path, state: Mapping[str, torch.Tensor], config: ModelConfig,
+def write_model_files(folder: Path, state: Mapping[str, torch.Tensor] | None, config: ModelConfig,
                       base: Mapping[str, str] | None = None) -> None:  # fmt: skip
     """The files that make ``folder`` a loadable model (full, TP=1 tensors). With LoRA (``config.lora``)
     ``state`` holds the adapters (and modules trained in full) only, and ``base`` says which weights they sit
-    on (:func:`base_record`)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(tensors, folder / WEIGHTS, metadata={"format": "ironcore"})
+    on (:func:`base_record`). ``state`` None: the weights are in the folder's ``shards/`` (a sharded
+    checkpoint), the rest is written."""
+    if state is not None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_file(tensors, folder / WEIGHTS, metadata={"format": "ironcore"})
     (folder / MODEL_CONFIG).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     if config.lora is not None:
         if base is None:
@@ -208,6 +219,8 @@ def read_model(folder: Path, device: str | torch.device = "cpu") -> tuple[ModelC
         config = load_model_config(folder / MODEL_CONFIG)
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
+    if not (folder / WEIGHTS).exists() and has_weights(folder):  # a sharded checkpoint: consolidated here
+        return config, sharded.read_full(folder, MODEL_PREFIX, device=device)
     return config, read_safetensors(folder / WEIGHTS, device)
 
 

@@ -13,6 +13,7 @@ from ironcore.errors import CheckpointError
 from ironcore.files import describe_os_error
 
 WEIGHTS = "model.safetensors"
+SHARDS = "shards"  # a sharded checkpoint's weights (and optimizer state): torch.distributed.checkpoint's folder
 MODEL_CONFIG = "model_config.yaml"
 LATEST = "latest"
 
@@ -25,7 +26,21 @@ def is_checkpoint_source(path: str | Path) -> bool:
     path = Path(path)
     if path.name == LATEST and path.is_file():  # the pointer file itself: checkpoints/latest
         return True
-    return any((path / name).exists() for name in (LATEST, f"checkpoints/{LATEST}", WEIGHTS, MODEL_CONFIG))
+    return any((path / name).exists() for name in (LATEST, f"checkpoints/{LATEST}", WEIGHTS, SHARDS, MODEL_CONFIG))
+
+
+def weights_path(folder: Path) -> Path:
+    """Where a checkpoint folder keeps its weights: ``model.safetensors``, or ``shards/`` when it has no such
+    file but a complete sharded checkpoint (DCP writes ``.metadata`` last)."""
+    if not (folder / WEIGHTS).exists() and (folder / SHARDS / ".metadata").is_file():
+        return folder / SHARDS
+    return folder / WEIGHTS
+
+
+def has_weights(folder: Path) -> bool:
+    """Is there a complete weights file (or sharded checkpoint) in ``folder``?"""
+    path = weights_path(folder)
+    return path.is_dir() if path.name == SHARDS else path.is_file()
 
 
 def resolve(path: str | Path) -> Path:
@@ -44,10 +59,10 @@ def resolve(path: str | Path) -> Path:
         if (candidate / LATEST).is_file():
             folder = _resolve_latest(candidate)
             break
-    for name in (MODEL_CONFIG, WEIGHTS):
-        if not (folder / name).is_file():
-            what = "is a folder" if (folder / name).exists() else "missing"
-            raise CheckpointError(f"{folder / name}: {what} (an incomplete checkpoint)")
+    for path in (folder / MODEL_CONFIG, weights_path(folder)):
+        if not (path.is_dir() if path.name == SHARDS else path.is_file()):
+            what = "is a folder" if path.exists() else "missing"
+            raise CheckpointError(f"{path}: {what} (an incomplete checkpoint)")
     return folder
 
 
@@ -56,7 +71,7 @@ def _resolve_latest(checkpoints: Path) -> Path:
     candidates, problem = newest_first(checkpoints)
     if problem is None:
         return candidates[0]
-    complete = [c for c in candidates if (c / MODEL_CONFIG).is_file() and (c / WEIGHTS).is_file()]
+    complete = [c for c in candidates if (c / MODEL_CONFIG).is_file() and has_weights(c)]
     if not complete:
         raise CheckpointError(f"{checkpoints / LATEST}: {problem}, and no complete checkpoint is left to use instead")
     log.warning("%s: %s: using %s, the newest complete checkpoint", checkpoints / LATEST, problem, complete[0])

@@ -247,48 +247,54 @@ def _named_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) 
         raise ValueError("the optimizer holds a parameter that is not the model's") from None
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's state dict with per-parameter tensors in full form, keyed by parameter name.
-
-    ``{"state": {param_name: {key: value}}, "param_groups": [... "params": [param_name, ...]]}``;
-    tensors with their parameter's shape (``exp_avg``, ``exp_avg_sq``,
-    momentum) are gathered, scalars (``step``) kept. Collective over TP.
-    """
+def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict keyed by parameter name, its tensors as this rank holds them (no communication):
+    ``{"state": {param_name: {key: value}}, "param_groups": [... "params": [param_name, ...]]}``."""
     names = _named_optimizer_params(model, optimizer)
-    params = dict(model.named_parameters())
-    splits = named_splits(model)
     sd = optimizer.state_dict()
-    out_state = {}
-    for index, values in sd["state"].items():
-        name = names[index]
-        out_state[name] = {
-            k: gather_tensor(v, splits.get(name)) if _param_shaped(v, params[name]) else v for k, v in values.items()
-        }
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
-    return {"state": out_state, "param_groups": groups}
+    return {"state": {names[i]: values for i, values in sd["state"].items()}, "param_groups": groups}
+
+
+def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, named: Mapping) -> None:
+    """Load a state keyed by parameter name, its tensors in this rank's layout (:func:`named_optimizer_state`)."""
+    index = {n: i for i, n in enumerate(_named_optimizer_params(model, optimizer))}
+    unknown = sorted(set(named["state"]) - set(index))
+    if unknown:
+        raise CheckpointError(f"optimizer state names parameters the model does not have: {unknown}")
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]
+    optimizer.load_state_dict({"state": {index[n]: v for n, v in named["state"].items()}, "param_groups": groups})
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """:func:`named_optimizer_state` with the tensors of their parameter's shape (``exp_avg``, ``exp_avg_sq``,
+    momentum) gathered to full form, scalars (``step``) kept. Collective over TP (and DP under FSDP)."""
+    named = named_optimizer_state(model, optimizer)
+    params, splits = dict(model.named_parameters()), named_splits(model)
+    state = {
+        name: {k: gather_tensor(v, splits.get(name)) if param_shaped(v, params[name]) else v
+               for k, v in values.items()}  # fmt: skip
+        for name, values in named["state"].items()
+    }
+    return {"state": state, "param_groups": named["param_groups"]}
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: Mapping) -> None:
     """Load what ``full_optimizer_state`` produced (at any TP size) into ``optimizer``."""
-    names = _named_optimizer_params(model, optimizer)
-    index = {n: i for i, n in enumerate(names)}
-    params = dict(model.named_parameters())
-    splits = named_splits(model)
-    unknown = sorted(set(full["state"]) - set(index))
+    params, splits = dict(model.named_parameters()), named_splits(model)
+    unknown = sorted(set(full["state"]) - set(params))
     if unknown:
         raise CheckpointError(f"optimizer state names parameters the model does not have: {unknown}")
-    local_state = {}
-    for name, values in full["state"].items():
-        param, split = params[name], splits.get(name)
-        local_state[index[name]] = {
-            k: like_param(shard_tensor(v, split), param) if _full_param_shaped(v, param, split) else v
-            for k, v in values.items()
-        }
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]
-    optimizer.load_state_dict({"state": local_state, "param_groups": groups})
+    state = {
+        name: {k: like_param(shard_tensor(v, splits.get(name)), params[name])
+               if _full_param_shaped(v, params[name], splits.get(name)) else v for k, v in values.items()}  # fmt: skip
+        for name, values in full["state"].items()
+    }
+    load_named_optimizer_state(model, optimizer, {"state": state, "param_groups": full["param_groups"]})
 
 
-def _param_shaped(value: object, param: torch.Tensor) -> bool:
+def param_shaped(value: object, param: torch.Tensor) -> bool:
+    """Is ``value`` an optimizer state of ``param``'s shape (a moment), not a scalar (a step count)?"""
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == param.shape
 
 

@@ -36,16 +36,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ironcore.checkpoints import native
+from ironcore.checkpoints import native, sharded
 from ironcore.config import Config, dump_config
 from ironcore.errors import CheckpointError, ConfigError, UserError
 from ironcore.files import OutputError, build_folder, describe_os_error, read_json, read_yaml
 from ironcore.models.lora import trainable_names
 from ironcore.parallel import state as parallel_state
-from ironcore.parallel.sharding import full_state_dict, load_full_state_dict
+from ironcore.parallel.sharding import full_shapes, full_state_dict, load_full_state_dict, param_shaped
 from ironcore.training.optimizer import TrainingOptimizer
 
 log = logging.getLogger("ironcore.train")
+GROUPS = f"{native.OPTIMIZER_PREFIX}param_groups"  # a sharded checkpoint's optimizer hyperparameters
 
 
 @dataclasses.dataclass
@@ -141,15 +142,25 @@ def save_checkpoint(
     # With low-precision parameters the weights are the optimizer's fp32 master weights; with LoRA only the
     # adapters (and modules trained in full) are saved, beside the record of the base they need.
     only = trainable_names(model) if config.model.lora is not None else None
-    weights = full_state_dict(model, optimizer.master_weights(), only=only)
-    optimizer_state = optimizer.full_state_dict()
+    shards = weights = optimizer_state = None
+    if config.trainer.sharded_checkpoints:  # every rank's own pieces, nothing gathered
+        shards = _shards(model, optimizer, only)
+    else:
+        weights = full_state_dict(model, optimizer.master_weights(), only=only)
+        optimizer_state = optimizer.full_state_dict()
     rngs = _gather_objects(rng_states())
     objective_states = _gather_objects(objective_state or {})
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if not main and shards is not None:  # into rank 0's temporary folder
+        sharded.write_shards(_broadcast_path(None), shards)
+    if main:
 
         def write(tmp: Path) -> None:
+            if shards is not None:
+                sharded.write_shards(_broadcast_path(tmp), shards)
             native.write_model_files(tmp, weights, config.model, base)
-            torch.save(optimizer_state, tmp / native.OPTIMIZER)
+            if optimizer_state is not None:
+                torch.save(optimizer_state, tmp / native.OPTIMIZER)
             torch.save(rngs, tmp / native.RNG)
             if any(objective_states):
                 torch.save(objective_states, tmp / native.OBJECTIVE)
@@ -173,6 +184,30 @@ def save_checkpoint(
     if dist.is_initialized():
         dist.barrier()
     return folder
+
+
+def _shards(model: torch.nn.Module, optimizer: TrainingOptimizer, only: list[str] | None) -> dict[str, Any]:
+    """What a sharded checkpoint holds of this rank: its pieces of the weights (``only`` those names) and of
+    the optimizer's state, the optimizer's scalars and parameter groups (:mod:`ironcore.checkpoints.sharded`)."""
+    make, params = sharded.piece_maker(model), dict(model.named_parameters())
+    out: dict[str, Any] = {f"{native.MODEL_PREFIX}{name}": make(name, tensor)
+                           for name, tensor in model.state_dict().items() if only is None or name in only}  # fmt: skip
+    local = optimizer.local_state_dict()
+    for name, values in local["state"].items():
+        for key, value in values.items():
+            if value is not None:
+                out[f"{native.OPTIMIZER_PREFIX}{name}/{key}"] = (
+                    make(name, value) if param_shaped(value, params[name]) else value)  # fmt: skip
+    out[GROUPS] = local["param_groups"]
+    return out
+
+
+def _broadcast_path(path: Path | None) -> Path:
+    """Rank 0's ``path`` on every rank (rank 0 passes it, the others None)."""
+    box = [None if path is None else str(path)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
 
 
 def load_checkpoint(
@@ -247,28 +282,18 @@ def _load(folder: Path, model: torch.nn.Module, optimizer: TrainingOptimizer, de
         native.check_base(folder, base["fingerprint"], base["base"])
         trained = set(trainable_names(model))
         absent = [name for name in model.state_dict() if name not in trained]
-    try:
-        optimizer.load_master_weights(load_full_state_dict(model, native.read_model(folder, device)[1], absent))
-    except CheckpointError as err:
-        raise CheckpointError(f"{folder / native.WEIGHTS}: {err}" if str(folder) not in str(err) else str(err)) \
-            from None
-    optimizer_state = _safe_load(folder / native.OPTIMIZER, device)
-    groups = optimizer_state.get("param_groups") if isinstance(optimizer_state, dict) else None
-    if not groups:
-        raise CheckpointError(f"{folder / native.OPTIMIZER}: not an optimizer state")
-    missing = sorted(set(optimizer.defaults) - set(groups[0]))
-    if missing:  # torch would load it and fail at the first step
-        raise ConfigError(
-            f"{folder / native.OPTIMIZER}: was written by another optimizer than this run's (it has no "
-            f"{', '.join(missing)}): was optim.optimizer changed?"
-        )
-    try:
-        optimizer.load_full_state_dict(optimizer_state)
-    except (KeyError, ValueError, TypeError, IndexError) as err:
-        raise ConfigError(
-            f"{folder / native.OPTIMIZER}: does not fit the optimizer of this run: was optim.optimizer changed? "
-            f"({_first_line(err)})"
-        ) from None
+    if native.weights_path(folder).name == native.SHARDS:
+        _load_shards(folder, model, optimizer, absent)
+    else:
+        try:
+            optimizer.load_master_weights(load_full_state_dict(model, native.read_model(folder, device)[1], absent))
+        except CheckpointError as err:
+            raise CheckpointError(f"{folder / native.WEIGHTS}: {err}" if str(folder) not in str(err) else str(err)) \
+                from None
+        optimizer_state = _safe_load(folder / native.OPTIMIZER, device)
+        groups = optimizer_state.get("param_groups") if isinstance(optimizer_state, dict) else None
+        _check_groups(folder / native.OPTIMIZER, groups, optimizer)
+        _fits(folder / native.OPTIMIZER, optimizer.load_full_state_dict, optimizer_state)
     path = folder / native.TRAINER_STATE
     try:
         state = TrainState(**read_json(path, "trainer state", CheckpointError))
@@ -281,6 +306,76 @@ def _load(folder: Path, model: torch.nn.Module, optimizer: TrainingOptimizer, de
     except (KeyError, ValueError, TypeError, IndexError) as err:
         raise CheckpointError(f"{rng_file}: not RNG states ({_first_line(err)})") from None
     return state
+
+
+def _check_groups(path: Path, groups: Any, optimizer: TrainingOptimizer) -> None:
+    """A saved optimizer's parameter groups must have this run's hyperparameters (torch would load them and fail
+    at the first step)."""
+    if not groups or not isinstance(groups, list) or not isinstance(groups[0], dict):
+        raise CheckpointError(f"{path}: not an optimizer state")
+    missing = sorted(set(optimizer.defaults) - set(groups[0]))
+    if missing:
+        raise ConfigError(f"{path}: was written by another optimizer than this run's (it has no "
+                          f"{', '.join(missing)}): was optim.optimizer changed?")
+
+
+def _fits(path: Path, load: Any, state: dict[str, Any]) -> None:
+    """``load(state)``, a state that does not fit the optimizer said in one line naming ``path``."""
+    try:
+        load(state)
+    except (KeyError, ValueError, TypeError, IndexError) as err:
+        raise CheckpointError(f"{path}: does not fit the optimizer of this run: was optim.optimizer changed? "
+                              f"({_first_line(err)})") from None
+
+
+def _load_shards(folder: Path, model: torch.nn.Module, optimizer: TrainingOptimizer, absent: list[str]) -> None:
+    """A sharded checkpoint into the model and optimizer, at this run's layout. An optimizer with a per-parameter
+    state (ddp, fsdp) reads only its own pieces, in place; the flat-buffer ones read full tensors, as from a full
+    checkpoint."""
+    path, saved = folder / native.SHARDS, sharded.saved_tensors(folder)
+    names = {k[len(native.MODEL_PREFIX):] for k in saved if k.startswith(native.MODEL_PREFIX)}
+    wanted = [n for n in model.state_dict() if n not in absent or n in names]
+    missing, unexpected = sorted(set(wanted) - names), sorted(names - set(model.state_dict()))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    try:
+        optimizer.local_state_dict()
+    except NotImplementedError:  # flat buffers: full tensors, through the full checkpoint's path
+        optimizer.load_master_weights(load_full_state_dict(model, sharded.read_full(folder, native.MODEL_PREFIX),
+                                                           absent))  # fmt: skip
+        state: dict[str, Any] = {"state": {}, "param_groups": _read_groups(folder, alone=True)}
+        _check_groups(path, state["param_groups"], optimizer)
+        for key, tensor in sharded.read_full(folder, native.OPTIMIZER_PREFIX).items():
+            name, _, entry = key.rpartition("/")
+            state["state"].setdefault(name, {})[entry] = tensor
+        _fits(path, optimizer.load_full_state_dict, state)
+        return
+    make, own = sharded.piece_maker(model), model.state_dict()
+    sharded.read_shards(folder, {f"{native.MODEL_PREFIX}{n}": make(n, own[n]) for n in wanted})
+    groups = _read_groups(folder, alone=False)
+    _check_groups(path, groups, optimizer)
+    # The optimizer's state exists after its first step only: zeros in this layout first, then read into them.
+    params, shapes = dict(model.named_parameters()), full_shapes(model)
+    skeleton: dict[str, Any] = {"state": {}, "param_groups": groups}
+    for key, md in saved.items():
+        if key.startswith(native.OPTIMIZER_PREFIX):
+            name, _, entry = key[len(native.OPTIMIZER_PREFIX):].rpartition("/")
+            if name not in params:
+                raise CheckpointError(f"{path}: optimizer state of {name}, which the model does not have")
+            shaped = md.size == shapes[name] and len(md.size) > 0
+            skeleton["state"].setdefault(name, {})[entry] = (
+                torch.zeros_like(params[name], dtype=md.properties.dtype) if shaped
+                else torch.zeros(md.size, dtype=md.properties.dtype))  # fmt: skip
+    _fits(path, optimizer.load_local_state_dict, skeleton)
+    into = {f"{native.OPTIMIZER_PREFIX}{name}/{key}": make(name, v) if param_shaped(v, params[name]) else v
+            for name, values in optimizer.local_state_dict()["state"].items()
+            for key, v in values.items() if isinstance(v, torch.Tensor)}  # fmt: skip
+    sharded.read_shards(folder, into)
+
+
+def _read_groups(folder: Path, alone: bool) -> Any:
+    """A sharded checkpoint's optimizer parameter groups (read without running code)."""
+    return sharded.read_shards(folder, {GROUPS: None}, alone=alone)[GROUPS]
 
 
 def load_objective_state(folder: Path, rank: int, world_size: int) -> dict[str, Any]:

@@ -355,6 +355,14 @@ class FlatBufferOptimizer:
         """Load a checkpoint's optimizer state (written at any TP/DP layout, with or without this optimizer)."""
         load_full_optimizer_state(self.model, self, state_dict)
 
+    def local_state_dict(self) -> dict:
+        """Not kept per parameter (flat shards): this optimizer's runs write full checkpoints."""
+        raise NotImplementedError("the flat-buffer optimizers write full checkpoints (trainer.checkpoint_format)")
+
+    def load_local_state_dict(self, state_dict: dict) -> None:
+        """Not kept per parameter: a sharded checkpoint is read in full (:meth:`load_full_state_dict`)."""
+        raise NotImplementedError("the flat-buffer optimizers load full states")
+
     def master_weights(self) -> dict[str, torch.Tensor]:
         """With low-precision parameters: the fp32 master weights by parameter name, in the parameters' (TP-local)
         shapes, gathered over DP (collective); without: {} (the parameters are the weights)."""

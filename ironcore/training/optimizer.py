@@ -14,7 +14,8 @@ The trainer steps every optimizer the same way (Megatron-core's ``MegatronOptimi
 
 Checkpoints hold the model's weights (``master_weights()`` in place of the parameters when the
 optimizer keeps more precise copies) and ``full_state_dict()``: the state keyed by parameter name in
-full (TP=1) shapes, so a run resumes with another implementation or layout.
+full (TP=1) shapes, so a run resumes with another implementation or layout. A sharded checkpoint
+(:mod:`ironcore.checkpoints.sharded`) takes ``local_state_dict()`` instead: each rank's own pieces.
 
 Built in: :class:`DataParallelOptimizer` (a torch optimizer, gradients all-reduced over DP) and two on
 flat buffers (:mod:`~ironcore.training.distributed_optimizer`): ``DistributedOptimizer`` (ZeRO-1 sharding,
@@ -32,7 +33,12 @@ import torch
 from torch import nn
 
 from ironcore.parallel.grad import finalize_grads, grad_norm
-from ironcore.parallel.sharding import full_optimizer_state, load_full_optimizer_state
+from ironcore.parallel.sharding import (
+    full_optimizer_state,
+    load_full_optimizer_state,
+    load_named_optimizer_state,
+    named_optimizer_state,
+)
 
 
 class TrainingOptimizer(Protocol):
@@ -62,6 +68,14 @@ class TrainingOptimizer(Protocol):
 
     def load_full_state_dict(self, state: dict[str, Any]) -> None:
         """Load what :meth:`full_state_dict` wrote, at any TP/DP layout."""
+
+    def local_state_dict(self) -> dict[str, Any]:
+        """This rank's state for a sharded checkpoint, without communication: keyed by parameter name, tensors of
+        the parameter's shape in the parameter's own layout (TP-local; an FSDP shard). Raises
+        NotImplementedError when its state is not kept per parameter (the run then writes full checkpoints)."""
+
+    def load_local_state_dict(self, state: dict[str, Any]) -> None:
+        """Load what :meth:`local_state_dict` gives, in this run's layout (a sharded checkpoint reads into it)."""
 
     def master_weights(self) -> dict[str, torch.Tensor]:
         """Weights by parameter name that a checkpoint stores instead of the parameters (more precise copies,
@@ -123,6 +137,14 @@ class DataParallelOptimizer:
     def load_full_state_dict(self, state: dict[str, Any]) -> None:
         """Load a full state, split to this TP rank's parameters."""
         load_full_optimizer_state(self.model, self.inner, state)
+
+    def local_state_dict(self) -> dict[str, Any]:
+        """The torch optimizer's state keyed by parameter name, as this rank holds it."""
+        return named_optimizer_state(self.model, self.inner)
+
+    def load_local_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a state keyed by parameter name in this rank's layout."""
+        load_named_optimizer_state(self.model, self.inner, state)
 
     def master_weights(self) -> dict[str, torch.Tensor]:
         """{}: the parameters are the weights."""
