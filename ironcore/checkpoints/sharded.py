@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -154,8 +155,10 @@ def read_shards(folder: Path, state: dict[str, Any], *, alone: bool = False) -> 
     replaced by the values read (returned). Collective over the world unless ``alone`` (one process reading on
     its own). A missing or damaged file is one CheckpointError naming it."""
     try:
-        dcp.load(state, storage_reader=_Reader(folder / SHARDS), planner=_LoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
-                 no_dist=alone)
+        with warnings.catch_warnings():  # alone: DCP warns that it reads in a single process, as asked
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=_Reader(folder / SHARDS),
+                     planner=_LoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False), no_dist=alone)
     except CheckpointError:
         raise
     except Exception as err:  # noqa: BLE001 -- DCP wraps every rank's failure in its own exception types

@@ -65,6 +65,9 @@ class MemoryPlan:
     gradients: int
     optimizer: int
     activations: int
+    gathered: int = 0  # FSDP: units all-gathered for compute (root, two blocks) and one block's unsharded gradients
+    host: int = 0  # offload: sharded parameters, gradients and optimizer state in host memory (not in total)
+    checkpoint: int = 0  # more while a checkpoint is saved: a full one gathers every full tensor on each rank
 
     @property
     def states(self) -> int:
@@ -73,17 +76,32 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.states + self.activations
+        return self.states + self.activations + self.gathered
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalTensor:
+    """A parameter tensor as one TP rank holds it."""
+
+    name: str
+    numel: int
+    row: int  # elements in one slice along dim 0 (FSDP shards whole slices)
+    trained: bool  # with LoRA only the adapters and modules_to_save train
+    nf4: bool  # QLoRA's frozen projections are stored in NF4
+
+    def fsdp_shard(self, dp: int) -> int:
+        """Elements of rank 0's FSDP shard: dim 0 split in ``dp`` chunks, the last ones padded to the first's size."""
+        rows = self.numel // self.row if self.row else 0
+        return -(-rows // dp) * self.row
 
 
 def local_numels(cfg: ModelConfig, tp: int) -> list[int]:
     """Elements of each parameter tensor on one TP rank (tied tensors once), in ``model.parameters()`` order."""
-    return [numel for numel, _, _ in local_parameters(cfg, tp)]
+    return [t.numel for t in local_parameters(cfg, tp)]
 
 
-def local_parameters(cfg: ModelConfig, tp: int) -> list[tuple[int, bool, bool]]:
-    """(elements on one TP rank, trained, stored in NF4) of each parameter tensor, in ``model.parameters()``
-    order: with LoRA only the adapters (and ``modules_to_save``) train, and QLoRA's frozen projections are NF4."""
+def local_parameters(cfg: ModelConfig, tp: int) -> list[LocalTensor]:
+    """Each parameter tensor of one TP rank, in ``model.parameters()`` order (tied tensors once)."""
     with torch.device("meta"):
         model = TransformerModel(cfg)
     shapes, splits = full_shapes(model), named_splits(model)
@@ -93,8 +111,8 @@ def local_parameters(cfg: ModelConfig, tp: int) -> list[tuple[int, bool, bool]]:
         split = splits.get(name)
         if split is not None and split.padded is not None:  # the padding grows with TP: a multiple of 128 x tp
             split = dataclasses.replace(split, padded=padded_vocab_size(split.parts[0], tp))
-        numel = shapes[name].numel() if split is None else split.local_shape(shapes[name], tp).numel()
-        found.append((numel, param.requires_grad, name in nf4))
+        shape = shapes[name] if split is None else split.local_shape(shapes[name], tp)
+        found.append(LocalTensor(name, shape.numel(), shape[1:].numel(), param.requires_grad, name in nf4))
     return found
 
 
@@ -170,22 +188,58 @@ def _as_one_process() -> Iterator[None]:
 
 
 def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, distributed_optimizer: bool = False,
+                data_parallel: str | None = None, offload: str = "none", sharded_checkpoints: bool | None = None,
                 precision: str = "fp32", activation_checkpointing: bool = False, micro_batch_size: int = 1,
                 seq_len: int | None = None, optimizer: str = "adamw",
                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> MemoryPlan:  # fmt: skip
     """The bytes of one training step on rank 0 of a TP x DP layout (see the module doc); a ConfigError when the
-    trainer would refuse to split the model ``tp`` ways."""
+    trainer would refuse to split the model ``tp`` ways. ``data_parallel`` (ddp, zero1, fsdp; None: zero1 when
+    ``distributed_optimizer``), ``offload`` and ``sharded_checkpoints`` (None: with fsdp) as in the trainer's
+    config."""
     cfg.check_tensor_parallel(tp, "tp")
+    layout = data_parallel or ("zero1" if distributed_optimizer else "ddp")
+    base = BF16 if precision == "bf16" else FP32  # LoRA's frozen base: stored in the compute dtype
     with _as_one_process():
         tensors = local_parameters(cfg, tp)
-        trained = [numel for numel, train, _ in tensors if train]
-        params, grads, states = _state_bytes(trained, dp=dp, precision=precision, optimizer=optimizer,
-                                             distributed_optimizer=distributed_optimizer, bucket_bytes=bucket_bytes)
-        base = BF16 if precision == "bf16" else FP32  # LoRA's frozen base: stored in the compute dtype
-        params += sum(nf4_bytes(numel, base) if nf4 else numel * base for numel, train, nf4 in tensors if not train)
+        if layout == "fsdp" and dp > 1:
+            params, grads, states, gathered = _fsdp_bytes(tensors, dp, base, optimizer)
+        else:
+            trained = [t.numel for t in tensors if t.trained]
+            params, grads, states = _state_bytes(trained, dp=dp, precision=precision, optimizer=optimizer,
+                                                 distributed_optimizer=layout == "zero1", bucket_bytes=bucket_bytes)
+            params += sum(nf4_bytes(t.numel, base) if t.nf4 else t.numel * base for t in tensors if not t.trained)
+            gathered = 0
         activations = activation_bytes(rank_config(cfg, tp), micro_batch_size,
                                        seq_len or cfg.max_position_embeddings, precision, activation_checkpointing)
-    return MemoryPlan(params, grads, states, activations)
+        sharded = layout == "fsdp" if sharded_checkpoints is None else sharded_checkpoints
+        checkpoint = 0 if sharded else _full_checkpoint_bytes(local_parameters(cfg, 1), optimizer)
+    host = 0
+    if offload == "params" and layout == "fsdp" and dp > 1:
+        host, params, grads, states = params + grads + states, 0, 0, 0
+    return MemoryPlan(params, grads, states, activations, gathered, host, checkpoint)
+
+
+def _fsdp_bytes(tensors: list[LocalTensor], dp: int, base: int, optimizer: str) -> tuple[int, int, int, int]:
+    """Parameters, gradients, optimizer states and gathered units of rank 0 under FSDP: every tensor's shard
+    (:meth:`LocalTensor.fsdp_shard`), fp32 for the trained ones (they are the master weights), the frozen in
+    ``base``; the root unit (everything outside the blocks) and two blocks (one prefetched) gathered in the
+    compute dtype ``base``, one block's gradients unsharded in fp32 before their reduce-scatter."""
+    trained = [t.fsdp_shard(dp) for t in tensors if t.trained]
+    params = sum(trained) * FP32 + sum(t.fsdp_shard(dp) * base for t in tensors if not t.trained)
+    moments = 1 if optimizer == "sgd" else 2
+    states = moments * sum(trained) * FP32 + (FP32 * len(trained) if optimizer != "sgd" else 0)
+    blocks: dict[str, int] = {}
+    for t in tensors:
+        unit = ".".join(t.name.split(".")[:2]) if t.name.startswith("layers.") else "root"
+        blocks[unit] = blocks.get(unit, 0) + t.numel
+    root, block = blocks.pop("root", 0), max(blocks.values(), default=0)
+    return params, sum(trained) * FP32, states, (root + 2 * block) * base + block * FP32
+
+
+def _full_checkpoint_bytes(tensors: list[LocalTensor], optimizer: str) -> int:
+    """What a full save gathers on each rank: every trained tensor in full, fp32, and its optimizer moments."""
+    moments = 1 if optimizer == "sgd" else 2
+    return (1 + moments) * sum(t.numel for t in tensors if t.trained) * FP32
 
 
 def _state_bytes(numels: list[int], *, dp: int, distributed_optimizer: bool, precision: str, optimizer: str,

@@ -156,7 +156,7 @@ class Trainer:
         if self.is_main and self.world_size > 1:
             log.info("layout: TP %d x DP %d%s%s on %s", self.ctx.tp_size, self.dp_size,
                      ", sequence parallel" if state.sequence_parallel() else "",
-                     ", distributed optimizer" if cfg.trainer.distributed_optimizer else "", self.device)
+                     LAYOUT_NAMES[cfg.trainer.data_parallel] if self.dp_size > 1 else "", self.device)
 
     # ---- set-up -----------------------------------------------------------------------------------------
     def _check_tokenizers(self) -> None:
@@ -409,7 +409,8 @@ class Trainer:
         t = self.cfg.trainer
         try:  # a plan is information: a model the planner cannot trace must still train
             plan = plan_memory(self.cfg.model, tp=self.ctx.tp_size, dp=self.dp_size,
-                               distributed_optimizer=t.distributed_optimizer, precision=t.precision,
+                               data_parallel=t.data_parallel, offload=t.offload,
+                               sharded_checkpoints=t.sharded_checkpoints, precision=t.precision,
                                activation_checkpointing=t.activation_checkpointing,
                                micro_batch_size=t.micro_batch_size, seq_len=self.seq_len,
                                optimizer=self.cfg.optim.optimizer)  # fmt: skip
@@ -420,11 +421,14 @@ class Trainer:
         mib = 2**20
         peak = (f"; peak allocated {torch.cuda.max_memory_allocated(self.device) / mib:,.1f} MiB"
                 if self.device.type == "cuda" else "")  # fmt: skip
+        extra = "".join(f", {what} {n / mib:,.1f}" for what, n in (("gathered units", plan.gathered),
+                                                                      ("in host memory", plan.host)) if n)
         log.info("memory per %s: planned %s MiB (parameters %s, gradients %s, optimizer %s, activations %s of a "
-                 "language-model micro-batch); measured after step 1: parameters %s, gradients %s, optimizer %s%s",
+                 "language-model micro-batch%s); measured after step 1: parameters %s, gradients %s, optimizer %s%s",
                  "GPU" if self.device.type == "cuda" else "process",
                  *(f"{n / mib:,.1f}" for n in (plan.total, plan.parameters, plan.gradients, plan.optimizer,
-                                               plan.activations, params, grads, states)), peak)  # fmt: skip
+                                               plan.activations)), extra,
+                 *(f"{n / mib:,.1f}" for n in (params, grads, states)), peak)  # fmt: skip
 
     def evaluate(self) -> dict[str, float]:
         """The objective's validation metrics over ``operation.eval_steps`` global batches, and the metrics of
@@ -549,6 +553,9 @@ class Trainer:
             log.warning("%s: dropping %d unreadable line(s) (writes cut short): line %s", path, len(torn),
                         ", ".join(map(str, torn[:5])) + (", ..." if len(torn) > 5 else ""))
         write_text_atomically(path, "".join(f"{line}\n" for line in kept))
+
+
+LAYOUT_NAMES = {"ddp": "", "zero1": ", distributed optimizer", "fsdp": ", fully sharded (FSDP)"}
 
 
 def _starting_folder(init_from: str | None) -> Path | None:

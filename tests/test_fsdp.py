@@ -1,0 +1,200 @@
+"""FSDP2 (``trainer.data_parallel: fsdp``) and sharded checkpoints (torch.distributed.checkpoint), under torchrun
+on gloo: the same losses and weights as plain data parallelism and as one process, half the bytes per rank at
+DP=2, a save that gathers nothing, checkpoints that resume at any layout, a kill during a save that loses
+nothing, and readers that consolidate a sharded checkpoint into the tensors a full one holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from run_helpers import ROOT, TINY_MODEL, launch_train, read_metrics, shakespeare_slice
+from safetensors.torch import load_file
+
+from ironcore.checkpoints import native
+from ironcore.checkpoints.load import load_weights
+from ironcore.cli import main
+
+MODELS = {
+    "llama": {**TINY_MODEL, "tie_word_embeddings": False},  # RoPE, GQA, SwiGLU, RMSNorm, untied head
+    "gpt2": {"name": "tiny-gpt2", "vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4,
+             "max_position_embeddings": 64, "position_embedding": "learned", "norm_type": "layernorm",
+             "gated_mlp": False, "activation": "gelu_tanh", "attention_bias": True, "attention_out_bias": True,
+             "mlp_bias": True, "tie_word_embeddings": True},  # fmt: skip
+}
+LOGS: dict[Path, str] = {}
+
+
+@pytest.fixture(scope="module")
+def data_config(tmp_path_factory) -> Path:
+    return shakespeare_slice(tmp_path_factory.mktemp("fsdpdata"), 40_000)
+
+
+def train(data_config: Path, out: Path, nproc: int, *overrides: str, model: str = "llama") -> list[dict]:
+    """10 steps (clipping and weight decay on, a checkpoint every 5) of ``model`` on ``nproc`` processes."""
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": MODELS[model], "data": {"config_path": str(data_config)},
+        "trainer": {"micro_batch_size": 2, "output_dir": str(out), "save_interval": 5, "grad_clip": 0.5},
+        "operation": {"train_steps": 10, "eval_interval": 5, "eval_steps": 2, "log_interval": 1},
+        "optim": {"max_lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.1}, "utils": {"tracking": False},
+    }))
+    LOGS[out] = launch_train(config, nproc, *overrides)
+    return read_metrics(out)
+
+
+def series(lines: list[dict], key: str = "loss") -> dict[int, float]:
+    return {m["step"]: m[key] for m in lines if key in m}
+
+
+def assert_same_run(a: list[dict], b: list[dict], run_a: Path, run_b: Path, tol: float = 1e-6) -> None:
+    """Losses, validation losses and gradient norms within ``tol`` (relative), final weights within ``tol``."""
+    for key in ("loss", "val_loss", "grad_norm"):
+        x, y = series(a, key), series(b, key)
+        assert x.keys() == y.keys() and x
+        assert all(abs(x[s] - y[s]) <= tol * abs(x[s]) for s in x), (key, x, y)
+    wa, wb = load_weights(run_a), load_weights(run_b)
+    assert wa.keys() == wb.keys()
+    assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=tol) for k in wa), \
+        max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
+def test_fsdp_equals_ddp_equals_one_process_with_accumulation(data_config, tmp_path, model) -> None:
+    one = train(data_config, tmp_path / "one", 1, "trainer.gradient_accumulation_steps=2", model=model)
+    ddp = train(data_config, tmp_path / "ddp", 2, model=model)
+    fsdp = train(data_config, tmp_path / "fsdp", 2, "trainer.data_parallel=fsdp", model=model)
+    assert "DP 2, fully sharded (FSDP)" in LOGS[tmp_path / "fsdp"]
+    assert (tmp_path / "fsdp/checkpoints/step_0000010/shards/.metadata").is_file()  # sharded by default
+    assert not (tmp_path / "fsdp/checkpoints/step_0000010" / native.WEIGHTS).exists()
+    assert_same_run(one, ddp, tmp_path / "one", tmp_path / "ddp")
+    assert_same_run(ddp, fsdp, tmp_path / "ddp", tmp_path / "fsdp")
+
+
+def resume_from_step_5(source: Path, run: Path, data_config: Path, nproc: int, *overrides: str) -> list[dict]:
+    """A copy of ``source`` cut back to its step-5 checkpoint, resumed for steps 6-10 at another layout."""
+    shutil.copytree(source, run)
+    for folder in (run / "checkpoints").glob("step_*"):
+        if folder.name != "step_0000005":
+            shutil.rmtree(folder)
+    native.update_latest(run / "checkpoints", run / "checkpoints/step_0000005")
+    return train(data_config, run, nproc, *overrides)
+
+
+@pytest.mark.slow
+def test_fsdp_with_tensor_parallelism_and_resharding_on_resume(data_config, tmp_path) -> None:
+    """FSDP x TP on 4 processes = TP=2; its sharded step-5 checkpoint resumes in one process, at zero1 DP=2 and
+    at fsdp DP=4 (same global batch), each with the uninterrupted run's losses."""
+    tp2 = train(data_config, tmp_path / "tp2", 2, "--tensor-model-parallel-size", "2",
+                "trainer.gradient_accumulation_steps=2")  # fmt: skip
+    both = train(data_config, tmp_path / "fsdp_tp", 4, "--tensor-model-parallel-size", "2",
+                 "trainer.data_parallel=fsdp", "trainer.sequence_parallel=true")  # fmt: skip
+    assert "TP 2 x DP 2, sequence parallel, fully sharded (FSDP)" in LOGS[tmp_path / "fsdp_tp"]
+    assert_same_run(tp2, both, tmp_path / "tp2", tmp_path / "fsdp_tp")
+    layouts = {
+        "one": (1, "trainer.gradient_accumulation_steps=2"),
+        "zero1": (2, "trainer.data_parallel=zero1"),
+        "fsdp4": (4, "trainer.data_parallel=fsdp", "trainer.micro_batch_size=1"),
+    }
+    uninterrupted = series(both)
+    for name, (nproc, *overrides) in layouts.items():
+        resumed = series(resume_from_step_5(tmp_path / "fsdp_tp", tmp_path / name, data_config, nproc, *overrides))
+        assert "resumed from" in LOGS[tmp_path / name] and "at step 5" in LOGS[tmp_path / name]
+        assert all(abs(resumed[s] - uninterrupted[s]) <= 1e-6 * uninterrupted[s] for s in range(6, 11)), \
+            (name, resumed, uninterrupted)
+
+
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+from ironcore.checkpoints import native
+write = native.write_model_files
+def killed(folder, *args, **kwargs):  # rank 0, after every rank wrote its shards of step 10, before the rename
+    if Path(folder).name.startswith(".step_0000010"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return write(folder, *args, **kwargs)
+native.write_model_files = killed
+from ironcore.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_save_killed_with_sigkill_leaves_latest_loadable(data_config, tmp_path) -> None:
+    """SIGKILL while step 10's shards are on disk but its folder is not complete: ``latest`` still names step 5,
+    nothing named step 10 looks complete, and the rerun ends where an uninterrupted run does."""
+    straight = train(data_config, tmp_path / "straight", 2, "trainer.data_parallel=fsdp")
+    run = tmp_path / "killed"
+    config = tmp_path / "killed.yaml"
+    config.write_text((tmp_path / "straight.yaml").read_text().replace(str(tmp_path / "straight"), str(run)))
+    (tmp_path / "killer.py").write_text(KILLER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", str(tmp_path / "killer.py"), "train",
+           "--config", str(config), "trainer.data_parallel=fsdp"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    checkpoints = run / "checkpoints"
+    assert native.pointed(checkpoints) == checkpoints / "step_0000005"
+    assert not (checkpoints / "step_0000010").exists()
+    assert list(checkpoints.glob(".step_0000010*/shards/__1_0.distcp"))  # killed with the shards written
+    resumed = train(data_config, run, 2, "trainer.data_parallel=fsdp")
+    assert "at step 5" in LOGS[run]
+    assert series(resumed) == series(straight)
+    assert not list(checkpoints.glob(".step_*"))  # the rerun removed the killed save's temporary folder
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_exports_and_loads_the_tensors_of_a_full_one(data_config, tmp_path, capsys) -> None:
+    """The same FSDP run saved both ways: ``convert --to-hf`` writes bit-identical tensors, and ``load_model``
+    (what generate and eval read) gives bit-identical weights."""
+    train(data_config, tmp_path / "sharded", 2, "trainer.data_parallel=fsdp")
+    train(data_config, tmp_path / "full", 2, "trainer.data_parallel=fsdp", "trainer.checkpoint_format=full")
+    assert (tmp_path / "full/checkpoints/step_0000010" / native.WEIGHTS).is_file()
+    exported = {}
+    for name in ("sharded", "full"):
+        assert main(["convert", "--to-hf", "--checkpoint", str(tmp_path / name), "--output",
+                     str(tmp_path / f"hf_{name}")]) == 0  # fmt: skip
+        exported[name] = load_file(tmp_path / f"hf_{name}" / "model.safetensors")
+    assert exported["sharded"].keys() == exported["full"].keys()
+    assert all(torch.equal(exported["sharded"][k], exported["full"][k]) for k in exported["full"])
+    sharded, full = load_weights(tmp_path / "sharded"), load_weights(tmp_path / "full")
+    assert all(torch.equal(sharded[k], full[k]) for k in full)
+
+
+def torchrun_worker(*args: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", str(ROOT / "tests" / "fsdp_worker.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_fsdp_holds_half_of_ddps_bytes_at_dp2_as_planned(tmp_path) -> None:
+    """Parameters, gradients and optimizer states per rank after a step: the planner's bytes exactly, and half of
+    DDP's plus at most one padded row per tensor (the vocabulary's 301 and the MLP's 88 rows do not halve)."""
+    torchrun_worker("bytes", str(tmp_path))
+    result = json.loads((tmp_path / "bytes.json").read_text())
+    for layout in ("ddp", "fsdp"):
+        assert result[layout]["measured"] == result[layout]["planned"], layout
+    ddp, fsdp = result["ddp"]["measured"], result["fsdp"]["measured"]
+    for full, half in zip(ddp, fsdp):
+        assert full / 2 <= half <= full / 2 + 0.01 * full
+
+
+def test_a_sharded_save_holds_nothing_beyond_a_ranks_own_shards(tmp_path) -> None:
+    """Peak resident memory of a rank while saving, beyond what it held before: a sharded save stays under 5 % of
+    the rank's own state (a bounded buffer), the gathered full save needs the full state and more."""
+    torchrun_worker("save", str(tmp_path), str(ROOT / "examples" / "data" / "gpt2"))
+    result = json.loads((tmp_path / "save.json").read_text())
+    own = result["sharded"]["own"]
+    assert result["sharded"]["growth"] < 0.05 * own
+    assert result["full"]["growth"] > 2 * own  # every full tensor, weights and both moments, on each rank
