@@ -106,9 +106,16 @@ def test_dump_and_load_back_is_identical(tmp_path: Path) -> None:
         (["model=llama-tinyy"], 1, "'llama-tinyy' is neither a file, an HF checkpoint folder nor a known model name (did you mean 'llama-tiny'?)"),
         (["optim.max_lr"], 1, "expected KEY=VALUE"),
         (["trainer.overlap_grad_reduce=true"], 1,
-         "config key 'trainer.overlap_grad_reduce': needs trainer.distributed_optimizer: true"),
+         "config key 'trainer.overlap_grad_reduce': needs trainer.data_parallel: zero1"),
         (["trainer.overlap_grad_reduce=true", "trainer.distributed_optimizer=true",
           "trainer.tensor_model_parallel_size=2"], 2, "is not supported with tensor parallelism yet"),
+        (["trainer.offload=params"], 2, "config key 'trainer.offload': needs trainer.data_parallel: fsdp (it is ddp)"),
+        (["trainer.distributed_optimizer=true", "trainer.data_parallel=fsdp"], 2,
+         "config key 'trainer.distributed_optimizer': true means data_parallel: zero1, but data_parallel is fsdp"),
+        (["trainer.data_parallel=zero1", "trainer.checkpoint_format=sharded"], 2,
+         "config key 'trainer.checkpoint_format': sharded checkpoints are written by data_parallel fsdp"),
+        (["trainer.data_parallel=fsdp", "model.lora={rank: 4, quantize_base: nf4}"], 2,
+         "config key 'trainer.data_parallel': fsdp does not shard QLoRA's NF4 base"),
     ],
 )
 def test_bad_config_gives_one_line_error_naming_the_key(overrides, world_size, message) -> None:

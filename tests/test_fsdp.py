@@ -18,7 +18,7 @@ import yaml
 from run_helpers import ROOT, TINY_MODEL, launch_train, read_metrics, shakespeare_slice
 from safetensors.torch import load_file
 
-from ironcore.checkpoints import native
+from ironcore.checkpoints import native, sharded
 from ironcore.checkpoints.load import load_weights
 from ironcore.cli import main
 
@@ -55,12 +55,13 @@ def series(lines: list[dict], key: str = "loss") -> dict[int, float]:
 
 
 def assert_same_run(a: list[dict], b: list[dict], run_a: Path, run_b: Path, tol: float = 1e-6) -> None:
-    """Losses, validation losses and gradient norms within ``tol`` (relative), final weights within ``tol``."""
+    """Losses, validation losses and gradient norms within ``tol`` (relative), the final checkpoints' weights
+    (a LoRA run's: its adapters) within ``tol``."""
     for key in ("loss", "val_loss", "grad_norm"):
         x, y = series(a, key), series(b, key)
         assert x.keys() == y.keys() and x
         assert all(abs(x[s] - y[s]) <= tol * abs(x[s]) for s in x), (key, x, y)
-    wa, wb = load_weights(run_a), load_weights(run_b)
+    wa, wb = (native.read_model(native.resolve(run))[1] for run in (run_a, run_b))
     assert wa.keys() == wb.keys()
     assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=tol) for k in wa), \
         max((wa[k] - wb[k]).abs().max().item() for k in wa)
@@ -112,10 +113,22 @@ def test_fsdp_with_tensor_parallelism_and_resharding_on_resume(data_config, tmp_
             (name, resumed, uninterrupted)
 
 
+@pytest.mark.slow
+def test_lora_with_fsdp_trains_the_adapters_of_ddp(data_config, tmp_path) -> None:
+    """LoRA composes: FSDP shards the frozen base and the adapters; the checkpoint holds the adapters' shards only."""
+    lora = "model.lora={rank: 4, alpha: 8}"
+    ddp = train(data_config, tmp_path / "ddp", 2, lora)
+    fsdp = train(data_config, tmp_path / "fsdp", 2, lora, "trainer.data_parallel=fsdp")
+    assert_same_run(ddp, fsdp, tmp_path / "ddp", tmp_path / "fsdp")
+    saved = sharded.saved_tensors(tmp_path / "fsdp/checkpoints/step_0000010")
+    weights = [k for k in saved if k.startswith(native.MODEL_PREFIX)]
+    assert weights and all(".lora." in k for k in weights)
+
+
 KILLER = """
 import os, signal, sys
 from pathlib import Path
-from ironcore.checkpoints import native
+from ironcore.checkpoints import native, sharded
 write = native.write_model_files
 def killed(folder, *args, **kwargs):  # rank 0, after every rank wrote its shards of step 10, before the rename
     if Path(folder).name.startswith(".step_0000010"):

@@ -163,6 +163,9 @@ def validate_config(cfg: Config, world_size: int | None = None) -> Config:
     if world_size % tp:
         raise ConfigError(f"world size {world_size} is not a multiple of trainer.tensor_model_parallel_size {tp}")
     cfg.model.check_tensor_parallel(tp)  # heads, key/value groups, MLP and expert widths, q/k norms vs TP
+    if tr.data_parallel == "fsdp" and cfg.model.lora is not None and cfg.model.lora.quantize_base:
+        raise ConfigError("config key 'trainer.data_parallel': fsdp does not shard QLoRA's NF4 base (use ddp: the "
+                          "4-bit base is small enough to hold whole on every rank)")
     dp = world_size // tp
     if tr.micro_batch_size < 1:
         raise ConfigError(f"trainer.micro_batch_size must be >= 1, got {tr.micro_batch_size}")
