@@ -1,6 +1,7 @@
 """What tensor and data parallelism cost: step time and bytes communicated, vs one process on the same cores.
 
-    python benchmarks/parallel_overhead.py                      # CPU, gloo: 1 process, TP=2, DP=2, DP=2 + ZeRO-1
+    python benchmarks/parallel_overhead.py                      # CPU, gloo: 1 process, TP=2, DP=2, ZeRO-1, FSDP
+    python benchmarks/parallel_overhead.py --only "DP=2,DP=2 + FSDP" --repeats 12   # FSDP vs DDP, 12 pairs
     python benchmarks/parallel_overhead.py --device cuda        # GPUs, nccl (2-process layouts need 2 GPUs)
 
 Every layout runs the same global batch per optimizer step (``--batch``
@@ -8,7 +9,9 @@ sequences of ``--seq`` tokens) through the full IronCore step: vocab-parallel
 logits and cross-entropy, backward, ``finalize_grads`` (TP sums + DP
 all-reduce), global-norm clipping, AdamW; with the distributed optimizer
 (``DP=2 + dist. opt.``) the DP all-reduce becomes a reduce-scatter, each rank
-steps its half of AdamW, and the parameters are all-gathered. On CPU the cores are shared fairly:
+steps its half of AdamW, and the parameters are all-gathered; with FSDP (``DP=2 + FSDP``, PyTorch's FSDP2
+as ``trainer.data_parallel: fsdp`` applies it) each block's weights are all-gathered for its forward and
+backward pass and its gradients reduce-scattered during the backward pass. On CPU the cores are shared fairly:
 one process uses all ``--threads`` threads, each of two processes half. DP
 ranks each take half the batch; TP ranks each hold half of every layer.
 
@@ -19,7 +22,7 @@ median and spread of the per-round ratio). The optimizer state per rank is
 the bytes of AdamW's moments rank 0 holds. "reduction after backward" is the time
 the step spends in the gradient reduction and norm after the backward pass; with overlap what is left of it.
 Bytes are counted by IronCore's collective wrappers (``ironcore.parallel.comm``)
-on rank 0: the payload a rank hands to each all-reduce, and the gathered
+on rank 0 (FSDP's own collectives are not counted there: "-"): the payload a rank hands to each all-reduce, and the gathered
 output of each all-gather. A ring all-reduce sends about 2(n-1)/n times its
 payload over the wire per rank (1x for n=2).
 """
@@ -48,7 +51,9 @@ from ironcore.parallel import comm
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
 from ironcore.parallel.grad import clip_factor
 from ironcore.parallel.setup import destroy_parallel, init_parallel
+from ironcore.parallel.sharding import local_tensor
 from ironcore.training.distributed_optimizer import DistributedOptimizer
+from ironcore.training.fsdp import FSDPOptimizer, apply_fsdp
 from ironcore.training.optim import (
     build_optimizer,
     parameter_groups,
@@ -58,7 +63,7 @@ from ironcore.training.optim import (
 
 # name, world size, tp size, distributed optimizer (False, True or "overlap": reductions during the backward pass)
 LAYOUTS = [("1 process", 1, 1, False), ("TP=2", 2, 2, False), ("DP=2", 2, 1, False), ("DP=2 + dist. opt.", 2, 1, True),
-           ("DP=2 + dist. opt. + overlap", 2, 1, "overlap")]
+           ("DP=2 + dist. opt. + overlap", 2, 1, "overlap"), ("DP=2 + FSDP", 2, 1, "fsdp")]
 
 
 def parse_args() -> argparse.Namespace:
@@ -74,6 +79,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads shared by all processes")
     p.add_argument("--bucket-mb", type=float, default=4.0, help="the distributed optimizer's gradient buckets")
+    p.add_argument("--only", default="", help="comma-separated layout names to run (default: all)")
     return p.parse_args()
 
 
@@ -103,7 +109,10 @@ def run_layout(rank: int, world: int, tp: int, distributed: bool | str, port: in
     ctx = init_parallel(tp, cfg, device=args.device)
     torch.manual_seed(0)
     model = TransformerModel(cfg).to(ctx.device)
-    if distributed:  # buckets of --bucket-mb, so that the backward pass finishes some before its end
+    if distributed == "fsdp":
+        apply_fsdp(model, bf16=False, offload=False)
+        optimizer = FSDPOptimizer(build_optimizer(model, OptimConfig(max_lr=1e-4, weight_decay=0.0)), model)
+    elif distributed:  # buckets of --bucket-mb, so that the backward pass finishes some before its end
         optimizer = DistributedOptimizer(model, parameter_groups(model, 0.0), lambda groups: torch.optim.AdamW(
             groups, lr=1e-4, fused=True), bucket_bytes=int(args.bucket_mb * 2**20), overlap=distributed == "overlap")
     else:
@@ -118,7 +127,7 @@ def run_layout(rank: int, world: int, tp: int, distributed: bool | str, port: in
     waits: list[float] = []  # the gradient reduction's time after the backward pass (its norm included)
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         logits = model(inputs, parallel_output=True)
         loss = vocab_parallel_cross_entropy(logits, targets).sum() / global_tokens
         if distributed == "overlap":
@@ -148,9 +157,11 @@ def run_layout(rank: int, world: int, tp: int, distributed: bool | str, port: in
             group = tag.split("/")[1]
             per_group[group] = per_group.get(group, 0.0) + nbytes / args.steps
         calls = sum(n for _, n in comm.traffic().values()) / args.steps
-        moments = (optimizer.state_bytes if distributed else
-                   sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if v.dim()))
-        result = {"step_s": statistics.median(times), "bytes": per_group, "calls": calls, "state": moments,
+        states = optimizer.inner.state if distributed == "fsdp" else optimizer.state if not distributed else None
+        moments = optimizer.state_bytes if states is None else sum(
+            local_tensor(v).numel() * v.element_size() for s in states.values() for v in s.values() if v.dim())
+        result = {"step_s": statistics.median(times), "bytes": None if distributed == "fsdp" else per_group,
+                  "calls": calls, "state": moments,
                   "wait_s": statistics.median(waits)}
         Path(out).write_text(json.dumps(result))
     destroy_parallel()
@@ -176,7 +187,13 @@ def main() -> None:
         f"({cfg.kv_heads} kv), vocab {cfg.vocab_size}; global batch {args.batch} x {args.seq} tokens; {device_name}"
     )
     layouts = []
+    wanted = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(wanted) - {name for name, *_ in LAYOUTS})
+    if unknown:
+        raise SystemExit(f"--only: no layout {unknown}; layouts: {', '.join(name for name, *_ in LAYOUTS)}")
     for name, world, tp, distributed in LAYOUTS:
+        if wanted and name not in wanted:
+            continue
         if args.device == "cuda" and world > torch.cuda.device_count():
             print(f"{name}: skipped, needs {world} GPUs (nccl cannot put two ranks on one GPU)")
         else:
@@ -194,20 +211,20 @@ def main() -> None:
             rounds[-1][name + "/wait"] = result["wait_s"]
             if name not in results or result["step_s"] < results[name]["step_s"]:
                 results[name] = result
-    base = results["1 process"]["step_s"]
+    base_name = "1 process" if "1 process" in results else next(iter(results))
+    base = results[base_name]["step_s"]
     tokens = args.batch * args.seq
-    print("\n| layout | step (ms) | vs 1 process | tokens/s | reduction after backward (ms) | TP MB/step/rank "
+    print(f"\n| layout | step (ms) | vs {base_name} | tokens/s | reduction after backward (ms) | TP MB/step/rank "
           "| DP MB/step/rank | collectives/step | optimizer state MB/rank |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        mb = {k: v / 2**20 for k, v in r["bytes"].items()}
-        print(
-            f"| {name} | {r['step_s'] * 1e3:.1f} | {r['step_s'] / base:.2f}x | {tokens / r['step_s']:,.0f} | "
-            f"{r['wait_s'] * 1e3:.1f} | {mb.get('tp', 0):.2f} | {mb.get('dp', 0):.2f} | {r['calls']:.0f} | "
-            f"{r['state'] / 2**20:.2f} |"
-        )
+        mb = {k: f"{v / 2**20:.2f}" for k, v in r["bytes"].items()} if r["bytes"] is not None else None
+        traffic = (f"{mb.get('tp', '0.00')} | {mb.get('dp', '0.00')} | {r['calls']:.0f}" if mb is not None
+                   else "- | - | -")  # fmt: skip
+        print(f"| {name} | {r['step_s'] * 1e3:.1f} | {r['step_s'] / base:.2f}x | {tokens / r['step_s']:,.0f} | "
+              f"{r['wait_s'] * 1e3:.1f} | {traffic} | {r['state'] / 2**20:.2f} |")
     for a, b in (("DP=2 + dist. opt.", "DP=2"), ("DP=2 + dist. opt. + overlap", "DP=2"),
-                 ("DP=2 + dist. opt. + overlap", "DP=2 + dist. opt.")):
+                 ("DP=2 + dist. opt. + overlap", "DP=2 + dist. opt."), ("DP=2 + FSDP", "DP=2")):
         if a in results and b in results:
             ratios = [r[a] / r[b] for r in rounds]
             print(f"{a} / {b} step time, per round: median {statistics.median(ratios):.3f} "

@@ -3,6 +3,7 @@
     python scripts/memory_table.py                                   # the seed's hardware: 2 x 24 GB, seq 2048
     python scripts/memory_table.py --gpus 8 --gpu-memory 80 --models llama3-8b   # 8 x 80 GB
     python scripts/memory_table.py --lora                            # LoRA / QLoRA of 8B models, 1 and 2 x 24 GB
+    python scripts/memory_table.py --fsdp                            # full fine-tuning under FSDP, with offload
 
 Each row is one layout over ``--gpus`` GPUs (every TP x DP split, with and
 without the distributed optimizer and activation checkpointing), bf16,
@@ -30,9 +31,13 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--lora", action="store_true", help="the LoRA table: LoRA and QLoRA, SFT and DPO, 1 and 2 GPUs")
+    parser.add_argument("--fsdp", action="store_true", help="the FSDP table: full fine-tuning with and without offload")
     args = parser.parse_args()
     if args.lora:
         lora_table(args)
+        return
+    if args.fsdp:
+        fsdp_table(args)
         return
     configs = {name: load_model_config(name) for name in args.models}
     splits = [(tp, args.gpus // tp) for tp in range(1, args.gpus + 1) if args.gpus % tp == 0]
@@ -74,6 +79,31 @@ def lora_table(args: argparse.Namespace) -> None:
                 cells.append(f"{gib:.1f} GiB {'fits' if gib <= args.gpu_memory else '—'}")
         run = f"{'QLoRA (NF4 base)' if quantize else 'LoRA (bf16 base)'}, {objective}" + (", recompute" if recompute else "")
         print(f"| {run} | " + " | ".join(cells) + " |", flush=True)
+
+
+def fsdp_table(args: argparse.Namespace) -> None:
+    """Full fine-tuning (every weight, AdamW) under ``trainer.data_parallel: fsdp`` over ``--gpus`` GPUs, bf16: GiB
+    per GPU and, with ``trainer.offload: params``, GiB of host memory per rank (the sharded fp32 weights, their
+    gradients and AdamW's moments); with a full checkpoint, what its save gathers on each rank."""
+    models = ["qwen2.5-1.5b", "gemma-1-2b", "llama3.2-3b", "llama3-8b"]
+    print(f"| full fine-tuning ({args.gpus} GPUs, FSDP, bf16, {args.micro_batch_size} x {args.seq_len}) | "
+          + " | ".join(models) + " |")
+    print("|---|" + "---:|" * len(models))
+    for offload, recompute in itertools.product(("none", "params"), (False, True)):
+        cells = []
+        for name in models:
+            plan = plan_memory(load_model_config(name), dp=args.gpus, data_parallel="fsdp", offload=offload,
+                               precision="bf16", activation_checkpointing=recompute,
+                               micro_batch_size=args.micro_batch_size, seq_len=args.seq_len)  # fmt: skip
+            gib = plan.total / 2**30
+            host = f" + {plan.host / 2**30:.1f} GiB host" if plan.host else ""
+            cells.append(f"{gib:.1f} GiB{host} {'fits' if gib <= args.gpu_memory else '—'}")
+        run = "fsdp" + (", offload params" if offload != "none" else "") + (", recompute" if recompute else "")
+        print(f"| {run} | " + " | ".join(cells) + " |", flush=True)
+    saves = [plan_memory(load_model_config(name), dp=args.gpus, data_parallel="fsdp", sharded_checkpoints=False,
+                         micro_batch_size=1, seq_len=16).checkpoint / 2**30 for name in models]  # fmt: skip
+    print("| a full (gathered) save's extra memory per rank; sharded: none | "
+          + " | ".join(f"{gib:.1f} GiB" for gib in saves) + " |")
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def test_dump_and_load_back_is_identical(tmp_path: Path) -> None:
          "config key 'trainer.distributed_optimizer': true means data_parallel: zero1, but data_parallel is fsdp"),
         (["trainer.data_parallel=zero1", "trainer.checkpoint_format=sharded"], 2,
          "config key 'trainer.checkpoint_format': sharded checkpoints are written by data_parallel fsdp"),
-        (["trainer.data_parallel=fsdp", "model.lora={rank: 4, quantize_base: nf4}"], 2,
+        (["trainer.data_parallel=fsdp", "model.lora={rank: 4, quantize_base: nf4, targets: [q, v]}"], 2,
          "config key 'trainer.data_parallel': fsdp does not shard QLoRA's NF4 base"),
     ],
 )
