@@ -22,7 +22,7 @@ median and spread of the per-round ratio). The optimizer state per rank is
 the bytes of AdamW's moments rank 0 holds. "reduction after backward" is the time
 the step spends in the gradient reduction and norm after the backward pass; with overlap what is left of it.
 Bytes are counted by IronCore's collective wrappers (``ironcore.parallel.comm``)
-on rank 0 (FSDP's own collectives are not counted there: "-"): the payload a rank hands to each all-reduce, and the gathered
+on rank 0 (on gloo FSDP's collectives go through them too; on nccl they are FSDP's own, not counted: "-"): the payload a rank hands to each all-reduce, and the gathered
 output of each all-gather. A ring all-reduce sends about 2(n-1)/n times its
 payload over the wire per rank (1x for n=2).
 """
@@ -63,7 +63,8 @@ from ironcore.training.optim import (
 
 # name, world size, tp size, distributed optimizer (False, True or "overlap": reductions during the backward pass)
 LAYOUTS = [("1 process", 1, 1, False), ("TP=2", 2, 2, False), ("DP=2", 2, 1, False), ("DP=2 + dist. opt.", 2, 1, True),
-           ("DP=2 + dist. opt. + overlap", 2, 1, "overlap"), ("DP=2 + FSDP", 2, 1, "fsdp")]
+           ("DP=2 + dist. opt. + overlap", 2, 1, "overlap"), ("DP=2 + FSDP", 2, 1, "fsdp"),
+           ("DP=2 + FSDP (no reshard)", 2, 1, "fsdp-keep")]
 
 
 def parse_args() -> argparse.Namespace:
@@ -109,8 +110,8 @@ def run_layout(rank: int, world: int, tp: int, distributed: bool | str, port: in
     ctx = init_parallel(tp, cfg, device=args.device)
     torch.manual_seed(0)
     model = TransformerModel(cfg).to(ctx.device)
-    if distributed == "fsdp":
-        apply_fsdp(model, bf16=False, offload=False)
+    if str(distributed).startswith("fsdp"):  # fsdp-keep: trainer.reshard_after_forward false
+        apply_fsdp(model, bf16=False, offload=False, reshard_after_forward=distributed == "fsdp")
         optimizer = FSDPOptimizer(build_optimizer(model, OptimConfig(max_lr=1e-4, weight_decay=0.0)), model)
     elif distributed:  # buckets of --bucket-mb, so that the backward pass finishes some before its end
         optimizer = DistributedOptimizer(model, parameter_groups(model, 0.0), lambda groups: torch.optim.AdamW(
@@ -157,10 +158,11 @@ def run_layout(rank: int, world: int, tp: int, distributed: bool | str, port: in
             group = tag.split("/")[1]
             per_group[group] = per_group.get(group, 0.0) + nbytes / args.steps
         calls = sum(n for _, n in comm.traffic().values()) / args.steps
-        states = optimizer.inner.state if distributed == "fsdp" else optimizer.state if not distributed else None
+        fsdp = str(distributed).startswith("fsdp")
+        states = optimizer.inner.state if fsdp else optimizer.state if not distributed else None
         moments = optimizer.state_bytes if states is None else sum(
             local_tensor(v).numel() * v.element_size() for s in states.values() for v in s.values() if v.dim())
-        result = {"step_s": statistics.median(times), "bytes": None if distributed == "fsdp" else per_group,
+        result = {"step_s": statistics.median(times), "bytes": None if fsdp and args.device == "cuda" else per_group,
                   "calls": calls, "state": moments,
                   "wait_s": statistics.median(waits)}
         Path(out).write_text(json.dumps(result))
@@ -224,7 +226,8 @@ def main() -> None:
         print(f"| {name} | {r['step_s'] * 1e3:.1f} | {r['step_s'] / base:.2f}x | {tokens / r['step_s']:,.0f} | "
               f"{r['wait_s'] * 1e3:.1f} | {traffic} | {r['state'] / 2**20:.2f} |")
     for a, b in (("DP=2 + dist. opt.", "DP=2"), ("DP=2 + dist. opt. + overlap", "DP=2"),
-                 ("DP=2 + dist. opt. + overlap", "DP=2 + dist. opt."), ("DP=2 + FSDP", "DP=2")):
+                 ("DP=2 + dist. opt. + overlap", "DP=2 + dist. opt."), ("DP=2 + FSDP", "DP=2"),
+                 ("DP=2 + FSDP (no reshard)", "DP=2")):
         if a in results and b in results:
             ratios = [r[a] / r[b] for r in rounds]
             print(f"{a} / {b} step time, per round: median {statistics.median(ratios):.3f} "

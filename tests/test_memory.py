@@ -12,6 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ironcore.cli import main
+from ironcore.config import load_model_config
 from ironcore.config.model import ModelConfig
 from ironcore.config.training import OptimConfig
 from ironcore.models import TransformerModel
@@ -146,3 +147,20 @@ def test_planned_lora_and_qlora_states_are_the_bytes_after_a_step(precision, qua
     if quantize:
         assert plan.parameters < 0.7 * plan_memory(dataclasses.replace(cfg, lora=LoRAConfig(rank=4)),
                                                    precision=precision).parameters
+
+
+def test_the_fsdp_plan_shards_the_states_gathers_units_and_offloads_to_the_host() -> None:
+    """FSDP at DP=4: a quarter of the states (give or take padding); the gathered units grow when blocks keep
+    their weights after the forward pass; offload moves the states to the host; a full save's gathered tensors
+    are counted and a sharded one's are not. (The bytes themselves: tests/test_fsdp.py, measured at DP=2.)"""
+    cfg = load_model_config("llama-tiny")
+    ddp = plan_memory(cfg, dp=4, micro_batch_size=1, seq_len=16)
+    fsdp = plan_memory(cfg, dp=4, data_parallel="fsdp", micro_batch_size=1, seq_len=16)
+    assert ddp.states / 4 <= fsdp.states <= ddp.states / 4 * 1.01
+    assert fsdp.gathered > 0 and ddp.gathered == 0
+    assert fsdp.checkpoint == 0 and ddp.checkpoint == 3 * ddp.parameters  # full fp32 weights and two moments
+    kept = plan_memory(cfg, dp=4, data_parallel="fsdp", reshard_after_forward=False, micro_batch_size=1, seq_len=16)
+    assert kept.gathered > fsdp.gathered and kept.states == fsdp.states
+    offloaded = plan_memory(cfg, dp=4, data_parallel="fsdp", offload="params", micro_batch_size=1, seq_len=16)
+    assert offloaded.states == 0 and offloaded.host == fsdp.states
+    assert offloaded.total == fsdp.total - fsdp.states

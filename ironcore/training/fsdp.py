@@ -17,7 +17,8 @@ How it fits the rest:
 * Mixed precision is FSDP2's policy: the sharded parameters stay fp32 (they are the master weights), the
   gathered ones are bf16 for compute, and gradients are reduced in fp32.
 * Losses are normalised over the global batch, so the reduction is a sum (``set_gradient_divide_factor(1)``
-  with sum-only collectives, which gloo needs).
+  with sum-only collectives, which gloo needs). On gloo the all-gathers and reduce-scatters are IronCore's
+  rings (:mod:`ironcore.parallel.comm`), as for the distributed optimizer: gloo's own take about twice as long.
 * ``trainer.offload: params`` is FSDP2's ``CPUOffloadPolicy``: the shards, their gradients and the optimizer
   state live in host memory and the optimizer step runs there.
 * Parameters are DTensors (``Shard(0)`` over the DP mesh); :mod:`ironcore.parallel.sharding` takes them in
@@ -33,17 +34,19 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
 from ironcore.errors import ConfigError
-from ironcore.parallel import state
+from ironcore.parallel import comm, state
 from ironcore.parallel.grad import sum_of_squares, sync_tensor_parallel_grads
 from ironcore.parallel.sharding import local_tensor, named_splits, owned_full_pieces
 from ironcore.training.optimizer import DataParallelOptimizer
 
 
-def apply_fsdp(model: nn.Module, *, bf16: bool, offload: bool) -> None:
+def apply_fsdp(model: nn.Module, *, bf16: bool, offload: bool, reshard_after_forward: bool = True) -> None:
     """Shard ``model`` in place over the data-parallel group: one FSDP unit per transformer block, the rest in
-    the root unit (see the module doc)."""
+    the root unit (see the module doc). ``reshard_after_forward=False`` keeps each block's gathered weights
+    until its backward pass (one all-gather less, more memory)."""
     if any(max(split.replicas) > 1 for split in named_splits(model).values()):
         raise ConfigError("trainer.data_parallel: fsdp with more tensor-parallel ranks than key/value heads is not "
                           "supported (the replicated heads' gradient sum); lower tensor_model_parallel_size")
@@ -56,14 +59,41 @@ def apply_fsdp(model: nn.Module, *, bf16: bool, offload: bool) -> None:
     blocks = list(model.layers)
     for i, block in enumerate(blocks):
         # The last block's backward pass starts right after its forward pass: keep its weights gathered.
-        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **options)
+        fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **options)
     fully_shard(model, **options)
     for before, after in zip(blocks, blocks[1:]):
         before.set_modules_to_forward_prefetch([after])
         after.set_modules_to_backward_prefetch([before])
+    gloo = dist.get_backend(state.dp_group()) == "gloo"
     for unit in (*blocks, model):  # each unit's own setting
         unit.set_gradient_divide_factor(1.0)  # a sum: each rank's loss is already divided by the global batch
         unit.set_force_sum_reduction_for_comms(True)
+        if gloo:  # gloo's own collectives take about twice as long as IronCore's rings (parallel/comm.py)
+            unit.set_custom_all_gather(_RingAllGather())
+            unit.set_custom_reduce_scatter(_RingReduceScatter())
+
+
+class _RingAllGather(AllGather):
+    """FSDP2's all-gather through :func:`ironcore.parallel.comm.all_gather_into` (counted in its traffic log)."""
+
+    def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
+                 async_op: bool = False) -> None:  # fmt: skip
+        comm.all_gather_into(output_tensor, input_tensor, group)  # done when it returns: no handle to wait on
+
+
+class _RingReduceScatter(ReduceScatter):
+    """FSDP2's reduce-scatter (a sum: the divide factor is 1) through :func:`ironcore.parallel.comm.reduce_scatter`,
+    which uses the input, FSDP's temporary, as its scratch space."""
+
+    def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
+                 op: Any = None, async_op: bool = False) -> None:  # fmt: skip
+        comm.reduce_scatter(input_tensor, output_tensor, group)
 
 
 class FSDPOptimizer(DataParallelOptimizer):

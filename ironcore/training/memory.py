@@ -15,6 +15,13 @@ Four parts, per rank of a TP x DP layout:
   counter per tensor (SGD: one momentum), plus a ``bf16`` run's fp32 master
   weights, for the rank's shard only with the distributed optimizer (its
   buckets' padding counted);
+- under **FSDP** (``data_parallel="fsdp"``) parameters, gradients and
+  optimizer states are the rank's shards (dim 0 split in DP chunks, padded
+  alike), and ``gathered`` counts the units all-gathered for compute (the
+  root unit and two blocks in the compute dtype, one block's gradients
+  before their reduce-scatter); with ``offload="params"`` the shards and
+  states are ``host`` memory instead; ``checkpoint`` is what a full save
+  gathers on each rank (nothing for a sharded one);
 - **activations**: what autograd keeps from the forward pass for the
   backward one, for one micro-batch, loss included. Not a formula: the
   planner runs the rank's forward pass and loss on *fake* tensors (shapes
@@ -188,21 +195,22 @@ def _as_one_process() -> Iterator[None]:
 
 
 def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, distributed_optimizer: bool = False,
-                data_parallel: str | None = None, offload: str = "none", sharded_checkpoints: bool | None = None,
+                data_parallel: str | None = None, offload: str = "none", reshard_after_forward: bool = True,
+                sharded_checkpoints: bool | None = None,
                 precision: str = "fp32", activation_checkpointing: bool = False, micro_batch_size: int = 1,
                 seq_len: int | None = None, optimizer: str = "adamw",
                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> MemoryPlan:  # fmt: skip
     """The bytes of one training step on rank 0 of a TP x DP layout (see the module doc); a ConfigError when the
     trainer would refuse to split the model ``tp`` ways. ``data_parallel`` (ddp, zero1, fsdp; None: zero1 when
-    ``distributed_optimizer``), ``offload`` and ``sharded_checkpoints`` (None: with fsdp) as in the trainer's
-    config."""
+    ``distributed_optimizer``), ``offload``, ``reshard_after_forward`` and ``sharded_checkpoints`` (None: with
+    fsdp) as in the trainer's config."""
     cfg.check_tensor_parallel(tp, "tp")
     layout = data_parallel or ("zero1" if distributed_optimizer else "ddp")
     base = BF16 if precision == "bf16" else FP32  # LoRA's frozen base: stored in the compute dtype
     with _as_one_process():
         tensors = local_parameters(cfg, tp)
         if layout == "fsdp" and dp > 1:
-            params, grads, states, gathered = _fsdp_bytes(tensors, dp, base, optimizer)
+            params, grads, states, gathered = _fsdp_bytes(tensors, dp, base, optimizer, reshard_after_forward)
         else:
             trained = [t.numel for t in tensors if t.trained]
             params, grads, states = _state_bytes(trained, dp=dp, precision=precision, optimizer=optimizer,
@@ -219,11 +227,13 @@ def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, distributed_optim
     return MemoryPlan(params, grads, states, activations, gathered, host, checkpoint)
 
 
-def _fsdp_bytes(tensors: list[LocalTensor], dp: int, base: int, optimizer: str) -> tuple[int, int, int, int]:
+def _fsdp_bytes(tensors: list[LocalTensor], dp: int, base: int, optimizer: str,
+                reshard: bool = True) -> tuple[int, int, int, int]:  # fmt: skip
     """Parameters, gradients, optimizer states and gathered units of rank 0 under FSDP: every tensor's shard
     (:meth:`LocalTensor.fsdp_shard`), fp32 for the trained ones (they are the master weights), the frozen in
-    ``base``; the root unit (everything outside the blocks) and two blocks (one prefetched) gathered in the
-    compute dtype ``base``, one block's gradients unsharded in fp32 before their reduce-scatter."""
+    ``base``; the root unit (everything outside the blocks) and two blocks (one prefetched; without
+    ``reshard`` after the forward pass: every block) gathered in the compute dtype ``base``, one block's
+    gradients unsharded in fp32 before their reduce-scatter."""
     trained = [t.fsdp_shard(dp) for t in tensors if t.trained]
     params = sum(trained) * FP32 + sum(t.fsdp_shard(dp) * base for t in tensors if not t.trained)
     moments = 1 if optimizer == "sgd" else 2
@@ -233,7 +243,8 @@ def _fsdp_bytes(tensors: list[LocalTensor], dp: int, base: int, optimizer: str) 
         unit = ".".join(t.name.split(".")[:2]) if t.name.startswith("layers.") else "root"
         blocks[unit] = blocks.get(unit, 0) + t.numel
     root, block = blocks.pop("root", 0), max(blocks.values(), default=0)
-    return params, sum(trained) * FP32, states, (root + 2 * block) * base + block * FP32
+    held = 2 * block if reshard else sum(blocks.values())
+    return params, sum(trained) * FP32, states, (root + held) * base + block * FP32
 
 
 def _full_checkpoint_bytes(tensors: list[LocalTensor], optimizer: str) -> int:

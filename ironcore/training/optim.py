@@ -84,7 +84,8 @@ def build_training_optimizer(model: nn.Module, cfg: Config) -> TrainingOptimizer
         return optimizer_class(cfg.optim.implementation)(model, cfg)
     t = cfg.trainer
     if t.data_parallel == "fsdp" and state.dp_size() > 1:
-        apply_fsdp(model, bf16=t.precision == "bf16", offload=t.offload == "params")
+        apply_fsdp(model, bf16=t.precision == "bf16", offload=t.offload == "params",
+                   reshard_after_forward=t.reshard_after_forward)
         return FSDPOptimizer(build_optimizer(model, cfg.optim), model)
     built = build_optimizer(model, cfg.optim, distributed=cfg.trainer.distributed_optimizer,
                             overlap=cfg.trainer.overlap_grad_reduce, precision=cfg.trainer.precision)  # fmt: skip

@@ -410,6 +410,7 @@ class Trainer:
         try:  # a plan is information: a model the planner cannot trace must still train
             plan = plan_memory(self.cfg.model, tp=self.ctx.tp_size, dp=self.dp_size,
                                data_parallel=t.data_parallel, offload=t.offload,
+                               reshard_after_forward=t.reshard_after_forward,
                                sharded_checkpoints=t.sharded_checkpoints, precision=t.precision,
                                activation_checkpointing=t.activation_checkpointing,
                                micro_batch_size=t.micro_batch_size, seq_len=self.seq_len,
