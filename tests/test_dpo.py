@@ -20,7 +20,7 @@ import yaml
 from run_helpers import launch_train, read_metrics, small_run_config
 
 from ironcore.checkpoints import native as checkpoint
-from ironcore.config import ConfigError, build_config
+from ironcore.config import ConfigError, build_config, dump_config
 from ironcore.data.preprocessing.config import load_data_config
 from ironcore.data.preprocessing.metadata import load_metadata
 from ironcore.data.preprocessing.preprocess import preprocess
@@ -233,6 +233,20 @@ def test_accumulation_equals_larger_micro_batch(dpo_data, start_checkpoint, tmp_
     Trainer(make_config(dpo_data, tmp_path / "b", {"sft_weight": 0.3}, init__init_from=init,
                         trainer__micro_batch_size=1, trainer__gradient_accumulation_steps=2)).train()
     assert_same_metrics(train_lines(tmp_path / "a"), train_lines(tmp_path / "b"))
+
+
+@pytest.mark.slow
+def test_fsdp_at_dp2_equals_one_process_with_accumulation(dpo_data, start_checkpoint, tmp_path) -> None:
+    """DPO under ``trainer.data_parallel: fsdp``: the sharded policy, the reference held whole on each rank."""
+    init = str(start_checkpoint)
+    Trainer(make_config(dpo_data, tmp_path / "one", {"sft_weight": 0.3}, init__init_from=init,
+                        trainer__micro_batch_size=1, trainer__gradient_accumulation_steps=2)).train()
+    raw = yaml.safe_load(dump_config(make_config(dpo_data, tmp_path / "fsdp", {"sft_weight": 0.3},
+                                                 init__init_from=init, trainer__micro_batch_size=1)))
+    raw["trainer"].update(train_batch_size=None, gradient_accumulation_steps=1, data_parallel="fsdp")
+    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(raw))
+    launch_train(tmp_path / "fsdp.yaml", 2)
+    assert_same_metrics(train_lines(tmp_path / "one"), train_lines(tmp_path / "fsdp"))
 
 
 def test_resume_keeps_the_starting_weights_as_reference(dpo_data, tmp_path) -> None:

@@ -192,10 +192,11 @@ def test_a_raising_reward_is_skipped_and_counted_when_asked(rl_data, tmp_path) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["dp2", "tp2"])
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "fsdp"])
 def test_data_and_tensor_parallel_runs_equal_one_process(rl_data, tmp_path, layout) -> None:
     """Same completions (rewards, lengths) and losses at every step: rollouts are seeded by their place in
-    the global batch, TP ranks sample the same tokens, rewards are gathered over the DP ranks."""
+    the global batch, TP ranks sample the same tokens, rewards are gathered over the DP ranks; under FSDP the
+    rollouts run through the sharded policy (each block gathered for its decode steps)."""
     def write(name: str, tp: int, accumulation: int) -> Path:
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({
@@ -209,8 +210,9 @@ def test_data_and_tensor_parallel_runs_equal_one_process(rl_data, tmp_path, layo
         }))
         return path
 
-    launch_train(write("one", 1, 2 if layout == "dp2" else 1), 1, tests_importable=True)
-    launch_train(write("two", 2 if layout == "tp2" else 1, 1), 2, tests_importable=True)
+    launch_train(write("one", 1, 1 if layout == "tp2" else 2), 1, tests_importable=True)
+    launch_train(write("two", 2 if layout == "tp2" else 1, 1), 2,
+                 *(["trainer.data_parallel=fsdp"] if layout == "fsdp" else []), tests_importable=True)
     a = [m for m in read_metrics(tmp_path / "one") if "loss" in m]
     b = [m for m in read_metrics(tmp_path / "two") if "loss" in m]
     assert len({m["reward"] for m in a}) > 1 and any(m["loss"] != 0 for m in a)  # a real comparison

@@ -21,6 +21,7 @@ import torch
 
 from ironcore.layers.attention import KVCache
 from ironcore.models.transformer import TransformerModel
+from ironcore.parallel.sharding import grad_free
 
 BATCH_CONTEXTS = 32  # distinct contexts encoded together
 
@@ -39,13 +40,18 @@ def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: 
     return head, whole[len(head) :]
 
 
-@torch.inference_mode()
 def loglikelihoods(model: TransformerModel, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                    batch_contexts: int = BATCH_CONTEXTS) -> list[tuple[float, bool]]:  # fmt: skip
     """(log p(continuation | context), greedy?) per request, in order; each distinct context is encoded once.
 
     A context longer than the model's window with its continuation loses tokens on the left, as lm-eval's do.
     """
+    return grad_free(model)(_loglikelihoods)(model, requests, batch_contexts)
+
+
+def _loglikelihoods(model: TransformerModel, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                    batch_contexts: int) -> list[tuple[float, bool]]:  # fmt: skip
+    """:func:`loglikelihoods`' body."""
     limit = model.config.max_position_embeddings
     pairs = []
     for i, (context, continuation) in enumerate(requests):

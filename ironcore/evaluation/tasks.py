@@ -307,7 +307,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-@torch.inference_mode()
 def complete(model: TransformerModel, tokenizer: Tokenizer, prompts: list[list[int]], max_new_tokens: int,
              stop: list[str], temperature: float, seed: int, batch_size: int,
              progress: Callable[[str], None] | None = None) -> list[str]:  # fmt: skip

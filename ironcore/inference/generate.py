@@ -32,6 +32,7 @@ from ironcore.inference.steps import DecodeReport
 from ironcore.layers.attention import KVCache
 from ironcore.models.transformer import TransformerModel
 from ironcore.parallel import comm, state
+from ironcore.parallel.sharding import grad_free
 
 log = logging.getLogger(__name__)
 
@@ -424,10 +425,15 @@ class Waiting:
         return max(budgets)
 
 
-@torch.inference_mode()
 def _decode(model: TransformerModel, request: Request) -> Iterator[torch.Tensor]:
     """The prefill + decode loop of :func:`stream`: the first ``width`` prompts start; the others (eager only)
-    join as rows finish."""
+    join as rows finish. Without autograd between the generator's yields, not beyond them (torch's decorator
+    form re-enters the mode each time the generator resumes)."""
+    return grad_free(model)(_decode_loop)(model, request)
+
+
+def _decode_loop(model: TransformerModel, request: Request) -> Iterator[torch.Tensor]:
+    """:func:`_decode`'s body."""
     prompts, budgets, report = request.prompts, request.budgets, request.report
     B = len(prompts)
     width = min(request.width, B)

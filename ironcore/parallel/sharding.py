@@ -156,6 +156,14 @@ def owned_full_pieces(tensor: torch.Tensor, split: TPSplit | None) -> list[torch
     return [piece.view for piece in full_pieces(tensor, split) if piece.owner]
 
 
+def grad_free(model: nn.Module) -> torch.no_grad | torch.inference_mode:
+    """The context (or decorator) for running ``model`` without autograd: ``torch.inference_mode()``, or
+    ``torch.no_grad()`` when FSDP shards it -- FSDP all-gathers a unit's weights into buffers it reuses, and
+    training's forward pass could not write into buffers created as inference tensors."""
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    return torch.no_grad() if sharded else torch.inference_mode()
+
+
 def like_param(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``local`` (a TP-local tensor) in ``param``'s layout: sharded like an FSDP DTensor parameter (each rank
     keeps its own slice, no communication), or as it is."""
