@@ -70,9 +70,11 @@ def assert_same_run(a: list[dict], b: list[dict], run_a: Path, run_b: Path, tol:
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["llama", "gpt2"])
 def test_fsdp_equals_ddp_equals_one_process_with_accumulation(data_config, tmp_path, model) -> None:
+    """For the LLaMA-style model the FSDP run also recomputes its blocks' activations (composes: same numbers)."""
     one = train(data_config, tmp_path / "one", 1, "trainer.gradient_accumulation_steps=2", model=model)
     ddp = train(data_config, tmp_path / "ddp", 2, model=model)
-    fsdp = train(data_config, tmp_path / "fsdp", 2, "trainer.data_parallel=fsdp", model=model)
+    recompute = ["trainer.activation_checkpointing=true"] if model == "llama" else []
+    fsdp = train(data_config, tmp_path / "fsdp", 2, "trainer.data_parallel=fsdp", *recompute, model=model)
     assert "DP 2, fully sharded (FSDP)" in LOGS[tmp_path / "fsdp"]
     assert (tmp_path / "fsdp/checkpoints/step_0000010/shards/.metadata").is_file()  # sharded by default
     assert not (tmp_path / "fsdp/checkpoints/step_0000010" / native.WEIGHTS).exists()
@@ -211,3 +213,25 @@ def test_a_sharded_save_holds_nothing_beyond_a_ranks_own_shards(tmp_path) -> Non
     own = result["sharded"]["own"]
     assert result["sharded"]["growth"] < 0.05 * own
     assert result["full"]["growth"] > 2 * own  # every full tensor, weights and both moments, on each rank
+
+
+@pytest.mark.parametrize("damage", ["metadata", "shard", "code"])
+def test_a_damaged_sharded_checkpoint_falls_back_to_the_one_before(data_config, tmp_path, damage) -> None:
+    """A sharded checkpoint (one process, ``checkpoint_format: sharded``) whose metadata or data file is damaged,
+    or whose metadata pickle would run code, is named in a warning and the run resumes from step 5; the pickle's
+    code never runs."""
+    run = tmp_path / "run"
+    train(data_config, run, 1, "trainer.checkpoint_format=sharded")
+    shards = run / "checkpoints/step_0000010/shards"
+    marker = tmp_path / "ran"
+    if damage == "metadata":
+        (shards / ".metadata").write_bytes(b"\x80\x04garbage")
+    elif damage == "shard":
+        (shards / "__0_0.distcp").write_bytes((shards / "__0_0.distcp").read_bytes()[:1000])
+    else:  # a pickle that would call os.system if it were unpickled freely
+        (shards / ".metadata").write_bytes(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+    lines = train(data_config, run, 1, "trainer.checkpoint_format=sharded", "operation.train_steps=12")
+    assert "cannot resume from step_0000010" in LOGS[run] and "resuming from" in LOGS[run]
+    assert str(shards) in LOGS[run]
+    assert "at step 5" in LOGS[run] and max(series(lines)) == 12
+    assert not marker.exists()

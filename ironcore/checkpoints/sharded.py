@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -161,7 +162,8 @@ def read_shards(folder: Path, state: dict[str, Any], *, alone: bool = False) -> 
                      planner=_LoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False), no_dist=alone)
     except CheckpointError:
         raise
-    except Exception as err:  # noqa: BLE001 -- DCP wraps every rank's failure in its own exception types
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 -- DCP's wrapper of every rank's failures is a
+        # BaseException; any other failure while reading is a damaged or foreign file too
         raise CheckpointError(f"{folder / SHARDS}: cannot read the sharded checkpoint ({_first_line(err)})") from None
     return state
 
@@ -187,5 +189,10 @@ def read_full(folder: Path, prefix: str, names: Iterable[str] | None = None,
 
 
 def _first_line(err: BaseException) -> str:
+    """The first line of ``err``, or of the first rank's failure inside DCP's ``CheckpointException``."""
+    if isinstance(err, CheckpointException) and err.failures:
+        failure = next(iter(err.failures.values()))[0]  # (exception, traceback) of the first failing rank
+        text = f"{type(failure).__name__}: {failure}".strip().splitlines()
+        return text[0][:300]
     text = str(err).strip().splitlines()
     return text[0][:300] if text else type(err).__name__
