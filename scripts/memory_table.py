@@ -86,19 +86,22 @@ def fsdp_table(args: argparse.Namespace) -> None:
     per GPU and, with ``trainer.offload: params``, GiB of host memory per rank (the sharded fp32 weights, their
     gradients and AdamW's moments); with a full checkpoint, what its save gathers on each rank."""
     models = ["qwen2.5-1.5b", "gemma-1-2b", "llama3.2-3b", "llama3-8b"]
-    print(f"| full fine-tuning ({args.gpus} GPUs, FSDP, bf16, {args.micro_batch_size} x {args.seq_len}) | "
+    print(f"| full fine-tuning (FSDP, bf16, {args.micro_batch_size} x {args.seq_len}) | "
           + " | ".join(models) + " |")
     print("|---|" + "---:|" * len(models))
-    for offload, recompute in itertools.product(("none", "params"), (False, True)):
+    rows = [(args.gpus, offload, recompute) for offload in ("none", "params") for recompute in (False, True)]
+    rows += [(1, "params", recompute) for recompute in (False, True)]  # one GPU: only offload makes FSDP worth it
+    for gpus, offload, recompute in rows:
         cells = []
         for name in models:
-            plan = plan_memory(load_model_config(name), dp=args.gpus, data_parallel="fsdp", offload=offload,
+            plan = plan_memory(load_model_config(name), dp=gpus, data_parallel="fsdp", offload=offload,
                                precision="bf16", activation_checkpointing=recompute,
                                micro_batch_size=args.micro_batch_size, seq_len=args.seq_len)  # fmt: skip
             gib = plan.total / 2**30
             host = f" + {plan.host / 2**30:.1f} GiB host" if plan.host else ""
             cells.append(f"{gib:.1f} GiB{host} {'fits' if gib <= args.gpu_memory else '—'}")
-        run = "fsdp" + (", offload params" if offload != "none" else "") + (", recompute" if recompute else "")
+        run = (f"{gpus} GPU{'s' if gpus > 1 else ''}, fsdp" + (", offload params" if offload != "none" else "")
+               + (", recompute" if recompute else ""))  # fmt: skip
         print(f"| {run} | " + " | ".join(cells) + " |", flush=True)
     saves = [plan_memory(load_model_config(name), dp=args.gpus, data_parallel="fsdp", sharded_checkpoints=False,
                          micro_batch_size=1, seq_len=16).checkpoint / 2**30 for name in models]  # fmt: skip

@@ -127,6 +127,15 @@ def test_lora_with_fsdp_trains_the_adapters_of_ddp(data_config, tmp_path) -> Non
     assert weights and all(".lora." in k for k in weights)
 
 
+def test_offload_in_one_process_trains_as_one_process(data_config, tmp_path) -> None:
+    """``offload: params`` at DP size 1 (one GPU's case: weights and AdamW in host memory) still runs FSDP, on a
+    group of one, with the plain run's losses and weights; its sharded checkpoint holds every weight."""
+    plain = train(data_config, tmp_path / "plain", 1)
+    offload = train(data_config, tmp_path / "offload", 1, "trainer.data_parallel=fsdp", "trainer.offload=params")
+    assert_same_run(plain, offload, tmp_path / "plain", tmp_path / "offload")
+    assert (tmp_path / "offload/checkpoints/step_0000010/shards/.metadata").is_file()
+
+
 KILLER = """
 import os, signal, sys
 from pathlib import Path
@@ -215,13 +224,22 @@ def test_a_sharded_save_holds_nothing_beyond_a_ranks_own_shards(tmp_path) -> Non
     assert result["full"]["growth"] > 2 * own  # every full tensor, weights and both moments, on each rank
 
 
+@pytest.fixture(scope="module")
+def sharded_run(data_config, tmp_path_factory) -> Path:
+    """10 steps in one process with sharded checkpoints at steps 5 and 10."""
+    run = tmp_path_factory.mktemp("sharded") / "run"
+    train(data_config, run, 1, "trainer.checkpoint_format=sharded")
+    return run
+
+
 @pytest.mark.parametrize("damage", ["metadata", "shard", "code"])
-def test_a_damaged_sharded_checkpoint_falls_back_to_the_one_before(data_config, tmp_path, damage) -> None:
+def test_a_damaged_sharded_checkpoint_falls_back_to_the_one_before(data_config, sharded_run, tmp_path,
+                                                                   damage) -> None:  # fmt: skip
     """A sharded checkpoint (one process, ``checkpoint_format: sharded``) whose metadata or data file is damaged,
     or whose metadata pickle would run code, is named in a warning and the run resumes from step 5; the pickle's
     code never runs."""
     run = tmp_path / "run"
-    train(data_config, run, 1, "trainer.checkpoint_format=sharded")
+    shutil.copytree(sharded_run, run)
     shards = run / "checkpoints/step_0000010/shards"
     marker = tmp_path / "ran"
     if damage == "metadata":

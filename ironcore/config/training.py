@@ -87,7 +87,7 @@ class TrainerConfig:
         "none",
         help="With data_parallel fsdp: params keeps the sharded fp32 parameters, their gradients and the "
         "optimizer state in host memory and runs the optimizer step there (FSDP2's CPUOffloadPolicy); the GPU "
-        "holds one block's gathered weights at a time, and the activations.",
+        "holds the units gathered for compute and the activations. Also at DP size 1 (one GPU).",
     )
     checkpoint_format: Literal["auto", "full", "sharded"] = field(
         "auto",

@@ -20,7 +20,9 @@ How it fits the rest:
   with sum-only collectives, which gloo needs). On gloo the all-gathers and reduce-scatters are IronCore's
   rings (:mod:`ironcore.parallel.comm`), as for the distributed optimizer: gloo's own take about twice as long.
 * ``trainer.offload: params`` is FSDP2's ``CPUOffloadPolicy``: the shards, their gradients and the optimizer
-  state live in host memory and the optimizer step runs there.
+  state live in host memory and the optimizer step runs there. It works at DP size 1 too (one GPU: the
+  weights and AdamW in host memory, each unit copied to the GPU for its compute); without offload a DP size
+  of 1 has nothing to shard and trains as ``ddp``.
 * Parameters are DTensors (``Shard(0)`` over the DP mesh); :mod:`ironcore.parallel.sharding` takes them in
   full checkpoints, and :mod:`ironcore.checkpoints.sharded` writes each rank's shards as they are.
 """
@@ -50,7 +52,8 @@ def apply_fsdp(model: nn.Module, *, bf16: bool, offload: bool, reshard_after_for
     if any(max(split.replicas) > 1 for split in named_splits(model).values()):
         raise ConfigError("trainer.data_parallel: fsdp with more tensor-parallel ranks than key/value heads is not "
                           "supported (the replicated heads' gradient sum); lower tensor_model_parallel_size")
-    mesh = DeviceMesh.from_group(state.dp_group(), next(model.parameters()).device.type)
+    device = next(model.parameters()).device
+    mesh = DeviceMesh.from_group(data_parallel_group(device), device.type)
     options: dict[str, Any] = {
         "mesh": mesh,
         "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32),
@@ -64,13 +67,29 @@ def apply_fsdp(model: nn.Module, *, bf16: bool, offload: bool, reshard_after_for
     for before, after in zip(blocks, blocks[1:]):
         before.set_modules_to_forward_prefetch([after])
         after.set_modules_to_backward_prefetch([before])
-    gloo = dist.get_backend(state.dp_group()) == "gloo"
+    gloo = dist.get_backend(mesh.get_group()) == "gloo"
     for unit in (*blocks, model):  # each unit's own setting
         unit.set_gradient_divide_factor(1.0)  # a sum: each rank's loss is already divided by the global batch
         unit.set_force_sum_reduction_for_comms(True)
         if gloo:  # gloo's own collectives take about twice as long as IronCore's rings (parallel/comm.py)
             unit.set_custom_all_gather(_RingAllGather())
             unit.set_custom_reduce_scatter(_RingReduceScatter())
+
+
+def data_parallel_group(device: torch.device) -> dist.ProcessGroup:
+    """The group FSDP shards over: the DP group, or at DP size 1 (offload on one GPU) a group of this rank alone,
+    starting a one-process group when none runs (FSDP2 needs a process group even to shard nothing)."""
+    if state.dp_group() is not None:
+        return state.dp_group()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return dist.group.WORLD
+    alone = None
+    for rank in range(dist.get_world_size()):  # new_group is collective: every rank creates every group
+        group = dist.new_group([rank], backend=backend)
+        alone = group if rank == dist.get_rank() else alone
+    return alone
 
 
 class _RingAllGather(AllGather):

@@ -209,7 +209,7 @@ def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, distributed_optim
     base = BF16 if precision == "bf16" else FP32  # LoRA's frozen base: stored in the compute dtype
     with _as_one_process():
         tensors = local_parameters(cfg, tp)
-        if layout == "fsdp" and dp > 1:
+        if layout == "fsdp" and (dp > 1 or offload != "none"):
             params, grads, states, gathered = _fsdp_bytes(tensors, dp, base, optimizer, reshard_after_forward)
         else:
             trained = [t.numel for t in tensors if t.trained]
@@ -222,7 +222,7 @@ def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, distributed_optim
         sharded = layout == "fsdp" if sharded_checkpoints is None else sharded_checkpoints
         checkpoint = 0 if sharded else _full_checkpoint_bytes(local_parameters(cfg, 1), optimizer)
     host = 0
-    if offload == "params" and layout == "fsdp" and dp > 1:
+    if offload == "params" and layout == "fsdp":
         host, params, grads, states = params + grads + states, 0, 0, 0
     return MemoryPlan(params, grads, states, activations, gathered, host, checkpoint)
 

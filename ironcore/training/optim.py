@@ -79,11 +79,11 @@ def build_training_optimizer(model: nn.Module, cfg: Config) -> TrainingOptimizer
     """The run's optimizer: ``optim.implementation``'s class built as ``Class(model, cfg)``, or the built-in one
     of ``optim.optimizer``, ``trainer.data_parallel`` (and ``overlap_grad_reduce``, ``offload``) and
     ``trainer.precision``. With ``fsdp`` the model is sharded in place first (at DP size 1 there is nothing to
-    shard: it trains as ``ddp``)."""
+    shard: it trains as ``ddp``, unless ``offload`` asks FSDP to keep the weights and optimizer on the host)."""
     if cfg.optim.implementation:
         return optimizer_class(cfg.optim.implementation)(model, cfg)
     t = cfg.trainer
-    if t.data_parallel == "fsdp" and state.dp_size() > 1:
+    if t.data_parallel == "fsdp" and (state.dp_size() > 1 or t.offload != "none"):
         apply_fsdp(model, bf16=t.precision == "bf16", offload=t.offload == "params",
                    reshard_after_forward=t.reshard_after_forward)
         return FSDPOptimizer(build_optimizer(model, cfg.optim), model)

@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 from ironcore.checkpoints import native
 from ironcore.checkpoints.load import load_weights, locate, reward_model_start
 from ironcore.config import Config, dump_config, to_dict
+from ironcore.config.training import TrainerConfig
 from ironcore.data.preprocessing.config import load_data_config
 from ironcore.data.preprocessing.metadata import load_metadata
 from ironcore.data.preprocessing.tokenizer import Tokenizer, check_data_set_tokenizer, check_same_tokenizer
@@ -156,7 +157,7 @@ class Trainer:
         if self.is_main and self.world_size > 1:
             log.info("layout: TP %d x DP %d%s%s on %s", self.ctx.tp_size, self.dp_size,
                      ", sequence parallel" if state.sequence_parallel() else "",
-                     LAYOUT_NAMES[cfg.trainer.data_parallel] if self.dp_size > 1 else "", self.device)
+                     layout_name(cfg.trainer, self.dp_size), self.device)
 
     # ---- set-up -----------------------------------------------------------------------------------------
     def _check_tokenizers(self) -> None:
@@ -556,7 +557,11 @@ class Trainer:
         write_text_atomically(path, "".join(f"{line}\n" for line in kept))
 
 
-LAYOUT_NAMES = {"ddp": "", "zero1": ", distributed optimizer", "fsdp": ", fully sharded (FSDP)"}
+def layout_name(trainer: TrainerConfig, dp_size: int) -> str:
+    """How the DP ranks share the state, for the layout line (nothing to say for plain DP)."""
+    if trainer.data_parallel == "fsdp" and (dp_size > 1 or trainer.offload != "none"):
+        return ", fully sharded (FSDP)" + (", offloaded to host memory" if trainer.offload != "none" else "")
+    return ", distributed optimizer" if trainer.data_parallel == "zero1" and dp_size > 1 else ""
 
 
 def _starting_folder(init_from: str | None) -> Path | None:
