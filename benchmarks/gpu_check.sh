@@ -14,6 +14,8 @@
 # Then one summary table. Each step has a time limit and a log under $GPU_CHECK_OUT (default $OUT, else
 # runs/gpu_check); a failed step does not stop the others, and the exit status is that of the worst one.
 # Without a CUDA device it stops at once with one line and exit status 2. Later GPU checks add a step here.
+# Issues 34/35 alone: GPU_CHECK_STEPS="fsdp-1b-offload-params fsdp-1b-offload-none preprocess-2048 lora-8b-null
+# lora-8b-nf4".
 # GPU_CHECK_STEPS="grpo generate" runs only the named steps (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +54,33 @@ step train-1b 150 "$PYTHON" -m ironcore train --config configs/example.yaml mode
   model.num_layers=16 model.num_attention_heads=32 model.num_key_value_heads=8 model.ffn_hidden_size=8192 \
   trainer.device=cuda trainer.precision=bf16 trainer.micro_batch_size=8 operation.train_steps=30 \
   operation.eval_interval=0 operation.log_interval=5 trainer.output_dir="$OUT_DIR/run-1b" utils.tracking=false
+# Issues 34 and 35 inside an emulated 24 GiB card (benchmarks/within_gpu_memory.py): the ~1B model trained in
+# full with FSDP and CPU offload on one GPU (a group of one), and without offload for comparison; a
+# Llama-3-8B-shaped model (random weights) with LoRA and with QLoRA, SFT with recomputation. Each log holds the
+# planner's bytes beside max_memory_allocated, tokens/s and MFU.
+ONE_B="model=llama-tiny model.hidden_size=2048 model.num_layers=16 model.num_attention_heads=32
+  model.num_key_value_heads=8 model.ffn_hidden_size=8192"
+for offload in params none; do
+  step "fsdp-1b-offload-$offload" 150 "$PYTHON" benchmarks/within_gpu_memory.py 24 train --config configs/example.yaml \
+    $ONE_B trainer.device=cuda trainer.precision=bf16 trainer.micro_batch_size=8 trainer.data_parallel=fsdp \
+    trainer.offload=$offload operation.train_steps=15 operation.eval_interval=0 operation.log_interval=5 \
+    trainer.save_interval=0 trainer.output_dir="$OUT_DIR/run-fsdp-1b-$offload" utils.tracking=false
+done
+"$PYTHON" - "$OUT_DIR" <<'PY'  # the example data in 2,048-token sequences, for the 8B runs
+import sys, yaml
+out = sys.argv[1]
+cfg = yaml.safe_load(open("configs/data/pretrain_example.yaml"))
+cfg.update(max_seq_length=2048, output_dir=f"{out}/data-2048")
+yaml.safe_dump(cfg, open(f"{out}/data-2048.yaml", "w"))
+PY
+step preprocess-2048 60 "$PYTHON" -m ironcore preprocess --config "$OUT_DIR/data-2048.yaml" --no-progress
+for quantize in null nf4; do
+  step "lora-8b-$quantize" 240 "$PYTHON" benchmarks/within_gpu_memory.py 24 train --config configs/example.yaml \
+    data.config_path="$OUT_DIR/data-2048.yaml" model=llama3-8b "model.lora={rank: 16, alpha: 32, quantize_base: $quantize}" trainer.device=cuda \
+    trainer.precision=bf16 trainer.activation_checkpointing=true trainer.micro_batch_size=1 \
+    operation.train_steps=6 operation.eval_interval=0 operation.log_interval=2 trainer.save_interval=0 \
+    trainer.output_dir="$OUT_DIR/run-lora-8b-$quantize" utils.tracking=false
+done
 if (( gpus >= 2 )); then
   step train-nccl-tp2 60 "$PYTHON" -m torch.distributed.run --nproc_per_node 2 -m ironcore train --config configs/example.yaml \
     --tensor-model-parallel-size 2 trainer.precision=bf16 operation.train_steps=60 \

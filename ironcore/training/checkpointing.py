@@ -324,8 +324,8 @@ def _fits(path: Path, load: Any, state: dict[str, Any]) -> None:
     try:
         load(state)
     except (KeyError, ValueError, TypeError, IndexError) as err:
-        raise CheckpointError(f"{path}: does not fit the optimizer of this run: was optim.optimizer changed? "
-                              f"({_first_line(err)})") from None
+        raise ConfigError(f"{path}: does not fit the optimizer of this run: was optim.optimizer changed? "
+                          f"({_first_line(err)})") from None
 
 
 def _load_shards(folder: Path, model: torch.nn.Module, optimizer: TrainingOptimizer, absent: list[str]) -> None:
