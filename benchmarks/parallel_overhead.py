@@ -49,11 +49,12 @@ from ironcore.config.training import OptimConfig
 from ironcore.models import TransformerModel
 from ironcore.parallel import comm
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
+from ironcore.parallel.fsdp import apply_fsdp
 from ironcore.parallel.grad import clip_factor
 from ironcore.parallel.setup import destroy_parallel, init_parallel
 from ironcore.parallel.sharding import local_tensor
 from ironcore.training.distributed_optimizer import DistributedOptimizer
-from ironcore.training.fsdp import FSDPOptimizer, apply_fsdp
+from ironcore.training.fsdp import FSDPOptimizer
 from ironcore.training.optim import (
     build_optimizer,
     parameter_groups,

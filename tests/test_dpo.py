@@ -237,7 +237,7 @@ def test_accumulation_equals_larger_micro_batch(dpo_data, start_checkpoint, tmp_
 
 @pytest.mark.slow
 def test_fsdp_at_dp2_equals_one_process_with_accumulation(dpo_data, start_checkpoint, tmp_path) -> None:
-    """DPO under ``trainer.data_parallel: fsdp``: the sharded policy, the reference held whole on each rank."""
+    """DPO under ``trainer.data_parallel: fsdp``: the policy and its frozen reference both sharded."""
     init = str(start_checkpoint)
     Trainer(make_config(dpo_data, tmp_path / "one", {"sft_weight": 0.3}, init__init_from=init,
                         trainer__micro_batch_size=1, trainer__gradient_accumulation_steps=2)).train()
@@ -245,7 +245,8 @@ def test_fsdp_at_dp2_equals_one_process_with_accumulation(dpo_data, start_checkp
                                                  init__init_from=init, trainer__micro_batch_size=1)))
     raw["trainer"].update(train_batch_size=None, gradient_accumulation_steps=1, data_parallel="fsdp")
     (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(raw))
-    launch_train(tmp_path / "fsdp.yaml", 2)
+    log = launch_train(tmp_path / "fsdp.yaml", 2)
+    assert "reference model: sharded like the policy (FSDP)" in log
     assert_same_metrics(train_lines(tmp_path / "one"), train_lines(tmp_path / "fsdp"))
 
 

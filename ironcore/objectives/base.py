@@ -29,6 +29,7 @@ the config as ``trainer.objective: my_package.my_module:MyObjective``
 from __future__ import annotations
 
 import dataclasses
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
@@ -44,6 +45,7 @@ from ironcore.errors import UserError
 from ironcore.models.lora import AdaptersOff
 from ironcore.models.transformer import TransformerModel
 from ironcore.parallel import comm, state
+from ironcore.parallel.fsdp import shard_model, uses_fsdp
 from ironcore.parallel.sharding import load_full_state_dict
 
 # The model's forward pass: (input_ids, position_ids, attention_mask, parallel_output=...) -> logits.
@@ -139,8 +141,8 @@ def frozen_reference(context: ObjectiveContext) -> torch.nn.Module:
     """A frozen copy of the run's starting weights (DPO's and GRPO's reference), also when the policy resumes.
 
     That is ``init.init_from`` when set, else the seed's initialisation
-    (rebuilt under a forked RNG so the policy's random streams are untouched). With LoRA it is the policy
-    itself with its adapters switched off: the frozen base, no second copy.
+    (rebuilt under a forked RNG so the policy's random streams are untouched), sharded like the policy under
+    FSDP. With LoRA it is the policy itself with its adapters switched off: the frozen base, no second copy.
     """
     cfg = context.config
     if cfg.model.lora is not None:
@@ -153,4 +155,8 @@ def frozen_reference(context: ObjectiveContext) -> torch.nn.Module:
             load_full_state_dict(reference, load_weights(cfg.init.init_from))
         except UserError as err:
             raise UserError(f"init.init_from {cfg.init.init_from}: {err}") from None
-    return reference.requires_grad_(False).eval().to(context.device)
+    reference = reference.requires_grad_(False).eval().to(context.device)
+    if uses_fsdp(cfg.trainer):  # sharded like the policy: no rank holds the whole frozen copy
+        shard_model(reference, cfg.trainer)
+        logging.getLogger("ironcore.train").info("reference model: sharded like the policy (FSDP)")
+    return reference

@@ -24,14 +24,14 @@ from torch import nn
 
 from ironcore.config.training import Config, OperationConfig, OptimConfig
 from ironcore.errors import ConfigError
-from ironcore.parallel import state
+from ironcore.parallel.fsdp import shard_model, uses_fsdp
 from ironcore.parallel.layers import VocabParallelEmbedding
 from ironcore.training.distributed_optimizer import (
     DistributedOptimizer,
     FlatBufferOptimizer,
     MixedPrecisionOptimizer,
 )
-from ironcore.training.fsdp import FSDPOptimizer, apply_fsdp
+from ironcore.training.fsdp import FSDPOptimizer
 from ironcore.training.optimizer import METHODS, TrainingOptimizer, as_training_optimizer, scaled_step
 
 KEY = "optim.implementation"
@@ -82,10 +82,8 @@ def build_training_optimizer(model: nn.Module, cfg: Config) -> TrainingOptimizer
     shard: it trains as ``ddp``, unless ``offload`` asks FSDP to keep the weights and optimizer on the host)."""
     if cfg.optim.implementation:
         return optimizer_class(cfg.optim.implementation)(model, cfg)
-    t = cfg.trainer
-    if t.data_parallel == "fsdp" and (state.dp_size() > 1 or t.offload != "none"):
-        apply_fsdp(model, bf16=t.precision == "bf16", offload=t.offload == "params",
-                   reshard_after_forward=t.reshard_after_forward)
+    if uses_fsdp(cfg.trainer):
+        shard_model(model, cfg.trainer)
         return FSDPOptimizer(build_optimizer(model, cfg.optim), model)
     built = build_optimizer(model, cfg.optim, distributed=cfg.trainer.distributed_optimizer,
                             overlap=cfg.trainer.overlap_grad_reduce, precision=cfg.trainer.precision)  # fmt: skip
