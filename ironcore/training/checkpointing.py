@@ -2,12 +2,13 @@
 
 A training checkpoint is an IronCore checkpoint folder
 (:mod:`ironcore.checkpoints.native`: full weights + model config, loadable
-on its own) plus the optimizer state keyed by parameter name, the trainer's
+on its own; or, sharded, every rank's pieces of the weights and optimizer state in ``shards/``) plus the
+optimizer state keyed by parameter name, the trainer's
 counters (:class:`TrainState`), the RNG states of every rank, the resolved
 run config, the data's tokenizer (with its chat templates) and the starting
 model's ``generation_config.json`` and HF token ids when it had them. Tensors are stored full
-(TP=1), so a run saved at one TP/DP layout resumes at another; a resized
-world reuses the saved RNG states cyclically.
+(TP=1), or sharded as pieces placed in full tensors, so a run saved at one TP/DP layout resumes at another;
+a resized world reuses the saved RNG states cyclically.
 
 Nothing read back can run code: the optimizer and RNG files hold tensors,
 numbers and strings only and are loaded with ``weights_only=True``. A
@@ -134,7 +135,9 @@ def save_checkpoint(
     """Write ``checkpoints/step_NNNNNNN`` atomically, then move ``latest`` to it, then prune old ones.
 
     Collective: every rank takes part in gathering the full (TP=1) tensors
-    and its RNG state; rank 0 writes (replacing a folder of the same step).
+    and its RNG state; rank 0 writes (replacing a folder of the same step). With
+    ``trainer.checkpoint_format`` sharded every rank writes its own pieces into rank 0's temporary folder
+    instead (:mod:`ironcore.checkpoints.sharded`), and nothing is gathered.
     A full disk is one line naming the folder; ``latest`` then still names
     the previous, complete checkpoint. ``base``: a LoRA run's base record (``native.base_record``).
     """
@@ -144,8 +147,11 @@ def save_checkpoint(
     only = trainable_names(model) if config.model.lora is not None else None
     shards = weights = optimizer_state = None
     if config.trainer.sharded_checkpoints:  # every rank's own pieces, nothing gathered
-        shards = _shards(model, optimizer, only)
-    else:
+        try:
+            shards = _shards(model, optimizer, only)
+        except NotImplementedError:  # an optimizer of your own without a per-parameter state: a full checkpoint
+            log.warning("the optimizer keeps no per-parameter state (local_state_dict): writing a full checkpoint")
+    if shards is None:
         weights = full_state_dict(model, optimizer.master_weights(), only=only)
         optimizer_state = optimizer.full_state_dict()
     rngs = _gather_objects(rng_states())
