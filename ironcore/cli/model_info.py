@@ -31,7 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--memory", action="store_true", help="plan the memory of a training step")
     plan.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     plan.add_argument("--dp", type=int, default=1, help="data-parallel size")
-    plan.add_argument("--distributed-optimizer", action="store_true", help="optimizer state sharded over DP")
+    plan.add_argument("--distributed-optimizer", action="store_true",
+                      help="optimizer state sharded over DP (= --data-parallel zero1)")
+    plan.add_argument("--data-parallel", choices=["ddp", "zero1", "fsdp"],
+                      help="how the DP ranks share the state (trainer.data_parallel; default ddp)")
+    plan.add_argument("--offload", choices=["none", "params"], default="none",
+                      help="with fsdp: shards and optimizer state in host memory (trainer.offload)")
     plan.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     plan.add_argument("--activation-checkpointing", action="store_true")
     plan.add_argument("--micro-batch-size", type=int, default=1)
@@ -90,7 +95,12 @@ def _memory(cfg: ModelConfig, seq_len: int, args: argparse.Namespace) -> int:
                           f"{MAX_TOKENS:,})")  # fmt: skip
     if args.gpu_memory is not None and not (math.isfinite(args.gpu_memory) and args.gpu_memory > 0):
         raise ConfigError(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory:g}")
-    plan = plan_memory(cfg, tp=args.tp, dp=args.dp, distributed_optimizer=args.distributed_optimizer,
+    layout = args.data_parallel or ("zero1" if args.distributed_optimizer else "ddp")
+    if args.distributed_optimizer and layout != "zero1":
+        raise ConfigError(f"--distributed-optimizer means --data-parallel zero1, not {layout}: give one of them")
+    if args.offload != "none" and layout != "fsdp":
+        raise ConfigError(f"--offload {args.offload} needs --data-parallel fsdp")
+    plan = plan_memory(cfg, tp=args.tp, dp=args.dp, data_parallel=layout, offload=args.offload,
                        precision=args.precision, activation_checkpointing=args.activation_checkpointing,
                        micro_batch_size=args.micro_batch_size, seq_len=seq_len, optimizer=args.optimizer)
     fits = None if args.gpu_memory is None else plan.total <= args.gpu_memory * 2**30
@@ -98,12 +108,17 @@ def _memory(cfg: ModelConfig, seq_len: int, args: argparse.Namespace) -> int:
         print(json.dumps({"name": cfg.name, "seq_len": seq_len, **dataclasses.asdict(plan), "total": plan.total,
                           "fits": fits}, indent=2))  # fmt: skip
     else:
-        layout = (f"TP={args.tp} x DP={args.dp}{', distributed optimizer' if args.distributed_optimizer else ''}, "
-                  f"{args.precision}{', activation checkpointing' if args.activation_checkpointing else ''}, "
-                  f"micro-batch {args.micro_batch_size} x {seq_len} tokens")  # fmt: skip
-        rows = [("model", cfg.name), ("layout", layout)]
-        rows += [(part, f"{getattr(plan, part) / 2**30:8.2f} GiB") for part in
-                 ("parameters", "gradients", "optimizer", "activations")]  # fmt: skip
+        sharing = {"ddp": "", "zero1": ", distributed optimizer", "fsdp": ", FSDP"}[layout]
+        sharing += ", offload to host" if args.offload != "none" else ""
+        description = (f"TP={args.tp} x DP={args.dp}{sharing}, {args.precision}"
+                       f"{', activation checkpointing' if args.activation_checkpointing else ''}, "
+                       f"micro-batch {args.micro_batch_size} x {seq_len} tokens")  # fmt: skip
+        rows = [("model", cfg.name), ("layout", description)]
+        labels = {"parameters": "parameters", "gradients": "gradients", "optimizer": "optimizer",
+                  "activations": "activations", "gathered": "gathered units (FSDP)",
+                  "host": "host memory (offload)", "checkpoint": "more while saving a full checkpoint"}
+        rows += [(label, f"{getattr(plan, part) / 2**30:8.2f} GiB") for part, label in labels.items()
+                 if getattr(plan, part) or part in ("parameters", "gradients", "optimizer", "activations")]
         rows.append(("total per GPU", f"{plan.total / 2**30:8.2f} GiB"))
         if fits is not None:
             rows.append((f"fits {args.gpu_memory:g} GiB", "yes" if fits else "no"))
