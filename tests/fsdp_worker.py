@@ -26,14 +26,18 @@ from ironcore.training.checkpointing import TrainState, save_checkpoint
 from ironcore.training.memory import measured_state_bytes, plan_memory
 from ironcore.training.optim import build_training_optimizer
 
-# Odd row counts (vocab 301, FFN 88) so that FSDP pads some shards.
-SMALL = {"name": "bytes", "vocab_size": 301, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4,
+# Odd row counts (hidden 63: the norms, the attention output and MLP down projections, the fused q/k/v's 105
+# rows), so that FSDP pads those shards: rank 0 holds 32 of 63 rows, rank 1 31 and a padding row.
+SMALL = {"name": "bytes", "vocab_size": 301, "hidden_size": 63, "num_layers": 2, "num_attention_heads": 3,
+         "num_key_value_heads": 1, "ffn_hidden_size": 88, "max_position_embeddings": 32,
+         "position_embedding": "learned", "norm_type": "layernorm", "gated_mlp": False, "activation": "gelu_tanh",
+         "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False}  # fmt: skip
+# Most of the state in two large tensors (embeddings and output head: 2 x 16 MiB), so that a full save's
+# gathered tensors dwarf what one rank holds.
+LARGE = {"name": "large", "vocab_size": 65536, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "ffn_hidden_size": 88, "max_position_embeddings": 32,
          "position_embedding": "rope", "norm_type": "rmsnorm", "gated_mlp": True, "activation": "silu",
          "tie_word_embeddings": False}  # fmt: skip
-# Most of the state in two large tensors (embeddings and output head: 2 x 16 MiB), so that a full save's
-# gathered tensors dwarf what one rank holds.
-LARGE = {**SMALL, "name": "large", "vocab_size": 65536, "hidden_size": 64}
 
 
 def config(model: dict[str, Any], out: Path, **trainer: Any) -> Config:

@@ -204,14 +204,15 @@ def torchrun_worker(*args: str) -> None:
 
 def test_fsdp_holds_half_of_ddps_bytes_at_dp2_as_planned(tmp_path) -> None:
     """Parameters, gradients and optimizer states per rank after a step: the planner's bytes exactly, and half of
-    DDP's plus at most one padded row per tensor (the vocabulary's 301 and the MLP's 88 rows do not halve)."""
+    DDP's plus FSDP's padding (hidden size 63: the tensors of 63 or 105 rows do not halve, rank 0 holds the
+    larger half and every rank a shard of that size)."""
     torchrun_worker("bytes", str(tmp_path))
     result = json.loads((tmp_path / "bytes.json").read_text())
     for layout in ("ddp", "fsdp"):
         assert result[layout]["measured"] == result[layout]["planned"], layout
     ddp, fsdp = result["ddp"]["measured"], result["fsdp"]["measured"]
     for full, half in zip(ddp, fsdp):
-        assert full / 2 <= half <= full / 2 + 0.01 * full
+        assert full / 2 < half <= full / 2 + 0.01 * full  # padded, by less than a row per tensor
 
 
 def test_a_sharded_save_holds_nothing_beyond_a_ranks_own_shards(tmp_path) -> None:
