@@ -15,3 +15,10 @@ class DataError(UserError, ValueError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, incomplete or does not fit the model."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (at most 300 characters), or its type when it has none: what a one-line
+    error quotes of an exception from a library."""
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__

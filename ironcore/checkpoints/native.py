@@ -47,8 +47,8 @@ from ironcore.checkpoints.pointers import (  # noqa: F401
     MODEL_CONFIG,
     SHARDS,
     WEIGHTS,
-    has_weights,
     is_checkpoint_source,
+    is_sharded,
     is_step_name,
     newest_first,
     resolve,
@@ -219,7 +219,7 @@ def read_model(folder: Path, device: str | torch.device = "cpu") -> tuple[ModelC
         config = load_model_config(folder / MODEL_CONFIG)
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
-    if not (folder / WEIGHTS).exists() and has_weights(folder):  # a sharded checkpoint: consolidated here
+    if is_sharded(folder):  # consolidated here
         return config, sharded.read_full(folder, MODEL_PREFIX, device=device)
     return config, read_safetensors(folder / WEIGHTS, device)
 

@@ -37,10 +37,14 @@ def weights_path(folder: Path) -> Path:
     return folder / WEIGHTS
 
 
+def is_sharded(folder: Path) -> bool:
+    """Does ``folder`` keep its weights in a (complete) sharded checkpoint rather than ``model.safetensors``?"""
+    return weights_path(folder).name == SHARDS
+
+
 def has_weights(folder: Path) -> bool:
     """Is there a complete weights file (or sharded checkpoint) in ``folder``?"""
-    path = weights_path(folder)
-    return path.is_dir() if path.name == SHARDS else path.is_file()
+    return is_sharded(folder) or (folder / WEIGHTS).is_file()
 
 
 def resolve(path: str | Path) -> Path:
@@ -59,8 +63,8 @@ def resolve(path: str | Path) -> Path:
         if (candidate / LATEST).is_file():
             folder = _resolve_latest(candidate)
             break
-    for path in (folder / MODEL_CONFIG, weights_path(folder)):
-        if not (path.is_dir() if path.name == SHARDS else path.is_file()):
+    for path in (folder / MODEL_CONFIG, *(() if is_sharded(folder) else (folder / WEIGHTS,))):
+        if not path.is_file():
             what = "is a folder" if path.exists() else "missing"
             raise CheckpointError(f"{path}: {what} (an incomplete checkpoint)")
     return folder

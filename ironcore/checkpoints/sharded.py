@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import pickle
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import ReadItem, TensorWriteData, WriteItem, WriteItemType
 
 from ironcore.checkpoints.pointers import SHARDS
-from ironcore.errors import CheckpointError
+from ironcore.errors import CheckpointError, first_line
 from ironcore.parallel.sharding import FullPiece, full_pieces, full_shapes, named_splits
 
 
@@ -164,7 +164,7 @@ def read_shards(folder: Path, state: dict[str, Any], *, alone: bool = False) -> 
         raise
     except (Exception, CheckpointException) as err:  # noqa: BLE001 -- DCP's wrapper of every rank's failures is a
         # BaseException; any other failure while reading is a damaged or foreign file too
-        raise CheckpointError(f"{folder / SHARDS}: cannot read the sharded checkpoint ({_first_line(err)})") from None
+        raise CheckpointError(f"{folder / SHARDS}: cannot read the sharded checkpoint ({_reason(err)})") from None
     return state
 
 
@@ -174,25 +174,19 @@ def saved_tensors(folder: Path) -> dict[str, TensorStorageMetadata]:
     return {k: md for k, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
 
 
-def read_full(folder: Path, prefix: str, names: Iterable[str] | None = None,
-              device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:  # fmt: skip
-    """The full tensors saved under ``prefix`` (all, or ``names``), consolidated from every rank's pieces by this
-    process alone (no process group), keyed without the prefix."""
+def read_full(folder: Path, prefix: str = "", device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The full tensors saved under ``prefix`` (all of them by default), consolidated from every rank's pieces by
+    this process alone (no process group), keyed without the prefix."""
     saved = saved_tensors(folder)
-    keys = [k for k in saved if k.startswith(prefix)] if names is None else [prefix + n for n in names]
-    missing = [k for k in keys if k not in saved]
-    if missing:
-        raise CheckpointError(f"{folder / SHARDS}: holds no {', '.join(missing[:5])}")
+    keys = [k for k in saved if k.startswith(prefix)]
     state = {k: torch.empty(saved[k].size, dtype=saved[k].properties.dtype, device=device) for k in keys}
     read_shards(folder, state, alone=True)
     return {k[len(prefix):]: t for k, t in state.items()}
 
 
-def _first_line(err: BaseException) -> str:
+def _reason(err: BaseException) -> str:
     """The first line of ``err``, or of the first rank's failure inside DCP's ``CheckpointException``."""
     if isinstance(err, CheckpointException) and err.failures:
         failure = next(iter(err.failures.values()))[0]  # (exception, traceback) of the first failing rank
-        text = f"{type(failure).__name__}: {failure}".strip().splitlines()
-        return text[0][:300]
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
+        return f"{type(failure).__name__}: {first_line(failure)}"
+    return first_line(err)

@@ -38,11 +38,15 @@ from ironcore.parallel import comm, state
 from ironcore.parallel.sharding import named_splits
 
 
+def fsdp_shards(data_parallel: str, dp_size: int, offload: str) -> bool:
+    """Does FSDP shard at this layout: ``data_parallel: fsdp`` with more than one DP rank, or with offload (at DP
+    size 1 there is nothing to shard, unless the host is to hold the weights)?"""
+    return data_parallel == "fsdp" and (dp_size > 1 or offload != "none")
+
+
 def uses_fsdp(trainer: TrainerConfig) -> bool:
-    """Does this run shard with FSDP: ``data_parallel: fsdp`` with more than one DP rank, or with offload (at DP
-    size 1 there is nothing to shard, unless the host is to hold the weights)? Call after the process groups
-    are set up."""
-    return trainer.data_parallel == "fsdp" and (state.dp_size() > 1 or trainer.offload != "none")
+    """:func:`fsdp_shards` for this run (call after the process groups are set up)."""
+    return fsdp_shards(trainer.data_parallel, state.dp_size(), trainer.offload)
 
 
 def shard_model(model: nn.Module, trainer: TrainerConfig) -> None:

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from ironcore.checkpoints import native, sharded
 from ironcore.config import Config, dump_config
-from ironcore.errors import CheckpointError, ConfigError, UserError
+from ironcore.errors import CheckpointError, ConfigError, UserError, first_line
 from ironcore.files import OutputError, build_folder, describe_os_error, read_json, read_yaml
 from ironcore.models.lora import trainable_names
 from ironcore.parallel import state as parallel_state
@@ -180,7 +180,7 @@ def save_checkpoint(
             build_folder(folder, write)
         except (OutputError, RuntimeError) as err:  # torch.save reports a full disk as "unexpected pos ..."
             full = "no space left" in str(err) or shutil.disk_usage(checkpoints).free < 2**26
-            reason = "no space left on device" if full else _first_line(err)
+            reason = "no space left on device" if full else first_line(err)
             previous = native.pointed(checkpoints)
             raise OutputError(f"{folder}: cannot write the checkpoint: {reason}; "
                               + (f"{previous} is the last complete one" if previous else "no earlier checkpoint"))\
@@ -288,7 +288,7 @@ def _load(folder: Path, model: torch.nn.Module, optimizer: TrainingOptimizer, de
         native.check_base(folder, base["fingerprint"], base["base"])
         trained = set(trainable_names(model))
         absent = [name for name in model.state_dict() if name not in trained]
-    if native.weights_path(folder).name == native.SHARDS:
+    if native.is_sharded(folder):
         _load_shards(folder, model, optimizer, absent)
     else:
         try:
@@ -304,13 +304,13 @@ def _load(folder: Path, model: torch.nn.Module, optimizer: TrainingOptimizer, de
     try:
         state = TrainState(**read_json(path, "trainer state", CheckpointError))
     except TypeError as err:
-        raise CheckpointError(f"{path}: not a trainer state ({_first_line(err)})") from None
+        raise CheckpointError(f"{path}: not a trainer state ({first_line(err)})") from None
     rng_file = folder / native.RNG
     rngs = _safe_load(rng_file, torch.device("cpu"))
     try:
         set_rng_states(rngs[rank % len(rngs)])
     except (KeyError, ValueError, TypeError, IndexError) as err:
-        raise CheckpointError(f"{rng_file}: not RNG states ({_first_line(err)})") from None
+        raise CheckpointError(f"{rng_file}: not RNG states ({first_line(err)})") from None
     return state
 
 
@@ -331,7 +331,7 @@ def _fits(path: Path, load: Any, state: dict[str, Any]) -> None:
         load(state)
     except (KeyError, ValueError, TypeError, IndexError) as err:
         raise ConfigError(f"{path}: does not fit the optimizer of this run: was optim.optimizer changed? "
-                          f"({_first_line(err)})") from None
+                          f"({first_line(err)})") from None
 
 
 def _load_shards(folder: Path, model: torch.nn.Module, optimizer: TrainingOptimizer, absent: list[str]) -> None:
@@ -347,18 +347,20 @@ def _load_shards(folder: Path, model: torch.nn.Module, optimizer: TrainingOptimi
     try:
         optimizer.local_state_dict()
     except NotImplementedError:  # flat buffers: full tensors, through the full checkpoint's path
-        optimizer.load_master_weights(load_full_state_dict(model, sharded.read_full(folder, native.MODEL_PREFIX),
-                                                           absent))  # fmt: skip
-        state: dict[str, Any] = {"state": {}, "param_groups": _read_groups(folder, alone=True)}
+        full = sharded.read_full(folder)  # weights and optimizer state, every tensor in one read
+        weights = {k.removeprefix(native.MODEL_PREFIX): t for k, t in full.items() if k.startswith(native.MODEL_PREFIX)}
+        optimizer.load_master_weights(load_full_state_dict(model, weights, absent))
+        state: dict[str, Any] = {"state": {}, "param_groups": _read_groups(folder)}
         _check_groups(path, state["param_groups"], optimizer)
-        for key, tensor in sharded.read_full(folder, native.OPTIMIZER_PREFIX).items():
-            name, _, entry = key.rpartition("/")
-            state["state"].setdefault(name, {})[entry] = tensor
+        for key, tensor in full.items():
+            if key.startswith(native.OPTIMIZER_PREFIX):
+                name, _, entry = key.removeprefix(native.OPTIMIZER_PREFIX).rpartition("/")
+                state["state"].setdefault(name, {})[entry] = tensor
         _fits(path, optimizer.load_full_state_dict, state)
         return
     make, own = sharded.piece_maker(model), model.state_dict()
-    sharded.read_shards(folder, {f"{native.MODEL_PREFIX}{n}": make(n, own[n]) for n in wanted})
-    groups = _read_groups(folder, alone=False)
+    read = sharded.read_shards(folder, {GROUPS: None, **{f"{native.MODEL_PREFIX}{n}": make(n, own[n]) for n in wanted}})
+    groups = read[GROUPS]  # the weights were read into the model in place
     _check_groups(path, groups, optimizer)
     # The optimizer's state exists after its first step only: zeros in this layout first, then read into them.
     params, shapes = dict(model.named_parameters()), full_shapes(model)
@@ -379,9 +381,9 @@ def _load_shards(folder: Path, model: torch.nn.Module, optimizer: TrainingOptimi
     sharded.read_shards(folder, into)
 
 
-def _read_groups(folder: Path, alone: bool) -> Any:
-    """A sharded checkpoint's optimizer parameter groups (read without running code)."""
-    return sharded.read_shards(folder, {GROUPS: None}, alone=alone)[GROUPS]
+def _read_groups(folder: Path) -> Any:
+    """A sharded checkpoint's optimizer parameter groups, read by this process alone (without running code)."""
+    return sharded.read_shards(folder, {GROUPS: None}, alone=True)[GROUPS]
 
 
 def load_objective_state(folder: Path, rank: int, world_size: int) -> dict[str, Any]:
@@ -413,13 +415,13 @@ def _safe_load(path: Path, device: torch.device) -> Any:
         raise CheckpointError(f"{path}: refusing to load it: it is not only tensors and numbers (damaged, written "
                               f"by an older IronCore, or tampered with): {_unpickling_reason(err)}") from None
     except (OSError, RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{path}: cannot read it (truncated or damaged: {_first_line(err)})") from None
+        raise CheckpointError(f"{path}: cannot read it (truncated or damaged: {first_line(err)})") from None
 
 
 def _unpickling_reason(err: pickle.UnpicklingError) -> str:
     """The line of torch's long weights-only message that says what was refused ("Unsupported global: …")."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip().startswith("Unsupported")]
-    return lines[0] if lines else _first_line(err)
+    return lines[0] if lines else first_line(err)
 
 
 def rng_states() -> dict[str, Any]:
@@ -453,8 +455,3 @@ def _gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__

@@ -55,6 +55,7 @@ from ironcore.models.lora import NF4_BLOCK, NF4_SCALER_BLOCK, base_projections, 
 from ironcore.parallel import state
 from ironcore.parallel.comm import DEFAULT_BUCKET_BYTES
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
+from ironcore.parallel.fsdp import fsdp_shards
 from ironcore.parallel.layers import padded_vocab_size
 from ironcore.parallel.sharding import full_shapes, local_tensor, named_splits
 from ironcore.training.distributed_optimizer import bucket_layout
@@ -209,7 +210,7 @@ def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, distributed_optim
     base = BF16 if precision == "bf16" else FP32  # LoRA's frozen base: stored in the compute dtype
     with _as_one_process():
         tensors = local_parameters(cfg, tp)
-        if layout == "fsdp" and (dp > 1 or offload != "none"):
+        if fsdp_shards(layout, dp, offload):
             params, grads, states, gathered = _fsdp_bytes(tensors, dp, base, optimizer, reshard_after_forward)
         else:
             trained = [t.numel for t in tensors if t.trained]
@@ -220,9 +221,10 @@ def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, distributed_optim
         activations = activation_bytes(rank_config(cfg, tp), micro_batch_size,
                                        seq_len or cfg.max_position_embeddings, precision, activation_checkpointing)
         sharded = layout == "fsdp" if sharded_checkpoints is None else sharded_checkpoints
-        checkpoint = 0 if sharded else _full_checkpoint_bytes(local_parameters(cfg, 1), optimizer)
+        checkpoint = 0 if sharded else _full_checkpoint_bytes(tensors if tp == 1 else local_parameters(cfg, 1),
+                                                              optimizer)
     host = 0
-    if offload == "params" and layout == "fsdp":
+    if offload == "params" and fsdp_shards(layout, dp, offload):
         host, params, grads, states = params + grads + states, 0, 0, 0
     return MemoryPlan(params, grads, states, activations, gathered, host, checkpoint)
 
@@ -236,8 +238,7 @@ def _fsdp_bytes(tensors: list[LocalTensor], dp: int, base: int, optimizer: str,
     gradients unsharded in fp32 before their reduce-scatter."""
     trained = [t.fsdp_shard(dp) for t in tensors if t.trained]
     params = sum(trained) * FP32 + sum(t.fsdp_shard(dp) * base for t in tensors if not t.trained)
-    moments = 1 if optimizer == "sgd" else 2
-    states = moments * sum(trained) * FP32 + (FP32 * len(trained) if optimizer != "sgd" else 0)
+    states = _optimizer_bytes(trained, optimizer)
     blocks: dict[str, int] = {}
     for t in tensors:
         unit = ".".join(t.name.split(".")[:2]) if t.name.startswith("layers.") else "root"
@@ -249,15 +250,13 @@ def _fsdp_bytes(tensors: list[LocalTensor], dp: int, base: int, optimizer: str,
 
 def _full_checkpoint_bytes(tensors: list[LocalTensor], optimizer: str) -> int:
     """What a full save gathers on each rank: every trained tensor in full, fp32, and its optimizer moments."""
-    moments = 1 if optimizer == "sgd" else 2
-    return (1 + moments) * sum(t.numel for t in tensors if t.trained) * FP32
+    return (1 + _moments(optimizer)) * sum(t.numel for t in tensors if t.trained) * FP32
 
 
 def _state_bytes(numels: list[int], *, dp: int, distributed_optimizer: bool, precision: str, optimizer: str,
                  bucket_bytes: int) -> tuple[int, int, int]:  # fmt: skip
     """Parameters, gradients and optimizer states of one rank whose parameter tensors have ``numels``."""
     params = grads = sum(numels) * FP32
-    moments = 1 if optimizer == "sgd" else 2
     master = 0
     if distributed_optimizer or precision == "bf16":  # parameters and gradients in flat buffers of padded buckets
         shards = dp if distributed_optimizer else 1
@@ -276,7 +275,7 @@ def _state_bytes(numels: list[int], *, dp: int, distributed_optimizer: bool, pre
         counted = [n for n in owned if n]
     else:
         counted = numels
-    states = master + moments * sum(counted) * FP32 + (FP32 * len(counted) if optimizer != "sgd" else 0)  # + steps
+    states = master + _optimizer_bytes(counted, optimizer)
     return params, grads, states
 
 
@@ -294,3 +293,13 @@ def measured_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | Tr
     buffers, states = as_training_optimizer(optimizer, model).memory_tensors()
     grads = [p.grad for p in params if p.grad is not None] + buffers
     return nbytes(params), nbytes(grads), nbytes(states)
+
+
+def _moments(optimizer: str) -> int:
+    """fp32 tensors of its parameter's size that the optimizer keeps per parameter (AdamW 2, SGD's momentum 1)."""
+    return 1 if optimizer == "sgd" else 2
+
+
+def _optimizer_bytes(numels: list[int], optimizer: str) -> int:
+    """The optimizer state of tensors of ``numels`` elements: its moments, and AdamW's step count per tensor."""
+    return _moments(optimizer) * sum(numels) * FP32 + (FP32 * len(numels) if optimizer != "sgd" else 0)

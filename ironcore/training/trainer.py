@@ -59,6 +59,7 @@ from ironcore.models.lora import cast_base, quantize_base, trainable_names
 from ironcore.models.stats import model_stats
 from ironcore.objectives import ObjectiveContext, build_objective
 from ironcore.parallel import state
+from ironcore.parallel.fsdp import fsdp_shards
 from ironcore.parallel.grad import clip_factor
 from ironcore.parallel.setup import init_parallel
 from ironcore.parallel.sharding import full_state_dict, load_full_state_dict
@@ -559,7 +560,7 @@ class Trainer:
 
 def layout_name(trainer: TrainerConfig, dp_size: int) -> str:
     """How the DP ranks share the state, for the layout line (nothing to say for plain DP)."""
-    if trainer.data_parallel == "fsdp" and (dp_size > 1 or trainer.offload != "none"):
+    if fsdp_shards(trainer.data_parallel, dp_size, trainer.offload):
         return ", fully sharded (FSDP)" + (", offloaded to host memory" if trainer.offload != "none" else "")
     return ", distributed optimizer" if trainer.data_parallel == "zero1" and dp_size > 1 else ""
 
