@@ -34,6 +34,7 @@ class _IntermixedParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from ironcore.cli import (
+        chat,
         convert,
         corpus,
         evaluate,
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ironcore", description="IronCore LLM training framework")
     parser.add_argument("--version", action="version", version=f"ironcore {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_IntermixedParser)
-    for module in (corpus, synthetic, tokenizer, preprocess, train, evaluate, generate, convert, model_info,
+    for module in (corpus, synthetic, tokenizer, preprocess, train, evaluate, generate, chat, convert, model_info,
                    reference, mlflow_runs):
         module.register(subparsers)
     return parser
