@@ -208,8 +208,9 @@ def test_lm_eval_command_finds_the_ironcore_model(twin, tmp_path) -> None:
 
 
 def test_ironcore_eval_runs_lm_eval_tasks(twin, runs, tmp_path, capsys, monkeypatch) -> None:
-    """``ironcore eval --lm-eval``: lm-eval's numbers as eval/<task>/<metric> in eval.json; an unknown task is
-    one line and writes nothing."""
+    """``ironcore eval --lm-eval``: lm-eval's numbers as eval/<task>/<metric> in eval.json, with a progress bar
+    (as lm-eval's hf model) and, with --log-samples, lm-eval's own per-item log; an unknown task is one line and
+    writes nothing."""
 
     class LocalTasksOnly(TaskManager):  # indexing lm-eval's own tasks (for the unknown one) takes 15 s
         def __init__(self, *args, **kwargs) -> None:
@@ -220,10 +221,15 @@ def test_ironcore_eval_runs_lm_eval_tasks(twin, runs, tmp_path, capsys, monkeypa
 
     output = tmp_path / "eval.json"
     args = ["eval", "--checkpoint", str(twin["ours"]), "--include-path", str(twin["tasks"]), "--output", str(output)]
-    assert main([*args, "--lm-eval", "toy_mc"]) == 0
+    assert main([*args, "--lm-eval", "toy_mc", "--log-samples"]) == 0
     result = json.loads(output.read_text())
     assert result["eval/toy_mc/acc"] == runs["hf"]["results"]["toy_mc"]["acc,none"]
     assert result["eval/toy_mc/acc_norm"] == runs["hf"]["results"]["toy_mc"]["acc_norm,none"]
+    assert "Running loglikelihood requests" in capsys.readouterr().err  # the tqdm bar
+    rows = [json.loads(line) for line in (tmp_path / "samples_toy_mc.jsonl").read_text().splitlines()]
+    want = runs["hf"]["samples"]["toy_mc"]
+    assert [r["doc_id"] for r in rows] == [s["doc_id"] for s in want] and len(rows) == MC_ITEMS
+    assert sum(r["acc"] for r in rows) / MC_ITEMS == result["eval/toy_mc/acc"]
     output.unlink()
     assert main([*args, "--lm-eval", "toy_mc,no_such_task"]) == 2
     assert "no lm-eval task named no_such_task" in capsys.readouterr().err and not output.exists()

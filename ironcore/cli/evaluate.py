@@ -4,6 +4,7 @@
     ironcore eval --checkpoint runs/x --task gsm8k=test.jsonl --task my_task.yaml
     ironcore eval --checkpoint runs/x --lm-eval hellaswag,arc_easy [--include-path DIR]   # ironcore[eval]
     ironcore eval --checkpoint runs/x --task synthetic=DIR --pass-at 4 --as-validation --samples-markdown s.md
+    ironcore eval --checkpoint runs/instruct --task gsm8k=test.jsonl --chat --log-samples   # an instruct model
 
 Task results go to ``eval.json`` in the checkpoint folder (or ``--output``), as ``eval/<task>/<metric>``,
 and to the MLflow run that trained the checkpoint when the run recorded one (``--no-mlflow``: not).
@@ -11,6 +12,9 @@ and to the MLflow run that trained the checkpoint when the run recorded one (``-
 tasks' own settings. ``--as-validation`` also reports one generation task's accuracy and pass@k under the
 names a GRPO run logs for its held-out prompts (``val_accuracy``, ``val_pass_at_<k>``, with ``prompts``), so
 the two compare; ``--samples-markdown`` writes each task's first prompts with their greedy completions.
+``--log-samples`` writes every item (prompt, completion, the answer the checker read, reference, score) as
+``samples_<task>.jsonl`` and ``.html`` beside the results, the HTML also to the training run in MLflow.
+``--chat`` asks each task's items as user turns of the tokenizer's chat template (``--system``: a system turn).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ if TYPE_CHECKING:
 
 DEFAULT_BATCH = 8  # validation samples or lm-eval requests per batch
 SHOWN = 12  # prompts of each task in --samples-markdown
-TASK_OPTIONS = ("pass_at", "max_new_tokens", "temperature", "seed", "as_validation", "samples_markdown")
+TASK_OPTIONS = ("pass_at", "max_new_tokens", "temperature", "seed", "as_validation", "samples_markdown",
+                "log_samples", "chat", "system")  # fmt: skip
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,6 +64,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--samples-markdown", metavar="FILE",
                         help=f"tasks: write the first {SHOWN} prompts of each with the greedy completion and its "
                              "score (multiple choice: the chosen and the gold choice) as Markdown tables")  # fmt: skip
+    parser.add_argument("--log-samples", action="store_true",
+                        help="tasks: write every item (prompt, greedy completion, extracted answer, reference, "
+                             "score; multiple choice: log-likelihoods, chosen, gold) to samples_<task>.jsonl and "
+                             ".html beside the results (--lm-eval: lm-eval's own log), the files also to the "
+                             "training run in MLflow")  # fmt: skip
+    parser.add_argument("--chat", action="store_true",
+                        help="tasks: each item is a user turn rendered with the tokenizer's chat template, answered "
+                             "until its end-of-turn token (built-ins take their chat prompt; --lm-eval: lm-eval's "
+                             "--apply_chat_template)")  # fmt: skip
+    parser.add_argument("--system", metavar="TEXT", help="tasks with --chat: a system message before each item")
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help=f"batch size: validation samples (preference data: pairs), or --lm-eval requests "
                              f"(default {DEFAULT_BATCH}), or --task prompts (default: the task's batch_size)")  # fmt: skip
@@ -101,8 +116,10 @@ def run(args: argparse.Namespace) -> int:
 def _tasks(args: argparse.Namespace) -> tuple[dict, str]:
     """Every task's metrics on the checkpoint (configs and data checked before the model is loaded)."""
     from ironcore.checkpoints.load import locate
-    from ironcore.evaluation.tasks import evaluate_task, load_for_eval, trained_step
+    from ironcore.evaluation.samples import write_samples
+    from ironcore.evaluation.tasks import check_chat_template, evaluate_task, load_for_eval, trained_step
     from ironcore.files import check_writable
+    from ironcore.inference.settings import GenerationConfig
 
     tasks = _load_tasks(args)
     names = [task.name for task in tasks]
@@ -111,6 +128,8 @@ def _tasks(args: argparse.Namespace) -> tuple[dict, str]:
         if name in names:
             raise ConfigError(f"--lm-eval {name} and --task {args.task[names.index(name)]} both name a task "
                               f"'{name}': give the task YAML a 'name' of its own")  # fmt: skip
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system is the system turn of a chat evaluation: give --chat too")
     if args.as_validation and (len(tasks) != 1 or tasks[0].type != "generate" or lm_tasks):
         raise ConfigError("--as-validation reports one generation task: give one --task (and no --lm-eval)")
     if lm_tasks:
@@ -120,29 +139,44 @@ def _tasks(args: argparse.Namespace) -> tuple[dict, str]:
             raise ConfigError(f"--lm-eval needs lm-evaluation-harness ({err}): pip install 'ironcore[eval]'") from None
     kind, folder = locate(args.checkpoint)
     output = args.output or str(folder / "eval.json")
-    for path in (output, args.samples_markdown):
+    written = Path(output).parent  # --log-samples: samples_<task>.jsonl and .html beside the results
+    for path in (output, args.samples_markdown, written if args.log_samples else None):
         if path:
-            check_writable(path, "file")
+            check_writable(path, "folder" if path == written else "file")
+    eos = GenerationConfig.read(folder).eos_token_ids  # a chat model's end of turn may be one of these only
     model, tokenizer = load_for_eval(args.checkpoint, args.device)
+    for task in tasks:  # all of them before the first runs
+        check_chat_template(task, tokenizer)
+    if args.chat and lm_tasks and not tokenizer.chat_template:
+        raise ConfigError(f"--chat: the tokenizer of {folder} has no chat template for the --lm-eval tasks")
     results, details = {}, {task.name: [] for task in tasks}
     for task in tasks:
         results[task.name] = evaluate_task(model, tokenizer, task, lambda line, n=task.name: _say(f"{n}: {line}"),
-                                           details[task.name])  # fmt: skip
-        _say(f"{task.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[task.name].items()))
+                                           details[task.name], eos)  # fmt: skip
+        _say(f"{task.name}: " + _summary(results[task.name]))
+    logged: dict[str, list[dict]] = {}
     if lm_tasks:
         lm = IronCoreLM(loaded=(model, tokenizer), device=args.device, batch_size=args.micro_batch_size or DEFAULT_BATCH)
-        for name, values in run_lm_eval(lm, lm_tasks, args.include_path, args.limit).items():
+        for name, values in run_lm_eval(lm, lm_tasks, args.include_path, args.limit,
+                                        logged if args.log_samples else None, args.chat, args.system).items():
             if name in results:  # a subtask or group lm-eval expanded a task into, named like one of ours
                 _say(f"lm-eval's task '{name}' is named like a --task: its results are 'lm_eval:{name}'")
+                if name in logged:
+                    logged[f"lm_eval:{name}"] = logged.pop(name)
                 name = f"lm_eval:{name}"
             results[name] = values
     step = trained_step(folder) if kind == "ironcore" else None
     metrics = {f"eval/{task}/{metric}": value for task, values in results.items() for metric, value in values.items()
                if metric not in ("items", "seconds")}  # fmt: skip
+    files = []
+    if args.log_samples:
+        for name, rows in [*details.items(), *logged.items()]:  # lm-eval's own rows: JSONL only, as lm-eval's
+            files += write_samples(written, name, rows, _summary(results.get(name, {})), table=name in details)
+        _say(f"samples of {len(details) + len(logged)} tasks written to {written}")
     if not args.no_mlflow and kind == "ironcore" and folder.parent.name == "checkpoints":
         from ironcore.training.tracking import log_to_recorded_run
 
-        _say(log_to_recorded_run(folder.parent.parent, metrics, step or 0))
+        _say(log_to_recorded_run(folder.parent.parent, metrics, step or 0, files))
     if args.samples_markdown:
         _write_samples(Path(args.samples_markdown), folder, results, details)
     validation = _validation_names(results[names[0]]) if args.as_validation else {}
@@ -153,11 +187,12 @@ def _load_tasks(args: argparse.Namespace) -> list[TaskConfig]:
     """The ``--task`` configs with the command line's settings over their own, checked with their data."""
     from ironcore.evaluation.tasks import check_task, load_task
 
-    tasks = [load_task(spec) for spec in args.task]
+    tasks = [load_task(spec, args.chat) for spec in args.task]
     names = [task.name for task in tasks]
     for task in tasks:
         if names.count(task.name) > 1:
             raise ConfigError(f"two tasks are named '{task.name}': give one a 'name' of its own")
+        task.system = args.system if args.system is not None else task.system
         task.limit = args.limit or task.limit
         if args.pass_at is not None:
             task.samples, task.pass_at = args.pass_at, [args.pass_at] if args.pass_at else []
@@ -172,6 +207,10 @@ def _load_tasks(args: argparse.Namespace) -> list[TaskConfig]:
             raise ConfigError(f"task {task.name} with the options given: {err}") from None
         check_task(task)
     return tasks
+
+
+def _summary(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
 
 
 def _validation_names(metrics: dict) -> dict:

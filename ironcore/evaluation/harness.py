@@ -20,6 +20,9 @@ from IronCore:
   with the request's temperature), stopped once every row holds a stop
   string, cut at the first one, as lm-eval's ``hf`` model does.
 
+Each request type shows a tqdm progress bar, as the ``hf`` model's do, unless
+lm-eval passes ``disable_tqdm``.
+
 Importing this module registers the model under ``ironcore``; the ``lm_eval``
 command imports it through the ``ironcore-lm-eval.pth`` hook the package
 installs (it waits until lm-eval's model registry is loaded).
@@ -27,6 +30,7 @@ installs (it waits until lm-eval's model registry is loaded).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -34,11 +38,11 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+from tqdm import tqdm
 
 from ironcore.data.preprocessing.tokenizer import Tokenizer
 from ironcore.errors import ConfigError
-from ironcore.evaluation.likelihood import loglikelihoods
-from ironcore.evaluation.tasks import complete, load_for_eval, prefix_token
+from ironcore.evaluation.tasks import complete, load_for_eval, loglikelihoods_in_steps, prefix_token
 from ironcore.models.transformer import TransformerModel
 
 
@@ -92,7 +96,9 @@ class IronCoreLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **_: Any) -> list[tuple[float, bool]]:
         """``requests``: ((context, continuation), context ids, continuation ids), from lm-eval's tokenization."""
-        results = loglikelihoods(self.model, [(ctx, cont) for _, ctx, cont in requests], self.batch_size)
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests") as bar:
+            results = loglikelihoods_in_steps(self.model, [(ctx, cont) for _, ctx, cont in requests], self.batch_size,
+                                              bar.update)  # fmt: skip
         for (key, _, _), result in zip(requests, results, strict=True):
             self.cache_hook.add_partial("loglikelihood", key, result)
         return results
@@ -108,7 +114,9 @@ class IronCoreLM(TemplateLM):
                 windows.append((context, continuation))
                 owners.append(i)
         totals = [0.0] * len(requests)
-        for owner, (logprob, _) in zip(owners, loglikelihoods(self.model, windows, self.batch_size), strict=True):
+        with tqdm(total=len(windows), disable=disable_tqdm, desc="Running loglikelihood_rolling windows") as bar:
+            scored = loglikelihoods_in_steps(self.model, windows, self.batch_size, bar.update)
+        for owner, (logprob, _) in zip(owners, scored, strict=True):
             totals[owner] += logprob
         for request, total in zip(requests, totals, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
@@ -121,16 +129,19 @@ class IronCoreLM(TemplateLM):
         for i, request in enumerate(requests):
             groups.setdefault(repr(sorted(request.args[1].items())), []).append(i)
         out = [""] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="Running generate_until requests")
         for members in groups.values():
             kwargs = normalize_gen_kwargs(requests[members[0]].args[1], self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             budget = kwargs.pop("max_gen_toks")
             temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample") else 0.0
             contexts = [self.tok_encode(requests[i].args[0])[-(self.max_length - budget) :] for i in members]
-            texts = complete(self.model, self.tokenizer_, contexts, budget, until, temperature, 0, self.batch_size)
+            texts = complete(self.model, self.tokenizer_, contexts, budget, until, temperature, 0, self.batch_size,
+                             bar.update)  # fmt: skip
             for i, text in zip(members, texts, strict=True):
                 out[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        bar.close()
         return out
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
@@ -145,10 +156,13 @@ class IronCoreLM(TemplateLM):
         return self.tokenizer_.chat_template if chat_template else None
 
 
-def run_lm_eval(lm: IronCoreLM, tasks: list[str], include_path: str | None = None, limit: int | None = None
+def run_lm_eval(lm: IronCoreLM, tasks: list[str], include_path: str | None = None, limit: int | None = None,
+                logged: dict[str, list[dict]] | None = None, chat: bool = False, system: str | None = None
                 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """lm-eval's tasks on ``lm``: {task: {metric: value}}, lm-eval's "acc,none" named "acc" (a filter other
-    than none is kept: "exact_match_strict-match"), the standard errors as "acc_stderr"."""
+    than none is kept: "exact_match_strict-match"), the standard errors as "acc_stderr". ``logged``, when
+    given, receives lm-eval's own per-item log (``log_samples``) of each task, made JSON-safe as lm-eval
+    writes it. ``chat``: lm-eval's ``apply_chat_template`` (with ``system`` as its ``system_instruction``)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -160,7 +174,10 @@ def run_lm_eval(lm: IronCoreLM, tasks: list[str], include_path: str | None = Non
     if unknown:
         raise ConfigError(f"--lm-eval: no lm-eval task named {', '.join(unknown)}"
                           + (f" (nor in --include-path {include_path})" if include_path else ""))  # fmt: skip
-    out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit)
+    out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=logged is not None,
+                          apply_chat_template=chat, system_instruction=system)  # fmt: skip
+    for task, items in (out.get("samples") or {}).items() if logged is not None else ():
+        logged[task] = json.loads(json.dumps(items, default=lm_utils.handle_non_serializable))
     return {task: {name.replace(",none", "").replace(",", "_"): float(value) for name, value in metrics.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
             for task, metrics in out["results"].items()}  # fmt: skip

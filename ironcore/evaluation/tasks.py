@@ -26,6 +26,11 @@ Few-shot examples come from a separate file (``few_shot: {path, k}``): its
 first k items, each rendered as prompt + target (``target`` for generation,
 the gold choice for multiple choice), joined by ``few_shot.separator`` before
 the item's prompt (as chat turns when ``chat``).
+
+Under ``chat`` a built-in task takes its chat form (:data:`BUILTIN_CHAT`): the
+item as a user would ask it, one user turn, answered until the template's
+end-of-turn token. ``details`` (``ironcore eval --log-samples``) receive one
+row per item: what the model read, what it wrote, what the checker compared.
 """
 
 from __future__ import annotations
@@ -51,8 +56,10 @@ from ironcore.inference import stream
 from ironcore.inference.settings import stop_ids
 from ironcore.models.transformer import TransformerModel
 from ironcore.rewards import RewardSet, RewardSpec, load_reward
+from ironcore.rewards.gsm8k import last_number, reference_answer
 
 CHECK_STOPS_EVERY = 4  # decode steps between looks for the stop strings in the text so far
+PROGRESS_EVERY = 5.0  # seconds between progress lines (and one at the end)
 
 
 @dataclass
@@ -120,16 +127,28 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
     "synthetic": {"prompt": "{prompt}", "checker": "exact", "max_new_tokens": 8, "samples": 4,
                   "pass_at": [1, 4], "temperature": 1.0},  # fmt: skip
 }
+# A built-in under ``chat`` (``--chat``, or ``chat: true`` over ``base:``): an instruct model is asked the question
+# as a user would ask it, and reasons in paragraphs until its end-of-turn token, so no stop strings ("\n\n" would
+# cut the reasoning) and room for it; the checker still reads the completion's last number.
+BUILTIN_CHAT: dict[str, dict[str, Any]] = {
+    "gsm8k": {"prompt": "{question}", "stop": [], "max_new_tokens": 512},
+}
+# What a built-in checker compares, for the sample log: (the answer it reads in a completion, in the item's answer).
+EXTRACTIONS: dict[str, tuple[Callable[[str], Any], Callable[[Any], Any]]] = {
+    "gsm8k": (last_number, lambda answer: reference_answer(str(answer))),
+}
 
 
-def load_task(spec: str) -> TaskConfig:
-    """The task ``spec`` names: a YAML file, or ``NAME=DATA`` for a built-in (see :data:`BUILTIN_TASKS`)."""
+def load_task(spec: str, chat: bool = False) -> TaskConfig:
+    """The task ``spec`` names: a YAML file, or ``NAME=DATA`` for a built-in (see :data:`BUILTIN_TASKS`);
+    ``chat`` (``--chat``) makes it a chat task, a built-in in its chat form (:data:`BUILTIN_CHAT`)."""
     name, eq, data = spec.partition("=")
     if eq:
         if name not in BUILTIN_TASKS:
             raise ConfigError(f"--task {spec}: '{name}' is not a built-in task ({', '.join(BUILTIN_TASKS)})"
                               + did_you_mean(name, BUILTIN_TASKS))  # fmt: skip
-        settings = {"name": name, **BUILTIN_TASKS[name], "path": data}
+        settings = {"name": name, **BUILTIN_TASKS[name], **(BUILTIN_CHAT.get(name, {}) if chat else {}), "path": data}
+        settings.update({"chat": True} if chat else {})
         if name == "synthetic" and Path(data).is_dir():
             manifest = read_json(Path(data) / "task.json", "synthetic task manifest")
             settings.update(path=str(Path(data) / "heldout.jsonl"), checker=manifest.get("reward", "exact"))
@@ -143,8 +162,10 @@ def load_task(spec: str) -> TaskConfig:
     if base is not None:
         if base not in BUILTIN_TASKS:
             raise ConfigError(f"{path}: config key 'base': '{base}' is not a built-in task ({', '.join(BUILTIN_TASKS)})")
-        settings = {**BUILTIN_TASKS[base], **settings}
+        as_chat = chat or settings.get("chat") is True
+        settings = {**BUILTIN_TASKS[base], **(BUILTIN_CHAT.get(base, {}) if as_chat else {}), **settings}
     settings.setdefault("name", path.stem)
+    settings.update({"chat": True} if chat else {})
     if "path" in settings and not Path(settings["path"]).is_absolute():  # relative to the YAML file's folder
         settings["path"] = str(path.parent / settings["path"])
     few = settings.get("few_shot")
@@ -227,20 +248,74 @@ def trained_step(folder: Path) -> int | None:
     return read_json(state, "trainer state", CheckpointError).get("step") if state.exists() else None
 
 
+def check_chat_template(task: TaskConfig, tokenizer: Tokenizer) -> None:
+    """A chat task needs the tokenizer's chat template: without one, a one-line error before any model work."""
+    if task.chat and not tokenizer.chat_template:
+        raise ConfigError(f"task {task.name} is a chat task (--chat or 'chat: true'), but the checkpoint's tokenizer "
+                          "has no chat template (chat_template.jinja or tokenizer_config.json's chat_template)")  # fmt: skip
+
+
 def evaluate_task(model: TransformerModel, tokenizer: Tokenizer, task: TaskConfig,
-                  progress: Callable[[str], None] | None = None, details: list[dict] | None = None
-                  ) -> dict[str, Any]:  # fmt: skip
+                  progress: Callable[[str], None] | None = None, details: list[dict] | None = None,
+                  eos_token_ids: tuple[int, ...] = ()) -> dict[str, Any]:  # fmt: skip
     """The task's metrics (``accuracy``, ``pass_at_k``, or ``acc``, ``acc_norm``), items and seconds.
 
-    ``details``, when given, receives one dict per item: its prompt, the greedy completion and its score
-    (multiple choice: the chosen and the gold index).
+    ``details``, when given, receives one row per item, in the file's order: ``doc_id`` (its index), ``line``
+    (in the file), ``prompt`` (the text the model read); generation: the greedy ``completion``, the answer the
+    checker read in it (``extracted``) and in the item (``expected``; see :data:`EXTRACTIONS`, else None), the
+    item's ``answer`` as ``reference``, the ``score``; multiple choice: ``choices``, their ``loglikelihoods``,
+    ``chosen``, ``gold``, ``acc``, ``acc_norm``; with ``samples``, how many were right (``samples_right``).
+    ``eos_token_ids``: more ids that end a completion (those of the model's ``generation_config.json``).
     """
+    check_chat_template(task, tokenizer)
     items = read_items(task.path, task.limit)
     shots = read_items(task.few_shot.path, task.few_shot.k) if task.few_shot and task.few_shot.k else []
     started = time.perf_counter()
-    run = _generation if task.type == "generate" else _multiple_choice
-    metrics = run(model, tokenizer, task, items, shots, progress or (lambda _: None), details)
+    say = progress or (lambda _: None)
+    if task.type == "generate":
+        metrics = _generation(model, tokenizer, task, items, shots, say, details, eos_token_ids)
+    else:
+        metrics = _multiple_choice(model, tokenizer, task, items, shots, say, details)
     return {**metrics, "items": len(items), "seconds": round(time.perf_counter() - started, 3)}
+
+
+def progress_line(done: int, total: int, unit: str, seconds: float) -> str:
+    """``24/50 completions, 3.1/s, ETA 8 s``; once all are done, the time taken instead of the ETA."""
+    line = f"{done}/{total} {unit}"
+    if done == 0 or seconds <= 0:
+        return line
+    rate = done / seconds
+    left = f"ETA {_duration((total - done) / rate)}" if done < total else f"in {_duration(seconds)}"
+    return f"{line}, {rate:.3g}/s, {left}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+class Meter:
+    """Counts finished units and reports :func:`progress_line` every ``every`` seconds and once at the end: a
+    long evaluation shows its pace and how long it has left without flooding the log."""
+
+    def __init__(self, report: Callable[[str], None], total: int, unit: str, every: float = PROGRESS_EVERY,
+                 clock: Callable[[], float] = time.perf_counter) -> None:  # fmt: skip
+        self.report, self.total, self.unit, self.every, self.clock = report, total, unit, every, clock
+        self.done = 0
+        self.started = self.last = clock()
+
+    def advance(self, n: int) -> None:
+        """``n`` more units finished; a line when ``every`` seconds passed since the last (not at the end)."""
+        self.done += n
+        now = self.clock()
+        if self.done < self.total and now - self.last >= self.every:
+            self.last = now
+            self.report(progress_line(self.done, self.total, self.unit, now - self.started))
+
+    def end(self) -> None:
+        """The last line: all done, the rate and the time taken."""
+        self.report(progress_line(self.total, self.total, self.unit, self.clock() - self.started))
 
 
 def _prompt_text(task: TaskConfig, tokenizer: Tokenizer, record: dict, where: str,
@@ -258,7 +333,8 @@ def _prompt_text(task: TaskConfig, tokenizer: Tokenizer, record: dict, where: st
 
 
 def _generation(model: TransformerModel, tokenizer: Tokenizer, task: TaskConfig, items: list, shots: list,
-                progress: Callable[[str], None], details: list[dict] | None) -> dict[str, float]:  # fmt: skip
+                progress: Callable[[str], None], details: list[dict] | None,
+                eos_token_ids: tuple[int, ...]) -> dict[str, float]:  # fmt: skip
     checker = RewardSet([load_reward(RewardSpec(task.checker, options=dict(task.checker_options)),
                                      f"task {task.name}: checker")])  # fmt: skip
     examples = [(render(task.prompt, r, f"{task.few_shot.path}:{n}", "prompt"),
@@ -267,22 +343,40 @@ def _generation(model: TransformerModel, tokenizer: Tokenizer, task: TaskConfig,
     encode = tokenizer.encode if task.chat else (lambda t: tokenizer.backend.encode(t, add_special_tokens=True).ids)
     prompts = [encode(text) for text in texts]
     records = [r for _, r in items]
-    greedy = complete(model, tokenizer, prompts, task.max_new_tokens, task.stop, 0.0, 0, task.batch_size, progress)
+
+    def run(prompts: list[list[int]], unit: str, temperature: float, batch: int) -> list[str]:
+        meter = Meter(progress, len(prompts), unit)
+        out = complete(model, tokenizer, prompts, task.max_new_tokens, task.stop, temperature, task.seed, batch,
+                       meter.advance, eos_token_ids)  # fmt: skip
+        meter.end()
+        return out
+
+    greedy = run(prompts, "completions", 0.0, task.batch_size)
     scores = _score(checker, task, texts, greedy, records)
     metrics = {"accuracy": _mean(scores)}
     if details is not None:
-        details += [{"prompt": t, "completion": c, "score": s} for t, c, s in zip(texts, greedy, scores, strict=True)]
+        extract, expect = EXTRACTIONS.get(task.checker, (None, None))
+        for i, ((line, record), text, completion, score) in enumerate(zip(items, texts, greedy, scores, strict=True)):
+            details.append({"doc_id": i, "line": line, "prompt": text, "completion": completion,
+                            "extracted": _plain(extract(completion)) if extract else None,
+                            "expected": _plain(expect(record.get("answer"))) if expect else None,
+                            "reference": record.get("answer"), "score": score})  # fmt: skip
     if task.samples:
         n = task.samples
-        copies = [p for p in prompts for _ in range(n)]
-        sampled = complete(model, tokenizer, copies, task.max_new_tokens, task.stop, task.temperature, task.seed,
-                           task.batch_size * n, progress)  # fmt: skip
+        sampled = run([p for p in prompts for _ in range(n)], "samples", task.temperature, task.batch_size * n)
         repeated = _score(checker, task, [t for t in texts for _ in range(n)], sampled,
                           [r for r in records for _ in range(n)])  # fmt: skip
         correct = [sum(1 for s in repeated[i * n : (i + 1) * n] if s is not None and s >= 1.0) for i in range(len(items))]
         for k in task.pass_at:
             metrics[f"pass_at_{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(items)
+        for row, c in zip(details[-len(items) :] if details is not None else [], correct, strict=False):
+            row["samples_right"] = c  # of the task's n samples
     return metrics
+
+
+def _plain(value: Any) -> Any:
+    """A checker's reading of an answer as JSON: a number as its text (``18``, ``7/2``), None as null."""
+    return None if value is None else value if isinstance(value, (str, int, float, bool)) else str(value)
 
 
 def _score(checker: RewardSet, task: TaskConfig, prompts: list[str], completions: list[str],
@@ -309,19 +403,21 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def complete(model: TransformerModel, tokenizer: Tokenizer, prompts: list[list[int]], max_new_tokens: int,
              stop: list[str], temperature: float, seed: int, batch_size: int,
-             progress: Callable[[str], None] | None = None) -> list[str]:  # fmt: skip
+             advance: Callable[[int], None] | None = None, eos_token_ids: tuple[int, ...] = ()) -> list[str]:  # fmt: skip
     """The completion text of each prompt (special tokens left out), cut at its first ``stop`` string.
 
     Up to ``batch_size`` prompts decode at once, longest first; a row whose text holds a stop string is ended
     (``stream``'s ``stop_rows``) and, like a finished one, gives its place to the next waiting prompt
-    (continuous batching), so the batch stays full and no row decodes past its answer. A prompt too long for
-    the model with its budget loses tokens on the left (as lm-eval's).
+    (continuous batching), so the batch stays full and no row decodes past its answer. A row also ends at a
+    stop token: the tokenizer's end of document and EOS (a chat template's end of turn) and ``eos_token_ids``.
+    A prompt too long for the model with its budget loses tokens on the left (as lm-eval's). ``advance(n)``
+    hears of the rows as they end (a progress meter, a progress bar).
     """
     room = model.config.max_position_embeddings - max_new_tokens
     if room < 1:
         raise ConfigError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
                           f"{model.config.max_position_embeddings} positions")  # fmt: skip
-    stops = stop_ids(tokenizer)
+    stops = stop_ids(tokenizer, eos_token_ids)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     rows: list[list[int]] = [[] for _ in order]  # by place in ``order``
     ended = [False] * len(order)
@@ -347,14 +443,14 @@ def complete(model: TransformerModel, tokenizer: Tokenizer, prompts: list[list[i
             for j in met:
                 ended[j] = True
                 live.discard(j)
-        if progress and (step + 1) % 64 == 0 and sum(ended) > reported:
+        if advance and sum(ended) > reported:
+            advance(sum(ended) - reported)
             reported = sum(ended)
-            progress(f"{reported}/{len(order)} completions")
+    if advance and len(order) > reported:
+        advance(len(order) - reported)
     out = [""] * len(prompts)
     for i, text in zip(order, tokenizer.backend.decode_batch(rows, skip_special_tokens=True), strict=True):
         out[i] = cut(text, stop)
-    if progress:
-        progress(f"{len(order)}/{len(order)} completions")
     return out
 
 
@@ -366,6 +462,24 @@ def cut(text: str, stop: list[str]) -> str:
     return text
 
 
+def loglikelihoods_in_steps(model: TransformerModel, requests: list[tuple[list[int], list[int]]], batch: int,
+                            advance: Callable[[int], None]) -> list[tuple[float, bool]]:  # fmt: skip
+    """:func:`~ironcore.evaluation.likelihood.loglikelihoods`, one batch of contexts at a time so that
+    ``advance(n)`` hears of the requests scored (a progress meter or bar). The batches are the ones a single
+    call makes (its order: distinct contexts, longest first), so the numbers are the same."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (context, _) in enumerate(requests):
+        groups.setdefault(tuple(context), []).append(i)
+    contexts = sorted(groups, key=len, reverse=True)
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    for start in range(0, len(contexts), batch):
+        members = [i for context in contexts[start : start + batch] for i in groups[context]]
+        for i, result in zip(members, loglikelihoods(model, [requests[i] for i in members], batch), strict=True):
+            results[i] = result
+        advance(len(members))
+    return results
+
+
 def _multiple_choice(model: TransformerModel, tokenizer: Tokenizer, task: TaskConfig, items: list, shots: list,
                      progress: Callable[[str], None], details: list[dict] | None) -> dict[str, float]:  # fmt: skip
     examples = []
@@ -374,25 +488,30 @@ def _multiple_choice(model: TransformerModel, tokenizer: Tokenizer, task: TaskCo
         examples.append((render(task.prompt, record, f"{task.few_shot.path}:{number}", "prompt"),
                          task.target_delimiter + choices[gold]))  # fmt: skip
     prefix = prefix_token(tokenizer)
-    requests, spans, golds, lengths, contexts = [], [], [], [], []
+    requests, spans, golds, lengths, contexts, options = [], [], [], [], [], []
     for number, record in items:
         where = f"{task.path}:{number}"
         choices, gold = _choices(task, record, where)
         context = _prompt_text(task, tokenizer, record, where, examples)
         contexts.append(context)
+        options.append(choices)
         spans.append((len(requests), len(requests) + len(choices)))
         requests += [encode_pair(tokenizer.encode, context, task.target_delimiter + c, prefix) for c in choices]
         golds.append(gold)
         lengths.append([len(c) for c in choices])
-    scored = loglikelihoods(model, requests, task.batch_size)
-    progress(f"{len(requests)} choices of {len(items)} items scored")
+    meter = Meter(progress, len(requests), "choices")
+    scored = loglikelihoods_in_steps(model, requests, task.batch_size, meter.advance)
+    meter.end()
     acc = acc_norm = 0
-    for (start, end), gold, chars, context in zip(spans, golds, lengths, contexts, strict=True):
+    for i, ((start, end), gold, chars) in enumerate(zip(spans, golds, lengths, strict=True)):
         lls = [ll for ll, _ in scored[start:end]]
-        acc += _argmax(lls) == gold
-        acc_norm += _argmax([ll / max(n, 1) for ll, n in zip(lls, chars, strict=True)]) == gold
+        chosen, chosen_norm = _argmax(lls), _argmax([ll / max(n, 1) for ll, n in zip(lls, chars, strict=True)])
+        acc += chosen == gold
+        acc_norm += chosen_norm == gold
         if details is not None:
-            details.append({"prompt": context, "chosen": _argmax(lls), "gold": gold, "loglikelihoods": lls})
+            details.append({"doc_id": i, "line": items[i][0], "prompt": contexts[i], "choices": options[i],
+                            "loglikelihoods": lls, "chosen": chosen, "gold": gold, "acc": float(chosen == gold),
+                            "acc_norm": float(chosen_norm == gold)})  # fmt: skip
     return {"acc": acc / len(items), "acc_norm": acc_norm / len(items)}
 
 

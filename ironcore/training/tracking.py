@@ -28,6 +28,7 @@ from typing import Any
 
 from ironcore import __version__
 from ironcore.config import Config
+from ironcore.config.base import to_dict
 from ironcore.files import check_writable, write_text_atomically
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,27 @@ def tracking_uri() -> str:
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///PATH`` tracking URI (None for other stores)."""
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def experiment_id(client: Any, name: str) -> str:
+    """The id of experiment ``name`` of ``client``'s store, created when missing; a local (sqlite) store keeps
+    the artifacts of an experiment it creates in ``mlruns/`` beside its database file, not in whatever folder
+    the first run happened to start from (MLflow's default)."""
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    store = sqlite_path(client.tracking_uri)
+    artifacts = (store.resolve().parent / "mlruns").as_uri() if store is not None else None
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
+def run_params(config: Config, options: Any) -> dict[str, Any]:
+    """A run's MLflow params: its own config, with its objective's options in full (defaults included) as
+    ``trainer.objective_options.*`` and nothing of other objectives (no deprecated ``dpo`` group)."""
+    params = to_dict(config)
+    params.pop("dpo", None)
+    params["trainer"]["objective_options"] = to_dict(options) if options is not None else {}
+    return params
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -152,17 +174,12 @@ class Tracker:
         if store is not None:  # fail in one line here: MLflow itself retries for seconds, printing each try
             check_writable(store, "file")
         client = MlflowClient(uri)
-        found = client.get_experiment_by_name(experiment)
-        if found:
-            experiment_id = found.experiment_id
-        else:  # a local store keeps its artifacts beside it, not in whatever folder a run starts from
-            artifacts = (store.resolve().parent / "mlruns").as_uri() if store is not None else None
-            experiment_id = client.create_experiment(experiment, artifact_location=artifacts)
+        exp_id = experiment_id(client, experiment)
         all_tags = dict(tags)
         parent = os.environ.get("MLFLOW_PARENT_RUN_ID")
         if parent:
             all_tags["mlflow.parentRunId"] = parent
-        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
         self.client, self.run_id = client, run.info.run_id
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for start in range(0, len(items), _MAX_PARAMS_PER_CALL):
@@ -198,9 +215,10 @@ class Tracker:
             pending, self._pending = self._pending, []
             self._guard("log metrics", self.client.log_batch, self.run_id, pending)
 
-    def log_artifact(self, path: str | Path) -> None:
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        """Upload the file ``path`` into the run's artifacts (into ``folder`` when given)."""
         if self.active and Path(path).exists():
-            self._guard(f"upload {path}", self.client.log_artifact, self.run_id, str(path))
+            self._guard(f"upload {path}", self.client.log_artifact, self.run_id, str(path), folder)
 
     def set_tag(self, key: str, value: str) -> None:
         if self.active:
@@ -219,26 +237,32 @@ class Tracker:
             self.client = None
 
 
-def log_to_recorded_run(run_dir: str | Path, metrics: Mapping[str, float], step: int) -> str:
-    """Log ``metrics`` at ``step`` to the MLflow run that trained ``run_dir`` (its :data:`RUN_FILE`).
+def log_to_recorded_run(run_dir: str | Path, metrics: Mapping[str, float], step: int,
+                        artifacts: list[Path] | tuple[Path, ...] = ()) -> str:  # fmt: skip
+    """Log ``metrics`` at ``step`` to the MLflow run that trained ``run_dir`` (its :data:`RUN_FILE`), and the
+    files ``artifacts`` (an evaluation's sample tables) under ``eval/step_NNNNNNN/``, one folder per step so
+    that evaluations of other checkpoints do not replace them.
 
     Returns one line saying what happened; never raises: an unreachable server must not cost an evaluation.
     """
     record = Path(run_dir) / RUN_FILE
     if not record.is_file():
         return f"MLflow: no run recorded in {run_dir} (trained without tracking): metrics not logged"
+    folder = f"eval/step_{step:07d}"
     try:
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
         found = json.loads(record.read_text())
         now = int(time.time() * 1000)
-        MlflowClient(found["tracking_uri"]).log_batch(
-            found["run_id"], metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
-        )
+        client = MlflowClient(found["tracking_uri"])
+        client.log_batch(found["run_id"], metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        for path in artifacts:
+            client.log_artifact(found["run_id"], str(path), folder)
     except Exception as err:  # noqa: BLE001 - tracking must never be fatal
         return f"MLflow: could not log to the run recorded in {record}: {_one_line(err)}"
-    return f"MLflow: {len(metrics)} metrics logged to run {found['run_id']} at step {step}"
+    files = f", {len(artifacts)} files to {folder}/" if artifacts else ""
+    return f"MLflow: {len(metrics)} metrics logged to run {found['run_id']} at step {step}{files}"
 
 
 def _one_line(err: Exception) -> str:
