@@ -19,7 +19,7 @@ from ironcore.config import load_model_config
 from ironcore.models import TransformerModel
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["preprocess", "train", "eval", "generate", "convert", "model-info", "config-reference"]
+SUBCOMMANDS = ["preprocess", "train", "eval", "generate", "chat", "convert", "model-info", "config-reference"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -256,6 +256,8 @@ def test_train_mlflow_parent_and_mlflow_finish(tiny_train_config, tmp_path, monk
     assert parent.data.tags["pipeline_invocation"] == "inv1" and parent.info.status == "FINISHED"
     assert parent.data.metrics["val/loss"] == json.loads((run / "final_eval.json").read_text())["val_loss"]
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["train"]
+    # The experiment (made by the pipeline's parent run) keeps its artifacts beside the store, not in the cwd.
+    assert client.get_experiment_by_name("pipe").artifact_location == (tmp_path / "mlruns").as_uri()
 
 
 @pytest.fixture(scope="module")

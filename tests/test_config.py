@@ -63,8 +63,32 @@ def test_model_from_hf_folder(tmp_path: Path) -> None:
     assert cfg.model.gated_mlp and cfg.model.norm_type == "rmsnorm"
     with pytest.raises(ConfigError, match=r"^\S*train\.yaml: model: \S+ is a folder; an HF checkpoint folder is not accepted"):
         load_config(train, world_size=1)  # the config package reads no HF folder by itself (layers)
-    with pytest.raises(ConfigError, match="folder without config.json"):
+    with pytest.raises(ConfigError, match="neither an HF checkpoint"):
         load_config(write(tmp_path, f"model: {tmp_path}\n"), world_size=1, read_folder=model_config_from_folder)
+
+
+def test_init_from_alone_gives_the_model(tmp_path: Path) -> None:
+    """No ``model:``: the model of init.init_from (an HF folder, an IronCore run, its latest pointer), named as
+    the HF folder's model is named (its folder, here; a hub cache's snapshot: the repository's name)."""
+    tiny = load_model_config("llama-tiny")
+    hf = tmp_path / "models--Org--Tiny-Instruct" / "snapshots" / "0123abc"
+    save_hf_model(TransformerModel(tiny), hf)
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_0000004"
+    step.mkdir(parents=True)
+    saved = {**yaml.safe_load(dump_config(load_config(EXAMPLE, world_size=1)))["model"], "name": "mine", "num_layers": 1}
+    (step / "model_config.yaml").write_text(yaml.safe_dump(saved))
+    (step / "model.safetensors").write_bytes(b"")  # the model's config is all a config reads
+    (run / "checkpoints" / "latest").write_text("step_0000004")
+    for source, name, layers in ((hf, "Tiny-Instruct", tiny.num_layers), (run, "mine", 1),
+                                 (run / "checkpoints" / "latest", "mine", 1)):
+        train = write(tmp_path, f"init:\n  init_from: {source}\noperation:\n  train_steps: 1\n")
+        cfg = load_config(train, world_size=1, read_folder=model_config_from_folder)
+        assert (cfg.model.name, cfg.model.num_layers) == (name, layers), source
+    given = load_config(train, ["model=llama-tiny"], world_size=1, read_folder=model_config_from_folder)
+    assert given.model.name == "llama-tiny"  # a model: of its own wins
+    with pytest.raises(ConfigError, match="neither an HF checkpoint"):
+        load_config(train, [f"init.init_from={tmp_path}"], world_size=1, read_folder=model_config_from_folder)
 
 
 def test_tensor_parallel_flag_sets_the_trainer_key() -> None:

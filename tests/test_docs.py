@@ -5,12 +5,15 @@ comment (invisible where the Markdown is rendered)::
 
     <!-- runnable -->                    run it; it must exit 0 within 300 s
     <!-- runnable timeout=900 slow -->   its own timeout, and pytest's ``slow`` marker
+    <!-- runnable session=walk -->      run after the page's earlier blocks of session ``walk``, in their folder
 
-Each block runs on its own under ``bash -euo pipefail`` in a fresh temporary folder that holds a copy of
-``configs/`` and a link to ``examples/`` (the relative paths the docs name), with this Python's ``bin`` first on
-PATH and the checkout on PYTHONPATH, so ``ironcore`` is this checkout's. Blocks share nothing: a runnable block
-is a whole recipe (preprocess before train). Mark the blocks that take seconds; the rest are still checked by
-:func:`test_documented_ironcore_flags_exist` (sub-commands, ``--flags`` and config keys of overrides).
+Each block runs under ``bash -euo pipefail`` in a fresh temporary folder that holds a copy of ``configs/`` and
+links to ``examples/`` and ``scripts/`` (the relative paths the docs name), with this Python's ``bin`` first on
+PATH and the checkout on PYTHONPATH, so ``ironcore`` is this checkout's. Blocks share nothing, unless they are
+of one session: a walk-through whose steps build on each other (one test runs the session's blocks in order,
+each with its own timeout; the first block's options ``slow`` applies to the whole session). Mark the blocks
+that take seconds; the rest are still checked by :func:`test_documented_ironcore_flags_exist` (sub-commands,
+``--flags`` and config keys of overrides).
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ class Block:
     def where(self) -> str:
         return f"{self.path.relative_to(ROOT)}:{self.line}"
 
+    def option(self, name: str, default: str | None = None) -> str | None:
+        """The value of the marker's ``name=VALUE`` option."""
+        return next((o.split("=", 1)[1] for o in (self.options or "").split() if o.startswith(f"{name}=")), default)
+
 
 def code_blocks(path: Path) -> list[Block]:
     """The fenced code blocks of a Markdown file, with the runnable marker of each (if any)."""
@@ -68,13 +75,22 @@ def code_blocks(path: Path) -> list[Block]:
 
 
 def runnable_blocks() -> list:
-    params = []
+    """One pytest param per runnable block, or per session (its blocks in page order)."""
+    params, sessions = [], {}
     for path in DOCS:
         for block in code_blocks(path):
             if block.options is None:
                 continue
+            session = block.option("session")
+            if session is not None and (path, session) in sessions:
+                sessions[path, session].append(block)
+                continue
+            blocks = [block]
+            if session is not None:
+                sessions[path, session] = blocks
             marks = [pytest.mark.slow] if "slow" in block.options.split() else []
-            params.append(pytest.param(block, id=block.where, marks=marks))
+            params.append(pytest.param(blocks, id=block.where if session is None else f"{block.where}:{session}",
+                                       marks=marks))
     return params
 
 
@@ -93,27 +109,29 @@ def test_runnable_markers_are_well_formed() -> None:
                 problems.append(f"{path.relative_to(ROOT)}:{i + 1}: not a marker right above a ```bash fence")
                 continue
             for option in marker.group("options").split():
-                if option != "slow" and not re.fullmatch(r"timeout=\d+", option):
+                if option != "slow" and not re.fullmatch(r"timeout=\d+|session=[\w-]+", option):
                     problems.append(f"{path.relative_to(ROOT)}:{i + 1}: unknown option {option!r}")
     assert not problems, "\n".join(problems)
     assert runnable_blocks(), "no runnable blocks found"
 
 
-@pytest.mark.parametrize("block", runnable_blocks())
-def test_runnable_block(block: Block, tmp_path: Path) -> None:
-    timeout = int(next((o.split("=")[1] for o in block.options.split() if o.startswith("timeout=")), DEFAULT_TIMEOUT))
+@pytest.mark.parametrize("blocks", runnable_blocks())
+def test_runnable_block(blocks: list[Block], tmp_path: Path) -> None:
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
-    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    for name in ("examples", "scripts"):
+        (tmp_path / name).symlink_to(ROOT / name)
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # fmt: skip
-    try:
-        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block.text], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"{block.where}: still running after {timeout} s:\n{err.stdout}\n{err.stderr}")
-    assert proc.returncode == 0, (f"{block.where} exited {proc.returncode}:\n{block.text}\n--- stdout\n"
-                                  f"{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}")  # fmt: skip
+    for block in blocks:
+        timeout = int(block.option("timeout", str(DEFAULT_TIMEOUT)))
+        try:
+            proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block.text], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        except subprocess.TimeoutExpired as err:
+            pytest.fail(f"{block.where}: still running after {timeout} s:\n{err.stdout}\n{err.stderr}")
+        assert proc.returncode == 0, (f"{block.where} exited {proc.returncode}:\n{block.text}\n--- stdout\n"
+                                      f"{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}")  # fmt: skip
 
 
 # ---- the flags of every documented command line -------------------------------------------------------------

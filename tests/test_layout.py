@@ -3,7 +3,7 @@
 Layers, top to bottom (a module may import its own package and the layers below it)::
 
     cli -> training, evaluation -> objectives -> rewards -> inference -> checkpoints -> models -> layers
-        -> kernels -> parallel -> data -> config -> files (reading and writing files with one-line errors) -> errors
+        -> kernels -> parallel -> data -> config -> files (reading and writing files with one-line errors), tables -> errors
 
 Every import counts, also those inside functions, and so does a module named in a string for
 ``importlib.import_module`` (``workflow/scripts/import_graph.py`` reads them).
@@ -27,7 +27,7 @@ from import_graph import Package  # noqa: E402 (the walker the pipeline's code f
 PACKAGE = ROOT / "ironcore"
 ORDER = [
     ["errors", "ironcore"],  # "ironcore": the package itself (__version__)
-    ["files"],
+    ["files", "tables"],  # tables: HTML pages of rows (completions, samples), for objectives and evaluation
     ["config"],
     ["data"],
     ["parallel"],

@@ -225,6 +225,7 @@ def test_mlflow_records_params_metrics_and_tags(pretrain_data, tmp_path, monkeyp
     assert [m["step"] for m in read_metrics(tmp_path / "run") if "eval/toy/accuracy" in m] == [2, 4]
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.max_lr"] == "0.003" and run.data.params["model.hidden_size"] == "64"
+    assert not any(name.startswith(("dpo", "trainer.objective_options.beta")) for name in run.data.params)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4]
     for name in ("train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu", "val/loss", "val/ppl"):
         assert client.get_metric_history(run.info.run_id, name), name

@@ -41,7 +41,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ironcore.checkpoints import pointers
 from ironcore.config.base import from_dict
+from ironcore.config.loader import load_model_config
 from ironcore.config.model import ModelConfig, RopeScaling
 from ironcore.errors import CheckpointError, ConfigError
 from ironcore.files import read_json
@@ -661,12 +663,13 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
 
 def model_config_from_hf(source: str | Path | Mapping[str, Any], where: str | None = None) -> ModelConfig:
     """The ModelConfig of an HF checkpoint folder, or of its parsed config.json."""
-    if isinstance(source, Mapping):
+    folder = None if isinstance(source, Mapping) else Path(source)
+    if folder is None:
         hf, where = source, where or "config.json"
     else:
-        hf, where = read_hf_config(source), where or str(Path(source) / "config.json")
+        hf, where = read_hf_config(folder), where or str(folder / "config.json")
     family = family_of(hf, where)
-    name = Path(str(hf.get("_name_or_path") or family.model_type)).name or family.model_type
+    name = model_name(hf, folder) or family.model_type
     try:
         fields = {**read_keys(hf, where, COMMON_KEYS), **read_keys(hf, where, family.keys), **family.read(hf, where)}
         return from_dict(ModelConfig, {"name": name, **fields}, "model")
@@ -678,12 +681,32 @@ def model_config_from_hf(source: str | Path | Mapping[str, Any], where: str | No
 
 
 
+def model_name(hf: Mapping[str, Any], folder: Path | None = None) -> str | None:
+    """What the model is called (MLflow's ``model_name`` tag): ``_name_or_path``'s last part, else the folder's
+    name, read through the hub cache's ``models--ORG--NAME/snapshots/HASH``; None when neither says."""
+    recorded = Path(str(hf.get("_name_or_path") or "")).name
+    if recorded or folder is None:
+        return recorded or None
+    folder = folder.resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.split("--")[-1]
+    return folder.name or None
+
+
 def model_config_from_folder(path: Path) -> ModelConfig:
-    """The ``model:`` of a training config that names a folder: an HF checkpoint's ModelConfig (the config
-    loader's ``read_folder``; it sits below this module, so the commands hand this to it)."""
-    if not is_hf_folder(path):
-        raise ConfigError(f"model: {path} is a folder without config.json (expected an HF checkpoint)")
-    return model_config_from_hf(path)
+    """The ``model:`` of a training config that names a folder: an HF checkpoint's ModelConfig, or the one an
+    IronCore checkpoint, run folder or ``latest`` pointer saved (the config loader's ``read_folder``; it sits
+    below this module, so the commands hand this to it)."""
+    if is_hf_folder(path):
+        return model_config_from_hf(path)
+    if pointers.is_checkpoint_source(path):
+        try:
+            folder = pointers.resolve(path)
+        except CheckpointError as err:
+            raise ConfigError(str(err)) from None
+        return load_model_config(folder / pointers.MODEL_CONFIG)
+    raise ConfigError(f"{path}: a folder that is neither an HF checkpoint (config.json) nor an IronCore checkpoint "
+                      "or run folder")
 
 def export_family(cfg: ModelConfig) -> HFFamily | None:
     """The family ``cfg`` is saved as: the one its ``hf_model_type`` names, else the one record that expresses

@@ -36,6 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ironcore.training.tracking import experiment_id
+
 INVOCATION_TAG = "pipeline_invocation"
 EXPERIMENT_TAG = "pipeline_experiment"
 PARAMS_PER_CALL = 100
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.invocation:
         print("ironcore mlflow: no invocation id (IRONCORE_PIPELINE_INVOCATION); nothing logged", file=sys.stderr)
         return 0
-    _guarded(args.action, lambda client: ACTIONS[args.action](client, _experiment_id(client, args.experiment), args))
+    _guarded(args.action, lambda client: ACTIONS[args.action](client, experiment_id(client, args.experiment), args))
     return 0
 
 
@@ -86,7 +88,7 @@ def parent_run_id(experiment: str, run: str) -> str | None:
               file=sys.stderr)  # fmt: skip
         return None
     found: list[str] = []
-    _guarded("parent", lambda client: found.append(_parent_id(client, _experiment_id(client, experiment),
+    _guarded("parent", lambda client: found.append(_parent_id(client, experiment_id(client, experiment),
                                                               invocation, run)))  # fmt: skip
     return found[0] if found else None
 
@@ -102,11 +104,6 @@ def _guarded(action: str, work: Callable[[Any], None]) -> None:
     except Exception as err:  # noqa: BLE001 - tracking must never fail the pipeline
         first = (str(err).strip().splitlines() or [""])[0]
         print(f"ironcore mlflow {action}: MLflow tracking skipped ({type(err).__name__}: {first})", file=sys.stderr)
-
-
-def _experiment_id(client: Any, name: str) -> str:
-    found = client.get_experiment_by_name(name)
-    return found.experiment_id if found else client.create_experiment(name)
 
 
 def _parents(client: Any, experiment_id: str, invocation: str, run: str | None = None) -> list:

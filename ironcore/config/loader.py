@@ -45,11 +45,11 @@ def load_model_config(
     spec: str | Path | Mapping[str, Any], config_dir: Path | None = None, read_folder: FolderReader | None = None
 ) -> ModelConfig:
     """A validated ModelConfig from a name, a model YAML, a mapping or (with ``read_folder``) an HF
-    checkpoint folder."""
+    checkpoint folder, an IronCore checkpoint, run folder or ``latest`` pointer."""
     if isinstance(spec, Mapping):
         return from_dict(ModelConfig, spec, "model")
     path = Path(spec)
-    if path.is_dir():
+    if path.is_dir() or (read_folder is not None and path.is_file() and path.suffix not in (".yaml", ".yml")):
         if read_folder is None:
             raise ConfigError(f"model: {path} is a folder; an HF checkpoint folder is not accepted here "
                               "(name a model YAML or a known model)")
@@ -109,12 +109,23 @@ def build_config(
     read_folder: FolderReader | None = None,
 ) -> Config:
     """Resolve the model reference (an HF folder only with ``read_folder``; ``model: {from: NAME, ...}`` is that
-    model with the fields given changed), apply overrides, type-check and validate."""
+    model with the fields given changed), apply overrides, type-check and validate.
+
+    With ``read_folder`` and no ``model:``, the model is the one ``init.init_from`` names (an HF folder, an
+    IronCore checkpoint or run): continuing a run needs no second copy of its architecture.
+    """
     raw = dict(raw)
     parsed = parse_overrides(overrides)
     for keys, value in parsed:
         if keys == ["model"]:
             raw["model"] = value
+    if "model" not in raw and read_folder is not None:
+        init = dict(raw["init"]) if isinstance(raw.get("init"), Mapping) else {}
+        for keys, value in parsed:
+            if keys == ["init", "init_from"]:
+                init["init_from"] = value
+        if init.get("init_from"):
+            raw["model"] = str(init["init_from"])
     model = raw.get("model", {})
     if not isinstance(model, Mapping):
         model = to_dict(load_model_config(model, config_dir, read_folder))

@@ -246,7 +246,10 @@ class InitConfig:
     """Where the starting weights come from."""
 
     seed: int = field(1234, help="Seed of weight init, dropout and data order.")
-    init_from: str | None = field(None, help="HF checkpoint folder or IronCore checkpoint to start from (null: random).")
+    init_from: str | None = field(
+        None, help="HF checkpoint folder, IronCore checkpoint or run folder to start from (null: random); without "
+        "a model: key, it is also the model."
+    )
 
 
 @dataclasses.dataclass
@@ -271,7 +274,8 @@ class Config:
     """A whole training run. ``model`` is resolved to a full ModelConfig when loaded."""
 
     model: ModelConfig = field(
-        ModelConfig(), help="Model name (configs/model/NAME.yaml), path to a model YAML or HF folder, or a mapping."
+        ModelConfig(), help="Model name (configs/model/NAME.yaml), path to a model YAML, HF folder or IronCore "
+        "checkpoint/run, or a mapping; left out with init.init_from given: init.init_from's model."
     )
     data: DataGroup = field(DataGroup(), help="Training data.")
     trainer: TrainerConfig = field(TrainerConfig(), help="Batches, parallelism, checkpoints.")

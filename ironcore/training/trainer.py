@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 from ironcore.checkpoints import native
 from ironcore.checkpoints.load import load_weights, locate, reward_model_start
-from ironcore.config import Config, dump_config, to_dict
+from ironcore.config import Config, dump_config
 from ironcore.config.training import TrainerConfig
 from ironcore.data.preprocessing.config import load_data_config
 from ironcore.data.preprocessing.metadata import load_metadata
@@ -75,7 +75,7 @@ from ironcore.training.hooks import step_hooks
 from ironcore.training.memory import measured_state_bytes, plan_memory
 from ironcore.training.optim import build_training_optimizer, learning_rate, total_steps
 from ironcore.training.perf import device_peak, format_rate, retain_freed_host_memory
-from ironcore.training.tracking import RUN_FILE, Tracker, run_tags, tracked_names
+from ironcore.training.tracking import RUN_FILE, Tracker, run_params, run_tags, tracked_names
 
 log = logging.getLogger("ironcore.train")
 
@@ -208,7 +208,8 @@ class Trainer:
         cfg = self.cfg
         tags = run_tags(cfg, self.metadata, type(self.objective).__name__, self.dp_size, self.world_size)
         run_name = cfg.utils.run_name or self.out_dir.name
-        return Tracker(self.is_main and cfg.utils.tracking, cfg.utils.experiment_name, run_name, to_dict(cfg), tags)
+        params = run_params(cfg, self.objective.options)
+        return Tracker(self.is_main and cfg.utils.tracking, cfg.utils.experiment_name, run_name, params, tags)
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -288,6 +289,7 @@ class Trainer:
                 self._log_line(metrics, time.perf_counter() - run_start, step - start_step)
                 self._write_metrics({"step": step, **metrics, "skipped_steps": self.state.skipped_steps})
                 self._track(metrics, step)
+                self._log_artifacts()
                 window_start, window_tokens = time.perf_counter(), 0
             if self.valid_data is not None and op.eval_interval and step % op.eval_interval == 0 and step < self.total_steps:
                 result = self.evaluate()
@@ -444,9 +446,14 @@ class Trainer:
             return metrics
         finally:
             self.model.train()
-            for path in self.objective.artifacts():
-                if self.is_main and self.tracker is not None:
-                    self.tracker.log_artifact(path)
+            self._log_artifacts()
+
+    def _log_artifacts(self) -> None:
+        """The tables the objective wrote since it was last asked (GRPO's samples and completions), as MLflow
+        artifacts in folders named like theirs (``samples/``, ``completions/``)."""
+        for path in self.objective.artifacts():
+            if self.is_main and self.tracker is not None:
+                self.tracker.log_artifact(path, path.parent.name)
 
     def _task_metrics(self, task: TaskConfig) -> dict[str, float]:
         """``eval/<task>/<metric>`` of one of ``operation.eval_tasks``, computed once: by the first data-parallel
