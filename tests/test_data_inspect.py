@@ -52,6 +52,23 @@ def test_sft_inspection_report(tmp_path, data_config) -> None:
     assert page.count('<span class="trained">') >= 3 and page.count('<span class="prompt">Question:') >= 3
 
 
+def test_dpo_report_shows_the_prompt_once_and_each_trained_response(tmp_path, data_config, chat_tokenizer_dir) -> None:
+    question = [{"role": "user", "content": "What color is the sky?"}]
+    rows = [{"prompt": question, "chosen": [{"role": "assistant", "content": f"Blue, {i}."}],
+             "rejected": [{"role": "assistant", "content": f"Green, {i}."}]} for i in range(3)]
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    config = data_config(task_type="dpo", source={"path": str(source)}, tokenizer={"path": str(chat_tokenizer_dir)})
+    preprocess(config, progress=False)
+    inspect_dataset(config.output_dir, num_samples=3)
+    page = (Path(config.output_dir) / "inspect" / "report.html").read_text()
+    assert page.count('<span class="label">prompt:</span>') == 3 and page.count("What color is the sky?") == 3
+    for i in range(3):  # each response after its label, trained through the end of turn
+        for side, answer in (("chosen", "Blue"), ("rejected", "Green")):
+            assert (f'<span class="label">{side}:</span>\n<span class="trained">&lt;think&gt;\n\n&lt;/think&gt;\n\n'
+                    f'{answer}, {i}.&lt;|im_end|&gt;\n</span>') in page
+
+
 def test_cli_builds_inspects_and_reruns(tmp_path, capsys) -> None:
     source = tmp_path / "corpus.txt"
     source.write_text(

@@ -46,6 +46,8 @@ def test_pretrain_jsonl_with_valid_split(tmp_path, data_config, gpt2_tokenizer) 
         "vocab_size": 50257,
         "eod_id": 50256,
         "eod_token": "<|endoftext|>",
+        "eos_id": 50256,
+        "eos_token": "<|endoftext|>",
         "dtype": "uint16",
     }
     assert metadata["counts"]["records"] == 200

@@ -3,8 +3,9 @@
 It reads the pairs DPO reads (``task_type: dpo``) and trains a model with
 ``model.score_head: true`` (HF's ``ForSequenceClassification`` with one
 label). A sequence's reward ``r`` is the score at its last response token:
-the data appends the end-of-sequence token as that position's label, so the
-score has seen the whole prompt and response. The loss is Bradley–Terry's,
+that position's label is the last trained token (the end of sequence the data
+appends, or, for chat pairs, the newline a ChatML template writes after the
+end of turn), so the score has seen the whole prompt and response. The loss is Bradley–Terry's,
 as TRL's ``RewardTrainer.compute_loss`` writes it,
 
     loss = -log σ(r_chosen - r_rejected)  [+ c · (r_chosen + r_rejected)²]

@@ -7,7 +7,8 @@ beside them), so it works on any finished build. Writes ``inspect/`` there:
   records, share of trained tokens (SFT/DPO), vocabulary coverage;
 * ``lengths.png`` — histogram of example lengths per split;
 * ``report.html`` — decoded samples with the trained tokens highlighted, the
-  view needed to trust an SFT mask.
+  view needed to trust an SFT mask; a DPO pair shows its prompt once, then
+  the chosen and the rejected response, each with what is trained of it.
 
 Everything streams over the memory-mapped shards in chunks, so inspecting a
 large corpus needs little memory.
@@ -128,33 +129,55 @@ def _plot_lengths(lengths_by_split: dict[str, np.ndarray], limit: int, path: Pat
 def _samples(
     output_dir: Path, metadata: dict[str, Any], tokenizer: Tokenizer, count: int, seed: int
 ) -> list[dict[str, Any]]:
-    """Decoded examples of the train split as (text, trained) segments, picked by seed."""
+    """Decoded examples of the train split, picked by seed: each a list of labelled parts of (tag, text)
+    segments (one unlabelled part; a DPO pair: its prompt, chosen and rejected)."""
     shards = metadata["splits"]["train"]["shards"]
     token_streams = [name for name in shards if not name.endswith("loss_mask")]
-    first = IndexedDataset(shard_prefix(output_dir, "train", token_streams[0]))
+    streams = {name: IndexedDataset(shard_prefix(output_dir, "train", name)) for name in shards}
     rng = np.random.default_rng(seed)
-    picks = np.sort(rng.choice(len(first), size=min(count, len(first)), replace=False))
+    total = len(streams[token_streams[0]])
+    picks = np.sort(rng.choice(total, size=min(count, total), replace=False))
     side = metadata["splits"]["train"].get("fields")  # rl prompts: the fields their rewards receive
     records = (output_dir / side).read_text(encoding="utf-8").splitlines() if side else None
     samples = []
     for index in picks:
+        examples = {}
         for name in token_streams:
-            tokens = IndexedDataset(shard_prefix(output_dir, "train", name)).get(int(index))
             mask_name = "loss_mask" if name == "tokens" else f"{name}_loss_mask"
-            if mask_name in shards:
-                mask = IndexedDataset(shard_prefix(output_dir, "train", mask_name)).get(int(index))
-            else:
-                mask = None
-            shown = tokens[:SAMPLE_TOKENS]
-            samples.append(
-                {
-                    "title": f"train #{index} {name if name != 'tokens' else ''} ({len(tokens)} tokens)",
-                    "segments": _segments(tokenizer, shown, None if mask is None else mask[:SAMPLE_TOKENS]),
-                    "cut": len(tokens) > SAMPLE_TOKENS,
-                    "fields": json.loads(records[index]) if records else None,
-                }
-            )
+            mask = streams[mask_name].get(int(index)) if mask_name in streams else None
+            examples[name] = (streams[name].get(int(index)), mask)
+        if token_streams == ["chosen", "rejected"]:
+            title = f"train #{index} pair (chosen {len(examples['chosen'][0])}, rejected " \
+                f"{len(examples['rejected'][0])} tokens)"
+            parts = _pair_parts(tokenizer, examples)
+        else:
+            tokens, mask = examples[token_streams[0]]
+            title = f"train #{index} ({len(tokens)} tokens)"
+            parts = [("", _segments(tokenizer, tokens[:SAMPLE_TOKENS], None if mask is None else mask[:SAMPLE_TOKENS]),
+                      len(tokens) > SAMPLE_TOKENS)]
+        samples.append({"title": title, "parts": parts, "fields": json.loads(records[index]) if records else None})
     return samples
+
+
+def _pair_parts(
+    tokenizer: Tokenizer, examples: dict[str, tuple[np.ndarray, np.ndarray | None]]
+) -> list[tuple[str, list[tuple[str, str]], bool]]:
+    """A DPO pair as ``(label, segments, cut)`` parts: the prompt (the chosen side's tokens before its first
+    trained one) once, then each response from where its own side stops sharing the prompt's tokens."""
+    chosen, chosen_mask = examples["chosen"]
+    prompt_length = int(np.argmax(chosen_mask > 0)) if chosen_mask.any() else len(chosen)
+    prompt = chosen[:prompt_length]
+    parts = [("prompt", _segments(tokenizer, prompt[:SAMPLE_TOKENS], np.zeros(min(len(prompt), SAMPLE_TOKENS))),
+              len(prompt) > SAMPLE_TOKENS)]
+    for name in ("chosen", "rejected"):
+        tokens, mask = examples[name]
+        shared = 0
+        while shared < min(len(tokens), len(prompt)) and tokens[shared] == prompt[shared] and not mask[shared]:
+            shared += 1
+        rest, rest_mask = tokens[shared:], mask[shared:]
+        parts.append((name, _segments(tokenizer, rest[:SAMPLE_TOKENS], rest_mask[:SAMPLE_TOKENS]),
+                      len(rest) > SAMPLE_TOKENS))
+    return parts
 
 
 def _segments(tokenizer: Tokenizer, tokens: np.ndarray, mask: np.ndarray | None) -> list[tuple[str, str]]:
@@ -179,22 +202,26 @@ def _html(report: dict[str, Any], samples: list[dict[str, Any]]) -> str:
     )
     blocks = []
     for sample in samples:
-        body = "".join(f'<span class="{tag}">{html.escape(text)}</span>' for tag, text in sample["segments"])
-        more = '<span class="cut"> … (cut for display)</span>' if sample["cut"] else ""
+        body = ""
+        for label, segments, cut in sample["parts"]:
+            head = f'<span class="label">{html.escape(label)}:</span>\n' if label else ""
+            text = "".join(f'<span class="{tag}">{html.escape(text)}</span>' for tag, text in segments)
+            more = '<span class="cut"> … (cut for display)</span>' if cut else ""
+            body += f"<div class=sample>{head}{text}{more}</div>"
         fields = "" if sample["fields"] is None else \
             f"<pre>fields: {html.escape(json.dumps(sample['fields'], ensure_ascii=False, indent=1))}</pre>"
-        blocks.append(f"<h3>{html.escape(sample['title'])}</h3><div class=sample>{body}{more}</div>{fields}")
+        blocks.append(f"<h3>{html.escape(sample['title'])}</h3>{body}{fields}")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(report["name"])}: data inspection</title>
 <style>
 body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; }}
 .sample {{ white-space: pre-wrap; font-family: monospace; border: 1px solid #ccc; padding: .6em; }}
 .trained {{ background: #c8f7c5; }} .prompt {{ color: #666; }} .eod {{ background: #ffd27f; }}
-.cut {{ color: #a00; }} pre {{ margin: 0; }} th {{ text-align: left; vertical-align: top; padding-right: 1em; }}
+.cut {{ color: #a00; }} .label {{ font-weight: bold; color: #333; }} pre {{ margin: 0; }} th {{ text-align: left; vertical-align: top; padding-right: 1em; }}
 </style></head><body>
 <h1>{html.escape(report["name"])} ({html.escape(report["task_type"])})</h1>
 <p>Tokenizer {html.escape(report["tokenizer"]["identity"][:16])}…, vocabulary {report["tokenizer"]["vocab_size"]:,},
-EOD id {report["tokenizer"]["eod_id"]}. Counts: {html.escape(json.dumps(report["counts"]))}</p>
+EOD id {report["tokenizer"]["eod_id"]}{_eos(report["tokenizer"])}. Counts: {html.escape(json.dumps(report["counts"]))}</p>
 <p><img src="lengths.png" alt="token length histogram"></p>
 <table>{rows}</table>
 <h2>Samples</h2>
@@ -203,3 +230,10 @@ EOD id {report["tokenizer"]["eod_id"]}. Counts: {html.escape(json.dumps(report["
 {"".join(blocks)}
 </body></html>
 """
+
+
+def _eos(tokenizer: dict[str, Any]) -> str:
+    """The end of sequence of SFT/DPO examples, when the metadata names it (older data sets do not)."""
+    if "eos_id" not in tokenizer:
+        return ""
+    return f", end of example {html.escape(tokenizer['eos_token'])} (id {tokenizer['eos_id']})"

@@ -69,7 +69,15 @@ class TokenizerConfig:
     hf_name: str | None = field(None, help="hub tokenizer name (needs network), e.g. gpt2")
     train: TrainTokenizerConfig | None = field(None, help="train a byte-level BPE on the source instead")
     eod_token: str | None = field(
-        None, help="end-of-document token; default: <|endoftext|>-style special token, else eos_token"
+        None,
+        help="end-of-document token, appended to pretraining documents; default: <|endoftext|>-style special "
+        "token, else eos_token",
+    )
+    eos_token: str | None = field(
+        None,
+        help="end of sequence, appended to sft/dpo examples (the model's end of turn, e.g. <|im_end|>); default: "
+        "tokenizer_config.json's eos_token, else generation_config.json's eos_token_id beside the tokenizer, "
+        "else the end-of-document token",
     )
 
     def validate(self) -> None:
@@ -96,7 +104,12 @@ class DataConfig:
         "sft/dpo records longer than it are truncated or dropped; rl: the prompt budget (longer prompts keep "
         "their last tokens, or are dropped)",
     )
-    append_eod: bool = field(True, help="append the end-of-document token to every document / example")
+    append_eod: bool = field(
+        True,
+        help="end every pretraining document with the end-of-document token and every sft/dpo example with the "
+        "end of sequence (tokenizer.eos_token; trained), unless the example already ends with it (chat "
+        "data: with its template's end-of-turn token) followed only by whitespace",
+    )
     reward_fields: list[str] = field(
         [],
         help="rl: record columns kept beside the shards and passed, by name, to the reward functions with each "
@@ -104,8 +117,8 @@ class DataConfig:
     )
     prompt_template: str = field(
         "{prompt}",
-        help="sft/dpo/rl prompt records: the text before the response, '{prompt}' standing for the "
-        "prompt field (e.g. 'Question: {prompt}\\nAnswer:\\n')",
+        help="sft/dpo/rl text prompt fields: the text before the response, '{prompt}' standing for the "
+        "prompt field (e.g. 'Question: {prompt}\\nAnswer:\\n'); not used for messages",
     )
     valid_fraction: float = field(0.0, help="share of records held out for validation (deterministic)")
     valid_source: SourceConfig | None = field(

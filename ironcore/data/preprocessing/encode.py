@@ -10,10 +10,26 @@ a training target (the trainer uses ``mask[1:]`` for the shifted labels).
 
 * prompt/response (SFT, DPO): the text is ``prompt_template`` with the prompt
   filled in, followed by the response; the tokens after the prompt's tokens
-  (and the appended EOD) are trained. The prompt is tokenized on its own and
+  (and the appended end of sequence) are trained. The prompt is tokenized on its own and
   checked to be a prefix of the full tokenization; when a BPE merge crosses the
   boundary it is not, and the trained part starts at the first differing token
   (counted as ``prompt_not_prefix`` and warned about).
+* the end of an SFT/DPO example (``append_eod``) is the model's end of
+  sequence, :attr:`Tokenizer.eos_id` (``<|im_end|>`` for ChatML models), not
+  the end-of-document token that separates pretraining documents; it is not
+  appended when the example already ends with it -- or, for chat data, with
+  any special token (the template's end of turn) -- followed only by
+  whitespace, so ChatML's ``...<|im_end|>\n`` never becomes
+  ``<|im_end|>\n<|im_end|>`` (TRL appends nothing to conversational data).
+* conversational DPO (TRL's preference format: ``chosen``/``rejected`` message
+  lists, with a ``prompt`` message list or, in the ``{chosen, rejected}``
+  layout, the longest common prefix of the two conversations as the prompt,
+  as TRL's ``extract_prompt`` finds it): tokenized as TRL's ``DPOTrainer``
+  does -- the prompt rendered with the generation prompt, prompt+chosen and
+  prompt+rejected rendered whole; both sides train every token after the
+  tokens the prompt shares with both (the template's trailing newline too).
+  Text records may use the implicit layout as well. A record mixing text and
+  messages is a bad record.
 * DPO pairs are skipped, counted and warned about when a response is empty
   (``empty``), chosen equals rejected (``identical_pair``, also after
   truncation) or the prompt alone fills ``max_seq_length``
@@ -150,7 +166,12 @@ class PretrainEncoder(Encoder):
 
 
 class _MaskedEncoder(Encoder):
-    """Shared by SFT and DPO: prompt/response splitting, truncation, flattening."""
+    """Shared by SFT and DPO: prompt/response splitting, the end of sequence, truncation, flattening."""
+
+    def __init__(self, tokenizer: Tokenizer, config: DataConfig) -> None:
+        super().__init__(tokenizer, config)
+        # What closes a chat example: its template's end of turn, any special token (or the EOS itself).
+        self.chat_closing = tokenizer.special_ids | {tokenizer.eos_id}
 
     def prompt_split(
         self, prompt_ids: list[int], full_ids: list[int], location: str, counts: Counter, warnings: list[str]
@@ -163,10 +184,23 @@ class _MaskedEncoder(Encoder):
         mask = [0] * boundary + [1] * (len(full_ids) - boundary)
         return self.with_eod(full_ids, mask)
 
-    def with_eod(self, tokens: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
-        if self.append_eod:
-            return [*tokens, self.tokenizer.eod_id], [*mask, 1]
+    def with_eod(
+        self, tokens: list[int], mask: list[int], closing: frozenset[int] | set[int] | None = None
+    ) -> tuple[list[int], list[int]]:
+        """The example with the model's end of sequence appended (trained), unless it already ends with a
+        token of ``closing`` (default: the EOS) and whitespace: the model must learn to stop, once."""
+        if self.append_eod and not self.ends_with(tokens, closing or {self.tokenizer.eos_id}):
+            return [*tokens, self.tokenizer.eos_id], [*mask, 1]
         return tokens, mask
+
+    def ends_with(self, tokens: list[int], closing: frozenset[int] | set[int]) -> bool:
+        """Whether the last token that is not whitespace is one of ``closing``."""
+        for token in reversed(tokens):
+            if token in closing:
+                return True
+            if self.tokenizer.decode([token]).strip():
+                return False
+        return False
 
     def fit(self, tokens: list[int], mask: list[int], counts: Counter) -> tuple[list[int], list[int]] | None:
         """Apply the length limit; None when the example must be dropped (counted)."""
@@ -266,46 +300,111 @@ class ChatEncoder(_MaskedEncoder):
                 mask[i] = 1
                 if full[i] in self.tokenizer.special_ids:
                     break
-        return self.with_eod(full, mask)
+        return self.with_eod(full, mask, self.chat_closing)
+
+
+@dataclass
+class _Pair:
+    """One preference record, ready to tokenize: ``texts`` are the prompt, prompt+chosen, prompt+rejected."""
+
+    position: int
+    location: str
+    chat: bool
+    texts: tuple[str, str, str]
+    chosen: str | list[dict[str, Any]]  # the response (text or messages), for the pair checks
+    rejected: str | list[dict[str, Any]]
 
 
 class DPOEncoder(_MaskedEncoder):
-    """prompt/chosen/rejected records -> two token streams with their loss masks."""
+    """Preference records -> two token streams with their loss masks; text or TRL's conversational records,
+    the prompt explicit (``prompt``) or implicit (shared by ``chosen`` and ``rejected``): see the module doc."""
+
+    def __init__(self, tokenizer: Tokenizer, config: DataConfig) -> None:
+        super().__init__(tokenizer, config)
+        self.names = [name for name in ("prompt", "chosen", "rejected") if name in self.fields]
 
     def encode(self, records: Records, counts: Counter, warnings: list[str]) -> Encoded:
-        positions, locations, (prompts, chosen, rejected) = self.strings(
-            records, ["prompt", "chosen", "rejected"], counts, warnings
-        )
-        prompt_texts = [self.fill_prompt(prompt) for prompt in prompts]
-        texts = prompt_texts + [p + c for p, c in zip(prompt_texts, chosen, strict=True)]
-        texts += [p + r for p, r in zip(prompt_texts, rejected, strict=True)]
-        encoded = self.tokenizer.encode_batch(texts)
-        n = len(prompts)
+        pairs = []
+        for value, location, position in zip(records.values, records.locations, records.positions, strict=True):
+            pair = self.read_pair(value, location, position, counts, warnings)
+            if pair is not None:
+                pairs.append(pair)
+        encoded = self.tokenizer.encode_batch([text for pair in pairs for text in pair.texts]) if pairs else []
         kept: list[int] = []
         streams: dict[str, list[list[int]]] = {name: [] for name in PAIR_STREAMS}
-        for i in range(n):
-            problem = self.pair_problem(chosen[i], rejected[i], len(encoded[i]), counts)
+        for i, pair in enumerate(pairs):
+            prompt_ids, chosen_ids, rejected_ids = encoded[3 * i: 3 * i + 3]
+            problem = self.pair_problem(pair.chosen, pair.rejected, len(prompt_ids), counts)
             if problem:
                 if len(warnings) < MAX_WARNINGS_PER_CHUNK:
-                    warnings.append(f"{locations[i]}: {problem}; pair skipped")
+                    warnings.append(f"{pair.location}: {problem}; pair skipped")
                 continue
-            pair = []
-            for offset in (n, 2 * n):
-                example = self.prompt_split(encoded[i], encoded[offset + i], locations[i], counts, warnings)
-                pair.append(self.fit(*example, counts))
-            if None in pair:
+            if pair.chat:  # TRL: both sides train after the tokens the prompt shares with both
+                start = min(_common_prefix(prompt_ids, chosen_ids), _common_prefix(prompt_ids, rejected_ids))
+                if start < len(prompt_ids):
+                    counts["prompt_not_prefix"] += 1
+                    if len(warnings) < MAX_WARNINGS_PER_CHUNK:
+                        warnings.append(f"{pair.location}: the chat prompt does not tokenize to a prefix of the "
+                                        f"conversations; training from token {start}")
+                sides = [self.with_eod(ids, [0] * start + [1] * (len(ids) - start), self.chat_closing)
+                         for ids in (chosen_ids, rejected_ids)]
+            else:
+                sides = [self.prompt_split(prompt_ids, ids, pair.location, counts, warnings)
+                         for ids in (chosen_ids, rejected_ids)]
+            fitted = [self.fit(*side, counts) for side in sides]
+            if None in fitted:
                 continue
-            if pair[0] == pair[1]:  # truncation cut both responses down to the same tokens
+            if fitted[0] == fitted[1]:  # truncation cut both responses down to the same tokens
                 counts["identical_pair"] += 1
                 if len(warnings) < MAX_WARNINGS_PER_CHUNK:
-                    warnings.append(f"{locations[i]}: chosen and rejected are identical after truncation; skipped")
+                    warnings.append(f"{pair.location}: chosen and rejected are identical after truncation; skipped")
                 continue
-            kept.append(positions[i])
-            for name, values in zip(PAIR_STREAMS, (*pair[0], *pair[1]), strict=True):
+            kept.append(pair.position)
+            for name, values in zip(PAIR_STREAMS, (*fitted[0], *fitted[1]), strict=True):
                 streams[name].append(values)
         return _flatten(kept, streams)
 
-    def pair_problem(self, chosen: str, rejected: str, prompt_tokens: int, counts: Counter) -> str:
+    def read_pair(
+        self, value: Any, location: str, position: int, counts: Counter, warnings: list[str]
+    ) -> _Pair | None:
+        """The record's texts to tokenize, or None for a bad record (raised or counted, per on_bad_record)."""
+        items, kinds = {}, {}
+        for name in self.names:
+            column = self.fields[name]
+            item = value.get(column) if isinstance(value, dict) else None
+            kind = _kind(item)
+            if kind not in ("text", "messages"):
+                hint = "; when chosen and rejected hold the prompt, set fields: {chosen: ..., rejected: ...}" \
+                    if name == "prompt" and item is None else ""
+                self.bad(f"{location}: field '{column}' (fields.{name}) {kind}{hint}", counts, warnings)
+                return None
+            items[name], kinds[name] = item, kind
+        if len(set(kinds.values())) > 1:
+            described = ", ".join(f"fields.{name} is {kind}" for name, kind in kinds.items())
+            self.bad(f"{location}: a record is either text or messages, not both ({described})", counts, warnings)
+            return None
+        chat = kinds["chosen"] == "messages"
+        if "prompt" in items:
+            prompt, chosen, rejected = items["prompt"], items["chosen"], items["rejected"]
+            if not chat:
+                prompt = self.fill_prompt(prompt)
+        else:
+            prompt, chosen, rejected = extract_prompt(items["chosen"], items["rejected"])
+        if not chat:
+            return _Pair(position, location, False, (prompt, prompt + chosen, prompt + rejected), chosen, rejected)
+        render = self.tokenizer.apply_chat_template
+        self.tokenizer.require_chat_template()  # a problem of the tokenizer, not of this record
+        try:
+            texts = (render(prompt, add_generation_prompt=True), render(prompt + chosen), render(prompt + rejected))
+        except ConfigError as err:  # the template refuses this conversation (raise_exception, unknown role)
+            self.bad(f"{location}: {err}", counts, warnings)
+            return None
+        return _Pair(position, location, True, texts, chosen, rejected)
+
+    def pair_problem(
+        self, chosen: str | list[dict[str, Any]], rejected: str | list[dict[str, Any]], prompt_tokens: int,
+        counts: Counter,
+    ) -> str:
         """Why a pair must not be trained on (counted under its reason), or ''.
 
         A pair teaches nothing — or the wrong thing — when a response is empty,
@@ -313,9 +412,11 @@ class DPOEncoder(_MaskedEncoder):
         gradient), or when the prompt alone fills the sequence so no response
         token would be scored.
         """
-        if not chosen.strip() or not rejected.strip():
+        empty = [side for side, response in (("chosen", chosen), ("rejected", rejected))
+                 if not _content(response).strip()]
+        if empty:
             counts["empty"] += 1
-            return f"empty {'chosen' if not chosen.strip() else 'rejected'} response"
+            return f"empty {empty[0]} response"
         if chosen == rejected:
             counts["identical_pair"] += 1
             return "chosen and rejected are identical"
@@ -371,6 +472,38 @@ class RLEncoder(Encoder):
         encoded = _flatten([kept[i] for i in keep], {"prompt": prompts})
         encoded.records = [sidecar[i] for i in keep]
         return encoded
+
+
+def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """``(prompt, chosen, rejected)`` of an implicit-prompt pair (two texts or two message lists): the prompt is
+    their longest common prefix, as TRL's ``extract_prompt`` finds it -- quirks included, so the same record
+    trains the same tokens: without a difference the last item is left to the responses, and a text prompt
+    gives its last space to the responses."""
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if chosen[idx - 1] == " ":
+                idx -= 1
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def _kind(item: Any) -> str:
+    """'text' or 'messages' for a usable preference field, else what is wrong with it."""
+    if item is None:
+        return "is missing"
+    if isinstance(item, str):
+        return "text"
+    if isinstance(item, list) and item and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in item
+    ):
+        return "messages"
+    return f"is a {type(item).__name__}, not text or a non-empty list of {{role, content}} objects"
+
+
+def _content(response: str | list[dict[str, Any]]) -> str:
+    """A response's text: itself, or its messages' contents."""
+    return response if isinstance(response, str) else "".join(m["content"] for m in response)
 
 
 def _check_text(text: Any) -> str:

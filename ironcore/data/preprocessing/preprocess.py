@@ -54,7 +54,12 @@ from ironcore.data.preprocessing.metadata import (
     write_metadata,
 )
 from ironcore.data.preprocessing.tasks import TaskSpec, task_spec
-from ironcore.data.preprocessing.tokenizer import Tokenizer, definition_files
+from ironcore.data.preprocessing.tokenizer import (
+    GENERATION_CONFIG,
+    Tokenizer,
+    definition_files,
+    tokenizer_source,
+)
 from ironcore.errors import ConfigError, DataError
 from ironcore.files import build_folder, check_writable, remove_stale_temps
 
@@ -104,6 +109,7 @@ def fingerprints(config: DataConfig) -> tuple[str, str]:
         settings.pop(key)
     parts = {
         "format_version": FORMAT_VERSION,
+        "example_end": "eos",  # sft/dpo examples end with the model's EOS (was the EOD): rebuild older sets
         "config": settings,
         "source": source_digest,
         "valid_source": sources.fingerprint(config.valid_source) if config.valid_source else None,
@@ -117,7 +123,8 @@ def _tokenizer_fingerprint(config: TokenizerConfig) -> str | None:
     if config.path is None:
         return None  # a hub name or training settings: already in the config
     digest = hashlib.sha256()
-    for path in definition_files(config.path):
+    generation = tokenizer_source(config.path) / GENERATION_CONFIG  # may name the end of sequence
+    for path in [*definition_files(config.path), *([generation] if generation.is_file() else [])]:
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()
 
@@ -126,8 +133,8 @@ def load_or_train_tokenizer(config: DataConfig) -> Tokenizer:
     tok = config.tokenizer
     if tok.train is None:
         if tok.path is not None:
-            return Tokenizer.from_path(tok.path, tok.eod_token)
-        return Tokenizer.from_hub(tok.hf_name, tok.eod_token)
+            return Tokenizer.from_path(tok.path, tok.eod_token, tok.eos_token)
+        return Tokenizer.from_hub(tok.hf_name, tok.eod_token, tok.eos_token)
     logger.info(
         f"training a byte-level BPE tokenizer (vocab {tok.train.vocab_size}) on {config.source.describe()}"
     )
@@ -144,6 +151,7 @@ def _build(config: DataConfig, folder: Path, progress: bool) -> dict[str, Any]:
         if source is not None:
             _check_source(source, task)
     tokenizer = load_or_train_tokenizer(config)
+    logger.info(end_tokens_line(tokenizer, task))
     tokenizer.save(folder)
     dtype = token_dtype(tokenizer.vocab_size)
     splits = ["train", "valid"] if (config.valid_fraction or config.valid_source) else ["train"]
@@ -212,6 +220,8 @@ def _metadata(config: DataConfig, tokenizer: Tokenizer, dtype: np.dtype, task: T
             "vocab_size": tokenizer.vocab_size,
             "eod_id": tokenizer.eod_id,
             "eod_token": tokenizer.eod_token,
+            "eos_id": tokenizer.eos_id,
+            "eos_token": tokenizer.eos_token,
             "dtype": dtype.name,
         },
         "splits": {
@@ -228,6 +238,14 @@ def _metadata(config: DataConfig, tokenizer: Tokenizer, dtype: np.dtype, task: T
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(seconds, 3),
     }
+
+
+def end_tokens_line(tokenizer: Tokenizer, task: TaskSpec) -> str:
+    """Which end tokens this build appends, and where each came from: a wrong one is silent otherwise."""
+    eod = f"end of document: {tokenizer.eod_token} (id {tokenizer.eod_id})"
+    if task.name == "pretrain":
+        return eod
+    return (f"end of example: {tokenizer.eos_token} (id {tokenizer.eos_id}) from {tokenizer.eos_origin}; {eod}")
 
 
 def _check_source(source: SourceConfig, task: TaskSpec) -> None:

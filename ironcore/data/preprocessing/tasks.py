@@ -2,8 +2,10 @@
 
 A :class:`TaskSpec` says, for one ``task_type`` of a data config,
 
-* ``layouts`` -- the record fields it reads (alternatives; the first is the
-  default), which the data config's ``fields`` maps to the source's columns;
+* ``layouts`` -- the record fields it reads (alternatives; ``fields`` naming
+  exactly one layout's fields picks it, else the first layout holding them is
+  used, the first being the default), which the data config's ``fields`` maps
+  to the source's columns;
 * ``streams`` -- the shards each split of a preprocessed data set holds (the
   first is a token stream);
 * ``encoder`` -- how a chunk of records becomes tokens and loss masks
@@ -61,6 +63,9 @@ class TaskSpec:
     def resolve_fields(self, fields: dict[str, str]) -> dict[str, str]:
         """``fields`` completed with the default column names of the layout it uses; InvalidValue otherwise."""
         for layout in self.layouts:
+            if set(fields) == set(layout):
+                return dict(fields)
+        for layout in self.layouts:
             if set(fields) <= set(layout):
                 return {**{name: name for name in layout}, **fields}
         closest = max(self.layouts, key=lambda layout: len(set(fields) & set(layout)))
@@ -87,7 +92,9 @@ TASKS: dict[str, TaskSpec] = {
             encoder=_sft_encoder, objective="lm",
         ),
         TaskSpec(
-            name="dpo", layouts=(("prompt", "chosen", "rejected"),), streams=PAIR_STREAMS, encoder=DPOEncoder,
+            # {chosen, rejected}: the prompt is implicit, their shared beginning (TRL's implicit-prompt format).
+            name="dpo", layouts=(("prompt", "chosen", "rejected"), ("chosen", "rejected")), streams=PAIR_STREAMS,
+            encoder=DPOEncoder,
             objective="dpo",
         ),
         TaskSpec(

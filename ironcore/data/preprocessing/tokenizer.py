@@ -19,6 +19,14 @@ not needed.
 Text is always encoded with ``add_special_tokens=False``: IronCore adds the
 end-of-document token itself, and chat templates spell out their own special
 tokens (which the tokenizer parses as such).
+
+Two end tokens: the *end-of-document* token (:attr:`Tokenizer.eod_id`,
+``<|endoftext|>``) separates pretraining documents; the *end of sequence*
+(:attr:`Tokenizer.eos_id`, a chat model's end of turn such as ``<|im_end|>``) is
+what the model emits to stop, so SFT and DPO examples end with it. The EOS is
+the config's ``eos_token``, else the ``eos_token_id`` of a
+``generation_config.json`` beside the tokenizer (an HF model folder), else the
+end-of-document token; :attr:`Tokenizer.eos_origin` says which.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ TRAINED_EOD = "<|endoftext|>"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
 DEFAULT_TEMPLATE = "default"
+GENERATION_CONFIG = "generation_config.json"  # an HF model folder's generation defaults (its end tokens)
 
 
 class Tokenizer:
@@ -58,6 +67,8 @@ class Tokenizer:
         config: dict[str, Any] | None = None,
         eod_token: str | None = None,
         chat_templates: dict[str, str] | None = None,
+        eos_token: str | None = None,
+        generation_eos_id: int | None = None,
     ) -> None:
         self.backend = backend
         self.config = dict(config or {})
@@ -68,15 +79,17 @@ class Tokenizer:
         if eod_id is None:
             raise ConfigError(f"tokenizer has no token '{self.eod_token}' (tokenizer.eod_token)")
         self.eod_id: int = eod_id
+        self.eos_token, self.eos_id, self.eos_origin = self._end_of_sequence(eos_token, generation_eos_id)
         self.chat_template_origin: str | None = None  # the file the default template came from (for errors)
 
     # ---- loading -------------------------------------------------------------------------
 
     @classmethod
-    def from_path(cls, path: str | Path, eod_token: str | None = None) -> Tokenizer:
+    def from_path(cls, path: str | Path, eod_token: str | None = None, eos_token: str | None = None) -> Tokenizer:
         """Load a ``tokenizer.json`` file, or a folder holding one with its config and chat templates, or the
         one saved with a checkpoint (a run folder, its ``checkpoints/`` folder or ``latest``: see
-        :func:`tokenizer_source`)."""
+        :func:`tokenizer_source`). A folder's ``generation_config.json`` supplies the EOS when the config
+        names none."""
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"tokenizer path {path} does not exist")
@@ -95,7 +108,8 @@ class Tokenizer:
         if config_path is not None and config_path.exists():
             config = read_json(config_path, "tokenizer config", ConfigError)
         files = _template_files(path) if path.is_dir() else {}
-        tokenizer = cls(backend, config, eod_token, files)
+        generation_eos = _generation_eos_id(path / GENERATION_CONFIG) if path.is_dir() else None
+        tokenizer = cls(backend, config, eod_token, files, eos_token, generation_eos)
         if DEFAULT_TEMPLATE in files:
             tokenizer.chat_template_origin = str(path / CHAT_TEMPLATE_FILE)
         elif tokenizer.chat_template is not None:
@@ -103,7 +117,7 @@ class Tokenizer:
         return tokenizer
 
     @classmethod
-    def from_hub(cls, name: str, eod_token: str | None = None) -> Tokenizer:
+    def from_hub(cls, name: str, eod_token: str | None = None, eos_token: str | None = None) -> Tokenizer:
         """Load a tokenizer by hub name through ``transformers`` (needs network or a warm cache)."""
         try:
             from transformers import AutoTokenizer
@@ -114,7 +128,7 @@ class Tokenizer:
         if not getattr(hf, "is_fast", False):
             raise ConfigError(f"tokenizer '{name}' has no fast (tokenizer.json) version")
         config = {**hf.special_tokens_map, "chat_template": getattr(hf, "chat_template", None)}
-        return cls(hf.backend_tokenizer, config, eod_token)
+        return cls(hf.backend_tokenizer, config, eod_token, eos_token=eos_token)
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
@@ -203,6 +217,22 @@ class Tokenizer:
         if eos:
             return eos
         raise ConfigError("cannot tell the tokenizer's end-of-document token; set tokenizer.eod_token")
+
+    def _end_of_sequence(self, override: str | None, generation_eos_id: int | None) -> tuple[str, int, str]:
+        """``(token, id, where it came from)`` of the EOS: ``override``, the config's ``eos_token``, the
+        ``generation_config.json`` id, else the end-of-document token."""
+        if override:
+            found = self.backend.token_to_id(override)
+            if found is None:
+                raise ConfigError(f"tokenizer has no token '{override}' (tokenizer.eos_token)")
+            return override, found, "tokenizer.eos_token"
+        named = self.special_tokens.get("eos_token")
+        found = None if named is None else self.backend.token_to_id(named)
+        if found is not None:
+            return named, found, "tokenizer_config.json eos_token"
+        if generation_eos_id is not None and self.backend.id_to_token(generation_eos_id) is not None:
+            return self.backend.id_to_token(generation_eos_id), generation_eos_id, f"{GENERATION_CONFIG} eos_token_id"
+        return self.eod_token, self.eod_id, "the end-of-document token"
 
     # ---- encoding --------------------------------------------------------------------------
 
@@ -310,6 +340,18 @@ def _template_files(folder: Path) -> dict[str, str]:
 def _read_exactly(path: Path) -> str:
     """The file's text with its line endings as they are (``read_text`` would turn CRLF into LF)."""
     return read_text(path, "chat template", ConfigError, keep_line_endings=True)
+
+
+def _generation_eos_id(path: Path) -> int | None:
+    """The first ``eos_token_id`` of a ``generation_config.json`` (HF lists several for Llama-3), if any."""
+    if not path.is_file():
+        return None
+    eos = read_json(path, "generation config", ConfigError).get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    if eos is not None and not isinstance(eos, int):
+        raise ConfigError(f"{path}: eos_token_id must be an integer or a list of integers, got {eos!r}")
+    return eos
 
 
 def _identity(backend: tokenizers.Tokenizer) -> str:
