@@ -2,7 +2,8 @@
 embeddings) and its chat format (ChatML, ``<|im_end|>`` the EOS), tiny and with random weights.
 
 ``docs/post-training.md`` runs its walk-through on this folder in the docs test: every command is the one a user
-runs on the real model's folder; only the outputs are noise.
+runs on the real model's folder; only the outputs are noise. Its tokenizer is a byte-level BPE of 2,048 tokens
+learnt from the example data, plus ChatML's two special tokens.
 
     python scripts/tiny_chat_model.py OUT_DIR
 """
@@ -24,6 +25,7 @@ from ironcore.data.preprocessing.tokenizer import Tokenizer
 from ironcore.models import TransformerModel
 
 ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 2048  # SmolLM2 has 49,152 tokens; a BPE of the example data keeps the stand-in's output layer small
 # SmolLM2-Instruct's template: ChatML, with a default system turn when the conversation has none.
 TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -33,9 +35,22 @@ TEMPLATE = (
 )
 
 
+def _texts() -> list[str]:
+    """Every string of the example data the walk-through reads (GSM8K, HH-RLHF), for the BPE to learn from."""
+    def strings(value: object) -> list[str]:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, dict):
+            value = list(value.values())
+        return [text for item in value for text in strings(item)] if isinstance(value, list) else []
+
+    files = [*(ROOT / "examples/data/gsm8k").glob("*.jsonl"), ROOT / "examples/data/hh_rlhf/hh_rlhf_harmless_300.jsonl"]
+    return [text for path in files for line in path.open(encoding="utf-8") for text in strings(json.loads(line))]
+
+
 def build(out: Path, seed: int = 0) -> Path:
     """Write the HF folder: config.json, model.safetensors, generation_config.json and the tokenizer."""
-    backend = tokenizers.Tokenizer.from_file(str(ROOT / "examples" / "data" / "gpt2" / "tokenizer.json"))
+    backend = Tokenizer.train_bpe(_texts(), VOCAB).backend  # small, so that the smoke runs take seconds
     backend.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])
     special = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
                "unk_token": "<|endoftext|>"}

@@ -282,7 +282,10 @@ def test_metrics_reach_console_jsonl_and_mlflow(dpo_data, tmp_path, monkeypatch,
     assert {"val_loss", *(f"val_{m}" for m in METRICS)} <= set(lines[1])
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("dpo").experiment_id])
-    assert run.data.tags["task_type"] == "dpo" and run.data.params["trainer.objective_options.sft_weight"] == "0.1"
+    params = run.data.params
+    assert run.data.tags["task_type"] == "dpo" and params["trainer.objective_options.sft_weight"] == "0.1"
+    assert params["trainer.objective_options.beta"] == "0.1"  # the objective's options in full, defaults too
+    assert not any(name.startswith("dpo") for name in params)  # no group of the deprecated (or any other) kind
     for name in ("train/loss", "train/nll_loss", *METRICS, "val/loss", *(f"val/{m}" for m in METRICS)):
         assert [m.step for m in client.get_metric_history(run.info.run_id, name)][:1] == [1], name
 
@@ -384,3 +387,31 @@ def test_chat_sft_trains_on_assistant_turns_only(tmp_path, chat_tokenizer_dir) -
     with torch.no_grad():
         ce = torch.nn.functional.cross_entropy(start(mb["input_ids"]).transpose(1, 2), mb["labels"], reduction="none")
     assert losses[1] == pytest.approx(((ce * mb["loss_mask"]).sum() / mb["loss_mask"].sum()).item(), rel=1e-5)
+
+
+def test_response_logps_in_chunks_equal_the_cross_entropy_sums(monkeypatch) -> None:
+    """The pair's summed response log-probs and their gradients, with the log-probs taken five tokens at a time,
+    equal the masked cross-entropy sums of the whole logits."""
+    from ironcore.config.model import ModelConfig
+    from ironcore.objectives.dpo import response_logps
+    from ironcore.parallel import cross_entropy
+
+    cfg = ModelConfig(**TINY_MODEL)
+    monkeypatch.setattr(cross_entropy, "LOGPS_CHUNK_BYTES", 4 * cfg.vocab_size * 5)
+    torch.manual_seed(0)
+    model = TransformerModel(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (4, 13))
+    mask = (torch.arange(12) >= 5).float().expand(2, 12)
+    mb = {f"{side}_{key}": value for side, rows in (("chosen", ids[:2]), ("rejected", ids[2:])) for key, value in
+          (("input_ids", rows[:, :-1]), ("labels", rows[:, 1:]), ("loss_mask", mask),
+           ("position_ids", torch.arange(12).expand(2, 12)))}  # fmt: skip
+    chosen, rejected = response_logps(model, mb, nullcontext())
+    (chosen - 2 * rejected).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ce = torch.nn.functional.cross_entropy(model(ids[:, :-1]).transpose(1, 2), ids[:, 1:], reduction="none")
+    want = -(ce * torch.cat([mask, mask])).sum(-1)
+    (want[:2] - 2 * want[2:]).sum().backward()
+    torch.testing.assert_close(torch.cat([chosen, rejected]), want, atol=1e-4, rtol=1e-5)
+    for got, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(got, p.grad, atol=1e-5, rtol=1e-4)

@@ -222,20 +222,57 @@ def test_data_and_tensor_parallel_runs_equal_one_process(rl_data, tmp_path, layo
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-7)
 
 
-def test_the_sample_tables_and_reward_metrics_reach_mlflow(rl_data, tmp_path, monkeypatch) -> None:
+def test_the_sample_tables_and_reward_metrics_reach_mlflow(rl_data, tmp_path, monkeypatch, caplog) -> None:
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    Trainer(grpo_config(rl_data, tmp_path / "run", 2, utils__tracking=True, utils__experiment_name="rl",
-                        operation__eval_interval=1, operation__eval_steps=1)).train()
+    options = {"log_completions": True, "log_completions_steps": 2, "num_completions_to_print": 5}
+    with caplog.at_level(logging.INFO, logger="ironcore.train"):
+        Trainer(grpo_config(rl_data, tmp_path / "run", 3, utils__tracking=True, utils__experiment_name="rl",
+                            operation__eval_interval=1, operation__eval_steps=1, options=options)).train()
+    memory = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("memory per process"))
+    assert "rollout KV cache" in memory  # the plan is GRPO's (its rollouts), not a language model's
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("rl").experiment_id])
     assert run.info.status == "FINISHED"  # every metric name was one MLflow takes
     for name in ("train/reward", "rewards/digit_share/mean", "completions/mean_length", "val/accuracy",
                  "val/pass_at_4"):
         assert client.get_metric_history(run.info.run_id, name), name
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"step_0000001.html", "step_0000002.html"}
+    listed = {a.path for folder in ("samples", "completions") for a in client.list_artifacts(run.info.run_id, folder)}
+    assert listed >= {"samples/step_0000001.html", "samples/step_0000002.html", "completions/step_0000002.html",
+                      "completions/step_0000002.jsonl"}
+    # TRL's log_completions table at the set interval (steps 2, not 1 or 3): 5 of the 8 completions (2 prompts x 4)
+    assert sorted(p.name for p in (tmp_path / "run" / "completions").iterdir()) == ["step_0000002.html",
+                                                                                     "step_0000002.jsonl"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "completions" / "step_0000002.jsonl").open()]
+    assert len(rows) == 5 and {r["step"] for r in rows} == {2}
+    for row in rows:
+        assert row["digit_share"] == pytest.approx(digit_share([], [row["completion"]])[0])
+        assert row["reward"] == pytest.approx(row["digit_share"]) and isinstance(row["advantage"], float)
+        assert isinstance(row["prompt"], str) and row["tokens"] >= 1
+    first = rows[:4]  # one group: its advantages are its rewards minus their mean, over their std
+    rewards = torch.tensor([r["reward"] for r in first])
+    expected = (rewards - rewards.mean()) / (rewards.std() + 1e-4)
+    assert [r["advantage"] for r in first] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_generations_that_learn_nothing_are_explained(rl_data, tmp_path, caplog) -> None:
+    """Three generations in a row all cut off at the budget, or with no reward spread in any group: one warning
+    each, saying why and what to change; a generation that learns again restarts the count."""
+    objective = Trainer(grpo_config(rl_data, tmp_path / "run", 1)).objective
+    stuck = {"completions/clipped_ratio": 1.0, "frac_reward_zero_std": 1.0, "reward": 0.0}
+    fine = {"completions/clipped_ratio": 0.5, "frac_reward_zero_std": 0.0, "reward": 0.4}
+    with caplog.at_level(logging.WARNING, logger="ironcore.objectives.grpo"):
+        for metrics in (stuck, stuck, fine, stuck, stuck):
+            objective._warn_learning_nothing(metrics)
+        assert not caplog.records
+        for _ in range(3):
+            objective._warn_learning_nothing(stuck)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert "max_completion_length (6 tokens)" in messages[0] and "raise trainer.objective_options" in messages[0]
+    assert "frac_reward_zero_std 1.0" in messages[1] and "log_completions: true" in messages[1]
 
 
 # ---- mistakes caught at start-up, and what is logged when no reward applies -------------------------------
@@ -312,3 +349,28 @@ def test_a_data_tokenizer_can_be_a_run_folder_or_its_latest_pointer(rl_data, tmp
         preprocess(load_data_config(config), progress=False)
         assert json.loads((tmp_path / f"data_{name}" / "metadata.json").read_text())["tokenizer"]["identity"] == identity
     assert set(load_weights(run / "checkpoints" / "latest")) == set(load_weights(run))  # as init_from reads it
+
+
+@pytest.mark.parametrize("chunk", [1, 5, None], ids=["chunk1", "chunk5", "default"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_token_logps_equal_the_full_log_softmax(chunk, dtype) -> None:
+    """GRPO's and DPO's log-probs, taken a chunk of tokens at a time, equal the cross-entropy and entropy of
+    the whole scaled logits (values and gradients), whatever the chunk size; a policy's logits come in bf16
+    under autocast."""
+    from ironcore.parallel.cross_entropy import vocab_parallel_entropy, vocab_parallel_token_logps
+
+    torch.manual_seed(0)
+    base = (torch.randn(3, 7, 50) * 3).requires_grad_()
+    targets = torch.randint(0, 50, (3, 7))
+    weights = torch.randn(3, 7)  # a loss whose gradient differs per token, like GRPO's clipped ratio
+    logps, entropy = vocab_parallel_token_logps(base.to(dtype), targets, 0.7, chunk)
+    (logps * weights).sum().backward()
+    grad, base.grad = base.grad, None
+    scaled = base.to(dtype).float() / 0.7
+    want = -vocab_parallel_cross_entropy(scaled, targets)
+    (want * weights).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(logps, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(entropy, vocab_parallel_entropy(scaled), atol=tol, rtol=tol)
+    torch.testing.assert_close(grad, base.grad, atol=tol, rtol=tol)
+    assert not entropy.requires_grad

@@ -16,7 +16,8 @@ from ironcore.config import load_model_config
 from ironcore.config.model import ModelConfig
 from ironcore.config.training import OptimConfig
 from ironcore.models import TransformerModel
-from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
+from ironcore.objectives.base import MemoryShape
+from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_token_logps
 from ironcore.training.memory import activation_bytes, measured_state_bytes, plan_memory
 from ironcore.training.optim import build_optimizer
 
@@ -164,3 +165,53 @@ def test_the_fsdp_plan_shards_the_states_gathers_units_and_offloads_to_the_host(
     offloaded = plan_memory(cfg, dp=4, data_parallel="fsdp", offload="params", micro_batch_size=1, seq_len=16)
     assert offloaded.states == 0 and offloaded.host == fsdp.states
     assert offloaded.total == fsdp.total - fsdp.states
+
+
+def test_an_objectives_shape_adds_its_rows_positions_reference_and_kv_cache() -> None:
+    """DPO: two rows per pair and the reference's fp32 weights; GRPO: num_generations rows of prompt + completion
+    - 1 positions, and the rollout's KV cache (one more position); the loss traced as the objectives take it."""
+    dpo = plan_memory(CFG, micro_batch_size=2, seq_len=16, objective=MemoryShape(2, reference=True))
+    assert dpo.activations == activation_bytes(CFG, 4, 16, token_logps=True)
+    assert dpo.activations > 1.9 * activation_bytes(CFG, 2, 16)  # a pair is two rows
+    assert dpo.reference == dpo.parameters and dpo.kv_cache == 0
+    assert dpo.total == dpo.states + dpo.activations + dpo.reference
+    grpo = plan_memory(CFG, micro_batch_size=2, seq_len=16, objective=MemoryShape(4, new_tokens=8, kv_cache=True))
+    assert grpo.activations == activation_bytes(CFG, 8, 23, token_logps=True)
+    assert grpo.kv_cache == 2 * CFG.num_layers * 8 * 24 * CFG.kv_heads * CFG.head_size * 4 and grpo.reference == 0
+    assert 1.9 * grpo.activations < activation_bytes(CFG, 16, 23, token_logps=True) < 2.1 * grpo.activations
+    assert activation_bytes(CFG, 8, 39, token_logps=True) > 1.5 * grpo.activations  # 16 new tokens, not 8
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_planned_activations_of_the_objectives_log_probs_are_what_they_leave_allocated(precision) -> None:
+    """DPO's and GRPO's token log-probs keep the logits (bf16 under autocast) and a float per token, where the
+    language model's cross-entropy keeps an fp32 log-softmax: measured with torch's profiler, as above."""
+    torch.manual_seed(0)
+    model = TransformerModel(CFG)
+    if precision == "bf16":
+        build_optimizer(model, OptimConfig(), precision="bf16")
+    tokens = torch.randint(0, CFG.vocab_size, (4, 65))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with autocast:
+        vocab_parallel_token_logps(model(tokens[:1, :-1], parallel_output=True), tokens[:1, 1:])[0].sum()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, autocast:
+        logps, _ = vocab_parallel_token_logps(model(tokens[:, :-1], parallel_output=True), tokens[:, 1:])
+        loss = logps.sum()
+    measured = sum(e.self_cpu_memory_usage for e in prof.events())
+    planned = activation_bytes(CFG, 4, 64, precision, token_logps=True)
+    assert measured > 0 and abs(planned - measured) <= 0.1 * measured, (planned, measured)
+    assert loss.requires_grad
+    if precision == "bf16":  # the 2-byte logits instead of the 4-byte log-softmax
+        assert activation_bytes(CFG, 4, 64, precision) - planned >= 4 * 64 * CFG.vocab_size * 2
+
+
+def test_model_info_plans_dpo_and_grpo(capsys) -> None:
+    args = ["model-info", "--model", "llama-tiny", "--memory", "--seq-len", "32", "--json"]
+    dpo = json.loads((main([*args, "--objective", "dpo", "--no-reference"]), capsys.readouterr().out)[1])
+    assert dpo["reference"] == 0 and dpo["activations"] > 0
+    grpo = json.loads((main([*args, "--objective", "grpo", "--num-generations", "4", "--max-completion-length",
+                             "16", "--reference"]), capsys.readouterr().out)[1])  # fmt: skip
+    assert grpo["kv_cache"] > 0 and grpo["reference"] == grpo["parameters"]
+    assert grpo["activations"] > 2 * dpo["activations"]  # 4 rows of 47 positions against 2 of 32
+    assert main([*args, "--objective", "grpo", "--num-generations", "0"]) == 2
+    assert "--num-generations must be >= 1" in capsys.readouterr().err

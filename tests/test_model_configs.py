@@ -49,6 +49,7 @@ PUBLISHED = {
     "phi-2": 2779.7,
     "mistral-7b": 7241.7,
     "smollm-135m": 134.5,
+    "smollm2-135m": 134.5,
     "gemma-2-2b": 2614.3,
     "gemma-3-1b": 999.9,
     "phi-3-mini": 3821.1,

@@ -8,12 +8,16 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ironcore.checkpoints.hf_families import model_config_from_folder
 from ironcore.config import load_config, load_model_config
 from ironcore.config.model import ModelConfig
 from ironcore.errors import ConfigError
 from ironcore.files import read_yaml
+
+if TYPE_CHECKING:
+    from ironcore.objectives.base import MemoryShape
 
 # Tokens in one micro-batch the planner plans for at most: no GPU holds the activations of more (even a
 # hidden size of 32 is 512 GiB of them), and beyond it the byte counts of a tensor leave int64.
@@ -41,6 +45,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--activation-checkpointing", action="store_true")
     plan.add_argument("--micro-batch-size", type=int, default=1)
     plan.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    plan.add_argument("--objective", choices=["lm", "dpo", "grpo"], default="lm",
+                      help="what a sample is: a sequence (lm), a chosen + rejected pair (dpo), a prompt with "
+                      "--num-generations completions of --max-completion-length tokens (grpo; --seq-len is the "
+                      "prompt budget)")
+    plan.add_argument("--num-generations", type=int, default=8, help="grpo: completions per prompt")
+    plan.add_argument("--max-completion-length", type=int, default=512, help="grpo: new tokens per completion")
+    plan.add_argument("--reference", action=argparse.BooleanOptionalAction,
+                      help="a frozen reference model beside the policy (default: dpo yes, its live reference; "
+                      "grpo no, beta 0)")
     plan.add_argument("--gpu-memory", type=float, help="GiB per GPU: say whether the step fits")
     parser.set_defaults(func=run)
 
@@ -88,7 +101,9 @@ def _memory(cfg: ModelConfig, seq_len: int, args: argparse.Namespace) -> int:
         if getattr(args, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     cfg.check_tensor_parallel(args.tp, "--tp")  # the trainer's own checks: a layout it would refuse is no plan
-    tokens = args.micro_batch_size * seq_len
+    shape = _objective_shape(args)
+    rows, new = (1, 0) if shape is None else (shape.rows_per_sample, max(0, shape.new_tokens - 1))
+    tokens = args.micro_batch_size * rows * (seq_len + new)
     if tokens > MAX_TOKENS:
         raise ConfigError(f"--micro-batch-size {args.micro_batch_size} x sequence length {seq_len} = {tokens:,} "
                           f"tokens in one micro-batch: more than any GPU holds the activations of (at most "
@@ -102,7 +117,8 @@ def _memory(cfg: ModelConfig, seq_len: int, args: argparse.Namespace) -> int:
         raise ConfigError(f"--offload {args.offload} needs --data-parallel fsdp")
     plan = plan_memory(cfg, tp=args.tp, dp=args.dp, data_parallel=layout, offload=args.offload,
                        precision=args.precision, activation_checkpointing=args.activation_checkpointing,
-                       micro_batch_size=args.micro_batch_size, seq_len=seq_len, optimizer=args.optimizer)
+                       micro_batch_size=args.micro_batch_size, seq_len=seq_len, optimizer=args.optimizer,
+                       objective=shape)
     fits = None if args.gpu_memory is None else plan.total <= args.gpu_memory * 2**30
     if args.json:
         print(json.dumps({"name": cfg.name, "seq_len": seq_len, **dataclasses.asdict(plan), "total": plan.total,
@@ -113,9 +129,13 @@ def _memory(cfg: ModelConfig, seq_len: int, args: argparse.Namespace) -> int:
         description = (f"TP={args.tp} x DP={args.dp}{sharing}, {args.precision}"
                        f"{', activation checkpointing' if args.activation_checkpointing else ''}, "
                        f"micro-batch {args.micro_batch_size} x {seq_len} tokens")  # fmt: skip
+        description += {"lm": "", "dpo": " (pairs)",
+                        "grpo": f" (prompts) x {args.num_generations} completions of {args.max_completion_length}"
+                        }[args.objective]  # fmt: skip
         rows = [("model", cfg.name), ("layout", description)]
         labels = {"parameters": "parameters", "gradients": "gradients", "optimizer": "optimizer",
                   "activations": "activations", "gathered": "gathered units (FSDP)",
+                  "reference": "reference model", "kv_cache": "rollout KV cache",
                   "host": "host memory (offload)", "checkpoint": "more while saving a full checkpoint"}
         rows += [(label, f"{getattr(plan, part) / 2**30:8.2f} GiB") for part, label in labels.items()
                  if getattr(plan, part) or part in ("parameters", "gradients", "optimizer", "activations")]
@@ -125,3 +145,18 @@ def _memory(cfg: ModelConfig, seq_len: int, args: argparse.Namespace) -> int:
         width = max(len(k) for k, _ in rows)
         print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     return 0 if fits is not False else 1
+
+
+def _objective_shape(args: argparse.Namespace) -> MemoryShape | None:
+    """The objective's shape for the planner (``--objective`` and its options); None for a language model."""
+    from ironcore.objectives.base import MemoryShape
+
+    if args.objective == "lm":
+        return None
+    if args.objective == "dpo":
+        return MemoryShape(rows_per_sample=2, reference=args.reference is not False)
+    for key in ("num_generations", "max_completion_length"):
+        if getattr(args, key) < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    return MemoryShape(rows_per_sample=args.num_generations, new_tokens=args.max_completion_length,
+                       reference=bool(args.reference), kv_cache=True)

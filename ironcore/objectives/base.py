@@ -76,6 +76,17 @@ class StepResult:
     # None: train_batch_size x seq_len x sequences_per_sample (the padded batch)
 
 
+@dataclasses.dataclass(frozen=True)
+class MemoryShape:
+    """How one micro-batch of an objective's step differs from a language model's, for the memory planner
+    (``ironcore.training.memory.plan_memory``): it cannot run the objective, so the objective says."""
+
+    rows_per_sample: int = 1  # sequences the forward pass runs per sample (DPO's pair: 2; GRPO: num_generations)
+    new_tokens: int = 0  # positions a rollout adds to each row's seq_len (GRPO: max_completion_length)
+    reference: bool = False  # a frozen copy of the weights is held beside the policy (not with LoRA: adapters off)
+    kv_cache: bool = False  # rollouts decode with a KV cache (on a GPU the decode arena keeps it between steps)
+
+
 class Objective(ABC):
     """A training objective: subclass it and implement :meth:`backward` and :meth:`evaluate`."""
 
@@ -117,6 +128,11 @@ class Objective(ABC):
         """What this objective adds to the console line of a step (e.g. ``" | acc 0.75"``)."""
         return ""
 
+    def memory_shape(self) -> MemoryShape:
+        """What the memory planner should plan for (see :class:`MemoryShape`); by default
+        ``sequences_per_sample`` rows per sample and nothing else."""
+        return MemoryShape(rows_per_sample=self.sequences_per_sample)
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's state that a resumed run needs (tensors, numbers, strings; saved in checkpoints as
         ``objective.pt``, one entry per rank), e.g. GRPO's rollouts still to be trained on; none by default."""
@@ -127,8 +143,9 @@ class Objective(ABC):
         return None
 
     def artifacts(self) -> list[Path]:
-        """Files this objective wrote since the last call (e.g. GRPO's sample tables), which the trainer logs
-        to MLflow after each evaluation; none by default."""
+        """Files this objective wrote since the last call (e.g. GRPO's sample and completion tables), which the
+        trainer logs to MLflow after each log line and evaluation, in a folder named like the file's; none by
+        default."""
         return []
 
 

@@ -63,6 +63,7 @@ from ironcore.data.samples.batches import MicroBatch
 from ironcore.data.samples.dpo import both_sides
 from ironcore.objectives.base import (
     Forward,
+    MemoryShape,
     Objective,
     ObjectiveContext,
     StepResult,
@@ -70,7 +71,7 @@ from ironcore.objectives.base import (
     global_sum,
 )
 from ironcore.parallel import state
-from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
+from ironcore.parallel.cross_entropy import vocab_parallel_token_logps
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +121,13 @@ def response_logps(
     """Summed log-probs ``[B]`` of the chosen and the rejected responses of a pair micro-batch.
 
     Both sides go through one forward pass (``[2B, T]``), like TRL's
-    concatenated forward: one launch of every kernel instead of two.
+    concatenated forward: one launch of every kernel instead of two. The
+    token log-probs are taken in chunks (no fp32 log-softmax of all the logits).
     """
     with autocast:
         logits = forward(both_sides(mb, "input_ids"), both_sides(mb, "position_ids"), None, parallel_output=True)
-    logps = -(vocab_parallel_cross_entropy(logits, both_sides(mb, "labels")) * both_sides(mb, "loss_mask")).sum(-1)
+    token_logps, _ = vocab_parallel_token_logps(logits, both_sides(mb, "labels"))
+    logps = (token_logps * both_sides(mb, "loss_mask")).sum(-1)
     chosen, rejected = logps.chunk(2)
     return chosen, rejected
 
@@ -210,12 +213,12 @@ class DPOObjective(Objective):
 
     def terms(self, forward: Forward, mb: MicroBatch) -> PairTerms:
         opts = self.options
-        chosen, rejected = response_logps(forward, mb, self.autocast)
         if self.reference is None:
             ref_chosen, ref_rejected = (mb[key] for key in REFERENCE_KEYS)
-        else:
+        else:  # first: its logits come and go before the policy's activations are held
             with torch.no_grad():
                 ref_chosen, ref_rejected = response_logps(self.reference, mb, self.autocast)
+        chosen, rejected = response_logps(forward, mb, self.autocast)
         chosen_nll = -chosen
         if opts.loss_type == "ipo":
             chosen_len, rejected_len = mb["chosen_loss_mask"].sum(-1), mb["rejected_loss_mask"].sum(-1)
@@ -258,6 +261,10 @@ class DPOObjective(Objective):
         sums, counts = global_sum(torch.cat([sums, counts])).split([len(_SUMS), 2])
         metrics = self._metrics(sums, max(counts[0].item(), 1.0), max(counts[1].item(), 1.0))
         return {f"val_{name}": value for name, value in metrics.items()}
+
+    def memory_shape(self) -> MemoryShape:
+        live = self.reference is not None and self.config.model.lora is None  # LoRA's reference: adapters off
+        return MemoryShape(rows_per_sample=2, reference=live)
 
     def log_fields(self, metrics: dict[str, float]) -> str:
         return f" | acc {metrics['rewards/accuracies']:.2f} | margin {metrics['rewards/margins']:.3f}"

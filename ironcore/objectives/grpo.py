@@ -18,7 +18,6 @@ shares gives TRL's loss of the whole batch as one micro-batch in one process.
 from __future__ import annotations
 
 import dataclasses
-import html
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ from ironcore.inference import generate
 from ironcore.inference.settings import completion_texts, stop_ids
 from ironcore.objectives.base import (
     Forward,
+    MemoryShape,
     Objective,
     ObjectiveContext,
     StepResult,
@@ -48,8 +48,9 @@ from ironcore.objectives.base import (
     global_sum,
 )
 from ironcore.parallel import comm, state
-from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_entropy
+from ironcore.parallel.cross_entropy import vocab_parallel_token_logps
 from ironcore.rewards import RewardSet, RewardSpec, load_reward
+from ironcore.tables import html_table
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,17 @@ class GRPOOptions:
     eval_num_samples: int = field(
         4, help="Validation: completions sampled per held-out prompt for pass@k (k = this); 0: greedy only."
     )
+    log_completions: bool = field(
+        False, help="Write a table of the training batch's prompts, completions, rewards and advantages every "
+        "log_completions_steps: OUTPUT_DIR/completions/step_N.html and .jsonl, and MLflow artifacts."
+    )
+    num_completions_to_print: int | None = field(
+        None, help="log_completions: rows of each table (null: every completion of the global batch)."
+    )
+    log_completions_steps: int | None = field(
+        None, help="log_completions: steps between tables (null: operation.log_interval, as TRL logs a table "
+        "every logging_steps)."
+    )
 
     def validate(self) -> None:
         if self.num_generations < 2:
@@ -128,6 +140,9 @@ class GRPOOptions:
             raise InvalidValue("rewards", "GRPO needs at least one reward function")
         if self.eval_num_samples < 0:
             raise InvalidValue("eval_num_samples", f"must be >= 0, got {self.eval_num_samples}")
+        for key in ("num_completions_to_print", "log_completions_steps"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise InvalidValue(key, f"must be >= 1 (or null), got {getattr(self, key)}")
 
 
 # ---- advantages ------------------------------------------------------------------------------------------
@@ -276,6 +291,7 @@ def check_positions(max_completion_length: int, prompt_budget: int, positions: i
 
 
 SAMPLE_ROWS = 16  # held-out prompts shown with their completions at each evaluation
+WARN_AFTER = 3  # generations in a row that learn nothing (all cut off, no reward spread) before a warning
 
 
 @dataclass
@@ -339,12 +355,19 @@ class GRPOObjective(Objective):
         self.reference = frozen_reference(context) if options.beta != 0.0 else None
         self.prompts: dict[str, PromptDataset] = {}
         self.split = "train"
-        self._samples: list[Path] = []  # sample tables written since the trainer last asked
+        self._samples: list[Path] = []  # sample and completion tables written since the trainer last asked
+        self._last_table = 0  # the step of the last completions table
+        self._streaks = {"clipped": 0, "zero_std": 0}  # generations in a row that learnt nothing, and why
         self.generation: Generation | None = None  # the completions being trained on
 
     def prepare(self, datasets: dict[str, torch.utils.data.Dataset]) -> dict[str, torch.utils.data.Dataset]:
         self.prompts = datasets  # PromptDataset per split; the trainer batches their indices
         return {split: IndexDataset(len(prompts)) for split, prompts in datasets.items()}
+
+    def memory_shape(self) -> MemoryShape:
+        opts = self.options
+        return MemoryShape(rows_per_sample=opts.num_generations, new_tokens=opts.max_completion_length,
+                           reference=opts.beta != 0.0 and self.config.model.lora is None, kv_cache=True)
 
     # ---- rollouts ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -387,8 +410,8 @@ class GRPOObjective(Objective):
         temperature, and the entropies of those distributions (a metric)."""
         with self.autocast:
             logits = model(input_ids[:, :-1], parallel_output=True)
-        logits = logits.float() / self.options.temperature
-        return -vocab_parallel_cross_entropy(logits, input_ids[:, 1:]), vocab_parallel_entropy(logits)
+        # Chunked: no fp32 copies of the [N, L-1, V] logits beside them (they were most of the update's peak)
+        return vocab_parallel_token_logps(logits, input_ids[:, 1:], self.options.temperature)
 
     def _seed(self, step: int, micro_batch: int, per_rank: int) -> int:
         """The sampling seed of one micro-batch of a step: from its place in the *global* batch, so that a
@@ -427,6 +450,8 @@ class GRPOObjective(Objective):
         adv = group_advantages(everyone[:, 0], g, opts.scale_rewards)
         mine = slice(state.dp_rank() * len(local), (state.dp_rank() + 1) * len(local))
         advantages = adv.advantages[mine].to(self.device).split([len(s.total) for s in scores])
+        if opts.log_completions and self._table_due(step):
+            self._write_completions(step + 1, groups, rollouts, everyone, adv.advantages)
         old_logps = None
         if opts.num_iterations > 1:  # the sampling policy's log-probs, for the ratio of the later iterations
             with torch.no_grad():
@@ -449,11 +474,11 @@ class GRPOObjective(Objective):
         start = time.perf_counter()
         sums = torch.zeros(7, device=self.device, dtype=torch.float64)  # loss tokens kl low high region H
         for j, (input_ids, mask, a) in enumerate(zip(gen.input_ids, gen.masks, gen.advantages, strict=True)):
-            logps, entropy = self.token_logps(forward, input_ids)
             ref = None
-            if self.reference is not None:
+            if self.reference is not None:  # first: its logits come and go before the policy's graph is held
                 with torch.no_grad():
                     ref, _ = self.token_logps(self.reference, input_ids)
+            logps, entropy = self.token_logps(forward, input_ids)
             old = None if gen.old_logps is None else gen.old_logps[j]
             parts = grpo_loss(logps, old, ref, a, mask, opts, gen.total_sequences, gen.total_tokens)
             parts.loss.backward()
@@ -513,7 +538,69 @@ class GRPOObjective(Objective):
         metrics["completions/min_length"] = float(lengths.min())
         metrics["completions/max_length"] = float(lengths.max())
         metrics["completions/clipped_ratio"] = float(truncated.mean())
+        self._warn_learning_nothing(metrics)
         return metrics
+
+    def _warn_learning_nothing(self, metrics: dict[str, float]) -> None:
+        """Say why, when :data:`WARN_AFTER` generations in a row teach nothing: every completion cut off at the
+        budget (the rewards score unfinished answers), or every group's rewards equal (all advantages 0)."""
+        reasons = {
+            "clipped": (metrics["completions/clipped_ratio"] == 1.0,
+                        f"every completion hit max_completion_length ({self.options.max_completion_length} tokens) "
+                        "without an end token (completions/clipped_ratio 1.0), so the rewards score cut-off "
+                        "answers: raise trainer.objective_options.max_completion_length"),
+            "zero_std": (metrics["frac_reward_zero_std"] == 1.0,
+                         f"every group's completions got the same reward (frac_reward_zero_std 1.0, reward "
+                         f"{metrics['reward']:.3g}): every advantage is 0 and nothing is learnt; look at what "
+                         "the rewards see (objective_options.log_completions: true)"),
+        }
+        for key, (bad, message) in reasons.items():
+            self._streaks[key] = self._streaks[key] + 1 if bad else 0
+            if self._streaks[key] == WARN_AFTER and not (dist.is_initialized() and dist.get_rank()):
+                log.warning("step %d: for %d generations in a row %s", self.context.step() + 1, WARN_AFTER, message)
+
+    # ---- completion tables (TRL's log_completions) -------------------------------------------------------
+    def _table_due(self, step: int) -> bool:
+        """Is a completions table due at this generation? One per ``log_completions_steps`` finished steps,
+        also when generations come only every ``num_iterations`` steps (the same answer on every rank)."""
+        every = self.options.log_completions_steps or self.config.operation.log_interval
+        done = step + 1
+        if done // every <= self._last_table // every:
+            return False
+        self._last_table = done
+        return True
+
+    def _write_completions(self, step: int, groups: list[list[Prompt]], rollouts: list[Rollout],
+                           everyone: torch.Tensor, advantages: torch.Tensor) -> None:
+        """The global batch's prompts, completions, rewards and advantages, as TRL's ``log_completions``
+        table: ``OUTPUT_DIR/completions/step_N.html`` (to look at) and ``.jsonl`` (to read back), rank 0."""
+        g = self.options.num_generations
+        texts = [(prompt.fields["prompt"], text) for prompts, rollout in zip(groups, rollouts, strict=True)
+                 for prompt, text in zip([p for p in prompts for _ in range(g)], rollout.texts, strict=True)]
+        if state.dp_size() > 1:  # every rank's rows, in rank order (as ``everyone``)
+            parts: list[Any] = [None] * state.dp_size()
+            dist.all_gather_object(parts, texts, group=state.dp_group())
+            texts = [row for part in parts for row in part]
+        if dist.is_initialized() and dist.get_rank():
+            return
+        names = self.rewards.names
+        rows = []
+        for (prompt, completion), values, advantage in zip(texts, everyone.tolist(), advantages.tolist(),
+                                                           strict=True):
+            rewards = {name: None if math.isnan(v) else v for name, v in zip(names, values[1:-2], strict=True)}
+            rows.append({"step": step, "prompt": prompt, "completion": completion, **rewards,
+                         "reward": None if math.isnan(values[0]) else values[0], "advantage": advantage,
+                         "tokens": int(values[-2]), "cut_off": bool(values[-1])})
+        rows = rows[: self.options.num_completions_to_print]
+        folder = Path(self.config.trainer.output_dir) / "completions"
+        folder.mkdir(parents=True, exist_ok=True)
+        jsonl = folder / f"step_{step:07d}.jsonl"
+        write_text_atomically(jsonl, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        summary = (f"{len(everyone)} completions of step {step}, {len(rows)} shown; reward "
+                   f"{float(torch.nanmean(everyone[:, 0])):.3f}, cut off {float(everyone[:, -1].mean()):.2f}")
+        page = folder / f"step_{step:07d}.html"
+        write_text_atomically(page, html_table(f"Training completions at step {step}", summary, rows))
+        self._samples += [page, jsonl]
 
     def _warn_unscored(self, per_function: torch.Tensor) -> None:
         """Warn, once per function, when one returned None for all of a global batch's completions: its
@@ -570,20 +657,11 @@ class GRPOObjective(Objective):
         """A table of held-out prompts with their greedy completions and rewards, what people would rather
         look at than read about: ``OUTPUT_DIR/samples/step_NNNNNNN.html``."""
         step = self.context.step()
-        def cell(value: Any) -> str:
-            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)  # chat messages
-            return f"<td><pre>{html.escape(text)}</pre></td>"
-
-        body = "".join(f"<tr>{cell(p)}{cell(text)}<td>{reward:.3f}</td></tr>" for p, text, reward in rows)
-        summary = ", ".join(f"{name} {value:.3f}" for name, value in metrics.items())
-        page = (f"<!doctype html><meta charset=utf-8><title>samples at step {step}</title>"
-                "<style>td{vertical-align:top;border-bottom:1px solid #ddd}"
-                "pre{margin:0;white-space:pre-wrap}</style>"
-                f"<h1>Held-out samples at step {step}</h1><p>{html.escape(summary)}; greedy completions</p>"
-                f"<table><tr><th>prompt</th><th>completion</th><th>reward</th></tr>{body}</table>\n")
+        summary = ", ".join(f"{name} {value:.3f}" for name, value in metrics.items()) + "; greedy completions"
         path = Path(self.config.trainer.output_dir) / "samples" / f"step_{step:07d}.html"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(path, page)
+        table = [{"prompt": prompt, "completion": text, "reward": reward} for prompt, text, reward in rows]
+        write_text_atomically(path, html_table(f"Held-out samples at step {step}", summary, table))
         return path
 
     def artifacts(self) -> list[Path]:

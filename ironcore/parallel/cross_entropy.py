@@ -104,6 +104,79 @@ def vocab_parallel_cross_entropy(
     return _VocabParallelCrossEntropy.apply(logits, targets, ignore_index)
 
 
+LOGPS_CHUNK_BYTES = 32 * 2**20  # fp32 logits of one chunk of :func:`vocab_parallel_token_logps`
+
+
+class _TokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float,  # noqa: D102
+                chunk: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        flat = logits.reshape(-1, logits.shape[-1])
+        local = targets.reshape(-1) - state.tp_rank() * flat.shape[-1]
+        mine = (local >= 0) & (local < flat.shape[-1])
+        local = local.masked_fill(~mine, 0)
+        logps, entropy, lse = (torch.empty(flat.shape[0], device=flat.device) for _ in range(3))
+        group = state.tp_group()
+        for start in range(0, flat.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            z = flat[rows].float().div(temperature)  # a fresh fp32 chunk: the logits stay as they are
+            z_max = z.max(dim=-1).values if z.shape[-1] else z.new_full(z.shape[:-1], -math.inf)
+            comm.all_reduce(z_max, group, op="max")
+            z.sub_(z_max.unsqueeze(-1))
+            target_z = target_logits(z, local[rows], mine[rows])
+            e = z.exp()
+            sum_exp = e.sum(dim=-1)
+            expected = e.mul_(z).nan_to_num_(nan=0.0).sum(dim=-1)  # sum of exp(z) z; padding's 0 x -inf is 0
+            sums = comm.all_reduce(torch.stack([sum_exp, target_z, expected]), group)
+            log_sum = sums[0].log()
+            logps[rows] = sums[1] - log_sum
+            entropy[rows] = log_sum - sums[2] / sums[0]
+            lse[rows] = log_sum + z_max
+        ctx.save_for_backward(logits, lse, local, mine)
+        ctx.temperature, ctx.chunk, ctx.leaf = temperature, chunk, logits.is_leaf
+        logps, entropy = logps.view(targets.shape), entropy.view(targets.shape)
+        ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps: torch.Tensor, _grad_entropy: torch.Tensor):  # noqa: D102
+        logits, lse, local, mine = ctx.saved_tensors
+        flat = logits.reshape(-1, logits.shape[-1])
+        out = torch.empty_like(flat) if ctx.leaf else flat  # a leaf's values are the caller's: not overwritten
+        g = grad_logps.reshape(-1).float()
+        for start in range(0, flat.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            # d logp / d z = one_hot(target) - softmax, and z = logits / temperature
+            grad = flat[rows].float().div(ctx.temperature).sub_(lse[rows].unsqueeze(-1)).exp_()
+            grad.mul_(-g[rows].unsqueeze(-1))
+            if grad.shape[-1]:
+                grad.scatter_add_(-1, local[rows].unsqueeze(-1), (g[rows] * mine[rows]).unsqueeze(-1))
+            out[rows] = grad.div_(ctx.temperature)  # over the logits, chunk by chunk: no second [tokens x V]
+        return out.view(logits.shape), None, None, None
+
+
+def vocab_parallel_token_logps(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, chunk_tokens: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities ``[...]`` (fp32) of ``targets`` under ``softmax(logits / temperature)``, and the
+    entropies of those distributions (a metric, no gradient), from this rank's vocab slice [..., V/tp].
+
+    What ``-vocab_parallel_cross_entropy(logits / temperature, targets)`` and
+    :func:`vocab_parallel_entropy` give, in less memory: the forward pass works on
+    chunks of ``chunk_tokens`` tokens (default: :data:`LOGPS_CHUNK_BYTES` of fp32
+    logits) and keeps one float per token beside the logits, where the two
+    functions hold fp32 copies of all the logits at once (log-softmax, scaled
+    logits, probabilities). The backward pass recomputes each chunk's softmax and
+    writes the gradient over ``logits`` unless they are a leaf tensor (as the
+    cross-entropy overwrites its saved softmax): read a model's logits before the
+    backward pass, not after. RL's and DPO's log-probs of whole rollouts and
+    response pairs are what this is for.
+    """
+    if chunk_tokens is None:
+        chunk_tokens = max(1, LOGPS_CHUNK_BYTES // (4 * max(1, logits.shape[-1])))
+    return _TokenLogps.apply(logits, targets, temperature, chunk_tokens)
+
+
 def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     """``log(sum_v exp(z_v))`` per token [...] (fp32) over the whole vocabulary, from this rank's slice [..., V/tp].
 

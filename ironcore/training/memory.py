@@ -31,7 +31,19 @@ Four parts, per rank of a TP x DP layout:
   by the model with its local shapes (heads, KV heads, FFN width and
   vocabulary divided over TP; hidden size, norms and residuals whole). With
   activation checkpointing the backward pass recomputes one block at a time,
-  so one block's activations are added to what is saved.
+  so one block's activations are added to what is saved;
+- the **objective's shape** (``objective``, an objective's
+  :meth:`~ironcore.objectives.base.Objective.memory_shape`): its rows per sample
+  (DPO's chosen and rejected; GRPO's ``num_generations`` completions per
+  prompt) and the positions a rollout adds (GRPO: prompt + completion - 1)
+  set the micro-batch the activations are traced for, with the loss the
+  objectives take their token log-probs with (``vocab_parallel_token_logps``);
+  a frozen **reference** (DPO's live one, GRPO's with ``beta`` > 0) adds its
+  weights, fp32 (FSDP: its shards); a rollout's **KV cache** (GRPO) is
+  added too: on a GPU the decode arena keeps it between steps, beside the
+  update's activations (a CPU's eager decode frees it before the update).
+  The reference's and the sampling policy's log-prob passes run without
+  autograd before the policy's forward pass, so they hold nothing then.
 
 The first three are exact on a CPU (``measured_state_bytes`` reads the real
 tensors' bytes; the tests compare). Activations ignore the allocator's
@@ -52,9 +64,10 @@ from torch import nn
 from ironcore.config.model import ModelConfig
 from ironcore.models import TransformerModel
 from ironcore.models.lora import NF4_BLOCK, NF4_SCALER_BLOCK, base_projections, is_quantized, tensor_bytes
+from ironcore.objectives.base import MemoryShape
 from ironcore.parallel import state
 from ironcore.parallel.comm import DEFAULT_BUCKET_BYTES
-from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
+from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_token_logps
 from ironcore.parallel.fsdp import fsdp_shards
 from ironcore.parallel.layers import padded_vocab_size
 from ironcore.parallel.sharding import full_shapes, local_tensor, named_splits
@@ -76,6 +89,8 @@ class MemoryPlan:
     gathered: int = 0  # FSDP: units all-gathered for compute (root, two blocks) and one block's unsharded gradients
     host: int = 0  # offload: sharded parameters, gradients and optimizer state in host memory (not in total)
     checkpoint: int = 0  # more while a checkpoint is saved: a full one gathers every full tensor on each rank
+    reference: int = 0  # a frozen reference model's weights (DPO's live one, GRPO's with beta > 0)
+    kv_cache: int = 0  # a rollout's KV cache (GRPO), kept by the decode arena on a GPU
 
     @property
     def states(self) -> int:
@@ -84,7 +99,7 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.states + self.activations + self.gathered
+        return self.states + self.activations + self.gathered + self.reference + self.kv_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +159,10 @@ def rank_config(cfg: ModelConfig, tp: int) -> ModelConfig:
 
 
 def activation_bytes(cfg: ModelConfig, micro_batch_size: int, seq_len: int, precision: str = "fp32",
-                     activation_checkpointing: bool = False) -> int:  # fmt: skip
-    """Bytes autograd saves in one micro-batch's forward pass and loss (run on fake tensors: no memory used)."""
+                     activation_checkpointing: bool = False, token_logps: bool = False) -> int:  # fmt: skip
+    """Bytes autograd saves in one micro-batch's forward pass and loss (run on fake tensors: no memory used);
+    ``token_logps``: the loss is taken as DPO and GRPO take it (:func:`vocab_parallel_token_logps`, which saves
+    the logits), not as the language model's cross-entropy (which saves an fp32 log-softmax)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ironcore.training.trainer import apply_activation_checkpointing
@@ -170,7 +187,11 @@ def activation_bytes(cfg: ModelConfig, micro_batch_size: int, seq_len: int, prec
             autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
                 out = model(tokens[:, :-1], parallel_output=True)
-                if not model_cfg.score_head:  # a language model's loss (a reward model's head is a column)
+                if model_cfg.score_head:  # a reward model's head is a column: no vocabulary
+                    pass
+                elif token_logps:
+                    vocab_parallel_token_logps(out, tokens[:, 1:])[0].sum()
+                else:
                     vocab_parallel_cross_entropy(out, tokens[:, 1:]).sum()
         return sum(storages.values())
 
@@ -200,11 +221,12 @@ def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, distributed_optim
                 sharded_checkpoints: bool | None = None,
                 precision: str = "fp32", activation_checkpointing: bool = False, micro_batch_size: int = 1,
                 seq_len: int | None = None, optimizer: str = "adamw",
-                bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> MemoryPlan:  # fmt: skip
+                bucket_bytes: int = DEFAULT_BUCKET_BYTES, objective: MemoryShape | None = None) -> MemoryPlan:  # fmt: skip
     """The bytes of one training step on rank 0 of a TP x DP layout (see the module doc); a ConfigError when the
     trainer would refuse to split the model ``tp`` ways. ``data_parallel`` (ddp, zero1, fsdp; None: zero1 when
     ``distributed_optimizer``), ``offload``, ``reshard_after_forward`` and ``sharded_checkpoints`` (None: with
-    fsdp) as in the trainer's config."""
+    fsdp) as in the trainer's config. ``micro_batch_size`` counts samples (prompts, pairs) and ``seq_len`` is
+    the data's; ``objective`` (None: a language model's) says what a sample becomes."""
     cfg.check_tensor_parallel(tp, "tp")
     layout = data_parallel or ("zero1" if distributed_optimizer else "ddp")
     base = BF16 if precision == "bf16" else FP32  # LoRA's frozen base: stored in the compute dtype
@@ -218,15 +240,28 @@ def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, distributed_optim
                                                  distributed_optimizer=layout == "zero1", bucket_bytes=bucket_bytes)
             params += sum(nf4_bytes(t.numel, base) if t.nf4 else t.numel * base for t in tensors if not t.trained)
             gathered = 0
-        activations = activation_bytes(rank_config(cfg, tp), micro_batch_size,
-                                       seq_len or cfg.max_position_embeddings, precision, activation_checkpointing)
+        shape = objective or MemoryShape()
+        positions = (seq_len or cfg.max_position_embeddings) + max(0, shape.new_tokens - 1)
+        local = rank_config(cfg, tp)
+        activations = activation_bytes(local, micro_batch_size * shape.rows_per_sample, positions, precision,
+                                       activation_checkpointing, token_logps=objective is not None)
+        sharded_dp = dp if fsdp_shards(layout, dp, offload) else 1
+        reference = sum(t.fsdp_shard(sharded_dp) for t in tensors) * FP32 if shape.reference else 0
+        kv_cache = (kv_cache_bytes(local, micro_batch_size * shape.rows_per_sample, positions + 1, precision)
+                    if shape.kv_cache else 0)  # fmt: skip
         sharded = layout == "fsdp" if sharded_checkpoints is None else sharded_checkpoints
         checkpoint = 0 if sharded else _full_checkpoint_bytes(tensors if tp == 1 else local_parameters(cfg, 1),
                                                               optimizer)
     host = 0
     if offload == "params" and fsdp_shards(layout, dp, offload):
         host, params, grads, states = params + grads + states, 0, 0, 0
-    return MemoryPlan(params, grads, states, activations, gathered, host, checkpoint)
+    return MemoryPlan(params, grads, states, activations, gathered, host, checkpoint, reference, kv_cache)
+
+
+def kv_cache_bytes(cfg: ModelConfig, rows: int, positions: int, precision: str = "fp32") -> int:
+    """Keys and values of every layer for ``rows`` x ``positions`` (one TP rank's KV heads, ``cfg`` from
+    :func:`rank_config`), in the compute dtype."""
+    return 2 * cfg.num_layers * rows * positions * cfg.kv_heads * cfg.head_size * (BF16 if precision == "bf16" else FP32)
 
 
 def _fsdp_bytes(tensors: list[LocalTensor], dp: int, base: int, optimizer: str,

@@ -418,7 +418,8 @@ class Trainer:
                                sharded_checkpoints=t.sharded_checkpoints, precision=t.precision,
                                activation_checkpointing=t.activation_checkpointing,
                                micro_batch_size=t.micro_batch_size, seq_len=self.seq_len,
-                               optimizer=self.cfg.optim.optimizer)  # fmt: skip
+                               optimizer=self.cfg.optim.optimizer,
+                               objective=self.objective.memory_shape())  # fmt: skip
         except Exception as err:  # noqa: BLE001
             log.warning("memory plan unavailable: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
             return
@@ -426,10 +427,11 @@ class Trainer:
         mib = 2**20
         peak = (f"; peak allocated {torch.cuda.max_memory_allocated(self.device) / mib:,.1f} MiB"
                 if self.device.type == "cuda" else "")  # fmt: skip
-        extra = "".join(f", {what} {n / mib:,.1f}" for what, n in (("gathered units", plan.gathered),
-                                                                      ("in host memory", plan.host)) if n)
+        extra = "".join(f", {what} {n / mib:,.1f}" for what, n in (
+            ("reference", plan.reference), ("rollout KV cache", plan.kv_cache), ("gathered units", plan.gathered),
+            ("in host memory", plan.host)) if n)
         log.info("memory per %s: planned %s MiB (parameters %s, gradients %s, optimizer %s, activations %s of a "
-                 "language-model micro-batch%s); measured after step 1: parameters %s, gradients %s, optimizer %s%s",
+                 "micro-batch%s); measured after step 1: parameters %s, gradients %s, optimizer %s%s",
                  "GPU" if self.device.type == "cuda" else "process",
                  *(f"{n / mib:,.1f}" for n in (plan.total, plan.parameters, plan.gradients, plan.optimizer,
                                                plan.activations)), extra,
