@@ -50,6 +50,17 @@ def train(data_config: Path, out: Path, nproc: int, *overrides: str, model: str 
     return read_metrics(out)
 
 
+# FSDP at DP=2 of the LLaMA-style model, recomputing its blocks: one run that three tests read (compared with DDP,
+# killed during a save and rerun, exported), trained once.
+FSDP_LLAMA = ("trainer.data_parallel=fsdp", "trainer.activation_checkpointing=true")
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(data_config, tmp_path_factory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("fsdp_llama") / "fsdp"
+    return out, train(data_config, out, 2, *FSDP_LLAMA)
+
+
 def series(lines: list[dict], key: str = "loss") -> dict[int, float]:
     return {m["step"]: m[key] for m in lines if key in m}
 
@@ -69,17 +80,20 @@ def assert_same_run(a: list[dict], b: list[dict], run_a: Path, run_b: Path, tol:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["llama", "gpt2"])
-def test_fsdp_equals_ddp_equals_one_process_with_accumulation(data_config, tmp_path, model) -> None:
+def test_fsdp_equals_ddp_equals_one_process_with_accumulation(data_config, tmp_path, model, request) -> None:
     """For the LLaMA-style model the FSDP run also recomputes its blocks' activations (composes: same numbers)."""
     one = train(data_config, tmp_path / "one", 1, "trainer.gradient_accumulation_steps=2", model=model)
     ddp = train(data_config, tmp_path / "ddp", 2, model=model)
-    recompute = ["trainer.activation_checkpointing=true"] if model == "llama" else []
-    fsdp = train(data_config, tmp_path / "fsdp", 2, "trainer.data_parallel=fsdp", *recompute, model=model)
-    assert "DP 2, fully sharded (FSDP)" in LOGS[tmp_path / "fsdp"]
-    assert (tmp_path / "fsdp/checkpoints/step_0000010/shards/.metadata").is_file()  # sharded by default
-    assert not (tmp_path / "fsdp/checkpoints/step_0000010" / native.WEIGHTS).exists()
+    if model == "llama":
+        run, fsdp = request.getfixturevalue("fsdp_run")
+    else:
+        run = tmp_path / "fsdp"
+        fsdp = train(data_config, run, 2, "trainer.data_parallel=fsdp", model=model)
+    assert "DP 2, fully sharded (FSDP)" in LOGS[run]
+    assert (run / "checkpoints/step_0000010/shards/.metadata").is_file()  # sharded by default
+    assert not (run / "checkpoints/step_0000010" / native.WEIGHTS).exists()
     assert_same_run(one, ddp, tmp_path / "one", tmp_path / "ddp")
-    assert_same_run(ddp, fsdp, tmp_path / "ddp", tmp_path / "fsdp")
+    assert_same_run(ddp, fsdp, tmp_path / "ddp", run)
 
 
 def resume_from_step_5(source: Path, run: Path, data_config: Path, nproc: int, *overrides: str) -> list[dict]:
@@ -152,17 +166,17 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_a_save_killed_with_sigkill_leaves_latest_loadable(data_config, tmp_path) -> None:
+def test_a_save_killed_with_sigkill_leaves_latest_loadable(data_config, fsdp_run, tmp_path) -> None:
     """SIGKILL while step 10's shards are on disk but its folder is not complete: ``latest`` still names step 5,
     nothing named step 10 looks complete, and the rerun ends where an uninterrupted run does."""
-    straight = train(data_config, tmp_path / "straight", 2, "trainer.data_parallel=fsdp")
+    source, straight = fsdp_run
     run = tmp_path / "killed"
     config = tmp_path / "killed.yaml"
-    config.write_text((tmp_path / "straight.yaml").read_text().replace(str(tmp_path / "straight"), str(run)))
+    config.write_text((source.parent / f"{source.name}.yaml").read_text().replace(str(source), str(run)))
     (tmp_path / "killer.py").write_text(KILLER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", str(tmp_path / "killer.py"), "train",
-           "--config", str(config), "trainer.data_parallel=fsdp"]  # fmt: skip
+           "--config", str(config), *FSDP_LLAMA]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
@@ -170,27 +184,27 @@ def test_a_save_killed_with_sigkill_leaves_latest_loadable(data_config, tmp_path
     assert native.pointed(checkpoints) == checkpoints / "step_0000005"
     assert not (checkpoints / "step_0000010").exists()
     assert list(checkpoints.glob(".step_0000010*/shards/__1_0.distcp"))  # killed with the shards written
-    resumed = train(data_config, run, 2, "trainer.data_parallel=fsdp")
+    resumed = train(data_config, run, 2, *FSDP_LLAMA)
     assert "at step 5" in LOGS[run]
     assert series(resumed) == series(straight)
     assert not list(checkpoints.glob(".step_*"))  # the rerun removed the killed save's temporary folder
 
 
 @pytest.mark.slow
-def test_a_sharded_checkpoint_exports_and_loads_the_tensors_of_a_full_one(data_config, tmp_path, capsys) -> None:
+def test_a_sharded_checkpoint_exports_and_loads_the_tensors_of_a_full_one(data_config, fsdp_run, tmp_path,
+                                                                          capsys) -> None:  # fmt: skip
     """The same FSDP run saved both ways: ``convert --to-hf`` writes bit-identical tensors, and ``load_model``
     (what generate and eval read) gives bit-identical weights."""
-    train(data_config, tmp_path / "sharded", 2, "trainer.data_parallel=fsdp")
-    train(data_config, tmp_path / "full", 2, "trainer.data_parallel=fsdp", "trainer.checkpoint_format=full")
-    assert (tmp_path / "full/checkpoints/step_0000010" / native.WEIGHTS).is_file()
+    runs = {"sharded": fsdp_run[0], "full": tmp_path / "full"}
+    train(data_config, runs["full"], 2, *FSDP_LLAMA, "trainer.checkpoint_format=full")
+    assert (runs["full"] / "checkpoints/step_0000010" / native.WEIGHTS).is_file()
     exported = {}
-    for name in ("sharded", "full"):
-        assert main(["convert", "--to-hf", "--checkpoint", str(tmp_path / name), "--output",
-                     str(tmp_path / f"hf_{name}")]) == 0  # fmt: skip
+    for name, run in runs.items():
+        assert main(["convert", "--to-hf", "--checkpoint", str(run), "--output", str(tmp_path / f"hf_{name}")]) == 0
         exported[name] = load_file(tmp_path / f"hf_{name}" / "model.safetensors")
     assert exported["sharded"].keys() == exported["full"].keys()
     assert all(torch.equal(exported["sharded"][k], exported["full"][k]) for k in exported["full"])
-    sharded, full = load_weights(tmp_path / "sharded"), load_weights(tmp_path / "full")
+    sharded, full = load_weights(runs["sharded"]), load_weights(runs["full"])
     assert all(torch.equal(sharded[k], full[k]) for k in full)
 
 

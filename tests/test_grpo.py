@@ -229,7 +229,7 @@ def test_the_sample_tables_and_reward_metrics_reach_mlflow(rl_data, tmp_path, mo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     options = {"log_completions": True, "log_completions_steps": 2, "num_completions_to_print": 5}
     with caplog.at_level(logging.INFO, logger="ironcore.train"):
-        Trainer(grpo_config(rl_data, tmp_path / "run", 3, utils__tracking=True, utils__experiment_name="rl",
+        Trainer(grpo_config(rl_data, tmp_path / "run", 2, utils__tracking=True, utils__experiment_name="rl",
                             operation__eval_interval=1, operation__eval_steps=1, options=options)).train()
     memory = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("memory per process"))
     assert "rollout KV cache" in memory  # the plan is GRPO's (its rollouts), not a language model's
@@ -242,7 +242,7 @@ def test_the_sample_tables_and_reward_metrics_reach_mlflow(rl_data, tmp_path, mo
     listed = {a.path for folder in ("samples", "completions") for a in client.list_artifacts(run.info.run_id, folder)}
     assert listed >= {"samples/step_0000001.html", "samples/step_0000002.html", "completions/step_0000002.html",
                       "completions/step_0000002.jsonl"}
-    # TRL's log_completions table at the set interval (steps 2, not 1 or 3): 5 of the 8 completions (2 prompts x 4)
+    # TRL's log_completions table at the set interval (step 2, not 1): 5 of the 8 completions (2 prompts x 4)
     assert sorted(p.name for p in (tmp_path / "run" / "completions").iterdir()) == ["step_0000002.html",
                                                                                      "step_0000002.jsonl"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "completions" / "step_0000002.jsonl").open()]
