@@ -118,7 +118,7 @@ def test_dump_and_load_back_is_identical(tmp_path: Path) -> None:
         (["optimm.max_lr=1"], 1, "unknown config key 'optimm' (did you mean 'optim'?)"),
         (["trainer.micro_batch_size=abc"], 1, "config key 'trainer.micro_batch_size': expected an integer, got 'abc'"),
         (["optim.max_lr=fast"], 1, "config key 'optim.max_lr': expected a number, got 'fast'"),
-        (["optim.optimizer=sgdd"], 1, "'sgdd' is not one of adamw, adam, sgd (did you mean 'sgd'?)"),
+        (["optim.optimizer=sgdd"], 1, "'sgdd' is neither a built-in optimizer (adamw, adam, sgd, muon) nor module:Class (did you mean 'sgd'?)"),
         (["trainer.train_batch_size=10"], 1,
          "trainer.train_batch_size 10 != micro_batch_size 8 x gradient_accumulation_steps 1 x data-parallel size 1"),
         (["trainer.tensor_model_parallel_size=3"], 3,

@@ -96,6 +96,23 @@ def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def named_object(spec: str, key: str) -> Any:
+    """What a ``module:name`` config value names (a plug-in: schedule, optimizer, objective); a one-line
+    ConfigError naming ``key`` when it is not module:name, the module cannot be imported or lacks the name."""
+    import importlib
+
+    module_name, sep, name = spec.partition(":")
+    if not sep or not module_name or not name:
+        raise ConfigError(f"config key '{key}': '{spec}' is not module:name")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"config key '{key}': cannot import module '{module_name}' ({err})") from None
+    if not hasattr(module, name):
+        raise ConfigError(f"config key '{key}': module '{module_name}' has no '{name}'")
+    return getattr(module, name)
+
+
 def _type_name(tp: Any) -> str:
     """Readable type for messages and the reference: 'int or null', 'pre / post'."""
     if isinstance(tp, type):

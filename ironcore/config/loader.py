@@ -174,6 +174,7 @@ def validate_config(cfg: Config, world_size: int | None = None) -> Config:
     if world_size % tp:
         raise ConfigError(f"world size {world_size} is not a multiple of trainer.tensor_model_parallel_size {tp}")
     cfg.model.check_tensor_parallel(tp)  # heads, key/value groups, MLP and expert widths, q/k norms vs TP
+    _check_muon_layout(cfg)
     if tr.data_parallel == "fsdp" and cfg.model.lora is not None and cfg.model.lora.quantize_base:
         raise ConfigError("config key 'trainer.data_parallel': fsdp does not shard QLoRA's NF4 base (use ddp: the "
                           "4-bit base is small enough to hold whole on every rank)")
@@ -205,6 +206,23 @@ def validate_config(cfg: Config, world_size: int | None = None) -> Config:
     if op.train_steps is None and op.train_tokens is None:
         raise ConfigError("operation: set train_steps or train_tokens")
     return cfg
+
+
+def _check_muon_layout(cfg: Config) -> None:
+    """Muon orthogonalises each whole weight matrix, so it needs every matrix whole and unflattened on every
+    rank: not yet under TP (split matrices), zero1 or bf16 (flat buffers) or fsdp (row shards)."""
+    if cfg.optim.optimizer != "muon" or cfg.optim.implementation:
+        return
+    tr = cfg.trainer
+    if tr.tensor_model_parallel_size > 1:
+        raise ConfigError("config key 'optim.optimizer': muon is not supported with "
+                          "trainer.tensor_model_parallel_size > 1 yet (it would orthogonalise each TP shard alone)")
+    if tr.data_parallel in ("zero1", "fsdp"):
+        raise ConfigError(f"config key 'optim.optimizer': muon is not supported with trainer.data_parallel: "
+                          f"{tr.data_parallel} yet (it shards the weight matrices Muon orthogonalises); use ddp")
+    if tr.precision == "bf16":
+        raise ConfigError("config key 'optim.optimizer': muon is not supported with trainer.precision: bf16 yet "
+                          "(its master weights are flat buffers, not matrices)")
 
 
 def dump_config(cfg: Config) -> str:

@@ -11,10 +11,23 @@ import logging
 import math
 from typing import Any, Literal
 
-from ironcore.config.base import InvalidValue, field
+from ironcore.config.base import InvalidValue, did_you_mean, field, named_object
 from ironcore.config.model import ModelConfig
+from ironcore.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class BlendSource:
+    """One data set of a mixture and its share of the training samples."""
+
+    config_path: str = field(help="Path to a data config (configs/data/*.yaml) whose shards to draw from.")
+    weight: float = field(help="Its share of the samples (the weights are normalised to sum to 1).")
+
+    def validate(self) -> None:
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise InvalidValue("weight", f"must be a positive number, got {self.weight}")
 
 
 @dataclasses.dataclass
@@ -22,6 +35,11 @@ class DataGroup:
     """Which preprocessed data set(s) to train on."""
 
     config_path: str | None = field(None, help="Path to a data config (configs/data/*.yaml) whose shards to train on.")
+    blend: list[BlendSource] = field(
+        [],
+        help="Instead of config_path: a mixture, [{config_path: A, weight: 0.7}, {config_path: B, weight: 0.3}], "
+        "of data sets of one tokenizer and task type, drawn in those proportions (see docs/data_pipeline.md).",
+    )
     packing: bool = field(
         False, help="SFT: pack several examples into each sequence (positions restart, no cross-attention)."
     )
@@ -30,6 +48,10 @@ class DataGroup:
         help="Train (resume, init_from) although the checkpoint's tokenizer differs from the one that tokenized "
         "the data; only for tokenizers whose ids mean the same text.",
     )
+
+    def validate(self) -> None:
+        if self.config_path and self.blend:
+            raise InvalidValue("blend", "give data.config_path or data.blend, not both")
 
 
 @dataclasses.dataclass
@@ -168,22 +190,39 @@ class TrainerConfig:
         return self.checkpoint_format == "sharded"
 
 
+SCHEDULES = ("cosine", "linear", "constant", "wsd")  # optim.lr_schedule's built-ins (ironcore/training/optim.py)
+
+
 @dataclasses.dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    optimizer: Literal["adamw", "adam", "sgd"] = field(
-        "adamw", help="adamw (adam is an alias: decoupled weight decay either way) or sgd."
+    optimizer: str = field(
+        "adamw", help="adamw (adam is an alias: decoupled weight decay either way), sgd, muon (torch.optim.Muon for "
+        "the transformer blocks' 2-D weights, AdamW for the rest), or any torch.optim.Optimizer as module:Class."
     )
     max_lr: float = field(6e-4, help="Peak learning rate, reached after warmup.")
     min_lr: float = field(0.0, help="Floor of the decay schedule.")
     warmup_steps: int = field(0, help="Linear warmup from 0 to max_lr over this many steps.")
-    lr_schedule: Literal["cosine", "linear", "constant"] = field("cosine", help="Decay from max_lr to min_lr.")
+    lr_schedule: str = field(
+        "cosine", help="After warmup, from max_lr to min_lr: cosine, linear or constant over the rest of the run; "
+        "wsd (warmup-stable-decay: max_lr until the last decay_fraction of the run, then decay_shape down to "
+        "min_lr); or your own as module:function, called as function(step, total_steps, optim) -> lr."
+    )
+    decay_fraction: float = field(0.1, help="wsd: the share of the run's steps that decay (the last ones).")
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = field(
+        "linear", help="wsd: how the decay falls from max_lr to min_lr (1-sqrt: Hägele et al. 2024)."
+    )
     weight_decay: float = field(0.1, help="Decoupled weight decay (never on norms, biases and embeddings).")
     beta1: float = field(0.9, help="Adam beta1.")
     beta2: float = field(0.95, help="Adam beta2.")
     eps: float = field(1e-8, help="Adam epsilon.")
     momentum: float = field(0.9, help="SGD momentum.")
+    optimizer_options: dict[str, Any] = field(
+        {}, help="Keyword arguments of the optimizer (never lr: max_lr and the schedule set it). adamw: amsgrad, "
+        "maximize; sgd: dampening, nesterov, maximize; muon (its own, the AdamW part uses the keys above): momentum, "
+        "nesterov, ns_steps, ns_coefficients, eps, adjust_lr_fn, weight_decay; module:Class: its __init__'s.",
+    )
     implementation: str | None = field(
         None,
         help="Your own optimizer as module:Class, built as Class(model, config): the TrainingOptimizer interface "
@@ -197,9 +236,67 @@ class OptimConfig:
                 raise InvalidValue(key, f"must be >= 0, got {getattr(self, key)}")
         if not self.eps > 0:
             raise InvalidValue("eps", f"must be positive, got {self.eps}")
+        if self.lr_schedule not in SCHEDULES and ":" not in self.lr_schedule:
+            raise InvalidValue("lr_schedule", f"'{self.lr_schedule}' is none of {', '.join(SCHEDULES)} nor "
+                               f"module:function{did_you_mean(self.lr_schedule, SCHEDULES)}")
+        if not 0 < self.decay_fraction <= 1:
+            raise InvalidValue("decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise InvalidValue(key, f"must be in [0, 1), got {getattr(self, key)}")
+        self._check_optimizer()
+
+    def _check_optimizer(self) -> None:
+        """The optimizer is a built-in or a torch optimizer class, and takes every key of optimizer_options, so
+        that a typo fails before the model is built rather than as a TypeError (or not at all)."""
+        if self.optimizer in OPTIMIZER_OPTIONS:
+            allowed: set[str] | None = set(OPTIMIZER_OPTIONS[self.optimizer])
+        elif ":" in self.optimizer:
+            allowed = optimizer_keywords(torch_optimizer_class(self.optimizer))
+        else:
+            raise InvalidValue("optimizer", f"'{self.optimizer}' is neither a built-in optimizer "
+                               f"({', '.join(OPTIMIZER_OPTIONS)}) nor module:Class"
+                               f"{did_you_mean(self.optimizer, OPTIMIZER_OPTIONS)}")
+        for name in self.optimizer_options:
+            if name == "lr":
+                raise InvalidValue("optimizer_options", "lr is optim.max_lr, scaled by the schedule every step")
+            if allowed is not None and name not in allowed:
+                raise InvalidValue("optimizer_options", f"{self.optimizer} takes no option '{name}'"
+                                   f"{did_you_mean(name, allowed)} (it takes: {', '.join(sorted(allowed))})")
+        adjust = self.optimizer_options.get("adjust_lr_fn")
+        if self.optimizer == "muon" and adjust not in (None, "original", "match_rms_adamw"):
+            raise InvalidValue("optimizer_options", f"adjust_lr_fn must be original, match_rms_adamw or null, "
+                               f"got {adjust!r}")
+
+
+# optim.optimizer's built-ins and the optim.optimizer_options each takes (the rest are config keys: lr, betas, eps,
+# weight_decay, momentum; muon's weight_decay and eps are its own, its AdamW part uses the config's).
+OPTIMIZER_OPTIONS = {
+    "adamw": ("amsgrad", "maximize"),
+    "adam": ("amsgrad", "maximize"),
+    "sgd": ("dampening", "nesterov", "maximize"),
+    "muon": ("momentum", "nesterov", "ns_steps", "ns_coefficients", "eps", "adjust_lr_fn", "weight_decay"),
+}
+
+
+def torch_optimizer_class(spec: str) -> type:
+    """The torch optimizer class ``module:Class`` names; one line naming optim.optimizer when it is not one."""
+    import torch  # imported here: the config modules load without torch (the user's module imported it anyway)
+
+    cls = named_object(spec, "optim.optimizer")
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(f"config key 'optim.optimizer': {spec} is not a torch.optim.Optimizer subclass")
+    return cls
+
+
+def optimizer_keywords(cls: type) -> set[str] | None:
+    """The keyword arguments ``cls.__init__`` takes besides the parameters (None: any, it has ``**kwargs``)."""
+    import inspect
+
+    params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, params
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 @dataclasses.dataclass

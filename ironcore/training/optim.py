@@ -4,7 +4,11 @@ Weight decay is decoupled (AdamW) and applies only to matrices of linear
 layers: norms, biases and embeddings (tokens and positions) are not decayed,
 as in GPT-3/Megatron practice, since shrinking them towards zero only removes
 capacity without regularising anything useful. ``optimizer: adam`` is an
-alias of adamw.
+alias of adamw; ``muon`` gives the transformer blocks' matrices to
+torch.optim.Muon (:mod:`ironcore.training.muon`); ``module:Class`` is any
+torch optimizer, built on the same groups with ``optim.optimizer_options``.
+:func:`parameter_rule` is the one place that decides, per parameter, decay
+or not and Muon or not.
 
 The trainer gets a :class:`~ironcore.training.optimizer.TrainingOptimizer`
 (:func:`build_training_optimizer`): the built-in one the config asks for, or
@@ -18,11 +22,20 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from ironcore.config.training import Config, OperationConfig, OptimConfig
+from ironcore.config.base import named_object
+from ironcore.config.training import (
+    SCHEDULES,
+    Config,
+    OperationConfig,
+    OptimConfig,
+    optimizer_keywords,
+    torch_optimizer_class,
+)
 from ironcore.errors import ConfigError
 from ironcore.parallel.fsdp import shard_model, uses_fsdp
 from ironcore.parallel.layers import VocabParallelEmbedding
@@ -32,43 +45,63 @@ from ironcore.training.distributed_optimizer import (
     MixedPrecisionOptimizer,
 )
 from ironcore.training.fsdp import FSDPOptimizer
+from ironcore.training.muon import MuonWithAdamW
 from ironcore.training.optimizer import METHODS, TrainingOptimizer, as_training_optimizer, scaled_step
 
 KEY = "optim.implementation"
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed linear weights, and everything else (norms, biases, embeddings)."""
-    decay, no_decay = [], []
+def parameter_rule(name: str, param: torch.Tensor, embeddings: set[int]) -> tuple[bool, bool]:
+    """(decayed, Muon's) for the parameter ``name``: decay only matrices that are not embeddings (``embeddings``:
+    their ids); Muon only for the hidden matrices, the 2-D weights inside the transformer blocks (``layers.``):
+    not the embeddings or the output head, which map tokens rather than hidden states, nor norms and biases."""
+    decayed = param.dim() >= 2 and id(param) not in embeddings
+    return decayed, decayed and param.dim() == 2 and name.startswith("layers.")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, muon_weight_decay: float | None = None) -> list[dict]:
+    """Decayed weights and everything else (norms, biases, embeddings); with ``muon_weight_decay`` the hidden
+    matrices first, in a group of their own marked ``"muon": True`` (:func:`parameter_rule`)."""
+    muon, decay, no_decay = [], [], []
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, VocabParallelEmbedding))}
-    for param in model.parameters():
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.dim() < 2 or id(param) in embeddings:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        decayed, hidden = parameter_rule(name, param, embeddings)
+        (muon if hidden and muon_weight_decay is not None else decay if decayed else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if muon_weight_decay is None:
+        return groups
+    return [{"params": muon, "weight_decay": muon_weight_decay, "muon": True}, *groups]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, distributed: bool = False, overlap: bool = False,
                     precision: str = "fp32") -> torch.optim.Optimizer | FlatBufferOptimizer:  # fmt: skip
-    """AdamW (the fused single-kernel implementation: ~4x faster than the default on CPU) or SGD; with
+    """AdamW (the fused single-kernel implementation: ~4x faster than the default on CPU), SGD, Muon with AdamW
+    or a ``module:Class`` torch optimizer, with ``cfg.optimizer_options``; with
     ``distributed`` its state sharded over the data-parallel ranks (:class:`DistributedOptimizer`, ``overlap``:
     its reductions started during the backward pass). ``precision="bf16"`` makes the parameters bf16 with
     fp32 main gradients and master weights in the optimizer (the flat buffers of :class:`DistributedOptimizer`,
     or unsharded: :class:`MixedPrecisionOptimizer`)."""
 
+    options = dict(cfg.optimizer_options)
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
+    adamw = {"betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "fused": fused}
+
     def build(groups: list[dict]) -> torch.optim.Optimizer:
         if cfg.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=cfg.max_lr, momentum=cfg.momentum)
-        fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
-        return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+            return torch.optim.SGD(groups, lr=cfg.max_lr, momentum=cfg.momentum, **options)
+        if cfg.optimizer == "muon":
+            return MuonWithAdamW(groups, cfg.max_lr, muon=options, adamw=adamw)
+        if cfg.optimizer in ("adamw", "adam"):
+            return torch.optim.AdamW(groups, lr=cfg.max_lr, **adamw, **options)
+        cls = torch_optimizer_class(cfg.optimizer)
+        keywords = optimizer_keywords(cls)
+        return cls(groups, **({"lr": cfg.max_lr} if keywords is None or "lr" in keywords else {}), **options)
 
-    groups = parameter_groups(model, cfg.weight_decay)
+    # Muon's own weight decay (optimizer_options) is its group's; the option would not override a group's value
+    muon_weight_decay = options.pop("weight_decay", cfg.weight_decay) if cfg.optimizer == "muon" else None
+    groups = parameter_groups(model, cfg.weight_decay, muon_weight_decay)
     param_dtype = torch.bfloat16 if precision == "bf16" else None
     if distributed:
         return DistributedOptimizer(model, groups, build, overlap=overlap, param_dtype=param_dtype)
@@ -137,11 +170,29 @@ def _(optimizer: torch.optim.Optimizer, factor: float) -> None:
 
 
 def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """LR for optimizer step ``step`` (0-based): linear warmup to max_lr, then decay to min_lr."""
+    """LR for optimizer step ``step`` (0-based): linear warmup to max_lr, then ``cfg.lr_schedule``.
+
+    ``cosine``/``linear`` decay from max_lr to min_lr over the steps after warmup, ``constant`` stays at
+    max_lr. ``wsd`` (warmup-stable-decay, MiniCPM's) stays at max_lr until the last ``decay_fraction`` of
+    the run, whose ``round(decay_fraction * total_steps)`` steps fall to min_lr along ``decay_shape``, the
+    last step at min_lr: the stable phase does not depend on the run's length, so a checkpoint from it can
+    be continued into a longer run. ``module:function`` is called as ``function(step, total_steps, cfg)``.
+    """
+    if cfg.lr_schedule not in SCHEDULES:
+        return float(schedule_function(cfg.lr_schedule)(step, total_steps, cfg))
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return cfg.max_lr
+    if cfg.lr_schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * total_steps))
+        progress = (step - (total_steps - decay_steps) + 1) / decay_steps
+        if progress <= 0:
+            return cfg.max_lr
+        progress = min(1.0, progress)
+        factor = {"linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress)),
+                  "1-sqrt": 1.0 - math.sqrt(progress)}[cfg.decay_shape]
+        return cfg.min_lr + (cfg.max_lr - cfg.min_lr) * factor
     decay_steps = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     if cfg.lr_schedule == "linear":
@@ -149,6 +200,15 @@ def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
     else:
         factor = 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.min_lr + (cfg.max_lr - cfg.min_lr) * factor
+
+
+@functools.cache
+def schedule_function(spec: str) -> Callable[[int, int, OptimConfig], float]:
+    """The function an ``optim.lr_schedule`` of ``module:function`` names (imported once)."""
+    function = named_object(spec, "optim.lr_schedule")
+    if not callable(function):
+        raise ConfigError(f"config key 'optim.lr_schedule': {spec} is not a function")
+    return function
 
 
 def total_steps(op: OperationConfig, tokens_per_step: int) -> int:

@@ -44,6 +44,7 @@ from ironcore.data.preprocessing.config import load_data_config
 from ironcore.data.preprocessing.metadata import load_metadata
 from ironcore.data.preprocessing.tokenizer import Tokenizer, check_data_set_tokenizer, check_same_tokenizer
 from ironcore.data.samples.batches import StepBatches
+from ironcore.data.samples.blend import BlendedDataset, check_blendable, mix_metrics
 from ironcore.data.samples.build import build_dataset
 from ironcore.errors import ConfigError, UserError
 from ironcore.evaluation.tasks import TaskConfig, check_task, evaluate_task, load_task
@@ -107,13 +108,22 @@ class Trainer:
         self.health = CheckpointHealth(self.ckpt_dir, cfg.trainer.healthy_after_steps, self.is_main)
         check_writable(self.out_dir, "folder")  # before any work: a bad output path must not cost it
 
-        if not cfg.data.config_path:
-            raise ConfigError("data.config_path: a training run needs a data config (configs/data/*.yaml)")
-        self.data_cfg = load_data_config(cfg.data.config_path)
-        self.data_dir = Path(self.data_cfg.output_dir)
-        self.metadata = load_metadata(self.data_dir)
-        check_data_fits_model(self.metadata, cfg, self.data_dir)
-        self.seq_len = self.data_cfg.max_seq_length
+        if not cfg.data.config_path and not cfg.data.blend:
+            raise ConfigError("data.config_path: a training run needs a data config (configs/data/*.yaml) "
+                              "or a data.blend of several")
+        # A blend's data sets share a tokenizer and task type: the first stands for them all where one is needed.
+        self.data_cfgs = [load_data_config(path) for path in
+                          ([s.config_path for s in cfg.data.blend] if cfg.data.blend else [cfg.data.config_path])]
+        self.data_dirs = [Path(data_cfg.output_dir) for data_cfg in self.data_cfgs]
+        self.data_dir = self.data_dirs[0]
+        metadatas = [load_metadata(folder) for folder in self.data_dirs]
+        self.metadata = metadatas[0]
+        for metadata, folder in zip(metadatas, self.data_dirs):
+            check_data_fits_model(metadata, cfg, folder)
+        if cfg.data.blend:
+            check_blendable([(c.name, d, m, c.max_seq_length)
+                             for c, d, m in zip(self.data_cfgs, self.data_dirs, metadatas)])  # fmt: skip
+        self.seq_len = self.data_cfgs[0].max_seq_length
         if state.sequence_parallel() and self.seq_len % self.ctx.tp_size:
             raise ConfigError(f"trainer.sequence_parallel: the data's max_seq_length {self.seq_len} is not a "
                               f"multiple of tensor_model_parallel_size {self.ctx.tp_size}")
@@ -132,15 +142,34 @@ class Trainer:
             ObjectiveContext(cfg, self.device, self.autocast, self.data_dir, self.metadata, self.seq_len, self.model,
                              lambda: self.state.step)
         )
-        splits = [split for split in ("train", "valid") if self.metadata["splits"].get(split)]
-        datasets = self.objective.prepare({
-            split: build_dataset(self.data_dir, self.metadata, split, self.seq_len, cfg.init.seed, cfg.data.packing)
-            for split in splits
-        })
-        self.train_data = self._batches(datasets["train"], shuffle=True)
-        self.valid_data = self._batches(datasets["valid"], shuffle=False) if "valid" in datasets else None
         self.tokens_per_step = cfg.trainer.train_batch_size * self.seq_len * self.objective.sequences_per_sample
         self.total_steps = total_steps(cfg.operation, self.tokens_per_step)
+        # Validation sets by the name their metrics carry: "" for the one data set, each data config's name in a
+        # blend (see evaluate).
+        self.valid_data: dict[str, StepBatches] = {}
+        self.blend_weights = {c.name: s.weight for c, s in zip(self.data_cfgs, cfg.data.blend)}
+        if not cfg.data.blend:
+            splits = [split for split in ("train", "valid") if self.metadata["splits"].get(split)]
+            datasets = self.objective.prepare({
+                split: build_dataset(self.data_dir, self.metadata, split, self.seq_len, cfg.init.seed, cfg.data.packing)
+                for split in splits
+            })
+            self.train_data = self._batches(datasets["train"], shuffle=True)
+            if "valid" in datasets:
+                self.valid_data[""] = self._batches(datasets["valid"], shuffle=False)
+        else:
+            sources = [build_dataset(d, m, "train", self.seq_len, cfg.init.seed, cfg.data.packing)
+                       for d, m in zip(self.data_dirs, metadatas)]  # fmt: skip
+            # Read in order (the blend shuffles within each source): each batch holds the exact proportions.
+            blend = BlendedDataset(sources, [s.weight for s in cfg.data.blend],
+                                   self.total_steps * cfg.trainer.train_batch_size, cfg.init.seed)
+            self.train_data = self._batches(self.objective.prepare({"train": blend})["train"], shuffle=False)
+            for c, d, m in zip(self.data_cfgs, self.data_dirs, metadatas):
+                if m["splits"].get("valid"):
+                    valid = build_dataset(d, m, "valid", self.seq_len, cfg.init.seed, cfg.data.packing)
+                    valid = self.objective.prepare({"valid": valid})["valid"]
+                    self.valid_data[c.name] = self._batches(valid, shuffle=False)
+        learning_rate(0, self.total_steps, cfg.optim)  # a bad module:function schedule: one line, before any work
         self.flops_per_token = model_stats(cfg.model, self.seq_len).train_flops_per_token
         peak = device_peak(self.device, cfg.trainer.precision, cfg.trainer.peak_tflops)
         self.peak = peak.flops
@@ -164,7 +193,8 @@ class Trainer:
     def _check_tokenizers(self) -> None:
         """The data's token ids must mean what they meant to the weights we start or resume from."""
         identity = self.metadata["tokenizer"]["identity"]
-        check_data_set_tokenizer(self.data_dir, identity)
+        for folder in self.data_dirs:
+            check_data_set_tokenizer(folder, identity)
         if self.cfg.data.allow_other_tokenizer:
             return
         latest = resume_folder(self.ckpt_dir)
@@ -229,13 +259,13 @@ class Trainer:
         try:
             if resumed and self.is_main:
                 log.info("resumed from %s at step %d", resumed, self.state.step)
-            if cfg.operation.eval_at_start and not resumed and self.valid_data is not None:
+            if cfg.operation.eval_at_start and not resumed and self.valid_data:
                 start = self.evaluate()
                 self._eval_line(start, 0)
                 self._write_metrics({"step": 0, **start})
                 self._track(start, 0)
             stopped = self._loop()
-            final = stopped or (self.evaluate() if self.valid_data is not None else {})
+            final = stopped or (self.evaluate() if self.valid_data else {})
             if final and not stopped:
                 self._eval_line(final, self.state.step)
                 self._write_metrics({"step": self.state.step, **final})
@@ -291,7 +321,7 @@ class Trainer:
                 self._track(metrics, step)
                 self._log_artifacts()
                 window_start, window_tokens = time.perf_counter(), 0
-            if self.valid_data is not None and op.eval_interval and step % op.eval_interval == 0 and step < self.total_steps:
+            if self.valid_data and op.eval_interval and step % op.eval_interval == 0 and step < self.total_steps:
                 result = self.evaluate()
                 self._eval_line(result, step)
                 self._write_metrics({"step": step, **result})
@@ -438,11 +468,15 @@ class Trainer:
                  *(f"{n / mib:,.1f}" for n in (params, grads, states)), peak)  # fmt: skip
 
     def evaluate(self) -> dict[str, float]:
-        """The objective's validation metrics over ``operation.eval_steps`` global batches, and the metrics of
+        """The objective's validation metrics over ``operation.eval_steps`` global batches (of a blend: of each
+        data set, as ``val_<name>_x``, and mixed by the blend's weights as ``val_x``), and the metrics of
         ``operation.eval_tasks`` (``eval/<task>/<metric>``)."""
         self.model.eval()
         try:
-            metrics = self.objective.evaluate(self.forward, self.valid_data.eval_steps(self.cfg.operation.eval_steps))
+            steps = self.cfg.operation.eval_steps
+            per_source = {name: self.objective.evaluate(self.forward, batches.eval_steps(steps))
+                          for name, batches in self.valid_data.items()}  # fmt: skip
+            metrics = per_source.pop("") if "" in per_source else mix_metrics(per_source, self.blend_weights)
             for task in self.tasks:
                 metrics |= self._task_metrics(task)
             return metrics
