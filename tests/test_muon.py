@@ -135,7 +135,10 @@ def test_muon_under_data_parallelism_matches_accumulation(tmp_path: Path) -> Non
     ],
 )
 def test_bad_optimizers_and_options_are_one_line(optim: dict, trainer: dict, message: str) -> None:
+    """Built-ins and layouts are checked with the config; a module:Class plug-in where it is built (the config
+    modules import no torch), before any training."""
     raw = {"model": dict(TINY_MODEL), "optim": optim, "trainer": {**trainer, "micro_batch_size": 1}}
     with pytest.raises(ConfigError) as err:
-        build_config(raw, world_size=2)
+        cfg = build_config(raw, world_size=2)
+        build_optimizer(TransformerModel(cfg.model), cfg.optim)
     assert message in str(err.value) and "\n" not in str(err.value)

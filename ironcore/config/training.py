@@ -11,9 +11,8 @@ import logging
 import math
 from typing import Any, Literal
 
-from ironcore.config.base import InvalidValue, did_you_mean, field, named_object
+from ironcore.config.base import InvalidValue, did_you_mean, field
 from ironcore.config.model import ModelConfig
-from ironcore.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +250,8 @@ class OptimConfig:
         that a typo fails before the model is built rather than as a TypeError (or not at all)."""
         if self.optimizer in OPTIMIZER_OPTIONS:
             allowed: set[str] | None = set(OPTIMIZER_OPTIONS[self.optimizer])
-        elif ":" in self.optimizer:
-            allowed = optimizer_keywords(torch_optimizer_class(self.optimizer))
+        elif ":" in self.optimizer:  # its class and keywords: checked where it is built (training/optim.py)
+            allowed = None
         else:
             raise InvalidValue("optimizer", f"'{self.optimizer}' is neither a built-in optimizer "
                                f"({', '.join(OPTIMIZER_OPTIONS)}) nor module:Class"
@@ -277,26 +276,6 @@ OPTIMIZER_OPTIONS = {
     "sgd": ("dampening", "nesterov", "maximize"),
     "muon": ("momentum", "nesterov", "ns_steps", "ns_coefficients", "eps", "adjust_lr_fn", "weight_decay"),
 }
-
-
-def torch_optimizer_class(spec: str) -> type:
-    """The torch optimizer class ``module:Class`` names; one line naming optim.optimizer when it is not one."""
-    import torch  # imported here: the config modules load without torch (the user's module imported it anyway)
-
-    cls = named_object(spec, "optim.optimizer")
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise ConfigError(f"config key 'optim.optimizer': {spec} is not a torch.optim.Optimizer subclass")
-    return cls
-
-
-def optimizer_keywords(cls: type) -> set[str] | None:
-    """The keyword arguments ``cls.__init__`` takes besides the parameters (None: any, it has ``**kwargs``)."""
-    import inspect
-
-    params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, params
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 @dataclasses.dataclass

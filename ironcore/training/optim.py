@@ -21,21 +21,15 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from ironcore.config.base import named_object
-from ironcore.config.training import (
-    SCHEDULES,
-    Config,
-    OperationConfig,
-    OptimConfig,
-    optimizer_keywords,
-    torch_optimizer_class,
-)
+from ironcore.config.base import did_you_mean, named_object
+from ironcore.config.training import SCHEDULES, Config, OperationConfig, OptimConfig
 from ironcore.errors import ConfigError
 from ironcore.parallel.fsdp import shard_model, uses_fsdp
 from ironcore.parallel.layers import VocabParallelEmbedding
@@ -97,6 +91,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, distributed: bool = Fals
             return torch.optim.AdamW(groups, lr=cfg.max_lr, **adamw, **options)
         cls = torch_optimizer_class(cfg.optimizer)
         keywords = optimizer_keywords(cls)
+        unknown = sorted(set(options) - keywords) if keywords is not None else []
+        if unknown:
+            raise ConfigError(f"config key 'optim.optimizer_options': {cfg.optimizer} takes no option "
+                              f"'{unknown[0]}'{did_you_mean(unknown[0], keywords)} (it takes: "
+                              f"{', '.join(sorted(keywords))})")
         return cls(groups, **({"lr": cfg.max_lr} if keywords is None or "lr" in keywords else {}), **options)
 
     # Muon's own weight decay (optimizer_options) is its group's; the option would not override a group's value
@@ -121,6 +120,22 @@ def build_training_optimizer(model: nn.Module, cfg: Config) -> TrainingOptimizer
     built = build_optimizer(model, cfg.optim, distributed=cfg.trainer.distributed_optimizer,
                             overlap=cfg.trainer.overlap_grad_reduce, precision=cfg.trainer.precision)  # fmt: skip
     return as_training_optimizer(built, model)
+
+
+def torch_optimizer_class(spec: str) -> type:
+    """The torch optimizer class ``module:Class`` names; one line naming optim.optimizer when it is not one."""
+    cls = named_object(spec, "optim.optimizer")
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(f"config key 'optim.optimizer': {spec} is not a torch.optim.Optimizer subclass")
+    return cls
+
+
+def optimizer_keywords(cls: type) -> set[str] | None:
+    """The keyword arguments ``cls.__init__`` takes besides the parameters (None: any, it has ``**kwargs``)."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, params
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def optimizer_class(spec: str) -> type:

@@ -144,31 +144,8 @@ class Trainer:
         )
         self.tokens_per_step = cfg.trainer.train_batch_size * self.seq_len * self.objective.sequences_per_sample
         self.total_steps = total_steps(cfg.operation, self.tokens_per_step)
-        # Validation sets by the name their metrics carry: "" for the one data set, each data config's name in a
-        # blend (see evaluate).
-        self.valid_data: dict[str, StepBatches] = {}
         self.blend_weights = {c.name: s.weight for c, s in zip(self.data_cfgs, cfg.data.blend)}
-        if not cfg.data.blend:
-            splits = [split for split in ("train", "valid") if self.metadata["splits"].get(split)]
-            datasets = self.objective.prepare({
-                split: build_dataset(self.data_dir, self.metadata, split, self.seq_len, cfg.init.seed, cfg.data.packing)
-                for split in splits
-            })
-            self.train_data = self._batches(datasets["train"], shuffle=True)
-            if "valid" in datasets:
-                self.valid_data[""] = self._batches(datasets["valid"], shuffle=False)
-        else:
-            sources = [build_dataset(d, m, "train", self.seq_len, cfg.init.seed, cfg.data.packing)
-                       for d, m in zip(self.data_dirs, metadatas)]  # fmt: skip
-            # Read in order (the blend shuffles within each source): each batch holds the exact proportions.
-            blend = BlendedDataset(sources, [s.weight for s in cfg.data.blend],
-                                   self.total_steps * cfg.trainer.train_batch_size, cfg.init.seed)
-            self.train_data = self._batches(self.objective.prepare({"train": blend})["train"], shuffle=False)
-            for c, d, m in zip(self.data_cfgs, self.data_dirs, metadatas):
-                if m["splits"].get("valid"):
-                    valid = build_dataset(d, m, "valid", self.seq_len, cfg.init.seed, cfg.data.packing)
-                    valid = self.objective.prepare({"valid": valid})["valid"]
-                    self.valid_data[c.name] = self._batches(valid, shuffle=False)
+        self.train_data, self.valid_data = self._data(metadatas)
         learning_rate(0, self.total_steps, cfg.optim)  # a bad module:function schedule: one line, before any work
         self.flops_per_token = model_stats(cfg.model, self.seq_len).train_flops_per_token
         peak = device_peak(self.device, cfg.trainer.precision, cfg.trainer.peak_tflops)
@@ -227,6 +204,31 @@ class Trainer:
         if self.cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(model)
         return model.to(self.device)
+
+    def _data(self, metadatas: list[dict[str, Any]]) -> tuple[StepBatches, dict[str, StepBatches]]:
+        """The training batches, and the validation sets by the name their metrics carry: "" for the one data
+        set, each data config's name in a blend (see :meth:`evaluate`)."""
+        cfg = self.cfg
+        valid_data: dict[str, StepBatches] = {}
+        if not cfg.data.blend:
+            splits = [split for split in ("train", "valid") if self.metadata["splits"].get(split)]
+            datasets = self.objective.prepare({
+                split: build_dataset(self.data_dir, self.metadata, split, self.seq_len, cfg.init.seed, cfg.data.packing)
+                for split in splits
+            })
+            if "valid" in datasets:
+                valid_data[""] = self._batches(datasets["valid"], shuffle=False)
+            return self._batches(datasets["train"], shuffle=True), valid_data
+        sources = [build_dataset(d, m, "train", self.seq_len, cfg.init.seed, cfg.data.packing)
+                   for d, m in zip(self.data_dirs, metadatas)]  # fmt: skip
+        # Read in order (the blend shuffles within each source): each batch holds the exact proportions.
+        blend = BlendedDataset(sources, [s.weight for s in cfg.data.blend],
+                               self.total_steps * cfg.trainer.train_batch_size, cfg.init.seed)
+        for c, d, m in zip(self.data_cfgs, self.data_dirs, metadatas):
+            if m["splits"].get("valid"):
+                valid = build_dataset(d, m, "valid", self.seq_len, cfg.init.seed, cfg.data.packing)
+                valid_data[c.name] = self._batches(self.objective.prepare({"valid": valid})["valid"], shuffle=False)
+        return self._batches(self.objective.prepare({"train": blend})["train"], shuffle=False), valid_data
 
     def _batches(self, dataset: torch.utils.data.Dataset, shuffle: bool) -> StepBatches:
         cfg = self.cfg
