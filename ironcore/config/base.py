@@ -96,21 +96,24 @@ def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def named_object(spec: str, key: str) -> Any:
-    """What a ``module:name`` config value names (a plug-in: schedule, optimizer, objective); a one-line
-    ConfigError naming ``key`` when it is not module:name, the module cannot be imported or lacks the name."""
+def named_object(spec: str, key: str, kind: str = "name") -> Any:
+    """What a ``module:name`` config value names (a plug-in: schedule, optimizer); a one-line ConfigError naming
+    ``key`` when it is not module:name, the module cannot be imported or lacks the name (``kind="Class"``:
+    lacks a class of that name)."""
     import importlib
 
     module_name, sep, name = spec.partition(":")
     if not sep or not module_name or not name:
-        raise ConfigError(f"config key '{key}': '{spec}' is not module:name")
+        raise ConfigError(f"config key '{key}': '{spec}' is not module:{kind}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ConfigError(f"config key '{key}': cannot import module '{module_name}' ({err})") from None
-    if not hasattr(module, name):
-        raise ConfigError(f"config key '{key}': module '{module_name}' has no '{name}'")
-    return getattr(module, name)
+    found = getattr(module, name, None)
+    if found is None or (kind == "Class" and not isinstance(found, type)):
+        what = "" if kind == "name" else f"{kind.lower()} "
+        raise ConfigError(f"config key '{key}': module '{module_name}' has no {what}'{name}'")
+    return found
 
 
 def _type_name(tp: Any) -> str:

@@ -20,7 +20,6 @@ and tests that hold a bare torch optimizer.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import math
 from collections.abc import Callable
@@ -141,16 +140,7 @@ def optimizer_keywords(cls: type) -> set[str] | None:
 def optimizer_class(spec: str) -> type:
     """The class an ``optim.implementation`` value (``module:Class``) names; ConfigError naming the key when it
     cannot be imported or lacks a :class:`TrainingOptimizer` method."""
-    module_name, sep, name = spec.partition(":")
-    if not sep or not module_name or not name:
-        raise ConfigError(f"{KEY}: '{spec}' is not module:Class")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(f"{KEY}: cannot import module '{module_name}' ({err})") from None
-    cls = getattr(module, name, None)
-    if not isinstance(cls, type):
-        raise ConfigError(f"{KEY}: module '{module_name}' has no class '{name}'")
+    cls = named_object(spec, KEY, "Class")
     missing = [method for method in METHODS if not callable(getattr(cls, method, None))]
     if missing:
         raise ConfigError(f"{KEY}: {spec} does not implement the TrainingOptimizer interface "
