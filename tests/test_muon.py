@@ -1,20 +1,26 @@
 """Optimizers as plug-ins: ``optim.optimizer: muon`` against torch.optim.Muon + torch.optim.AdamW applied by
-hand, a torch optimizer of one's own as module:Class trained through the trainer, and one-line refusals."""
+hand (at TP=1, and at TP=2 under torchrun: ``python -m torch.distributed.run ... tests/test_muon.py OUT``), a
+torch optimizer of one's own as module:Class trained through the trainer, and one-line refusals."""
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import TINY_MODEL, launch_train, read_metrics, shakespeare_slice, small_run_config
+from run_helpers import ROOT, TINY_MODEL, launch_train, read_metrics, shakespeare_slice, small_run_config
 
 from ironcore.config import build_config, dump_config, load_model_config
 from ironcore.config.base import from_dict
 from ironcore.config.training import OptimConfig
 from ironcore.errors import ConfigError
 from ironcore.models import TransformerModel
+from ironcore.parallel.setup import destroy_parallel, init_parallel
+from ironcore.parallel.sharding import full_state_dict, load_full_state_dict, named_splits, shard_tensor
 from ironcore.training.optim import build_optimizer, learning_rate
 from ironcore.training.trainer import Trainer
 
@@ -59,19 +65,25 @@ def train_steps(model: TransformerModel, optimizers: list, cfg: OptimConfig, ste
         tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(step))
         logits = model(tokens[:, :-1])
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total, cfg)
-            optimizer.step()
-            optimizer.zero_grad()
+        step_all(optimizers, learning_rate(step, total, cfg))
+
+
+def step_all(optimizers: list, lr: float) -> None:
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+MUON = {"optimizer": "muon", "optimizer_options": OPTIONS, "max_lr": 0.02, "min_lr": 0.002, "warmup_steps": 2}
 
 
 def test_muon_is_torch_muon_on_the_hidden_matrices_and_adamw_on_the_rest() -> None:
     torch.manual_seed(0)
     model = TransformerModel(load_model_config({**TINY_MODEL, "tie_word_embeddings": False}))
     reference = copy.deepcopy(model)
-    cfg = from_dict(OptimConfig, {"optimizer": "muon", "optimizer_options": OPTIONS, "max_lr": 0.02,
-                                  "min_lr": 0.002, "warmup_steps": 2})  # fmt: skip
+    cfg = from_dict(OptimConfig, MUON)
     optimizer = build_optimizer(model, cfg)
     train_steps(model, [optimizer], cfg, range(3), total=6)
     hand = by_hand(reference, cfg)
@@ -113,6 +125,47 @@ def test_muon_under_data_parallelism_matches_accumulation(tmp_path: Path) -> Non
     assert len(accumulated) == 3 and dp2 == pytest.approx(accumulated, rel=1e-5)
 
 
+def tensor_parallel_worker(out: Path, steps: int = 5) -> None:
+    """Under torchrun, 2 processes: muon at TP=2 against :func:`by_hand` at TP=1, each step on the TP=1 run's
+    gradients (this rank's slices of them), so only the optimizers differ; rank 0 saves each parameter's largest
+    difference (gathered) to ``out``."""
+    torch.manual_seed(0)
+    config = load_model_config({**TINY_MODEL, "tie_word_embeddings": False})  # fused q/k/v, gate/up, GQA
+    cfg = from_dict(OptimConfig, MUON)
+    reference = TransformerModel(config)  # the TP=1 run, before the TP group exists
+    initial, hand, grads = copy.deepcopy(reference.state_dict()), by_hand(reference, cfg), []
+    for step in range(steps):
+        train_steps(reference, [], cfg, range(step, step + 1), total=steps)  # gradients, no step
+        grads.append({name: p.grad.clone() for name, p in reference.named_parameters()})
+        step_all(hand, learning_rate(step, steps, cfg))
+    context = init_parallel(2, config)
+    model = TransformerModel(config)
+    load_full_state_dict(model, initial)
+    optimizer, splits = build_optimizer(model, cfg), named_splits(model)
+    for step, full in enumerate(grads):
+        for name, param in model.named_parameters():
+            param.grad = shard_tensor(full[name], splits.get(name)).clone()
+        step_all([optimizer], learning_rate(step, steps, cfg))
+    gathered = full_state_dict(model)
+    if context.rank == 0:
+        torch.save({name: (gathered[name] - want).abs().max().item() for name, want in reference.state_dict().items()},
+                   out)  # fmt: skip
+    destroy_parallel()
+
+
+@pytest.mark.slow
+def test_muon_under_tensor_parallelism_is_torch_muon_on_the_full_matrices(tmp_path: Path) -> None:
+    """TP=2 gathers each split matrix's update (q/k/v and gate/up rows in the TP=1 order) and orthogonalises
+    it whole, with the full matrix's lr adjustment: the parameters of one process with torch's optimizers."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", __file__, str(tmp_path / "diffs.pt")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    diffs = torch.load(tmp_path / "diffs.pt")
+    assert len(diffs) == 15 and max(diffs.values()) <= 1e-6, diffs
+
+
 @pytest.mark.parametrize(
     ("optim", "trainer", "message"),
     [
@@ -130,8 +183,6 @@ def test_muon_under_data_parallelism_matches_accumulation(tmp_path: Path) -> Non
         ({"optimizer": "muon"}, {"data_parallel": "zero1"}, "muon is not supported with trainer.data_parallel: zero1"),
         ({"optimizer": "muon"}, {"data_parallel": "fsdp"}, "muon is not supported with trainer.data_parallel: fsdp"),
         ({"optimizer": "muon"}, {"precision": "bf16"}, "muon is not supported with trainer.precision: bf16"),
-        ({"optimizer": "muon"}, {"tensor_model_parallel_size": 2}, "muon is not supported with "
-         "trainer.tensor_model_parallel_size > 1"),
     ],
 )
 def test_bad_optimizers_and_options_are_one_line(optim: dict, trainer: dict, message: str) -> None:
@@ -142,3 +193,7 @@ def test_bad_optimizers_and_options_are_one_line(optim: dict, trainer: dict, mes
         cfg = build_config(raw, world_size=2)
         build_optimizer(TransformerModel(cfg.model), cfg.optim)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+if __name__ == "__main__":
+    tensor_parallel_worker(Path(sys.argv[1]))

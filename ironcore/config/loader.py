@@ -209,14 +209,11 @@ def validate_config(cfg: Config, world_size: int | None = None) -> Config:
 
 
 def _check_muon_layout(cfg: Config) -> None:
-    """Muon orthogonalises each whole weight matrix, so it needs every matrix whole and unflattened on every
-    rank: not yet under TP (split matrices), zero1 or bf16 (flat buffers) or fsdp (row shards)."""
+    """Muon orthogonalises each whole weight matrix, so it needs every matrix unflattened and whole on every rank,
+    or (TP-split matrices) gathered whole: not yet zero1 or bf16 (flat buffers) or fsdp (row shards)."""
     if cfg.optim.optimizer != "muon" or cfg.optim.implementation:
         return
     tr = cfg.trainer
-    if tr.tensor_model_parallel_size > 1:
-        raise ConfigError("config key 'optim.optimizer': muon is not supported with "
-                          "trainer.tensor_model_parallel_size > 1 yet (it would orthogonalise each TP shard alone)")
     if tr.data_parallel in ("zero1", "fsdp"):
         raise ConfigError(f"config key 'optim.optimizer': muon is not supported with trainer.data_parallel: "
                           f"{tr.data_parallel} yet (it shards the weight matrices Muon orthogonalises); use ddp")

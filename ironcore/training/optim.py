@@ -38,7 +38,7 @@ from ironcore.training.distributed_optimizer import (
     MixedPrecisionOptimizer,
 )
 from ironcore.training.fsdp import FSDPOptimizer
-from ironcore.training.muon import MuonWithAdamW
+from ironcore.training.muon import MuonWithAdamW, parameter_splits
 from ironcore.training.optimizer import METHODS, TrainingOptimizer, as_training_optimizer, scaled_step
 
 KEY = "optim.implementation"
@@ -85,7 +85,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, distributed: bool = Fals
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=cfg.max_lr, momentum=cfg.momentum, **options)
         if cfg.optimizer == "muon":
-            return MuonWithAdamW(groups, cfg.max_lr, muon=options, adamw=adamw)
+            return MuonWithAdamW(groups, cfg.max_lr, muon=options, adamw=adamw, splits=parameter_splits(model))
         if cfg.optimizer in ("adamw", "adam"):
             return torch.optim.AdamW(groups, lr=cfg.max_lr, **adamw, **options)
         cls = torch_optimizer_class(cfg.optimizer)
