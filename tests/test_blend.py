@@ -1,8 +1,9 @@
 """Data mixtures (``data.blend``): exact shares, a mapping that resume and the DP layout leave unchanged, one-line
-errors, and a tiny run that trains on a blend and validates each data set."""
+errors, and a tiny run that trains on a blend, validates each data set and reports the mixture it drew."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from ironcore.data.preprocessing.preprocess import preprocess
 from ironcore.data.samples.batches import StepBatches
 from ironcore.data.samples.blend import BlendedDataset
 from ironcore.errors import ConfigError
+from ironcore.evaluation.validation import evaluate_checkpoint
 from ironcore.training.tracking import tracked_names
 from ironcore.training.trainer import Trainer
 
@@ -105,15 +107,35 @@ def test_bad_blends_are_one_line(data_sets: dict[str, Path]) -> None:
     assert "\n" not in str(err.value) and str(data_sets["root"] / "foreign" / "out") in str(err.value)
 
 
-def test_a_blend_trains_and_validates_each_data_set(data_sets: dict[str, Path]) -> None:
+def test_a_blend_trains_and_validates_each_data_set_and_reports_its_mixture(
+        data_sets: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
     cfg = _config(data_sets, [{"config_path": str(data_sets["a"]), "weight": 0.7},
                               {"config_path": str(data_sets["b"]), "weight": 0.3}], steps=4)
     trainer = Trainer(cfg)
     data = trainer.train_data.dataset
     sources = [data.locate(i)[0] for i in range(len(data))]
     assert len(sources) == 4 * cfg.trainer.train_batch_size and abs(sources.count(0) - 0.7 * len(sources)) <= 1
+    caplog.set_level("INFO", logger="ironcore.train")
     final = trainer.train()
+    # The mixture report: what the run drew from each data set, by the blend's own mapping.
+    folder = Path(cfg.trainer.output_dir) / "mixture"
+    report = json.loads((folder / "mixture.json").read_text())
+    page = (folder / "mixture.html").read_text()
+    assert [s["name"] for s in report["sources"]] == ["shakespeare-slice", "other"]
+    for s, source in enumerate(report["sources"]):
+        count = sources.count(s)
+        assert source["samples"] == count and source["share"] == pytest.approx(count / len(sources), abs=1e-6)
+        assert source["train_samples"] == len(data.sources[s])
+        assert source["epochs"] == pytest.approx(count / len(data.sources[s]), abs=1e-4)
+        assert source["tokens"] == count * trainer.seq_len and f"{source['name']}: run sample #" in page
+    batch = cfg.trainer.train_batch_size
+    assert report["first_batches"][1] == sources[batch : 2 * batch]
+    assert sum(f"data mixture: shakespeare-slice {sources.count(0) / len(sources):.1%}" in r.message
+               for r in caplog.records) == 1  # fmt: skip
     a, b = final["val_shakespeare-slice_loss"], final["val_other_loss"]
     assert final["val_loss"] == pytest.approx(0.7 * a + 0.3 * b) and a != b
     assert read_metrics(Path(cfg.trainer.output_dir))[0]["loss"] > 0
     assert {"val/loss", "val/other_loss", "val/shakespeare-slice_loss"} <= set(tracked_names(final))
+    # `ironcore eval` of the run must be told which data set to evaluate on: one line naming the option
+    with pytest.raises(ConfigError, match="trained on a data.blend .*; pass --data-config"):
+        evaluate_checkpoint(cfg.trainer.output_dir)

@@ -51,6 +51,9 @@ def evaluate_checkpoint(
     folder = native.resolve(path)
     run_config = saved_run_config(folder)
     data_config = data_config or (run_config.data.config_path if run_config else None)
+    if not data_config and run_config is not None and run_config.data.blend:
+        names = ", ".join(source.config_path for source in run_config.data.blend)
+        raise ConfigError(f"{folder}: trained on a data.blend ({names}); pass --data-config with the one to evaluate on")
     if not data_config:
         raise ConfigError(f"{folder}: no training config.yaml with data.config_path; pass --data-config")
     data_cfg = load_data_config(data_config)

@@ -40,6 +40,7 @@ from ironcore.checkpoints import native
 from ironcore.checkpoints.load import load_weights, locate, reward_model_start
 from ironcore.config import Config, dump_config
 from ironcore.config.training import TrainerConfig
+from ironcore.data.demo.mixture import summary_line, write_mixture_report
 from ironcore.data.preprocessing.config import load_data_config
 from ironcore.data.preprocessing.metadata import load_metadata
 from ironcore.data.preprocessing.tokenizer import Tokenizer, check_data_set_tokenizer, check_same_tokenizer
@@ -230,6 +231,17 @@ class Trainer:
                 valid_data[c.name] = self._batches(self.objective.prepare({"valid": valid})["valid"], shuffle=False)
         return self._batches(self.objective.prepare({"train": blend})["train"], shuffle=False), valid_data
 
+    def _report_mixture(self) -> None:
+        """The blend's mixture report (``mixture/``, MLflow ``data/``) and its line in the log: what each data set
+        gets of this run, counted from the blend itself. Written at every start (a resume rewrites the same)."""
+        cfg = self.cfg
+        report = write_mixture_report(self.train_data.dataset, [c.name for c in self.data_cfgs],
+                                      [s.config_path for s in cfg.data.blend], self.data_dir,
+                                      cfg.trainer.train_batch_size, self.seq_len, self.out_dir)  # fmt: skip
+        log.info("%s", summary_line(report))
+        for path in report["files"].values():
+            self.tracker.log_artifact(path, "data")
+
     def _batches(self, dataset: torch.utils.data.Dataset, shuffle: bool) -> StepBatches:
         cfg = self.cfg
         return StepBatches(dataset, global_batch_size=cfg.trainer.train_batch_size,
@@ -256,6 +268,8 @@ class Trainer:
         self.tracker = self._start_tracking()
         self.tracker.record(self.out_dir / RUN_FILE)
         self.tracker.log_artifact(self.out_dir / "config.yaml")
+        if cfg.data.blend and self.is_main:
+            self._report_mixture()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         status = "FAILED"
         try:

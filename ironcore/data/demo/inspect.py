@@ -29,13 +29,23 @@ from ironcore.data.preprocessing.tokenizer import Tokenizer
 
 PERCENTILES = (0, 10, 50, 90, 99, 100)
 SAMPLE_TOKENS = 400  # tokens shown per sample in the HTML report
+# The look of a report page and of its decoded samples (shared with the mixture report, demo/mixture.py).
+STYLE = """<style>
+body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; }
+.sample { white-space: pre-wrap; font-family: monospace; border: 1px solid #ccc; padding: .6em; }
+.trained { background: #c8f7c5; } .prompt { color: #666; } .eod { background: #ffd27f; }
+.cut { color: #a00; } .label { font-weight: bold; color: #333; } pre { margin: 0; }
+th { text-align: left; vertical-align: top; padding-right: 1em; }
+</style>"""
+LEGEND = """<p><span class="trained">green: trained tokens</span>, <span class="prompt">grey: not trained</span>,
+<span class="eod">orange: end of document</span>.</p>"""
 
 
 def inspect_dataset(output_dir: str | Path, num_samples: int = 6, seed: int = 0) -> dict[str, Any]:
     """Compute the report of ``output_dir`` and write ``output_dir/inspect/``; return the report."""
     output_dir = Path(output_dir)
     metadata = load_metadata(output_dir)
-    tokenizer = Tokenizer.from_path(output_dir, metadata["tokenizer"]["eod_token"])
+    tokenizer = data_set_tokenizer(output_dir, metadata)
     vocab_size = metadata["tokenizer"]["vocab_size"]
     limit = metadata["max_seq_length"] + 1
     report: dict[str, Any] = {
@@ -153,7 +163,7 @@ def _samples(
         else:
             tokens, mask = examples[token_streams[0]]
             title = f"train #{index} ({len(tokens)} tokens)"
-            parts = [("", _segments(tokenizer, tokens[:SAMPLE_TOKENS], None if mask is None else mask[:SAMPLE_TOKENS]),
+            parts = [("", segments(tokenizer, tokens[:SAMPLE_TOKENS], None if mask is None else mask[:SAMPLE_TOKENS]),
                       len(tokens) > SAMPLE_TOKENS)]
         samples.append({"title": title, "parts": parts, "fields": json.loads(records[index]) if records else None})
     return samples
@@ -167,7 +177,7 @@ def _pair_parts(
     chosen, chosen_mask = examples["chosen"]
     prompt_length = int(np.argmax(chosen_mask > 0)) if chosen_mask.any() else len(chosen)
     prompt = chosen[:prompt_length]
-    parts = [("prompt", _segments(tokenizer, prompt[:SAMPLE_TOKENS], np.zeros(min(len(prompt), SAMPLE_TOKENS))),
+    parts = [("prompt", segments(tokenizer, prompt[:SAMPLE_TOKENS], np.zeros(min(len(prompt), SAMPLE_TOKENS))),
               len(prompt) > SAMPLE_TOKENS)]
     for name in ("chosen", "rejected"):
         tokens, mask = examples[name]
@@ -175,24 +185,42 @@ def _pair_parts(
         while shared < min(len(tokens), len(prompt)) and tokens[shared] == prompt[shared] and not mask[shared]:
             shared += 1
         rest, rest_mask = tokens[shared:], mask[shared:]
-        parts.append((name, _segments(tokenizer, rest[:SAMPLE_TOKENS], rest_mask[:SAMPLE_TOKENS]),
+        parts.append((name, segments(tokenizer, rest[:SAMPLE_TOKENS], rest_mask[:SAMPLE_TOKENS]),
                       len(rest) > SAMPLE_TOKENS))
     return parts
 
 
-def _segments(tokenizer: Tokenizer, tokens: np.ndarray, mask: np.ndarray | None) -> list[tuple[str, str]]:
+def data_set_tokenizer(output_dir: Path, metadata: dict[str, Any]) -> Tokenizer:
+    """The tokenizer copy beside a data set's shards, with the end of document its metadata names."""
+    return Tokenizer.from_path(output_dir, metadata["tokenizer"]["eod_token"])
+
+
+def segments(tokenizer: Tokenizer, tokens: np.ndarray, mask: np.ndarray | None) -> list[tuple[str, str]]:
     """Runs of tokens decoded together, tagged 'trained' / 'prompt' / 'eod' / 'text'."""
     if mask is None:
         tags = ["eod" if t == tokenizer.eod_id else "text" for t in tokens]
     else:
         tags = ["trained" if m else "prompt" for m in mask]
-    segments = []
+    runs = []
     start = 0
     for i in range(1, len(tokens) + 1):
         if i == len(tokens) or tags[i] != tags[start]:
-            segments.append((tags[start], tokenizer.decode(tokens[start:i])))
+            runs.append((tags[start], tokenizer.decode(tokens[start:i])))
             start = i
-    return segments
+    return runs
+
+
+def sample_html(sample: dict[str, Any]) -> str:
+    """One decoded sample (see :func:`_samples`) as a heading and its parts, trained tokens highlighted."""
+    body = ""
+    for label, parts, cut in sample["parts"]:
+        head = f'<span class="label">{html.escape(label)}:</span>\n' if label else ""
+        text = "".join(f'<span class="{tag}">{html.escape(text)}</span>' for tag, text in parts)
+        more = '<span class="cut"> … (cut for display)</span>' if cut else ""
+        body += f"<div class=sample>{head}{text}{more}</div>"
+    fields = "" if sample["fields"] is None else \
+        f"<pre>fields: {html.escape(json.dumps(sample['fields'], ensure_ascii=False, indent=1))}</pre>"
+    return f"<h3>{html.escape(sample['title'])}</h3>{body}{fields}"
 
 
 def _html(report: dict[str, Any], samples: list[dict[str, Any]]) -> str:
@@ -200,34 +228,17 @@ def _html(report: dict[str, Any], samples: list[dict[str, Any]]) -> str:
         f"<tr><th>{html.escape(split)}</th><td><pre>{html.escape(json.dumps(entry, indent=1))}</pre></td></tr>"
         for split, entry in report["splits"].items()
     )
-    blocks = []
-    for sample in samples:
-        body = ""
-        for label, segments, cut in sample["parts"]:
-            head = f'<span class="label">{html.escape(label)}:</span>\n' if label else ""
-            text = "".join(f'<span class="{tag}">{html.escape(text)}</span>' for tag, text in segments)
-            more = '<span class="cut"> … (cut for display)</span>' if cut else ""
-            body += f"<div class=sample>{head}{text}{more}</div>"
-        fields = "" if sample["fields"] is None else \
-            f"<pre>fields: {html.escape(json.dumps(sample['fields'], ensure_ascii=False, indent=1))}</pre>"
-        blocks.append(f"<h3>{html.escape(sample['title'])}</h3>{body}{fields}")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(report["name"])}: data inspection</title>
-<style>
-body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; }}
-.sample {{ white-space: pre-wrap; font-family: monospace; border: 1px solid #ccc; padding: .6em; }}
-.trained {{ background: #c8f7c5; }} .prompt {{ color: #666; }} .eod {{ background: #ffd27f; }}
-.cut {{ color: #a00; }} .label {{ font-weight: bold; color: #333; }} pre {{ margin: 0; }} th {{ text-align: left; vertical-align: top; padding-right: 1em; }}
-</style></head><body>
+{STYLE}</head><body>
 <h1>{html.escape(report["name"])} ({html.escape(report["task_type"])})</h1>
 <p>Tokenizer {html.escape(report["tokenizer"]["identity"][:16])}…, vocabulary {report["tokenizer"]["vocab_size"]:,},
 EOD id {report["tokenizer"]["eod_id"]}{_eos(report["tokenizer"])}. Counts: {html.escape(json.dumps(report["counts"]))}</p>
 <p><img src="lengths.png" alt="token length histogram"></p>
 <table>{rows}</table>
 <h2>Samples</h2>
-<p><span class="trained">green: trained tokens</span>, <span class="prompt">grey: not trained</span>,
-<span class="eod">orange: end of document</span>.</p>
-{"".join(blocks)}
+{LEGEND}
+{"".join(sample_html(sample) for sample in samples)}
 </body></html>
 """
 

@@ -57,6 +57,15 @@ class BlendedDataset(torch.utils.data.Dataset):
         self.source = np.concatenate([self.source, source])
         self.draw = np.concatenate([self.draw, draw])
 
+    def sources_of(self, end: int) -> np.ndarray:
+        """The source of each of samples ``0..end-1``: what a report counts, the mapping training reads (kept, so
+        training does not decide it again)."""
+        if not 0 <= end <= self.size:
+            raise IndexError(f"{end} samples out of range [0, {self.size}]")
+        if end > len(self.source):
+            self._extend(end)
+        return self.source[:end]
+
     def locate(self, index: int) -> tuple[int, int]:
         """``(source, sample index within that source)`` of blend sample ``index``."""
         if not 0 <= index < self.size:
