@@ -9,6 +9,7 @@
 #   snakemake --cores 2 --forcerun train   retrain (and re-evaluate, re-summarize)
 #   snakemake --cores 2 chain              the optional experiments: pretrain -> SFT -> DPO
 #   snakemake --cores 2 rl                 synthetic task -> SFT -> GRPO -> accuracy before/after
+#   snakemake --cores 2 sweep_NAME         every point of the sweep NAME, ranked (results/sweeps/NAME)
 #
 # Settings: configs/pipeline.yaml (schema: workflow/schemas/pipeline.schema.yaml). Rules only call
 # the `ironcore` command line (and small evaluation and reporting scripts in workflow/scripts/).
@@ -74,7 +75,18 @@ rule rl:
         "results/rl/summary.md",
 
 
+# One target per sweep (configs/pipeline.yaml `sweeps`): its points trained, evaluated and ranked.
+for _sweep in SWEEPS:
+
+    rule:
+        name:
+            f"sweep_{_sweep}"
+        input:
+            f"results/sweeps/{_sweep}/summary.md",
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/eval.smk"
 include: "workflow/rules/rl.smk"
+include: "workflow/rules/sweep.smk"

@@ -227,6 +227,11 @@ RL_EXPERIMENTS = {"s": {"config": "cfg/a.yaml", "optional": True, "target": "rl"
     ({**BASE, "rl": {"start": "s", "policy": "gg"}, "experiments": {**BASE["experiments"], **RL_EXPERIMENTS}},
      "bad.yaml: 'rl.policy': 'gg' is not an experiment of the pipeline config (did you mean 'g'?)"),
     (yaml.safe_dump(BASE, sort_keys=False) + "eval: {}\n", "bad.yaml: key 'eval' given twice (lines 5 and 13)"),
+    ({**BASE, "sweeps": {"lr": {"base": "aa", "grid": {"optim.max_lr": [1]}}}},
+     "bad.yaml: 'sweeps.lr.base': 'aa' is not an experiment of the pipeline config (did you mean 'a'?)"),
+    ({**BASE, "sweeps": {"lr": {"base": "a", "grid": {"optim.max_lrr": [1]}}}},
+     "bad.yaml: 'sweeps.lr': experiment lr-max_lrr=1: cfg/a.yaml: unknown config key 'optim.max_lrr' (did you mean "
+     "'max_lr'?)"),
 ])  # fmt: skip
 def test_a_bad_pipeline_config_is_one_line_naming_the_key(tmp_path, pipeline, message):
     """Not the whole config (an unknown key), nor a traceback (an unknown rl.policy, a missing training config),
@@ -313,6 +318,46 @@ def test_optional_chain_pretrain_sft_dpo(workdir):
     experiment = client.get_experiment_by_name("ironcore-pipeline")
     (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'sft/train'")
     assert run.data.metrics["eval/toy/accuracy"] == tasks["eval/toy/accuracy"]
+
+
+def test_sweep_builds_each_point_once_ranks_them_and_groups_them_in_mlflow(workdir):
+    """`snakemake sweep_lr`: a grid of two learning rates over experiment b, each point an experiment of its own;
+    nothing to do the second time, one point's jobs when a point is added; one MLflow run for the sweep whose
+    children are the points, with the swept key among their params."""
+    from mlflow.tracking import MlflowClient
+
+    sweep = {"base": "b", "grid": {"optim.max_lr": [1e-3, 3e-3]}}
+    write_yaml(workdir / "sweep.yaml", {**PIPELINE, "sweeps": {"lr": sweep}})
+    snakemake(workdir)  # the default target up to date (earlier tests changed things): the sweep adds nothing to it
+    assert planned_jobs(workdir, configfile="sweep.yaml") == Counter()
+    snakemake(workdir, "sweep_lr", configfile="sweep.yaml")
+    assert planned_jobs(workdir, "sweep_lr", configfile="sweep.yaml") == Counter()
+    summary = json.loads((workdir / "results" / "sweeps" / "lr" / "summary.json").read_text())
+    points = {point["point"]: point for point in summary["points"]}
+    assert set(points) == {"lr-max_lr=0.001", "lr-max_lr=0.003"} and summary["keys"] == ["optim.max_lr"]
+    losses = [point["val_loss"] for point in summary["points"]]
+    assert losses == sorted(losses) and losses[0] < losses[1]  # ranked, and the two rates train differently
+    for name, point in points.items():
+        assert point["val_loss"] == json.loads((workdir / "results" / "eval" / name / "eval.json").read_text())[
+            "val_loss"] and point["seconds"] > 0 and len(point["valid"]) == 2  # fmt: skip
+    table = (workdir / "results" / "sweeps" / "lr" / "summary.md").read_text()
+    assert table.index("| 1 | ") < table.index("| 2 | ") and "| optim.max_lr |" in table
+    assert (workdir / "results" / "sweeps" / "lr" / "curves.png").stat().st_size > 10_000
+    added = {"lr": {**sweep, "points": [{"optim.max_lr": 2e-3}]}}
+    write_yaml(workdir / "sweep_added.yaml", {**PIPELINE, "sweeps": added})
+    assert planned_jobs(workdir, "sweep_lr", configfile="sweep_added.yaml") == Counter(
+        train=1, tasks=1, eval=1, sweep_summary=1, sweep_lr=1)
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ironcore-pipeline").experiment_id
+    (sweep_run,) = client.search_runs([experiment], "tags.pipeline_sweep_run = 'lr'")
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{sweep_run.info.run_id}'")
+    assert {run.info.run_name: run.data.params["optim.max_lr"] for run in children} == {
+        "lr-max_lr=0.001": "0.001", "lr-max_lr=0.003": "0.003"}
+    assert all(run.data.metrics["val/loss"] == points[run.info.run_name]["val_loss"] for run in children)
+    assert sweep_run.info.status == "FINISHED" and sweep_run.info.run_name == "sweep_lr"
+    assert {item.path for item in client.list_artifacts(sweep_run.info.run_id, "summary")} == {
+        f"summary/{name}" for name in ("summary.md", "summary.html", "summary.json", "curves.png")}
 
 
 # Metrics that measure the machine (time, speed, memory) rather than the run.

@@ -4,6 +4,7 @@
     ironcore train ... --mlflow-parent EXP              # the training run: a child of EXP's parent run
     ironcore mlflow finish --run EXP --eval eval.json [tasks.json] --config config.yaml [--artifacts DIR FILE ...]
     ironcore mlflow attach [--runs EXP ...] --artifacts DIR FILE ...
+    ironcore mlflow sweep --sweep NAME --artifacts DIR FILE ...   # a sweep's summary to its run, closed
     ironcore mlflow close --status FAILED               # onerror: the parent runs this invocation left open
 
 * ``parent --run EXP``: print the id of EXP's parent run in this invocation, creating it (for
@@ -13,6 +14,13 @@
   are, and artifacts (eval JSON, samples, configs, metrics, data report) to the parent; close it.
 * ``attach [--runs EXP ...]``: add artifacts (the summaries) to the parent runs of this invocation (all, or
   those of the named experiments).
+* ``sweep --sweep NAME``: add artifacts (the sweep's summary) to the sweep's run and close it.
+
+A sweep's points (``--sweep NAME`` to ``parent`` and ``finish``, ``ironcore train --mlflow-sweep NAME``) have their
+parent runs made children of one run per sweep (``sweep_NAME``, tagged ``pipeline_sweep_run``), which lasts across
+invocations: a point added later joins it, and MLflow's compare view and parallel-coordinates chart of its children
+show every point with its params (the resolved config, the swept keys among them) and ``val/loss``. It is created
+under a file lock, as two points' jobs may start at once.
 
 The settings come from the environment the workflow sets (workflow/rules/common.smk): ``IRONCORE_TRACKING``
 (``false``: every command does nothing), ``IRONCORE_MLFLOW_EXPERIMENT`` and ``IRONCORE_PIPELINE_INVOCATION``;
@@ -32,7 +40,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +49,8 @@ from ironcore.training.tracking import experiment_id
 
 INVOCATION_TAG = "pipeline_invocation"
 EXPERIMENT_TAG = "pipeline_experiment"
+SWEEP_TAG = "pipeline_sweep"  # a sweep's point: the sweep's name
+SWEEP_RUN_TAG = "pipeline_sweep_run"  # the sweep's own run: its name
 PARAMS_PER_CALL = 100
 SOURCE = "snakemake (workflow/Snakefile)"  # the parent runs' mlflow.source.name
 
@@ -53,16 +64,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="id of the snakemake invocation (default: $IRONCORE_PIPELINE_INVOCATION)")
     commands = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     commands.add_parser("init", help="create the tracking store and the experiment")
-    commands.add_parser("parent", help="print the id of an experiment's parent run, creating it").add_argument(
-        "--run", required=True, help="pipeline experiment")
+    parent = commands.add_parser("parent", help="print the id of an experiment's parent run, creating it")
     finish = commands.add_parser("finish", help="log eval results, config and artifacts to a parent run; close it")
-    finish.add_argument("--run", required=True, help="pipeline experiment")
+    for command in (parent, finish):
+        command.add_argument("--run", required=True, help="pipeline experiment")
+        command.add_argument("--sweep", help="the sweep the experiment is a point of (its parent run is a child of "
+                                             "the sweep's run)")  # fmt: skip
     finish.add_argument("--eval", nargs="+", required=True,
                         help="eval JSON files: step, val_* numbers, eval/<task>/<metric> numbers")
     finish.add_argument("--config", required=True, help="resolved training config.yaml")
     attach = commands.add_parser("attach", help="add artifacts to the parent runs of this invocation")
     attach.add_argument("--runs", nargs="+", help="only the parent runs of these experiments (default: all)")
-    for command in (finish, attach):
+    sweep = commands.add_parser("sweep", help="add artifacts to a sweep's run and close it")
+    sweep.add_argument("--sweep", required=True, help="the sweep's name")
+    for command in (finish, attach, sweep):
         command.add_argument("--artifacts", nargs="+", action="append", default=[], metavar=("FOLDER", "PATH"),
                              help="artifact folder followed by the files to log into it (repeatable)")
     commands.add_parser("close", help="close the parent runs still open").add_argument("--status", default="FAILED")
@@ -79,9 +94,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def parent_run_id(experiment: str, run: str) -> str | None:
+def parent_run_id(experiment: str, run: str, sweep: str | None = None) -> str | None:
     """The id of ``run``'s parent run in this invocation (``$IRONCORE_PIPELINE_INVOCATION``), created on first
-    use; None, after one line on stderr, without an invocation id or when MLflow fails (never fatal)."""
+    use (a child of ``sweep``'s run for a sweep's point); None, after one line on stderr, without an invocation id
+    or when MLflow fails (never fatal)."""
     invocation = os.environ.get("IRONCORE_PIPELINE_INVOCATION", "")
     if not invocation:
         print("ironcore: --mlflow-parent: no invocation id (IRONCORE_PIPELINE_INVOCATION); no parent run",
@@ -89,7 +105,7 @@ def parent_run_id(experiment: str, run: str) -> str | None:
         return None
     found: list[str] = []
     _guarded("parent", lambda client: found.append(_parent_id(client, experiment_id(client, experiment),
-                                                              invocation, run)))  # fmt: skip
+                                                              invocation, run, sweep)))  # fmt: skip
     return found[0] if found else None
 
 
@@ -113,8 +129,9 @@ def _parents(client: Any, experiment_id: str, invocation: str, run: str | None =
     return client.search_runs([experiment_id], filter_string=query)
 
 
-def _parent_id(client: Any, experiment_id: str, invocation: str, run: str) -> str:
-    """The parent run of ``run`` in this invocation, created on first use."""
+def _parent_id(client: Any, experiment_id: str, invocation: str, run: str, sweep: str | None = None) -> str:
+    """The parent run of ``run`` in this invocation, created on first use (a sweep's point: as a child of the
+    sweep's run)."""
     from ironcore.training.tracking import source_tags
 
     found = _parents(client, experiment_id, invocation, run)
@@ -122,7 +139,44 @@ def _parent_id(client: Any, experiment_id: str, invocation: str, run: str) -> st
         return found[0].info.run_id
     tags = {INVOCATION_TAG: invocation, EXPERIMENT_TAG: run, "mlflow.note.content": f"pipeline run {invocation}",
             **source_tags(SOURCE)}  # fmt: skip
+    if sweep:
+        tags |= {SWEEP_TAG: sweep, "mlflow.parentRunId": _sweep_run_id(client, experiment_id, sweep)}
     return client.create_run(experiment_id, run_name=run, tags=tags).info.run_id
+
+
+def _sweep_run_id(client: Any, experiment_id: str, sweep: str) -> str:
+    """The run of ``sweep``, created on first use; one for all invocations, so points added later join it."""
+    from ironcore.training.tracking import source_tags
+
+    with _store_lock(client.tracking_uri):
+        found = client.search_runs([experiment_id], filter_string=f"tags.{SWEEP_RUN_TAG} = '{sweep}'")
+        if found:
+            return found[0].info.run_id
+        tags = {SWEEP_RUN_TAG: sweep, "mlflow.note.content": f"sweep {sweep}: its points are the child runs",
+                **source_tags(SOURCE)}  # fmt: skip
+        return client.create_run(experiment_id, run_name=f"sweep_{sweep}", tags=tags).info.run_id
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock of this machine (and of a shared file system) for the store at ``uri``: beside a sqlite
+    database, else in the temporary folder."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    from ironcore.training.tracking import sqlite_path
+
+    database = sqlite_path(uri)
+    path = (database.parent / f".{database.name}.lock" if database is not None
+            else Path(tempfile.gettempdir()) / f"ironcore-mlflow-{hashlib.sha256(uri.encode()).hexdigest()[:12]}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _log_artifacts(client: Any, run_id: str, groups: list[list[str]]) -> None:
@@ -139,7 +193,7 @@ def _init(client: Any, experiment_id: str, args: argparse.Namespace) -> None:
 
 
 def _parent(client: Any, experiment_id: str, args: argparse.Namespace) -> None:
-    print(_parent_id(client, experiment_id, args.invocation, args.run))
+    print(_parent_id(client, experiment_id, args.invocation, args.run, args.sweep))
 
 
 def _finish(client: Any, experiment_id: str, args: argparse.Namespace) -> None:
@@ -148,7 +202,7 @@ def _finish(client: Any, experiment_id: str, args: argparse.Namespace) -> None:
     from ironcore.files import read_yaml
     from ironcore.training.tracking import flatten
 
-    run_id = _parent_id(client, experiment_id, args.invocation, args.run)
+    run_id = _parent_id(client, experiment_id, args.invocation, args.run, args.sweep)
     settings = flatten(read_yaml(args.config, "resolved training config"))
     params = [Param(key, str(value)[:6000]) for key, value in settings.items()]
     for start in range(0, len(params), PARAMS_PER_CALL):
@@ -175,10 +229,17 @@ def _attach(client: Any, experiment_id: str, args: argparse.Namespace) -> None:
     print(f"MLflow: artifacts attached to {len(runs)} parent run(s) of invocation {args.invocation}")
 
 
+def _sweep(client: Any, experiment_id: str, args: argparse.Namespace) -> None:
+    run_id = _sweep_run_id(client, experiment_id, args.sweep)
+    _log_artifacts(client, run_id, args.artifacts)
+    client.set_terminated(run_id, "FINISHED")
+    print(f"MLflow: sweep run sweep_{args.sweep} ({run_id}): summary attached, closed")
+
+
 def _close(client: Any, experiment_id: str, args: argparse.Namespace) -> None:
     for run in _parents(client, experiment_id, args.invocation):
         if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, args.status)
 
 
-ACTIONS = {"init": _init, "parent": _parent, "finish": _finish, "attach": _attach, "close": _close}
+ACTIONS = {"init": _init, "parent": _parent, "finish": _finish, "attach": _attach, "sweep": _sweep, "close": _close}

@@ -12,7 +12,8 @@ The options for a workflow manager (Snakemake), which must not lose a killed run
   is cleared and trained from scratch.
 * ``--export DIR``: when training has finished, copy ``final_eval.json``, ``metrics.jsonl`` and
   ``config.yaml`` into DIR, each atomically: the declared outputs of a job whose run folder is not one.
-* ``--mlflow-parent NAME``: the MLflow run becomes a child of NAME's parent run (``ironcore mlflow``).
+* ``--mlflow-parent NAME``: the MLflow run becomes a child of NAME's parent run (``ironcore mlflow``);
+  ``--mlflow-sweep SWEEP``: NAME is a point of SWEEP, whose run is that parent's parent.
 * ``--threads N``: the CPU threads of this node's training processes together.
 
 Under torchrun, rank 0 prepares the run folder and the parent run while the other ranks wait for it.
@@ -59,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mlflow-parent", metavar="NAME",
                         help="make the MLflow run a child of NAME's parent run in this pipeline invocation "
                              "($IRONCORE_PIPELINE_INVOCATION), creating it (see `ironcore mlflow`)")  # fmt: skip
+    parser.add_argument("--mlflow-sweep", metavar="SWEEP",
+                        help="with --mlflow-parent: NAME is a point of SWEEP, its parent run a child of the "
+                             "sweep's run")  # fmt: skip
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads of this node's training processes together: each gets N / its node's "
                              "processes, at least 1 (default: torchrun's, or torch's)")  # fmt: skip
@@ -105,7 +109,7 @@ def _prepare(cfg: Config, args: argparse.Namespace) -> None:
     if args.mlflow_parent and cfg.utils.tracking:
         from ironcore.cli.mlflow_runs import parent_run_id
 
-        parent = parent_run_id(cfg.utils.experiment_name, args.mlflow_parent)
+        parent = parent_run_id(cfg.utils.experiment_name, args.mlflow_parent, args.mlflow_sweep)
         if parent:
             os.environ["MLFLOW_PARENT_RUN_ID"] = parent  # the trainer's tracker reads it
 

@@ -97,16 +97,25 @@ def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
 
 
 def named_object(spec: str, key: str, kind: str = "name") -> Any:
-    """What a ``module:name`` config value names (a plug-in: schedule, optimizer); a one-line ConfigError naming
-    ``key`` when it is not module:name, the module cannot be imported or lacks the name (``kind="Class"``:
-    lacks a class of that name)."""
+    """What a ``module:name`` config value names (a plug-in: schedule, optimizer), imported from ``sys.path`` or
+    else the working directory (as ``python -m`` would; the ``ironcore`` command's path lacks it); a one-line
+    ConfigError naming ``key`` when it is not module:name, the module cannot be imported or lacks the name
+    (``kind="Class"``: lacks a class of that name)."""
     import importlib
+    import os
+    import sys
 
     module_name, sep, name = spec.partition(":")
     if not sep or not module_name or not name:
         raise ConfigError(f"config key '{key}': '{spec}' is not module:{kind}")
     try:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name.split(".")[0] or os.getcwd() in sys.path or "" in sys.path:
+                raise
+            sys.path.append(os.getcwd())
+            module = importlib.import_module(module_name)
     except ImportError as err:
         raise ConfigError(f"config key '{key}': cannot import module '{module_name}' ({err})") from None
     found = getattr(module, name, None)

@@ -25,16 +25,20 @@ REPO = Path(workflow.current_basedir).parents[1]  # the checkout holding this wo
 SCRIPTS = REPO / "workflow" / "scripts"  # the pipeline's own helpers (run with `python`, or imported here)
 sys.path.insert(0, str(SCRIPTS))
 from code_fingerprint import fingerprint_text  # noqa: E402
-from pipeline_config import check_config, fail, one_line_errors  # noqa: E402
+from pipeline_config import check_config, fail, one_line_errors, sweep_experiments  # noqa: E402
 
 # Every problem of the config is one line naming the file and the key (workflow/scripts/pipeline_config.py).
 CONFIG_FILES = workflow.configfiles
 check_config(config, CONFIG_FILES)
 validate(config, "../schemas/pipeline.schema.yaml")  # valid by now: fills in the schema's defaults
 
-EXPERIMENTS = config["experiments"]
+# Each point of a sweep is an experiment of its own (NAME-KEY=VALUE-...), built by `sweep_NAME`
+# (workflow/rules/sweep.smk), so it is trained, cached and evaluated like any other.
+SWEEPS = config["sweeps"]
+EXPERIMENTS = {**config["experiments"], **sweep_experiments(SWEEPS, config["experiments"], CONFIG_FILES)}
+SWEEP_POINTS = {sweep: [exp for exp, e in EXPERIMENTS.items() if e.get("sweep") == sweep] for sweep in SWEEPS}
 # The default target trains and compares these; optional ones are built by their own target:
-# `chain` (pretrain -> SFT -> DPO) or `rl` (SFT -> GRPO on a synthetic task, workflow/rules/rl.smk).
+# `chain` (pretrain -> SFT -> DPO), `rl` (SFT -> GRPO on a synthetic task, workflow/rules/rl.smk) or `sweep_NAME`.
 DEFAULT_EXPERIMENTS = [exp for exp, e in EXPERIMENTS.items() if not e["optional"]]
 CHAIN_EXPERIMENTS = [exp for exp, e in EXPERIMENTS.items() if e["optional"] and e["target"] == "chain"]
 for _exp, _e in EXPERIMENTS.items():
@@ -53,6 +57,7 @@ os.environ.setdefault("IRONCORE_PIPELINE_INVOCATION", time.strftime("%Y%m%d-%H%M
 
 wildcard_constraints:
     exp="|".join(map(re.escape, EXPERIMENTS)),
+    sweep="|".join(map(re.escape, SWEEPS)) or "(?!)",  # no sweeps: matches nothing
 
 
 # ---- experiments and data sets ------------------------------------------------------------------
@@ -80,7 +85,8 @@ def training_config(exp):
         return load_config(e["config"], train_overrides(exp), e["tensor_parallel"], world_size=e["nproc"] * e["nodes"],
                            read_folder=model_config_from_folder)  # a model: may be an HF folder, as in `ironcore train`
     except UserError as err:
-        fail(f"experiment {exp}: {err}")
+        sweep = f"{', '.join(map(str, CONFIG_FILES))}: 'sweeps.{e['sweep']}': " if "sweep" in e else ""
+        fail(f"{sweep}experiment {exp}: {err}")
 
 
 def hyperparameters(exp):
@@ -256,6 +262,12 @@ os.environ.update(
     IRONCORE_MLFLOW_EXPERIMENT=config["mlflow"]["experiment"],
 )
 MLFLOW_RUNS = shlex.join([sys.executable, "-m", "ironcore", "mlflow"])
+
+
+def mlflow_sweep(exp, flag):
+    """``FLAG SWEEP`` for a sweep's point, whose parent run is then a child of the sweep's run; else nothing."""
+    sweep = EXPERIMENTS[exp].get("sweep")
+    return f"{flag} {shlex.quote(sweep)}" if sweep else ""
 
 
 onstart:

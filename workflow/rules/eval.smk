@@ -52,6 +52,7 @@ rule eval:
         samples_json="results/eval/{exp}/samples.json",
     params:
         run=lambda wildcards: run_dir(wildcards.exp),
+        sweep=lambda wildcards: mlflow_sweep(wildcards.exp, "--sweep"),
         eval_args=shlex.join(
             ["--device", config["eval"]["device"], "--micro-batch-size", str(config["eval"]["micro_batch_size"])]
             + (["--max-batches", str(config["eval"]["max_batches"])] if config["eval"]["max_batches"] else [])
@@ -76,7 +77,7 @@ rule eval:
         ironcore eval --checkpoint {params.run} --output {output.eval} {params.eval_args} > {log} 2>&1
         python {input.samples_script} --checkpoint {params.run} --output {output.samples} \\
             --output-json {output.samples_json} {params.sample_args} >> {log} 2>&1
-        ironcore mlflow finish --run {wildcards.exp} --eval {output.eval} {input.tasks} \\
+        ironcore mlflow finish --run {wildcards.exp} {params.sweep} --eval {output.eval} {input.tasks} \\
             --config {input.config} --artifacts eval {output.eval} {input.tasks} {output.samples} {output.samples_json} \\
             --artifacts config {input.config} {input.data_config} \\
             --artifacts train {input.metrics} \\
@@ -115,7 +116,8 @@ rule summary:
             --samples {input.samples} --tasks {input.tasks} --metrics {input.metrics} --configs {input.configs} \\
             --data {input.data} \\
             --output-dir results/summary > {log} 2>&1
-        ironcore mlflow attach --artifacts summary {output.markdown} {output.html} {output.plot} >> {log} 2>&1
+        ironcore mlflow attach --runs {params.experiments} --artifacts summary {output.markdown} {output.html} \\
+            {output.plot} >> {log} 2>&1
         """
 
 

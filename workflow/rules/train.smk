@@ -14,7 +14,8 @@
 #
 # MLflow settings arrive as environment variables set by common.smk, not as params, on purpose:
 # they change no result and must not rerun training. `--mlflow-parent` makes the training run a child of
-# the experiment's parent run of this invocation (`ironcore mlflow`).
+# the experiment's parent run of this invocation (`ironcore mlflow`); `--mlflow-sweep` makes that parent, for a
+# sweep's point, a child of the sweep's run.
 
 
 rule train:
@@ -31,6 +32,7 @@ rule train:
         hparams=lambda wildcards: hyperparameters(wildcards.exp),  # every hyperparameter, resolved: a change reruns
         command=lambda wildcards: train_command(wildcards.exp),
         export=lambda wildcards, output: os.path.dirname(output.final),
+        sweep=lambda wildcards: mlflow_sweep(wildcards.exp, "--mlflow-sweep"),
     threads: lambda wildcards: EXPERIMENTS[wildcards.exp]["nproc"] * config["threads_per_process"]
     resources:
         nodes=lambda wildcards: EXPERIMENTS[wildcards.exp]["nodes"],
@@ -46,6 +48,6 @@ rule train:
         "benchmarks/pipeline/train/{exp}.tsv"
     shell:
         "{params.command} --signature {input.data} --signature {input.code} --export {params.export}"
-        " --mlflow-parent {wildcards.exp} --threads {threads}"
+        " --mlflow-parent {wildcards.exp} {params.sweep} --threads {threads}"
         ' utils.tracking="$IRONCORE_TRACKING" utils.experiment_name="$IRONCORE_MLFLOW_EXPERIMENT"'
         " utils.run_name={wildcards.exp}/train > {log} 2>&1"

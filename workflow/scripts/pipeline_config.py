@@ -7,11 +7,14 @@ Snakefile and workflow/rules/common.smk when Snakemake parses the workflow.
   ("configs/pipeline.yaml: unknown key 'rl.polcy' (did you mean 'policy'?)") instead of the whole config.
 - :func:`fail`: print such a line and stop Snakemake (exit status 2, as the ``ironcore`` command on bad input);
   :func:`one_line_errors` does it for a function's IronCore errors (a missing training config, a bad task).
+- :func:`sweep_experiments`: the experiments a sweep's grid and points stand for, each with a readable name.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -96,3 +99,66 @@ def check_config(config: dict[str, Any], files: Iterable[str | Path]) -> None:
     if errors:
         where = ", ".join(map(str, files)) or "pipeline config"
         fail(f"{where}: {describe(jsonschema.exceptions.best_match(errors), schema)}")
+
+
+def point_name(sweep: str, swept: dict[str, Any]) -> str:
+    """``lr-max_lr=0.003-optimizer=muon``: the sweep, then each swept key's last part and its value (floats in
+    their shortest form), with any character a file name or a wildcard would trip on replaced by ``_``."""
+    short = [key.rsplit(".", 1)[-1] for key in swept]
+    parts = [f"{key if short.count(key.rsplit('.', 1)[-1]) > 1 else key.rsplit('.', 1)[-1]}={_text(value)}"
+             for key, value in swept.items()]  # fmt: skip
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", "-".join([sweep, *parts]))
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def sweep_experiments(sweeps: dict[str, Any], experiments: dict[str, Any], files: Iterable[str | Path]
+                      ) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Each sweep's points as experiments: the base experiment with the point's overrides on top of its own,
+    optional (built by ``sweep_NAME``), marked with the sweep and what the point varies (``swept``: its name and
+    summary columns). A point is a combination of the ``grid`` or one of ``points``; a base that is not an
+    experiment, no points, or two points of one name stop Snakemake with one line."""
+    where = ", ".join(map(str, files)) or "pipeline config"
+    found: dict[str, dict[str, Any]] = {}
+    for sweep, spec in sweeps.items():
+        if spec["base"] not in experiments:
+            fail(f"{where}: 'sweeps.{sweep}.base': {spec['base']!r} is not an experiment of the pipeline config"
+                 f"{did_you_mean(spec['base'], experiments) or ''}")
+        points = [(dict(point), dict(point)) for point in spec["points"]]
+        if spec["grid"]:
+            choices = [_choices(key, values) for key, values in spec["grid"].items()]
+            points = [_merged(combination) for combination in itertools.product(*choices)] + points
+        if not points:
+            fail(f"{where}: 'sweeps.{sweep}': no points (give a grid of values, or points)")
+        base = experiments[spec["base"]]
+        for swept, overrides in points:
+            name = point_name(sweep, swept)
+            if name in experiments or name in found:
+                fail(f"{where}: 'sweeps.{sweep}': two experiments are named {name!r}")
+            found[name] = {**base, "overrides": {**base["overrides"], **overrides}, "optional": True,
+                           "target": "sweep", "sweep": sweep, "swept": swept}  # fmt: skip
+    return found
+
+
+def _choices(key: str, values: list[Any] | dict[str, dict[str, Any]]) -> list[tuple[dict, dict]]:
+    """(what the point shows, its overrides) for each value of one grid key: ``{optim.max_lr: [1e-3, 3e-3]}`` sets
+    the key; a mapping of labels to overrides (``{optimizer: {muon: {optim.optimizer: muon, ...}}}``) sets
+    several keys together under one label."""
+    if isinstance(values, dict):
+        return [({key: label}, dict(overrides)) for label, overrides in values.items()]
+    return [({key: value}, {key: value}) for value in values]
+
+
+def _merged(combination: tuple[tuple[dict, dict], ...]) -> tuple[dict, dict]:
+    swept: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+    for shown, overridden in combination:
+        swept |= shown
+        overrides |= overridden
+    return swept, overrides
