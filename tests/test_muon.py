@@ -15,7 +15,7 @@ import torch
 from run_helpers import ROOT, TINY_MODEL, launch_train, read_metrics, shakespeare_slice, small_run_config
 
 from ironcore.config import build_config, dump_config, load_model_config
-from ironcore.config.base import from_dict
+from ironcore.config.base import from_dict, named_object
 from ironcore.config.training import OptimConfig
 from ironcore.errors import ConfigError
 from ironcore.models import TransformerModel
@@ -98,16 +98,30 @@ def test_muon_is_torch_muon_on_the_hidden_matrices_and_adamw_on_the_rest() -> No
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=name)
 
 
-def test_an_optimizer_of_ones_own_trains_through_the_trainer(tmp_path: Path) -> None:
+def test_an_optimizer_of_ones_own_trains_through_ironcore_train(tmp_path: Path) -> None:
+    """``optim.optimizer=test_muon:HalfStepSGD`` on the command line of ``ironcore train``: the class is imported,
+    built with its options, and its option reaches its step."""
     data = shakespeare_slice(tmp_path, 4_000)
+    config = tmp_path / "run.yaml"
+    config.write_text(dump_config(small_run_config(TINY_MODEL, data, tmp_path / "run", 2, trainer__micro_batch_size=2)))
     runs = {}
     for halve in (True, False):
         out = tmp_path / f"halve-{halve}"
-        Trainer(small_run_config(TINY_MODEL, data, out, 2, trainer__micro_batch_size=2,
-                                 optim__optimizer="test_muon:HalfStepSGD",
-                                 optim__optimizer_options={"momentum": 0.5, "halve": halve})).train()  # fmt: skip
+        launch_train(config, 1, f"trainer.output_dir={out}", "optim.optimizer=test_muon:HalfStepSGD",
+                     f'optim.optimizer_options={{"momentum": 0.5, "halve": {str(halve).lower()}}}',
+                     tests_importable=True)  # fmt: skip
         runs[halve] = [m["loss"] for m in read_metrics(out) if "loss" in m]
     assert runs[True][0] == runs[False][0] and runs[True][1] != runs[False][1]  # its option reached its step
+
+
+def test_a_plug_in_module_is_found_in_the_working_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``ironcore`` command's sys.path lacks the working folder; ``module:name`` looks there last."""
+    (tmp_path / "my_plugin_schedules.py").write_text("def flat(step, total, optim):\n    return 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert named_object("my_plugin_schedules:flat", "optim.lr_schedule")(0, 1, None) == 0.5
+    with pytest.raises(ConfigError, match="'optim.lr_schedule': cannot import module 'no_such_plugin'"):
+        named_object("no_such_plugin:flat", "optim.lr_schedule")
 
 
 @pytest.mark.slow

@@ -326,8 +326,12 @@ def test_sweep_builds_each_point_once_ranks_them_and_groups_them_in_mlflow(workd
     children are the points, with the swept key among their params."""
     from mlflow.tracking import MlflowClient
 
-    sweep = {"base": "b", "grid": {"optim.max_lr": [1e-3, 3e-3]}}
-    write_yaml(workdir / "sweep.yaml", {**PIPELINE, "sweeps": {"lr": sweep}})
+    sweep = {"base": "c", "grid": {"optim.max_lr": [1e-3, 3e-3]}}
+    # the base: b's config, samples of its own, built only through sweeps
+    base = {"config": "cfg/b.yaml", "optional": True, "target": "sweep",
+            "samples": {"prompts": ["class "], "max_new_tokens": 4}}
+    experiments = {**PIPELINE["experiments"], "c": base}
+    write_yaml(workdir / "sweep.yaml", {**PIPELINE, "experiments": experiments, "sweeps": {"lr": sweep}})
     snakemake(workdir)  # the default target up to date (earlier tests changed things): the sweep adds nothing to it
     assert planned_jobs(workdir, configfile="sweep.yaml") == Counter()
     snakemake(workdir, "sweep_lr", configfile="sweep.yaml")
@@ -340,11 +344,13 @@ def test_sweep_builds_each_point_once_ranks_them_and_groups_them_in_mlflow(workd
     for name, point in points.items():
         assert point["val_loss"] == json.loads((workdir / "results" / "eval" / name / "eval.json").read_text())[
             "val_loss"] and point["seconds"] > 0 and len(point["valid"]) == 2  # fmt: skip
+        samples = json.loads((workdir / "results" / "eval" / name / "samples.json").read_text())["samples"]
+        assert [sample["prompt"] for sample in samples] == ["class "]  # the base's own sample settings
     table = (workdir / "results" / "sweeps" / "lr" / "summary.md").read_text()
     assert table.index("| 1 | ") < table.index("| 2 | ") and "| optim.max_lr |" in table
     assert (workdir / "results" / "sweeps" / "lr" / "curves.png").stat().st_size > 10_000
     added = {"lr": {**sweep, "points": [{"optim.max_lr": 2e-3}]}}
-    write_yaml(workdir / "sweep_added.yaml", {**PIPELINE, "sweeps": added})
+    write_yaml(workdir / "sweep_added.yaml", {**PIPELINE, "experiments": experiments, "sweeps": added})
     assert planned_jobs(workdir, "sweep_lr", configfile="sweep_added.yaml") == Counter(
         train=1, tasks=1, eval=1, sweep_summary=1, sweep_lr=1)
 

@@ -108,6 +108,18 @@ def dataset_of(exp):
     return Path(data_config(training_config(exp).data.config_path).output_dir).name
 
 
+def sample_args(exp):
+    """The sample options of the `eval` rule's samples.py: the pipeline's eval group, under the experiment's own
+    `samples` settings."""
+    settings = {**config["eval"], **EXPERIMENTS[exp]["samples"]}
+    return shlex.join(
+        (["--enabled"] if settings["samples"] else [])
+        + [arg for prompt in settings["prompts"] for arg in ("--prompt", prompt)]
+        + ["--max-new-tokens", str(settings["max_new_tokens"]), "--temperature", str(settings["temperature"])]
+        + (["--top-k", str(settings["top_k"])] if settings["top_k"] else [])
+    )
+
+
 def base_run(exp):
     """The base experiment's finished training (an input of a chained experiment's train job), or nothing."""
     base = EXPERIMENTS[exp]["init_from_experiment"]

@@ -57,13 +57,7 @@ rule eval:
             ["--device", config["eval"]["device"], "--micro-batch-size", str(config["eval"]["micro_batch_size"])]
             + (["--max-batches", str(config["eval"]["max_batches"])] if config["eval"]["max_batches"] else [])
         ),
-        sample_args=shlex.join(
-            (["--enabled"] if config["eval"]["samples"] else [])
-            + [arg for prompt in config["eval"]["prompts"] for arg in ("--prompt", prompt)]
-            + ["--max-new-tokens", str(config["eval"]["max_new_tokens"])]
-            + ["--temperature", str(config["eval"]["temperature"])]
-            + (["--top-k", str(config["eval"]["top_k"])] if config["eval"]["top_k"] else [])
-        ),
+        sample_args=lambda wildcards: sample_args(wildcards.exp),
     threads: config["threads_per_process"]
     conda:
         CONDA_ENV
