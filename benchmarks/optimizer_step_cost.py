@@ -10,7 +10,10 @@ share the machine with each other. This isolates the optimizer: the sweep's mode
 fused AdamW on the rest, with ``match_rms_adamw``), timed over ``--steps`` steps after 5 warm-up steps. AdamW
 and Muon alternate (pairs, the order flipped every other pair) so that the machine's load falls on both; the
 result is the median of the per-pair ratios muon/adamw and its spread (min-max), and each one's median
-milliseconds per step. Results: docs/benchmarks.md (training methods).
+milliseconds per step. The same run times one matrix product of the size Newton-Schulz multiplies (X X^T of a
+128 x 512 update) in fp32 and in bf16, the dtype torch's Muon orthogonalises in: a CPU without bf16 matrix
+instructions (AVX512-BF16, AMX) emulates bf16, and that is where Muon's time goes there.
+Results: docs/benchmarks.md (training methods).
 """
 
 from __future__ import annotations
@@ -56,6 +59,16 @@ def milliseconds_per_step(name: str, steps: int) -> float:
     return (time.perf_counter() - started) * 1000 / steps
 
 
+def matmul_ms(dtype: torch.dtype, repeats: int = 200) -> float:
+    """Milliseconds of X @ X.T for a 128 x 512 X of ``dtype`` (one of Newton-Schulz's products)."""
+    x = torch.randn(128, 512).to(dtype)
+    x @ x.T
+    started = time.perf_counter()
+    for _ in range(repeats):
+        x @ x.T
+    return (time.perf_counter() - started) * 1000 / repeats
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=10)
@@ -72,6 +85,8 @@ def main() -> None:
     print(f"{args.pairs} pairs x {args.steps} steps, {args.threads} thread(s), torch {torch.__version__}: "
           f"adamw {statistics.median(times['adamw']):.2f} ms/step, muon {statistics.median(times['muon']):.2f} "
           f"ms/step; muon/adamw median {statistics.median(ratios):.3f} (spread {min(ratios):.3f}-{max(ratios):.3f})")
+    fp32, bf16 = matmul_ms(torch.float32), matmul_ms(torch.bfloat16)
+    print(f"X @ X.T, X 128 x 512: fp32 {fp32:.3f} ms, bf16 {bf16:.3f} ms ({bf16 / fp32:.1f}x)")
 
 
 if __name__ == "__main__":

@@ -260,6 +260,39 @@ def test_train_mlflow_parent_and_mlflow_finish(tiny_train_config, tmp_path, monk
     assert client.get_experiment_by_name("pipe").artifact_location == (tmp_path / "mlruns").as_uri()
 
 
+def test_a_sweeps_points_are_children_of_its_run_and_a_failed_points_run_is_taken_over(tmp_path, monkeypatch,
+                                                                                       capsys) -> None:  # fmt: skip
+    """`ironcore mlflow parent --sweep S`: the point's parent run is a child of one run per sweep, which lasts
+    across invocations; a point's run a failed invocation left (closed FAILED) is continued by the next one; the
+    sweep's summary goes to the sweep's run, which `mlflow sweep` closes."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("IRONCORE_MLFLOW_EXPERIMENT", "pipe")
+
+    def parent(invocation: str, point: str) -> str:
+        capsys.readouterr()
+        assert main(["mlflow", "--invocation", invocation, "parent", "--run", point, "--sweep", "lr"]) == 0
+        return capsys.readouterr().out.strip()
+
+    first, other = parent("inv1", "lr-max_lr=0.1"), parent("inv1", "lr-max_lr=0.2")
+    assert main(["mlflow", "--invocation", "inv1", "close", "--status", "FAILED"]) == 0
+    assert parent("inv2", "lr-max_lr=0.1") == first  # taken over, not a second child
+    summary = tmp_path / "summary.md"
+    summary.write_text("# sweep lr\n")
+    assert main(["mlflow", "--invocation", "inv2", "sweep", "--sweep", "lr", "--artifacts", "summary", str(summary)]) == 0
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("pipe").experiment_id
+    (sweep,) = client.search_runs([experiment], "tags.pipeline_sweep_run = 'lr'")
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")
+    assert sorted(run.info.run_id for run in children) == sorted([first, other]) and first != other
+    assert client.get_run(first).data.tags["pipeline_invocation"] == "inv2"
+    assert client.get_run(first).info.status == "RUNNING" and client.get_run(other).info.status == "FAILED"
+    assert sweep.info.status == "FINISHED" and sweep.info.run_name == "sweep_lr"
+    assert [a.path for a in client.list_artifacts(sweep.info.run_id, "summary")] == ["summary/summary.md"]
+
+
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory) -> tuple[Path, Path]:
     """A run folder of a tiny random model with its BPE, and a synthetic task folder whose answers are the

@@ -20,7 +20,8 @@ A sweep's points (``--sweep NAME`` to ``parent`` and ``finish``, ``ironcore trai
 parent runs made children of one run per sweep (``sweep_NAME``, tagged ``pipeline_sweep_run``), which lasts across
 invocations: a point added later joins it, and MLflow's compare view and parallel-coordinates chart of its children
 show every point with its params (the resolved config, the swept keys among them) and ``val/loss``. It is created
-under a file lock, as two points' jobs may start at once.
+under a file lock, as two points' jobs may start at once. A point's run that an invocation left unfinished (a job
+failed) is taken over by the next invocation, so each point has one child unless it is redone after it finished.
 
 The settings come from the environment the workflow sets (workflow/rules/common.smk): ``IRONCORE_TRACKING``
 (``false``: every command does nothing), ``IRONCORE_MLFLOW_EXPERIMENT`` and ``IRONCORE_PIPELINE_INVOCATION``;
@@ -131,12 +132,21 @@ def _parents(client: Any, experiment_id: str, invocation: str, run: str | None =
 
 def _parent_id(client: Any, experiment_id: str, invocation: str, run: str, sweep: str | None = None) -> str:
     """The parent run of ``run`` in this invocation, created on first use (a sweep's point: as a child of the
-    sweep's run)."""
+    sweep's run, or the point's run that an earlier invocation left unfinished, taken over)."""
     from ironcore.training.tracking import source_tags
 
     found = _parents(client, experiment_id, invocation, run)
     if found:
         return found[0].info.run_id
+    if sweep:  # one child per point: a failed invocation's run is continued, not left beside a new one
+        query = (f"tags.{SWEEP_TAG} = '{sweep}' and tags.{EXPERIMENT_TAG} = '{run}' "
+                 "and attributes.status != 'FINISHED'")  # fmt: skip
+        unfinished = client.search_runs([experiment_id], filter_string=query)
+        if unfinished:
+            run_id = unfinished[0].info.run_id
+            client.set_tag(run_id, INVOCATION_TAG, invocation)
+            client.update_run(run_id, status="RUNNING")
+            return run_id
     tags = {INVOCATION_TAG: invocation, EXPERIMENT_TAG: run, "mlflow.note.content": f"pipeline run {invocation}",
             **source_tags(SOURCE)}  # fmt: skip
     if sweep:

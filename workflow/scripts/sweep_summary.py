@@ -2,7 +2,8 @@
 
 Each point is an experiment the pipeline trained and evaluated; its final validation loss is ``ironcore eval``'s
 over the whole validation split (results/eval/POINT/eval.json), its curves the trainer's metrics.jsonl, its wall
-time the training job's (Snakemake's benchmark file: process start, data loading and evaluations included).
+time and CPU time the training job's (Snakemake's benchmark file: process start, data loading and evaluations
+included; on a shared machine the CPU time is the steadier of the two).
 
 Writes summary.md, summary.html, summary.json and curves.png into --output-dir.
 """
@@ -23,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ironcore.tables import html_table  # noqa: E402
 
 NOTE = ("Ranked by final validation loss (nats per token, `ironcore eval` over the whole validation split). "
-        "Wall time is the training job's, start to end. The curves are the trainer's periodic validation on its "
+        "Wall and CPU time are the training job's, start to end. The curves are the trainer's periodic validation on its "
         "first operation.eval_steps batches, and its training loss.")
 
 
@@ -50,7 +51,8 @@ def main() -> None:
     (out / "summary.md").write_text(markdown(title, rows, keys))
     table = [{"rank": rank, "point": row["point"], **{key: row["swept"].get(key) for key in keys},
               "val loss": row["val_loss"], "val ppl": row["val_ppl"], "steps": row["steps"],
-              "wall s": round(row["seconds"])} for rank, row in enumerate(rows, 1)]  # fmt: skip
+              "wall s": round(row["seconds"]), "cpu s": round(row["cpu_seconds"])}
+             for rank, row in enumerate(rows, 1)]  # fmt: skip
     page = html_table(title, NOTE, table) + "<img src='curves.png' alt='curves' style='max-width:100%'>\n"
     (out / "summary.html").write_text(page)
     print((out / "summary.md").read_text())
@@ -62,26 +64,27 @@ def point_row(name: str, swept: dict[str, Any], eval_path: str, metrics_path: st
     result = json.loads(Path(eval_path).read_text())
     lines = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     with open(times_path, newline="") as tsv:
-        seconds = float(next(csv.DictReader(tsv, delimiter="\t"))["s"])
+        times = next(csv.DictReader(tsv, delimiter="\t"))
     return {
         "point": name,
         "swept": swept,
         "val_loss": result["val_loss"],
         "val_ppl": result["val_ppl"],
         "steps": result["step"],
-        "seconds": seconds,
+        "seconds": float(times["s"]),
+        "cpu_seconds": float(times["cpu_time"]),
         "train": [(line["step"], line["loss"]) for line in lines if "loss" in line],
         "valid": [(line["step"], line["val_loss"]) for line in lines if "val_loss" in line],
     }
 
 
 def markdown(title: str, rows: list[dict[str, Any]], keys: list[str]) -> str:
-    head = ["rank", "point", *keys, "val loss", "val ppl", "steps", "wall s"]
+    head = ["rank", "point", *keys, "val loss", "val ppl", "steps", "wall s", "cpu s"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rank, row in enumerate(rows, 1):
         swept = [str(row["swept"].get(key, "-")) for key in keys]
         lines.append(f"| {rank} | {row['point']} | " + " | ".join(swept) + f" | {row['val_loss']:.4f} | "
-                     f"{row['val_ppl']:.2f} | {row['steps']:,} | {row['seconds']:.0f} |")
+                     f"{row['val_ppl']:.2f} | {row['steps']:,} | {row['seconds']:.0f} | {row['cpu_seconds']:.0f} |")
     return "\n".join([*lines, "", NOTE, "", "![curves](curves.png)", ""])
 
 
@@ -89,9 +92,10 @@ def plot(rows: list[dict[str, Any]], sweep: str, path: Path) -> None:
     """Training loss (left) and periodic validation loss (right) of every point against the step."""
     fig, (train, valid) = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     for row in rows:
-        (line,) = train.plot(*zip(*row["train"], strict=True), alpha=0.8, label=row["point"])
+        label = row["point"].removeprefix(f"{sweep}-")
+        (line,) = train.plot(*zip(*row["train"], strict=True), alpha=0.8, label=label)
         if row["valid"]:
-            valid.plot(*zip(*row["valid"], strict=True), "o-", color=line.get_color(), label=row["point"])
+            valid.plot(*zip(*row["valid"], strict=True), "o-", color=line.get_color(), label=label)
     for ax, what in ((train, "training loss"), (valid, "validation loss (periodic)")):
         ax.set_xlabel("step")
         ax.set_title(f"sweep {sweep}: {what}")
