@@ -132,10 +132,10 @@ def test_a_blend_trains_and_validates_each_data_set_and_reports_its_mixture(
     assert report["first_batches"][1] == sources[batch : 2 * batch]
     assert sum(f"data mixture: shakespeare-slice {sources.count(0) / len(sources):.1%}" in r.message
                for r in caplog.records) == 1  # fmt: skip
-    a, b = final["val_shakespeare-slice_loss"], final["val_other_loss"]
+    a, b = final["val_shakespeare-slice/loss"], final["val_other/loss"]
     assert final["val_loss"] == pytest.approx(0.7 * a + 0.3 * b) and a != b
     assert read_metrics(Path(cfg.trainer.output_dir))[0]["loss"] > 0
-    assert {"val/loss", "val/other_loss", "val/shakespeare-slice_loss"} <= set(tracked_names(final))
+    assert {"val/loss", "val/other/loss", "val/shakespeare-slice/loss"} <= set(tracked_names(final))
     # `ironcore eval` of the run must be told which data set to evaluate on: one line naming the option
     with pytest.raises(ConfigError, match="trained on a data.blend .*; pass --data-config"):
         evaluate_checkpoint(cfg.trainer.output_dir)

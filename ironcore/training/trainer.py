@@ -485,7 +485,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """The objective's validation metrics over ``operation.eval_steps`` global batches (of a blend: of each
-        data set, as ``val_<name>_x``, and mixed by the blend's weights as ``val_x``), and the metrics of
+        data set, as ``val_<name>/x``, and mixed by the blend's weights as ``val_x``), and the metrics of
         ``operation.eval_tasks`` (``eval/<task>/<metric>``)."""
         self.model.eval()
         try:

@@ -112,7 +112,8 @@ def check_blendable(sources: Sequence[tuple[str, Path, dict[str, Any], int]]) ->
 
 
 def mix_metrics(per_source: dict[str, dict[str, float]], weights: dict[str, float]) -> dict[str, float]:
-    """A blend's validation metrics: each source's ``val_x`` as ``val_<name>_x``, and as ``val_x`` their mean
+    """A blend's validation metrics: each source's ``val_x`` as ``val_<name>/x`` (MLflow ``val/<name>/x``), and as
+    ``val_x`` their mean
     weighted by the blend's weights (over the sources that have a validation split); ``val_ppl`` is that of
     the mixed loss."""
     total = sum(weights[name] for name in per_source)
@@ -121,5 +122,5 @@ def mix_metrics(per_source: dict[str, dict[str, float]], weights: dict[str, floa
     if "val_loss" in mixed and "val_ppl" in mixed:
         mixed["val_ppl"] = math.exp(min(mixed["val_loss"], 50.0))
     for name, metrics in per_source.items():
-        mixed |= {f"val_{name}_{key.removeprefix('val_')}": value for key, value in metrics.items()}
+        mixed |= {f"val_{name}/{key.removeprefix('val_')}": value for key, value in metrics.items()}
     return mixed
