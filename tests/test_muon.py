@@ -1,6 +1,6 @@
 """Optimizers as plug-ins: ``optim.optimizer: muon`` against torch.optim.Muon + torch.optim.AdamW applied by
 hand (at TP=1, and at TP=2 under torchrun: ``python -m torch.distributed.run ... tests/test_muon.py OUT``), a
-torch optimizer of one's own as module:Class trained through the trainer, and one-line refusals."""
+torch optimizer of one's own as module:Class trained through ``ironcore train``, and one-line refusals."""
 
 from __future__ import annotations
 
