@@ -105,16 +105,21 @@ def point_name(sweep: str, swept: dict[str, Any]) -> str:
     """``lr-max_lr=0.003-optimizer=muon``: the sweep, then each swept key's last part and its value (floats in
     their shortest form), with any character a file name or a wildcard would trip on replaced by ``_``."""
     short = [key.rsplit(".", 1)[-1] for key in swept]
-    parts = [f"{key if short.count(key.rsplit('.', 1)[-1]) > 1 else key.rsplit('.', 1)[-1]}={_text(value)}"
-             for key, value in swept.items()]  # fmt: skip
+    parts = [f"{key if short.count(last) > 1 else last}={_text(value)}"
+             for (key, value), last in zip(swept.items(), short, strict=True)]  # fmt: skip
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", "-".join([sweep, *parts]))
 
 
 def _text(value: Any) -> str:
+    """A value as a point's name shows it: ``true``, ``0.003``, ``adjust_lr_fn_match_rms_adamw`` (a mapping)."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, dict):
+        return "_".join(f"{key}_{_text(item)}" for key, item in value.items())
+    if isinstance(value, list):
+        return "_".join(map(_text, value))
     return str(value)
 
 
