@@ -332,8 +332,8 @@ def test_sweep_builds_each_point_once_ranks_them_and_groups_them_in_mlflow(workd
             "samples": {"prompts": ["class "], "max_new_tokens": 4}}
     experiments = {**PIPELINE["experiments"], "c": base}
     write_yaml(workdir / "sweep.yaml", {**PIPELINE, "experiments": experiments, "sweeps": {"lr": sweep}})
-    snakemake(workdir)  # the default target up to date (earlier tests changed things): the sweep adds nothing to it
-    assert planned_jobs(workdir, configfile="sweep.yaml") == Counter()
+    # the sweep adds nothing to the default target (whatever earlier tests left of it to do)
+    assert planned_jobs(workdir, configfile="sweep.yaml") == planned_jobs(workdir)
     snakemake(workdir, "sweep_lr", configfile="sweep.yaml")
     assert planned_jobs(workdir, "sweep_lr", configfile="sweep.yaml") == Counter()
     summary = json.loads((workdir / "results" / "sweeps" / "lr" / "summary.json").read_text())
