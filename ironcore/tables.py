@@ -29,12 +29,15 @@ def cell(value: Any) -> str:
     return f"<td><pre>{html.escape(text)}</pre></td>"
 
 
-def html_table(title: str, summary: str, rows: Sequence[Mapping[str, Any]]) -> str:
-    """A whole HTML page: ``title`` as its heading, a line of ``summary``, and one table row per mapping (the
-    columns: every key, in first-seen order)."""
+def table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One ``<table>``, a row per mapping (the columns: every key, in first-seen order), for a page of its own."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     head = "".join(f"<th>{html.escape(name)}</th>" for name in columns)
     body = "".join("<tr>" + "".join(cell(row.get(name)) for name in columns) + "</tr>\n" for row in rows)
+    return f"<table><tr>{head}</tr>\n{body}</table>"
+
+
+def html_table(title: str, summary: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    """A whole HTML page: ``title`` as its heading, a line of ``summary``, and :func:`table` of ``rows``."""
     return (f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>{STYLE}"
-            f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>"
-            f"<table><tr>{head}</tr>\n{body}</table>\n")
+            f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>{table(rows)}\n")

@@ -28,7 +28,7 @@ from ironcore.data.demo.inspect import LEGEND, SAMPLE_TOKENS, STYLE, data_set_to
 from ironcore.data.preprocessing.metadata import load_metadata
 from ironcore.data.preprocessing.tokenizer import Tokenizer
 from ironcore.files import write_text_atomically
-from ironcore.tables import cell
+from ironcore.tables import table
 
 FOLDER = "mixture"  # under the run's output folder
 FIRST_BATCHES = 4  # global batches whose composition is shown
@@ -100,13 +100,6 @@ def _decoded(blend: Mixture, tokenizer: Tokenizer, names: Sequence[str], index: 
             "fields": None}  # fmt: skip
 
 
-def _table(rows: Sequence[dict[str, Any]]) -> str:
-    """An HTML table of ``rows`` (columns: their keys), cells as :mod:`ironcore.tables` writes them."""
-    head = "".join(f"<th>{html.escape(key)}</th>" for key in rows[0])
-    body = "".join("<tr>" + "".join(cell(value) for value in row.values()) + "</tr>\n" for row in rows)
-    return f"<table><tr>{head}</tr>\n{body}</table>"
-
-
 def _html(report: dict[str, Any], samples: list[dict[str, Any]]) -> str:
     """The report as a page styled like the inspection report: the data sets, the first batches, samples."""
     names = [s["name"] for s in report["sources"]]
@@ -120,10 +113,10 @@ def _html(report: dict[str, Any], samples: list[dict[str, Any]]) -> str:
 <h1>Data mixture: {html.escape(", ".join(names))}</h1>
 <p>{report["samples"]:,} samples ({report["samples"] // max(report["global_batch_size"], 1):,} global batches of
 {report["global_batch_size"]}, {report["seq_len"]} tokens each), counted {html.escape(report["counted"])}.</p>
-{_table(report["sources"])}
+{table(report["sources"])}
 <h2>The first global batches</h2>
 <p>{legend}</p>
-{_table(batches) if batches else "<p>(the run is shorter than one global batch)</p>"}
+{table(batches) if batches else "<p>(the run is shorter than one global batch)</p>"}
 <h2>Samples</h2>
 {LEGEND}
 {"".join(sample_html(sample) for sample in samples)}

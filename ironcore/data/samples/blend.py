@@ -113,9 +113,8 @@ def check_blendable(sources: Sequence[tuple[str, Path, dict[str, Any], int]]) ->
 
 def mix_metrics(per_source: dict[str, dict[str, float]], weights: dict[str, float]) -> dict[str, float]:
     """A blend's validation metrics: each source's ``val_x`` as ``val_<name>/x`` (MLflow ``val/<name>/x``), and as
-    ``val_x`` their mean
-    weighted by the blend's weights (over the sources that have a validation split); ``val_ppl`` is that of
-    the mixed loss."""
+    ``val_x`` their mean weighted by the blend's weights (over the sources that have a validation split);
+    ``val_ppl`` is that of the mixed loss."""
     total = sum(weights[name] for name in per_source)
     keys = next(iter(per_source.values()))
     mixed = {key: sum(weights[name] * m[key] for name, m in per_source.items()) / total for key in keys}
