@@ -41,7 +41,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 # One implementation of the pointer logic, torch-free for data/tokenizer.py; these names stay native's too.
-from ironcore.checkpoints import sharded
 from ironcore.checkpoints.pointers import (  # noqa: F401
     LATEST,
     MODEL_CONFIG,
@@ -220,6 +219,8 @@ def read_model(folder: Path, device: str | torch.device = "cpu") -> tuple[ModelC
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
     if is_sharded(folder):  # consolidated here
+        from ironcore.checkpoints import sharded  # torch.distributed.checkpoint: 1 s to import
+
         return config, sharded.read_full(folder, MODEL_PREFIX, device=device)
     return config, read_safetensors(folder / WEIGHTS, device)
 

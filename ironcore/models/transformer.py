@@ -82,9 +82,13 @@ class TransformerModel(nn.Module):
         super().__init__()
         self.config = validated(cfg, "model")
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.pos_embed = (
-            nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.position_embedding == "learned" else None
-        )
+        # On the meta device (a model built to load weights into) nn.Embedding's own init is skipped: there it
+        # imports torch._dynamo, a second at the start of every command that reads a checkpoint. Elsewhere it
+        # runs, as before, so a seed draws the same weights (reset_parameters draws them again in a fixed order).
+        positions = (cfg.max_position_embeddings, cfg.hidden_size)
+        uninitialised = torch.empty(positions) if torch.get_default_device().type == "meta" else None
+        learned = cfg.position_embedding == "learned"
+        self.pos_embed = nn.Embedding(*positions, _weight=uninitialised) if learned else None
         rope = cfg.position_embedding == "rope"
         self.rope = RotaryEmbedding(cfg, scaling=cfg.rope_scaling) if rope else None
         # Gemma 3: the sliding-window layers rotate with their own, unscaled base.

@@ -28,9 +28,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
 from ironcore.config.training import TrainerConfig
 from ironcore.errors import ConfigError
@@ -59,6 +56,10 @@ def apply_fsdp(model: nn.Module, *, bf16: bool, offload: bool, reshard_after_for
     """Shard ``model`` in place over the data-parallel group: one FSDP unit per transformer block, the rest in
     the root unit (see the module doc). ``reshard_after_forward=False`` keeps each block's gathered weights
     until its backward pass (one all-gather less, more memory)."""
+    # Imported here: torch.distributed.fsdp brings DTensor, 0.7 s at the start of every command that never shards.
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
     if any(max(split.replicas) > 1 for split in named_splits(model).values()):
         raise ConfigError("trainer.data_parallel: fsdp with more tensor-parallel ranks than key/value heads is not "
                           "supported (the replicated heads' gradient sum); lower tensor_model_parallel_size")
@@ -102,7 +103,10 @@ def data_parallel_group(device: torch.device) -> dist.ProcessGroup:
     return alone
 
 
-class _RingAllGather(AllGather):
+# FSDP2's custom collectives (``set_custom_all_gather``/``reduce_scatter``) are duck-typed: the two classes below
+# implement torch.distributed.fsdp's ``AllGather`` and ``ReduceScatter`` interfaces (``allocate`` and ``__call__``)
+# without subclassing them, so that importing this module does not import FSDP.
+class _RingAllGather:
     """FSDP2's all-gather through :func:`ironcore.parallel.comm.all_gather_into` (counted in its traffic log)."""
 
     def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -113,7 +117,7 @@ class _RingAllGather(AllGather):
         comm.all_gather_into(output_tensor, input_tensor, group)  # done when it returns: no handle to wait on
 
 
-class _RingReduceScatter(ReduceScatter):
+class _RingReduceScatter:
     """FSDP2's reduce-scatter (a sum: the divide factor is 1) through :func:`ironcore.parallel.comm.reduce_scatter`,
     which uses the input, FSDP's temporary, as its scratch space."""
 

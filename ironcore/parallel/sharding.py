@@ -32,11 +32,11 @@ lies in the full tensor, for sharded checkpoints and the gradient norm.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Collection, Mapping
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ironcore.errors import CheckpointError
 from ironcore.parallel import comm, state
@@ -123,9 +123,16 @@ class FullPiece:
     owner: bool
 
 
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Is ``tensor`` a DTensor (an FSDP parameter)? Asked without importing :mod:`torch.distributed.tensor`, which
+    costs every command 0.7 s at start-up: no DTensor exists before something (FSDP, DCP) imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor this rank holds: an FSDP DTensor's local shard, any other tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def full_pieces(tensor: torch.Tensor, split: TPSplit | None) -> list[FullPiece]:
@@ -133,7 +140,7 @@ def full_pieces(tensor: torch.Tensor, split: TPSplit | None) -> list[FullPiece]:
     unpadded) tensor, as rectangles: one per logical part of a split (fused q/k/v, gate/up), vocab padding
     left out. No communication."""
     local = local_tensor(tensor)
-    offsets = list(tensor.__create_chunk_list__()[0].offsets) if isinstance(tensor, DTensor) else [0] * local.dim()
+    offsets = list(tensor.__create_chunk_list__()[0].offsets) if is_dtensor(tensor) else [0] * local.dim()
     tp, rank = state.tp_size(), state.tp_rank()
     if split is None:
         return [FullPiece(tuple(offsets), local, rank == 0)] if local.numel() else []
@@ -160,15 +167,17 @@ def grad_free(model: nn.Module) -> torch.no_grad | torch.inference_mode:
     """The context (or decorator) for running ``model`` without autograd: ``torch.inference_mode()``, or
     ``torch.no_grad()`` when FSDP shards it -- FSDP all-gathers a unit's weights into buffers it reuses, and
     training's forward pass could not write into buffers created as inference tensors."""
-    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    sharded = any(is_dtensor(p) for p in model.parameters())
     return torch.no_grad() if sharded else torch.inference_mode()
 
 
 def like_param(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``local`` (a TP-local tensor) in ``param``'s layout: sharded like an FSDP DTensor parameter (each rank
     keeps its own slice, no communication), or as it is."""
-    if not isinstance(param, DTensor):
+    if not is_dtensor(param):
         return local
+    from torch.distributed.tensor import distribute_tensor
+
     return distribute_tensor(local.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
@@ -180,7 +189,7 @@ def shard_tensor(full: torch.Tensor, split: TPSplit | None) -> torch.Tensor:
 def gather_tensor(local: torch.Tensor, split: TPSplit | None) -> torch.Tensor:
     """The full form of this rank's tensor (a replicated one is returned as it is). Collective over TP (and
     over DP for an FSDP DTensor)."""
-    if isinstance(local, DTensor):
+    if is_dtensor(local):
         local = local.full_tensor()
     if split is None:
         return local

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ironcore.checkpoints import native, sharded
+from ironcore.checkpoints import native
 from ironcore.config import Config, dump_config
 from ironcore.errors import CheckpointError, ConfigError, UserError, first_line
 from ironcore.files import OutputError, build_folder, describe_os_error, read_json, read_yaml
@@ -147,6 +147,8 @@ def save_checkpoint(
     only = trainable_names(model) if config.model.lora is not None else None
     shards = weights = optimizer_state = None
     if config.trainer.sharded_checkpoints:  # every rank's own pieces, nothing gathered
+        from ironcore.checkpoints import sharded  # torch.distributed.checkpoint: 1 s to import
+
         try:
             shards = _shards(model, optimizer, only)
         except NotImplementedError:  # an optimizer of your own without a per-parameter state: a full checkpoint
@@ -195,6 +197,8 @@ def save_checkpoint(
 def _shards(model: torch.nn.Module, optimizer: TrainingOptimizer, only: list[str] | None) -> dict[str, Any]:
     """What a sharded checkpoint holds of this rank: its pieces of the weights (``only`` those names) and of
     the optimizer's state, the optimizer's scalars and parameter groups (:mod:`ironcore.checkpoints.sharded`)."""
+    from ironcore.checkpoints import sharded  # torch.distributed.checkpoint: 1 s to import
+
     make, params = sharded.piece_maker(model), dict(model.named_parameters())
     out: dict[str, Any] = {f"{native.MODEL_PREFIX}{name}": make(name, tensor)
                            for name, tensor in model.state_dict().items() if only is None or name in only}  # fmt: skip
@@ -338,6 +342,8 @@ def _load_shards(folder: Path, model: torch.nn.Module, optimizer: TrainingOptimi
     """A sharded checkpoint into the model and optimizer, at this run's layout. An optimizer with a per-parameter
     state (ddp, fsdp) reads only its own pieces, in place; the flat-buffer ones read full tensors, as from a full
     checkpoint."""
+    from ironcore.checkpoints import sharded  # torch.distributed.checkpoint: 1 s to import
+
     path, saved = folder / native.SHARDS, sharded.saved_tensors(folder)
     names = {k[len(native.MODEL_PREFIX):] for k in saved if k.startswith(native.MODEL_PREFIX)}
     wanted = [n for n in model.state_dict() if n not in absent or n in names]
@@ -383,6 +389,8 @@ def _load_shards(folder: Path, model: torch.nn.Module, optimizer: TrainingOptimi
 
 def _read_groups(folder: Path) -> Any:
     """A sharded checkpoint's optimizer parameter groups, read by this process alone (without running code)."""
+    from ironcore.checkpoints import sharded  # torch.distributed.checkpoint: 1 s to import
+
     return sharded.read_shards(folder, {GROUPS: None}, alone=True)[GROUPS]
 
 
