@@ -343,7 +343,8 @@ def synthetic_run(tmp_path_factory) -> tuple[Path, Path]:
 def test_eval_as_validation_computes_what_rl_eval_did(synthetic_run, tmp_path, capsys) -> None:
     """`eval --task synthetic=DIR --as-validation --pass-at K ...`: the numbers and names of the pipeline's former
     rl_eval.py (the synthetic task with samples=K, pass_at=[K] and the settings given), and its Markdown table."""
-    from ironcore.evaluation.tasks import evaluate_task, load_for_eval, load_task
+    from ironcore.evaluation.task_config import load_task
+    from ironcore.evaluation.tasks import evaluate_task, load_for_eval
 
     run, task_dir = synthetic_run
     task = load_task(f"synthetic={task_dir}")  # what rl_eval.py computed

@@ -181,7 +181,7 @@ def _duplicate_optim(tmp_path: Path) -> Path:
 def test_a_key_given_twice_is_refused_in_every_yaml_naming_the_key_and_both_lines(tmp_path: Path) -> None:
     """Two `optim:` groups used to keep the last one only, dropping the first one's settings silently."""
     from ironcore.data.preprocessing.config import load_data_config
-    from ironcore.evaluation.tasks import load_task
+    from ironcore.evaluation.task_config import load_task
 
     with pytest.raises(ConfigError) as info:
         load_config(_duplicate_optim(tmp_path), world_size=1)

@@ -21,16 +21,14 @@ from ironcore.cli import main
 from ironcore.config.model import ModelConfig
 from ironcore.data.preprocessing.tokenizer import Tokenizer
 from ironcore.errors import ConfigError, DataError
+from ironcore.evaluation.task_config import FewShot, TaskConfig, load_task
 from ironcore.evaluation.tasks import (
-    FewShot,
     Meter,
-    TaskConfig,
     check_task,
     complete,
     cut,
     evaluate_task,
     load_for_eval,
-    load_task,
     pass_at_k,
     progress_line,
     render,

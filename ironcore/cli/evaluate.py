@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from ironcore.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ironcore.evaluation.tasks import TaskConfig
+    from ironcore.evaluation.task_config import TaskConfig
 
 DEFAULT_BATCH = 8  # validation samples or lm-eval requests per batch
 SHOWN = 12  # prompts of each task in --samples-markdown
@@ -185,7 +185,8 @@ def _tasks(args: argparse.Namespace) -> tuple[dict, str]:
 
 def _load_tasks(args: argparse.Namespace) -> list[TaskConfig]:
     """The ``--task`` configs with the command line's settings over their own, checked with their data."""
-    from ironcore.evaluation.tasks import check_task, load_task
+    from ironcore.evaluation.task_config import load_task
+    from ironcore.evaluation.tasks import check_task
 
     tasks = [load_task(spec, args.chat) for spec in args.task]
     names = [task.name for task in tasks]

@@ -48,7 +48,8 @@ from ironcore.data.samples.batches import StepBatches
 from ironcore.data.samples.blend import BlendedDataset, check_blendable, mix_metrics
 from ironcore.data.samples.build import build_dataset
 from ironcore.errors import ConfigError, UserError
-from ironcore.evaluation.tasks import TaskConfig, check_task, evaluate_task, load_task
+from ironcore.evaluation.task_config import TaskConfig, load_task
+from ironcore.evaluation.tasks import check_task, evaluate_task
 from ironcore.files import (
     OutputError,
     check_writable,

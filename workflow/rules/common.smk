@@ -183,7 +183,7 @@ def task_args(exp):
 @one_line_errors
 def task_inputs(exp):
     """The files the experiment's tasks read (task YAML files, their items and few-shot examples)."""
-    from ironcore.evaluation.tasks import load_task
+    from ironcore.evaluation.task_config import load_task  # torch-free: the Snakefile is parsed at every call
 
     files = []
     for spec in EXPERIMENTS[exp]["tasks"]:
