@@ -82,6 +82,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads shared by all processes")
     p.add_argument("--bucket-mb", type=float, default=4.0, help="the distributed optimizer's gradient buckets")
     p.add_argument("--only", default="", help="comma-separated layout names to run (default: all)")
+    p.add_argument("--profile", action="store_true", help="after timing, profile 3 steps of each layout on rank 0 and "
+                   "print its operators and FSDP's ranges by self CPU time (the last round's)")
     return p.parse_args()
 
 
@@ -153,19 +155,25 @@ def run_layout(rank: int, world: int, tp: int, distributed: bool | str, port: in
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+    traffic, table = dict(comm.traffic()), None  # the timed steps' traffic, not the profiled steps'
+    if args.profile:  # every rank steps (the collectives need both), rank 0 reports
+        with torch.profiler.profile() as prof:
+            for _ in range(3):
+                step()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=48)
     if rank == 0:
         per_group: dict[str, float] = {}
-        for tag, (nbytes, _) in comm.traffic().items():
+        for tag, (nbytes, _) in traffic.items():
             group = tag.split("/")[1]
             per_group[group] = per_group.get(group, 0.0) + nbytes / args.steps
-        calls = sum(n for _, n in comm.traffic().values()) / args.steps
+        calls = sum(n for _, n in traffic.values()) / args.steps
         fsdp = str(distributed).startswith("fsdp")
         states = optimizer.inner.state if fsdp else optimizer.state if not distributed else None
         moments = optimizer.state_bytes if states is None else sum(
             local_tensor(v).numel() * v.element_size() for s in states.values() for v in s.values() if v.dim())
         result = {"step_s": statistics.median(times), "bytes": None if fsdp and args.device == "cuda" else per_group,
                   "calls": calls, "state": moments,
-                  "wait_s": statistics.median(waits)}
+                  "wait_s": statistics.median(waits), "profile": table}
         Path(out).write_text(json.dumps(result))
     destroy_parallel()
 
@@ -214,6 +222,8 @@ def main() -> None:
             rounds[-1][name + "/wait"] = result["wait_s"]
             if name not in results or result["step_s"] < results[name]["step_s"]:
                 results[name] = result
+            if result["profile"] is not None and len(rounds) == args.repeats:
+                print(f"\n{name}: 3 profiled steps, rank 0\n{result['profile']}")
     base_name = "1 process" if "1 process" in results else next(iter(results))
     base = results[base_name]["step_s"]
     tokens = args.batch * args.seq
