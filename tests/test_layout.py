@@ -110,6 +110,17 @@ def test_data_folders_follow_the_lifecycle_and_preprocessing_never_imports_torch
     assert not with_torch, f"the preprocessing stage's code imports torch: {with_torch}"
 
 
+def test_what_the_snakefile_reads_configs_with_imports_no_torch() -> None:
+    """The Snakefile is parsed at every Snakemake call, dry runs included: the modules it reads configs with
+    (workflow/rules/common.smk) import no torch, directly or not (2 s a call)."""
+    smk = (ROOT / "workflow" / "rules" / "common.smk").read_text()
+    used = set(re.findall(r"^\s*from (ironcore[\w.]*) import", smk, re.MULTILINE))
+    assert "ironcore.evaluation.task_config" in used
+    closure = Package(PACKAGE).closure(sorted(used))
+    with_torch = [str(p.relative_to(PACKAGE)) for p in closure if _imports_torch(p)]
+    assert not with_torch, f"the Snakefile's config readers import torch: {with_torch}"
+
+
 def test_the_training_loop_names_no_objective_and_no_task_type() -> None:
     loop = (PACKAGE / "training" / "trainer.py").read_text()
     assert not re.search(r"dpo|task_type", loop, re.IGNORECASE)
