@@ -118,12 +118,14 @@ def test_convert_round_trip(tmp_path: Path) -> None:
 
 def test_reading_a_checkpoint_imports_no_fsdp_dcp_or_dynamo(tmp_path: Path) -> None:
     """Every command starts faster without torch's FSDP, DTensor, DCP (together 0.9 s to import) and dynamo (1.2 s):
-    imported by the runs that shard, write sharded checkpoints or compile, not by loading a model (GPT-2's
-    learned positions, built on the meta device) or importing the trainer and generation."""
-    save_model(TransformerModel(load_model_config("gpt2-tiny")), tmp_path / "ckpt")
+    imported by the runs that shard, write sharded checkpoints or compile, not by loading a model (built on the
+    meta device: GPT-2's learned positions, LLaMA's RoPE frequencies) or importing the trainer and generation."""
+    for name in ("gpt2-tiny", "llama-tiny"):
+        save_model(TransformerModel(load_model_config(name)), tmp_path / name)
     heavy = ["torch.distributed.tensor", "torch.distributed.checkpoint", "torch.distributed.fsdp", "torch._dynamo"]
     code = ("import sys; import ironcore.training.trainer, ironcore.inference.generate; "
-            f"from ironcore.checkpoints.load import load_model; load_model({str(tmp_path / 'ckpt')!r}); "
+            "from ironcore.checkpoints.load import load_model; "
+            f"[load_model({str(tmp_path)!r} + '/' + name) for name in ('gpt2-tiny', 'llama-tiny')]; "
             f"print([m for m in {heavy!r} if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

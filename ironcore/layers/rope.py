@@ -7,6 +7,7 @@ weights need no permutation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -66,10 +67,13 @@ class RotaryEmbedding(nn.Module):
 
     def reset_parameters(self, device: torch.device | str | None = None) -> None:
         """Recompute the (non-persistent) frequencies, e.g. when weights were loaded onto a meta-built model."""
-        device = device or self.inv_freq.device
-        self.inv_freq = inverse_frequencies(self.rotary_dim, self.theta, self.scaling).to(device)
-        if self.switch_at is not None:
-            self.long_inv_freq = inverse_frequencies(self.rotary_dim, self.theta, self.scaling, long=True).to(device)
+        device = torch.device(device or self.inv_freq.device)
+        # A meta-built model's frequencies are computed on the CPU and then made meta: arithmetic on the meta
+        # device imports torch._dynamo, a second at the start of every command that loads a RoPE model.
+        with torch.device("cpu") if device.type == "meta" else contextlib.nullcontext():
+            self.inv_freq = inverse_frequencies(self.rotary_dim, self.theta, self.scaling).to(device)
+            if self.switch_at is not None:
+                self.long_inv_freq = inverse_frequencies(self.rotary_dim, self.theta, self.scaling, long=True).to(device)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
