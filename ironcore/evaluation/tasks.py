@@ -1,7 +1,7 @@
 """Task evaluation: what a checkpoint can do, as accuracy on items with known answers (``ironcore eval --task``).
 
 A task is a JSONL file of items and a config: a YAML file, or a built-in
-(:data:`BUILTIN_TASKS`) with its data file, ``gsm8k=path/to/test.jsonl``.
+(:data:`~ironcore.evaluation.task_config.BUILTIN_TASKS`) with its data file, ``gsm8k=path/to/test.jsonl``.
 
 - ``type: generate``: each item's prompt (``prompt``, a template over the
   item's fields, rendered with the tokenizer's chat template when ``chat``)
@@ -27,7 +27,7 @@ first k items, each rendered as prompt + target (``target`` for generation,
 the gold choice for multiple choice), joined by ``few_shot.separator`` before
 the item's prompt (as chat turns when ``chat``).
 
-Under ``chat`` a built-in task takes its chat form (:data:`BUILTIN_CHAT`): the
+Under ``chat`` a built-in task takes its chat form (:data:`~ironcore.evaluation.task_config.BUILTIN_CHAT`): the
 item as a user would ask it, one user turn, answered until the template's
 end-of-turn token. ``details`` (``ironcore eval --log-samples``) receive one
 row per item: what the model read, what it wrote, what the checker compared.
