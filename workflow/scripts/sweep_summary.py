@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ironcore.tables import html_table  # noqa: E402
 
 NOTE = ("Ranked by final validation loss (nats per token, `ironcore eval` over the whole validation split). "
-        "Wall and CPU time are the training job's, start to end. The curves are the trainer's periodic validation on its "
-        "first operation.eval_steps batches, and its training loss.")
+        "Wall and CPU time are the training job's, start to end. The curves are the trainer's periodic validation "
+        "on its first operation.eval_steps batches, and its training loss.")
 
 
 def main() -> None:
@@ -48,11 +48,8 @@ def main() -> None:
     title = f"Sweep {args.sweep}: {len(rows)} points from experiment {args.base}"
     (out / "summary.json").write_text(json.dumps({"sweep": args.sweep, "base": args.base, "keys": keys,
                                                   "points": rows}, indent=2) + "\n")  # fmt: skip
-    (out / "summary.md").write_text(markdown(title, rows, keys))
-    table = [{"rank": rank, "point": row["point"], **{key: row["swept"].get(key) for key in keys},
-              "val loss": row["val_loss"], "val ppl": row["val_ppl"], "steps": row["steps"],
-              "wall s": round(row["seconds"]), "cpu s": round(row["cpu_seconds"])}
-             for rank, row in enumerate(rows, 1)]  # fmt: skip
+    table = ranked(rows, keys)
+    (out / "summary.md").write_text(markdown(title, table))
     page = html_table(title, NOTE, table) + "<img src='curves.png' alt='curves' style='max-width:100%'>\n"
     (out / "summary.html").write_text(page)
     print((out / "summary.md").read_text())
@@ -78,13 +75,17 @@ def point_row(name: str, swept: dict[str, Any], eval_path: str, metrics_path: st
     }
 
 
-def markdown(title: str, rows: list[dict[str, Any]], keys: list[str]) -> str:
-    head = ["rank", "point", *keys, "val loss", "val ppl", "steps", "wall s", "cpu s"]
-    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for rank, row in enumerate(rows, 1):
-        swept = [str(row["swept"].get(key, "-")) for key in keys]
-        lines.append(f"| {rank} | {row['point']} | " + " | ".join(swept) + f" | {row['val_loss']:.4f} | "
-                     f"{row['val_ppl']:.2f} | {row['steps']:,} | {row['seconds']:.0f} | {row['cpu_seconds']:.0f} |")
+def ranked(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, str]]:
+    """The summary's table, as both summary.md and summary.html show it: one row per point, best first."""
+    return [{"rank": str(rank), "point": row["point"], **{key: str(row["swept"].get(key, "-")) for key in keys},
+             "val loss": f"{row['val_loss']:.4f}", "val ppl": f"{row['val_ppl']:.2f}", "steps": f"{row['steps']:,}",
+             "wall s": f"{row['seconds']:.0f}", "cpu s": f"{row['cpu_seconds']:.0f}"}
+            for rank, row in enumerate(rows, 1)]  # fmt: skip
+
+
+def markdown(title: str, table: list[dict[str, str]]) -> str:
+    lines = [f"# {title}", "", "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    lines += ["| " + " | ".join(row.values()) + " |" for row in table]
     return "\n".join([*lines, "", NOTE, "", "![curves](curves.png)", ""])
 
 
