@@ -137,6 +137,8 @@ def test_logits_match_hf_both_ways(case: str, tmp_path) -> None:
         expected = hf_model(ids).logits
 
     ours = load_model(hf_dir, device=DEVICE)
+    # Nothing left on the meta device it was built on, non-persistent buffers included: `.to()` must work.
+    assert not [name for name, t in [*ours.named_parameters(), *ours.named_buffers()] if t.is_meta]
     with torch.no_grad():
         got = ours(ids)
     assert got.shape == expected.shape

@@ -72,8 +72,10 @@ class RotaryEmbedding(nn.Module):
         # device imports torch._dynamo, a second at the start of every command that loads a RoPE model.
         with torch.device("cpu") if device.type == "meta" else contextlib.nullcontext():
             self.inv_freq = inverse_frequencies(self.rotary_dim, self.theta, self.scaling).to(device)
-            if self.switch_at is not None:
-                self.long_inv_freq = inverse_frequencies(self.rotary_dim, self.theta, self.scaling, long=True).to(device)
+            # Without LongRoPE an empty placeholder, but on ``device`` too: a meta one left behind makes the
+            # loaded model's ``.to(device)`` fail (a meta tensor has no data to copy, however small).
+            self.long_inv_freq = (torch.empty(0) if self.switch_at is None else inverse_frequencies(
+                self.rotary_dim, self.theta, self.scaling, long=True)).to(device)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
