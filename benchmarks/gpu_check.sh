@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: everything IronCore can only show on CUDA, in one run of under 10 minutes on one H100.
+# The GPU check: everything IronCore can only show on CUDA. Its steps' time limits add up to ~52 minutes on one
+# GPU: a session with less device time runs the steps its issue names (GPU_CHECK_STEPS, below).
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root, in the environment that has ironcore
 #
@@ -14,8 +15,9 @@
 # Then one summary table. Each step has a time limit and a log under $GPU_CHECK_OUT (default $OUT, else
 # runs/gpu_check); a failed step does not stop the others, and the exit status is that of the worst one.
 # Without a CUDA device it stops at once with one line and exit status 2. Later GPU checks add a step here.
-# Issues 34/35 alone: GPU_CHECK_STEPS="fsdp-1b-offload-params fsdp-1b-offload-none preprocess-2048 lora-8b-null
-# lora-8b-nf4".
+# Issue 34 alone, as two runs whose time limits are under 10 minutes each: GPU_CHECK_STEPS="preprocess-2048
+# lora-8b-null lora-8b-nf4", then GPU_CHECK_STEPS=lora-peer; issue 35 alone: GPU_CHECK_STEPS="fsdp-1b-offload-params
+# fsdp-1b-offload-none"; issue 38 alone: GPU_CHECK_STEPS="train-cli train-1b kernels".
 # GPU_CHECK_STEPS="grpo generate" runs only the named steps (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -81,6 +83,10 @@ for quantize in null nf4; do
     operation.train_steps=6 operation.eval_interval=0 operation.log_interval=2 trainer.save_interval=0 \
     trainer.output_dir="$OUT_DIR/run-lora-8b-$quantize" utils.tracking=false
 done
+# Issue 34's speed goal on the GPU: IronCore LoRA against HF + PEFT on qwen2.5-0.5b (the CPU benchmark's model
+# and adapters), 2,048 tokens a step, both in bf16 (bf16 base, fp32 adapters, autocast), 10 interleaved pairs.
+step lora-peer 150 "$PYTHON" benchmarks/lora_throughput.py --kinds --device cuda --precision bf16 --seq-len 2048 \
+  --pairs 10
 if (( gpus >= 2 )); then
   step train-nccl-tp2 60 "$PYTHON" -m torch.distributed.run --nproc_per_node 2 -m ironcore train --config configs/example.yaml \
     --tensor-model-parallel-size 2 trainer.precision=bf16 operation.train_steps=60 \

@@ -13,10 +13,12 @@ with ``save_hf_model``, PEFT's fresh adapters saved and loaded into IronCore, so
 the same batches, AdamW on the adapters; their steps alternate (ABBA) for ``--pairs`` pairs. Reported: the
 step-1 losses (equal weights and data must give equal losses), the median and range of the per-pair ratio of
 step times (HF + PEFT / IronCore: > 1 is faster), and the matmul peak measured in the same run (the physical
-limit of a CPU step: 6 x trained-path FLOPs per token).
+limit of a step: the frozen base's forward and input-gradient GEMMs). ``--device cuda --precision bf16``
+runs part 2 on a GPU as both are trained there: the frozen base stored in bf16, fp32 adapters, bf16 autocast.
 
     python benchmarks/lora_throughput.py                         # qwen2.5-0.5b, 256 tokens, 10 pairs
     python benchmarks/lora_throughput.py --model llama-tiny --seq-len 64 --steps 3 --pairs 4   # a smoke run
+    python benchmarks/lora_throughput.py --kinds --device cuda --precision bf16 --seq-len 2048  # on a GPU
 """
 
 from __future__ import annotations
@@ -109,10 +111,22 @@ def child(args: argparse.Namespace) -> None:
     }))
 
 
+def matmul_time(prof: profile, device: str = "cpu") -> tuple[float, float]:
+    """A profiled step's seconds in GEMMs (aten::mm, addmm, bmm) and in all operators, on the CPU (self CPU time)
+    or on the GPU (kernel time)."""
+    if device == "cpu":
+        times = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+        gemm = sum(times.get(name, 0) for name in ("aten::mm", "aten::addmm", "aten::bmm"))
+        return gemm / 1e6, sum(times.values()) / 1e6
+    ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    gemm = sum(e.self_device_time_total for e in ops if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    return gemm / 1e6, sum(e.self_device_time_total for e in ops) / 1e6
+
+
 def matmul_share(prof: profile) -> float:
-    """The share of a profiled step's CPU time in GEMMs (aten::mm, addmm, bmm)."""
-    times = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
-    return sum(times.get(name, 0) for name in ("aten::mm", "aten::addmm", "aten::bmm")) / sum(times.values())
+    """The share of a profiled step's CPU time in GEMMs."""
+    gemm, total = matmul_time(prof)
+    return gemm / total
 
 
 def step_peak(prof: profile) -> int:
@@ -125,15 +139,16 @@ def step_peak(prof: profile) -> int:
     return peak
 
 
-def matmul_peak(threads: int, size: int = 1024, repeat: int = 10) -> float:
-    """fp32 GEMM rate of this CPU now (FLOP/s): the limit a training step's matmuls run against."""
+def matmul_peak(threads: int, device: str = "cpu", dtype: torch.dtype = torch.float32, size: int = 1024,
+                repeat: int = 10) -> float:
+    """GEMM rate of this device now in ``dtype`` (FLOP/s): the limit a training step's matmuls run against."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
-        a @ b
+        (a @ b).sum().item()  # .item() waits for a GPU; the sum adds size^2 to 2 size^3 FLOPs
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
@@ -147,11 +162,13 @@ def peer(args: argparse.Namespace) -> dict:
     from ironcore.checkpoints.load import load_model
     from ironcore.config.training import OptimConfig
     from ironcore.models import TransformerModel
+    from ironcore.models.lora import cast_base
     from ironcore.models.stats import model_stats
     from ironcore.training.optim import build_optimizer
     from ironcore.training.perf import retain_freed_host_memory
 
     torch.set_num_threads(args.threads)
+    device, bf16 = torch.device(args.device), args.precision == "bf16"
     if args.retain:  # what the trainer does on a CPU (trainer.retain_host_memory), for both: one process
         retain_freed_host_memory()
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,31 +179,43 @@ def peer(args: argparse.Namespace) -> dict:
                                                          target_modules=TARGETS))  # fmt: skip
         theirs.save_pretrained(Path(tmp) / "adapter")
         ours = load_model(Path(tmp) / "adapter").train()
-    theirs.train()
+    if bf16:  # both as their users train in bf16: the frozen base stored in bf16, fp32 adapters, bf16 autocast
+        cast_base(ours, torch.bfloat16)  # what the trainer does (trainer.precision bf16)
+        for param in theirs.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
+    ours.to(device)
+    theirs.to(device).train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     opt_ours = build_optimizer(ours, OptimConfig(max_lr=1e-4))
     opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4, fused=True)
     vocab = ours.config.vocab_size
 
-    def ours_step(tokens: torch.Tensor) -> float:
+    def ours_step(tokens: torch.Tensor) -> float:  # each step ends in .item(): on a GPU it waits for its kernels
         opt_ours.zero_grad(set_to_none=True)
-        weights = torch.full(tokens[:, 1:].shape, 1.0 / tokens[:, 1:].numel())
-        loss = ours(tokens[:, :-1], labels=tokens[:, 1:], loss_weights=weights)
+        weights = torch.full(tokens[:, 1:].shape, 1.0 / tokens[:, 1:].numel(), device=device)
+        with autocast:
+            loss = ours(tokens[:, :-1], labels=tokens[:, 1:], loss_weights=weights)
         loss.backward()
         opt_ours.step()
         return loss.item()
 
     def theirs_step(tokens: torch.Tensor) -> float:
         opt_theirs.zero_grad(set_to_none=True)
-        logits = theirs(input_ids=tokens[:, :-1]).logits
+        with autocast:
+            logits = theirs(input_ids=tokens[:, :-1]).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
         loss.backward()
         opt_theirs.step()
         return loss.item()
 
-    first = (ours_step(_batch(0, args, vocab)), theirs_step(_batch(0, args, vocab)))
+    first = (ours_step(_batch(0, args, vocab).to(device)), theirs_step(_batch(0, args, vocab).to(device)))
+    for _ in range(2 if device.type == "cuda" else 0):  # a GPU's first steps also choose kernels and allocate
+        for step in (ours_step, theirs_step):
+            step(_batch(0, args, vocab).to(device))
     ratios, ours_times, their_times = [], [], []
     for pair in range(args.pairs):
-        tokens = _batch(pair + 1, args, vocab)
+        tokens = _batch(pair + 1, args, vocab).to(device)
         timed = {}
         for name, step in (("ours", ours_step), ("theirs", theirs_step))[:: 1 if pair % 2 == 0 else -1]:
             start = time.perf_counter()
@@ -195,13 +224,20 @@ def peer(args: argparse.Namespace) -> dict:
         ours_times.append(timed["ours"])
         their_times.append(timed["theirs"])
         ratios.append(timed["theirs"] / timed["ours"])
+    gemms = {}
+    for name, step in (("ours", ours_step), ("theirs", theirs_step)) if args.profile else ():
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            step(_batch(args.pairs + 1, args, vocab).to(device))
+        gemms[name] = matmul_time(prof, device.type)
     # The frozen base's step: the forward pass and the backward pass's input gradients (no weight gradients), two
     # forward passes' FLOPs; the adapters add ~2 % at rank 16. At the measured matmul peak that is the fastest step.
     flops = 2 * model_stats(ours.config, args.seq_len).forward_flops_per_token * args.seq_len * args.micro_batch
-    peak = matmul_peak(args.threads)
+    peak = matmul_peak(args.threads, args.device, torch.bfloat16 if bf16 else torch.float32,
+                       size=1024 if device.type == "cpu" else 8192)  # fmt: skip
     return {"first_losses": first, "ratio_median": statistics.median(ratios), "ratios": ratios,
             "ours_step_s": statistics.median(ours_times), "theirs_step_s": statistics.median(their_times),
-            "matmul_peak_gflops": peak / 1e9, "matmul_bound_s": flops / peak}  # fmt: skip
+            "matmul_peak_gflops": peak / 1e9, "matmul_bound_s": flops / peak, "gemms": gemms}  # fmt: skip
 
 
 def main() -> None:
@@ -214,15 +250,20 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=10, help="interleaved step pairs of part 2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="part 1's compute (bf16 on a GPU; this CPU's bf16 matmuls are ~3.5x slower than fp32)")
+                        help="the compute (bf16 on a GPU; this CPU's bf16 matmuls are ~3.5x slower than fp32)")
+    parser.add_argument("--device", default="cpu", help="part 2's device (part 1 measures host memory: CPU only)")
     parser.add_argument("--kinds", nargs="*", default=["full", "lora", "qlora"], help="part 1's rows (none: skip it)")
     parser.add_argument("--retain", action="store_true",
                         help="part 2 with freed host memory kept for reuse, as the trainer runs on a CPU")
+    parser.add_argument("--profile", action="store_true",
+                        help="part 2 then profiles one step of each: its time in GEMMs and in all operators")
     parser.add_argument("--child", choices=["full", "lora", "qlora"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
+    if args.device != "cpu" and args.kinds:
+        parser.error("part 1 measures host memory: on a GPU run part 2 alone (--kinds with no rows)")
     print(f"{args.model}, {args.micro_batch} x {args.seq_len} tokens, LoRA rank {args.rank} on {', '.join(TARGETS)}, "
           f"{args.threads} threads", flush=True)
     rows = []
@@ -240,13 +281,20 @@ def main() -> None:
     if not args.pairs:
         return
     result = peer(args)
+    tokens = args.micro_batch * args.seq_len
     print(f"IronCore LoRA vs HF + PEFT LoRA, {args.pairs} interleaved pairs: step-1 losses "
-          f"{result['first_losses'][0]:.4f} / {result['first_losses'][1]:.4f}; step {result['ours_step_s']:.2f} s "
-          f"vs {result['theirs_step_s']:.2f} s; speed ratio median {result['ratio_median']:.2f} "
-          f"(range {min(result['ratios']):.2f}-{max(result['ratios']):.2f}); fp32 matmul peak "
+          f"{result['first_losses'][0]:.4f} / {result['first_losses'][1]:.4f}; step {result['ours_step_s']:.3f} s "
+          f"({tokens / result['ours_step_s']:,.0f} tokens/s) vs {result['theirs_step_s']:.3f} s "
+          f"({tokens / result['theirs_step_s']:,.0f}); speed ratio median {result['ratio_median']:.2f} "
+          f"(range {min(result['ratios']):.2f}-{max(result['ratios']):.2f}); {args.device} {args.precision} matmul peak "
           f"{result['matmul_peak_gflops']:.0f} GFLOP/s, at which the step's matmuls take "
           f"{result['matmul_bound_s']:.2f} s: IronCore {result['matmul_bound_s'] / result['ours_step_s']:.0%} of that "
           f"bound, HF + PEFT {result['matmul_bound_s'] / result['theirs_step_s']:.0%}")
+    for name, label in (("ours", "IronCore"), ("theirs", "HF + PEFT")):
+        if name in result["gemms"]:
+            gemm, total = result["gemms"][name]
+            print(f"profiled step, {label}: {gemm:.3f} s in GEMMs of {total:.3f} s in operators "
+                  f"({gemm / total:.0%}), {total - gemm:.3f} s in the rest")
 
 
 if __name__ == "__main__":
