@@ -48,6 +48,23 @@ def test_nf4_round_trip_error_is_torchaos_and_the_base_takes_a_quarter_of_bf16()
         assert 0.25 < ratio < 0.27, f"{name}: NF4 holds {ratio:.3f} of the bf16 bytes"
 
 
+def test_the_base_is_quantised_where_it_is_asked_to_be(monkeypatch) -> None:
+    """The trainer builds on the host and quantises on its GPU (seconds there, a minute per 1B parameters on a
+    2-core host): each weight reaches torchao's quantiser on the device it names. Shown with the meta device,
+    which a CPU machine has, and a recording stand-in for ``to_nf4``."""
+    import torchao.quantization
+
+    seen = []
+    monkeypatch.setattr(torchao.quantization, "to_nf4", lambda weight, *blocks: seen.append(weight.device) or weight)
+    cfg = small_run_config({**TINY_MODEL, "lora": {**LORA, "quantize_base": "nf4"}}, "unused.yaml", "out", 1).model
+    model = TransformerModel(cfg)
+    quantize_base(model, "meta")
+    assert seen == [torch.device("meta")] * 4 * cfg.num_layers
+    seen.clear()
+    quantize_base(TransformerModel(cfg))  # by default where the weight is
+    assert seen == [torch.device("cpu")] * 4 * cfg.num_layers
+
+
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("qlora-sft")

@@ -202,7 +202,7 @@ class Trainer:
             if self.cfg.trainer.precision == "bf16":
                 cast_base(model, torch.bfloat16)
             if self.cfg.model.lora.quantize_base == "nf4":
-                quantize_base(model)
+                quantize_base(model, self.device)
         if self.cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(model)
         return model.to(self.device)
