@@ -11,7 +11,8 @@ A *source* is
 
 :func:`load_model` builds the model on the meta device (no memory, no
 initialisation) and assigns the weights, each rank taking its tensor-parallel
-shard (:func:`load_language_model`: the same, refusing a reward model); :func:`load_weights` gives the full weights alone (for ``init.init_from``),
+shard (:func:`load_language_model`: the same, refusing a reward model); :func:`load_weights` gives the full weights alone (for ``init.init_from``,
+which the trainer assigns the same way: :func:`meta_model`, :func:`init_unloaded`),
 and :func:`weight_files` the files they come from (to fingerprint them).
 """
 
@@ -21,13 +22,14 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ironcore.checkpoints import hf, native
 from ironcore.checkpoints.hf_families import family_of, is_hf_folder, model_config_from_hf, read_hf_config
 from ironcore.checkpoints.peft import is_peft_folder, lora_config_from_peft, read_peft_adapter
 from ironcore.config.model import ModelConfig
 from ironcore.errors import CheckpointError
-from ironcore.models.lora import quantize_base
+from ironcore.models.lora import LoRA, quantize_base
 from ironcore.models.transformer import TransformerModel
 from ironcore.parallel.sharding import full_shapes, load_full_state_dict
 
@@ -59,9 +61,34 @@ def locate(source: str | Path, expect: str | None = None) -> tuple[str, Path]:
     return "ironcore", native.resolve(path)
 
 
-def _meta_model(cfg: ModelConfig) -> TransformerModel:
+def meta_model(cfg: ModelConfig) -> TransformerModel:
+    """``cfg``'s model on the meta device: no memory, nothing drawn; load weights into it (they are assigned),
+    then :func:`init_unloaded`."""
     with torch.device("meta"):
         return TransformerModel(cfg)
+
+
+@torch.no_grad()
+def init_unloaded(model: TransformerModel, device: str | torch.device = "cpu") -> list[str]:
+    """Make a meta-built model whole once its weights are loaded: the parameters the weights did not hold
+    (fresh LoRA adapters, a reward model's new score head) drawn on ``device`` as ``reset_parameters`` draws
+    them, and RoPE's frequencies computed. Returns the names drawn."""
+    fresh = []
+    for name, param in list(model.named_parameters()):
+        if param.is_meta:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, nn.Parameter(torch.empty_like(param, device=device),
+                                                                   requires_grad=param.requires_grad))  # fmt: skip
+            fresh.append(name)
+    if "score.weight" in fresh:
+        nn.init.normal_(model.score.weight, 0.0, model.config.init_std)
+    for name, module in model.named_modules():
+        if isinstance(module, LoRA) and f"{name}.A.weight" in fresh:
+            module.reset_parameters()
+    for rope in (model.rope, model.local_rope):
+        if rope is not None:
+            rope.reset_parameters(device)
+    return fresh
 
 
 def _read(
@@ -72,7 +99,7 @@ def _read(
     if kind == "hf":
         config = read_hf_config(folder)
         where = str(folder / "config.json")
-        model = _meta_model(model_config_from_hf(config, where))
+        model = meta_model(model_config_from_hf(config, where))
         family = family_of(config, where).model_type
         state = hf.read_hf_weights(folder, family, full_shapes(model), dtype or torch.float32, device)
         return model, state, folder
@@ -87,7 +114,7 @@ def _read(
         state = {**base_state, **state}
     if dtype is not None:
         state = {name: tensor.to(dtype) for name, tensor in state.items()}
-    return _meta_model(cfg), state, folder
+    return meta_model(cfg), state, folder
 
 
 def _base_source(folder: Path, record: dict[str, str]) -> str:
@@ -116,7 +143,7 @@ def _read_peft(folder: Path, device: str | torch.device,
     if not base:
         raise CheckpointError(f"{folder / 'adapter_config.json'}: names no base_model_name_or_path")
     base_model, state, _ = _read(base, device, dtype)
-    model = _meta_model(dataclasses.replace(base_model.config, lora=lora))
+    model = meta_model(dataclasses.replace(base_model.config, lora=lora))
     return model, {**state, **read_peft_adapter(folder, model)}, folder
 
 
@@ -133,9 +160,7 @@ def load_model(
         load_full_state_dict(model, state)
     except CheckpointError as err:
         raise CheckpointError(f"{folder}: {err}") from None
-    for rope in (model.rope, model.local_rope):
-        if rope is not None:
-            rope.reset_parameters(device)
+    init_unloaded(model, device)
     if model.config.lora is not None and model.config.lora.quantize_base == "nf4":
         quantize_base(model)
     return model.eval()
@@ -161,13 +186,12 @@ def reward_model_start(weights: dict[str, torch.Tensor], model: TransformerModel
     """A language model's weights as the start of ``model``, a reward model (``score_head``).
 
     As HF's ``AutoModelForSequenceClassification.from_pretrained`` of a causal LM does: the output projection
-    is dropped and the score head keeps its fresh initialisation. Weights that already have a score head
-    are returned as they are.
+    is dropped and the score head is left to its fresh initialisation (``score.weight`` missing: load with it
+    ``absent``). Weights that already have a score head are returned as they are.
     """
     if "score.weight" in weights or model.score is None:
         return weights
-    kept = {name: tensor for name, tensor in weights.items() if not name.startswith("lm_head.")}
-    return kept | {"score.weight": model.score.weight.detach().to(next(iter(weights.values())).device)}
+    return {name: tensor for name, tensor in weights.items() if not name.startswith("lm_head.")}
 
 
 def weight_files(source: str | Path) -> list[Path]:

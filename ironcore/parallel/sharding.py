@@ -251,8 +251,18 @@ def load_full_state_dict(model: nn.Module, full: Mapping[str, torch.Tensor],
     own = model.state_dict()
     local = {name: like_param(shard_tensor(t, splits.get(name)), own[name]) for name, t in full.items()}
     on_meta = any(t.is_meta for t in own.values())
+    if on_meta:  # assigned: each parameter must own compact memory, not be a TP shard's view of the full tensor
+        local = {name: _compact(t) for name, t in local.items()}
     model.load_state_dict(local, strict=not absent, assign=on_meta)
     return local
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy of it where it is a strided view or a slice of a larger storage (which a
+    parameter would keep alive whole, and which optimizers and collectives may not expect)."""
+    if is_dtensor(t) or (t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _named_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
