@@ -57,20 +57,23 @@ def test_peak_flops_configured_or_measured():
     assert peak_flops(cpu, "fp32") > 1e9
 
 
-def test_the_cpu_peak_is_measured_once_and_kept(tmp_path, monkeypatch):
+def test_the_cpu_peak_is_the_best_measured_and_kept(tmp_path, monkeypatch):
     """On a shared machine a peak measured at each start-up moves with the load (the same tok/s read as 9 % and
-    29 % MFU): the first measurement is kept per CPU, thread count and torch version, and says so."""
+    29 % MFU): the highest measurement is kept per CPU, thread count and torch version, and says so; a busier
+    start-up does not lower it, a first measurement made while the machine was busy does not stay (it read as
+    154 % MFU)."""
     from ironcore.training import perf
 
     monkeypatch.setenv("IRONCORE_CACHE_DIR", str(tmp_path / "cache"))
-    rates = iter([50e9, 15e9])  # the second start-up on a busy machine would measure less
+    rates = iter([50e9, 15e9, 80e9, 60e9, 15e9])
     monkeypatch.setattr(perf, "measured_cpu_peak", lambda *args: next(rates))
-    first, second = perf.device_peak(torch.device("cpu"), "fp32"), perf.device_peak(torch.device("cpu"), "fp32")
-    assert first.flops == second.flops == 50e9
-    assert str(tmp_path / "cache" / perf.CPU_PEAK_FILE) in second.basis and "fp32 matmul peak" in second.basis
-    assert perf.format_rate(second.flops) == "50 GFLOP/s" and perf.format_rate(9.89e14) == "989 TFLOP/s"
+    first, busier = perf.device_peak(torch.device("cpu"), "fp32"), perf.device_peak(torch.device("cpu"), "fp32")
+    assert first.flops == busier.flops == 50e9
+    assert str(tmp_path / "cache" / perf.CPU_PEAK_FILE) in busier.basis and "fp32 matmul peak" in busier.basis
+    assert perf.format_rate(busier.flops) == "50 GFLOP/s" and perf.format_rate(9.89e14) == "989 TFLOP/s"
+    assert [perf.device_peak(torch.device("cpu"), "fp32").flops for _ in range(2)] == [80e9, 80e9]  # raised, kept
     assert perf.device_peak(torch.device("cpu"), "fp32", 2.5).basis == "trainer.peak_tflops"
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 97)  # another thread count: measured anew
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 97)  # another thread count: its own entry
     assert perf.device_peak(torch.device("cpu"), "fp32").flops == 15e9
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
     gpu = perf.device_peak(torch.device("cuda"), "bf16")

@@ -1,13 +1,15 @@
 """Peak FLOP/s of the device, so MFU means the same thing on a laptop and on an H100.
 
 GPUs: dense (no sparsity) tensor-core figures from the vendors' data sheets.
-CPU: the best observed fp32 matmul rate of this process's threads, measured
-the first time a CPU model, thread count and torch version trains and kept
-in ``cpu_peak.json`` of IronCore's cache folder (``$IRONCORE_CACHE_DIR``,
-else ``$XDG_CACHE_HOME/ironcore``, else ``~/.cache/ironcore``): a rate
-measured at every start-up on a shared machine moves with the load, and the
-same tokens per second would read as another MFU in each run. Delete the
-entry to measure again; ``trainer.peak_tflops`` pins a figure of your own.
+CPU: the best observed fp32 matmul rate of this process's threads, kept per
+CPU model, thread count and torch version in ``cpu_peak.json`` of IronCore's
+cache folder (``$IRONCORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/ironcore``,
+else ``~/.cache/ironcore``): a rate measured at every start-up on a shared
+machine moves with the load, and the same tokens per second would read as
+another MFU in each run. Each start-up still measures briefly and keeps the
+higher figure: a first measurement made while the machine was busy would
+otherwise stay too low for good (MFU above 100 %). Delete the entry to
+measure afresh; ``trainer.peak_tflops`` pins a figure of your own.
 :func:`device_peak` says which of these a run's MFU is taken against.
 
 Also here: the host-allocator setting that keeps a CPU training step from
@@ -105,8 +107,9 @@ def cache_dir() -> Path:
 
 
 def cpu_peak() -> Peak:
-    """This CPU's fp32 matmul peak at this process's thread count: kept in :data:`CPU_PEAK_FILE` after its first
-    measurement, so that every later run of this machine takes MFU against the same figure."""
+    """This CPU's fp32 matmul peak at this process's thread count: the highest rate measured so far, kept in
+    :data:`CPU_PEAK_FILE`, so that later runs of this machine take MFU against the same figure until a start-up
+    measures more (a brief measurement each time; a full one when there is no entry)."""
     threads = torch.get_num_threads()
     key = f"{_cpu_name()} | {threads} threads | torch {torch.__version__}"
     path = cache_dir() / CPU_PEAK_FILE
@@ -117,9 +120,10 @@ def cpu_peak() -> Peak:
         table = {}
     entry = table.get(key)
     what = f"fp32 matmul peak of this CPU at {threads} thread{'s' if threads > 1 else ''}"
-    if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0:
+    known = isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0
+    flops, today = measured_cpu_peak(1024, 4 if known else 16), datetime.date.today().isoformat()
+    if known and flops <= entry["flops"]:
         return Peak(float(entry["flops"]), f"{what}, measured {entry.get('measured', 'earlier')}, kept in {path}")
-    flops, today = measured_cpu_peak(1024, 16), datetime.date.today().isoformat()
     table[key] = {"flops": flops, "measured": today}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
