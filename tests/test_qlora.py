@@ -49,8 +49,8 @@ def test_nf4_round_trip_error_is_torchaos_and_the_base_takes_a_quarter_of_bf16()
 
 
 def test_the_base_is_quantised_where_it_is_asked_to_be(monkeypatch) -> None:
-    """The trainer builds on the host and quantises on its GPU (seconds there, a minute per 1B parameters on a
-    2-core host): each weight reaches torchao's quantiser on the device it names. Shown with the meta device,
+    """The trainer builds on the host and quantises on its GPU (on a 2-core host it took a minute per 1B
+    parameters): each weight reaches torchao's quantiser on the device it names. Shown with the meta device,
     which a CPU machine has, and a recording stand-in for ``to_nf4``."""
     import torchao.quantization
 

@@ -121,7 +121,7 @@ def cpu_peak() -> Peak:
     entry = table.get(key)
     what = f"fp32 matmul peak of this CPU at {threads} thread{'s' if threads > 1 else ''}"
     known = isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0
-    flops, today = measured_cpu_peak(1024, 4 if known else 16), datetime.date.today().isoformat()
+    flops, today = measured_cpu_peak(1024, 2 if known else 16), datetime.date.today().isoformat()
     if known and flops <= entry["flops"]:
         return Peak(float(entry["flops"]), f"{what}, measured {entry.get('measured', 'earlier')}, kept in {path}")
     table[key] = {"flops": flops, "measured": today}

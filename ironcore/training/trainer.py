@@ -197,8 +197,8 @@ class Trainer:
         if from_file:
             try:
                 weights = reward_model_start(load_weights(init_from), model)
-                fresh = adapters | ({"score.weight"} if model.score is not None else set())
-                load_full_state_dict(model, weights, absent=fresh)
+                absent = adapters | ({"score.weight"} if model.score is not None else set())
+                load_full_state_dict(model, weights, absent=absent)
             except UserError as err:
                 raise UserError(f"init.init_from {init_from}: {err}") from None
             init_unloaded(model)
