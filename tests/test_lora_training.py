@@ -97,6 +97,15 @@ def test_a_run_from_a_file_draws_only_what_the_file_lacks(pretrain_data, base, t
         assert param.requires_grad and (param.abs().sum() > 0) == name.endswith("A.weight")  # B starts at zero
 
 
+def test_a_run_from_a_bf16_checkpoint_holds_the_weights_in_the_models_dtype(pretrain_data, base, tmp_path) -> None:
+    """The file's tensors are assigned, but in the model's dtype: a bf16 checkpoint starts an fp32 run (a LoRA
+    base left in bf16 would meet fp32 activations and adapters), as it did when it was copied into a drawn model."""
+    bf16 = native.save_model(load_model(base).to(torch.bfloat16), tmp_path / "bf16")
+    trainer = Trainer(_config(pretrain_data, tmp_path / "run", bf16, operation__train_steps=1))
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    trainer.train()
+
+
 def test_a_checkpoint_on_another_base_is_one_line(pretrain_data, base, tmp_path) -> None:
     Trainer(_config(pretrain_data, tmp_path / "run", base, operation__train_steps=4)).train()
     other = native.save_model(TransformerModel(load_model(base).config), tmp_path / "other")

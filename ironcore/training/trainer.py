@@ -197,6 +197,9 @@ class Trainer:
         if from_file:
             try:
                 weights = reward_model_start(load_weights(init_from), model)
+                # Assigned, the tensors would keep the file's dtype: in the model's (a bf16 checkpoint trains fp32).
+                dtypes = {name: t.dtype for name, t in model.state_dict().items()}
+                weights = {name: t.to(dtypes.get(name, t.dtype)) for name, t in weights.items()}
                 absent = adapters | ({"score.weight"} if model.score is not None else set())
                 load_full_state_dict(model, weights, absent=absent)
             except UserError as err:
