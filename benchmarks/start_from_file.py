@@ -5,7 +5,8 @@ A ~1B LLaMA-shaped model (16 x 2048, GQA 32/8, FFN 8192, seed 0, fp32) is saved 
 Each run builds the ``Trainer`` of a LoRA run and of a full fine-tuning run from it (the example pretraining
 data) in a fresh process whose working folder is the tree under test; the trees alternate (ABBA), ``--repeats``
 times. Reported per row: the median and range of the seconds ``Trainer(cfg)`` takes, of the process's peak
-anonymous memory and of its peak RSS (Linux; Python and torch's imports included; see ``CHILD``). ``--base`` is checked out into a temporary git worktree.
+anonymous memory and of its peak RSS (Linux; Python and torch's imports included; see ``CHILD``). ``--base``
+is checked out into a temporary git worktree.
 
     python benchmarks/start_from_file.py --base 3cb6d1d            # this tree against 3cb6d1d, 3 repeats
 """
