@@ -85,6 +85,8 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
 BUILTIN_CHAT: dict[str, dict[str, Any]] = {
     "gsm8k": {"prompt": "{question}", "stop": [], "max_new_tokens": 512},
 }
+
+
 def load_task(spec: str, chat: bool = False) -> TaskConfig:
     """The task ``spec`` names: a YAML file, or ``NAME=DATA`` for a built-in (see :data:`BUILTIN_TASKS`);
     ``chat`` (``--chat``) makes it a chat task, a built-in in its chat form (:data:`BUILTIN_CHAT`)."""
